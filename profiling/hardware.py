@@ -1,0 +1,108 @@
+"""Peak FLOP/s of the accelerators people rent, and model FLOPs utilisation (MFU).
+
+The table holds *dense* tensor-core peaks. Vendors also print "with sparsity" figures (2x,
+structured 2:4 sparsity) that no dense training or serving run can reach; using them would
+halve every MFU. "fp32" is the plain (non-tensor-core) FP32 rate, which is what torch's
+default fp32 matmul gets (TF32 is off by default for matmul); "tf32" is listed separately.
+Sources: NVIDIA and AMD data sheets (A100, H100, H200, L4, A10, T4, L40S, RTX 4090 Ada
+whitepaper with FP32 accumulate, MI300X, MI250X, B200).
+
+CPUs have no data sheet figure worth trusting, so "this CPU" is measured by a matmul probe
+(`profiling.cpu`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+TERA = 1e12
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """One accelerator model: its dense peaks in TFLOP/s per dtype and its memory."""
+
+    name: str
+    pattern: str  # regex matched against torch.cuda.get_device_name()
+    memory_gb: float
+    tflops: dict[str, float] = field(default_factory=dict)
+
+    def peak(self, dtype: str) -> float:
+        """Dense peak FLOP/s for `dtype`; raises with the supported dtypes named."""
+        dtype = normalize_dtype(dtype)
+        if dtype not in self.tflops:
+            raise ValueError(f"{self.name} has no {dtype} peak (known: {', '.join(self.tflops)})")
+        return self.tflops[dtype] * TERA
+
+
+ACCELERATORS: tuple[Accelerator, ...] = (
+    Accelerator("B200", r"B200", 180, {"fp32": 80, "tf32": 1100, "bf16": 2250, "fp16": 2250, "fp8": 4500}),
+    Accelerator("H200", r"H200", 141, {"fp32": 67, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9}),
+    Accelerator("H100-SXM", r"H100(?!.*PCIe)(?!.*NVL)", 80, {"fp32": 67, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9}),
+    Accelerator("H100-NVL", r"H100.*NVL", 94, {"fp32": 60, "tf32": 417.5, "bf16": 835, "fp16": 835, "fp8": 1670.5}),
+    Accelerator("H100-PCIe", r"H100.*PCIe", 80, {"fp32": 51, "tf32": 378, "bf16": 756, "fp16": 756, "fp8": 1513}),
+    Accelerator("A100", r"A100", 80, {"fp32": 19.5, "tf32": 156, "bf16": 312, "fp16": 312}),
+    Accelerator("L40S", r"L40S", 48, {"fp32": 91.6, "tf32": 183, "bf16": 362, "fp16": 362, "fp8": 733}),
+    Accelerator("L4", r"\bL4\b", 24, {"fp32": 30.3, "tf32": 60, "bf16": 121, "fp16": 121, "fp8": 242.5}),
+    Accelerator("A10", r"\bA10\b", 24, {"fp32": 31.2, "tf32": 62.5, "bf16": 125, "fp16": 125}),
+    Accelerator("T4", r"\bT4\b", 16, {"fp32": 8.1, "fp16": 65}),  # Turing: no bf16 tensor cores
+    Accelerator("RTX-4090", r"4090", 24, {"fp32": 82.6, "tf32": 82.6, "bf16": 165.2, "fp16": 165.2}),
+    Accelerator("MI300X", r"MI300X", 192, {"fp32": 163.4, "tf32": 653.7, "bf16": 1307.4, "fp16": 1307.4, "fp8": 2614.9}),
+    Accelerator("MI250X", r"MI250X", 128, {"fp32": 95.7, "bf16": 383, "fp16": 383}),
+)
+
+_DTYPE_ALIASES = {
+    "float32": "fp32", "float": "fp32", "fp32": "fp32", "32": "fp32",
+    "tf32": "tf32",
+    "bfloat16": "bf16", "bf16": "bf16",
+    "float16": "fp16", "half": "fp16", "fp16": "fp16", "16": "fp16",
+    "fp8": "fp8", "float8": "fp8", "float8_e4m3fn": "fp8",
+}
+
+
+def normalize_dtype(dtype: object) -> str:
+    """'torch.bfloat16', 'bfloat16', 'bf16' -> 'bf16'; raises on anything unknown."""
+    key = str(dtype).removeprefix("torch.").lower()
+    if key not in _DTYPE_ALIASES:
+        raise ValueError(f"unknown dtype {dtype!r} (known: fp32, tf32, bf16, fp16, fp8)")
+    return _DTYPE_ALIASES[key]
+
+
+def accelerator(name: str) -> Accelerator:
+    """Look an accelerator up by table name ('H100-SXM', 'h100') or by a CUDA device name."""
+    wanted = name.strip().lower()
+    for acc in ACCELERATORS:
+        if acc.name.lower() == wanted:
+            return acc
+    prefix = [a for a in ACCELERATORS if a.name.lower().startswith(wanted)]
+    if prefix:
+        return prefix[0]
+    for acc in ACCELERATORS:
+        if re.search(acc.pattern, name, flags=re.IGNORECASE):
+            return acc
+    known = ", ".join(a.name for a in ACCELERATORS)
+    raise ValueError(f"unknown GPU {name!r} (known: {known}, or 'cpu' for this machine)")
+
+
+def device_peak(device: object, dtype: object) -> tuple[str, float]:
+    """(device name, dense peak FLOP/s) of a torch device for `dtype`.
+
+    CUDA devices are looked up in the table; the CPU is measured (cached per machine).
+    """
+    import torch
+
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        return name, accelerator(name).peak(dtype)
+    from profiling.cpu import cpu_peak_flops, cpu_name
+
+    return cpu_name(), cpu_peak_flops(normalize_dtype(dtype))
+
+
+def mfu(flops: float, seconds: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s divided by the dense peak."""
+    if seconds <= 0 or peak_flops <= 0:
+        return 0.0
+    return flops / seconds / peak_flops
