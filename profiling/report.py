@@ -1,0 +1,183 @@
+"""Validate measured FLOPs in ledgers against 6ND / 2NT and attribute the gap by part.
+
+Prints, per kind (train / infer): totals and the measured/law ratio; one row per input
+shape (where the ratio moves with context length); and the gap split into parts, each with
+the reason it departs from the law. Writes a PNG: the ratio per shape and what share of the
+measured FLOPs each part takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from profiling.laws import law_multiplier
+from profiling.ledger import Record, read_ledgers
+from profiling.parts import ATTENTION, LAW_PARTS, PARTS, WHY
+
+
+@dataclass
+class Group:
+    """Totals over a set of records of one kind (optionally one shape)."""
+
+    kind: str
+    shape: str = ""
+    records: int = 0
+    tokens: int = 0
+    measured: float = 0.0
+    law: float = 0.0
+    wall_s: float = 0.0
+    peak_s: float = 0.0  # sum of wall_s * peak, for a time-weighted MFU
+    measured_by_part: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    law_by_part: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, r: Record) -> None:
+        self.records += 1
+        self.tokens += r.tokens
+        self.measured += r.measured_flops
+        self.law += r.law_flops
+        self.wall_s += r.wall_s
+        self.peak_s += r.wall_s * r.peak_flops
+        for part, n in r.parts.items():
+            self.measured_by_part[part] += n
+        k = law_multiplier(r.kind)
+        for part, n in r.params.items():
+            if part in LAW_PARTS:
+                self.law_by_part[part] += k * n * r.tokens
+
+    @property
+    def ratio(self) -> float:
+        return self.measured / self.law if self.law else math.nan
+
+    @property
+    def mfu(self) -> float:
+        return self.measured / self.peak_s if self.peak_s else math.nan
+
+    def share(self, part: str) -> float:
+        return self.measured_by_part.get(part, 0.0) / self.measured if self.measured else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind, "shape": self.shape, "records": self.records, "tokens": self.tokens,
+            "measured_flops": self.measured, "law_flops": self.law, "ratio": self.ratio, "mfu": self.mfu,
+            "parts": {
+                p: {"measured": self.measured_by_part.get(p, 0.0), "law": self.law_by_part.get(p, 0.0)}
+                for p in PARTS
+                if self.measured_by_part.get(p) or self.law_by_part.get(p)
+            },
+        }
+
+
+def summarize(records: list[Record]) -> tuple[dict[str, Group], dict[str, list[Group]]]:
+    """Totals per kind, and per (kind, shape) ordered by tokens per record."""
+    kinds: dict[str, Group] = {}
+    shapes: dict[tuple[str, str], Group] = {}
+    for r in records:
+        kinds.setdefault(r.kind, Group(r.kind)).add(r)
+        shapes.setdefault((r.kind, r.shape), Group(r.kind, r.shape)).add(r)
+    by_kind: dict[str, list[Group]] = defaultdict(list)
+    for (kind, _), g in shapes.items():
+        by_kind[kind].append(g)
+    for groups in by_kind.values():
+        groups.sort(key=lambda g: g.tokens / g.records)
+    return kinds, dict(by_kind)
+
+
+def _e(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3e}"
+
+
+def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipped: int) -> str:
+    law_name = {"train": "6ND", "infer": "2NT"}
+    out = []
+    for kind, g in kinds.items():
+        out.append(f"== {kind}: {g.records} records, {g.tokens} tokens, law {law_name.get(kind, '?')} ==")
+        mfu = "-" if math.isnan(g.mfu) else f"{g.mfu:.1%}"
+        out.append(f"measured {_e(g.measured)} FLOPs   law {_e(g.law)}   measured/law {g.ratio:.3f}   MFU {mfu}")
+        out.append("")
+        out.append(f"{'shape':<34} {'n':>5} {'tokens/rec':>10} {'measured/rec':>13} {'law/rec':>11} {'ratio':>7} {'attn':>6}")
+        for s in shapes[kind]:
+            out.append(
+                f"{s.shape[:34]:<34} {s.records:>5} {s.tokens / s.records:>10.0f} {_e(s.measured / s.records):>13} "
+                f"{_e(s.law / s.records):>11} {s.ratio:>7.3f} {s.share(ATTENTION):>6.1%}"
+            )
+        out.append("")
+        out.append(f"{'part':<11} {'law':>11} {'measured':>11} {'gap':>11} {'of gap':>7}  why")
+        gap_total = g.measured - g.law
+        for part in PARTS:
+            law, meas = g.law_by_part.get(part, 0.0), g.measured_by_part.get(part, 0.0)
+            if not law and not meas:
+                continue
+            share = (meas - law) / gap_total if gap_total else math.nan
+            out.append(f"{part:<11} {_e(law):>11} {_e(meas):>11} {meas - law:>+11.3e} {share:>7.1%}  {WHY[part]}")
+        out.append("")
+    if skipped:
+        out.append(f"skipped {skipped} unreadable ledger line(s)")
+    return "\n".join(out)
+
+
+def plot(shapes: dict[str, list[Group]], path: str | Path) -> Path:
+    """Two panels per kind: measured/law by shape, and the measured FLOPs' split by part."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(shapes)
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(13, 4.2 * len(kinds)), squeeze=False)
+    for row, kind in zip(axes, kinds):
+        groups = shapes[kind]
+        labels = [g.shape for g in groups]
+        x = range(len(groups))
+        row[0].bar(x, [g.ratio for g in groups], color="#4C72B0")
+        row[0].axhline(1.0, color="black", lw=1, ls="--", label="law (ratio 1)")
+        row[0].set_title(f"{kind}: measured / {'6ND' if kind == 'train' else '2NT'} by shape")
+        row[0].set_ylabel("measured / law")
+        row[0].legend()
+        bottom = [0.0] * len(groups)
+        for part in PARTS:
+            shares = [g.share(part) for g in groups]
+            if any(shares):
+                row[1].bar(x, shares, bottom=bottom, label=part)
+                bottom = [b + s for b, s in zip(bottom, shares)]
+        row[1].set_title(f"{kind}: share of measured FLOPs by part")
+        row[1].legend(fontsize=8)
+        for ax in row:
+            ax.set_xticks(list(x))
+            ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ledgers", nargs="+", help="ledger JSONL files")
+    p.add_argument("--plot", help="PNG path (default: the first ledger's name with .png)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def run(args: argparse.Namespace) -> int:
+    missing = [p for p in args.ledgers if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"no such ledger: {', '.join(missing)}")
+    data = read_ledgers(args.ledgers)
+    if not data.records:
+        raise ValueError(f"no valid records in {', '.join(args.ledgers)} ({data.skipped} unreadable lines)")
+    kinds, shapes = summarize(data.records)
+    png = plot(shapes, args.plot or Path(args.ledgers[0]).with_suffix(".png"))
+    if args.json:
+        print(json.dumps({
+            "kinds": {k: g.to_dict() for k, g in kinds.items()},
+            "shapes": {k: [g.to_dict() for g in gs] for k, gs in shapes.items()},
+            "skipped": data.skipped, "plot": str(png),
+        }, indent=1))
+    else:
+        print(format_report(kinds, shapes, data.skipped))
+        print(f"plot: {png}")
+    return 0
