@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(PY)
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/ministack demo
+	$(VENV)/bin/ministack flops demo
 
 test: setup
 	$(PY) -m pytest -q

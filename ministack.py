@@ -11,7 +11,7 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "flops": ("profiling.cli", "compute accounting: count, estimate, report"),
+    "flops": ("profiling.cli", "compute accounting: count, estimate, report, demo"),
 }
 
 

@@ -18,16 +18,15 @@ from pathlib import Path
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from profiling.estimate import parse_compression
 from profiling.laws import infer_flops, train_flops
 from profiling.measure import FlopCount, count_flops, forward_backward
 from profiling.parts import law_params, param_parts
 
 
-def _triple(text: str) -> tuple[int, int, int]:
-    parts = [int(p) for p in text.replace("x", ",").split(",")]
-    if len(parts) != 3 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected three positive integers like 1,8,8, got {text!r}")
-    return tuple(parts)
+def parse_latent(text: str) -> tuple[int, int, int]:
+    """'8,32,32' or '8x32x32' -> latent (T, H, W)."""
+    return parse_compression(text.replace("x", ","))
 
 
 def smollm2_gguf() -> Path:
@@ -42,7 +41,7 @@ def smollm2_gguf() -> Path:
     return found[0]
 
 
-def _decoder_config(spec: str):
+def decoder_config(spec: str):
     """A transformers config from a directory, config.json, .gguf file or 'smollm2'; else None."""
     from transformers import AutoConfig
 
@@ -156,8 +155,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frames", type=int, default=1)
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("--latent-compression", type=_triple, default=(1, 8, 8), help="VAE t,h,w factors (default 1,8,8: the SD VAE of the DiT paper)")
-    g.add_argument("--latent", type=_triple, help="latent T,H,W directly (overrides the pixel size)")
+    g.add_argument("--latent-compression", type=parse_compression, default=(1, 8, 8), help="VAE t,h,w factors (default 1,8,8: the SD VAE of the DiT paper)")
+    g.add_argument("--latent", type=parse_latent, help="latent T,H,W directly (overrides the pixel size)")
     g.add_argument("--text-len", type=int, default=32, help="text tokens per sample (text-conditional configs)")
     g = p.add_argument_group("decoder step")
     g.add_argument("--prompt-tokens", type=int, default=512, help="new tokens in the step")
@@ -199,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     if args.config in PRESETS or args.config.endswith((".yaml", ".yml")):
         result = count_dit(load_config(args.config), args.batch, _latent(args), args.text_len)
     else:
-        config = _decoder_config(args.config)
+        config = decoder_config(args.config)
         if config is None:
             raise ValueError(f"unknown config {args.config!r}: not a DiT preset ({', '.join(PRESETS)}), YAML, decoder directory or .gguf")
         result = count_decoder(config, args.batch, args.prompt_tokens, args.past_tokens, args.logits)

@@ -186,10 +186,9 @@ def plan(a: argparse.Namespace) -> dict:
     problems = []
     if want_train and (gaps := _training_gaps(a)):
         problems.append("training estimate needs: " + ", ".join(gaps))
-    serve_gaps = [_flag(k) for k in ("params", *_SERVE_FLAGS[:3], "gpu", "utilization")
-                  if getattr(a, k) is None]
-    if want_serve and serve_gaps:
-        problems.append("serving estimate needs: " + ", ".join(serve_gaps))
+    serve_inputs = ("params", "prompt_tokens", "answer_tokens", "requests_per_day", "gpu", "utilization")
+    if want_serve and (gaps := [_flag(k) for k in serve_inputs if getattr(a, k) is None]):
+        problems.append("serving estimate needs: " + ", ".join(gaps))
     if problems:
         raise ValueError("; ".join(problems))
 

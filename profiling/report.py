@@ -106,14 +106,14 @@ def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipp
                 f"{_e(s.law / s.records):>11} {s.ratio:>7.3f} {s.share(ATTENTION):>6.1%}"
             )
         out.append("")
-        out.append(f"{'part':<11} {'law':>11} {'measured':>11} {'gap':>11} {'of gap':>7}  why")
-        gap_total = g.measured - g.law
+        out.append("gap by part (measured/law = 1 + the sum of the gap/law column):")
+        out.append(f"{'part':<11} {'law':>11} {'measured':>11} {'gap':>11} {'gap/law':>8}  why")
         for part in PARTS:
             law, meas = g.law_by_part.get(part, 0.0), g.measured_by_part.get(part, 0.0)
             if not law and not meas:
                 continue
-            share = (meas - law) / gap_total if gap_total else math.nan
-            out.append(f"{part:<11} {_e(law):>11} {_e(meas):>11} {meas - law:>+11.3e} {share:>7.1%}  {WHY[part]}")
+            rel = (meas - law) / g.law if g.law else math.nan
+            out.append(f"{part:<11} {_e(law):>11} {_e(meas):>11} {meas - law:>+11.3e} {rel:>+8.1%}  {WHY[part]}")
         out.append("")
     if skipped:
         out.append(f"skipped {skipped} unreadable ledger line(s)")

@@ -1,0 +1,129 @@
+"""Training MFU of a DiT config on this device, against two peaks measured in the same run.
+
+For each step: FLOPs counted from the ops that ran (profiling.measure, once per shape),
+checked against the exact formula; wall time of real AdamW steps; MFU against (a) the
+device's dense table peak (GPUs) and (b) the matmul peak measured here, in this process,
+for the same dtype (a peer run beside it: large square matmuls, the best this device does).
+
+    python bench/dit_mfu.py --config tiny --frames 8 --height 32 --width 32 --batch 8       # CPU
+    python bench/dit_mfu.py --config dit-xl-2 --latent 1,32,32 --batch 64 --dtype bf16     # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from model.configs import load_config
+from model.dit import DiT
+from profiling.formulas.dit import dit_flops
+from profiling.hardware import accelerator, normalize_dtype
+from profiling.measure import count_flops, forward_backward
+
+
+def matmul_peak(device: str, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Best FLOP/s of square matmuls on `device` (the ceiling a model's matmuls can reach)."""
+    best = 0.0
+    for n in (1024, 2048, 4096, 8192) if device == "cuda" else (512, 1024, 2048):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        reps, start = 0, time.perf_counter()
+        _sync(device)
+        while time.perf_counter() - start < seconds / 4:
+            a @ b
+            reps += 1
+            if device == "cuda" and reps % 10 == 0:
+                _sync(device)
+        _sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--latent", default="8,16,16", help="latent T,H,W")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--text-len", type=int, default=32)
+    p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on GPU, this CPU's preferred dtype)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype is None:
+        from profiling.cpu import preferred_cpu_dtype
+
+        args.dtype = "bf16" if device == "cuda" else preferred_cpu_dtype()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[normalize_dtype(args.dtype)]
+    if device == "cpu":
+        from profiling.cpu import prepare_cpu
+
+        prepare_cpu()
+    cfg = load_config(args.config)
+    latent = tuple(int(v) for v in args.latent.split(","))
+    b, text_len = args.batch, args.text_len if cfg.text_dim else 0
+    model = DiT.from_dit_config(cfg).to(device)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+
+    def batch() -> tuple[tuple, dict]:
+        kw = {"y": torch.zeros(b, dtype=torch.long, device=device)} if cfg.num_classes else {}
+        if cfg.text_dim:
+            kw["context"] = torch.randn(b, text_len, cfg.text_dim, device=device)
+        return (torch.randn(b, cfg.in_channels, *latent, device=device), torch.rand(b, device=device)), kw
+
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    args_, kw = batch()
+    with autocast:
+        counted = count_flops(forward_backward(model, *args_, **kw), model.flop_parts, fake=True)
+    exact = sum(dit_flops(cfg, b, *latent, text_len=text_len, backward=True).values())
+
+    def step() -> None:
+        a, k = batch()
+        with autocast:
+            loss = (model(*a, **k).float()[:, : cfg.in_channels] - a[0]).pow(2).mean()
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    step_s = (time.perf_counter() - start) / args.steps
+
+    achieved = counted.total / step_s
+    peak_measured = matmul_peak(device, dtype)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    table = accelerator(name).peak(args.dtype) if device == "cuda" else float("nan")
+    result = {
+        "device": name, "dtype": normalize_dtype(args.dtype), "config": args.config, "batch": b, "latent": latent,
+        "tokens_per_step": b * cfg.num_tokens(*latent), "measured_flops_per_step": counted.total,
+        "exact_flops_per_step": exact, "step_s": step_s, "achieved_flops_per_s": achieved,
+        "matmul_peak_measured": peak_measured, "table_peak": table,
+        "mfu_vs_measured_matmul": achieved / peak_measured, "mfu_vs_table": achieved / table,
+        "matmul_peak_vs_table": peak_measured / table,
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"device {name}  dtype {result['dtype']}  config {args.config}  batch {b}  latent {latent}")
+    print(f"FLOPs/step measured {counted.total:.4e}  exact {exact:.4e}  (ratio {counted.total / exact:.4f})")
+    print(f"step {step_s * 1e3:.1f} ms  ->  {achieved / 1e12:.2f} TFLOP/s achieved")
+    print(f"matmul peak measured here {peak_measured / 1e12:.2f} TFLOP/s  ->  MFU {achieved / peak_measured:.1%}")
+    if device == "cuda":
+        print(f"table dense peak {table / 1e12:.1f} TFLOP/s  ->  MFU {achieved / table:.1%}  (matmul reaches {peak_measured / table:.1%} of it)")
+
+
+if __name__ == "__main__":
+    main()
