@@ -69,3 +69,16 @@ def test_report_end_to_end(tmp_path):
     assert r["kinds"]["infer"]["law_flops"] == 2 * 50 * 1100
     missing = ministack("flops", "report", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and "no such ledger" in missing.stderr
+
+
+def test_count_yaml_config_matches_exact_formula():
+    from model.configs import load_config
+    from profiling.formulas.dit import dit_flops
+
+    path = ROOT / "configs" / "models" / "video-s-factorized.yaml"
+    cfg = load_config(str(path))
+    assert cfg.attention == "factorized" and cfg.depth == 8 and cfg.hidden_size == 384
+    proc = ministack("flops", "count", str(path), "--latent", "4,8,8", "--text-len", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["train_flops"] == sum(dit_flops(cfg, 1, 4, 8, 8, text_len=12, backward=True).values())
