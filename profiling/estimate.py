@@ -8,6 +8,10 @@ Serving: each request costs 2·N·(prompt + answer) FLOPs; at the dense peak x -
 is a time per request on one GPU, and the daily requests spread over --hours-per-day give the
 GPUs needed.
 
+The laws omit attention, which dominates at long context: --layers and --d-attn add it (see
+train_attention_flops, request_attention_flops). The law figure stays in the output; times and
+GPU counts then use law + attention.
+
 Peaks are dense data-sheet figures (profiling.hardware); --gpu cpu measures this machine.
 Numbers take suffixes: 175e9, 7B, 135M, 2T, 10k.
 """
@@ -23,7 +27,7 @@ from profiling.hardware import accelerator, normalize_dtype
 
 SECONDS_PER_DAY = 86400.0
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
-_TRAIN_FLAGS = ("tokens", "images", "videos", "resolution", "patch", "latent_compression",
+_TRAIN_FLAGS = ("tokens", "seq_len", "images", "videos", "resolution", "patch", "latent_compression",
                 "frames", "fps", "duration", "epochs", "mfu")
 _SERVE_FLAGS = ("prompt_tokens", "answer_tokens", "requests_per_day", "utilization")
 
@@ -44,6 +48,14 @@ def parse_number(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise InputError(f"expected a positive number like 175e9, 1.5e12, 7B or 10k, got {text!r}")
     return value
+
+
+def parse_count(text: str) -> int:
+    """parse_number for whole counts (GPUs, tokens, layers): '8k' -> 8000; '0.5' is an error."""
+    value = parse_number(text)
+    if abs(value - round(value)) > 1e-9 * value:  # 1.1k = 1100.0000000000002 is whole
+        raise InputError(f"expected a whole number like 64, 8k or 7B, got {text!r}")
+    return round(value)
 
 
 def _positive_ints(text: str, sep: str, lengths: tuple[int, ...], expected: str) -> tuple[int, ...]:
@@ -94,14 +106,12 @@ def dataset_tokens(resolution: tuple[int, int], patch: tuple[int, int, int],
     counts behind the total so a planner can check them."""
     h, w = resolution
     out: dict = {"resolution": f"{h}x{w}", "patch": list(patch), "latent_compression": list(compression),
-                 "images": images, "videos": videos, "tokens_per_epoch": 0.0}
-    if images is not None:
-        out["tokens_per_image"] = tokens_per_sample(1, h, w, patch, compression)
-        out["tokens_per_epoch"] += images * out["tokens_per_image"]
-    if videos is not None:
-        out["frames"] = frames
-        out["tokens_per_video"] = tokens_per_sample(frames, h, w, patch, compression)
-        out["tokens_per_epoch"] += videos * out["tokens_per_video"]
+                 "images": images, "videos": videos, "frames": None if videos is None else frames,
+                 "tokens_per_epoch": 0}
+    for kind, count, length in (("image", images, 1), ("video", videos, frames)):
+        if count is not None:
+            out[f"tokens_per_{kind}"] = tokens_per_sample(length, h, w, patch, compression)
+            out["tokens_per_epoch"] += count * out[f"tokens_per_{kind}"]
     return out
 
 
@@ -120,29 +130,58 @@ def _fraction(flag: str, value: float) -> None:
         raise ValueError(f"{flag} must be a fraction in (0, 1] (0.4 means 40%), got {value:g}")
 
 
-def training(params: float, tokens: float, peak: float, mfu: float, num_gpus: float = 1) -> dict:
-    """Compute and time of training N params on D tokens at `mfu` of a `peak` FLOP/s device."""
+def train_attention_flops(layers: int, d_attn: int, spans: list[tuple[float, int]]) -> float:
+    """PaLM app. B (laws.palm_train_flops_per_token less 6N): 12·layers·d_attn·S FLOPs per
+    training token attending over S, summed over `spans` of (tokens, S). 12 = QK^T and AV x 2 FLOPs
+    per multiply-add x 3 (forward + backward). Bidirectional, as PaLM counts it (DiT's full attention)."""
+    return 12.0 * layers * d_attn * sum(tokens * seq_len for tokens, seq_len in spans)
+
+
+def request_attention_flops(layers: int, d_attn: int, tokens: int) -> tuple[float, int]:
+    """(FLOPs, causal pairs) of one request's attention over its prompt + answer `tokens`:
+    4·layers·d_attn·pairs (QK^T and AV, 2 FLOPs per multiply-add), each token seeing itself and all
+    earlier ones. Kaplan et al. Table 1's 2·n_layer·n_ctx·d_attn per token equals this causal-averaged
+    QK+AV (4·n_layer·d_attn over n_ctx/2 keys): 2·L·d·T² a request, here exactly 2·L·d·T(T+1)."""
+    from profiling.measure import attention_pairs  # lazy: profiling.measure imports torch
+
+    pairs = attention_pairs(tokens, tokens, causal=True)
+    return 4.0 * layers * d_attn * pairs, pairs
+
+
+def training(params: float, tokens: float, peak: float, mfu: float, num_gpus: int = 1,
+             attention_flops: float | None = None) -> dict:
+    """Compute and time of training N params on D tokens at `mfu` of a `peak` FLOP/s device;
+    with `attention_flops` the times use 6ND + attention, and both figures are reported."""
     _fraction("--mfu", mfu)
-    flops = laws.train_flops(params, tokens)
+    flops = law = laws.train_flops(params, tokens)
+    out = {"params": params, "tokens": tokens, "mfu": mfu, "num_gpus": num_gpus, "train_flops": law}
+    if attention_flops is not None:
+        flops = law + attention_flops
+        out.update(train_flops_with_attention=flops, attention_share=attention_flops / flops)
     gpu_seconds = flops / (peak * mfu)
     gpu_days = gpu_seconds / SECONDS_PER_DAY
-    return {"params": params, "tokens": tokens, "mfu": mfu, "num_gpus": num_gpus, "train_flops": flops,
-            "gpu_seconds": gpu_seconds, "gpu_days": gpu_days, "wall_days": gpu_days / num_gpus}
+    return {**out, "gpu_seconds": gpu_seconds, "gpu_days": gpu_days, "wall_days": gpu_days / num_gpus}
 
 
-def serving(params: float, prompt_tokens: float, answer_tokens: float, requests_per_day: float,
-            peak: float, utilization: float, hours_per_day: float = 24) -> dict:
-    """Per-request cost and the GPUs that serve `requests_per_day` within `hours_per_day`."""
+def serving(params: float, prompt_tokens: int, answer_tokens: int, requests_per_day: float,
+            peak: float, utilization: float, hours_per_day: float = 24,
+            attention: tuple[int, int] | None = None) -> dict:
+    """Per-request cost and the GPUs that serve `requests_per_day` within `hours_per_day`;
+    `attention` = (layers, d_attn) adds the causal attention of prompt + answer."""
     _fraction("--utilization", utilization)
     if not 0 < hours_per_day <= 24:
         raise ValueError(f"--hours-per-day must be in (0, 24], got {hours_per_day:g}")
-    flops = laws.infer_flops(params, prompt_tokens + answer_tokens)
+    flops = law = laws.infer_flops(params, prompt_tokens + answer_tokens)
+    out = {"params": params, "prompt_tokens": prompt_tokens, "answer_tokens": answer_tokens,
+           "requests_per_day": requests_per_day, "hours_per_day": hours_per_day,
+           "utilization": utilization, "flops_per_request": law}
+    if attention is not None:
+        extra, pairs = request_attention_flops(*attention, prompt_tokens + answer_tokens)
+        flops = law + extra
+        out.update(attention_pairs_per_request=pairs, flops_per_request_with_attention=flops)
     seconds = flops / (peak * utilization)
     busy = requests_per_day * seconds / (hours_per_day * 3600)
-    return {"params": params, "prompt_tokens": prompt_tokens, "answer_tokens": answer_tokens,
-            "requests_per_day": requests_per_day, "hours_per_day": hours_per_day,
-            "utilization": utilization, "flops_per_request": flops,
-            "seconds_per_request": seconds, "requests_per_second_per_gpu": 1 / seconds,
+    return {**out, "seconds_per_request": seconds, "requests_per_second_per_gpu": 1 / seconds,
             # round first: float noise must not turn exactly 8.0 GPUs into 9
             "gpus_needed": math.ceil(round(busy, 9))}
 
@@ -159,6 +198,9 @@ def _training_gaps(a: argparse.Namespace) -> list[str]:
     video = [k for k in shape if k in ("frames", "fps", "duration")]
     if a.tokens is not None and dataset:
         raise ValueError("give --tokens or a dataset (--images/--videos), not both")
+    if a.seq_len is not None and (dataset or a.layers is None):
+        raise ValueError("--seq-len (attention length) goes with --tokens, --layers and --d-attn; "
+                         "a dataset's is its tokens per sample")
     if shape and not dataset:
         raise ValueError(f"dataset flags {', '.join(map(_flag, shape))} need --images or --videos")
     if video and a.videos is None:
@@ -166,6 +208,8 @@ def _training_gaps(a: argparse.Namespace) -> list[str]:
     gaps = ["--params"] if a.params is None else []
     if a.tokens is None and not dataset:
         gaps.append("--tokens (or --images/--videos)")
+    if a.layers is not None and a.tokens is not None and a.seq_len is None:
+        gaps.append("--seq-len (tokens each token attends over, for --layers/--d-attn)")
     if dataset:
         gaps += [_flag(k) for k in ("resolution", "patch") if getattr(a, k) is None]
     if a.videos is not None and a.frames is None:
@@ -176,6 +220,9 @@ def _training_gaps(a: argparse.Namespace) -> list[str]:
 
 def plan(a: argparse.Namespace) -> dict:
     """Every figure the given flags ask for, as one flat dict (the --json object)."""
+    if (a.layers is None) != (a.d_attn is None):
+        given, other = ("--layers", "--d-attn") if a.d_attn is None else ("--d-attn", "--layers")
+        raise ValueError(f"{given} needs {other} to add attention (d_attn = heads x head_dim)")
     want_train = any(getattr(a, k) is not None for k in _TRAIN_FLAGS)
     want_serve = any(getattr(a, k) is not None for k in _SERVE_FLAGS)
     if not (want_train or want_serve):
@@ -193,18 +240,26 @@ def plan(a: argparse.Namespace) -> dict:
         raise ValueError("; ".join(problems))
 
     gpu, peak = peak_flops(a.gpu, a.dtype)
-    out: dict = {"params": a.params, "gpu": gpu, "dtype": normalize_dtype(a.dtype), "peak_flops": peak}
+    attn = (a.layers, a.d_attn) if a.layers is not None else None
+    out: dict = {"params": a.params, "gpu": gpu, "dtype": normalize_dtype(a.dtype), "peak_flops": peak,
+                 "layers": a.layers, "d_attn": a.d_attn}
     if want_train:
         tokens, epochs = a.tokens, a.epochs or 1.0
+        spans = [(tokens, a.seq_len)]  # (tokens, sequence length each attends over) per kind
         if tokens is None:
             frames = a.frames if a.frames is not None else (a.fps or 0) * (a.duration or 0)
             out.update(dataset_tokens(a.resolution, a.patch, a.latent_compression or (1, 1, 1),
                                       a.images, a.videos, max(1, round(frames))))
             tokens = out.pop("tokens_per_epoch")
-        out.update(training(a.params, tokens * epochs, peak, a.mfu, a.num_gpus), epochs=epochs)
+            spans = [(out[kind + "s"] * out[f"tokens_per_{kind}"], out[f"tokens_per_{kind}"])
+                     for kind in ("image", "video") if f"tokens_per_{kind}" in out]
+        attention = train_attention_flops(*attn, [(n * epochs, s) for n, s in spans]) if attn else None
+        # tokens seen is a whole count (a fraction of an epoch still sees whole tokens)
+        out.update(training(a.params, round(tokens * epochs), peak, a.mfu, a.num_gpus, attention),
+                   epochs=epochs, seq_len=a.seq_len)
     if want_serve:
         out.update(serving(a.params, a.prompt_tokens, a.answer_tokens, a.requests_per_day,
-                           peak, a.utilization, a.hours_per_day))
+                           peak, a.utilization, a.hours_per_day, attn))
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -224,9 +279,21 @@ def _num(x: float) -> str:
     return f"{x:,.0f}" if x >= 1000 else f"{x:.4g}"
 
 
+def _with_attention(law_label: str, law: float, total: float | None, per: str, attention: str) -> list:
+    """The law's compute row; with attention also the attention and total rows, the total
+    marked as the figure the times below use."""
+    rows = [(f"compute ({law_label})", f"{law:.3e} FLOPs{per}")]
+    if total is not None:
+        rows += [("attention", f"{total - law:.3e} FLOPs{per}: {attention}"),
+                 (f"compute ({law_label} + attention)", f"{total:.3e} FLOPs{per} "
+                  f"({(total - law) / total:.1%} attention), used below")]
+    return rows
+
+
 def format_plan(p: dict) -> str:
     """The human table: one aligned row per figure, units spelled out."""
     device = f"{p['gpu']} {p['dtype']}, {p['peak_flops'] / 1e12:.4g} TFLOP/s dense peak"
+    arch = f"{p.get('layers')} layers x d_attn {p.get('d_attn')}"
     rows: list[tuple[str, str]] = []
     if "train_flops" in p:
         rows.append(("TRAINING", ""))
@@ -238,7 +305,9 @@ def format_plan(p: dict) -> str:
                              f"x {_count(p[kind + 's'])} {kind}s"))
         epochs = f" ({_num(p['epochs'])} epochs)" if p["epochs"] != 1 else ""
         rows += [("parameters", _count(p["params"])), ("tokens", _count(p["tokens"]) + epochs),
-                 ("compute (6ND)", f"{p['train_flops']:.3e} FLOPs"),
+                 *_with_attention("6ND", p["train_flops"], p.get("train_flops_with_attention"), "",
+                                  f"12 x {arch} x S per token (PaLM, bidirectional), S = "
+                                  + (f"{p['seq_len']:,}" if "seq_len" in p else "tokens per sample")),
                  ("accelerator", f"{device}, MFU {p['mfu'] * 100:.4g}%"),
                  ("GPU time", f"{_num(p['gpu_days'])} GPU-days ({p['gpu_seconds']:.3e} GPU-seconds)"),
                  ("wall clock", f"{_num(p['wall_days'])} days on {_count(p['num_gpus'])} "
@@ -246,25 +315,34 @@ def format_plan(p: dict) -> str:
     if "flops_per_request" in p:
         rows += [("SERVING", ""), ("parameters", _count(p["params"])),
                  ("tokens per request", f"{_count(p['prompt_tokens'])} prompt + {_count(p['answer_tokens'])} answer"),
-                 ("compute (2NT)", f"{p['flops_per_request']:.3e} FLOPs per request"),
+                 *_with_attention("2NT", p["flops_per_request"], p.get("flops_per_request_with_attention"),
+                                  " per request", f"4 x {arch} x "
+                                  f"{p.get('attention_pairs_per_request', 0):,} causal (query, key) pairs"),
                  ("accelerator", f"{device}, utilization {p['utilization'] * 100:.4g}%"),
                  ("time per request", f"{_num(p['seconds_per_request'])} s on one GPU "
                   f"({_num(p['requests_per_second_per_gpu'])} requests/s per GPU)"),
                  ("load", f"{_count(p['requests_per_day'])} requests/day over {_num(p['hours_per_day'])} h/day"),
                  ("GPUs needed", f"{p['gpus_needed']:,}")]
-    return "\n".join(f"  {label:<20} {value}" if value else label for label, value in rows)
+    width = max([20] + [len(label) for label, value in rows if value])
+    return "\n".join(f"  {label:<{width}} {value}" if value else label for label, value in rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The estimate flags; names are stable so scripts can drive them."""
-    def number(group: argparse._ActionsContainer, flag: str, help: str, **kw: object) -> None:
-        group.add_argument(flag, type=parse_number, metavar="N", help=help, **kw)
+    def number(group: argparse._ActionsContainer, flag: str, help: str, parse=parse_number, **kw: object) -> None:
+        group.add_argument(flag, type=parse, metavar="N", help=help, **kw)
 
-    number(parser, "--params", "model parameters N (e.g. 175e9, 7B)")
+    def count(group: argparse._ActionsContainer, flag: str, help: str, **kw: object) -> None:
+        number(group, flag, help, parse_count, **kw)  # whole numbers: print as ints in --json
+
+    count(parser, "--params", "model parameters N (e.g. 175e9, 7B)")
+    count(parser, "--layers", "transformer layers; with --d-attn adds attention to the law")
+    count(parser, "--d-attn", "attention width, heads x head_dim (usually d_model)")
     train = parser.add_argument_group("training (6·N·D)")
-    number(train, "--tokens", "training tokens D per epoch (or describe a dataset)")
-    number(train, "--images", "number of images in the dataset")
-    number(train, "--videos", "number of videos in the dataset")
+    count(train, "--tokens", "training tokens D per epoch (or describe a dataset)")
+    count(train, "--seq-len", "tokens each token attends over, with --tokens and --layers")
+    count(train, "--images", "number of images in the dataset")
+    count(train, "--videos", "number of videos in the dataset")
     train.add_argument("--resolution", type=parse_resolution, metavar="HxW", help="sample size in pixels, e.g. 256x256")
     number(train, "--frames", "frames per video (else --fps x --duration)")
     number(train, "--fps", "video frames per second")
@@ -274,11 +352,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="latent encoder downsampling (default 1,1,1: patches of pixels)")
     number(train, "--epochs", "passes over the data (default 1)")
     number(train, "--mfu", "model FLOPs utilisation, a fraction (e.g. 0.4)")
-    number(train, "--num-gpus", "GPUs training in parallel (default 1)", default=1.0)
+    count(train, "--num-gpus", "GPUs training in parallel (default 1)", default=1)
     serve = parser.add_argument_group("serving (2·N·T per request)")
-    number(serve, "--prompt-tokens", "input tokens per request")
-    number(serve, "--answer-tokens", "generated tokens per request")
-    number(serve, "--requests-per-day", "requests to serve per day")
+    count(serve, "--prompt-tokens", "input tokens per request")
+    count(serve, "--answer-tokens", "generated tokens per request")
+    count(serve, "--requests-per-day", "requests to serve per day")
     number(serve, "--hours-per-day", "hours a day the fleet serves (default 24)", default=24.0)
     number(serve, "--utilization", "fraction of the dense peak achieved (e.g. 0.3)")
     parser.add_argument("--gpu", help="H100, h100-sxm, A100, L4, ... or 'cpu' (measured here)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from profiling import estimate
+from profiling import estimate, laws
 from profiling.hardware import accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,82 @@ def test_fractions_and_hours_are_validated():
         estimate.serving(1e9, 1, 1, 1, H100_BF16, 0.5, hours_per_day=25)
 
 
+# --- attention (--layers, --d-attn) ----------------------------------------------------------
+
+TINY = ("--params", "1000", "--layers", "2", "--d-attn", "4", "--gpu", "A100")
+TINY_IMAGES = (*TINY, "--images", "10", "--resolution", "8x8", "--patch", "2", "--mfu", "0.5")
+
+
+def test_training_attention_on_a_tiny_image_dataset():
+    # 8x8 images, patch 2 -> 4*4 = 16 tokens each = S; 10 images -> D = 160 tokens.
+    # 6ND = 6 * 1000 * 160 = 960,000.
+    # PaLM attention: 12 * L * d_attn * S per token = 12 * 2 * 4 * 16 = 1,536; x 160 tokens = 245,760.
+    # total 1,205,760; share 245,760 / 1,205,760 = 0.20382.
+    p = plan(*TINY_IMAGES)
+    assert p["tokens_per_image"] == 16 and p["tokens"] == 160
+    assert p["train_flops"] == 960_000
+    assert p["train_flops_with_attention"] == 1_205_760
+    assert p["attention_share"] == pytest.approx(245_760 / 1_205_760)
+    # the same as laws.palm_train_flops_per_token (H * Q = d_attn) times the tokens
+    assert p["train_flops_with_attention"] == laws.palm_train_flops_per_token(1000, 2, 1, 4, 16) * 160
+    # times use the figure with attention
+    assert p["gpu_seconds"] == pytest.approx(1_205_760 / (A100_BF16 * 0.5))
+    assert p["layers"] == 2 and p["d_attn"] == 4 and "seq_len" not in p
+
+
+def test_training_attention_sums_per_kind_and_epoch():
+    # images: 8x8 / patch 2 = 16 tokens (S = 16); videos: 4 frames x 16 = 64 tokens (S = 64).
+    # One epoch: 10 * 16 = 160 image tokens + 2 * 64 = 128 video tokens = 288; 2 epochs = 576.
+    # Attention: 12 * 2 * 4 * (160 * 16 + 128 * 64) * 2 epochs = 96 * (2,560 + 8,192) * 2 = 2,064,384
+    # (a single S for all 288 tokens would be wrong either way).
+    p = plan(*TINY_IMAGES, "--videos", "2", "--frames", "4", "--epochs", "2")
+    assert p["tokens"] == 576 and p["train_flops"] == 6 * 1000 * 576
+    assert p["train_flops_with_attention"] - p["train_flops"] == 2_064_384
+
+
+def test_training_attention_with_tokens_needs_seq_len():
+    # 1000 tokens attending over 10: 12 * 2 * 4 * 10 * 1000 = 960,000 on top of 6 * 1000 * 1000.
+    p = plan(*TINY, "--tokens", "1000", "--seq-len", "10", "--mfu", "0.5")
+    assert p["seq_len"] == 10 and p["train_flops_with_attention"] == 6_000_000 + 960_000
+    with pytest.raises(ValueError) as err:
+        plan(*TINY, "--tokens", "1000", "--mfu", "0.5")
+    assert str(err.value) == ("training estimate needs: "
+                              "--seq-len (tokens each token attends over, for --layers/--d-attn)")
+    with pytest.raises(ValueError, match="--seq-len .* goes with --tokens"):
+        plan(*TINY_IMAGES, "--seq-len", "10")
+    with pytest.raises(ValueError, match="--seq-len .* --layers and --d-attn"):
+        plan("--params", "1000", "--tokens", "1000", "--seq-len", "10", "--gpu", "A100", "--mfu", "0.5")
+
+
+def test_serving_attention_by_hand():
+    # P = 3, A = 1: T = 4 tokens; causal pairs = 1 + 2 + 3 + 4 = 10 (each sees itself and earlier ones).
+    # attention = 4 * L * d_attn * pairs = 4 * 2 * 4 * 10 = 320; 2NT = 2 * 1000 * 4 = 8,000; total 8,320.
+    # At 1e4 FLOP/s x 0.5: law 1.6 s, with attention 1.664 s per request. 52,000 requests in 86,400 s:
+    # law 52,000 * 1.6 / 86,400 = 0.963 -> 1 GPU; with attention * 1.664 = 1.0015 -> 2 GPUs.
+    assert estimate.request_attention_flops(2, 4, 4) == (320, 10)
+    law = estimate.serving(1000, 3, 1, 52_000, 1e4, 0.5)
+    p = estimate.serving(1000, 3, 1, 52_000, 1e4, 0.5, attention=(2, 4))
+    assert law["gpus_needed"] == 1 and "flops_per_request_with_attention" not in law
+    assert p["flops_per_request"] == 8_000 and p["flops_per_request_with_attention"] == 8_320
+    assert p["attention_pairs_per_request"] == 10
+    assert p["seconds_per_request"] == pytest.approx(1.664) and p["gpus_needed"] == 2
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 8500])
+def test_serving_attention_is_kaplans_term_plus_the_diagonal(tokens):
+    # Kaplan's 2 * L * n_ctx * d_attn per token over a T-token request: 2 * L * d * T^2. The exact
+    # causal count 4 * L * d * T(T+1)/2 = 2 * L * d * T(T+1) adds the diagonal: 2 * L * d * T.
+    kaplan = laws.kaplan_forward_flops_per_token(0, 30, tokens, 576) * tokens
+    assert estimate.request_attention_flops(30, 576, tokens)[0] - kaplan == 2 * 30 * 576 * tokens
+
+
+def test_layers_and_d_attn_come_together():
+    with pytest.raises(ValueError, match=r"^--layers needs --d-attn"):
+        plan("--params", "1000", "--layers", "2", "--tokens", "1000", "--gpu", "A100", "--mfu", "0.5")
+    with pytest.raises(ValueError, match=r"^--d-attn needs --layers"):
+        plan("--params", "1000", "--d-attn", "4", "--prompt-tokens", "3")
+
+
 # --- token counting ------------------------------------------------------------------------
 
 def test_image_tokens():
@@ -116,6 +192,17 @@ def test_parse_number(text, value):
 def test_parse_number_rejects(text):
     with pytest.raises(ValueError, match="positive number"):
         estimate.parse_number(text)
+
+
+@pytest.mark.parametrize("text, value", [("64", 64), ("8k", 8000), ("1.1k", 1100), ("7B", 7_000_000_000)])
+def test_parse_count(text, value):
+    assert estimate.parse_count(text) == value and isinstance(estimate.parse_count(text), int)
+
+
+@pytest.mark.parametrize("text", ["0.5", "1.5", "2.5k0"])
+def test_parse_count_rejects(text):
+    with pytest.raises(ValueError, match="whole number|positive number"):
+        estimate.parse_count(text)
 
 
 def test_parse_shapes():
@@ -201,6 +288,39 @@ def test_cli_json_gpt3_and_serving():
     assert p["seconds_per_request"] == pytest.approx(2 * 175e9 * 1500 / (H100_BF16 * 0.3))
     # 5.25e14 FLOPs / 2.9682e14 FLOP/s = 1.7688 s; 1e6 requests * 1.7688 s / 28,800 s = 61.4 -> 62
     assert p["gpus_needed"] == 62
+    # counts print as integers, not 1024.0
+    assert '"num_gpus": 1024,' in out.stdout and '"params": 175000000000,' in out.stdout
+    for key in ("num_gpus", "params", "tokens", "prompt_tokens", "answer_tokens", "requests_per_day"):
+        assert type(p[key]) is int, key
+    assert "train_flops_with_attention" not in p and "flops_per_request_with_attention" not in p
+
+
+def test_cli_json_with_attention():
+    # Training as in test_training_attention_on_a_tiny_image_dataset, serving as in
+    # test_serving_attention_by_hand (P = 3, A = 1: 10 pairs, 320 attention FLOPs), on an A100.
+    out = cli(*TINY_IMAGES, "--prompt-tokens", "3", "--answer-tokens", "1", "--requests-per-day", "52000",
+              "--utilization", "0.5", "--num-gpus", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    p = json.loads(out.stdout)
+    assert p["layers"] == 2 and p["d_attn"] == 4 and p["num_gpus"] == 4 and p["images"] == 10
+    assert p["train_flops"] == 960_000 and p["train_flops_with_attention"] == 1_205_760
+    assert p["attention_share"] == pytest.approx(0.203822, rel=1e-5)
+    assert p["wall_days"] == pytest.approx(1_205_760 / (A100_BF16 * 0.5) / 86400 / 4)
+    assert p["flops_per_request"] == 8_000 and p["flops_per_request_with_attention"] == 8_320
+    assert p["attention_pairs_per_request"] == 10
+    assert p["seconds_per_request"] == pytest.approx(8_320 / (A100_BF16 * 0.5))
+
+
+def test_cli_human_table_with_attention_says_which_figure_it_uses():
+    out = cli(*TINY_IMAGES, "--prompt-tokens", "3", "--answer-tokens", "1", "--requests-per-day", "1",
+              "--utilization", "0.5")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.split() == ["compute", "(6ND)", "9.600e+05", "FLOPs"] for line in lines)
+    assert "compute (6ND + attention) 1.206e+06 FLOPs (20.4% attention), used below" in out.stdout
+    assert "12 x 2 layers x d_attn 4 x S per token" in out.stdout and "S = tokens per sample" in out.stdout
+    assert "compute (2NT + attention) 8.320e+03 FLOPs per request (3.8% attention), used below" in out.stdout
+    assert "4 x 2 layers x d_attn 4 x 10 causal (query, key) pairs" in out.stdout
 
 
 def test_cli_json_image_dataset():
