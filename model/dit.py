@@ -26,6 +26,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from model.patches import patch_grid, sincos_3d, unpatchify
 from profiling.parts import CONTEXT, EMBEDDING, PER_SAMPLE, PartRules
 
 
@@ -56,32 +57,6 @@ class DiTConfig:
     def num_tokens(self, frames: int, height: int, width: int) -> int:
         """Spacetime patches of a latent of this size (raises if it does not tile)."""
         return math.prod(patch_grid(self.patch_size, frames, height, width))
-
-
-def patch_grid(patch: tuple[int, int, int], frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """(T', H', W'): the token grid of a latent, with a clear error if the patch does not tile it."""
-    sizes = (frames, height, width)
-    if any(s % p for s, p in zip(sizes, patch)):
-        raise ValueError(f"latent (T, H, W) = {sizes} is not divisible by patch size {patch}")
-    return tuple(s // p for s, p in zip(sizes, patch))
-
-
-def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """[len(pos), dim] sin-cos embedding of positions (dim even)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2))
-    angles = pos.double()[:, None] * omega[None]
-    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
-
-
-def sincos_3d(dim: int, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-    """[T'*H'*W', dim] fixed positions for a token grid: a quarter of the channels for time,
-    the rest split between height and width. Computed per call, so any grid works."""
-    d_t = dim // 4 // 2 * 2
-    d_h = (dim - d_t) // 2 // 2 * 2
-    d_w = dim - d_t - d_h
-    t, h, w = (torch.arange(n, device=device) for n in grid)
-    tt, hh, ww = torch.meshgrid(t, h, w, indexing="ij")
-    return torch.cat([sincos_1d(d_t, tt.flatten()), sincos_1d(d_h, hh.flatten()), sincos_1d(d_w, ww.flatten())], dim=1)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -263,10 +238,4 @@ class DiT(ModelMixin, ConfigMixin):
             context = self.caption_proj(context.to(h.dtype))
         for block in self.blocks:
             h = block(h, c, grid, context, context_mask)
-        return self.unpatchify(self.final_layer(h, c), grid)
-
-    def unpatchify(self, h: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """[B, N, pt*ph*pw*C] -> [B, C, T, H, W]."""
-        (pt, ph, pw), (t, hh, ww) = self.cfg.patch_size, grid
-        h = h.reshape(h.shape[0], t, hh, ww, pt, ph, pw, self.cfg.out_channels)
-        return h.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(h.shape[0], -1, t * pt, hh * ph, ww * pw)
+        return unpatchify(self.final_layer(h, c), cfg.patch_size, grid)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 
-from model.dit import DiTConfig, patch_grid
+from model.dit import DiTConfig
+from model.patches import patch_grid
 from profiling.measure import attention_flops
 from profiling.parts import ATTENTION, CONTEXT, DENSE, PER_SAMPLE
 

@@ -1,0 +1,84 @@
+"""Noise schedules and the training objective, for the two parameterisations on offer.
+
+- "flow" (default): rectified flow / flow matching (Lipman et al. 2023; Liu et al. 2023; SD3,
+  Open-Sora): x_t = (1 - s) x_0 + s eps with s = sigma in [0, 1]; the model predicts the
+  velocity eps - x_0. Sampled with diffusers' FlowMatchEulerDiscreteScheduler. Training sigmas
+  are logit-normal (SD3), which weights the middle of the path where the task is hardest.
+- "ddpm": the DiT paper's eps-prediction on a linear beta schedule (1000 steps), sampled with
+  DDIM. With `learn_sigma` the DiT also outputs a variance; we train only the eps half (the
+  paper adds a variational-bound term for it, which DDIM sampling does not use).
+
+The DiT is conditioned on `timestep`: sigma * 1000 for flow (what the flow scheduler's
+`timesteps` hold), the integer step for ddpm, so training and sampling agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+KINDS = ("flow", "ddpm")
+TRAIN_STEPS = 1000
+
+
+def make_scheduler(kind: str = "flow"):
+    """The sampling scheduler for a parameterisation."""
+    if kind == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=TRAIN_STEPS, shift=1.0)
+    if kind == "ddpm":
+        return DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_schedule="linear", clip_sample=False, set_alpha_to_one=False)
+    raise ValueError(f"unknown diffusion kind {kind!r} (expected one of {KINDS})")
+
+
+def kind_of(scheduler) -> str:
+    """'flow' or 'ddpm' for a scheduler made by make_scheduler (or loaded from its config)."""
+    return "flow" if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) else "ddpm"
+
+
+def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """x_t for a batch of `timestep`s as the scheduler defines them (used for SDEdit and for
+    re-noising the known frames of image-to-video and extension)."""
+    if kind_of(scheduler) == "flow":
+        sigma = (timestep.float() / TRAIN_STEPS).view(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)
+        return (1 - sigma) * x0 + sigma * noise
+    return scheduler.add_noise(x0, noise, timestep.long())
+
+
+def prediction(model_out: torch.Tensor, channels: int) -> torch.Tensor:
+    """The velocity / eps part of the DiT output (drops the learned-sigma half if present)."""
+    return model_out[:, :channels]
+
+
+def training_loss(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    kind: str = "flow",
+    generator: torch.Generator | None = None,
+    timestep: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    **model_kwargs,
+) -> torch.Tensor:
+    """Mean-squared error of the model's prediction on x0 noised at random (or given) timesteps.
+
+    Pass `timestep` and `noise` to evaluate at fixed points (the validation loss that scaling
+    fits use must not move with the sampling of t).
+    """
+    b = x0.shape[0]
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if kind == "flow":
+        if timestep is None:
+            sigma = torch.sigmoid(torch.randn(b, generator=generator, device=x0.device))
+            timestep = sigma * TRAIN_STEPS
+        sigma = (timestep.float() / TRAIN_STEPS).view(b, 1, 1, 1, 1).to(x0.dtype)
+        xt, target = (1 - sigma) * x0 + sigma * noise, noise - x0
+    elif kind == "ddpm":
+        if timestep is None:
+            timestep = torch.randint(0, TRAIN_STEPS, (b,), generator=generator, device=x0.device)
+        sched = DDPMScheduler(num_train_timesteps=TRAIN_STEPS, beta_schedule="linear")
+        xt, target = sched.add_noise(x0, noise, timestep.long()), noise
+    else:
+        raise ValueError(f"unknown diffusion kind {kind!r} (expected one of {KINDS})")
+    out = prediction(model(xt, timestep, **model_kwargs), x0.shape[1])
+    return F.mse_loss(out.float(), target.float())

@@ -1,0 +1,71 @@
+"""Reading and writing images and videos (PyAV through imageio; Pillow for images and GIFs).
+
+Frames are uint8 arrays [T, H, W, 3]; tensors for the models are [3, T, H, W] in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
+
+
+def read_frames(path: str | Path) -> np.ndarray:
+    """All frames of a video (or the one frame of an image) as uint8 [T, H, W, 3]."""
+    path = Path(path)
+    if path.suffix.lower() in VIDEO_SUFFIXES and path.suffix.lower() != ".gif":
+        frames = iio.imread(path, plugin="pyav")
+    else:
+        frames = iio.imread(path, index=None) if path.suffix.lower() == ".gif" else iio.imread(path)
+    frames = np.asarray(frames)
+    if frames.ndim == 2:  # grayscale image
+        frames = np.repeat(frames[..., None], 3, axis=-1)
+    if frames.ndim == 3:  # one image
+        frames = frames[None]
+    return frames[..., :3]
+
+
+def to_tensor(frames: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1], resized to (H, W) if given."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
+    if size is not None and tuple(x.shape[2:]) != tuple(size):
+        x = F.interpolate(x.transpose(0, 1), size=size, mode="bilinear", antialias=True, align_corners=False).transpose(0, 1)
+    return x.clamp(-1, 1)
+
+
+def _even(frames: np.ndarray) -> np.ndarray:
+    """H.264 in yuv420p needs even sides: pad the last row / column by edge replication."""
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    return np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge") if pad_h or pad_w else frames
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
+    """uint8 [T, H, W, 3] -> .mp4 (H.264) or .gif, by suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".gif":
+        iio.imwrite(path, frames, extension=".gif", duration=1000 / fps, loop=0)
+    else:
+        iio.imwrite(path, _even(frames), plugin="pyav", codec="libx264", fps=fps)
+    return path
+
+
+def frame_grid(videos: np.ndarray, max_columns: int = 8) -> np.ndarray:
+    """[B, T, H, W, 3] -> one image: a row per sample, up to `max_columns` evenly spaced frames."""
+    b, t = videos.shape[:2]
+    cols = np.unique(np.linspace(0, t - 1, min(t, max_columns)).round().astype(int))
+    rows = [np.concatenate([v[i] for i in cols], axis=1) for v in videos]
+    return np.concatenate(rows, axis=0)
+
+
+def write_image(path: str | Path, image: np.ndarray) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, image)
+    return path
+

@@ -1,0 +1,114 @@
+"""The DiT: patches round trip, any grid size, save/load, and it learns (overfits one clip)."""
+
+import itertools
+
+import pytest
+import torch
+
+from model.diffusion import training_loss
+from model.dit import DiT, DiTConfig
+from model.patches import patch_grid, patchify, unpatchify
+
+SIZES = [(1, 8, 8), (1, 6, 10), (1, 2, 16), (3, 4, 4), (4, 8, 6), (8, 2, 2), (5, 12, 4), (2, 14, 6)]
+PATCHES = [(1, 1, 1), (1, 2, 2), (1, 2, 1)]
+
+
+@pytest.mark.parametrize("patch", PATCHES + [(2, 2, 2)])
+def test_patchify_unpatchify_round_trip(patch):
+    for t, h, w in SIZES:
+        if any(s % p for s, p in zip((t, h, w), patch)):
+            with pytest.raises(ValueError, match="not divisible by patch size"):
+                patchify(torch.zeros(1, 3, t, h, w), patch)
+            continue
+        x = torch.randn(2, 3, t, h, w)
+        tokens = patchify(x, patch)
+        grid = patch_grid(patch, t, h, w)
+        assert tokens.shape == (2, grid[0] * grid[1] * grid[2], 3 * patch[0] * patch[1] * patch[2])
+        assert torch.equal(unpatchify(tokens, patch, grid), x)
+
+
+def test_token_order_matches_the_patch_embedding():
+    """The Conv3d patch embedding is a linear map of exactly the values `patchify` groups."""
+    cfg = DiTConfig(in_channels=3, patch_size=(1, 2, 2), hidden_size=16, depth=1, num_heads=2)
+    model = DiT.from_dit_config(cfg)
+    x = torch.randn(1, 3, 2, 6, 4)
+    conv = model.x_embedder(x).flatten(2).transpose(1, 2)
+    w = model.x_embedder.weight.permute(0, 2, 3, 4, 1).reshape(16, -1)  # (pt, ph, pw, C) order
+    assert torch.allclose(conv, patchify(x, cfg.patch_size) @ w.T + model.x_embedder.bias, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["full", "factorized"])
+def test_any_grid_size_gives_the_same_size_back(attention):
+    torch.manual_seed(0)
+    cfg = DiTConfig(in_channels=4, patch_size=(1, 2, 2), hidden_size=32, depth=2, num_heads=2, text_dim=8, attention=attention)
+    model = DiT.from_dit_config(cfg)
+    for t, h, w in itertools.islice(((t, h, w) for t, h, w in SIZES if h % 2 == 0 and w % 2 == 0), 6):
+        out = model(torch.randn(2, 4, t, h, w), torch.rand(2), context=torch.randn(2, 3, 8))
+        assert out.shape == (2, 4, t, h, w)
+
+
+def test_padded_text_tokens_are_ignored():
+    torch.manual_seed(0)
+    cfg = DiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2, text_dim=8)
+    model = DiT.from_dit_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # the zero-initialised cross-attention output must speak
+    x, t, ctx = torch.randn(1, 4, 1, 4, 4), torch.rand(1), torch.randn(1, 5, 8)
+    mask = torch.tensor([[True, True, True, False, False]])
+    garbage = ctx.clone()
+    garbage[:, 3:] = 100.0
+    a = model(x, t, context=ctx, context_mask=mask)
+    assert torch.allclose(a, model(x, t, context=garbage, context_mask=mask), atol=1e-5)
+    assert not torch.allclose(a, model(x, t, context=garbage), atol=1e-3)
+
+
+def test_save_and_load_give_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    cfg = DiTConfig(in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=8, attention="factorized")
+    model = DiT.from_dit_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    back = DiT.from_pretrained(tmp_path)
+    assert back.cfg == cfg
+    x, t, ctx = torch.randn(2, 4, 3, 4, 6), torch.rand(2), torch.randn(2, 3, 8)
+    assert torch.equal(model(x, t, context=ctx), back(x, t, context=ctx))
+
+
+def test_overfits_one_clip():
+    """A small model memorises one clip: the loss at fixed timesteps and noise falls by >= 10x."""
+    torch.manual_seed(0)
+    cfg = DiTConfig(in_channels=3, patch_size=(1, 2, 2), hidden_size=64, depth=2, num_heads=4, text_dim=16)
+    model = DiT.from_dit_config(cfg)
+    clip = -torch.ones(1, 3, 4, 16, 16)
+    for f in range(4):  # a white square moving right
+        clip[0, :, f, 4:8, 2 + 3 * f : 6 + 3 * f] = 1.0
+    x0, ctx = clip.expand(8, -1, -1, -1, -1), torch.randn(1, 5, 16).expand(8, -1, -1)
+    fixed_t, fixed_noise = torch.linspace(100, 900, 8), torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+
+    def val() -> float:
+        with torch.no_grad():
+            return training_loss(model, x0, "flow", timestep=fixed_t, noise=fixed_noise, context=ctx).item()
+
+    before, g = val(), torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0)
+    for _ in range(300):
+        loss = training_loss(model, x0, "flow", generator=g, context=ctx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert val() < before / 10
+
+
+def test_ddpm_objective_trains_eps_half_of_learned_sigma():
+    cfg = DiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3, learn_sigma=True)
+    model = DiT.from_dit_config(cfg)
+    x0 = torch.randn(2, 4, 1, 4, 4)
+    loss = training_loss(model, x0, "ddpm", generator=torch.Generator().manual_seed(0), y=torch.tensor([0, 2]))
+    loss.backward()
+    assert loss.item() > 0 and model.final_layer.linear.weight.grad is not None
+    with pytest.raises(ValueError, match="unknown diffusion kind"):
+        training_loss(model, x0, "score", y=torch.tensor([0, 2]))
