@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "flops": ("profiling.cli", "compute accounting: count, estimate, report, demo"),
+    "sample": ("model.sample", "text/image/video -> video with a trained pipeline: mp4, gif, PNG grid"),
 }
 
 
