@@ -154,6 +154,8 @@ class FinalLayer(nn.Module):
 class DiT(ModelMixin, ConfigMixin):
     """Diffusion transformer over spacetime patches; a diffusers model (save/from_pretrained)."""
 
+    _supports_gradient_checkpointing = True  # enable_gradient_checkpointing() recomputes each block
+
     # Which modules belong to which compute part (profiling.parts); the rest is "dense".
     flop_parts: PartRules = (
         (r"adaLN_modulation|t_embedder", PER_SAMPLE),
@@ -187,6 +189,7 @@ class DiT(ModelMixin, ConfigMixin):
             nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)) if cfg.text_dim else None
         )
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.gradient_checkpointing = False
         self.final_layer = FinalLayer(cfg)
         self._init_weights()
 
@@ -237,5 +240,8 @@ class DiT(ModelMixin, ConfigMixin):
                 raise ValueError("this DiT is text-conditional: pass context (text-encoder tokens)")
             context = self.caption_proj(context.to(h.dtype))
         for block in self.blocks:
-            h = block(h, c, grid, context, context_mask)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                h = self._gradient_checkpointing_func(block, h, c, grid, context, context_mask)
+            else:
+                h = block(h, c, grid, context, context_mask)
         return unpatchify(self.final_layer(h, c), cfg.patch_size, grid)

@@ -112,3 +112,21 @@ def test_ddpm_objective_trains_eps_half_of_learned_sigma():
     assert loss.item() > 0 and model.final_layer.linear.weight.grad is not None
     with pytest.raises(ValueError, match="unknown diffusion kind"):
         training_loss(model, x0, "score", y=torch.tensor([0, 2]))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = DiT.from_dit_config(DiTConfig(hidden_size=32, depth=2, num_heads=2, text_dim=8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t, ctx = torch.randn(2, 4, 3, 4, 4), torch.rand(2), torch.randn(2, 3, 8)
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad()
+        model(x, t, context=ctx).pow(2).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, grads()))

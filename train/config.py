@@ -1,0 +1,85 @@
+"""A training run's configuration: one YAML file, overridable from the command line.
+
+    ministack train configs/train/tiny.yaml --set max_steps=200 --set data.batch_size=4
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    kind: str = "procedural"  # "procedural" (ships with the code) or "folder" (folder / CSV / JSONL)
+    source: str = ""  # for kind=folder
+    size: int = 4096  # procedural clips
+    seed: int = 0
+    buckets: list = field(default_factory=lambda: [[1, 32, 32], [5, 32, 32]])  # (frames, height, width)
+    batch_size: int = 8  # per process, per micro-step
+    bucket_batch_size: dict = field(default_factory=dict)  # "5x32x32": 4 overrides batch_size for a bucket
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    model: str = "tiny"  # model.configs preset or YAML
+    codec: str = "identity"  # "identity", "tiny" or a codec / diffusers VAE directory
+    text_encoder: str | None = None  # None: the shipped all-MiniLM-L6-v2
+    diffusion: str = "flow"  # "flow" or "ddpm"
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+    max_steps: int = 1000
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+    mixed_precision: str = "auto"  # "auto" (bf16 on GPU and on CPUs where it is safe and fast), "no", "bf16"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # 0: only at the end
+    deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.); normally set by the accelerate config
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _set(obj, key: str, raw: str) -> None:
+    head, _, rest = key.partition(".")
+    names = {f.name: f for f in fields(obj)}
+    if head not in names:
+        raise ValueError(f"unknown config key {key!r} (known: {', '.join(names)})")
+    if rest:
+        return _set(getattr(obj, head), rest, raw)
+    setattr(obj, head, yaml.safe_load(raw))
+
+
+def _build(cls, values: dict):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name) if name in known else None
+        kwargs[name] = _build(type(default), value) if is_dataclass(default) else value
+    return cls(**kwargs)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """A TrainConfig from YAML (None: defaults), then `key=value` overrides (dotted keys)."""
+    cfg = _build(TrainConfig, yaml.safe_load(Path(path).read_text()) or {}) if path else TrainConfig()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        _set(cfg, key.strip(), raw)
+    return cfg
