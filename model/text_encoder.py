@@ -76,12 +76,14 @@ class TextEncoder(nn.Module):
         return self.model.config.hidden_size
 
     @torch.no_grad()
-    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, prompts: list[str], pad_to_max_length: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (states [B, L, dim] float32, mask [B, L] bool), L = the longest prompt's token
-        count (special tokens included) capped at max_length. "" (the unconditional prompt for
+        count (special tokens included) capped at max_length, or max_length itself with
+        pad_to_max_length (training: one text shape, so FLOPs are counted once per bucket). "" (the unconditional prompt for
         classifier-free guidance) still has its special tokens, so its mask is never all False."""
         tokens = self.tokenizer(
-            list(prompts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(prompts), padding="max_length" if pad_to_max_length else "longest", truncation=True,
+            max_length=self.max_length, return_tensors="pt",
         )
         device = next(self.model.parameters()).device
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)

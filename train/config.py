@@ -52,6 +52,17 @@ class TrainConfig:
         return asdict(self)
 
 
+def _coerce(default, value):
+    """YAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`): numbers follow the field's type."""
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+        return int(number) if isinstance(default, int) else number
+    return value
+
+
 def _set(obj, key: str, raw: str) -> None:
     head, _, rest = key.partition(".")
     names = {f.name: f for f in fields(obj)}
@@ -59,7 +70,7 @@ def _set(obj, key: str, raw: str) -> None:
         raise ValueError(f"unknown config key {key!r} (known: {', '.join(names)})")
     if rest:
         return _set(getattr(obj, head), rest, raw)
-    setattr(obj, head, yaml.safe_load(raw))
+    setattr(obj, head, _coerce(getattr(obj, head), yaml.safe_load(raw)))
 
 
 def _build(cls, values: dict):
@@ -70,7 +81,7 @@ def _build(cls, values: dict):
     kwargs = {}
     for name, value in values.items():
         default = getattr(cls(), name) if name in known else None
-        kwargs[name] = _build(type(default), value) if is_dataclass(default) else value
+        kwargs[name] = _build(type(default), value) if is_dataclass(default) else _coerce(default, value)
     return cls(**kwargs)
 
 

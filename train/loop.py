@@ -1,0 +1,205 @@
+"""The training loop: accelerate (single process, DDP, DeepSpeed ZeRO) under a FLOPs profiler.
+
+Per optimizer step: clips -> frozen codec -> latents, captions -> frozen text encoder ->
+tokens, flow-matching (or DDPM) loss on the DiT, clipped AdamW step on a warm-up + cosine LR,
+EMA update. Every step's FLOPs are counted once per distinct shape (profiling.measure on fake
+tensors: the DiT's forward + backward by part, the frozen encoders' forwards as "frozen") and
+appended to the run's ledger by every rank, with wall time and MFU. Checkpoints are atomic and
+resume exactly (model, optimizer, schedule, EMA, RNG states, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from tqdm import tqdm
+
+from model.configs import load_config
+from model.diffusion import training_loss
+from model.dit import DiT
+from model.text_encoder import TextEncoder
+from model.vae import load_codec
+from profiling.hardware import device_peak
+from profiling.ledger import Ledger, make_record
+from profiling.measure import FlopMeter, forward_backward
+from profiling.parts import FROZEN, param_parts
+from train import checkpoint
+from train.config import TrainConfig
+from train.data.loader import make_loader
+from train.ema import EMA
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """bf16 where it pays (GPUs; CPUs whose bf16 is safe and fast), gloo where there is no CUDA
+    (DeepSpeed would otherwise ask for NCCL), and a short collective timeout so hangs fail fast."""
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        if torch.cuda.is_available():
+            precision = "bf16"
+        else:
+            from profiling.cpu import preferred_cpu_dtype
+
+            precision = "bf16" if preferred_cpu_dtype() == "bf16" else "no"
+    kwargs = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = {} if torch.cuda.is_available() else {"backend": "gloo"}
+        kwargs.append(InitProcessGroupKwargs(timeout=timedelta(minutes=10), **backend))
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=kwargs)
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+class StepMeter:
+    """FLOPs of one micro-step, counted once per (batch, latent, text) shape on fake tensors."""
+
+    def __init__(self, model_cfg, codec, text_encoder) -> None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():  # a shape-only twin: counting never touches the (wrapped, sharded) trained model
+            self.model = DiT.from_dit_config(model_cfg)
+        self.codec, self.text_encoder = codec, text_encoder
+        self.dit = FlopMeter(DiT.flop_parts)
+        self.frozen = FlopMeter()
+
+    def count(self, video: torch.Tensor, latents: torch.Tensor, captions: list[str], context, mask):
+        key = (tuple(video.shape), tuple(latents.shape), None if context is None else tuple(context.shape))
+        kwargs = {} if context is None else {"context": context, "context_mask": mask}
+        t = torch.zeros(latents.shape[0], device=latents.device)
+        dit = self.dit.count(key, forward_backward(self.model, latents, t, **kwargs))
+
+        def frozen() -> None:
+            with torch.no_grad():
+                self.codec.encode(video)
+                if self.text_encoder is not None:
+                    self.text_encoder(captions, pad_to_max_length=True)
+
+        return dit + self.frozen.count(key, frozen).relabel(FROZEN)
+
+
+def train(cfg: TrainConfig) -> dict:
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed, device_specific=True)
+    run = Path(cfg.run_dir)
+    if accelerator.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    device = accelerator.device
+
+    codec = load_codec(cfg.codec).to(device)
+    model_cfg = load_config(cfg.model)
+    text_encoder = TextEncoder(cfg.text_encoder).to(device) if model_cfg.text_dim else None
+    model_cfg = replace(model_cfg, in_channels=codec.latent_channels, text_dim=text_encoder.dim if text_encoder else 0)
+    model = DiT.from_dit_config(model_cfg)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    params = param_parts(model, model.flop_parts)
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    loader, sampler, dataset = make_loader(cfg.data, accelerator.process_index, accelerator.num_processes)
+    if hasattr(dataset, "report"):  # real data: what was usable, what was skipped and why
+        accelerator.print(f"data: {dataset.report()}")
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator.register_for_checkpointing(ema, sampler)
+    if cfg.compile:
+        model = torch.compile(model)
+    meter = StepMeter(model_cfg, codec, text_encoder)
+
+    step = 0
+    resume = checkpoint.latest(run / "checkpoints")
+    if resume is not None:
+        step = checkpoint.load(accelerator, resume)["step"]
+        accelerator.print(f"resumed from {resume} at step {step}")
+
+    dtype = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
+    device_name, peak = device_peak(device, dtype)
+    ledger = Ledger(run / "ledger.jsonl")
+    log = (run / "log.jsonl").open("a") if accelerator.is_main_process else None
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    step_flops, step_tokens, step_start, dropped = None, 0, time.perf_counter(), 0
+    losses: list[float] = []
+    while step < cfg.max_steps:
+        for batch in loader:
+            if not batch["captions"]:  # every clip of the batch failed to decode
+                dropped += batch["dropped"]
+                continue
+            dropped += batch["dropped"]
+            with accelerator.accumulate(model):
+                video = batch["video"].to(device)
+                with torch.no_grad():
+                    latents = codec.encode(video)
+                    context, mask = text_encoder(batch["captions"], pad_to_max_length=True) if text_encoder else (None, None)
+                kwargs = {} if context is None else {"context": context, "context_mask": mask}
+                counting = time.perf_counter()  # counting is bookkeeping, not the step: keep it off the clock
+                count = meter.count(video, latents, batch["captions"], context, mask)
+                step_start += time.perf_counter() - counting
+                step_flops = count if step_flops is None else step_flops + count
+                step_tokens += latents.shape[0] * model_cfg.num_tokens(*latents.shape[2:])
+                with accelerator.autocast():
+                    loss = training_loss(model, latents, cfg.diffusion, **kwargs)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            ema.update(accelerator.unwrap_model(model))
+            wall = time.perf_counter() - step_start
+            losses.append(loss.item())
+            shape = f"B={latents.shape[0]} latent={'x'.join(map(str, latents.shape[2:]))}"
+            record = make_record("train", step_flops, params, step_tokens, wall, device_name, dtype, shape, peak,
+                                 run=str(run), step=step)
+            ledger.append(record)
+            if log is not None:
+                entry = {"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0], "step_s": wall,
+                         "tokens_per_s": step_tokens / wall, "mfu": record.mfu, "dropped": dropped}
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{step_tokens / wall:.0f}", mfu=f"{record.mfu:.1%}")
+            bar.update()
+            step_flops, step_tokens, step_start = None, 0, time.perf_counter()
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                checkpoint.save(accelerator, run / "checkpoints", step, {"loss": losses[-1]}, cfg.keep_checkpoints)
+                step_start = time.perf_counter()
+            if step >= cfg.max_steps:
+                break
+    bar.close()
+    if log is not None:
+        log.close()
+    if dropped:
+        accelerator.print(f"data: {dropped} clips failed to decode during training and were skipped")
+    save_pipeline(accelerator, model, ema, codec, text_encoder, cfg, run)
+    return {"step": step, "losses": losses, "dropped": dropped, "run": str(run)}
+
+
+def save_pipeline(accelerator, model, ema: EMA, codec, text_encoder, cfg: TrainConfig, run: Path) -> None:
+    """The EMA weights as a sampling pipeline at run/pipeline (what `ministack sample` loads)."""
+    from model.diffusion import make_scheduler
+    from model.pipeline import MiniStackPipeline
+
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    sampler_model = DiT.from_dit_config(accelerator.unwrap_model(model).cfg)
+    ema.copy_to(sampler_model)
+    MiniStackPipeline(sampler_model, make_scheduler(cfg.diffusion), codec, text_encoder).save_pretrained(run / "pipeline")
