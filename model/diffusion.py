@@ -50,6 +50,21 @@ def prediction(model_out: torch.Tensor, channels: int) -> torch.Tensor:
     return model_out[:, :channels]
 
 
+def per_sample_noise(shape: tuple[int, ...], kind: str, seeds: list[int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timestep [B], noise [B, ...]) drawn per sample from its own seed. A sample's noise then
+    depends on nothing but its seed: not on how the batch is split across data-parallel ranks,
+    nor on the RNG state a resumed run starts from."""
+    timesteps, noises = [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        if kind == "flow":
+            timesteps.append(torch.sigmoid(torch.randn(1, generator=g)) * TRAIN_STEPS)
+        else:
+            timesteps.append(torch.randint(0, TRAIN_STEPS, (1,), generator=g))
+        noises.append(torch.randn(shape[1:], generator=g))
+    return torch.cat(timesteps).to(device), torch.stack(noises).to(device)
+
+
 def training_loss(
     model: torch.nn.Module,
     x0: torch.Tensor,

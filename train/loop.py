@@ -10,10 +10,12 @@ resume exactly (model, optimizer, schedule, EMA, RNG states, data position).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+import zlib
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +26,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
 from model.configs import load_config
-from model.diffusion import training_loss
+from model.diffusion import per_sample_noise, training_loss
 from model.dit import DiT
 from model.text_encoder import TextEncoder
 from model.vae import load_codec
@@ -54,6 +56,15 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         backend = {} if torch.cuda.is_available() else {"backend": "gloo"}
         kwargs.append(InitProcessGroupKwargs(timeout=timedelta(minutes=10), **backend))
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=kwargs)
+
+
+def gathered(model, deepspeed):
+    """ZeRO-3 keeps 1/N of each parameter per rank: gather them whole (for the EMA) where needed."""
+    if deepspeed is None or deepspeed.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed as ds
+
+    return ds.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -116,8 +127,15 @@ def train(cfg: TrainConfig) -> dict:
     loader, sampler, dataset = make_loader(cfg.data, accelerator.process_index, accelerator.num_processes)
     if hasattr(dataset, "report"):  # real data: what was usable, what was skipped and why
         accelerator.print(f"data: {dataset.report()}")
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    accelerator.register_for_checkpointing(ema, sampler)
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None:  # no dataloader goes through prepare(): tell DeepSpeed the batch and clipping
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        deepspeed.deepspeed_config["gradient_clipping"] = cfg.grad_clip
+    # The LR schedule is stepped by us once per optimizer step: accelerate's wrapper would step it
+    # once per process (it assumes each rank sees 1/N of the steps), running the schedule N x fast.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    param_dtype = next(model.parameters()).dtype  # DeepSpeed bf16 converts the model but not its inputs
+    accelerator.register_for_checkpointing(ema, sampler, scheduler)
     if cfg.compile:
         model = torch.compile(model)
     meter = StepMeter(model_cfg, codec, text_encoder)
@@ -144,28 +162,32 @@ def train(cfg: TrainConfig) -> dict:
             with accelerator.accumulate(model):
                 video = batch["video"].to(device)
                 with torch.no_grad():
-                    latents = codec.encode(video)
+                    latents = codec.encode(video).to(param_dtype)
                     context, mask = text_encoder(batch["captions"], pad_to_max_length=True) if text_encoder else (None, None)
-                kwargs = {} if context is None else {"context": context, "context_mask": mask}
+                kwargs = {} if context is None else {"context": context.to(param_dtype), "context_mask": mask}
                 counting = time.perf_counter()  # counting is bookkeeping, not the step: keep it off the clock
                 count = meter.count(video, latents, batch["captions"], context, mask)
                 step_start += time.perf_counter() - counting
                 step_flops = count if step_flops is None else step_flops + count
                 step_tokens += latents.shape[0] * model_cfg.num_tokens(*latents.shape[2:])
+                seeds = [zlib.crc32(f"{cfg.seed}|{step}|{source}".encode()) for source in batch["sources"]]
+                timestep, noise = per_sample_noise(latents.shape, cfg.diffusion, seeds, device)
                 with accelerator.autocast():
-                    loss = training_loss(model, latents, cfg.diffusion, **kwargs)
+                    loss = training_loss(model, latents, cfg.diffusion, timestep=timestep, noise=noise.to(latents.dtype), **kwargs)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.grad_clip:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            ema.update(accelerator.unwrap_model(model))
+            with gathered(model, deepspeed):
+                ema.update(accelerator.unwrap_model(model))
             wall = time.perf_counter() - step_start
-            losses.append(loss.item())
+            losses.append(accelerator.reduce(loss.detach(), "mean").item())  # the global batch's loss
             shape = f"B={latents.shape[0]} latent={'x'.join(map(str, latents.shape[2:]))}"
             record = make_record("train", step_flops, params, step_tokens, wall, device_name, dtype, shape, peak,
                                  run=str(run), step=step)
