@@ -88,3 +88,49 @@ def test_bad_config_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "train", "--set", "no_such_field=1"], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown config key 'no_such_field'" in proc.stderr
+
+
+# One TORCH_EXTENSIONS_DIR per machine: DeepSpeed compiles its shm op once (~40 s), then reuses it.
+EXTENSIONS = str(Path.home() / ".cache" / "ministack" / "torch_extensions")
+
+
+def _launch(tmp_path: Path, accelerate_config: str, run: str, *extra: str, cpu_env: bool = False) -> str:
+    args = ["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / accelerate_config),
+            "--num_processes", "2", "--main_process_port", "0", "-m", "train", "--set", f"run_dir={tmp_path / run}",
+            "--set", f"model={_model_yaml(tmp_path)}", *SMALL, *extra]
+    env = _env() | {"TORCH_EXTENSIONS_DIR": EXTENSIONS} | ({"ACCELERATE_USE_CPU": "1"} if cpu_env else {})
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_ddp_and_zero2_match_the_single_process_run(tmp_path):
+    """2 processes x batch 2 (DDP over gloo; DeepSpeed ZeRO-2) against 1 process x batch 4: the same
+    global batches, per-sample noise and once-per-step LR give the same losses."""
+    steps = ["--set", "max_steps=4"]
+    single = _train(tmp_path / "single", "--set", f"model={_model_yaml(tmp_path)}", *steps, "--set", "data.batch_size=4")
+    out, _ = single.communicate(timeout=600)
+    assert single.returncode == 0, out
+    _launch(tmp_path, "ddp.yaml", "ddp", *steps, cpu_env=True)
+    _launch(tmp_path, "zero2.yaml", "zero2", *steps)
+    reference = _losses(tmp_path / "single")
+    assert len(reference) == 4
+    for run in ("ddp", "zero2"):
+        got = _losses(tmp_path / run)
+        assert got.keys() == reference.keys()
+        assert all(got[s] == pytest.approx(reference[s], rel=1e-4) for s in reference), (run, got, reference)
+    ledger = (tmp_path / "zero2" / "ledger.jsonl").read_text().splitlines()
+    assert len(ledger) == 8  # every rank records its own steps
+
+
+@pytest.mark.slow
+def test_zero3_saves_and_resumes(tmp_path):
+    first = _launch(tmp_path, "zero3.yaml", "z3", "--set", "max_steps=4", "--set", "checkpoint_every=2")
+    assert "resumed" not in first
+    before = _losses(tmp_path / "z3")
+    second = _launch(tmp_path, "zero3.yaml", "z3", "--set", "max_steps=6", "--set", "checkpoint_every=2")
+    assert "resumed from" in second and "step-0000004" in second
+    after = _losses(tmp_path / "z3")
+    assert sorted(after) == [1, 2, 3, 4, 5, 6] and all(after[s] == before[s] for s in before)
+    assert (tmp_path / "z3" / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()

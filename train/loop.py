@@ -105,6 +105,11 @@ class StepMeter:
 
 
 def train(cfg: TrainConfig) -> dict:
+    # Frozen encoders load before the Accelerator exists: under ZeRO-3 accelerate makes transformers
+    # partition every model it loads afterwards, and these must stay whole on every rank.
+    model_cfg = load_config(cfg.model)
+    codec = load_codec(cfg.codec)
+    text_encoder = TextEncoder(cfg.text_encoder) if model_cfg.text_dim else None
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed, device_specific=True)
     run = Path(cfg.run_dir)
@@ -113,9 +118,9 @@ def train(cfg: TrainConfig) -> dict:
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     device = accelerator.device
 
-    codec = load_codec(cfg.codec).to(device)
-    model_cfg = load_config(cfg.model)
-    text_encoder = TextEncoder(cfg.text_encoder).to(device) if model_cfg.text_dim else None
+    deepspeed = accelerator.state.deepspeed_plugin
+    codec = codec.to(device)
+    text_encoder = text_encoder.to(device) if text_encoder is not None else None
     model_cfg = replace(model_cfg, in_channels=codec.latent_channels, text_dim=text_encoder.dim if text_encoder else 0)
     model = DiT.from_dit_config(model_cfg)
     if cfg.gradient_checkpointing:
@@ -127,7 +132,6 @@ def train(cfg: TrainConfig) -> dict:
     loader, sampler, dataset = make_loader(cfg.data, accelerator.process_index, accelerator.num_processes)
     if hasattr(dataset, "report"):  # real data: what was usable, what was skipped and why
         accelerator.print(f"data: {dataset.report()}")
-    deepspeed = accelerator.state.deepspeed_plugin
     if deepspeed is not None:  # no dataloader goes through prepare(): tell DeepSpeed the batch and clipping
         deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
         deepspeed.deepspeed_config["gradient_clipping"] = cfg.grad_clip
