@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from model.configs import load_config
@@ -31,9 +32,10 @@ from model.dit import DiT
 from model.text_encoder import TextEncoder
 from model.vae import load_codec
 from profiling.hardware import device_peak
-from profiling.ledger import Ledger, make_record
+from profiling.ledger import Ledger, make_record, read_ledgers
 from profiling.measure import FlopMeter, forward_backward
 from profiling.parts import FROZEN, param_parts
+from profiling.report import format_report, summarize
 from train import checkpoint
 from train.config import TrainConfig
 from train.data.loader import make_loader
@@ -154,6 +156,7 @@ def train(cfg: TrainConfig) -> dict:
     device_name, peak = device_peak(device, dtype)
     ledger = Ledger(run / "ledger.jsonl")
     log = (run / "log.jsonl").open("a") if accelerator.is_main_process else None
+    board = SummaryWriter(str(run / "tensorboard")) if accelerator.is_main_process else None
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     step_flops, step_tokens, step_start, dropped = None, 0, time.perf_counter(), 0
     losses: list[float] = []
@@ -201,6 +204,8 @@ def train(cfg: TrainConfig) -> dict:
                          "tokens_per_s": step_tokens / wall, "mfu": record.mfu, "dropped": dropped}
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
+                for key in ("loss", "lr", "tokens_per_s", "mfu"):
+                    board.add_scalar(f"train/{key}", entry[key], step)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{step_tokens / wall:.0f}", mfu=f"{record.mfu:.1%}")
             bar.update()
             step_flops, step_tokens, step_start = None, 0, time.perf_counter()
@@ -212,9 +217,13 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
     if log is not None:
         log.close()
+        board.close()
     if dropped:
         accelerator.print(f"data: {dropped} clips failed to decode during training and were skipped")
     save_pipeline(accelerator, model, ema, codec, text_encoder, cfg, run)
+    if accelerator.is_main_process:  # the run's measured compute against 6ND, the gap by part
+        data = read_ledgers([ledger.path])
+        accelerator.print(format_report(*summarize(data.records), data.skipped))
     return {"step": step, "losses": losses, "dropped": dropped, "run": str(run)}
 
 
