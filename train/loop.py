@@ -162,10 +162,9 @@ def train(cfg: TrainConfig) -> dict:
     losses: list[float] = []
     while step < cfg.max_steps:
         for batch in loader:
-            if not batch["captions"]:  # every clip of the batch failed to decode
-                dropped += batch["dropped"]
-                continue
             dropped += batch["dropped"]
+            if not batch["captions"]:  # every clip of the batch failed to decode
+                continue
             with accelerator.accumulate(model):
                 video = batch["video"].to(device)
                 with torch.no_grad():
