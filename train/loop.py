@@ -82,10 +82,11 @@ def lr_lambda(cfg: TrainConfig):
 class StepMeter:
     """FLOPs of one micro-step, counted once per (batch, latent, text) shape on fake tensors."""
 
-    def __init__(self, model_cfg, codec, text_encoder) -> None:
+    def __init__(self, model_cfg, codec, text_encoder, device: torch.device) -> None:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with FakeTensorMode():  # a shape-only twin: counting never touches the (wrapped, sharded) trained model
+        # A shape-only twin on the training device: counting never touches the (wrapped, sharded) trained model.
+        with FakeTensorMode(), torch.device(device):
             self.model = DiT.from_dit_config(model_cfg)
         self.codec, self.text_encoder = codec, text_encoder
         self.dit = FlopMeter(DiT.flop_parts)
@@ -124,7 +125,7 @@ def train(cfg: TrainConfig) -> dict:
     codec = codec.to(device)
     text_encoder = text_encoder.to(device) if text_encoder is not None else None
     model_cfg = replace(model_cfg, in_channels=codec.latent_channels, text_dim=text_encoder.dim if text_encoder else 0)
-    model = DiT.from_dit_config(model_cfg)
+    model = DiT.from_dit_config(model_cfg).to(device)  # before the EMA copies it: the shadow lives on the device
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     params = param_parts(model, model.flop_parts)
@@ -144,7 +145,7 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.register_for_checkpointing(ema, sampler, scheduler)
     if cfg.compile:
         model = torch.compile(model)
-    meter = StepMeter(model_cfg, codec, text_encoder)
+    meter = StepMeter(model_cfg, codec, text_encoder, device)
 
     step = 0
     resume = checkpoint.latest(run / "checkpoints")
