@@ -15,10 +15,26 @@ import torch.nn.functional as F
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 
 
+def check_complete(path: str | Path) -> None:
+    """Raise if a video holds fewer frames than its header declares. A file cut off after its index
+    (mp4 "faststart") still opens, and imageio's whole-file read then returns garbage frames for the
+    missing ones without an error: count the packets actually present first."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        declared = stream.frames
+        present = sum(1 for packet in container.demux(stream) if packet.size) if declared else 0
+    if declared and present < declared:
+        raise ValueError(f"truncated: {present} of {declared} frames present")
+
+
 def read_frames(path: str | Path) -> np.ndarray:
-    """All frames of a video (or the one frame of an image) as uint8 [T, H, W, 3]."""
+    """All frames of a video (or the one frame of an image) as uint8 [T, H, W, 3]; a truncated
+    video raises ValueError rather than returning garbage."""
     path = Path(path)
     if path.suffix.lower() in VIDEO_SUFFIXES and path.suffix.lower() != ".gif":
+        check_complete(path)
         frames = iio.imread(path, plugin="pyav")
     else:
         frames = iio.imread(path, index=None) if path.suffix.lower() == ".gif" else iio.imread(path)

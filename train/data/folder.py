@@ -97,16 +97,6 @@ def probe(path: Path) -> tuple[int, int, int, float]:
     return frames, height, width, fps
 
 
-def _check_packets(path: Path, expected: int) -> None:
-    """A cut-off file can still open (index at the front) and then decode to garbage frames without
-    an error (imageio's threaded whole-file read): count the packets actually present first."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        present = sum(1 for packet in container.demux(stream) if packet.size)
-    if present < expected:
-        raise ValueError(f"truncated: {present} of {expected} frames present")
-
-
 class VideoFolder(Dataset):
     """Captioned videos and images from a CSV, a JSONL or a folder with sidecar captions."""
 
@@ -206,8 +196,7 @@ class VideoFolder(Dataset):
         if suffix in IMAGE_SUFFIXES or suffix == ".gif":
             return read_frames(entry.path)[::stride][:count]
         if stride == 1 and count == entry.frames:
-            _check_packets(entry.path, entry.frames)
-            return read_frames(entry.path)
+            return read_frames(entry.path)  # checks the file is complete first
         frames = []  # the window only: decode in order, stop as soon as it is complete
         with closing(iio.imiter(entry.path, plugin="pyav")) as stream:
             for k, frame in enumerate(stream):
