@@ -86,7 +86,8 @@ class StepMeter:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         # A shape-only twin on the training device: counting never touches the (wrapped, sharded) trained model.
-        with FakeTensorMode(), torch.device(device):
+        # ("cpu:0", which accelerate reports for CPU ranks, and "cpu" must not count as two devices)
+        with FakeTensorMode(), torch.device("cpu" if device.type == "cpu" else device):
             self.model = DiT.from_dit_config(model_cfg)
         self.codec, self.text_encoder = codec, text_encoder
         self.dit = FlopMeter(DiT.flop_parts)
