@@ -62,6 +62,9 @@ def test_sigkill_mid_run_resumes_and_matches_the_uninterrupted_run(tmp_path):
     ledger = [json.loads(line) for line in (tmp_path / "full" / "ledger.jsonl").read_text().splitlines()]
     assert len(ledger) == 30 and all(r["measured_flops"] > 0 and r["parts"]["frozen"] > 0 for r in ledger)
     assert (tmp_path / "full" / "pipeline" / "pipeline.json").is_file()
+    final = json.loads((tmp_path / "full" / "eval.jsonl").read_text().splitlines()[-1])
+    assert final["step"] == 30 and final["val_loss"] > 0 and 0 < final["score_chance"] < 1
+    assert (tmp_path / "full" / "samples" / "step-0000030.png").is_file()
 
 
 def test_real_data_with_corrupt_files_trains_and_reports(tmp_path):

@@ -213,6 +213,9 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 checkpoint.save(accelerator, run / "checkpoints", step, {"loss": losses[-1]}, cfg.keep_checkpoints)
                 step_start = time.perf_counter()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                evaluate(accelerator, model, ema, codec, text_encoder, cfg, run, step)
+                step_start = time.perf_counter()
             if step >= cfg.max_steps:
                 break
     bar.close()
@@ -221,21 +224,35 @@ def train(cfg: TrainConfig) -> dict:
         board.close()
     if dropped:
         accelerator.print(f"data: {dropped} clips failed to decode during training and were skipped")
-    save_pipeline(accelerator, model, ema, codec, text_encoder, cfg, run)
+    pipeline = ema_pipeline(accelerator, model, ema, codec, text_encoder, cfg)
+    if pipeline is not None:
+        pipeline.save_pretrained(run / "pipeline")
+    evaluate(accelerator, model, ema, codec, text_encoder, cfg, run, step, pipeline)
     if accelerator.is_main_process:  # the run's measured compute against 6ND, the gap by part
         data = read_ledgers([ledger.path])
         accelerator.print(format_report(*summarize(data.records), data.skipped))
     return {"step": step, "losses": losses, "dropped": dropped, "run": str(run)}
 
 
-def save_pipeline(accelerator, model, ema: EMA, codec, text_encoder, cfg: TrainConfig, run: Path) -> None:
-    """The EMA weights as a sampling pipeline at run/pipeline (what `ministack sample` loads)."""
+def ema_pipeline(accelerator, model, ema: EMA, codec, text_encoder, cfg: TrainConfig):
+    """The EMA weights as a sampling pipeline (main process only; None elsewhere)."""
     from model.diffusion import make_scheduler
     from model.pipeline import MiniStackPipeline
 
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
-        return
-    sampler_model = DiT.from_dit_config(accelerator.unwrap_model(model).cfg)
+        return None
+    sampler_model = DiT.from_dit_config(accelerator.unwrap_model(model).cfg).to(accelerator.device)
     ema.copy_to(sampler_model)
-    MiniStackPipeline(sampler_model, make_scheduler(cfg.diffusion), codec, text_encoder).save_pretrained(run / "pipeline")
+    return MiniStackPipeline(sampler_model.eval(), make_scheduler(cfg.diffusion), codec, text_encoder)
+
+
+def evaluate(accelerator, model, ema: EMA, codec, text_encoder, cfg: TrainConfig, run: Path, step: int, pipeline=None) -> None:
+    """Validation loss and text alignment of the EMA weights (train.evaluate), on the main process."""
+    from train.evaluate import evaluate_run
+
+    pipeline = pipeline or ema_pipeline(accelerator, model, ema, codec, text_encoder, cfg)
+    if pipeline is not None:
+        result = evaluate_run(pipeline, cfg, step, run)
+        accelerator.print("eval: " + ", ".join(f"{k} {result[k]:.4f}" for k in ("val_loss", "score", "score_chance") if k in result))
+    accelerator.wait_for_everyone()

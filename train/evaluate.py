@@ -1,0 +1,84 @@
+"""Evaluation during training: the number scaling fits use, and whether samples match prompts.
+
+- Validation loss at fixed timesteps and fixed noise on a fixed held-out batch: it must not move
+  with the sampling of t, or loss curves of different runs could not be compared or fitted.
+- Text alignment: sample the (EMA) model for prompts built from chosen attributes, recover
+  colour / motion / shape from the pixels with the probe, and score against the prompt, beside
+  the score that chance would get on the same prompts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.diffusion import TRAIN_STEPS, per_sample_noise, training_loss
+from train.data.procedural import ProceduralVideos, caption
+from train.probe import alignment_score
+
+VAL_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+@torch.no_grad()
+def validation_loss(model, codec, text_encoder, clips: list, kind: str, seed: int = 0) -> float:
+    """Mean loss over `clips` (one shape) at each of VAL_TIMESTEPS, with per-clip fixed noise."""
+    video = torch.stack([c.video for c in clips])
+    latents = codec.encode(video.to(codec.shift.device))
+    kwargs = {}
+    if text_encoder is not None:
+        context, mask = text_encoder([c.caption for c in clips], pad_to_max_length=True)
+        kwargs = {"context": context, "context_mask": mask}
+    _, noise = per_sample_noise(latents.shape, kind, [seed * 100_003 + i for i in range(len(clips))], latents.device)
+    losses = []
+    for t in VAL_TIMESTEPS:
+        timestep = torch.full((len(clips),), t * 1.0 if kind == "flow" else min(t, TRAIN_STEPS - 1), device=latents.device)
+        losses.append(training_loss(model, latents, kind, timestep=timestep, noise=noise, **kwargs).item())
+    return float(np.mean(losses))
+
+
+def alignment_prompts(n: int, frames: int, seed: int = 0) -> list[dict]:
+    """n attribute sets spread over colours, shapes and the four main directions."""
+    rng = np.random.default_rng(seed)
+    colours, shapes = ("red", "green", "blue", "yellow", "white", "magenta", "cyan"), ("square", "circle", "triangle", "bar")
+    motions = ("left", "right", "up", "down") if frames > 1 else ("static",)
+    return [{"colour": str(rng.choice(colours)), "shape": str(rng.choice(shapes)), "motion": str(rng.choice(motions)),
+             "frames": frames} for _ in range(n)]
+
+
+@torch.no_grad()
+def text_alignment(pipeline, n: int = 8, frames: int = 5, height: int = 32, width: int = 32, steps: int = 20,
+                   seed: int = 0, grid_path: str | Path | None = None) -> dict:
+    """Sample prompts built from attributes, probe the videos, score them (with chance levels)."""
+    from model.media import frame_grid, write_image
+
+    attrs = alignment_prompts(n, frames, seed)
+    prompts = [caption(a) for a in attrs]
+    out = pipeline(prompts, frames=frames, height=height, width=width, num_inference_steps=steps,
+                   generator=torch.Generator().manual_seed(seed))
+    if grid_path is not None:
+        write_image(grid_path, frame_grid(out.videos))
+    result = alignment_score(list(out.videos), attrs)
+    return {k: result[k] for k in ("score", "score_chance", "accuracy", "chance", "n")} | {"prompts": prompts}
+
+
+def evaluate_run(pipeline, cfg, step: int, run: Path) -> dict:
+    """Both measures for a run's EMA pipeline at `step`, on held-out procedural clips (seed + 1) of
+    the run's first multi-frame bucket; appended to RUN/eval.jsonl, grid at RUN/samples/."""
+    import json
+
+    from train.data.buckets import parse_bucket
+
+    buckets = [parse_bucket(b) for b in cfg.data.buckets]
+    frames, height, width = max(buckets, key=lambda b: (b[0] > 1, b[1] * b[2]))
+    held_out = ProceduralVideos(8, seed=cfg.data.seed + 1, resolutions=((height, width),), frames=(frames,))
+    clips = [held_out[i] for i in range(len(held_out))]
+    result = {"step": step, "val_loss": validation_loss(pipeline.transformer, pipeline.codec, pipeline.text_encoder,
+                                                        clips, cfg.diffusion)}
+    if pipeline.text_encoder is not None:
+        result |= text_alignment(pipeline, frames=frames, height=height, width=width,
+                                 grid_path=run / "samples" / f"step-{step:07d}.png")
+    with (run / "eval.jsonl").open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
