@@ -214,7 +214,7 @@ def train(cfg: TrainConfig) -> dict:
                 checkpoint.save(accelerator, run / "checkpoints", step, {"loss": losses[-1]}, cfg.keep_checkpoints)
                 step_start = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                evaluate(accelerator, model, ema, codec, text_encoder, cfg, run, step)
+                evaluate(accelerator, ema_pipeline(accelerator, model, ema, codec, text_encoder, cfg), cfg, run, step)
                 step_start = time.perf_counter()
             if step >= cfg.max_steps:
                 break
@@ -227,7 +227,7 @@ def train(cfg: TrainConfig) -> dict:
     pipeline = ema_pipeline(accelerator, model, ema, codec, text_encoder, cfg)
     if pipeline is not None:
         pipeline.save_pretrained(run / "pipeline")
-    evaluate(accelerator, model, ema, codec, text_encoder, cfg, run, step, pipeline)
+    evaluate(accelerator, pipeline, cfg, run, step)
     if accelerator.is_main_process:  # the run's measured compute against 6ND, the gap by part
         data = read_ledgers([ledger.path])
         accelerator.print(format_report(*summarize(data.records), data.skipped))
@@ -247,11 +247,11 @@ def ema_pipeline(accelerator, model, ema: EMA, codec, text_encoder, cfg: TrainCo
     return MiniStackPipeline(sampler_model.eval(), make_scheduler(cfg.diffusion), codec, text_encoder)
 
 
-def evaluate(accelerator, model, ema: EMA, codec, text_encoder, cfg: TrainConfig, run: Path, step: int, pipeline=None) -> None:
-    """Validation loss and text alignment of the EMA weights (train.evaluate), on the main process."""
+def evaluate(accelerator, pipeline, cfg: TrainConfig, run: Path, step: int) -> None:
+    """Validation loss and text alignment of the EMA pipeline (train.evaluate) on the main process
+    (the others hold None), then one barrier for all."""
     from train.evaluate import evaluate_run
 
-    pipeline = pipeline or ema_pipeline(accelerator, model, ema, codec, text_encoder, cfg)
     if pipeline is not None:
         result = evaluate_run(pipeline, cfg, step, run)
         accelerator.print("eval: " + ", ".join(f"{k} {result[k]:.4f}" for k in ("val_loss", "score", "score_chance") if k in result))
