@@ -5,7 +5,7 @@ checked against the exact formula; wall time of real AdamW steps; MFU against (a
 device's dense table peak (GPUs) and (b) the matmul peak measured here, in this process,
 for the same dtype (a peer run beside it: large square matmuls, the best this device does).
 
-    python bench/dit_mfu.py --config tiny --frames 8 --height 32 --width 32 --batch 8       # CPU
+    python bench/dit_mfu.py --config tiny --latent 5,16,16 --batch 16 --dtype fp32,bf16   # CPU, both dtypes
     python bench/dit_mfu.py --config dit-xl-2 --latent 1,32,32 --batch 64 --dtype bf16     # GPU
 """
 
@@ -29,7 +29,11 @@ def matmul_peak(device: str, dtype: torch.dtype, seconds: float = 2.0) -> float:
     best = 0.0
     for n in (1024, 2048, 4096, 8192) if device == "cuda" else (512, 1024, 2048):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        warm = time.perf_counter()
         a @ b
+        _sync(device)
+        if time.perf_counter() - warm > seconds:  # a slow dtype here (bf16 on a CPU without bf16 units): enough
+            return max(best, 2 * n**3 / (time.perf_counter() - warm))
         reps, start = 0, time.perf_counter()
         _sync(device)
         while time.perf_counter() - start < seconds / 4:
@@ -53,24 +57,29 @@ def main() -> None:
     p.add_argument("--latent", default="8,16,16", help="latent T,H,W")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--text-len", type=int, default=32)
-    p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: bf16 on GPU, this CPU's preferred dtype)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or both: fp32,bf16 (default: bf16 on GPU, this CPU's preferred dtype)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.dtype is None:
-        from profiling.cpu import preferred_cpu_dtype
-
-        args.dtype = "bf16" if device == "cuda" else preferred_cpu_dtype()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[normalize_dtype(args.dtype)]
     if device == "cpu":
-        from profiling.cpu import prepare_cpu
+        from profiling.cpu import preferred_cpu_dtype, prepare_cpu
 
         prepare_cpu()
-    cfg = load_config(args.config)
-    latent = tuple(int(v) for v in args.latent.split(","))
-    b, text_len = args.batch, args.text_len if cfg.text_dim else 0
+    dtypes = args.dtype.split(",") if args.dtype else ["bf16" if device == "cuda" else preferred_cpu_dtype()]
+    for dtype in dtypes:
+        result = bench(args.config, tuple(int(v) for v in args.latent.split(",")), args.batch, args.text_len,
+                       normalize_dtype(dtype), device, args.steps)
+        print(json.dumps(result, indent=1) if args.json else report(result))
+
+
+def bench(config: str, latent: tuple[int, int, int], b: int, text_len: int, dtype_name: str, device: str, steps: int) -> dict:
+    """One config, shape and dtype: counted FLOPs, timed AdamW steps, both peaks."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    cfg = load_config(config)
+    text_len = text_len if cfg.text_dim else 0
+    torch.manual_seed(0)
     model = DiT.from_dit_config(cfg).to(device)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
 
@@ -99,32 +108,38 @@ def main() -> None:
     step()  # warm-up
     _sync(device)
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
     _sync(device)
-    step_s = (time.perf_counter() - start) / args.steps
+    step_s = (time.perf_counter() - start) / steps
 
     achieved = counted.total / step_s
     peak_measured = matmul_peak(device, dtype)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    table = accelerator(name).peak(args.dtype) if device == "cuda" else float("nan")
-    result = {
-        "device": name, "dtype": normalize_dtype(args.dtype), "config": args.config, "batch": b, "latent": latent,
+    table = accelerator(name).peak(dtype_name) if device == "cuda" else float("nan")
+    return {
+        "device": name, "dtype": dtype_name, "config": config, "batch": b, "latent": latent,
         "tokens_per_step": b * cfg.num_tokens(*latent), "measured_flops_per_step": counted.total,
         "exact_flops_per_step": exact, "count_s": count_s, "step_s": step_s, "achieved_flops_per_s": achieved,
         "matmul_peak_measured": peak_measured, "table_peak": table,
         "mfu_vs_measured_matmul": achieved / peak_measured, "mfu_vs_table": achieved / table,
         "matmul_peak_vs_table": peak_measured / table,
     }
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return
-    print(f"device {name}  dtype {result['dtype']}  config {args.config}  batch {b}  latent {latent}")
-    print(f"FLOPs/step measured {counted.total:.4e}  exact {exact:.4e}  (ratio {counted.total / exact:.4f})")
-    print(f"step {step_s * 1e3:.1f} ms  ->  {achieved / 1e12:.2f} TFLOP/s achieved  (counting this shape took {count_s:.2f} s, once)")
-    print(f"matmul peak measured here {peak_measured / 1e12:.2f} TFLOP/s  ->  MFU {achieved / peak_measured:.1%}")
-    if device == "cuda":
-        print(f"table dense peak {table / 1e12:.1f} TFLOP/s  ->  MFU {achieved / table:.1%}  (matmul reaches {peak_measured / table:.1%} of it)")
+
+
+def report(r: dict) -> str:
+    lines = [
+        f"device {r['device']}  dtype {r['dtype']}  config {r['config']}  batch {r['batch']}  latent {r['latent']}",
+        f"FLOPs/step measured {r['measured_flops_per_step']:.4e}  exact {r['exact_flops_per_step']:.4e}  "
+        f"(ratio {r['measured_flops_per_step'] / r['exact_flops_per_step']:.4f})",
+        f"step {r['step_s'] * 1e3:.1f} ms  ->  {r['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s achieved  "
+        f"(counting this shape took {r['count_s']:.2f} s, once)",
+        f"matmul peak measured here {r['matmul_peak_measured'] / 1e12:.3f} TFLOP/s  ->  MFU {r['mfu_vs_measured_matmul']:.1%}",
+    ]
+    if r["device"] != "cpu":
+        lines.append(f"table dense peak {r['table_peak'] / 1e12:.1f} TFLOP/s  ->  MFU {r['mfu_vs_table']:.1%}  "
+                     f"(matmul reaches {r['matmul_peak_vs_table']:.1%} of it)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -113,17 +113,23 @@ class VideoCodec(nn.Module):
     def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """video [B, 3, T, H, W] in [-1, 1] -> normalized latents [B, C, t, h, w]. sample=True draws
         from the VAE's posterior (training-time augmentation); False takes its mean."""
-        t = self.latent_size(*video.shape[2:])[0]
         shift, scale = self._stats()
         if self.vae is None:
+            self.latent_size(*video.shape[2:])
             return (video.to(shift.device) - shift) / scale
-        x = video.to(device=shift.device, dtype=self.vae.dtype)
+        posterior, t = self.posterior(video)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return (z[:, :, :t] - shift) / scale
+
+    def posterior(self, video: torch.Tensor):
+        """The VAE's (unnormalized) posterior over the latents of `video`, and the number t of its
+        latent frames that belong to the video (the rest encode the padding Wan's chunking needs)."""
+        t = self.latent_size(*video.shape[2:])[0]
+        x = video.to(device=self.shift.device, dtype=self.vae.dtype)
         pad = -(x.shape[2] - 1) % ENCODE_CHUNK
         if pad:
             x = torch.cat([x, x[:, :, -1:].expand(-1, -1, pad, -1, -1)], dim=2)
-        posterior = self.vae.encode(x).latent_dist
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return (z[:, :, :t] - shift) / scale
+        return self.vae.encode(x).latent_dist, t
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents [B, C, t, h, w] -> video [B, 3, T, H, W] clamped to [-1, 1]."""

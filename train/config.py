@@ -24,6 +24,18 @@ class DataConfig:
 
 
 @dataclass
+class VAEConfig:
+    """The VAE stage (`ministack train vae`): train the codec, then point `codec` at `out`."""
+
+    init: str = "tiny"  # "tiny" (seeded, untrained) or a codec directory to fine-tune
+    steps: int = 1000
+    lr: float = 1.0e-3
+    warmup_steps: int = 50
+    kl_weight: float = 1.0e-6
+    out: str = ""  # default RUN_DIR/codec
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/tiny"
     model: str = "tiny"  # model.configs preset or YAML
@@ -31,6 +43,10 @@ class TrainConfig:
     text_encoder: str | None = None  # None: the shipped all-MiniLM-L6-v2
     diffusion: str = "flow"  # "flow" or "ddpm"
     data: DataConfig = field(default_factory=DataConfig)
+    latent_cache: str = ""  # a directory: encode the data once there (train.data.latents), train on the cache
+    cache_dtype: str = "float32"  # of the cached tensors: float32 trains exactly as from pixels; float16 halves the disk
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    cond_drop: float = 0.1  # fraction of captions replaced by "" (what classifier-free guidance needs)
     seed: int = 0
     max_steps: int = 1000
     lr: float = 3e-4

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import time
 import zlib
 from dataclasses import replace
@@ -38,21 +39,30 @@ from profiling.parts import FROZEN, param_parts
 from profiling.report import format_report, summarize
 from train import checkpoint
 from train.config import TrainConfig
+from train.data.latents import build_cache
 from train.data.loader import make_loader
 from train.ema import EMA
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """bf16 where it pays (GPUs; CPUs whose bf16 is safe and fast), gloo where there is no CUDA
-    (DeepSpeed would otherwise ask for NCCL), and a short collective timeout so hangs fail fast."""
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        if torch.cuda.is_available():
-            precision = "bf16"
-        else:
-            from profiling.cpu import preferred_cpu_dtype
+def mixed_precision(setting: str, cuda: bool) -> str:
+    """accelerate's mixed_precision for a config's setting: "auto" is bf16 where it pays (GPUs;
+    CPUs whose bf16 matmul is safe and clearly faster than fp32, measured by profiling.cpu), else
+    "no". An explicit "bf16" is honoured anywhere (prepare_cpu has made it safe)."""
+    if setting not in ("auto", "no", "bf16"):
+        raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {setting!r}")
+    if setting != "auto":
+        return setting
+    if cuda:
+        return "bf16"
+    from profiling.cpu import preferred_cpu_dtype
 
-            precision = "bf16" if preferred_cpu_dtype() == "bf16" else "no"
+    return "bf16" if preferred_cpu_dtype() == "bf16" else "no"
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's precision (mixed_precision), gloo where there is no CUDA (DeepSpeed would
+    otherwise ask for NCCL), and a short collective timeout so hangs fail fast."""
+    precision = mixed_precision(cfg.mixed_precision, torch.cuda.is_available())
     kwargs = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = {} if torch.cuda.is_available() else {"backend": "gloo"}
@@ -69,11 +79,13 @@ def gathered(model, deepspeed):
     return ds.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
-def lr_lambda(cfg: TrainConfig):
+def lr_lambda(warmup_steps: int, max_steps: int):
+    """Linear warm-up, then cosine to zero at max_steps: the LR multiplier at each step."""
+
     def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
@@ -93,11 +105,15 @@ class StepMeter:
         self.dit = FlopMeter(DiT.flop_parts)
         self.frozen = FlopMeter()
 
-    def count(self, video: torch.Tensor, latents: torch.Tensor, captions: list[str], context, mask):
-        key = (tuple(video.shape), tuple(latents.shape), None if context is None else tuple(context.shape))
+    def count(self, video: torch.Tensor | None, latents: torch.Tensor, captions: list[str], context, mask):
+        """The DiT's forward + backward, plus the frozen encoders' forwards when they ran on `video`
+        (None: the batch came from the latent cache, whose stage counted them once)."""
+        key = (None if video is None else tuple(video.shape), tuple(latents.shape), None if context is None else tuple(context.shape))
         kwargs = {} if context is None else {"context": context, "context_mask": mask}
         t = torch.zeros(latents.shape[0], device=latents.device)
         dit = self.dit.count(key, forward_backward(self.model, latents, t, **kwargs))
+        if video is None:
+            return dit
 
         def frozen() -> None:
             with torch.no_grad():
@@ -106,6 +122,31 @@ class StepMeter:
                     self.text_encoder(captions, pad_to_max_length=True)
 
         return dit + self.frozen.count(key, frozen).relabel(FROZEN)
+
+
+def dropped_captions(seeds: list[int], rate: float) -> list[bool]:
+    """Which samples train unconditioned (caption ""), from each sample's own seed: the same
+    samples whatever the batch split across ranks, and again after a resume."""
+    return [rate > 0 and random.Random(seed).random() < rate for seed in seeds]
+
+
+@torch.no_grad()
+def encode_batch(batch: dict, codec, text_encoder, null, drop: list[bool], device):
+    """(video or None, latents, context, mask) of a batch of clips (encoded here by the frozen
+    codec and text encoder) or of cached latents (`null`: the cached empty caption's embedding)."""
+    if "latents" in batch:
+        latents, context, mask = batch["latents"].to(device), batch["context"], batch["context_mask"]
+        if context is not None:
+            context, mask = context.to(device), mask.to(device)
+            if any(drop):
+                rows = torch.tensor(drop, device=device)
+                context = torch.where(rows[:, None, None], null[0], context)
+                mask = torch.where(rows[:, None], null[1], mask)
+        return None, latents, context, mask
+    video = batch["video"].to(device)
+    captions = ["" if d else c for c, d in zip(batch["captions"], drop)]
+    context, mask = text_encoder(captions, pad_to_max_length=True) if text_encoder else (None, None)
+    return video, codec.encode(video), context, mask
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -132,8 +173,16 @@ def train(cfg: TrainConfig) -> dict:
     params = param_parts(model, model.flop_parts)
     ema = EMA(model, cfg.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    loader, sampler, dataset = make_loader(cfg.data, accelerator.process_index, accelerator.num_processes)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    null = None  # the empty caption's embedding, which caption dropout swaps in on the cached path
+    if cfg.latent_cache:
+        with accelerator.main_process_first():  # the main process builds (or resumes) it, the others read it
+            manifest = build_cache(cfg, cfg.latent_cache, codec, text_encoder, log=accelerator.print)
+        accelerator.print(f"data: latent cache {cfg.latent_cache}: {manifest['clips']} clips "
+                          f"({manifest['skipped']} skipped), encoders' {manifest['frozen_flops']:.3e} FLOPs spent once there")
+    loader, sampler, dataset = make_loader(cfg.data, accelerator.process_index, accelerator.num_processes, cfg.latent_cache)
+    if cfg.latent_cache and manifest["text"]:
+        null = tuple(t.to(device) for t in dataset.null_context())
     if hasattr(dataset, "report"):  # real data: what was usable, what was skipped and why
         accelerator.print(f"data: {dataset.report()}")
     if deepspeed is not None:  # no dataloader goes through prepare(): tell DeepSpeed the batch and clipping
@@ -168,17 +217,15 @@ def train(cfg: TrainConfig) -> dict:
             if not batch["captions"]:  # every clip of the batch failed to decode
                 continue
             with accelerator.accumulate(model):
-                video = batch["video"].to(device)
-                with torch.no_grad():
-                    latents = codec.encode(video).to(param_dtype)
-                    context, mask = text_encoder(batch["captions"], pad_to_max_length=True) if text_encoder else (None, None)
+                seeds = [zlib.crc32(f"{cfg.seed}|{step}|{source}".encode()) for source in batch["sources"]]
+                video, latents, context, mask = encode_batch(batch, codec, text_encoder, null, dropped_captions(seeds, cfg.cond_drop), device)
+                latents = latents.to(param_dtype)
                 kwargs = {} if context is None else {"context": context.to(param_dtype), "context_mask": mask}
                 counting = time.perf_counter()  # counting is bookkeeping, not the step: keep it off the clock
                 count = meter.count(video, latents, batch["captions"], context, mask)
                 step_start += time.perf_counter() - counting
                 step_flops = count if step_flops is None else step_flops + count
                 step_tokens += latents.shape[0] * model_cfg.num_tokens(*latents.shape[2:])
-                seeds = [zlib.crc32(f"{cfg.seed}|{step}|{source}".encode()) for source in batch["sources"]]
                 timestep, noise = per_sample_noise(latents.shape, cfg.diffusion, seeds, device)
                 with accelerator.autocast():
                     loss = training_loss(model, latents, cfg.diffusion, timestep=timestep, noise=noise.to(latents.dtype), **kwargs)

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from train.config import DataConfig
 from train.data.buckets import BucketBatchSampler, BucketedDataset, collate_clips, parse_bucket
+from train.data.latents import LatentCache, collate_cached
 
 
 def make_dataset(cfg: DataConfig):
@@ -28,10 +29,12 @@ def make_dataset(cfg: DataConfig):
     raise ValueError(f"unknown data.kind {cfg.kind!r}: 'procedural' or 'folder'")
 
 
-def make_loader(cfg: DataConfig, rank: int = 0, world: int = 1) -> tuple[DataLoader, BucketBatchSampler, object]:
-    """Batches for this rank. Every rank gets the same bucket at every step (shapes match across
+def make_loader(cfg: DataConfig, rank: int = 0, world: int = 1, cache: str | None = None
+                ) -> tuple[DataLoader, BucketBatchSampler, object]:
+    """Batches for this rank: of clips, or of cached latents when `cache` names a latent cache
+    (train.data.latents). Every rank gets the same bucket at every step (shapes match across
     ranks), and the sampler's state_dict resumes at the next batch."""
-    dataset = make_dataset(cfg)
+    dataset = LatentCache(cache) if cache else make_dataset(cfg)
     sampler = BucketBatchSampler(
         dataset, cfg.buckets, batch_size=cfg.batch_size, bucket_batch_size=cfg.bucket_batch_size,
         seed=cfg.seed, num_replicas=world, rank=rank,
@@ -40,6 +43,7 @@ def make_loader(cfg: DataConfig, rank: int = 0, world: int = 1) -> tuple[DataLoa
         raise ValueError(f"no full batch fits the buckets {cfg.buckets} with batch size {cfg.batch_size} x {world} ranks")
     # A private generator: a DataLoader otherwise draws its worker seed from the global RNG each
     # time it is iterated, which would shift the noise of every step after a resume.
-    loader = DataLoader(BucketedDataset(dataset, sampler), batch_sampler=sampler, collate_fn=collate_clips,
+    items, collate = (dataset, collate_cached) if cache else (BucketedDataset(dataset, sampler), collate_clips)
+    loader = DataLoader(items, batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     return loader, sampler, dataset

@@ -1,0 +1,225 @@
+"""The latent cache: clips encoded once by the frozen codec and text encoder, stored as safetensors shards.
+
+Training on pixels runs both frozen encoders on every clip of every epoch; their outputs never
+change, so the cache stage computes them once and the DiT stage reads them back. On a CPU the text
+encoder alone costs more per clip than the tiny DiT's forward, so this is most of a small run's time.
+
+    DIR/cache.json                       what was encoded with what (codec, text encoder, data, buckets),
+                                         the shards, the clips skipped, the encoders' measured FLOPs
+    DIR/F_H_W-00000.safetensors          per bucket, `shard_size` clips: latents [n, C, t, h, w],
+                                         context [n, L, D], context_mask [n, L], index [n] (dataset index)
+    DIR/F_H_W-00000.json                 their captions and sources (the sources seed the training noise,
+                                         so a run on the cache draws exactly the noise a run on pixels does)
+    DIR/null.safetensors                 the empty caption's embedding: the unconditional input that
+                                         caption dropout swaps in (classifier-free guidance)
+
+Every shard is written to a temporary name and renamed, and a shard already on disk is kept: a
+cache stage killed part-way resumes where it stopped, and a half-written shard never exists.
+Clips that fail to decode are skipped and counted in cache.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+from train.data.buckets import Bucket, assign_bucket, fit_to_bucket, parse_bucket
+
+MANIFEST = "cache.json"
+NULL = "null.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class CachedClip:
+    """What the DiT stage needs of one clip; the cache's unit as Clip is the pixel datasets'."""
+
+    latents: torch.Tensor  # [C, t, h, w]
+    context: torch.Tensor | None  # [L, D]
+    context_mask: torch.Tensor | None  # [L]
+    caption: str
+    source: str
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _bucket_name(bucket: Bucket) -> str:
+    return "_".join(map(str, bucket))
+
+
+def cache_key(cfg) -> dict:
+    """What the cached tensors depend on: a cache built for another codec, text encoder or data is refused."""
+    return {"codec": cfg.codec, "text_encoder": cfg.text_encoder, "dtype": cfg.cache_dtype, "data": {
+        k: v for k, v in asdict(cfg.data).items() if k not in ("batch_size", "bucket_batch_size", "num_workers")}}
+
+
+def _plan(dataset, buckets: list[Bucket], shard_size: int) -> dict[Bucket, list[list[int]]]:
+    """Per bucket, the dataset indices of each shard, a pure function of the dataset (so a resumed
+    build recomputes exactly the shards that are missing)."""
+    members: dict[Bucket, list[int]] = {b: [] for b in buckets}
+    for i in range(len(dataset)):
+        bucket = assign_bucket(tuple(dataset.size_of(i)), buckets)
+        if bucket is not None:
+            members[bucket].append(i)
+    return {b: [idx[s : s + shard_size] for s in range(0, len(idx), shard_size)] for b, idx in members.items() if idx}
+
+
+@torch.no_grad()
+def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int = 32, shard_size: int = 256,
+                log=print) -> dict:
+    """Encode cfg's data with cfg's codec and text encoder (loaded by the caller, as the run's
+    own) into `directory` in cfg.cache_dtype; returns the manifest. Resumes a partial build;
+    refuses a directory cached for a different configuration."""
+    from profiling.measure import count_flops
+    from train.data.loader import make_dataset
+
+    directory = Path(directory)
+    key = cache_key(cfg)
+    if (directory / MANIFEST).is_file():
+        manifest = json.loads((directory / MANIFEST).read_text())
+        if manifest["key"] != key:
+            raise ValueError(f"{directory} caches {manifest['key']}, not this run's {key}: use another latent_cache directory")
+        return manifest
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".*.tmp*"):  # a build killed mid-write
+        stale.unlink()
+    dataset = make_dataset(cfg.data)
+    buckets = sorted({parse_bucket(b) for b in cfg.data.buckets})
+    store = DTYPES[cfg.cache_dtype]
+    frozen_flops, skipped, shards = 0, [], []
+
+    def encode(clips: list) -> dict[str, torch.Tensor]:
+        nonlocal frozen_flops
+        video = torch.stack([c.video for c in clips])
+        out: dict[str, torch.Tensor] = {}
+
+        def run() -> None:
+            out["latents"] = codec.encode(video)
+            if text_encoder is not None:
+                out["context"], out["context_mask"] = text_encoder([c.caption for c in clips], pad_to_max_length=True)
+
+        frozen_flops += count_flops(run).total  # counting runs the encoders: their real FLOPs, once per clip
+        return out
+
+    plan = _plan(dataset, buckets, shard_size)
+    for bucket, shard_lists in plan.items():
+        for k, indices in enumerate(shard_lists):
+            name = f"{_bucket_name(bucket)}-{k:05d}"
+            shards.append({"file": f"{name}.safetensors", "bucket": list(bucket), "count": None})
+            if (directory / f"{name}.json").is_file():  # written last: the shard is complete
+                meta = json.loads((directory / f"{name}.json").read_text())
+                shards[-1]["count"], frozen_flops = len(meta["captions"]), frozen_flops + meta["frozen_flops"]
+                skipped += meta["skipped"]
+                continue
+            clips, kept, missing = [], [], []
+            for i in indices:
+                clip = dataset[i]
+                if clip is None:
+                    missing.append(i)
+                    continue
+                clips.append(fit_to_bucket(clip, bucket))
+                kept.append(i)
+            before = frozen_flops
+            parts = [encode(clips[s : s + batch_size]) for s in range(0, len(clips), batch_size)]
+            tensors = {k2: torch.cat([p[k2] for p in parts]) for k2 in parts[0]} if parts else {}
+            tensors = {k2: v.to(store) if v.is_floating_point() else v.to(torch.uint8) for k2, v in tensors.items()}
+            tensors["index"] = torch.tensor(kept, dtype=torch.int64)
+            _atomic_write(directory / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
+            meta = {"captions": [c.caption for c in clips], "sources": [c.source for c in clips],
+                    "skipped": missing, "frozen_flops": frozen_flops - before}
+            skipped += missing
+            _atomic_write(directory / f"{name}.json", lambda p: p.write_text(json.dumps(meta)))
+            shards[-1]["count"] = len(clips)
+            log(f"cache: {name}: {len(clips)} clips ({sum(s['count'] or 0 for s in shards)} so far)")
+    if text_encoder is not None:
+        context, mask = text_encoder([""], pad_to_max_length=True)
+        _atomic_write(directory / NULL, lambda p: save_file({"context": context[0].to(store),
+                                                            "context_mask": mask[0].to(torch.uint8)}, str(p)))
+    manifest = {"key": key, "dtype": cfg.cache_dtype, "latent_channels": codec.latent_channels, "buckets": [list(b) for b in buckets],
+                "shards": shards, "clips": sum(s["count"] for s in shards), "skipped": len(skipped),
+                "skipped_examples": [f"index {i}" for i in skipped[:5]], "frozen_flops": frozen_flops,
+                "text": text_encoder is not None}
+    _atomic_write(directory / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    return manifest
+
+
+def build_cache_for(cfg) -> dict:
+    """The cache stage on its own (`ministack train cache`): load the run's frozen encoders, build cfg.latent_cache."""
+    from model.configs import load_config
+    from model.text_encoder import TextEncoder
+    from model.vae import load_codec
+
+    text_encoder = TextEncoder(cfg.text_encoder) if load_config(cfg.model).text_dim else None
+    return build_cache(cfg, cfg.latent_cache, load_codec(cfg.codec), text_encoder)
+
+
+class LatentCache(Dataset):
+    """The cached clips as a dataset the bucketing sampler can batch: `size_of(i)` is the clip's
+    bucket (video size), items are CachedClip. Shards are opened lazily and memory-mapped."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            raise ValueError(f"{self.directory} is not a latent cache (no {MANIFEST}): build it with `ministack train cache`")
+        self.manifest = json.loads(path.read_text())
+        self.items: list[tuple[int, int]] = []  # (shard, row)
+        self.meta: list[dict] = []
+        for s, shard in enumerate(self.manifest["shards"]):
+            self.meta.append(json.loads((self.directory / shard["file"]).with_suffix(".json").read_text()))
+            self.items += [(s, row) for row in range(shard["count"])]
+        self._open: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def size_of(self, i: int) -> tuple[int, int, int]:
+        return tuple(self.manifest["shards"][self.items[i][0]]["bucket"])
+
+    def _shard(self, s: int):
+        if s not in self._open:
+            self._open[s] = safe_open(str(self.directory / self.manifest["shards"][s]["file"]), "pt")
+        return self._open[s]
+
+    def __getitem__(self, i: int) -> CachedClip:
+        s, row = self.items[i]
+        f = self._shard(s)
+
+        def get(key: str) -> torch.Tensor:
+            return f.get_slice(key)[row : row + 1][0]
+
+        text = self.manifest["text"]
+        return CachedClip(get("latents").float(), get("context").float() if text else None,
+                          get("context_mask").bool() if text else None, self.meta[s]["captions"][row], self.meta[s]["sources"][row])
+
+    def null_context(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty caption's (context [L, D], mask [L])."""
+        with safe_open(str(self.directory / NULL), "pt") as f:
+            return f.get_tensor("context").float(), f.get_tensor("context_mask").bool()
+
+    def __getstate__(self) -> dict:  # DataLoader workers reopen the shards themselves
+        return self.__dict__ | {"_open": {}}
+
+
+def collate_cached(items: list[CachedClip]) -> dict:
+    """A batch of cached clips: {"latents", "context", "context_mask", "captions", "sources", "dropped"}."""
+    text = items[0].context is not None
+    return {
+        "latents": torch.stack([c.latents for c in items]),
+        "context": torch.stack([c.context for c in items]) if text else None,
+        "context_mask": torch.stack([c.context_mask for c in items]) if text else None,
+        "captions": [c.caption for c in items],
+        "sources": [c.source for c in items],
+        "dropped": 0,
+    }
