@@ -62,6 +62,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0: only at the end
+    eval_prompts: int = 8  # text-alignment prompts sampled per evaluation (more: a less noisy score)
+    eval_sampling_steps: int = 20
     deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.); normally set by the accelerate config
 
     def to_dict(self) -> dict:

@@ -77,8 +77,8 @@ def evaluate_run(pipeline, cfg, step: int, run: Path) -> dict:
     result = {"step": step, "val_loss": validation_loss(pipeline.transformer, pipeline.codec, pipeline.text_encoder,
                                                         clips, cfg.diffusion)}
     if pipeline.text_encoder is not None:
-        result |= text_alignment(pipeline, frames=frames, height=height, width=width,
-                                 grid_path=run / "samples" / f"step-{step:07d}.png")
+        result |= text_alignment(pipeline, n=cfg.eval_prompts, frames=frames, height=height, width=width,
+                                 steps=cfg.eval_sampling_steps, grid_path=run / "samples" / f"step-{step:07d}.png")
     with (run / "eval.jsonl").open("a") as f:
         f.write(json.dumps(result) + "\n")
     return result

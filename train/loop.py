@@ -124,6 +124,17 @@ class StepMeter:
         return dit + self.frozen.count(key, frozen).relabel(FROZEN)
 
 
+def any_rank_empty(accelerator, batch: dict) -> bool:
+    """Whether any rank's batch came out empty (all its clips failed to decode after the scan).
+    All ranks must skip such a step together: a rank that skipped alone would leave the others
+    waiting in the gradient all-reduce until the collective timeout."""
+    empty = not batch["captions"]
+    if accelerator.num_processes == 1:
+        return empty
+    flag = torch.tensor([float(empty)], device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() > 0
+
+
 def dropped_captions(seeds: list[int], rate: float) -> list[bool]:
     """Which samples train unconditioned (caption ""), from each sample's own seed: the same
     samples whatever the batch split across ranks, and again after a resume."""
@@ -214,7 +225,7 @@ def train(cfg: TrainConfig) -> dict:
     while step < cfg.max_steps:
         for batch in loader:
             dropped += batch["dropped"]
-            if not batch["captions"]:  # every clip of the batch failed to decode
+            if any_rank_empty(accelerator, batch):  # every clip of a batch failed to decode: all ranks skip it
                 continue
             with accelerator.accumulate(model):
                 seeds = [zlib.crc32(f"{cfg.seed}|{step}|{source}".encode()) for source in batch["sources"]]

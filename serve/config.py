@@ -1,0 +1,117 @@
+"""What a user sets when starting the engine, and the derived limits it implies.
+
+The model's own config (context length, RoPE scaling) is read from its transformers directory;
+`EngineConfig` only overrides it. Everything a user can get wrong is checked here, at start-up,
+with a message naming the setting, instead of surfacing later as a shape error mid-request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CPU_KV_BYTES = 1 << 30  # CPU memory is shared with everything else: a fixed, modest default
+DEFAULT_GPU_KV_FRACTION = 0.8  # of the GPU memory free after loading the weights
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # transformers dir, .gguf file, or None/"smollm2"
+    device: str = "cpu"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_bytes: int | None = None  # KV budget in bytes ...
+    kv_cache_fraction: float | None = None  # ... or as a fraction of the memory free after loading weights
+    max_model_len: int | None = None  # default: the model's context (max_position_embeddings; x factor under RoPE scaling)
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 512  # tokens per step (decodes + prefill chunks)
+    enable_prefix_caching: bool = True
+    rope_scaling: dict | None = None  # override of the model's rope_parameters, e.g. {"rope_type": "yarn", "factor": 4}
+    ledger: str | None = None  # JSONL compute ledger path; None = off
+
+    def validate(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:
+            raise ValueError("set kv_cache_bytes or kv_cache_fraction, not both")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        if self.kv_cache_fraction is not None and not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    def kv_cache_budget(self) -> int:
+        """Bytes for the KV cache: as set, or the fraction of the memory available now."""
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes
+        if self.kv_cache_fraction is not None:
+            return int(memory_available(torch.device(self.device)) * self.kv_cache_fraction)
+        if torch.device(self.device).type == "cpu":
+            return DEFAULT_CPU_KV_BYTES
+        return int(memory_available(torch.device(self.device)) * DEFAULT_GPU_KV_FRACTION)
+
+    def torch_dtype(self) -> torch.dtype:
+        """float32 on CPU unless this CPU runs bf16 clearly faster (measured, profiling.cpu);
+        bfloat16 on CUDA. An explicit bfloat16 on a CPU that is slow at it is refused: it
+        would run ~100x slower than float32 on some CPUs, which looks like a hang."""
+        device = torch.device(self.device)
+        if self.dtype == "auto":
+            if device.type == "cuda":
+                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            from profiling.cpu import preferred_cpu_dtype
+
+            return torch.bfloat16 if preferred_cpu_dtype() == "bf16" else torch.float32
+        if device.type == "cpu" and self.dtype == "bfloat16":
+            from profiling.cpu import preferred_cpu_dtype
+
+            if preferred_cpu_dtype() != "bf16":
+                raise ValueError("dtype bfloat16 is slow on this CPU (profiling.cpu measured it); use float32")
+        return DTYPES[self.dtype]
+
+
+def memory_available(device: torch.device) -> int:
+    """Free memory of the device: CUDA's free bytes, or the kernel's MemAvailable on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError("cannot read the available memory (/proc/meminfo): set kv_cache_bytes")
+
+
+def rope_parameters(hf_config, override: dict | None) -> dict:
+    """The model's RoPE parameters (transformers 5 `rope_parameters`), with `override` applied.
+    Old-style keys ('type') are accepted; rope_theta is kept from the model."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", "default")
+    if override:
+        override = dict(override)
+        if "type" in override:
+            override["rope_type"] = override.pop("type")
+        params = {"rope_theta": params["rope_theta"], **override}
+    return params
+
+
+def context_limit(hf_config, rope: dict) -> int:
+    """The longest context the engine runs the model at: scaled RoPE stretches the original
+    training length by `factor` (for yarn/llama3 configs that already equals
+    max_position_embeddings)."""
+    base = rope.get("original_max_position_embeddings", hf_config.max_position_embeddings)
+    limit = max(hf_config.max_position_embeddings, int(base * rope.get("factor", 1.0)))
+    # sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is not implemented;
+    # within one window it equals full attention, so the context stops there
+    window = getattr(hf_config, "sliding_window", None)
+    if window and (hf_config.model_type == "mistral" or getattr(hf_config, "use_sliding_window", False)):
+        limit = min(limit, window)
+    return limit

@@ -1,0 +1,312 @@
+"""The engine: requests in, one scheduler step at a time, tokens and text out.
+
+`step()` asks the scheduler for a batch, runs it (model_runner), samples the sequences whose
+prompt or decode completed, detokenizes, applies the stop conditions and retires finished
+sequences (their blocks go back to the prefix cache). It is single-threaded by design: a
+server drives it from one thread and hands requests in between steps.
+
+Every request carries the FLOPs of the ops run on its behalf (model_runner attributes each
+step's work to its sequences, recompute after preemption included) beside the law's 2*N*T;
+with a ledger configured, each finished request appends one record.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from profiling.formulas.llama import DECODER_PARTS, DecoderShape
+from profiling.laws import infer_flops
+from profiling.ledger import Ledger, make_record
+from profiling.measure import FlopCount
+from profiling.parts import law_params, param_parts
+from serve.config import EngineConfig, context_limit, rope_parameters
+from serve.engine.block_manager import BlockManager
+from serve.engine.detokenizer import Detokenizer
+from serve.engine.model_runner import ModelRunner, kv_bytes_per_block
+from serve.engine.sampler import Sampler
+from serve.engine.sampling_params import SamplingParams
+from serve.engine.scheduler import Scheduler
+from serve.engine.sequence import Request, Sequence
+from serve.models import load_model
+from serve.weights import model_name, resolve_model
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str  # detokenized so far (stop strings removed)
+    token_ids: list[int]  # all generated so far
+    new_token_ids: list[int]  # generated in this step
+    new_text: str  # text delta of this step (never a partial character, never a possible stop-string start)
+    logprobs: list[dict] | None  # per generated token: {"token_id", "token", "logprob", "top": [...]}
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None
+    finished_time: float | None
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    generated_tokens: int
+    measured_flops: int
+    law_flops: float
+    flops_by_part: dict[str, int]
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # 0..1
+    prefix_cache_queries: int  # tokens (as vLLM counts)
+    prefix_cache_hits: int
+    num_preemptions: int
+    max_tokens_in_cache: int
+
+
+def _eos_ids(model_dir: Path, hf_config) -> set[int]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id", eos)
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        config.validate()
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype()
+        model_dir = resolve_model(config.model)
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        rope = rope_parameters(hf_config, config.rope_scaling)
+        limit = context_limit(hf_config, rope)
+        self.max_model_len = config.max_model_len or limit
+        if self.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's context {limit} "
+                f"(rope {rope.get('rope_type')}); set rope_scaling, e.g. {{'rope_type': 'yarn', 'factor': 2.0}}"
+            )
+        self.model_name = model_name(model_dir)
+        self.model = load_model(model_dir, hf_config, rope, self.max_model_len, self.dtype, self.device)
+        has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir) if has_tokenizer else None
+        self.eos_token_ids = _eos_ids(model_dir, hf_config)
+
+        shape = DecoderShape.from_hf(hf_config)
+        per_block = kv_bytes_per_block(shape, config.block_size, self.dtype)
+        budget = config.kv_cache_budget()  # after the weights are loaded: a fraction is of what they left
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget {budget:,} bytes is less than one block ({per_block:,} bytes)")
+        self.max_tokens_in_cache = num_blocks * config.block_size
+        print(
+            f"KV cache: {num_blocks:,} blocks x {config.block_size} tokens = {self.max_tokens_in_cache:,} tokens "
+            f"({num_blocks * per_block / 2**30:.2f} GiB, {str(self.dtype).removeprefix('torch.')})"
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, shape, num_blocks, config.block_size, self.dtype, self.device)
+        self.sampler = Sampler(lambda t: self.tokenizer.decode([t]) if self.tokenizer is not None else "")
+        self.params_by_part = param_parts(self.model, DECODER_PARTS)
+        self.law_params = law_params(self.params_by_part)
+        self.ledger = Ledger(config.ledger) if config.ledger else None
+        self.requests: dict[str, Request] = {}
+        self._next_seq_id = 0
+        self._seed_rng = random.Random()
+
+    # ---- requests -------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a prompt (token ids). ValueError for a bad or duplicate request, or one that
+        cannot fit the context or the KV cache."""
+        params.validate()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model.lm_head.out_features
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(prompt_token_ids)}..{max(prompt_token_ids)}")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens; this model allows at most {self.max_model_len} (max_model_len) "
+                f"including max_tokens ({params.max_tokens}): shorten the prompt or lower max_tokens"
+            )
+        if total > self.max_tokens_in_cache:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the KV cache "
+                f"({self.max_tokens_in_cache} tokens): raise kv_cache_bytes"
+            )
+        request = Request(request_id, prompt_token_ids, params)
+        first = None
+        for index in range(params.n):
+            seed = self._seed_rng.getrandbits(63) if params.seed is None else params.seed + index
+            generator = torch.Generator(self.device).manual_seed(seed)
+            detok = Detokenizer(self.tokenizer, prompt_token_ids, params.stop)
+            seq = Sequence(self._next_seq_id, request, index, generator, detok, after=first)
+            self._next_seq_id += 1
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+            first = first or seq
+        self.requests[request_id] = request
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its blocks (an unknown or finished id is a no-op)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        request.finished_time = time.time()
+        self._retire(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- stepping -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; an output for every request that got tokens or finished."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits, sampling = self.runner.execute(batch)
+        for seq, n in batch:
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                seq.prompt_computed = True
+        touched: dict[str, Request] = {}
+        new_tokens: dict[int, list[int]] = {}
+        now = time.time()
+        for seq, (token, entry) in zip(sampling, self.sampler(logits, sampling)):
+            seq.token_ids.append(token)
+            new_tokens[seq.seq_id] = [token]
+            if seq.logprobs is not None:
+                seq.logprobs.append(entry)
+            request = seq.request
+            request.first_token_time = request.first_token_time or now
+            self._check_stop(seq, token)
+            touched[request.request_id] = request
+        finished = [r for r in touched.values() if r.is_finished]
+        for request in finished:
+            request.finished_time = now
+        outputs = [self._output(r, new_tokens) for r in touched.values()]
+        for request in finished:
+            self._retire(request)
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            self.scheduler.finish(seq, "stop")  # the stop token's text is not part of the output
+        elif seq.detokenizer.add(token):
+            self.scheduler.finish(seq, "stop")
+        elif len(seq.output_token_ids) >= p.max_tokens:
+            self.scheduler.finish(seq, "length")
+
+    def _output(self, request: Request, new_tokens: dict[int, list[int]]) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=seq.index,
+                text=seq.detokenizer.text,
+                token_ids=seq.output_token_ids,
+                new_token_ids=new_tokens.get(seq.seq_id, []),
+                new_text=seq.detokenizer.delta(final=seq.is_finished),
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,  # a snapshot: the engine thread appends on
+                finish_reason=seq.finish_reason,
+            )
+            for seq in request.seqs
+        ]
+        return RequestOutput(request.request_id, request.prompt_token_ids, completions, request.is_finished, self._metrics(request))
+
+    def _metrics(self, request: Request) -> RequestMetrics:
+        by_part = request.flops_by_part()
+        generated = sum(len(seq.output_token_ids) for seq in request.seqs)
+        return RequestMetrics(
+            arrival_time=request.arrival_time,
+            first_token_time=request.first_token_time,
+            finished_time=request.finished_time,
+            prompt_tokens=len(request.prompt_token_ids),
+            cached_prompt_tokens=request.seqs[0].num_cached_tokens,
+            generated_tokens=generated,
+            measured_flops=sum(by_part.values()),
+            law_flops=infer_flops(self.law_params, self._law_tokens(request)),
+            flops_by_part=by_part,
+        )
+
+    @staticmethod
+    def _law_tokens(request: Request) -> int:
+        """T of the law's 2NT: the prompt once plus every generated token."""
+        return len(request.prompt_token_ids) + sum(len(seq.output_token_ids) for seq in request.seqs)
+
+    def _retire(self, request: Request) -> None:
+        """Forget a finished (or aborted) request; record its compute in the ledger."""
+        self.requests.pop(request.request_id, None)
+        if self.ledger is None:
+            return
+        generated = sum(len(seq.output_token_ids) for seq in request.seqs)
+        record = make_record(
+            "infer",
+            FlopCount(request.flops_by_part()),
+            self.params_by_part,
+            tokens=self._law_tokens(request),
+            wall_s=request.finished_time - request.arrival_time,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            shape=f"prompt={len(request.prompt_token_ids)},gen={generated}",
+            request_id=request.request_id,
+        )
+        self.ledger.append(record)
+
+    # ---- reporting and offline use --------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            kv_usage=self.block_manager.usage,
+            prefix_cache_queries=s.prefix_queries,
+            prefix_cache_hits=s.prefix_hits,
+            num_preemptions=s.num_preemptions,
+            max_tokens_in_cache=self.max_tokens_in_cache,
+        )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Run prompts to completion (offline use); outputs in prompt order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        ids = []
+        for prompt, p in zip(prompts, params_list):
+            ids.append(f"generate-{self._next_seq_id}")
+            self.add_request(ids[-1], prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while any(i not in final for i in ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]

@@ -1,0 +1,103 @@
+"""Turns a scheduled step into tensors, runs the model over the paged KV cache, and returns
+the logits to sample from plus each sequence's FLOPs.
+
+The cache is one tensor (2, layers, kv_heads, num_blocks * block_size, head_dim): slot
+`block * block_size + offset` of a layer and head holds one token's K (or V). Each attention layer
+gets views of its K and V planes. The step's tokens are laid out decodes first, then prefill
+chunks, so the decodes form one batched attention call (serve.layers.attention).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from profiling.formulas.llama import DecoderShape
+from serve.engine.flops import FlopAttribution
+from serve.engine.sequence import Sequence
+from serve.layers.attention import AttentionMetadata, PrefillChunk
+from serve.models.llama import LlamaForCausalLM
+
+
+def kv_bytes_per_block(shape: DecoderShape, block_size: int, dtype: torch.dtype) -> int:
+    return 2 * shape.layers * block_size * shape.kv_heads * shape.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, shape: DecoderShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.model, self.block_size, self.device = model, block_size, device
+        self.flops = FlopAttribution(shape)
+        # zeros, not empty: padded decode rows read slot 0.., and masked garbage could be NaN
+        self.kv = torch.zeros(2, shape.layers, shape.kv_heads, num_blocks * block_size, shape.head_dim, dtype=dtype, device=device)
+        for i, attn in enumerate(model.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv[0, i], self.kv[1, i]
+
+    def _context_slots(self, tables: list[list[int]], length: int) -> torch.Tensor | slice:
+        """(len(tables), length) cache slots of the first `length` tokens of each block table
+        (shorter tables padded with block 0: those positions are masked). A single table of
+        consecutive blocks (usual for a long sequence: the free list hands out runs) is a
+        slice, which reads the cache in place instead of gathering a copy of it."""
+        width = -(-length // self.block_size)
+        if len(tables) == 1 and tables[0][:width] == list(range(tables[0][0], tables[0][0] + width)):
+            start = tables[0][0] * self.block_size
+            return slice(start, start + length)
+        padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long)
+        slots = padded.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)
+        return slots.flatten(1)[:, :length].to(self.device)
+
+    @torch.no_grad()  # not inference_mode: profiling.measure needs autograd sequence numbers
+    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step of (sequence, new tokens) pairs; returns float32 logits (one row per
+        sequence whose computed tokens reach its end, i.e. that samples next) and those sequences.
+        Adds each sequence's FLOPs of the step to seq.flops; does not advance num_computed_tokens."""
+        bs = self.block_size
+        decodes = [s for s, n in batch if n == 1 and s.num_computed_tokens > 0]
+        prefills = [(s, n) for s, n in batch if not (n == 1 and s.num_computed_tokens > 0)]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        sampling: list[Sequence] = []
+        for seq, n in [(s, 1) for s in decodes] + prefills:
+            start, table = seq.num_computed_tokens, seq.block_table
+            ids += seq.token_ids[start : start + n]
+            positions += range(start, start + n)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if start + n == seq.num_tokens:
+                logits_rows.append(len(ids) - 1)
+                sampling.append(seq)
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decodes=len(decodes))
+        if decodes:
+            self._plan_decodes(meta, decodes)
+        start = len(decodes)
+        for seq, n in prefills:
+            meta.prefills.append(self._plan_chunk(seq, start, n))
+            start += n
+        logits = self.model(self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows))
+        return logits.float(), sampling
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _plan_decodes(self, meta: AttentionMetadata, decodes: list[Sequence]) -> None:
+        """One batched call: every context padded to the longest, the padding masked."""
+        lengths = [s.num_computed_tokens + 1 for s in decodes]
+        longest = max(lengths)
+        meta.decode_slots = self._context_slots([s.block_table for s in decodes], longest)
+        if min(lengths) < longest:
+            allowed = torch.arange(longest) < torch.tensor(lengths).unsqueeze(1)
+            mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+            meta.decode_mask = mask.view(len(decodes), 1, 1, longest).to(self.device, self.kv.dtype)
+        for seq in decodes:
+            self._charge(seq, self.flops.decode(longest))  # its row of the batch spans the longest context
+
+    def _plan_chunk(self, seq: Sequence, start: int, n: int) -> PrefillChunk:
+        """A chunk's own attention: causal over its fresh K/V, plus its cached past if any."""
+        past = seq.num_computed_tokens
+        chunk = PrefillChunk(start, n, self._context_slots([seq.block_table], past) if past else None)
+        self._charge(seq, self.flops.chunk(n, past, logits=int(past + n == seq.num_tokens)))
+        return chunk
+
+    @staticmethod
+    def _charge(seq: Sequence, flops: dict[str, int]) -> None:
+        for part, n in flops.items():
+            seq.flops[part] += n

@@ -1,0 +1,64 @@
+"""Choosing each sequence's next token from its logits, and the logprobs a request asked for.
+
+Greedy rows take the argmax. Sampled rows divide by the temperature, keep the top-k, keep the
+smallest set of tokens whose probability reaches top-p, and draw with the sequence's own
+torch.Generator: a seeded request gets the same tokens whatever else shares its batch.
+Logprobs are those of the raw logits (log-softmax before temperature and truncation), as
+OpenAI and vLLM report them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from serve.engine.sequence import Sequence
+
+
+def truncated_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probabilities after temperature, top-k and top-p, for one row. When truncating, they
+    are over the kept tokens sorted by descending logit and the second result maps them back
+    to token ids; otherwise over the whole vocabulary (second result None)."""
+    logits = logits / temperature
+    if top_k <= 0 and top_p >= 1.0:
+        return torch.softmax(logits, -1), None
+    k = top_k if 0 < top_k < logits.numel() else logits.numel()
+    values, ids = torch.topk(logits, k)  # sorted, descending
+    probs = torch.softmax(values, -1)
+    if top_p < 1.0:
+        before = torch.cumsum(probs, -1) - probs  # mass of the tokens ranked above each one
+        keep = int((before < top_p).sum())  # >= 1: the first token always stays
+        probs, ids = probs[:keep] / probs[:keep].sum(), ids[:keep]
+    return probs, ids
+
+
+class Sampler:
+    def __init__(self, token_text) -> None:
+        self.token_text = token_text  # token id -> its text (for logprob entries)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, dict | None]]:
+        """The next token of each sequence (row i of logits is seqs[i]) and its logprob entry."""
+        wants_logprobs = any(s.params.logprobs is not None for s in seqs)
+        logprobs = torch.log_softmax(logits, -1) if wants_logprobs else None
+        greedy = torch.argmax(logits, -1).tolist()
+        out: list[tuple[int, dict | None]] = []
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            token = greedy[i]
+            if not p.greedy:
+                probs, ids = truncated_probs(logits[i], p.temperature, p.top_k, p.top_p)
+                pick = int(torch.multinomial(probs, 1, generator=seq.generator))
+                token = int(ids[pick]) if ids is not None else pick
+            entry = None
+            if p.logprobs is not None:
+                entry = self._logprob_entry(logprobs[i], token, p.logprobs)
+            out.append((token, entry))
+        return out
+
+    def _logprob_entry(self, row: torch.Tensor, token: int, k: int) -> dict:
+        entry = {"token_id": token, "token": self.token_text(token), "logprob": float(row[token]), "top": []}
+        if k:
+            values, ids = torch.topk(row, min(k, row.numel()))
+            entry["top"] = [
+                {"token_id": t, "token": self.token_text(t), "logprob": v} for t, v in zip(ids.tolist(), values.tolist())
+            ]
+        return entry

@@ -1,0 +1,97 @@
+"""A sequence (one completion being generated) and a request (a prompt and its n sequences).
+
+A sequence's state is its token ids (prompt, then generated) and how many of them have K/V
+in the cache (`num_computed_tokens`). The scheduler only ever compares the two: fewer
+computed than held means prefill work remains (a prompt, its next chunk, or everything again
+after preemption); exactly one fewer means the sequence decodes. So chunked prefill,
+prefix-cache hits and recompute after preemption are all the same state, at different counts.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import defaultdict
+
+import torch
+
+from serve.engine.detokenizer import Detokenizer
+from serve.engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(
+        self,
+        seq_id: int,
+        request: Request,
+        index: int,
+        generator: torch.Generator,
+        detokenizer: Detokenizer,
+        after: Sequence | None = None,
+    ) -> None:
+        self.seq_id, self.request, self.index = seq_id, request, index
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
+        self.admitted = False
+        self.block_table: list[int] = []  # cache blocks holding this sequence's K/V, in order
+        self.block_hashes: list[int] = []  # hashes of the leading full blocks of block_table
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.generator = generator
+        self.detokenizer = detokenizer
+        self.logprobs: list[dict] | None = [] if request.params.logprobs is not None else None
+        self.flops: dict[str, int] = defaultdict(int)  # FLOPs of the ops run for this sequence, by part
+        # n > 1: a sibling waits until the first sequence's prompt is cached, then shares its blocks
+        self.after = after
+        self.prompt_computed = False
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def ready(self) -> bool:
+        """May be scheduled: no sibling to wait for, or the sibling's prompt is in the cache."""
+        return self.after is None or self.after.prompt_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.arrival_time = time.time()
+        self.first_token_time: float | None = None
+        self.finished_time: float | None = None
+        self.seqs: list[Sequence] = []
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+    def flops_by_part(self) -> dict[str, int]:
+        total: dict[str, int] = defaultdict(int)
+        for seq in self.seqs:
+            for part, n in seq.flops.items():
+                total[part] += n
+        return {part: n for part, n in total.items() if n}

@@ -1,0 +1,1 @@
+"""Building blocks of the served models: rotary embeddings and paged attention."""

@@ -1,0 +1,115 @@
+"""Attention over a paged KV cache, in plain torch (the same code runs on CPU and CUDA).
+
+A step's tokens arrive flattened: first one token per decoding sequence, then the chunks of
+the sequences being prefilled. Every layer writes the new K/V into the cache at each token's
+slot (`slot_mapping`, one index_copy_), then attends:
+
+- decodes, batched: each sequence's context is gathered from its blocks into one padded
+  (batch, kv_heads, longest, head_dim) tensor and run through one SDPA call with an additive
+  mask hiding the padding. Gathering costs a copy, but one kernel call for the whole batch
+  beats a Python loop of small ones.
+- prefill chunks, each on its own: causal attention over the chunk's fresh K/V, and for a
+  chunk after a cached prefix (earlier chunks or a prefix-cache hit) a second, unmasked call
+  over the cached keys, the two merged by their log-sum-exps (query at position p sees keys
+  0..p, and no masked pair is computed).
+
+The cache is head-major (kv_heads, slots, head_dim), so a head's context is one contiguous
+run, and a context whose blocks are consecutive is passed as a slice and read in place.
+Cached K/V are never repeated per query head: a call over them (a decode, a chunk's past)
+passes the query heads that share a K/V head as that head's query rows (measured ~1.5x
+faster at 8k context on CPU than SDPA's enable_gqa); only a chunk's own short K/V is
+repeated. What each call computes is exactly what `profiling.measure` counts for it
+(serve.engine.flops relies on that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # offset of the chunk's first token in the step's flattened tokens
+    length: int  # new tokens (queries)
+    past_slots: torch.Tensor | slice | None  # slots of the cached keys before the chunk; None: no past
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (tokens,) cache slot of each new token's K/V
+    num_decodes: int = 0  # the first num_decodes tokens are single-token decodes
+    decode_slots: torch.Tensor | slice | None = None  # (num_decodes, longest) context slots, padded with slot 0
+    decode_mask: torch.Tensor | None = None  # (num_decodes, 1, 1, longest) additive mask of the padding
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA (equal heads) that also returns each query's log-sum-exp of scores, (B, H, L) float32,
+    which public SDPA hides: the fused kernel behind it, called directly (CPU flash / CUDA
+    memory-efficient; both are attention kernels to profiling.measure)."""
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
+        return out, lse[..., : q.shape[2]]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[:2]
+    return out, lse
+
+
+class PagedAttention(nn.Module):
+    """Stores this layer's new K/V in the paged cache and attends over each sequence's context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        # (kv_heads, num_slots, head_dim) views into the engine's cache, set by the model runner:
+        # head-major, so a head's context is one contiguous run, the layout SDPA reads fastest
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q (tokens, heads, head_dim), k/v (tokens, kv_heads, head_dim) -> (tokens, heads * head_dim)."""
+        self.k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        self.v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        out = torch.empty_like(q)
+        d = meta.num_decodes
+        if d:
+            # one query per sequence: the query heads sharing a K/V head become that head's
+            # query rows, a plain (non-GQA) call that reads each K/V head once
+            groups = q[:d].view(d, self.num_kv_heads, -1, self.head_dim)
+            ctx_k, ctx_v = self._context(self.k_cache, meta.decode_slots, d), self._context(self.v_cache, meta.decode_slots, d)
+            o = F.scaled_dot_product_attention(groups, ctx_k, ctx_v, attn_mask=meta.decode_mask)
+            out[:d] = o.view(d, self.num_heads, self.head_dim)
+        for chunk in meta.prefills:
+            rows = slice(chunk.start, chunk.start + chunk.length)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], chunk)
+        return out.flatten(1)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+        """A chunk's attention, (length, heads, head_dim): causal over its own fresh K/V, and,
+        after cached keys, also over those, the two halves merged by their log-sum-exps. A
+        single call with a bottom-right mask would give the same, but reads a (length x context)
+        mask per head (slower than the attention itself at 8k) and computes the masked pairs."""
+        n, heads = q.shape[0], self.num_heads
+        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        if chunk.past_slots is None:
+            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+        group = heads // self.num_kv_heads
+        o_new, lse_new = attention_with_lse(qh, kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1), causal=True)
+        # over the past, the query heads sharing a K/V head are that head's rows: no repeat, no mask
+        rows = q.view(n, self.num_kv_heads, group, self.head_dim).permute(1, 2, 0, 3).reshape(1, self.num_kv_heads, group * n, -1)
+        past_k, past_v = self._context(self.k_cache, chunk.past_slots, 1), self._context(self.v_cache, chunk.past_slots, 1)
+        o_past, lse_past = attention_with_lse(rows, past_k, past_v, causal=False)
+        o_past = o_past.reshape(heads, n, self.head_dim)
+        lse_past = lse_past.reshape(heads, n, 1)
+        o_new, lse_new = o_new[0], lse_new.reshape(heads, n, 1)
+        lse = torch.logaddexp(lse_past, lse_new)
+        merged = o_past * (lse_past - lse).exp() + o_new * (lse_new - lse).exp()
+        return merged.to(q.dtype).transpose(0, 1)
+
+    def _context(self, cache: torch.Tensor, slots: torch.Tensor | slice, batch: int) -> torch.Tensor:
+        """(batch, kv_heads, length, head_dim) keys or values at `slots` ((batch, length) or a slice).
+        index_select, not advanced indexing: ~10x faster for this gather on CPU."""
+        ctx = cache[:, slots] if isinstance(slots, slice) else cache.index_select(1, slots.flatten())
+        return ctx.view(self.num_kv_heads, batch, -1, self.head_dim).transpose(0, 1)

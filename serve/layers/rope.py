@@ -1,0 +1,58 @@
+"""Rotary position embeddings with the model's scaling (linear, dynamic NTK, yarn, llama3).
+
+The frequencies come from transformers' own `ROPE_INIT_FUNCTIONS`, so a scaled model rotates
+exactly as transformers rotates it; re-deriving yarn's ramps here would be a second copy to
+keep right. cos/sin are tabulated once for every position up to max_model_len and indexed by
+each token's position, which is what lets tokens of many sequences, at unrelated positions,
+share one batched call.
+
+Dynamic NTK is fixed at max_model_len (as vLLM does): transformers recomputes it from the
+longest sequence in the batch, which a KV cache holding keys rotated earlier cannot follow.
+The two agree for a sequence that fills max_model_len.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def inverse_frequencies(hf_config, rope: dict, max_model_len: int) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention_scaling) for the RoPE parameters `rope` of a transformers config."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+        return 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope_type {rope_type!r} is not supported (known: default, {', '.join(ROPE_INIT_FUNCTIONS)})")
+    config = copy.deepcopy(hf_config)
+    config.rope_parameters = dict(rope)
+    seq_len = max_model_len if rope_type == "dynamic" else None
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"), seq_len=seq_len)
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates q and k (tokens, heads, head_dim) by their positions, 'rotate half' layout."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int) -> None:
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float, device=inv_freq.device), inv_freq)
+        self.register_buffer("cos", freqs.cos() * attention_scaling, persistent=False)
+        self.register_buffer("sin", freqs.sin() * attention_scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos.index_select(0, positions).unsqueeze(1).to(q.dtype)
+        sin = self.sin.index_select(0, positions).unsqueeze(1).to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot = cos.shape[-1] * 2  # partial rotary: only the first `rot` dims turn
+    x1, x2, rest = x[..., : rot // 2], x[..., rot // 2 : rot], x[..., rot:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)

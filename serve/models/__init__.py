@@ -1,0 +1,32 @@
+"""Model definitions the engine can run, and building one from a transformers directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from serve.layers.rope import RotaryEmbedding, inverse_frequencies
+from serve.models.llama import LlamaForCausalLM, biases_of
+from serve.weights import load_state_dict
+
+# transformers model types that are this architecture (their differences are read from the checkpoint)
+LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
+
+
+def load_model(model_dir: Path, hf_config, rope: dict, max_model_len: int, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """The model of `model_dir` with its weights, in eval mode on `device`."""
+    if hf_config.model_type not in LLAMA_FAMILY:
+        raise ValueError(f"model type {hf_config.model_type!r} is not supported (supported: {', '.join(sorted(LLAMA_FAMILY))})")
+    state = load_state_dict(model_dir)
+    inv_freq, scaling = inverse_frequencies(hf_config, rope, max_model_len)
+    with torch.device("meta"):  # no random init of weights about to be overwritten
+        model = LlamaForCausalLM(hf_config, RotaryEmbedding(inv_freq, scaling, max_model_len), biases_of(state))
+    model.to_empty(device=device)
+    model.model.rotary_emb = RotaryEmbedding(inv_freq, scaling, max_model_len).to(device)  # real cos/sin tables
+    model.tie_weights()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.tied)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {model_dir} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(dtype).eval()  # forward runs under no_grad; requires_grad stays on so param_parts sees trained weights

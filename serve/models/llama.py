@@ -1,0 +1,126 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) for the paged-KV engine.
+
+Same math and the same module and parameter names as transformers' implementation, so a
+checkpoint's state dict loads as is and `profiling.formulas.llama.DECODER_PARTS` finds the
+embedding and lm-head by name. What differs is the calling convention: a step's tokens from
+many sequences come flattened into one (tokens,) batch with their positions, attention reads
+and writes the paged cache (serve.layers.attention), and the lm-head runs only at the rows
+whose logits are sampled (the last token of each sequence, not a whole prefill).
+
+Variants are read from the checkpoint rather than the model type: a projection has a bias
+when the state dict holds one (Qwen2's q/k/v), and lm_head is tied to the embedding when
+the config says so.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve.layers.attention import AttentionMetadata, PagedAttention
+from serve.layers.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalized in float32 whatever the model dtype, as transformers does
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: dict[str, bool]) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias["q_proj"])
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias["k_proj"])
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias["v_proj"])
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias["o_proj"])
+        self.attn = PagedAttention(heads, kv_heads, head_dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata) -> torch.Tensor:
+        q = self.q_proj(x).view(-1, self.heads, self.head_dim)
+        k = self.k_proj(x).view(-1, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(-1, self.kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, head_dim: int, bias: dict[str, bool]) -> None:
+        super().__init__()
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, kv_heads, head_dim, bias)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias["mlp"])
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg, rotary_emb: RotaryEmbedding, bias: dict[str, bool]) -> None:
+        super().__init__()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, head_dim, bias) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = rotary_emb
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states before the final norm, (tokens, hidden)."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary_emb, meta)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg, rotary_emb: RotaryEmbedding, bias: dict[str, bool]) -> None:
+        super().__init__()
+        self.model = DecoderModel(cfg, rotary_emb, bias)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the lm-head where the config ties them (again after
+        materializing from the meta device, which gives each module its own tensor)."""
+        if self.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor) -> torch.Tensor:
+        """Logits (len(logits_rows), vocab) at the given rows of the flattened step."""
+        hidden = self.model(input_ids, positions, meta)
+        return self.lm_head(self.model.norm(hidden[logits_rows]))
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+
+def biases_of(state: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """Which projections carry a bias in this checkpoint (Qwen2: q/k/v; Llama: per config)."""
+    prefix = "model.layers.0."
+    bias = {name: f"{prefix}self_attn.{name}.bias" in state for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    bias["mlp"] = f"{prefix}mlp.gate_proj.bias" in state
+    return bias

@@ -1,0 +1,207 @@
+"""Engine behaviour on a tiny random Llama: sampling controls, stops, n > 1 block sharing,
+aborts, request validation, and per-request FLOPs against the op counter and the ledger."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+from test_serve_model import make_engine, prompts
+
+from profiling.formulas.llama import DECODER_PARTS, DecoderShape, decoder_flops
+from profiling.ledger import read_ledgers
+from profiling.measure import count_flops
+from serve.engine import SamplingParams
+
+
+@pytest.fixture
+def engine(tiny_llama, tmp_path):
+    return make_engine(tiny_llama, tmp_path)
+
+
+def tokens(engine, prompt, **params) -> list[int]:
+    (out,) = engine.generate([prompt], SamplingParams(ignore_eos=True, **params))
+    return out.outputs[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
+    a, b = prompts([12, 30], seed=7)
+    first = tokens(engine, a, max_tokens=12, seed=3)
+    outs = engine.generate([b, a], [SamplingParams(max_tokens=5, ignore_eos=True), SamplingParams(max_tokens=12, seed=3, ignore_eos=True)])
+    assert outs[1].outputs[0].token_ids == first
+    assert tokens(engine, a, max_tokens=12, seed=4) != first
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(engine):
+    (p,) = prompts([20], seed=8)
+    greedy = tokens(engine, p, max_tokens=8, temperature=0)
+    assert tokens(engine, p, max_tokens=8, temperature=1.5, top_k=1) == greedy
+    assert tokens(engine, p, max_tokens=8, temperature=1.0, top_p=1e-6) == greedy
+
+
+def test_stop_token_ids_eos_and_length(engine):
+    (p,) = prompts([10], seed=9)
+    greedy = tokens(engine, p, max_tokens=8, temperature=0)
+    stop_at = next(i for i, t in enumerate(greedy) if t not in greedy[:i])  # first occurrence
+    (out,) = engine.generate([p], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[greedy[stop_at]]))
+    assert out.outputs[0].token_ids == greedy[: stop_at + 1]
+    assert out.outputs[0].finish_reason == "stop"
+    engine.eos_token_ids = {greedy[stop_at]}
+    (out,) = engine.generate([p], SamplingParams(max_tokens=8, temperature=0))
+    assert out.outputs[0].token_ids == greedy[: stop_at + 1] and out.outputs[0].finish_reason == "stop"
+    (out,) = engine.generate([p], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert out.outputs[0].token_ids == greedy and out.outputs[0].finish_reason == "length"
+
+
+def test_n_sequences_share_the_prompt_blocks(engine):
+    (p,) = prompts([40], seed=10)
+    engine.add_request("n3", p, SamplingParams(n=3, max_tokens=6, seed=0, ignore_eos=True))
+    request = engine.requests["n3"]
+    finals = None
+    shared = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            finals = out
+        first_block = request.seqs[0].block_table[:1]
+        if first_block:
+            shared = max(shared, engine.block_manager.blocks[first_block[0]].ref_count)
+    assert shared == 3  # one copy of the prompt's full blocks, three references
+    assert [s.num_cached_tokens for s in request.seqs] == [0, 32, 32]
+    assert len(finals.outputs) == 3 and all(len(c.token_ids) == 6 for c in finals.outputs)
+    assert len({tuple(c.token_ids) for c in finals.outputs}) > 1  # independently sampled
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
+def test_abort_frees_blocks_and_unknown_id_is_a_no_op(engine):
+    (p,) = prompts([50], seed=11)
+    engine.add_request("x", p, SamplingParams(max_tokens=20))
+    engine.step()
+    assert engine.stats().kv_usage > 0
+    engine.abort_request("x")
+    engine.abort_request("never-seen")
+    assert not engine.has_unfinished_requests()
+    assert engine.stats().kv_usage == 0 and engine.stats().num_running == 0
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        (SamplingParams(temperature=-1), "temperature"),
+        (SamplingParams(top_p=0), "top_p"),
+        (SamplingParams(max_tokens=0), "max_tokens"),
+        (SamplingParams(n=0), "n"),
+        (SamplingParams(logprobs=-2), "logprobs"),
+        (SamplingParams(stop=[""]), "stop"),
+        (SamplingParams(stop_token_ids=[-1]), "stop_token_ids"),
+    ],
+)
+def test_bad_sampling_params_name_the_field(params, field):
+    with pytest.raises(ValueError, match=rf"^{field} must"):
+        params.validate()
+
+
+def test_bad_requests_are_refused(engine):
+    engine.add_request("dup", [5, 6], SamplingParams())
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("dup", [5, 6], SamplingParams())
+    with pytest.raises(ValueError, match="token ids must be in"):
+        engine.add_request("oov", [5, 300], SamplingParams())
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+        engine.add_request("t", [5], SamplingParams(temperature=-1))
+
+
+def test_runtime_flops_equal_the_counted_ops_of_each_step(engine):
+    """Decodes padded to the longest context, a first chunk (causal), a later chunk over its
+    cached past (masked), a completing prefill: per-sequence shares sum to the op counter's."""
+    engine.scheduler.max_num_batched_tokens = 20
+    a, b, c = prompts([10, 5, 30], seed=12)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    engine.add_request("a", a, params)
+    engine.add_request("b", b, params)
+    steps = 0
+    while engine.has_unfinished_requests():
+        if steps == 1:
+            engine.add_request("c", c, params)
+        seqs = [s for r in engine.requests.values() for s in r.seqs]
+        before = {s.seq_id: dict(s.flops) for s in seqs}
+        counted = count_flops(engine.step, DECODER_PARTS)
+        shares = defaultdict(int)
+        for s in seqs:
+            for part, n in s.flops.items():
+                shares[part] += n - before[s.seq_id].get(part, 0)
+        assert counted.by_part == {k: v for k, v in shares.items() if v}
+        steps += 1
+    assert steps >= 5
+
+
+def test_single_stream_flops_equal_the_exact_formula_and_land_in_the_ledger(tiny_llama, tmp_path):
+    engine = make_engine(tiny_llama, tmp_path / "model", ledger=str(tmp_path / "ledger.jsonl"))
+    (p,) = prompts([21], seed=13)
+    (out,) = engine.generate([p], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    shape = DecoderShape.from_hf(tiny_llama.config)
+    exact = defaultdict(int)
+    for q_len, past in [(21, 0)] + [(1, 21 + i) for i in range(4)]:  # prefill, then 4 decodes
+        for part, n in decoder_flops(shape, q_len, past, logits=1).items():
+            exact[part] += n
+    m = out.metrics
+    assert m.arrival_time <= m.first_token_time <= m.finished_time
+    assert (m.prompt_tokens, m.generated_tokens, m.cached_prompt_tokens) == (21, 5, 0)
+    assert m.flops_by_part == {k: v for k, v in exact.items() if v}
+    assert m.law_flops == 2 * engine.law_params * (21 + 5)
+    (record,) = read_ledgers([tmp_path / "ledger.jsonl"]).records
+    assert (record.kind, record.request_id, record.tokens) == ("infer", out.request_id, 26)
+    assert record.measured_flops == m.measured_flops and record.parts == m.flops_by_part
+    assert record.shape == "prompt=21,gen=5" and record.law_flops == m.law_flops
+
+
+def test_engine_config_is_checked_at_start(monkeypatch):
+    from serve.config import EngineConfig
+
+    with pytest.raises(ValueError, match="dtype must be"):
+        EngineConfig(dtype="int8").validate()
+    with pytest.raises(ValueError, match="not both"):
+        EngineConfig(kv_cache_bytes=1, kv_cache_fraction=0.5).validate()
+    with pytest.raises(ValueError, match="kv_cache_fraction"):
+        EngineConfig(kv_cache_fraction=2.0).validate()
+    monkeypatch.setattr("profiling.cpu.preferred_cpu_dtype", lambda: "fp32")
+    with pytest.raises(ValueError, match="bfloat16 is slow on this CPU"):
+        EngineConfig(dtype="bfloat16").torch_dtype()
+    assert EngineConfig(dtype="auto").torch_dtype() == torch.float32
+    monkeypatch.setattr("profiling.cpu.preferred_cpu_dtype", lambda: "bf16")
+    assert EngineConfig(dtype="bfloat16").torch_dtype() == torch.bfloat16
+
+
+def test_kv_budget_from_bytes_or_a_fraction_of_free_memory():
+    from serve.config import EngineConfig, memory_available
+
+    assert EngineConfig(kv_cache_bytes=12345).kv_cache_budget() == 12345
+    assert EngineConfig().kv_cache_budget() == 1 << 30
+    free = memory_available(torch.device("cpu"))
+    assert 0 < EngineConfig(kv_cache_fraction=0.01).kv_cache_budget() <= free * 0.011
+
+
+def test_start_up_reports_the_cache_capacity(tiny_llama, tmp_path, capsys):
+    engine = make_engine(tiny_llama, tmp_path, kv_cache_bytes=20 * 8192 + 5)  # 8 KiB per block
+    assert "KV cache: 20 blocks x 16 tokens = 320 tokens" in capsys.readouterr().out
+    assert engine.stats().max_tokens_in_cache == 320
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        engine.add_request("big", [5] * 400, SamplingParams(max_tokens=20))
+
+
+def test_bfloat16_engine_runs_where_allowed(tiny_llama, tmp_path, monkeypatch):
+    """The dtype plumbing (cache, masks, norms, logits) in a half-precision dtype, as on GPU."""
+    monkeypatch.setattr("profiling.cpu.preferred_cpu_dtype", lambda: "bf16")
+    engine = make_engine(tiny_llama, tmp_path, dtype="bfloat16")
+    assert engine.runner.kv.dtype == torch.bfloat16
+    a, b = prompts([20, 7], seed=15)
+    outs = engine.generate([a, b], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1))
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+
+
+def test_chunked_prefill_computes_exactly_the_causal_pairs(tiny_llama, tmp_path):
+    engine = make_engine(tiny_llama, tmp_path, max_num_batched_tokens=8)
+    (p,) = prompts([21], seed=17)
+    (out,) = engine.generate([p], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    exact = decoder_flops(DecoderShape.from_hf(tiny_llama.config), 21, 0, logits=1)  # as if in one piece
+    assert out.metrics.flops_by_part == {k: v for k, v in exact.items() if v}

