@@ -1,0 +1,285 @@
+"""Serving throughput and latency of ministack's server, beside peers measured in the same run.
+
+At each concurrency (1, 4, 16, 64 by default) a closed loop of streaming clients sends
+prompts of mixed lengths (token ids, so every engine sees the same tokens) and generates a
+fixed number of tokens each (ignore_eos); reported: output tokens/s, time to first token and
+inter-token latency (p50, p99). Peers on the same prompts:
+  * transformers' batched `generate` (greedy, left-padded batches of `concurrency` prompts,
+    exactly the same number of new tokens), in this process;
+  * vLLM's own OpenAI server (its CPU build) serving the same model, with --vllm-python.
+Then the long-context figures: the TTFT of one 8k-token prompt against its FLOPs and this
+CPU's measured matmul peak (profiling.cpu), and the TTFT of a second prompt sharing that
+8k prefix (prefix caching: the ratio says how much of the prefill it saved).
+
+    python bench/serve_throughput.py --concurrency 1,4,16 --output-tokens 32 --vllm-python /work/vllm-venv/bin/python
+
+Servers run as subprocesses one at a time, so no two engines share the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serve.needle import haystack  # noqa: E402  (offline filler text)
+from serve.weights import resolve_model  # noqa: E402
+
+
+@dataclass
+class Sample:
+    start: float
+    token_times: list[float] = field(default_factory=list)
+    usage: dict | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.start
+
+
+@dataclass
+class Level:
+    engine: str
+    concurrency: int
+    tokens_per_s: float
+    ttft: list[float]
+    itl: list[float]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(cmd: list[str], port: int, env: dict[str, str] | None = None, timeout: float = 400.0):
+    """A server subprocess, up once /health answers; killed on exit."""
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start in {timeout:.0f} s")
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def model_id(url: str) -> str:
+    return httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+
+
+async def stream_one(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> Sample:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    sample = Sample(time.perf_counter())
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                sample.usage = event["usage"]
+            if event.get("choices") and event["choices"][0].get("text"):
+                sample.token_times.append(time.perf_counter())
+    return sample
+
+
+async def closed_loop(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> tuple[list[Sample], float]:
+    """`concurrency` clients, each sending its next prompt as soon as the last one finished."""
+    model = model_id(url)
+    queue = list(prompts)
+    samples: list[Sample] = []
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+
+        async def worker() -> None:
+            while queue:
+                samples.append(await stream_one(client, model, queue.pop(), max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return samples, wall
+
+
+def measure_server(engine: str, url: str, prompts: list[list[int]], levels: list[int], max_tokens: int, per_level: int) -> list[Level]:
+    asyncio.run(closed_loop(url, prompts[:2], 1, 4))  # warm-up
+    out = []
+    for c in levels:
+        samples, wall = asyncio.run(closed_loop(url, prompts[: max(c, per_level)], c, max_tokens))
+        tokens = sum(len(s.token_times) for s in samples)
+        itl = [b - a for s in samples for a, b in zip(s.token_times, s.token_times[1:])]
+        out.append(Level(engine, c, tokens / wall, [s.ttft for s in samples], itl))
+        print(f"  {engine:<10} c={c:<3} {tokens / wall:8.1f} tok/s  TTFT p50 {pct(out[-1].ttft, .5) * 1e3:7.0f} ms  "
+              f"ITL p50 {pct(itl, .5) * 1e3:6.0f} ms", flush=True)
+    return out
+
+
+def measure_transformers(model_dir: Path, prompts: list[list[int]], levels: list[int], max_tokens: int, per_level: int) -> list[Level]:
+    """transformers' batched greedy generate, batches of `concurrency` left-padded prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def run(batch: list[list[int]], new: int) -> float:
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad)
+        return time.perf_counter() - start
+
+    run(prompts[:2], 4)  # warm-up
+    out = []
+    for c in levels:
+        todo = prompts[: max(c, per_level)]
+        wall, ttft = 0.0, []
+        for i in range(0, len(todo), c):
+            batch = todo[i: i + c]
+            first = run(batch, 1)  # a batch's first token arrives after its whole prefill
+            ttft += [first] * len(batch)
+            wall += run(batch, max_tokens)
+        out.append(Level("transformers", c, len(todo) * max_tokens / wall, ttft, []))
+        print(f"  transformers c={c:<3} {out[-1].tokens_per_s:8.1f} tok/s  TTFT p50 {pct(ttft, .5) * 1e3:7.0f} ms", flush=True)
+    return out
+
+
+def long_prefix(url: str, tokens: list[int], tail: list[int]) -> dict:
+    """TTFT of an 8k prompt, then of a second prompt sharing its prefix."""
+    first = asyncio.run(closed_loop(url, [tokens], 1, 1))[0][0]
+    second = asyncio.run(closed_loop(url, [tokens + tail], 1, 1))[0][0]
+    print(f"  long prompt: TTFT {first.ttft:.2f} s, sharing its prefix {second.ttft * 1e3:.0f} ms", flush=True)
+    return {"ttft_s": first.ttft, "shared_ttft_s": second.ttft, "usage": first.usage, "shared_usage": second.usage}
+
+
+def prompt_set(tokenizer, lengths: list[int], count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    text = tokenizer.encode(" ".join(haystack(rng, 2000)), add_special_tokens=False)
+    prompts = []
+    for i in range(count):
+        n = lengths[i % len(lengths)]
+        at = rng.randrange(0, len(text) - n)
+        prompts.append(text[at: at + n])
+    rng.shuffle(prompts)
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--requests", type=int, default=16, help="requests per level (at least the concurrency)")
+    p.add_argument("--prompt-lengths", default="32,128,512", help="mixed prompt lengths, tokens")
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--long-prompt", type=int, default=8000, help="tokens of the long-context prompt; 0 skips it")
+    p.add_argument("--vllm-python", default=None, help="a python with vLLM installed: serve the same model with it too")
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from transformers import AutoConfig, AutoTokenizer
+
+    from profiling.cpu import cpu_peak_flops
+    from profiling.formulas.llama import DecoderShape, decoder_flops
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    model_dir = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = prompt_set(tokenizer, [int(n) for n in args.prompt_lengths.split(",")], max(levels + [args.requests]), args.seed)
+    rng = random.Random(args.seed + 1)
+    long_tokens = tokenizer.encode(" ".join(haystack(rng, args.long_prompt // 8)), add_special_tokens=False)[: args.long_prompt]
+    tail = tokenizer.encode(" And then, at last, the story ended.", add_special_tokens=False)
+    max_len = max(args.long_prompt + len(tail) + 8, max(len(x) for x in prompts) + args.output_tokens + 8)
+    shape = DecoderShape.from_hf(AutoConfig.from_pretrained(model_dir))
+    results: list[Level] = []
+    long: dict[str, dict] = {}
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--dtype", "float32",
+           "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)), "--kv-cache-gb", "2", "--log-level", "warning"]
+    print(f"ministack: {' '.join(cmd[1:])}", flush=True)
+    with server(cmd, port) as url:
+        results += measure_server("ministack", url, prompts, levels, args.output_tokens, args.requests)
+        if args.long_prompt:
+            long["ministack"] = long_prefix(url, long_tokens, tail)
+
+    if args.vllm_python:
+        port = free_port()
+        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
+               "--dtype", "float32", "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)),
+               "--kv-cache-memory-bytes", str(2 << 30), "--disable-log-stats"]
+        print(f"vLLM: {' '.join(cmd[1:])}", flush=True)
+        with server(cmd, port, env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}) as url:
+            results += measure_server("vllm", url, prompts, levels, args.output_tokens, args.requests)
+            if args.long_prompt:
+                long["vllm"] = long_prefix(url, long_tokens, tail)
+
+    if not args.skip_transformers:
+        print("transformers generate (in process)", flush=True)
+        results += measure_transformers(model_dir, prompts, levels, args.output_tokens, args.requests)
+
+    print(f"\n{shape}\nprompts {args.prompt_lengths} tokens (mixed), {args.output_tokens} new tokens each, greedy, ignore_eos\n")
+    print("| engine | concurrency | output tok/s | vs transformers | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
+    print("|---|---|---|---|---|---|---|---|")
+    hf = {r.concurrency: r.tokens_per_s for r in results if r.engine == "transformers"}
+    for r in results:
+        ratio = f"{r.tokens_per_s / hf[r.concurrency]:.2f}x" if r.concurrency in hf else "-"
+        itl = f"{pct(r.itl, .5) * 1e3:.0f} ms | {pct(r.itl, .99) * 1e3:.0f} ms" if r.itl else "- | -"
+        print(f"| {r.engine} | {r.concurrency} | {r.tokens_per_s:.1f} | {ratio} | {pct(r.ttft, .5) * 1e3:.0f} ms | "
+              f"{pct(r.ttft, .99) * 1e3:.0f} ms | {itl} |")
+
+    if long:
+        peak = cpu_peak_flops("fp32")
+        formula = sum(decoder_flops(shape, q_len=len(long_tokens), past_len=0, logits=1).values())
+        print(f"\nlong context: {len(long_tokens)}-token prompt, then the same prefix + {len(tail)} tokens; "
+              f"CPU fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (profiling.cpu)\n")
+        print("| engine | TTFT | prefill FLOPs | achieved | of peak | shared-prefix TTFT | speed-up | cached tokens |")
+        print("|---|---|---|---|---|---|---|---|")
+        for engine, m in long.items():
+            flops = (m["usage"].get("flops") or {}).get("measured", formula)
+            cached = (m["shared_usage"].get("prompt_tokens_details") or {}).get("cached_tokens", "-")
+            print(f"| {engine} | {m['ttft_s']:.2f} s | {flops:.3e} | {flops / m['ttft_s'] / 1e9:.1f} GFLOP/s | "
+                  f"{flops / m['ttft_s'] / peak:.1%} | {m['shared_ttft_s'] * 1e3:.0f} ms | {m['ttft_s'] / m['shared_ttft_s']:.1f}x | {cached} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

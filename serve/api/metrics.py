@@ -1,0 +1,119 @@
+"""Prometheus metrics under the names vLLM exports, in the text exposition format.
+
+Dashboards and alerts written for vLLM (`vllm:num_requests_running`, `vllm:kv_cache_usage_perc`,
+`vllm:time_to_first_token_seconds`, ...) work against ministack unchanged. The exposition
+format is a few lines of text, so it is written here rather than pulling in prometheus_client.
+
+Two sources: the engine's own state and counters (running/waiting, KV usage, prefix-cache
+and preemption counts) are read from `Backend.stats()` at scrape time; per-request latencies
+and token counts are observed by the server as outputs stream out, the same way for every
+backend. ministack adds its own compute counters: measured FLOPs and the 2NT law's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+from serve.engine.llm_engine import EngineStats
+
+# Bucket bounds (seconds) as vLLM's, so histograms are comparable side by side.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class Histogram:
+    """Cumulative-bucket histogram (Prometheus semantics: bucket `le` counts values <= le)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # last: +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+            running += count
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            out.append(f'{name}_bucket{{{labels},le="{le}"}} {running}')
+        out += [f"{name}_sum{{{labels}}} {self.sum}", f"{name}_count{{{labels}}} {running}"]
+        return out
+
+
+class ServingMetrics:
+    """Request-level metrics of one served model; thread-safe observers, `render` for /metrics."""
+
+    def __init__(self, model_name: str) -> None:
+        self.labels = f'model_name="{model_name}"'
+        self._lock = threading.Lock()
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.itl = Histogram(ITL_BUCKETS)
+        self.e2e = Histogram(E2E_BUCKETS)
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.measured_flops = 0
+        self.law_flops = 0.0
+        self.success: dict[str, int] = {}  # finish reason -> finished requests
+
+    def observe_first_token(self, seconds: float) -> None:
+        with self._lock:
+            self.ttft.observe(seconds)
+
+    def observe_inter_token(self, seconds: float, tokens: int) -> None:
+        """`tokens` arrived `seconds` after the previous ones: each counts as seconds/tokens apart."""
+        with self._lock:
+            for _ in range(tokens):
+                self.itl.observe(seconds / tokens)
+
+    def observe_finished(
+        self, e2e_s: float, prompt_tokens: int, generation_tokens: int, finish_reason: str,
+        measured_flops: int, law_flops: float,
+    ) -> None:
+        with self._lock:
+            self.e2e.observe(e2e_s)
+            self.prompt_tokens += prompt_tokens
+            self.generation_tokens += generation_tokens
+            self.measured_flops += measured_flops
+            self.law_flops += law_flops
+            self.success[finish_reason] = self.success.get(finish_reason, 0) + 1
+
+    def render(self, stats: EngineStats) -> str:
+        """The text exposition of every metric, engine gauges from `stats`."""
+        lb = self.labels
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[str]) -> None:
+            out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples])
+
+        metric("vllm:num_requests_running", "gauge", "Requests in model execution batches.", [f"vllm:num_requests_running{{{lb}}} {stats.num_running}"])
+        metric("vllm:num_requests_waiting", "gauge", "Requests waiting to be processed.", [f"vllm:num_requests_waiting{{{lb}}} {stats.num_waiting}"])
+        for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):  # the second: vLLM's older name
+            metric(name, "gauge", "KV-cache usage. 1 means 100 percent usage.", [f"{name}{{{lb}}} {stats.kv_usage}"])
+        metric("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.",
+               [f"vllm:prefix_cache_queries_total{{{lb}}} {stats.prefix_cache_queries}"])
+        metric("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.",
+               [f"vllm:prefix_cache_hits_total{{{lb}}} {stats.prefix_cache_hits}"])
+        metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions from the engine.",
+               [f"vllm:num_preemptions_total{{{lb}}} {stats.num_preemptions}"])
+        with self._lock:
+            metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", [f"vllm:prompt_tokens_total{{{lb}}} {self.prompt_tokens}"])
+            metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
+                   [f"vllm:generation_tokens_total{{{lb}}} {self.generation_tokens}"])
+            metric("vllm:request_success_total", "counter", "Count of successfully processed requests.",
+                   [f'vllm:request_success_total{{{lb},finished_reason="{r}"}} {n}' for r, n in sorted(self.success.items())])
+            metric("vllm:time_to_first_token_seconds", "histogram", "Histogram of time to first token in seconds.",
+                   self.ttft.lines("vllm:time_to_first_token_seconds", lb))
+            for name in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"):  # vLLM keeps both names
+                metric(name, "histogram", "Histogram of inter-token latency in seconds.", self.itl.lines(name, lb))
+            metric("vllm:e2e_request_latency_seconds", "histogram", "Histogram of end to end request latency in seconds.",
+                   self.e2e.lines("vllm:e2e_request_latency_seconds", lb))
+            metric("ministack:measured_flops_total", "counter", "FLOPs the served requests cost, counted exactly.",
+                   [f"ministack:measured_flops_total{{{lb}}} {self.measured_flops}"])
+            metric("ministack:law_flops_total", "counter", "FLOPs the 2NT law charges the served requests.",
+                   [f"ministack:law_flops_total{{{lb}}} {self.law_flops}"])
+        return "\n".join(out) + "\n"

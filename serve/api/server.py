@@ -1,0 +1,344 @@
+"""The OpenAI-compatible HTTP server: `build_app(backend)` -> a FastAPI app.
+
+Endpoints: /v1/models, /v1/completions, /v1/chat/completions (both streaming as server-sent
+events), /tokenize, /detokenize (vLLM's), /health, /metrics (Prometheus, vLLM's names).
+
+Every request takes one path: check the model name, tokenize (chat: the tokenizer's chat
+template), check the length against max_model_len, validate the sampling values, submit.
+All of that happens before a byte is sent, so even a stream's mistakes get proper statuses:
+400 (bad input, naming the field), 404 (unknown model), 429 + Retry-After (queue full), 401
+(API key). A client that goes away cancels its handler; closing the backend's stream then
+aborts the request, freeing its slot and KV blocks for the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import fields
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.api.metrics import ServingMetrics
+from serve.api.protocol import (
+    ApiError, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    ChatDelta, ChatLogprobs, ChatMessage, ChatResponseMessage, CompletionChoice, CompletionLogprobs, CompletionRequest,
+    CompletionResponse, DetokenizeRequest, Flops, TokenizeRequest, TokenLogprob, TopLogprob, Usage, field_name,
+    new_id, template_messages,
+)
+from serve.async_engine import Backend, Overloaded
+from serve.engine.llm_engine import CompletionOutput, RequestOutput
+from serve.engine.sampling_params import SamplingParams
+
+_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+
+
+def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
+    """The server for one backend. With `api_key`, /v1/* and /tokenize need `Authorization: Bearer <key>`."""
+    app = FastAPI(title="ministack", version="0.1.0")
+    metrics = ServingMetrics(backend.model_name)
+    app.state.backend, app.state.metrics = backend, metrics
+
+    # ---- errors: always OpenAI's {"error": {...}} body ---------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        if err["type"] == "json_invalid":
+            error = ApiError(400, f"invalid JSON in the request body: {err.get('ctx', {}).get('error', err['msg'])}")
+        else:
+            param = field_name(tuple(err["loc"]))
+            error = ApiError(400, f"{param or 'body'}: {err['msg']}", param=param)
+        return JSONResponse(error.body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, exc: Exception) -> JSONResponse:
+        error = ApiError(500, f"internal error: {exc!r}", type="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = ApiError(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500 else "server_error")
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    guarded = [Depends(authorize)]
+
+    # ---- shared request path -----------------------------------------------------------------
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != backend.model_name:
+            raise ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+    def check_prompt(prompt_ids: list[int], max_tokens: int | None, prompt_field: str) -> int:
+        """The request's max_tokens (default: all the room left); 400 if it cannot fit."""
+        limit = backend.max_model_len
+        vocab = len(backend.tokenizer)
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ApiError(400, f"{prompt_field}: token ids must lie in [0, {vocab})", param=prompt_field)
+        if len(prompt_ids) >= limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your request has "
+                                f"{len(prompt_ids)} input tokens. Please reduce the length of the {prompt_field}.", param=prompt_field)
+        if max_tokens is None:
+            return limit - len(prompt_ids)
+        if len(prompt_ids) + max_tokens > limit:
+            raise ApiError(400, f"max_tokens is too large: {max_tokens}. This model's maximum context length is {limit} tokens "
+                                f"and your request has {len(prompt_ids)} input tokens.", param="max_tokens")
+        return max_tokens
+
+    def submit(request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Hand the request to the backend (400 for bad sampling values, 429 when it is full)."""
+        try:
+            params.validate()
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param=_named_field(str(exc))) from None
+        try:
+            outputs = backend.generate(request_id, prompt_ids, params)
+        except Overloaded as exc:
+            raise ApiError(429, str(exc), type="rate_limit_error", code="engine_overloaded",
+                           headers={"Retry-After": str(exc.retry_after)}) from None
+        return observed(outputs, time.perf_counter())
+
+    async def observed(outputs: AsyncGenerator[RequestOutput, None], arrival: float) -> AsyncIterator[RequestOutput]:
+        """The backend's stream, timing its tokens into the metrics; closed with it."""
+        last = None
+        async with aclosing(outputs):
+            async for output in outputs:
+                now = time.perf_counter()
+                new = max(len(c.new_token_ids) for c in output.outputs)
+                if new:
+                    if last is None:
+                        metrics.observe_first_token(now - arrival)
+                    else:
+                        metrics.observe_inter_token(now - last, new)
+                    last = now
+                if output.finished:
+                    m = output.metrics
+                    reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
+                    metrics.observe_finished(now - arrival, len(output.prompt_token_ids), sum(len(c.token_ids) for c in output.outputs),
+                                             reason, m.measured_flops, m.law_flops)
+                yield output
+
+    # ---- endpoints ---------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(backend.stats()), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict:
+        card = {"id": backend.model_name, "object": "model", "created": int(time.time()), "owned_by": "ministack",
+                "root": backend.model_name, "max_model_len": backend.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(body: TokenizeRequest) -> dict:
+        check_model(body.model)
+        if body.messages is not None:
+            ids = chat_prompt_ids(body.messages, body.add_generation_prompt)
+        else:
+            ids = backend.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": backend.max_model_len, "tokens": ids,
+                "token_strs": backend.tokenizer.convert_ids_to_tokens(ids)}
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        check_model(body.model)
+        check_prompt(body.tokens, 0, "tokens")
+        return {"prompt": backend.tokenizer.decode(body.tokens)}
+
+    def chat_prompt_ids(messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        try:
+            text = backend.tokenizer.apply_chat_template(
+                template_messages(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - chat templates raise whatever jinja raises
+            raise ApiError(400, f"messages: the chat template refused them: {exc}", param="messages") from None
+        return backend.tokenizer.encode(text, add_special_tokens=False)
+
+    async def respond(
+        request: Request, body: CompletionRequest | ChatCompletionRequest, outputs: AsyncIterator[RequestOutput],
+        want_logprobs: bool, chunk: Callable[[list[CompletionOutput]], BaseModel], whole: Callable[[RequestOutput], BaseModel],
+        opening: BaseModel | None = None,
+    ) -> Response:
+        """Both endpoints' two ways to answer. Streaming: `opening` (if any), then `chunk` of the
+        completions that changed in each step, then (include_usage) an empty chunk with the
+        usage. Otherwise: `whole` of the final output, once the request finished."""
+        if body.stream:
+            async def events() -> AsyncIterator[BaseModel]:
+                if opening is not None:
+                    yield opening
+                final = None
+                async for final in outputs:
+                    changed = [c for c in final.outputs if c.new_text or c.finish_reason or (want_logprobs and c.new_token_ids)]
+                    if changed:
+                        yield chunk(changed)
+                if body.include_usage:
+                    yield chunk([]).model_copy(update={"usage": _usage(final)})
+            return _sse(events(), include_usage=body.include_usage)
+        final = await _until_disconnect(request, _last(outputs))
+        return JSONResponse(whole(final).model_dump())
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        prompt_ids = body.prompt if isinstance(body.prompt, list) else backend.tokenizer.encode(body.prompt)
+        max_tokens = check_prompt(prompt_ids, body.max_tokens, "prompt")
+        request_id, model, want_logprobs = new_id("cmpl"), backend.model_name, body.logprobs is not None
+        outputs = submit(request_id, prompt_ids, body.sampling_params(max_tokens, body.logprobs))
+
+        def choice(c: CompletionOutput, streamed: bool) -> CompletionChoice:
+            return CompletionChoice(index=c.index, text=c.new_text if streamed else c.text, finish_reason=c.finish_reason,
+                                    logprobs=_completion_logprobs(c, streamed) if want_logprobs else None)
+
+        return await respond(
+            request, body, outputs, want_logprobs,
+            chunk=lambda cs: CompletionResponse(id=request_id, model=model, choices=[choice(c, True) for c in cs]),
+            whole=lambda out: CompletionResponse(id=request_id, model=model, choices=[choice(c, False) for c in out.outputs],
+                                                 usage=_usage(out)),
+        )
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        prompt_ids = chat_prompt_ids(body.messages)
+        max_tokens = check_prompt(prompt_ids, body.requested_max_tokens, "messages")
+        request_id, model, want_logprobs = new_id("chatcmpl"), backend.model_name, body.logprobs
+        outputs = submit(request_id, prompt_ids, body.sampling_params(max_tokens, body.num_logprobs))
+
+        def delta(c: CompletionOutput) -> ChatChunkChoice:
+            return ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.new_text or None), finish_reason=c.finish_reason,
+                                   logprobs=_chat_logprobs(c, streamed=True) if want_logprobs else None)
+
+        def choice(c: CompletionOutput) -> ChatChoice:
+            return ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
+                              logprobs=_chat_logprobs(c, streamed=False) if want_logprobs else None)
+
+        opening = [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)]
+        return await respond(
+            request, body, outputs, want_logprobs,
+            chunk=lambda cs: ChatCompletionChunk(id=request_id, model=model, choices=[delta(c) for c in cs]),
+            whole=lambda out: ChatCompletionResponse(id=request_id, model=model, choices=[choice(c) for c in out.outputs],
+                                                     usage=_usage(out)),
+            opening=ChatCompletionChunk(id=request_id, model=model, choices=opening),
+        )
+
+    return app
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _named_field(message: str) -> str | None:
+    """The sampling field an engine error message names, for the error's `param`."""
+    return next((name for name in _SAMPLING_FIELDS if re.search(rf"\b{name}\b", message)), None)
+
+
+async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    final = None
+    async for final in outputs:
+        pass
+    return final
+
+
+async def _until_disconnect(request: Request, work: Awaitable[RequestOutput]) -> RequestOutput:
+    """Await `work` unless the client disconnects first; then cancel it (which aborts the request)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise asyncio.CancelledError("client disconnected")
+    try:
+        return task.result()
+    except ValueError as exc:  # the engine refused the request
+        raise ApiError(400, str(exc), param=_named_field(str(exc))) from None
+
+
+def _sse(events: AsyncIterator[BaseModel], include_usage: bool) -> StreamingResponse:
+    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. With include_usage,
+    every chunk carries "usage": null except the last, which carries the totals (OpenAI's rule).
+    An error after the stream started is sent as an `{"error": ...}` event, as vLLM does."""
+
+    async def encode() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                data = event.model_dump(exclude={"usage"} if not include_usage else set())
+                yield f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+        except (ValueError, RuntimeError) as exc:  # refused or failed after the headers went out: say so in-band
+            error = ApiError(400 if isinstance(exc, ValueError) else 500, str(exc), param=_named_field(str(exc)),
+                             type="invalid_request_error" if isinstance(exc, ValueError) else "server_error")
+            yield f"data: {json.dumps(error.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _usage(final: RequestOutput) -> Usage:
+    m = final.metrics
+    prompt, completion = len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details={"cached_tokens": m.cached_prompt_tokens},
+                 flops=Flops(measured=m.measured_flops, law_2NT=m.law_flops, by_part=dict(m.flops_by_part)))
+
+
+def _completion_logprobs(c: CompletionOutput, streamed: bool) -> CompletionLogprobs:
+    """The legacy completions format, for this step's tokens (`streamed`) or all of them."""
+    entries = _logprob_entries(c, streamed)
+    offset = len(c.text) - len(c.new_text) if streamed else 0
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return CompletionLogprobs(
+        tokens=[e["token"] for e in entries],
+        token_logprobs=[e["logprob"] for e in entries],
+        top_logprobs=[{t["token"]: t["logprob"] for t in e["top"]} for e in entries],
+        text_offset=offsets,
+    )
+
+
+def _chat_logprobs(c: CompletionOutput, streamed: bool) -> ChatLogprobs:
+    """The chat format, for this step's tokens (`streamed`) or all of them."""
+    entries = _logprob_entries(c, streamed)
+    return ChatLogprobs(content=[
+        TokenLogprob(token=e["token"], logprob=e["logprob"], bytes=list(e["token"].encode()),
+                     top_logprobs=[TopLogprob(token=t["token"], logprob=t["logprob"], bytes=list(t["token"].encode())) for t in e["top"]])
+        for e in entries
+    ])
+
+
+def _logprob_entries(c: CompletionOutput, streamed: bool) -> list[dict]:
+    """c.logprobs holds one entry per generated token so far; a stream chunk carries this step's."""
+    entries = c.logprobs or []
+    return entries[len(entries) - len(c.new_token_ids):] if streamed else entries

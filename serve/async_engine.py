@@ -1,0 +1,181 @@
+"""The blocking LLMEngine behind an asyncio API, and the backend Protocol the server talks to.
+
+LLMEngine is single-threaded: only one thread may touch it. So one background thread owns
+it and loops "admit new requests, apply aborts, step()"; the event loop never calls it.
+Requests cross into that thread through an inbox under a lock; outputs cross back through a
+per-request asyncio.Queue filled with `loop.call_soon_threadsafe` (asyncio queues are not
+thread-safe). A consumer that stops iterating (client disconnect, task cancellation) aborts
+its request, which frees its KV blocks at the engine's next iteration.
+
+Admission is bounded: a request that would make more than `max_queue` requests wait (queued
+here or in the scheduler's waiting queue) is refused with `Overloaded` instead of growing an
+unbounded backlog whose tail would time out anyway; the server answers 429 + Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from serve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from serve.engine.sampling_params import SamplingParams
+
+
+class Overloaded(RuntimeError):
+    """Too many requests already wait; retry after `retry_after` seconds."""
+
+    def __init__(self, waiting: int, retry_after: int = 1) -> None:
+        super().__init__(f"engine is overloaded: {waiting} requests are already waiting; retry later")
+        self.retry_after = retry_after
+
+
+class Backend(Protocol):
+    """What the HTTP server needs from an inference engine (ministack's or vLLM's)."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Any  # a Hugging Face tokenizer with a chat template
+
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
+        """Submit a request and return its outputs as they come, the last one `finished`.
+        Raises Overloaded at once when the queue is full; the stream raises ValueError if the
+        engine refuses the request (e.g. prompt too long). Leaving the stream early aborts it."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    """Runs an LLMEngine's step loop in one background thread; `generate` streams its outputs."""
+
+    def __init__(self, engine: LLMEngine, max_queue: int = 256) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = engine.model_name
+        self.max_model_len = engine.max_model_len
+        self.max_queue = max_queue
+        self._cond = threading.Condition()
+        self._inbox: list[_Pending] = []  # submitted, not yet added to the engine
+        self._aborts: list[str] = []
+        self._queues: dict[str, _Pending] = {}  # request id -> where its outputs go; engine thread only
+        self._stats = engine.stats()  # snapshot after the last step; read from any thread
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
+        self._thread.start()
+
+    # ---- event-loop side -------------------------------------------------------------------
+
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
+        """Submit now (raising Overloaded at once if the queue is full), stream outputs lazily."""
+        pending = _Pending(request_id, prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        with self._cond:
+            if self._error is not None:
+                raise RuntimeError("the engine thread died") from self._error
+            waiting = len(self._inbox) + self._stats.num_waiting
+            if waiting >= self.max_queue:
+                raise Overloaded(waiting)
+            self._inbox.append(pending)
+            self._cond.notify()
+        return self._stream(pending)
+
+    async def _stream(self, pending: _Pending) -> AsyncGenerator[RequestOutput, None]:
+        finished = False
+        try:
+            while not finished:
+                item = await pending.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._abort(pending.request_id)
+
+    def _abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborts.append(request_id)
+            self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return dataclasses.replace(self._stats, num_waiting=self._stats.num_waiting + len(self._inbox))
+
+    def close(self) -> None:
+        """Stop the step thread (requests in flight are dropped)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    # ---- engine-thread side ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._closed or self._inbox or self._aborts or self.engine.has_unfinished_requests()):
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    inbox, self._inbox = self._inbox, []
+                    aborts, self._aborts = self._aborts, []
+                for pending in inbox:  # before aborts: a client may leave before its request is admitted
+                    self._admit(pending)
+                for request_id in aborts:
+                    if self._queues.pop(request_id, None) is not None:
+                        self.engine.abort_request(request_id)
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                stats = self.engine.stats()
+                with self._cond:
+                    self._stats = stats
+                for output in outputs:
+                    pending = self._queues.get(output.request_id)
+                    if pending is None:
+                        continue
+                    if output.finished:
+                        del self._queues[output.request_id]
+                    _deliver(pending, _snapshot(output))
+        except BaseException as exc:  # noqa: BLE001 - every waiting request must hear about it
+            with self._cond:
+                self._error = exc
+                orphans = list(self._queues.values()) + self._inbox
+            for pending in orphans:
+                _deliver(pending, RuntimeError(f"engine failed: {exc!r}"))
+            raise
+
+    def _admit(self, pending: _Pending) -> None:
+        try:
+            self.engine.add_request(pending.request_id, pending.prompt_ids, pending.params)
+        except ValueError as exc:
+            _deliver(pending, exc)
+            return
+        self._queues[pending.request_id] = pending
+
+
+def _snapshot(output: RequestOutput) -> RequestOutput:
+    """A copy safe to read on another thread: the engine keeps appending to a sequence's
+    logprobs list in later steps, while the consumer reads this step's view of it."""
+    outputs = [dataclasses.replace(c, logprobs=list(c.logprobs)) if c.logprobs is not None else c for c in output.outputs]
+    return dataclasses.replace(output, outputs=outputs)
+
+
+def _deliver(pending: _Pending, item: RequestOutput | BaseException) -> None:
+    """Hand an output (or the error ending the request) to its consumer's event loop."""
+    try:
+        pending.loop.call_soon_threadsafe(pending.queue.put_nowait, item)
+    except RuntimeError:  # that loop has closed: nobody is listening any more
+        pass

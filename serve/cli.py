@@ -1,0 +1,78 @@
+"""`ministack serve` (= `python -m serve`): start the OpenAI-compatible server.
+
+    ministack serve [--model DIR|FILE.gguf|smollm2] [--port 8000] [--engine ministack|vllm] ...
+    ministack serve needle ...   # the needle-in-a-haystack harness against a running server
+
+Binds 127.0.0.1 unless told otherwise: an inference server with no API key should not be
+reachable from the network by accident.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ministack serve", description="OpenAI-compatible text inference server")
+    p.add_argument("--model", default=None, help="transformers dir, .gguf file, or 'smollm2' (default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--engine", choices=("ministack", "vllm"), default="ministack")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-gb", type=float, default=None, help="KV-cache budget in GiB")
+    kv.add_argument("--kv-cache-fraction", type=float, default=None, help="KV-cache budget as a fraction of free memory")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 429")
+    p.add_argument("--ledger", default=None, help="append one compute record per request to this JSONL file")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def build_backend(args: argparse.Namespace):
+    """The backend the flags ask for (vLLM is imported only when chosen)."""
+    kv_bytes = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
+    if args.engine == "vllm":
+        from serve.backends.vllm import VllmBackend
+
+        return VllmBackend(
+            model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_bytes=kv_bytes,
+            kv_cache_fraction=args.kv_cache_fraction, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue, ledger=args.ledger,
+            tensor_parallel_size=args.tensor_parallel_size,
+        )
+    if args.tensor_parallel_size != 1:
+        raise SystemExit("ministack serve: --tensor-parallel-size needs --engine vllm")
+    from serve.async_engine import AsyncEngine
+    from serve.config import EngineConfig
+    from serve.engine.llm_engine import LLMEngine
+
+    config = EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, kv_cache_bytes=kv_bytes,
+        kv_cache_fraction=args.kv_cache_fraction, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, ledger=args.ledger,
+    )
+    return AsyncEngine(LLMEngine(config), max_queue=args.max_queue)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "needle":
+        from serve.needle import main as needle_main
+
+        return needle_main(argv[1:])
+    args = parser().parse_args(argv)
+    import uvicorn
+
+    from serve.api import build_app
+
+    backend = build_backend(args)
+    app = build_app(backend, api_key=args.api_key)
+    print(f"ministack serve: {backend.model_name} (max_model_len {backend.max_model_len}, engine {args.engine}) "
+          f"on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

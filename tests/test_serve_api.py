@@ -1,0 +1,335 @@
+"""The OpenAI-compatible server, driven over HTTP with the official `openai` client.
+
+A live uvicorn server runs in a thread on a free 127.0.0.1 port. Most tests serve a tiny
+random Llama (2 layers, hidden 64) with SmolLM2's real tokenizer and chat template, so they
+exercise the whole path (chat template, engine, streaming, errors, metrics) in seconds; its
+text is gibberish, so they check structure, not content. One test serves the real SmolLM2.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from serve.api import build_app
+from serve.async_engine import AsyncEngine
+from serve.config import EngineConfig
+from serve.engine.llm_engine import LLMEngine
+from serve.weights import resolve_model
+
+API_KEY = "test-key"
+
+
+class LiveServer:
+    """uvicorn serving `build_app(backend)` in a background thread."""
+
+    def __init__(self, backend: AsyncEngine, api_key: str | None = None) -> None:
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.backend = backend
+        self.url = f"http://127.0.0.1:{port}"
+        app = build_app(backend, api_key=api_key)
+        self.app_metrics = app.state.metrics
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.backend.close()
+
+
+def serve(model: Path, api_key: str | None = API_KEY, max_queue: int = 64, **config) -> LiveServer:
+    engine = LLMEngine(EngineConfig(model=str(model), dtype="float32", **config))
+    return LiveServer(AsyncEngine(engine, max_queue=max_queue), api_key=api_key)
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smollm2) -> Path:
+    """A random 2-layer Llama with SmolLM2's tokenizer (and so its vocabulary and chat template)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model) -> Iterator[LiveServer]:
+    live = serve(tiny_model, max_model_len=256, max_num_seqs=8, kv_cache_bytes=8 << 20)
+    yield live
+    live.close()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def model_name(server) -> str:
+    return server.backend.model_name
+
+
+def http(server: LiveServer) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+
+
+# ---- the happy paths -----------------------------------------------------------------------
+
+
+def test_health_and_models(server, client, model_name):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    models = client.models.list()
+    assert [m.id for m in models.data] == [model_name]
+
+
+def test_chat_completion_reports_usage_and_flops(client, model_name):
+    r = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.finish_reason == "length" and isinstance(choice.message.content, str)
+    assert r.usage.completion_tokens == 8 and r.usage.total_tokens == r.usage.prompt_tokens + 8
+    flops = r.usage.model_extra["flops"]
+    assert flops["measured"] > 0 and flops["law_2NT"] > 0
+    assert sum(flops["by_part"].values()) == flops["measured"]
+
+
+def test_completion_with_token_ids_logprobs_and_n(client, model_name):
+    r = client.completions.create(model=model_name, prompt=[1, 2, 3, 4], max_tokens=5, logprobs=2, n=2, temperature=1.0,
+                                  seed=7, extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == 5
+        assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
+        assert all(len(top) <= 2 for top in c.logprobs.top_logprobs)
+    assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens == 10
+
+
+def test_greedy_stop_string_trims_the_text(client, model_name):
+    full = client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip(), f"the greedy text {full!r} has no usable stop string"
+    cut = client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                    stop=stop, extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+
+
+def test_streaming_chat_matches_non_streaming_and_ends_with_usage(client, model_name):
+    kwargs = dict(model=model_name, messages=[{"role": "user", "content": "Count to ten."}], max_tokens=10,
+                  temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_chat_logprobs_one_entry_per_token_streamed_or_not(client, model_name):
+    kwargs = dict(model=model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
+                  logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    streamed = [e for c in client.chat.completions.create(**kwargs, stream=True) if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert len(whole) == len(streamed) == 6
+    assert [e.token for e in whole] == [e.token for e in streamed]
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in whole)
+
+
+def test_streaming_completion_is_sse_ending_in_done(server, model_name):
+    with http(server).stream("POST", "/v1/completions", json={"model": model_name, "prompt": "Hi", "max_tokens": 4,
+                                                              "stream": True, "ignore_eos": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert len(events) == 5  # one token per chunk, then [DONE]
+
+
+def test_tokenize_and_detokenize(server, model_name):
+    h = http(server)
+    tokens = h.post("/tokenize", json={"model": model_name, "prompt": "Hello world"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == 256
+    assert h.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"] == "Hello world"
+    chat = h.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["count"] > tokens["count"]  # the chat template wraps the message
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param",
+    [
+        ("/v1/completions", b'{"prompt": "x", ', 400, None),  # invalid JSON
+        ("/v1/completions", {"prompt": 3}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+        ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": [5] * 300}, 400, "prompt"),  # longer than max_model_len
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1000}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),  # not a token id
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+        ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ],
+)
+def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, status, param):
+    h = http(server)
+    r = h.post(path, content=body, headers={"content-type": "application/json"}) if isinstance(body, bytes) else h.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param and set(error) == {"message", "type", "param", "code"}
+
+
+def test_openai_client_raises_typed_errors(client, model_name):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=model_name, prompt="x", temperature=-0.5)
+
+
+def test_api_key_is_required(server, model_name):
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").models.list()
+    assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}).status_code == 401
+    assert httpx.get(f"{server.url}/metrics").status_code == 200  # scrapers need no key, as with vLLM
+
+
+def test_client_disconnect_mid_stream_frees_the_request(server, model_name):
+    before = server.backend.stats()
+    with http(server).stream("POST", "/v1/completions", json={"model": model_name, "prompt": "Tell me a long story",
+                                                              "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert server.backend.stats().num_running == 1
+    # leaving the block closed the connection mid-stream
+    assert wait_until(lambda: server.backend.stats().num_running == 0)
+    stats = server.backend.stats()
+    assert stats.num_waiting == 0 and stats.kv_usage == before.kv_usage == 0.0
+
+
+def test_client_giving_up_on_a_non_streaming_request_aborts_it(server, model_name):
+    finished_before = server.app_metrics.success.copy()
+    with pytest.raises(httpx.ReadTimeout):  # the client hangs up long before 250 tokens are ready
+        http(server).post("/v1/completions", json={"model": model_name, "prompt": "Hi", "max_tokens": 250, "ignore_eos": True},
+                          timeout=httpx.Timeout(60, read=0.3))
+    assert wait_until(lambda: server.backend.stats().num_running == 0)
+    assert server.app_metrics.success == finished_before  # aborted, not run to the end
+
+
+def test_metrics_use_vllm_names_with_sane_values(server, client, model_name):
+    client.completions.create(model=model_name, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
+    text = httpx.get(f"{server.url}/metrics").text
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    label = f'{{model_name="{model_name}"}}'
+
+    def metric(name: str) -> float:
+        return sum(v for k, v in values.items() if k.startswith(name + "{") and "le=" not in k)
+
+    assert values[f"vllm:num_requests_running{label}"] == 0 and values[f"vllm:num_requests_waiting{label}"] == 0
+    assert 0.0 <= values[f"vllm:kv_cache_usage_perc{label}"] <= 1.0
+    assert metric("vllm:request_success_total") >= 1
+    assert metric("vllm:generation_tokens_total") >= 3 and metric("vllm:prompt_tokens_total") >= 1
+    assert metric("vllm:prefix_cache_queries_total") >= metric("vllm:prefix_cache_hits_total") >= 0
+    assert "vllm:num_preemptions_total" + label in values
+    ttft = values[f"vllm:time_to_first_token_seconds_count{label}"]
+    assert ttft >= 1 and values[f'vllm:time_to_first_token_seconds_bucket{{model_name="{model_name}",le="+Inf"}}'] == ttft
+    assert values[f"vllm:inter_token_latency_seconds_count{label}"] >= 2
+    assert metric("ministack:measured_flops_total") > 0
+
+
+def test_full_queue_answers_429_with_retry_after(tiny_model):
+    """One running slot and room for one waiting request: a third request is refused."""
+    live = serve(tiny_model, max_queue=1, max_model_len=256, max_num_seqs=1, kv_cache_bytes=8 << 20)
+    try:
+        h = http(live)
+        body = {"prompt": "Hi", "max_tokens": 250, "stream": True, "ignore_eos": True}
+        with h.stream("POST", "/v1/completions", json=body) as running, h.stream("POST", "/v1/completions", json=body) as waiting:
+            assert running.status_code == waiting.status_code == 200
+            assert wait_until(lambda: live.backend.stats().num_waiting == 1)
+            with pytest.raises(openai.RateLimitError) as refused:
+                live.client().completions.create(model=live.backend.model_name, prompt="Hi", max_tokens=2)
+            response = refused.value.response
+            assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+            assert response.json()["error"]["message"].startswith("engine is overloaded")
+        assert wait_until(lambda: live.backend.stats().num_running == live.backend.stats().num_waiting == 0)
+    finally:
+        live.close()
+
+
+def test_real_smollm2_knows_the_capital_of_france(smollm2):
+    live = serve(smollm2, api_key=None, max_model_len=512, kv_cache_bytes=64 << 20)
+    try:
+        r = live.client(api_key="unused").chat.completions.create(
+            model=live.backend.model_name, messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24, temperature=0,
+        )
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        live.close()
+
+
+def test_needle_harness_fills_each_context_and_draws_the_heatmap(server, tmp_path, capsys):
+    from serve.needle import main as needle
+
+    png = tmp_path / "needle.png"
+    assert needle(["--url", server.url, "--api-key", API_KEY, "--lengths", "96,192", "--depths", "0,1",
+                   "--max-tokens", "4", "--out", str(png)]) == 0
+    table = capsys.readouterr().out
+    assert "| 96 |" in table and "| 192 |" in table and "/4 found" in table
+    assert png.stat().st_size > 1000

@@ -1,0 +1,73 @@
+"""`--engine vllm`: vLLM's engine behind ministack's server, same wire format, metrics and FLOPs.
+
+Runs only where vLLM is installed (its CPU build works: see the README); start-up takes
+~2 minutes, so everything shares one server.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+from test_serve_api import LiveServer, wait_until  # noqa: E402
+
+from profiling.formulas.llama import DecoderShape, decoder_flops  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from serve.backends.vllm import VllmBackend
+
+    ledger = tmp_path_factory.mktemp("vllm") / "ledger.jsonl"
+    backend = VllmBackend(model=None, dtype="float32", max_model_len=1024, kv_cache_bytes=256 << 20, max_num_seqs=8,
+                          max_num_batched_tokens=1024, ledger=str(ledger))
+    live = LiveServer(backend)
+    live.ledger = ledger
+    yield live
+    live.server.should_exit = True
+    live.thread.join(timeout=10)
+    backend.engine.shutdown()
+
+
+def test_vllm_backend_answers_and_charges_the_exact_formula(server):
+    client = server.client()
+    r = client.chat.completions.create(
+        model=server.backend.model_name, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24, temperature=0,
+    )
+    assert "Paris" in r.choices[0].message.content
+    u = r.usage
+    shape: DecoderShape = server.backend.shape
+    expected = sum(decoder_flops(shape, q_len=u.prompt_tokens, past_len=0, logits=1).values()) + sum(
+        sum(decoder_flops(shape, q_len=1, past_len=u.prompt_tokens + i, logits=1).values()) for i in range(u.completion_tokens - 1)
+    )
+    assert u.model_extra["flops"]["measured"] == expected
+    record = json.loads(server.ledger.read_text().splitlines()[-1])
+    assert record["kind"] == "infer" and record["measured_flops"] == expected
+    assert record["tokens"] == u.total_tokens
+
+
+def test_vllm_backend_streams_with_usage_and_logprobs(server):
+    client = server.client()
+    chunks = list(client.completions.create(model=server.backend.model_name, prompt="The sky is", max_tokens=6,
+                                            temperature=0, logprobs=2, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    text_chunks = [c for c in chunks if c.choices]
+    assert sum(len(c.choices[0].logprobs.tokens) for c in text_chunks) == 6
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_vllm_backend_disconnect_aborts_and_metrics_show_it(server):
+    h = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer test-key"}, timeout=60)
+    with h.stream("POST", "/v1/completions", json={"prompt": "Tell me a story", "max_tokens": 500, "stream": True,
+                                                   "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    assert wait_until(lambda: server.backend.stats().num_running == 0, timeout=20)
+    text = h.get("/metrics").text
+    assert "vllm:num_requests_running" in text and "vllm:time_to_first_token_seconds_count" in text
