@@ -48,6 +48,10 @@ class Backend(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def healthy(self) -> bool:
+        """False once the engine can no longer serve (its step loop died): /health answers 503."""
+        ...
+
 
 @dataclass
 class _Pending:
@@ -109,6 +113,9 @@ class AsyncEngine:
         with self._cond:
             self._aborts.append(request_id)
             self._cond.notify()
+
+    def healthy(self) -> bool:
+        return self._error is None and self._thread.is_alive()
 
     def stats(self) -> EngineStats:
         with self._cond:

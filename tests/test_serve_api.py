@@ -333,3 +333,20 @@ def test_needle_harness_fills_each_context_and_draws_the_heatmap(server, tmp_pat
     table = capsys.readouterr().out
     assert "| 96 |" in table and "| 192 |" in table and "/4 found" in table
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine thread's own traceback
+def test_a_dead_engine_fails_its_requests_and_its_health_check(tiny_model):
+    live = serve(tiny_model, max_model_len=256)
+    try:
+        def broken_step():
+            raise RuntimeError("simulated kernel fault")
+
+        live.backend.engine.step = broken_step
+        assert httpx.get(f"{live.url}/health").status_code == 200
+        response = http(live).post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert response.status_code == 500 and "simulated kernel fault" in response.json()["error"]["message"]
+        assert wait_until(lambda: httpx.get(f"{live.url}/health").status_code == 503)
+    finally:
+        live.server.should_exit = True
+        live.thread.join(timeout=10)

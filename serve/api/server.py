@@ -142,7 +142,7 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200 if backend.healthy() else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -135,6 +135,9 @@ class VllmBackend:
         if self.ledger is not None:
             self.ledger.append(record)
 
+    def healthy(self) -> bool:
+        return not self.engine.errored
+
     def stats(self) -> EngineStats:
         return self._stats.latest
 
