@@ -1,9 +1,11 @@
 """The training loop: accelerate (single process, DDP, DeepSpeed ZeRO) under a FLOPs profiler.
 
-Per optimizer step: clips -> frozen codec -> latents, captions -> frozen text encoder ->
-tokens, flow-matching (or DDPM) loss on the DiT, clipped AdamW step on a warm-up + cosine LR,
-EMA update. Every step's FLOPs are counted once per distinct shape (profiling.measure on fake
-tensors: the DiT's forward + backward by part, the frozen encoders' forwards as "frozen") and
+Per optimizer step: clips -> frozen codec -> latents, captions (a seeded 10% replaced by "",
+for classifier-free guidance) -> frozen text encoder -> tokens, or both read from the latent
+cache (train.data.latents, built first when `latent_cache` is set); flow-matching (or DDPM)
+loss on the DiT, clipped AdamW step on a warm-up + cosine LR, EMA update. Every step's FLOPs
+are counted once per distinct shape (profiling.measure on fake tensors: the DiT's forward +
+backward by part, the frozen encoders' forwards as "frozen" when they ran in the loop) and
 appended to the run's ledger by every rank, with wall time and MFU. Checkpoints are atomic and
 resume exactly (model, optimizer, schedule, EMA, RNG states, data position).
 """
