@@ -153,6 +153,7 @@ def test_single_stream_flops_equal_the_exact_formula_and_land_in_the_ledger(tiny
     assert (record.kind, record.request_id, record.tokens) == ("infer", out.request_id, 26)
     assert record.measured_flops == m.measured_flops and record.parts == m.flops_by_part
     assert record.shape == "prompt=21,gen=5" and record.law_flops == m.law_flops
+    assert record.dtype == "fp32" and record.peak_flops > 0 and record.mfu > 0  # MFU vs this CPU's measured peak
 
 
 def test_engine_config_is_checked_at_start(monkeypatch):

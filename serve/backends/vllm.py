@@ -129,7 +129,7 @@ class VllmBackend:
         count = FlopCount(merge(steps))
         tokens = prompt + sum(generated)
         record = make_record("infer", count, self.params, tokens, metrics.finished_time - metrics.arrival_time,
-                             self.device_name, self.dtype, f"prompt={prompt},generated={sum(generated)}", self.peak,
+                             self.device_name, self.dtype, f"prompt={prompt},gen={sum(generated)}", self.peak,
                              run="vllm", request_id=request_id)
         metrics.measured_flops, metrics.law_flops, metrics.flops_by_part = count.total, record.law_flops, dict(count.by_part)
         if self.ledger is not None:
