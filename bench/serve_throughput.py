@@ -150,22 +150,25 @@ def measure_server(engine: str, url: str, prompts: list[list[int]], levels: list
     return out
 
 
-def measure_transformers(model_dir: Path, prompts: list[list[int]], levels: list[int], max_tokens: int, per_level: int) -> list[Level]:
+def measure_transformers(model_dir: Path, prompts: list[list[int]], levels: list[int], max_tokens: int, per_level: int,
+                         device: str, dtype: str) -> list[Level]:
     """transformers' batched greedy generate, batches of `concurrency` left-padded prompts."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run(batch: list[list[int]], new: int) -> float:
         width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     run(prompts[:2], 4)  # warm-up
@@ -213,12 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-prompt", type=int, default=8000, help="tokens of the long-context prompt; 0 skips it")
     p.add_argument("--vllm-python", default=None, help="a python with vLLM installed: serve the same model with it too")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (every engine runs there)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="ministack's per-step token budget")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from transformers import AutoConfig, AutoTokenizer
 
-    from profiling.cpu import cpu_peak_flops
     from profiling.formulas.llama import DecoderShape, decoder_flops
+    from profiling.hardware import device_peak
 
     levels = [int(c) for c in args.concurrency.split(",")]
     model_dir = resolve_model(args.model)
@@ -233,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     long: dict[str, dict] = {}
 
     port = free_port()
-    cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--dtype", "float32",
-           "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)), "--kv-cache-gb", "2", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--device", args.device, "--dtype", args.dtype,
+           "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)), "--kv-cache-gb", "2", "--log-level", "warning",
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     print(f"ministack: {' '.join(cmd[1:])}", flush=True)
     with server(cmd, port) as url:
         results += measure_server("ministack", url, prompts, levels, args.output_tokens, args.requests)
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.vllm_python:
         port = free_port()
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
-               "--dtype", "float32", "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)),
+               "--dtype", args.dtype, "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)),
                "--kv-cache-memory-bytes", str(2 << 30), "--disable-log-stats"]
         print(f"vLLM: {' '.join(cmd[1:])}", flush=True)
         with server(cmd, port, env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}) as url:
@@ -254,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_transformers:
         print("transformers generate (in process)", flush=True)
-        results += measure_transformers(model_dir, prompts, levels, args.output_tokens, args.requests)
+        results += measure_transformers(model_dir, prompts, levels, args.output_tokens, args.requests, args.device, args.dtype)
 
-    print(f"\n{shape}\nprompts {args.prompt_lengths} tokens (mixed), {args.output_tokens} new tokens each, greedy, ignore_eos\n")
+    print(f"\n{shape}, {args.dtype} on {args.device}\nprompts {args.prompt_lengths} tokens (mixed), {args.output_tokens} new tokens each, greedy, ignore_eos\n")
     print("| engine | concurrency | output tok/s | vs transformers | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
     print("|---|---|---|---|---|---|---|---|")
     hf = {r.concurrency: r.tokens_per_s for r in results if r.engine == "transformers"}
@@ -267,10 +274,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{pct(r.ttft, .99) * 1e3:.0f} ms | {itl} |")
 
     if long:
-        peak = cpu_peak_flops("fp32")
+        name, peak = device_peak(args.device, args.dtype)
         formula = sum(decoder_flops(shape, q_len=len(long_tokens), past_len=0, logits=1).values())
         print(f"\nlong context: {len(long_tokens)}-token prompt, then the same prefix + {len(tail)} tokens; "
-              f"CPU fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (profiling.cpu)\n")
+              f"{name} {args.dtype} peak {peak / 1e9:.1f} GFLOP/s (profiling.hardware: measured on a CPU, the dense table on a GPU)\n")
         print("| engine | TTFT | prefill FLOPs | achieved | of peak | shared-prefix TTFT | speed-up | cached tokens |")
         print("|---|---|---|---|---|---|---|---|")
         for engine, m in long.items():

@@ -1,8 +1,13 @@
 """The engine's model against transformers' implementation of the same weights (fp32):
 greedy tokens and logprobs across prompt lengths, mixed prefill+decode batches, chunked
-prefill, prefix-cache hits, preemption, Qwen2 biases with untied embeddings, RoPE scaling."""
+prefill, prefix-cache hits, preemption, Qwen2 biases with untied embeddings, RoPE scaling.
+
+On a GPU machine the same suite runs on CUDA (engine and reference both there) with
+MINISTACK_TEST_DEVICE=cuda; CI runs it on the CPU."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -11,12 +16,13 @@ from serve.config import EngineConfig
 from serve.engine import LLMEngine, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+DEVICE = torch.device(os.environ.get("MINISTACK_TEST_DEVICE", "cpu"))
 
 
 def make_engine(hf_model, path, **overrides) -> LLMEngine:
     """An engine over hf_model's weights, saved as a transformers directory at path."""
     hf_model.save_pretrained(path)
-    settings = {"model": str(path), "dtype": "float32", "kv_cache_bytes": 1 << 20} | overrides
+    settings = {"model": str(path), "device": str(DEVICE), "dtype": "float32", "kv_cache_bytes": 1 << 20} | overrides
     return LLMEngine(EngineConfig(**settings))
 
 
@@ -28,9 +34,10 @@ def prompts(lengths: list[int], vocab: int = 300, seed: int = 0) -> list[list[in
 @torch.no_grad()
 def reference(hf_model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """transformers' greedy continuation (full forward each step) and its log-softmax rows."""
+    hf_model.to(DEVICE)
     ids, rows = list(prompt), []
     for _ in range(steps):
-        logprobs = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        logprobs = torch.log_softmax(hf_model(torch.tensor([ids], device=DEVICE)).logits[0, -1].float(), -1).cpu()
         rows.append(logprobs)
         ids.append(int(logprobs.argmax()))
     return ids[len(prompt) :], torch.stack(rows)

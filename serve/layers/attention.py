@@ -80,7 +80,7 @@ class PagedAttention(nn.Module):
             groups = q[:d].view(d, self.num_kv_heads, -1, self.head_dim)
             ctx_k, ctx_v = self._context(self.k_cache, meta.decode_slots, d), self._context(self.v_cache, meta.decode_slots, d)
             o = F.scaled_dot_product_attention(groups, ctx_k, ctx_v, attn_mask=meta.decode_mask)
-            out[:d] = o.view(d, self.num_heads, self.head_dim)
+            out[:d] = o.reshape(d, self.num_heads, self.head_dim)  # CUDA kernels may return it strided
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.length)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], chunk)
