@@ -1,11 +1,15 @@
 """Serving throughput and latency of ministack's server, beside peers measured in the same run.
 
 At each concurrency (1, 4, 16, 64 by default) a closed loop of streaming clients sends
-prompts of mixed lengths (token ids, so every engine sees the same tokens) and generates a
-fixed number of tokens each (ignore_eos); reported: output tokens/s, time to first token and
-inter-token latency (p50, p99). Peers on the same prompts:
-  * transformers' batched `generate` (greedy, left-padded batches of `concurrency` prompts,
-    exactly the same number of new tokens), in this process;
+requests of mixed prompt lengths (token ids, so every engine sees the same tokens), each asking
+for its own number of new tokens (--output-tokens: one length, or a mix such as 16,64,256, the
+way real requests differ), greedy with ignore_eos so exactly that many come back. Each level
+gets requests of its own, so no level is served from an earlier one's prefix cache. Reported:
+output tokens/s (the tokens requested and delivered), time to first token and inter-token
+latency (p50, p99). Peers on the same requests:
+  * transformers' batched `generate`: left-padded batches of `concurrency` requests, each
+    batch generating as many tokens as its longest request asks (a static batch ends when
+    its last member does; only the requested tokens count), in this process;
   * vLLM's own OpenAI server (its CPU build) serving the same model, with --vllm-python.
 Then the long-context figures: the TTFT of one 8k-token prompt against its FLOPs and this
 CPU's measured matmul peak (profiling.cpu), and the TTFT of a second prompt sharing that
@@ -41,10 +45,21 @@ from serve.weights import resolve_model  # noqa: E402
 
 
 @dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+
+
+@dataclass
 class Sample:
     start: float
     token_times: list[float] = field(default_factory=list)
     usage: dict | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens delivered: the server's count (an SSE event may carry several), else events."""
+        return (self.usage or {}).get("completion_tokens", len(self.token_times))
 
     @property
     def ttft(self) -> float:
@@ -103,8 +118,8 @@ def model_id(url: str) -> str:
     return httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
 
 
-async def stream_one(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> Sample:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+async def stream_one(client: httpx.AsyncClient, model: str, request: Request) -> Sample:
+    body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     sample = Sample(time.perf_counter())
     async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -120,16 +135,16 @@ async def stream_one(client: httpx.AsyncClient, model: str, prompt: list[int], m
     return sample
 
 
-async def closed_loop(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> tuple[list[Sample], float]:
-    """`concurrency` clients, each sending its next prompt as soon as the last one finished."""
+async def closed_loop(url: str, requests: list[Request], concurrency: int) -> tuple[list[Sample], float]:
+    """`concurrency` clients, each sending its next request as soon as the last one finished."""
     model = model_id(url)
-    queue = list(prompts)
+    queue = list(reversed(requests))
     samples: list[Sample] = []
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
 
         async def worker() -> None:
             while queue:
-                samples.append(await stream_one(client, model, queue.pop(), max_tokens))
+                samples.append(await stream_one(client, model, queue.pop()))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -137,12 +152,12 @@ async def closed_loop(url: str, prompts: list[list[int]], concurrency: int, max_
     return samples, wall
 
 
-def measure_server(engine: str, url: str, prompts: list[list[int]], levels: list[int], max_tokens: int, per_level: int) -> list[Level]:
-    asyncio.run(closed_loop(url, prompts[:2], 1, 4))  # warm-up
+def measure_server(engine: str, url: str, work: dict[int, list[Request]], warm_up: list[Request]) -> list[Level]:
+    asyncio.run(closed_loop(url, warm_up, 1))
     out = []
-    for c in levels:
-        samples, wall = asyncio.run(closed_loop(url, prompts[: max(c, per_level)], c, max_tokens))
-        tokens = sum(len(s.token_times) for s in samples)
+    for c, requests in work.items():
+        samples, wall = asyncio.run(closed_loop(url, requests, c))
+        tokens = sum(s.tokens for s in samples)
         itl = [b - a for s in samples for a, b in zip(s.token_times, s.token_times[1:])]
         out.append(Level(engine, c, tokens / wall, [s.ttft for s in samples], itl))
         print(f"  {engine:<10} c={c:<3} {tokens / wall:8.1f} tok/s  TTFT p50 {pct(out[-1].ttft, .5) * 1e3:7.0f} ms  "
@@ -150,9 +165,9 @@ def measure_server(engine: str, url: str, prompts: list[list[int]], levels: list
     return out
 
 
-def measure_transformers(model_dir: Path, prompts: list[list[int]], levels: list[int], max_tokens: int, per_level: int,
-                         device: str, dtype: str) -> list[Level]:
-    """transformers' batched greedy generate, batches of `concurrency` left-padded prompts."""
+def measure_transformers(model_dir: Path, work: dict[int, list[Request]], warm_up: list[Request], device: str, dtype: str) -> list[Level]:
+    """transformers' batched greedy generate, batches of `concurrency` left-padded prompts, each
+    batch generating its longest request's tokens; only the requested tokens count."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,39 +186,40 @@ def measure_transformers(model_dir: Path, prompts: list[list[int]], levels: list
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    run(prompts[:2], 4)  # warm-up
+    run([r.prompt for r in warm_up], 4)
     out = []
-    for c in levels:
-        todo = prompts[: max(c, per_level)]
+    for c, requests in work.items():
         wall, ttft = 0.0, []
-        for i in range(0, len(todo), c):
-            batch = todo[i: i + c]
-            first = run(batch, 1)  # a batch's first token arrives after its whole prefill
+        for i in range(0, len(requests), c):
+            batch = requests[i: i + c]
+            prompts = [r.prompt for r in batch]
+            first = run(prompts, 1)  # a batch's first token arrives after its whole prefill
             ttft += [first] * len(batch)
-            wall += run(batch, max_tokens)
-        out.append(Level("transformers", c, len(todo) * max_tokens / wall, ttft, []))
+            wall += run(prompts, max(r.max_tokens for r in batch))
+        out.append(Level("transformers", c, sum(r.max_tokens for r in requests) / wall, ttft, []))
         print(f"  transformers c={c:<3} {out[-1].tokens_per_s:8.1f} tok/s  TTFT p50 {pct(ttft, .5) * 1e3:7.0f} ms", flush=True)
     return out
 
 
 def long_prefix(url: str, tokens: list[int], tail: list[int]) -> dict:
     """TTFT of an 8k prompt, then of a second prompt sharing its prefix."""
-    first = asyncio.run(closed_loop(url, [tokens], 1, 1))[0][0]
-    second = asyncio.run(closed_loop(url, [tokens + tail], 1, 1))[0][0]
+    first = asyncio.run(closed_loop(url, [Request(tokens, 1)], 1))[0][0]
+    second = asyncio.run(closed_loop(url, [Request(tokens + tail, 1)], 1))[0][0]
     print(f"  long prompt: TTFT {first.ttft:.2f} s, sharing its prefix {second.ttft * 1e3:.0f} ms", flush=True)
     return {"ttft_s": first.ttft, "shared_ttft_s": second.ttft, "usage": first.usage, "shared_usage": second.usage}
 
 
-def prompt_set(tokenizer, lengths: list[int], count: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
+def request_set(tokenizer, prompt_lengths: list[int], output_lengths: list[int], count: int, rng: random.Random) -> list[Request]:
+    """`count` requests cycling through every (prompt length, output length) pairing, shuffled;
+    prompts are slices of offline filler text."""
     text = tokenizer.encode(" ".join(haystack(rng, 2000)), add_special_tokens=False)
-    prompts = []
+    requests = []
     for i in range(count):
-        n = lengths[i % len(lengths)]
+        n = prompt_lengths[i % len(prompt_lengths)]
         at = rng.randrange(0, len(text) - n)
-        prompts.append(text[at: at + n])
-    rng.shuffle(prompts)
-    return prompts
+        requests.append(Request(text[at: at + n], output_lengths[i // len(prompt_lengths) % len(output_lengths)]))
+    rng.shuffle(requests)
+    return requests
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--requests", type=int, default=16, help="requests per level (at least the concurrency)")
     p.add_argument("--prompt-lengths", default="32,128,512", help="mixed prompt lengths, tokens")
-    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--output-tokens", default="64", help="new tokens per request: one length, or a mix, e.g. 16,64,256")
     p.add_argument("--long-prompt", type=int, default=8000, help="tokens of the long-context prompt; 0 skips it")
     p.add_argument("--vllm-python", default=None, help="a python with vLLM installed: serve the same model with it too")
     p.add_argument("--skip-transformers", action="store_true")
@@ -229,11 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     model_dir = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = prompt_set(tokenizer, [int(n) for n in args.prompt_lengths.split(",")], max(levels + [args.requests]), args.seed)
-    rng = random.Random(args.seed + 1)
+    prompt_lengths = [int(n) for n in args.prompt_lengths.split(",")]
+    output_lengths = [int(n) for n in args.output_tokens.split(",")]
+    rng = random.Random(args.seed)
+    work = {c: request_set(tokenizer, prompt_lengths, output_lengths, max(c, args.requests), rng) for c in levels}
+    warm_up = [Request(r.prompt[:8], 4) for r in request_set(tokenizer, [16], [4], 2, rng)]
     long_tokens = tokenizer.encode(" ".join(haystack(rng, args.long_prompt // 8)), add_special_tokens=False)[: args.long_prompt]
     tail = tokenizer.encode(" And then, at last, the story ended.", add_special_tokens=False)
-    max_len = max(args.long_prompt + len(tail) + 8, max(len(x) for x in prompts) + args.output_tokens + 8)
+    max_len = max(args.long_prompt + len(tail) + 8, max(prompt_lengths) + max(output_lengths) + 8)
     shape = DecoderShape.from_hf(AutoConfig.from_pretrained(model_dir))
     results: list[Level] = []
     long: dict[str, dict] = {}
@@ -244,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     print(f"ministack: {' '.join(cmd[1:])}", flush=True)
     with server(cmd, port) as url:
-        results += measure_server("ministack", url, prompts, levels, args.output_tokens, args.requests)
+        results += measure_server("ministack", url, work, warm_up)
         if args.long_prompt:
             long["ministack"] = long_prefix(url, long_tokens, tail)
 
@@ -255,15 +274,15 @@ def main(argv: list[str] | None = None) -> int:
                "--kv-cache-memory-bytes", str(2 << 30), "--disable-log-stats"]
         print(f"vLLM: {' '.join(cmd[1:])}", flush=True)
         with server(cmd, port, env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}) as url:
-            results += measure_server("vllm", url, prompts, levels, args.output_tokens, args.requests)
+            results += measure_server("vllm", url, work, warm_up)
             if args.long_prompt:
                 long["vllm"] = long_prefix(url, long_tokens, tail)
 
     if not args.skip_transformers:
         print("transformers generate (in process)", flush=True)
-        results += measure_transformers(model_dir, prompts, levels, args.output_tokens, args.requests, args.device, args.dtype)
+        results += measure_transformers(model_dir, work, warm_up, args.device, args.dtype)
 
-    print(f"\n{shape}, {args.dtype} on {args.device}\nprompts {args.prompt_lengths} tokens (mixed), {args.output_tokens} new tokens each, greedy, ignore_eos\n")
+    print(f"\n{shape}, {args.dtype} on {args.device}\nprompts of {args.prompt_lengths} tokens, outputs of {args.output_tokens} tokens (mixed), greedy, ignore_eos\n")
     print("| engine | concurrency | output tok/s | vs transformers | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
     print("|---|---|---|---|---|---|---|---|")
     hf = {r.concurrency: r.tokens_per_s for r in results if r.engine == "transformers"}

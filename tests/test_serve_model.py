@@ -14,6 +14,7 @@ import torch
 
 from serve.config import EngineConfig
 from serve.engine import LLMEngine, SamplingParams
+from serve.engine.model_runner import length_groups
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
 DEVICE = torch.device(os.environ.get("MINISTACK_TEST_DEVICE", "cpu"))
@@ -81,6 +82,38 @@ def test_chunked_prefill_beside_running_decodes(tiny_llama, tmp_path):
     assert len(mixed) >= 4  # b's five chunks and c's three ran beside a's decodes
     for rid, prompt in zip("abc", ps):
         assert_matches(tiny_llama, prompt, done[rid].outputs[0])
+
+
+def test_decodes_in_length_groups_match_transformers(tiny_llama, tmp_path):
+    engine = make_engine(tiny_llama, tmp_path)
+    engine.runner.group_cost = 4  # cheap calls: decodes of different lengths go in separate calls
+    calls = []
+    plan = engine.runner._plan_decodes
+    engine.runner._plan_decodes = lambda seqs, start: calls.append(len(seqs)) or plan(seqs, start)
+    ps = prompts([3, 4, 30, 31, 60], seed=7)
+    for prompt, out in zip(ps, engine.generate(ps, GREEDY)):
+        assert_matches(tiny_llama, prompt, out.outputs[0])
+    assert len(calls) > GREEDY.max_tokens and max(calls) > 1  # several calls per step, some shared
+
+
+@pytest.mark.parametrize("lengths", [[5, 6, 7], [1, 2, 300, 301, 302, 900], [10] * 9, list(range(1, 40, 3))])
+@pytest.mark.parametrize("cost", [0, 16, 256])
+def test_length_groups_are_the_cheapest_cut(lengths, cost):
+    """The dynamic program against every way of cutting the sorted lengths into runs."""
+    from itertools import combinations
+
+    def cost_of(sizes):
+        total, i = 0, 0
+        for size in sizes:
+            total += size * lengths[i + size - 1] + cost
+            i += size
+        return total
+
+    n = len(lengths)
+    cuts = (c for k in range(n) for c in combinations(range(1, n), k))
+    brute = min(cost_of([b - a for a, b in zip((0, *c), (*c, n))]) for c in cuts)
+    sizes = length_groups(lengths, cost)
+    assert sum(sizes) == n and cost_of(sizes) == brute
 
 
 def test_prefix_cache_hit_gives_identical_output(tiny_llama, tmp_path):

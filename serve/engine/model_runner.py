@@ -3,8 +3,9 @@ the logits to sample from plus each sequence's FLOPs.
 
 The cache is one tensor (2, layers, kv_heads, num_blocks * block_size, head_dim): slot
 `block * block_size + offset` of a layer and head holds one token's K (or V). Each attention layer
-gets views of its K and V planes. The step's tokens are laid out decodes first, then prefill
-chunks, so the decodes form one batched attention call (serve.layers.attention).
+gets views of its K and V planes. The step's tokens are laid out decodes first, sorted by
+context length and cut into groups that each make one batched attention call
+(serve.layers.attention), then prefill chunks.
 """
 
 from __future__ import annotations
@@ -14,17 +15,39 @@ import torch
 from profiling.formulas.llama import DecoderShape
 from serve.engine.flops import FlopAttribution
 from serve.engine.sequence import Sequence
-from serve.layers.attention import AttentionMetadata, PrefillChunk
+from serve.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from serve.models.llama import LlamaForCausalLM
+
+
+# What one more decode attention call per layer costs, in padded context tokens (each copied
+# out of the cache and attended to by a batched call). On a CPU a padded token costs ~8 us per
+# step (SmolLM2, 2 cores) and a call ~2 ms, so a group pays for itself once it saves ~256
+# padded tokens; on a GPU the copy is nearly free and a call is kernel launches.
+GROUP_COST_TOKENS = {"cpu": 256, "cuda": 8192}
 
 
 def kv_bytes_per_block(shape: DecoderShape, block_size: int, dtype: torch.dtype) -> int:
     return 2 * shape.layers * block_size * shape.kv_heads * shape.head_dim * dtype.itemsize
 
 
+def length_groups(lengths: list[int], group_cost: int) -> list[int]:
+    """Sizes of consecutive groups cutting ascending `lengths` so that padding every member to
+    its group's longest, plus `group_cost` per group, is least (exact, O(n^2) dynamic program)."""
+    n = len(lengths)
+    best, cut = [0] + [0] * n, [0] * (n + 1)  # best[j]: cost of the first j; cut[j]: its last group's size
+    for j in range(1, n + 1):
+        best[j], cut[j] = min((best[i] + (j - i) * lengths[j - 1] + group_cost, j - i) for i in range(j))
+    sizes = []
+    while n:
+        sizes.append(cut[n])
+        n -= cut[n]
+    return sizes[::-1]
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, shape: DecoderShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
         self.model, self.block_size, self.device = model, block_size, device
+        self.group_cost = GROUP_COST_TOKENS.get(device.type, GROUP_COST_TOKENS["cuda"])
         self.flops = FlopAttribution(shape)
         # zeros, not empty: padded decode rows read slot 0.., and masked garbage could be NaN
         self.kv = torch.zeros(2, shape.layers, shape.kv_heads, num_blocks * block_size, shape.head_dim, dtype=dtype, device=device)
@@ -50,7 +73,7 @@ class ModelRunner:
         sequence whose computed tokens reach its end, i.e. that samples next) and those sequences.
         Adds each sequence's FLOPs of the step to seq.flops; does not advance num_computed_tokens."""
         bs = self.block_size
-        decodes = [s for s, n in batch if n == 1 and s.num_computed_tokens > 0]
+        decodes = sorted((s for s, n in batch if n == 1 and s.num_computed_tokens > 0), key=lambda s: s.num_computed_tokens)
         prefills = [(s, n) for s, n in batch if not (n == 1 and s.num_computed_tokens > 0)]
         ids: list[int] = []
         positions: list[int] = []
@@ -65,10 +88,11 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 logits_rows.append(len(ids) - 1)
                 sampling.append(seq)
-        meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decodes=len(decodes))
-        if decodes:
-            self._plan_decodes(meta, decodes)
-        start = len(decodes)
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots))
+        start = 0
+        for size in length_groups([s.num_computed_tokens + 1 for s in decodes], self.group_cost):
+            meta.decodes.append(self._plan_decodes(decodes[start : start + size], start))
+            start += size
         for seq, n in prefills:
             meta.prefills.append(self._plan_chunk(seq, start, n))
             start += n
@@ -78,17 +102,18 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _plan_decodes(self, meta: AttentionMetadata, decodes: list[Sequence]) -> None:
-        """One batched call: every context padded to the longest, the padding masked."""
+    def _plan_decodes(self, decodes: list[Sequence], start: int) -> DecodeGroup:
+        """One batched call for a group: every context padded to the longest, the padding masked."""
         lengths = [s.num_computed_tokens + 1 for s in decodes]
         longest = max(lengths)
-        meta.decode_slots = self._context_slots([s.block_table for s in decodes], longest)
+        group = DecodeGroup(start, len(decodes), self._context_slots([s.block_table for s in decodes], longest))
         if min(lengths) < longest:
             allowed = torch.arange(longest) < torch.tensor(lengths).unsqueeze(1)
             mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
-            meta.decode_mask = mask.view(len(decodes), 1, 1, longest).to(self.device, self.kv.dtype)
+            group.mask = mask.view(len(decodes), 1, 1, longest).to(self.device, self.kv.dtype)
         for seq in decodes:
-            self._charge(seq, self.flops.decode(longest))  # its row of the batch spans the longest context
+            self._charge(seq, self.flops.decode(longest))  # its row of the call spans the group's longest context
+        return group
 
     def _plan_chunk(self, seq: Sequence, start: int, n: int) -> PrefillChunk:
         """A chunk's own attention: causal over its fresh K/V, plus its cached past if any."""

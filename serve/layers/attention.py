@@ -4,10 +4,11 @@ A step's tokens arrive flattened: first one token per decoding sequence, then th
 the sequences being prefilled. Every layer writes the new K/V into the cache at each token's
 slot (`slot_mapping`, one index_copy_), then attends:
 
-- decodes, batched: each sequence's context is gathered from its blocks into one padded
-  (batch, kv_heads, longest, head_dim) tensor and run through one SDPA call with an additive
-  mask hiding the padding. Gathering costs a copy, but one kernel call for the whole batch
-  beats a Python loop of small ones.
+- decodes, batched in groups of similar context length: each group's contexts are gathered
+  from their blocks into one padded (group, kv_heads, longest, head_dim) tensor and run
+  through one SDPA call with an additive mask hiding the padding. Gathering costs a copy,
+  but one kernel call per group beats a Python loop of small ones; grouping by length
+  (serve.engine.model_runner) keeps the padding, which is copied and computed too, small.
 - prefill chunks, each on its own: causal attention over the chunk's fresh K/V, and for a
   chunk after a cached prefix (earlier chunks or a prefix-cache hit) a second, unmasked call
   over the cached keys, the two merged by their log-sum-exps (query at position p sees keys
@@ -39,11 +40,17 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    start: int  # offset of the group's first token in the step's flattened tokens
+    count: int  # single-token decodes, one per sequence
+    slots: torch.Tensor | slice  # (count, longest) context slots, padded with slot 0
+    mask: torch.Tensor | None = None  # (count, 1, 1, longest) additive mask of the padding; None: no padding
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (tokens,) cache slot of each new token's K/V
-    num_decodes: int = 0  # the first num_decodes tokens are single-token decodes
-    decode_slots: torch.Tensor | slice | None = None  # (num_decodes, longest) context slots, padded with slot 0
-    decode_mask: torch.Tensor | None = None  # (num_decodes, 1, 1, longest) additive mask of the padding
+    decodes: list[DecodeGroup] = field(default_factory=list)  # the step's first tokens
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -73,14 +80,14 @@ class PagedAttention(nn.Module):
         self.k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         self.v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
-        d = meta.num_decodes
-        if d:
+        for group in meta.decodes:
             # one query per sequence: the query heads sharing a K/V head become that head's
             # query rows, a plain (non-GQA) call that reads each K/V head once
-            groups = q[:d].view(d, self.num_kv_heads, -1, self.head_dim)
-            ctx_k, ctx_v = self._context(self.k_cache, meta.decode_slots, d), self._context(self.v_cache, meta.decode_slots, d)
-            o = F.scaled_dot_product_attention(groups, ctx_k, ctx_v, attn_mask=meta.decode_mask)
-            out[:d] = o.reshape(d, self.num_heads, self.head_dim)  # CUDA kernels may return it strided
+            rows, n = slice(group.start, group.start + group.count), group.count
+            queries = q[rows].view(n, self.num_kv_heads, -1, self.head_dim)
+            ctx_k, ctx_v = self._context(self.k_cache, group.slots, n), self._context(self.v_cache, group.slots, n)
+            o = F.scaled_dot_product_attention(queries, ctx_k, ctx_v, attn_mask=group.mask)
+            out[rows] = o.reshape(n, self.num_heads, self.head_dim)  # CUDA kernels may return it strided
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.length)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], chunk)
