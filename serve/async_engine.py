@@ -41,9 +41,10 @@ class Backend(Protocol):
     tokenizer: Any  # a Hugging Face tokenizer with a chat template
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
-        """Submit a request and return its outputs as they come, the last one `finished`.
-        Raises Overloaded at once when the queue is full; the stream raises ValueError if the
-        engine refuses the request (e.g. prompt too long). Leaving the stream early aborts it."""
+        """The request's outputs as they come, the last one `finished`. Raises Overloaded at
+        once when the queue is full; the request is submitted when the stream is first iterated
+        (one never iterated costs nothing). The stream raises ValueError if the engine refuses
+        the request (e.g. prompt too long). Leaving the stream early aborts it."""
         ...
 
     def stats(self) -> EngineStats: ...
@@ -84,19 +85,23 @@ class AsyncEngine:
     # ---- event-loop side -------------------------------------------------------------------
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
-        """Submit now (raising Overloaded at once if the queue is full), stream outputs lazily."""
-        pending = _Pending(request_id, prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        """Check room now (raising Overloaded at once if the queue is full); the request is
+        submitted when the stream is first iterated, so a stream never iterated costs nothing."""
         with self._cond:
             if self._error is not None:
                 raise RuntimeError("the engine thread died") from self._error
             waiting = len(self._inbox) + self._stats.num_waiting
             if waiting >= self.max_queue:
                 raise Overloaded(waiting)
+        return self._stream(request_id, prompt_ids, params)
+
+    async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
+        pending = _Pending(request_id, prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        with self._cond:
+            if self._error is not None:
+                raise RuntimeError("the engine thread died") from self._error
             self._inbox.append(pending)
             self._cond.notify()
-        return self._stream(pending)
-
-    async def _stream(self, pending: _Pending) -> AsyncGenerator[RequestOutput, None]:
         finished = False
         try:
             while not finished:

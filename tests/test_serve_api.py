@@ -150,6 +150,34 @@ def test_completion_with_token_ids_logprobs_and_n(client, model_name):
     assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens == 10
 
 
+def test_a_batch_of_prompts_gets_n_choices_each_indexed_prompt_times_n(client, model_name):
+    greedy = dict(model=model_name, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    prompts = ["Once upon a time", "The capital of France"]
+    alone = [client.completions.create(prompt=p, **greedy).choices[0].text for p in prompts]
+    r = client.completions.create(prompt=prompts, n=2, **greedy)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [alone[0], alone[0], alone[1], alone[1]]
+    assert r.usage.completion_tokens == 16 and r.usage.prompt_tokens == sum(
+        client.completions.create(prompt=p, **greedy).usage.prompt_tokens for p in prompts)
+    ids = client.completions.create(prompt=[[1, 2, 3], [4, 5]], **greedy)
+    assert [c.index for c in ids.choices] == [0, 1] and ids.usage.prompt_tokens == 5
+    streamed = {}
+    chunks = list(client.completions.create(prompt=prompts, n=2, stream=True, stream_options={"include_usage": True}, **greedy))
+    for chunk in chunks[:-1]:
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == {c.index: c.text for c in r.choices} and chunks[-1].usage.completion_tokens == 16
+
+
+def test_echo_prepends_the_prompt_streamed_or_not(client, model_name):
+    greedy = dict(model=model_name, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(prompt="Once upon a time", **greedy).choices[0].text
+    assert client.completions.create(prompt="Once upon a time", echo=True, **greedy).choices[0].text == "Once upon a time" + plain
+    chunks = list(client.completions.create(prompt="Once upon a time", echo=True, stream=True, **greedy))
+    assert chunks[0].choices[0].text == "Once upon a time"
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Once upon a time" + plain
+
+
 def test_greedy_stop_string_trims_the_text(client, model_name):
     full = client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
@@ -210,7 +238,9 @@ def test_tokenize_and_detokenize(server, model_name):
     [
         ("/v1/completions", b'{"prompt": "x", ', 400, None),  # invalid JSON
         ("/v1/completions", {"prompt": 3}, 400, "prompt"),
-        ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt"),  # an empty prompt in a batch
+        ("/v1/completions", {"prompt": [[5] * 10, [5] * 300]}, 400, "prompt.1"),  # the batch's second is too long
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, None),  # prompt logprobs: not supported
         ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
         ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
         ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),

@@ -82,30 +82,35 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    """POST /v1/completions. One prompt per request: text or token ids."""
+    """POST /v1/completions. A prompt (text or token ids) or a batch of them; each prompt gets
+    `n` choices, indexed prompt * n + choice as OpenAI does."""
 
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[int] | list[str]) -> str | list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ValueError("a list of several prompts is not supported; send one request per prompt")
-            prompt = prompt[0]
+    def _non_empty(cls, prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int] | list[str] | list[list[int]]:
         if not prompt:
             raise ValueError("prompt must not be empty")
+        if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) and not all(prompt):
+            raise ValueError("no prompt of the batch may be empty")
         return prompt
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (the prompt's own logprobs) is not supported; echo the text, or ask for logprobs without echo")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one text or token-id list per prompt."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TextPart(BaseModel):

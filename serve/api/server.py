@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -180,44 +180,56 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
 
     async def respond(
         request: Request, body: CompletionRequest | ChatCompletionRequest, outputs: AsyncIterator[RequestOutput],
-        want_logprobs: bool, chunk: Callable[[list[CompletionOutput]], BaseModel], whole: Callable[[RequestOutput], BaseModel],
-        opening: BaseModel | None = None,
+        want_logprobs: bool, chunk: Callable[[list[CompletionOutput]], BaseModel],
+        whole: Callable[[list[CompletionOutput], Usage], BaseModel], opening: BaseModel | None = None,
     ) -> Response:
-        """Both endpoints' two ways to answer. Streaming: `opening` (if any), then `chunk` of the
-        completions that changed in each step, then (include_usage) an empty chunk with the
-        usage. Otherwise: `whole` of the final output, once the request finished."""
+        """Both endpoints' two ways to answer, for one request or a batch merged into one
+        stream. Streaming: `opening` (if any), then `chunk` of the completions that changed in
+        each step, then (include_usage) an empty chunk with the usage. Otherwise: `whole` of
+        every final completion and the usage, once all requests finished."""
         if body.stream:
             async def events() -> AsyncIterator[BaseModel]:
                 if opening is not None:
                     yield opening
-                final = None
-                async for final in outputs:
-                    changed = [c for c in final.outputs if c.new_text or c.finish_reason or (want_logprobs and c.new_token_ids)]
+                finals: dict[str, RequestOutput] = {}
+                async for out in outputs:
+                    finals[out.request_id] = out
+                    changed = [c for c in out.outputs if c.new_text or c.finish_reason or (want_logprobs and c.new_token_ids)]
                     if changed:
                         yield chunk(changed)
                 if body.include_usage:
-                    yield chunk([]).model_copy(update={"usage": _usage(final)})
+                    yield chunk([]).model_copy(update={"usage": _usage(list(finals.values()))})
             return _sse(events(), include_usage=body.include_usage)
-        final = await _until_disconnect(request, _last(outputs))
-        return JSONResponse(whole(final).model_dump())
+        finals = await _until_disconnect(request, _finals(outputs))
+        return JSONResponse(whole(sorted((c for f in finals for c in f.outputs), key=lambda c: c.index), _usage(finals)).model_dump())
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        prompt_ids = body.prompt if isinstance(body.prompt, list) else backend.tokenizer.encode(body.prompt)
-        max_tokens = check_prompt(prompt_ids, body.max_tokens, "prompt")
+        batch = body.prompts
+        field = "prompt" if len(batch) == 1 else "prompt.{}"
+        prompt_ids = [p if isinstance(p, list) else backend.tokenizer.encode(p) for p in batch]
+        max_tokens = [check_prompt(ids, body.max_tokens, field.format(i)) for i, ids in enumerate(prompt_ids)]
         request_id, model, want_logprobs = new_id("cmpl"), backend.model_name, body.logprobs is not None
-        outputs = submit(request_id, prompt_ids, body.sampling_params(max_tokens, body.logprobs))
+        streams = [submit(f"{request_id}-{i}" if len(batch) > 1 else request_id, ids, body.sampling_params(m, body.logprobs))
+                   for i, (ids, m) in enumerate(zip(prompt_ids, max_tokens))]
+        # echo: each choice's text begins with its prompt's (OpenAI's rule for legacy completions)
+        echoed = [p if isinstance(p, str) else backend.tokenizer.decode(p) for p in batch] if body.echo else None
 
         def choice(c: CompletionOutput, streamed: bool) -> CompletionChoice:
-            return CompletionChoice(index=c.index, text=c.new_text if streamed else c.text, finish_reason=c.finish_reason,
+            prefix = echoed[c.index // body.n] if echoed and not streamed else ""
+            return CompletionChoice(index=c.index, text=prefix + (c.new_text if streamed else c.text), finish_reason=c.finish_reason,
                                     logprobs=_completion_logprobs(c, streamed) if want_logprobs else None)
 
+        opening = None
+        if echoed and body.stream:
+            opening = CompletionResponse(id=request_id, model=model, choices=[
+                CompletionChoice(index=i * body.n + j, text=text) for i, text in enumerate(echoed) for j in range(body.n)])
         return await respond(
-            request, body, outputs, want_logprobs,
+            request, body, _merged(streams, body.n), want_logprobs,
             chunk=lambda cs: CompletionResponse(id=request_id, model=model, choices=[choice(c, True) for c in cs]),
-            whole=lambda out: CompletionResponse(id=request_id, model=model, choices=[choice(c, False) for c in out.outputs],
-                                                 usage=_usage(out)),
+            whole=lambda cs, usage: CompletionResponse(id=request_id, model=model, choices=[choice(c, False) for c in cs], usage=usage),
+            opening=opening,
         )
 
     @app.post("/v1/chat/completions", dependencies=guarded)
@@ -240,8 +252,7 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
         return await respond(
             request, body, outputs, want_logprobs,
             chunk=lambda cs: ChatCompletionChunk(id=request_id, model=model, choices=[delta(c) for c in cs]),
-            whole=lambda out: ChatCompletionResponse(id=request_id, model=model, choices=[choice(c) for c in out.outputs],
-                                                     usage=_usage(out)),
+            whole=lambda cs, usage: ChatCompletionResponse(id=request_id, model=model, choices=[choice(c) for c in cs], usage=usage),
             opening=ChatCompletionChunk(id=request_id, model=model, choices=opening),
         )
 
@@ -256,14 +267,47 @@ def _named_field(message: str) -> str | None:
     return next((name for name in _SAMPLING_FIELDS if re.search(rf"\b{name}\b", message)), None)
 
 
-async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    final = None
-    async for final in outputs:
-        pass
-    return final
+async def _finals(outputs: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
+    """The last output of each request in the stream."""
+    finals: dict[str, RequestOutput] = {}
+    async for out in outputs:
+        finals[out.request_id] = out
+    return list(finals.values())
 
 
-async def _until_disconnect(request: Request, work: Awaitable[RequestOutput]) -> RequestOutput:
+async def _merged(streams: list[AsyncIterator[RequestOutput]], n: int) -> AsyncIterator[RequestOutput]:
+    """A batch of prompts' streams as one, in the order outputs arrive, each choice re-indexed
+    prompt * n + choice. Closing it (a disconnect) closes every stream, aborting its request;
+    one stream's error (a refused prompt) ends them all."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]):
+            async for out in streams[0]:
+                yield out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async with aclosing(stream):
+                async for out in stream:
+                    queue.put_nowait(replace(out, outputs=[replace(c, index=i * n + c.index) for c in out.outputs]))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait(exc)
+        queue.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        for _ in range(len(tasks)):
+            while (item := await queue.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _until_disconnect(request: Request, work: Awaitable[list[RequestOutput]]) -> list[RequestOutput]:
     """Await `work` unless the client disconnects first; then cancel it (which aborts the request)."""
 
     async def disconnected() -> None:
@@ -304,12 +348,18 @@ def _sse(events: AsyncIterator[BaseModel], include_usage: bool) -> StreamingResp
     return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _usage(final: RequestOutput) -> Usage:
-    m = final.metrics
-    prompt, completion = len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs)
+def _usage(finals: list[RequestOutput]) -> Usage:
+    """Token counts and FLOPs, summed over the requests of a batch."""
+    prompt = sum(len(f.prompt_token_ids) for f in finals)
+    completion = sum(len(c.token_ids) for f in finals for c in f.outputs)
+    by_part: dict[str, int] = {}
+    for f in finals:
+        for part, flops in f.metrics.flops_by_part.items():
+            by_part[part] = by_part.get(part, 0) + flops
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details={"cached_tokens": m.cached_prompt_tokens},
-                 flops=Flops(measured=m.measured_flops, law_2NT=m.law_flops, by_part=dict(m.flops_by_part)))
+                 prompt_tokens_details={"cached_tokens": sum(f.metrics.cached_prompt_tokens for f in finals)},
+                 flops=Flops(measured=sum(f.metrics.measured_flops for f in finals), law_2NT=sum(f.metrics.law_flops for f in finals),
+                             by_part=by_part))
 
 
 def _completion_logprobs(c: CompletionOutput, streamed: bool) -> CompletionLogprobs:
