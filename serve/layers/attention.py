@@ -99,11 +99,14 @@ class PagedAttention(nn.Module):
         single call with a bottom-right mask would give the same, but reads a (length x context)
         mask per head (slower than the attention itself at 8k) and computes the masked pairs."""
         n, heads = q.shape[0], self.num_heads
-        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-        if chunk.past_slots is None:
-            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
         group = heads // self.num_kv_heads
-        o_new, lse_new = attention_with_lse(qh, kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1), causal=True)
+        # the chunk's own K/V repeated per query head: CUDA's fused kernels take no GQA (with
+        # enable_gqa SDPA falls back to its math path, which computes the masked half too)
+        qh = q.transpose(0, 1).unsqueeze(0)
+        kh, vh = (x.transpose(0, 1).unsqueeze(0).repeat_interleave(group, 1) for x in (k, v))
+        if chunk.past_slots is None:
+            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)[0].transpose(0, 1)
+        o_new, lse_new = attention_with_lse(qh, kh, vh, causal=True)
         # over the past, the query heads sharing a K/V head are that head's rows: no repeat, no mask
         rows = q.view(n, self.num_kv_heads, group, self.head_dim).permute(1, 2, 0, 3).reshape(1, self.num_kv_heads, group * n, -1)
         past_k, past_v = self._context(self.k_cache, chunk.past_slots, 1), self._context(self.v_cache, chunk.past_slots, 1)
