@@ -2,7 +2,7 @@
 
 Uses the per-op formulas of `torch.utils.flop_counter` (the ones FlopCounterMode applies:
 matmul, conv, attention; forward *and* backward; 2 FLOPs per multiply-add) in a dispatch mode
-of our own, with two fixes:
+of our own, with three fixes:
 
 1. Attention kernels get one formula, ours. Stock FlopCounterMode counts CPU SDPA
    (`_scaled_dot_product_flash_attention_for_cpu`) as 0 FLOPs, silently, and counts causal
@@ -10,7 +10,9 @@ of our own, with two fixes:
    pairs the causal mask leaves (what flash kernels compute); an explicit mask counts every
    pair (the kernel computes them all, then masks). Backward is 2x forward (dQ, dK, dV, dP;
    a flash kernel's recompute of the scores is hardware work, not model work).
-2. FLOPs are attributed to parts (`profiling.parts`) from the module that ran each op, in
+2. Matmuls torch's table lacks get one too: oneDNN's on a prepacked weight, which serving
+   runs on the CPU (serve.layers.linear).
+3. FLOPs are attributed to parts (`profiling.parts`) from the module that ran each op, in
    backward too (by autograd sequence number: see `_ModuleSpans`).
 
 Counting can run on fake tensors (`fake=True`): the same ops dispatch with shapes only, no
@@ -92,6 +94,15 @@ ATTENTION_FORMULAS: dict = {
         aten._scaled_dot_product_cudnn_attention_backward,
     )
 }
+
+
+def _packed_linear_flops(x: torch.Tensor, *args, out_val: torch.Tensor, **kwargs) -> int:
+    """oneDNN's matmul on a prepacked weight (serve.layers.linear on the CPU): 2 x rows x in x
+    out, as stock addmm/mm are counted (torch's table does not know this op)."""
+    return 2 * x.numel() * out_val.shape[-1]
+
+
+MATMUL_FORMULAS: dict = {torch.ops.mkldnn._linear_pointwise: _packed_linear_flops}
 ATTENTION_OPS = frozenset(ATTENTION_FORMULAS) | {
     aten._flash_attention_forward,
     aten._flash_attention_backward,
@@ -186,7 +197,7 @@ class _CountingMode(TorchDispatchMode):
     def __init__(self, spans: _ModuleSpans) -> None:
         super().__init__()
         self.spans = spans
-        self.formulas = {**flop_registry, **ATTENTION_FORMULAS}
+        self.formulas = {**flop_registry, **MATMUL_FORMULAS, **ATTENTION_FORMULAS}
         self.forward: dict[tuple[str, object], int] = defaultdict(int)
         self.backward: list[tuple[int, object, int]] = []
 

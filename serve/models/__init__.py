@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from serve.layers.linear import can_pack, pack_linears
 from serve.layers.rope import RotaryEmbedding, inverse_frequencies
 from serve.models.llama import LlamaForCausalLM, biases_of
 from serve.weights import load_state_dict
@@ -29,4 +30,7 @@ def load_model(model_dir: Path, hf_config, rope: dict, max_model_len: int, dtype
     missing = [k for k in missing if not (k == "lm_head.weight" and model.tied)]
     if missing or unexpected:
         raise ValueError(f"checkpoint {model_dir} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.to(dtype).eval()  # forward runs under no_grad; requires_grad stays on so param_parts sees trained weights
+    model = model.to(dtype).eval()  # forward runs under no_grad; requires_grad stays on so param_parts sees trained weights
+    if can_pack(device, dtype):
+        pack_linears(model, keep=frozenset({id(model.model.embed_tokens.weight)}))
+    return model

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serve.layers.attention import AttentionMetadata, PagedAttention
+from serve.layers.linear import Linear
 from serve.layers.rope import RotaryEmbedding
 
 
@@ -37,10 +38,10 @@ class Attention(nn.Module):
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: dict[str, bool]) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias["q_proj"])
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias["k_proj"])
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias["v_proj"])
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias["o_proj"])
+        self.q_proj = Linear(hidden, heads * head_dim, bias=bias["q_proj"])
+        self.k_proj = Linear(hidden, kv_heads * head_dim, bias=bias["k_proj"])
+        self.v_proj = Linear(hidden, kv_heads * head_dim, bias=bias["v_proj"])
+        self.o_proj = Linear(heads * head_dim, hidden, bias=bias["o_proj"])
         self.attn = PagedAttention(heads, kv_heads, head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata) -> torch.Tensor:
@@ -56,9 +57,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -99,7 +100,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg, rotary_emb: RotaryEmbedding, bias: dict[str, bool]) -> None:
         super().__init__()
         self.model = DecoderModel(cfg, rotary_emb, bias)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         self.tie_weights()
 
