@@ -3,7 +3,7 @@
 Everything downstream (our engine, transformers, vLLM) reads one format: a plain transformers
 directory (config.json + safetensors + tokenizer files). A GGUF file is dequantized through
 transformers' own GGUF reader (the slow part, ~25 s for SmolLM2-135M) exactly once and cached
-under ~/.cache/ministack/models/<stem>-<key>/, where the key changes whenever the file does.
+under ~/.cache/ministack/models/<stem>-<key>/, where the key follows the file's content.
 The cache is written to a temporary directory and renamed into place, so a crash mid-write
 never leaves a directory that looks complete.
 """
@@ -44,12 +44,18 @@ def resolve_model(spec: str | None) -> Path:
     raise ValueError(f"model {spec!r} is not a transformers directory (with config.json), a .gguf file, or 'smollm2'")
 
 
-def _cache_dir(gguf: Path) -> Path:
-    """The file's stat (size, mtime) keys the cache: hashing 100 MB of content on every start
-    would cost more than it protects against."""
-    st = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
-    return cache_root() / f"{gguf.stem}-{key}"
+def _cache_dir(gguf: Path, sample: int = 1 << 20) -> Path:
+    """The file's content keys the cache, sampled: its size, first and last MiB (the header with
+    the model's metadata, and the last tensors). Not its path or mtime: every reinstall of the
+    wheel (a new venv, a fresh CI clone) would convert the same 100 MB again into another
+    540 MB directory. Hashing the whole file on every start would cost more than it protects."""
+    size = gguf.stat().st_size
+    digest = hashlib.sha1(str(size).encode())
+    with gguf.open("rb") as f:
+        digest.update(f.read(sample))
+        f.seek(max(0, size - sample))
+        digest.update(f.read(sample))
+    return cache_root() / f"{gguf.stem}-{digest.hexdigest()[:10]}"
 
 
 def gguf_to_dir(gguf: Path) -> Path:

@@ -34,13 +34,18 @@ def test_default_model_is_a_cached_plain_transformers_directory():
     assert model_name(path) == "SmolLM2-135M-Instruct"
 
 
-def test_cache_key_follows_the_file_and_a_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
+def test_cache_key_follows_the_content_and_a_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("MINISTACK_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "broken.gguf"
-    bad.write_bytes(b"not a gguf file")
+    bad.write_bytes(b"not a gguf file" * 1000)
     key = _cache_dir(bad)
     os.utime(bad, ns=(1, 1))
-    assert _cache_dir(bad) != key
+    (tmp_path / "elsewhere").mkdir()
+    copy = tmp_path / "elsewhere" / "broken.gguf"
+    copy.write_bytes(bad.read_bytes())
+    assert _cache_dir(bad) == _cache_dir(copy) == key  # a reinstall (new path, new mtime) reuses the cache
+    bad.write_bytes(b"not a gguf file" * 999 + b"NOT A GGUF FILE")
+    assert _cache_dir(bad) != key  # new content, new key
     with pytest.raises(Exception):
         gguf_to_dir(bad)
     assert list((tmp_path / "cache" / "models").iterdir()) == []
