@@ -3,7 +3,7 @@ the logits to sample from plus each sequence's FLOPs.
 
 The cache is one tensor (2, layers, kv_heads, num_blocks * block_size, head_dim): slot
 `block * block_size + offset` of a layer and head holds one token's K (or V). Each attention layer
-gets views of its K and V planes. The step's tokens are laid out decodes first, sorted by
+gets a view of its K and V planes (one gather reads both). The step's tokens are laid out decodes first, sorted by
 context length and cut into groups that each make one batched attention call
 (serve.layers.attention), then prefill chunks.
 """
@@ -52,7 +52,7 @@ class ModelRunner:
         # zeros, not empty: padded decode rows read slot 0.., and masked garbage could be NaN
         self.kv = torch.zeros(2, shape.layers, shape.kv_heads, num_blocks * block_size, shape.head_dim, dtype=dtype, device=device)
         for i, attn in enumerate(model.attention_layers()):
-            attn.k_cache, attn.v_cache = self.kv[0, i], self.kv[1, i]
+            attn.kv_cache = self.kv[:, i]
 
     def _context_slots(self, tables: list[list[int]], length: int) -> torch.Tensor | slice:
         """(len(tables), length) cache slots of the first `length` tokens of each block table

@@ -73,19 +73,19 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         # (kv_heads, num_slots, head_dim) views into the engine's cache, set by the model runner:
         # head-major, so a head's context is one contiguous run, the layout SDPA reads fastest
-        self.k_cache = self.v_cache = torch.empty(0)
+        self.kv_cache = torch.empty(0)  # (2, kv_heads, num_slots, head_dim): K and V planes, read together
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q (tokens, heads, head_dim), k/v (tokens, kv_heads, head_dim) -> (tokens, heads * head_dim)."""
-        self.k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        self.v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        self.kv_cache[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        self.kv_cache[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
         for group in meta.decodes:
             # one query per sequence: the query heads sharing a K/V head become that head's
             # query rows, a plain (non-GQA) call that reads each K/V head once
             rows, n = slice(group.start, group.start + group.count), group.count
             queries = q[rows].view(n, self.num_kv_heads, -1, self.head_dim)
-            ctx_k, ctx_v = self._context(self.k_cache, group.slots, n), self._context(self.v_cache, group.slots, n)
+            ctx_k, ctx_v = self._context(group.slots, n)
             o = F.scaled_dot_product_attention(queries, ctx_k, ctx_v, attn_mask=group.mask)
             out[rows] = o.reshape(n, self.num_heads, self.head_dim)  # CUDA kernels may return it strided
         for chunk in meta.prefills:
@@ -109,7 +109,7 @@ class PagedAttention(nn.Module):
         o_new, lse_new = attention_with_lse(qh, kh, vh, causal=True)
         # over the past, the query heads sharing a K/V head are that head's rows: no repeat, no mask
         rows = q.view(n, self.num_kv_heads, group, self.head_dim).permute(1, 2, 0, 3).reshape(1, self.num_kv_heads, group * n, -1)
-        past_k, past_v = self._context(self.k_cache, chunk.past_slots, 1), self._context(self.v_cache, chunk.past_slots, 1)
+        past_k, past_v = self._context(chunk.past_slots, 1)
         o_past, lse_past = attention_with_lse(rows, past_k, past_v, causal=False)
         o_past = o_past.reshape(heads, n, self.head_dim)
         lse_past = lse_past.reshape(heads, n, 1)
@@ -118,8 +118,10 @@ class PagedAttention(nn.Module):
         merged = o_past * (lse_past - lse).exp() + o_new * (lse_new - lse).exp()
         return merged.to(q.dtype).transpose(0, 1)
 
-    def _context(self, cache: torch.Tensor, slots: torch.Tensor | slice, batch: int) -> torch.Tensor:
-        """(batch, kv_heads, length, head_dim) keys or values at `slots` ((batch, length) or a slice).
-        index_select, not advanced indexing: ~10x faster for this gather on CPU."""
-        ctx = cache[:, slots] if isinstance(slots, slice) else cache.index_select(1, slots.flatten())
-        return ctx.view(self.num_kv_heads, batch, -1, self.head_dim).transpose(0, 1)
+    def _context(self, slots: torch.Tensor | slice, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at `slots` ((batch, length) or a slice), each (batch, kv_heads, length,
+        head_dim): one gather for both planes. index_select, not advanced indexing: ~10x faster
+        for this gather on CPU."""
+        ctx = self.kv_cache[:, :, slots] if isinstance(slots, slice) else self.kv_cache.index_select(2, slots.flatten())
+        ctx = ctx.view(2, self.num_kv_heads, batch, -1, self.head_dim).transpose(1, 2)
+        return ctx[0], ctx[1]
