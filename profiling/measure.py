@@ -11,7 +11,8 @@ of our own, with three fixes:
    pair (the kernel computes them all, then masks). Backward is 2x forward (dQ, dK, dV, dP;
    a flash kernel's recompute of the scores is hardware work, not model work).
 2. Matmuls torch's table lacks get one too: oneDNN's on a prepacked weight, which serving
-   runs on the CPU (serve.layers.linear).
+   runs on the CPU (serve.layers.linear); so do custom attention kernels, which register
+   themselves (`register_attention_kernel`: serve.kernels' paged decode attention).
 3. FLOPs are attributed to parts (`profiling.parts`) from the module that ran each op, in
    backward too (by autograd sequence number: see `_ModuleSpans`).
 
@@ -103,12 +104,19 @@ def _packed_linear_flops(x: torch.Tensor, *args, out_val: torch.Tensor, **kwargs
 
 
 MATMUL_FORMULAS: dict = {torch.ops.mkldnn._linear_pointwise: _packed_linear_flops}
-ATTENTION_OPS = frozenset(ATTENTION_FORMULAS) | {
+ATTENTION_OPS = set(ATTENTION_FORMULAS) | {
     aten._flash_attention_forward,
     aten._flash_attention_backward,
     aten._efficient_attention_forward,
     aten._efficient_attention_backward,
 }
+
+
+def register_attention_kernel(op: torch._ops.OpOverloadPacket, formula: Callable[..., int]) -> None:
+    """Count a custom attention op (one loaded at run time, like serve.kernels') as attention,
+    with `formula(*args, out_val=..., **kwargs)` giving its FLOPs."""
+    ATTENTION_FORMULAS[op] = formula
+    ATTENTION_OPS.add(op)
 
 
 @dataclass

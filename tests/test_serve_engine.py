@@ -111,13 +111,16 @@ def test_bad_requests_are_refused(engine):
         engine.add_request("t", [5], SamplingParams(temperature=-1))
 
 
-@pytest.mark.parametrize("group_cost", [None, 0], ids=["one-decode-call", "a-call-per-length"])
-def test_runtime_flops_equal_the_counted_ops_of_each_step(engine, group_cost):
-    """Decodes padded to their group's longest context, a first chunk (causal), a later chunk
-    over its cached past (masked), a completing prefill: per-sequence shares sum to the op
-    counter's, with the decodes in one call or in one call per context length."""
-    if group_cost is not None:
-        engine.runner.group_cost = group_cost
+@pytest.mark.parametrize("decode_path", ["paged-kernel", "gathered-one-call", "gathered-call-per-length"])
+def test_runtime_flops_equal_the_counted_ops_of_each_step(engine, decode_path):
+    """Decodes (in the paged kernel: each over its own context; gathered: padded to their
+    group's longest), a first chunk (causal), a later chunk over its cached past (masked), a
+    completing prefill: per-sequence shares sum to the op counter's, whichever way decodes run."""
+    if decode_path == "paged-kernel" and not engine.runner.decode_kernel:
+        pytest.skip("no paged decode kernel on this device")
+    if decode_path != "paged-kernel":
+        engine.runner.decode_kernel = False
+        engine.runner.group_cost = 0 if decode_path == "gathered-call-per-length" else 10**9
     engine.scheduler.max_num_batched_tokens = 20
     a, b, c = prompts([10, 5, 30], seed=12)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)

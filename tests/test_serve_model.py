@@ -53,8 +53,12 @@ def assert_matches(hf_model, prompt: list[int], completion, atol: float = 2e-4) 
             assert alt["logprob"] == pytest.approx(float(row[alt["token_id"]]), abs=atol)
 
 
-def test_greedy_matches_transformers_across_prompt_lengths(tiny_llama, tmp_path):
+@pytest.mark.parametrize("decode_kernel", [True, False], ids=["paged-kernel", "gathered"])
+def test_greedy_matches_transformers_across_prompt_lengths(tiny_llama, tmp_path, decode_kernel):
     engine = make_engine(tiny_llama, tmp_path)
+    if decode_kernel and not engine.runner.decode_kernel:
+        pytest.skip("no paged decode kernel on this device")
+    engine.runner.decode_kernel = decode_kernel
     ps = prompts([1, 7, 16, 17, 45])
     for prompt, out in zip(ps, engine.generate(ps, GREEDY)):  # one mixed batch of five lengths
         assert_matches(tiny_llama, prompt, out.outputs[0])
@@ -86,6 +90,7 @@ def test_chunked_prefill_beside_running_decodes(tiny_llama, tmp_path):
 
 def test_decodes_in_length_groups_match_transformers(tiny_llama, tmp_path):
     engine = make_engine(tiny_llama, tmp_path)
+    engine.runner.decode_kernel = False  # the gathered path (CUDA's; the CPU's without the kernel)
     engine.runner.group_cost = 4  # cheap calls: decodes of different lengths go in separate calls
     calls = []
     plan = engine.runner._plan_decodes

@@ -6,8 +6,9 @@ sampled. So a sequence's FLOPs for a step are its rows of the linears (dense), i
 attention calls or its row of the batched decode call (attention), and its logits row
 (lm_head). The attention term is what the kernels computed, the way `profiling.measure`
 counts it (tests check the two agree exactly): a prefill chunk computes exactly its
-`causal_pairs`, and a decode row in a batched call covers its group's longest context, padding
-included, which is the measured cost of batching sequences of unequal length.
+`causal_pairs`; a decode in the paged kernel covers exactly its own context, and a decode row
+in a batched call over gathered contexts covers its group's longest context, padding included,
+which is the measured cost of batching sequences of unequal length that way.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ class FlopAttribution:
         s = self.shape
         return s.layers * attention_flops(1, s.heads, q_len, k_len, s.head_dim, s.head_dim, causal)
 
-    def decode(self, longest: int) -> dict[str, int]:
-        """A decode's row of the batched call: one token, one query over its group's longest
-        context (padding included: the kernel computes it), one logits row."""
-        return {DENSE: self.dense_per_token, ATTENTION: self._attention(1, longest, False), LM_HEAD: self.lm_head_per_row}
+    def decode(self, context: int) -> dict[str, int]:
+        """A decode: one token, one query over `context` keys (its own context in the paged
+        kernel; its group's longest, padding included, in a gathered batch), one logits row."""
+        return {DENSE: self.dense_per_token, ATTENTION: self._attention(1, context, False), LM_HEAD: self.lm_head_per_row}
 
     def chunk(self, q_len: int, past: int, logits: int) -> dict[str, int]:
         """A prefill chunk: q_len tokens, their queries causal over themselves and over all

@@ -2,10 +2,11 @@
 the logits to sample from plus each sequence's FLOPs.
 
 The cache is one tensor (2, layers, kv_heads, num_blocks * block_size, head_dim): slot
-`block * block_size + offset` of a layer and head holds one token's K (or V). Each attention layer
-gets a view of its K and V planes (one gather reads both). The step's tokens are laid out decodes first, sorted by
-context length and cut into groups that each make one batched attention call
-(serve.layers.attention), then prefill chunks.
+`block * block_size + offset` of a layer and head holds one token's K (or V). Each attention
+layer gets a view of its K and V planes. The step's tokens are laid out decodes first, then
+prefill chunks. Decodes go to the paged decode kernel with their block tables where it is
+built (the CPU: serve.kernels); otherwise they are sorted by context length and cut into groups
+that each make one batched attention call over gathered contexts (serve.layers.attention).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from profiling.formulas.llama import DecoderShape
 from serve.engine.flops import FlopAttribution
 from serve.engine.sequence import Sequence
-from serve.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from serve.kernels import paged_decode_attention
+from serve.layers.attention import AttentionMetadata, DecodeGroup, PagedDecodes, PrefillChunk
 from serve.models.llama import LlamaForCausalLM
 
 
@@ -48,6 +50,7 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, shape: DecoderShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
         self.model, self.block_size, self.device = model, block_size, device
         self.group_cost = GROUP_COST_TOKENS.get(device.type, GROUP_COST_TOKENS["cuda"])
+        self.decode_kernel = device.type == "cpu" and paged_decode_attention() is not None  # else: gathered groups
         self.flops = FlopAttribution(shape)
         # zeros, not empty: padded decode rows read slot 0.., and masked garbage could be NaN
         self.kv = torch.zeros(2, shape.layers, shape.kv_heads, num_blocks * block_size, shape.head_dim, dtype=dtype, device=device)
@@ -90,7 +93,10 @@ class ModelRunner:
                 sampling.append(seq)
         meta = AttentionMetadata(slot_mapping=self._tensor(slots))
         start = 0
-        for size in length_groups([s.num_computed_tokens + 1 for s in decodes], self.group_cost):
+        if decodes and self.decode_kernel:
+            meta.paged = self._plan_paged(decodes)
+            start = len(decodes)
+        for size in length_groups([s.num_computed_tokens + 1 for s in decodes], self.group_cost) if not meta.paged else ():
             meta.decodes.append(self._plan_decodes(decodes[start : start + size], start))
             start += size
         for seq, n in prefills:
@@ -101,6 +107,15 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _plan_paged(self, decodes: list[Sequence]) -> PagedDecodes:
+        """All decodes in one kernel call: block tables and context lengths, nothing gathered."""
+        lengths = [s.num_computed_tokens + 1 for s in decodes]
+        width = -(-max(lengths) // self.block_size)
+        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes]
+        for seq, n in zip(decodes, lengths):
+            self._charge(seq, self.flops.decode(n))  # exactly its own context
+        return PagedDecodes(len(decodes), torch.tensor(tables, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32), self.block_size)
 
     def _plan_decodes(self, decodes: list[Sequence], start: int) -> DecodeGroup:
         """One batched call for a group: every context padded to the longest, the padding masked."""

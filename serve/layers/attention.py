@@ -1,14 +1,17 @@
-"""Attention over a paged KV cache, in plain torch (the same code runs on CPU and CUDA).
+"""Attention over a paged KV cache: the C++ kernel for decodes on the CPU, plain torch elsewhere.
 
 A step's tokens arrive flattened: first one token per decoding sequence, then the chunks of
 the sequences being prefilled. Every layer writes the new K/V into the cache at each token's
 slot (`slot_mapping`, one index_copy_), then attends:
 
-- decodes, batched in groups of similar context length: each group's contexts are gathered
-  from their blocks into one padded (group, kv_heads, longest, head_dim) tensor and run
-  through one SDPA call with an additive mask hiding the padding. Gathering costs a copy,
-  but one kernel call per group beats a Python loop of small ones; grouping by length
-  (serve.engine.model_runner) keeps the padding, which is copied and computed too, small.
+- decodes on the CPU: one call of the paged decode kernel (serve.kernels), which walks each
+  sequence's block table and reads its context where it lies, exactly its own length.
+- decodes elsewhere (CUDA, or a CPU without the kernel), in groups of similar context length:
+  each group's contexts are gathered from their blocks into one padded (group, kv_heads,
+  longest, head_dim) tensor and run through one SDPA call with an additive mask hiding the
+  padding. Gathering costs a copy, but one kernel call per group beats a Python loop of small
+  ones; grouping by length (serve.engine.model_runner) keeps the padding, which is copied and
+  computed too, small.
 - prefill chunks, each on its own: causal attention over the chunk's fresh K/V, and for a
   chunk after a cached prefix (earlier chunks or a prefix-cache hit) a second, unmasked call
   over the cached keys, the two merged by their log-sum-exps (query at position p sees keys
@@ -31,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve.kernels import paged_decode_attention
+
 
 @dataclass
 class PrefillChunk:
@@ -48,9 +53,20 @@ class DecodeGroup:
 
 
 @dataclass
+class PagedDecodes:
+    """The step's decodes (its first `count` tokens) for the paged decode kernel."""
+
+    count: int
+    block_tables: torch.Tensor  # (count, max_blocks) int32, padded with block 0
+    context_lens: torch.Tensor  # (count,) int32, the new token included
+    block_size: int
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (tokens,) cache slot of each new token's K/V
-    decodes: list[DecodeGroup] = field(default_factory=list)  # the step's first tokens
+    paged: PagedDecodes | None = None  # the step's first tokens, for the kernel ...
+    decodes: list[DecodeGroup] = field(default_factory=list)  # ... or in gathered groups
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -80,6 +96,9 @@ class PagedAttention(nn.Module):
         self.kv_cache[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         self.kv_cache[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         out = torch.empty_like(q)
+        if meta.paged is not None:
+            p = meta.paged
+            out[: p.count] = paged_decode_attention()(q[: p.count], self.kv_cache, p.block_tables, p.context_lens, p.block_size, self.head_dim**-0.5)
         for group in meta.decodes:
             # one query per sequence: the query heads sharing a K/V head become that head's
             # query rows, a plain (non-GQA) call that reads each K/V head once

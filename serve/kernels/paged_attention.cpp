@@ -1,0 +1,316 @@
+// Decode attention read straight from the paged KV cache, for the CPU.
+//
+// One query token per sequence attends over its context, which lives in the cache's blocks
+// (block_tables) rather than in one tensor. Torch alone has to gather those blocks into a
+// padded copy before SDPA can run (a copy of every context, every layer, every step, plus the
+// padding); this kernel walks the block table and reads each block where it is.
+//
+// Work is split over (sequence, kv head, context partition): the query heads that share a
+// K/V head are processed together, so each K/V row is read once for all of them, and a long
+// context is cut into partitions so that one sequence still keeps every core busy. Each
+// partition runs a two-pass softmax over its scores (they fit in cache: heads/kv_heads x
+// PARTITION floats); the partitions of a sequence are then merged by their maxima and sums
+// (the log-sum-exp merge of split-K attention). Accumulation is float32 whatever the cache's
+// dtype.
+//
+// Compiled on first use by serve/kernels/__init__.py (torch.utils.cpp_extension) with -O3 and
+// the CPU's vector ISA; the loops are written so the compiler vectorizes them (no intrinsics).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t PARTITION = 512;  // context tokens per work item
+
+// e^x for x <= 0 (scores minus their maximum), in plain float arithmetic the compiler
+// vectorizes: e^x = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, and 2^f by its Taylor
+// series to degree 7 (relative error < 1e-8, below float32's resolution).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // e^-87 ~ 1.6e-38: the smallest normal float's neighbourhood
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 x 2^23 pushes the fraction out (|t| < 2^22)
+  const float y = (t - n) * 0.69314718055994531f;  // f ln 2, |y| <= 0.347
+  float p = 1.0f / 5040.0f;
+  p = p * y + 1.0f / 720.0f;
+  p = p * y + 1.0f / 120.0f;
+  p = p * y + 1.0f / 24.0f;
+  p = p * y + 1.0f / 6.0f;
+  p = p * y + 0.5f;
+  p = p * y + 1.0f;
+  p = p * y + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Layout of one layer's cache plane (K or V): (kv_heads, slots, head_dim), last dim contiguous.
+struct Plane {
+  int64_t head_stride, slot_stride;
+};
+
+// The two inner loops over one run of consecutive cache rows (part of a block), for `group`
+// query heads at once. Generic versions the compiler vectorizes as it can; AVX2 versions below.
+//   scores: s[g * n + t] = q_g . k_t          accumulate: out_g += sum_t p[g * n + t] * v_t
+template <typename scalar_t>
+void score_run(const float* q, const scalar_t* k, int64_t stride, int64_t count, int64_t group, int64_t head_dim, float* s, int64_t n) {
+  for (int64_t t = 0; t < count; ++t, k += stride) {
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * head_dim;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * static_cast<float>(k[d]);
+      s[g * n + t] = dot;
+    }
+  }
+}
+
+template <typename scalar_t>
+void accumulate_run(const float* p, const scalar_t* v, int64_t stride, int64_t count, int64_t group, int64_t head_dim, float* out, int64_t n) {
+  for (int64_t t = 0; t < count; ++t, v += stride) {
+    for (int64_t g = 0; g < group; ++g) {
+      const float w = p[g * n + t];
+      float* og = out + g * head_dim;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) og[d] += w * static_cast<float>(v[d]);
+    }
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// Eight floats from any cache dtype.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the high half of a float
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// Lane j of the result is the sum of the lanes of v[j]: eight dot products finished at once.
+inline __m256 sum_lanes8(const __m256 v[8]) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));  // v0..v3, halves apart
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));  // v4..v7
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// head_dim a multiple of 64. Scores for two query heads against four K rows at a time: eight
+// accumulators, six loads per eight FMAs (what AVX2's sixteen registers allow); an odd last
+// head or a short tail of rows repeats the last one, and those lanes are dropped. V is
+// accumulated 64 dims (eight registers) at a time.
+template <typename scalar_t>
+void score_run_avx2(const float* q, const scalar_t* k, int64_t stride, int64_t count, int64_t group, int64_t head_dim, float* s, int64_t n) {
+  for (int64_t t0 = 0; t0 < count; t0 += 4) {
+    const int64_t rows = std::min<int64_t>(4, count - t0);
+    const scalar_t* k0 = k + t0 * stride;
+    const scalar_t* k1 = k0 + std::min<int64_t>(1, rows - 1) * stride;
+    const scalar_t* k2 = k0 + std::min<int64_t>(2, rows - 1) * stride;
+    const scalar_t* k3 = k0 + (rows - 1) * stride;
+    for (int64_t g = 0; g < group; g += 2) {
+      const float* qa = q + g * head_dim;
+      const float* qb = q + std::min(g + 1, group - 1) * head_dim;
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < head_dim; d += 8) {
+        const __m256 a = _mm256_loadu_ps(qa + d), b = _mm256_loadu_ps(qb + d);
+        const __m256 x0 = load8(k0 + d), x1 = load8(k1 + d), x2 = load8(k2 + d), x3 = load8(k3 + d);
+        acc[0] = _mm256_fmadd_ps(a, x0, acc[0]);
+        acc[1] = _mm256_fmadd_ps(a, x1, acc[1]);
+        acc[2] = _mm256_fmadd_ps(a, x2, acc[2]);
+        acc[3] = _mm256_fmadd_ps(a, x3, acc[3]);
+        acc[4] = _mm256_fmadd_ps(b, x0, acc[4]);
+        acc[5] = _mm256_fmadd_ps(b, x1, acc[5]);
+        acc[6] = _mm256_fmadd_ps(b, x2, acc[6]);
+        acc[7] = _mm256_fmadd_ps(b, x3, acc[7]);
+      }
+      float sums[8];  // head g's four scores, then head g + 1's
+      _mm256_storeu_ps(sums, sum_lanes8(acc));
+      std::copy(sums, sums + rows, s + g * n + t0);
+      if (g + 1 < group) std::copy(sums + 4, sums + 4 + rows, s + (g + 1) * n + t0);
+    }
+  }
+}
+
+template <typename scalar_t>
+void accumulate_run_avx2(const float* p, const scalar_t* v, int64_t stride, int64_t count, int64_t group, int64_t head_dim, float* out, int64_t n) {
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
+      float* og = out + g * head_dim + d0;
+      __m256 acc[8];
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_loadu_ps(og + 8 * j);
+      const scalar_t* row = v + d0;
+      for (int64_t t = 0; t < count; ++t, row += stride) {
+        const __m256 w = _mm256_set1_ps(p[g * n + t]);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, load8(row + 8 * j), acc[j]);
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(og + 8 * j, acc[j]);
+    }
+  }
+}
+constexpr bool HAVE_AVX2 = true;
+#else
+constexpr bool HAVE_AVX2 = false;
+#endif
+
+// One work item: the `group` query heads sharing one kv head, over context tokens
+// [begin, end) of one sequence. Writes the unnormalized output (group x head_dim), and each
+// query's score maximum and sum of exponentials, for the merge.
+template <typename scalar_t>
+void attend_partition(const float* q, const scalar_t* k, const scalar_t* v, Plane plane, const int32_t* table,
+                      int64_t block_size, int64_t begin, int64_t end, int64_t group, int64_t head_dim,
+                      float* scores, float* out, float* max_out, float* sum_out) {
+  const int64_t n = end - begin;
+  const bool avx2 = HAVE_AVX2 && head_dim % 64 == 0;
+  // walk [begin, end) as runs of consecutive slots (the rest of a block, at most), asking the
+  // memory system for the next run while this one is computed: blocks are scattered, and a
+  // hardware prefetcher does not follow a block table
+  const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(scalar_t));
+  auto for_each_run = [&](const scalar_t* plane_base, auto&& body) {
+    for (int64_t pos = begin; pos < end;) {
+      const int64_t offset = pos % block_size, run = std::min(block_size - offset, end - pos);
+      const int64_t next = pos + run;
+      if (next < end) {
+        const char* rows = reinterpret_cast<const char*>(plane_base + table[next / block_size] * block_size * plane.slot_stride);
+        const int64_t count = std::min(block_size, end - next), stride = plane.slot_stride * sizeof(scalar_t);
+        for (int64_t t = 0; t < count; ++t)
+          for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(rows + t * stride + b);
+      }
+      body((table[pos / block_size] * block_size + offset) * plane.slot_stride, pos - begin, run);
+      pos = next;
+    }
+  };
+  for_each_run(k, [&](int64_t row, int64_t i, int64_t run) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    if (avx2) return score_run_avx2(q, k + row, plane.slot_stride, run, group, head_dim, scores + i, n);
+#endif
+    score_run(q, k + row, plane.slot_stride, run, group, head_dim, scores + i, n);
+  });
+  for (int64_t g = 0; g < group; ++g) {  // softmax numerators
+    float* s = scores + g * n;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      s[i] = exp_nonpositive(s[i] - m);
+      sum += s[i];
+    }
+    max_out[g] = m;
+    sum_out[g] = sum;
+  }
+  std::fill(out, out + group * head_dim, 0.0f);
+  for_each_run(v, [&](int64_t row, int64_t i, int64_t run) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    if (avx2) return accumulate_run_avx2(scores + i, v + row, plane.slot_stride, run, group, head_dim, out, n);
+#endif
+    accumulate_run(scores + i, v + row, plane.slot_stride, run, group, head_dim, out, n);
+  });
+}
+
+template <typename scalar_t>
+void decode(const at::Tensor& query, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& lens,
+            int64_t block_size, double scale, at::Tensor& out) {
+  const int64_t seqs = query.size(0), heads = query.size(1), head_dim = query.size(2);
+  const int64_t kv_heads = kv.size(1), group = heads / kv_heads;
+  const Plane plane{kv.stride(1), kv.stride(2)};
+  const scalar_t* k_base = kv.data_ptr<scalar_t>();
+  const scalar_t* v_base = k_base + kv.stride(0);
+  const int32_t* len = lens.data_ptr<int32_t>();
+  const int32_t* table_base = tables.data_ptr<int32_t>();
+  const int64_t table_stride = tables.stride(0);
+
+  // queries scaled once, in float32: (seqs, heads, head_dim)
+  const at::Tensor q = (query.to(at::kFloat) * scale).contiguous();
+  const float* q_base = q.data_ptr<float>();
+
+  // work items: (sequence, kv head, partition), each with its own slot for the merge
+  std::vector<int64_t> first_part(seqs + 1, 0);
+  for (int64_t s = 0; s < seqs; ++s) first_part[s + 1] = first_part[s] + (len[s] + PARTITION - 1) / PARTITION;
+  const int64_t parts = first_part[seqs];
+  std::vector<int64_t> part_seq(parts);
+  for (int64_t s = 0; s < seqs; ++s) std::fill(part_seq.begin() + first_part[s], part_seq.begin() + first_part[s + 1], s);
+  std::vector<float> partial(parts * heads * head_dim), maxima(parts * heads), sums(parts * heads);
+
+#pragma omp parallel
+  {
+    std::vector<float> scores(group * PARTITION);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < parts * kv_heads; ++item) {
+      const int64_t part = item / kv_heads, h = item % kv_heads, s = part_seq[part];
+      const int64_t lo = (part - first_part[s]) * PARTITION, hi = std::min<int64_t>(lo + PARTITION, len[s]);
+      const int64_t row = part * heads + h * group;  // this item's first query head among the partials
+      attend_partition<scalar_t>(q_base + (s * heads + h * group) * head_dim, k_base + h * plane.head_stride,
+                                 v_base + h * plane.head_stride, plane, table_base + s * table_stride, block_size, lo,
+                                 hi, group, head_dim, scores.data(), partial.data() + row * head_dim,
+                                 maxima.data() + row, sums.data() + row);
+    }
+  }
+
+  // merge each sequence's partitions: rescale by e^(max_i - max), normalize by the total sum
+  scalar_t* out_base = out.data_ptr<scalar_t>();
+  at::parallel_for(0, seqs * heads, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(head_dim);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / heads, hq = item % heads;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t p = first_part[s]; p < first_part[s + 1]; ++p) m = std::max(m, maxima[p * heads + hq]);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float total = 0.0f;
+      for (int64_t p = first_part[s]; p < first_part[s + 1]; ++p) {
+        const float w = exp_nonpositive(maxima[p * heads + hq] - m);
+        total += w * sums[p * heads + hq];
+        const float* o = partial.data() + (p * heads + hq) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) acc[d] += w * o[d];
+      }
+      scalar_t* dst = out_base + item * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<scalar_t>(acc[d] / total);
+    }
+  });
+}
+
+// query (seqs, heads, head_dim); kv_cache (2, kv_heads, slots, head_dim), one layer's K and V
+// planes (any strides but a contiguous last dim); block_tables (seqs, max_blocks) int32;
+// context_lens (seqs,) int32, each >= 1 (the query's own K/V is already in the cache).
+at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& context_lens, int64_t block_size, double scale) {
+  TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && kv_cache.size(0) == 2, "query (seqs, heads, head_dim), kv_cache (2, kv_heads, slots, head_dim)");
+  TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type(), "query and kv_cache dtypes differ");
+  TORCH_CHECK(kv_cache.stride(3) == 1 && kv_cache.size(3) == query.size(2), "kv_cache head_dim must match the query's and be contiguous");
+  TORCH_CHECK(query.size(1) % kv_cache.size(1) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt, "block_tables and context_lens must be int32");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == query.size(0) && block_tables.stride(1) == 1, "block_tables (seqs, max_blocks), rows contiguous");
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == query.size(0) && context_lens.is_contiguous(), "context_lens (seqs,)");
+  const at::Tensor lens = context_lens;
+  const int32_t* len = lens.data_ptr<int32_t>();
+  for (int64_t s = 0; s < query.size(0); ++s)
+    TORCH_CHECK(len[s] >= 1 && (len[s] + block_size - 1) / block_size <= block_tables.size(1), "context length ", len[s], " of sequence ", s, " does not fit its block table");
+  at::Tensor out = at::empty(query.sizes(), query.options());
+  AT_DISPATCH_SWITCH(query.scalar_type(), "paged_decode_attention",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { decode<scalar_t>(query, kv_cache, block_tables, lens, block_size, scale, out); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { decode<scalar_t>(query, kv_cache, block_tables, lens, block_size, scale, out); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { decode<scalar_t>(query, kv_cache, block_tables, lens, block_size, scale, out); }));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ministack, m) {
+  m.def("paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor context_lens, int block_size, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ministack, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

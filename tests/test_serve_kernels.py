@@ -1,0 +1,106 @@
+"""The paged decode attention kernel (serve/kernels) against SDPA over the same contexts gathered
+by hand: scattered and partial blocks, contexts longer than a work partition, every GQA group
+size, the vectorized (head_dim % 64 == 0) and generic paths, reduced-precision caches, bad
+shapes refused, and its FLOPs counted as attention by profiling.measure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from profiling.measure import attention_flops, count_flops
+from profiling.parts import ATTENTION
+from serve.kernels import paged_decode_attention
+
+op = paged_decode_attention()
+pytestmark = pytest.mark.skipif(op is None, reason="the paged decode kernel could not be built here")
+
+
+def paged_case(lengths: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int, dtype=torch.float32, seed: int = 0):
+    """A two-layer cache whose blocks are handed out in random order, queries, and the tables."""
+    g = torch.Generator().manual_seed(seed)
+    needed = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(needed) + 3
+    kv = torch.randn(2, 2, kv_heads, num_blocks * block_size, head_dim, generator=g).to(dtype)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables, at = [], 0
+    for n in needed:
+        tables.append(order[at : at + n])
+        at += n
+    width = max(needed)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q = torch.randn(len(lengths), heads, head_dim, generator=g).to(dtype)
+    return kv[:, 1], q, tables, padded  # layer 1: a strided view, as the engine passes it
+
+
+def reference(kv: torch.Tensor, q: torch.Tensor, tables: list[list[int]], lengths: list[int], block_size: int) -> torch.Tensor:
+    """Each sequence's context gathered from its blocks, then SDPA in float64."""
+    rows = []
+    kv_heads = kv.shape[1]
+    for i, (table, n) in enumerate(zip(tables, lengths)):
+        slots = (torch.tensor(table).unsqueeze(1) * block_size + torch.arange(block_size)).flatten()[:n]
+        k, v = (kv[j][:, slots].double() for j in (0, 1))
+        queries = q[i].double().view(kv_heads, -1, q.shape[-1])
+        rows.append(F.scaled_dot_product_attention(queries, k, v).reshape(q.shape[1], q.shape[2]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    "lengths,heads,kv_heads,head_dim,block_size",
+    [
+        ([1, 5, 16, 17, 40], 9, 3, 64, 16),  # SmolLM2's shape: odd group, partial blocks
+        ([1300, 513, 512, 2], 4, 4, 64, 16),  # past one 512-token partition: the merge; no GQA
+        ([33, 100], 8, 2, 128, 16),  # Llama's head_dim, group of 4
+        ([7, 60, 129], 7, 1, 64, 5),  # group of 7, a block size that does not divide anything
+        ([9, 700], 6, 2, 48, 16),  # head_dim not a multiple of 64: the generic loops
+    ],
+)
+def test_matches_sdpa_over_gathered_contexts(lengths, heads, kv_heads, head_dim, block_size):
+    kv, q, tables, padded = paged_case(lengths, heads, kv_heads, head_dim, block_size)
+    out = op(q, kv, padded, torch.tensor(lengths, dtype=torch.int32), block_size, head_dim**-0.5)
+    torch.testing.assert_close(out.double(), reference(kv, q, tables, lengths, block_size), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_caches_accumulate_in_float32(dtype):
+    lengths = [3, 200, 1100]
+    kv, q, tables, padded = paged_case(lengths, 9, 3, 64, 16, dtype=dtype, seed=1)
+    out = op(q, kv, padded, torch.tensor(lengths, dtype=torch.int32), 16, 0.125)
+    assert out.dtype == dtype
+    # against float64 math on the same rounded inputs: only the output's own rounding differs
+    expected = reference(kv, q, tables, lengths, 16)
+    torch.testing.assert_close(out.double(), expected, atol=8e-3, rtol=1e-2)
+
+
+def test_bad_inputs_are_refused():
+    lengths = [20, 5]
+    kv, q, _, padded = paged_case(lengths, 9, 3, 64, 16)
+    with pytest.raises(RuntimeError, match="does not fit its block table"):
+        op(q, kv, padded, torch.tensor([40, 5], dtype=torch.int32), 16, 0.125)
+    with pytest.raises(RuntimeError, match="context length 0"):
+        op(q, kv, padded, torch.tensor([0, 5], dtype=torch.int32), 16, 0.125)
+    with pytest.raises(RuntimeError, match="must be int32"):
+        op(q, kv, padded.long(), torch.tensor(lengths, dtype=torch.int32), 16, 0.125)
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        op(q[:, :8], kv, padded, torch.tensor(lengths, dtype=torch.int32), 16, 0.125)
+
+
+def test_flops_are_counted_as_attention_over_each_own_context():
+    lengths = [10, 300, 41]
+    kv, q, _, padded = paged_case(lengths, 9, 3, 64, 16)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    counted = count_flops(lambda: op(q, kv, padded, lens, 16, 0.125))
+    assert counted.by_part == {ATTENTION: attention_flops(1, 9, 1, sum(lengths), 64, 64, causal=False)}
+
+
+def test_the_kernels_can_be_switched_off(monkeypatch):
+    """MINISTACK_NO_KERNELS=1: nothing is built or loaded, and the engine gathers contexts."""
+    monkeypatch.setenv("MINISTACK_NO_KERNELS", "1")
+    paged_decode_attention.cache_clear()
+    try:
+        assert paged_decode_attention() is None
+    finally:
+        monkeypatch.delenv("MINISTACK_NO_KERNELS")
+        paged_decode_attention.cache_clear()
+    assert paged_decode_attention() is op
