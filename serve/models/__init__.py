@@ -8,7 +8,7 @@ import torch
 
 from serve.layers.linear import can_pack, pack_linears
 from serve.layers.rope import RotaryEmbedding, inverse_frequencies
-from serve.models.llama import LlamaForCausalLM, biases_of
+from serve.models.llama import LlamaForCausalLM, biases_of, stack_projections
 from serve.weights import load_state_dict
 
 # transformers model types that are this architecture (their differences are read from the checkpoint)
@@ -19,7 +19,7 @@ def load_model(model_dir: Path, hf_config, rope: dict, max_model_len: int, dtype
     """The model of `model_dir` with its weights, in eval mode on `device`."""
     if hf_config.model_type not in LLAMA_FAMILY:
         raise ValueError(f"model type {hf_config.model_type!r} is not supported (supported: {', '.join(sorted(LLAMA_FAMILY))})")
-    state = load_state_dict(model_dir)
+    state = stack_projections(load_state_dict(model_dir))
     inv_freq, scaling = inverse_frequencies(hf_config, rope, max_model_len)
     with torch.device("meta"):  # no random init of weights about to be overwritten
         model = LlamaForCausalLM(hf_config, RotaryEmbedding(inv_freq, scaling, max_model_len), biases_of(state))
