@@ -234,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda (every engine runs there)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="ministack's per-step token budget")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: ministack picks (float32 math on a CPU without fast bf16); the peers run float32 there")
+    p.add_argument("--half-weights", default="off", choices=("auto", "on", "off", "both"),
+                   help="ministack's float16-stored weights on the CPU (float32 math); both: one server with, one without")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from transformers import AutoConfig, AutoTokenizer
@@ -257,20 +260,24 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Level] = []
     long: dict[str, dict] = {}
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--device", args.device, "--dtype", args.dtype,
-           "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)), "--kv-cache-gb", "2", "--log-level", "warning",
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    print(f"ministack: {' '.join(cmd[1:])}", flush=True)
-    with server(cmd, port) as url:
-        results += measure_server("ministack", url, work, warm_up)
-        if args.long_prompt:
-            long["ministack"] = long_prefix(url, long_tokens, tail)
+    # what "auto" is for the peers: float32 on a CPU (bf16 is slow on most), bf16 on a GPU
+    peer_dtype = args.dtype if args.dtype != "auto" else "float32" if args.device == "cpu" else "bfloat16"
+    for half in ("off", "on") if args.half_weights == "both" else (args.half_weights,):
+        name = "ministack-half" if half == "on" else "ministack"
+        port = free_port()
+        cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--device", args.device, "--dtype", args.dtype,
+               "--half-weights", half, "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)), "--kv-cache-gb", "2",
+               "--log-level", "warning", "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        print(f"{name}: {' '.join(cmd[1:])}", flush=True)
+        with server(cmd, port) as url:
+            results += measure_server(name, url, work, warm_up)
+            if args.long_prompt:
+                long[name] = long_prefix(url, long_tokens, tail)
 
     if args.vllm_python:
         port = free_port()
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
-               "--dtype", args.dtype, "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)),
+               "--dtype", peer_dtype, "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)),
                "--kv-cache-memory-bytes", str(2 << 30), "--disable-log-stats"]
         print(f"vLLM: {' '.join(cmd[1:])}", flush=True)
         with server(cmd, port, env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}) as url:
@@ -280,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_transformers:
         print("transformers generate (in process)", flush=True)
-        results += measure_transformers(model_dir, work, warm_up, args.device, args.dtype)
+        results += measure_transformers(model_dir, work, warm_up, args.device, peer_dtype)
 
-    print(f"\n{shape}, {args.dtype} on {args.device}\nprompts of {args.prompt_lengths} tokens, outputs of {args.output_tokens} tokens (mixed), greedy, ignore_eos\n")
+    print(f"\n{shape}, {args.dtype} on {args.device} (peers: {peer_dtype}; ministack-half: float16-stored weights, float32 math)\nprompts of {args.prompt_lengths} tokens, outputs of {args.output_tokens} tokens (mixed), greedy, ignore_eos\n")
     print("| engine | concurrency | output tok/s | vs transformers | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
     print("|---|---|---|---|---|---|---|---|")
     hf = {r.concurrency: r.tokens_per_s for r in results if r.engine == "transformers"}
@@ -293,10 +300,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{pct(r.ttft, .99) * 1e3:.0f} ms | {itl} |")
 
     if long:
-        name, peak = device_peak(args.device, args.dtype)
+        name, peak = device_peak(args.device, peer_dtype)
         formula = sum(decoder_flops(shape, q_len=len(long_tokens), past_len=0, logits=1).values())
         print(f"\nlong context: {len(long_tokens)}-token prompt, then the same prefix + {len(tail)} tokens; "
-              f"{name} {args.dtype} peak {peak / 1e9:.1f} GFLOP/s (profiling.hardware: measured on a CPU, the dense table on a GPU)\n")
+              f"{name} {peer_dtype} peak {peak / 1e9:.1f} GFLOP/s (profiling.hardware: measured on a CPU, the dense table on a GPU)\n")
         print("| engine | TTFT | prefill FLOPs | achieved | of peak | shared-prefix TTFT | speed-up | cached tokens |")
         print("|---|---|---|---|---|---|---|---|")
         for engine, m in long.items():

@@ -11,8 +11,8 @@ of our own, with three fixes:
    pair (the kernel computes them all, then masks). Backward is 2x forward (dQ, dK, dV, dP;
    a flash kernel's recompute of the scores is hardware work, not model work).
 2. Matmuls torch's table lacks get one too: oneDNN's on a prepacked weight, which serving
-   runs on the CPU (serve.layers.linear); so do custom attention kernels, which register
-   themselves (`register_attention_kernel`: serve.kernels' paged decode attention).
+   runs on the CPU (serve.layers.linear); so do custom kernels, which register themselves
+   (`register_kernel`: serve.kernels' paged decode attention and half-weight linear).
 3. FLOPs are attributed to parts (`profiling.parts`) from the module that ran each op, in
    backward too (by autograd sequence number: see `_ModuleSpans`).
 
@@ -112,11 +112,13 @@ ATTENTION_OPS = set(ATTENTION_FORMULAS) | {
 }
 
 
-def register_attention_kernel(op: torch._ops.OpOverloadPacket, formula: Callable[..., int]) -> None:
-    """Count a custom attention op (one loaded at run time, like serve.kernels') as attention,
-    with `formula(*args, out_val=..., **kwargs)` giving its FLOPs."""
-    ATTENTION_FORMULAS[op] = formula
-    ATTENTION_OPS.add(op)
+def register_kernel(op: torch._ops.OpOverloadPacket, formula: Callable[..., int], attention: bool) -> None:
+    """Count a custom op (one loaded at run time, like serve.kernels'), with
+    `formula(*args, out_val=..., **kwargs)` giving its FLOPs: as attention, or as a matmul of
+    the module that ran it."""
+    (ATTENTION_FORMULAS if attention else MATMUL_FORMULAS)[op] = formula
+    if attention:
+        ATTENTION_OPS.add(op)
 
 
 @dataclass

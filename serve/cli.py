@@ -21,6 +21,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("ministack", "vllm"), default="ministack")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--half-weights", choices=("auto", "on", "off"), default="auto",
+                   help="CPU, float32: store linear weights in float16 (float32 math); auto: on with --dtype auto")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--kv-cache-gb", type=float, default=None, help="KV-cache budget in GiB")
@@ -54,7 +56,7 @@ def build_backend(args: argparse.Namespace):
 
     config = EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, kv_cache_bytes=kv_bytes,
-        kv_cache_fraction=args.kv_cache_fraction, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        half_weights={"auto": None, "on": True, "off": False}[args.half_weights], kv_cache_fraction=args.kv_cache_fraction, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, ledger=args.ledger,
     )
     return AsyncEngine(LLMEngine(config), max_queue=args.max_queue)

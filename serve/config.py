@@ -22,6 +22,9 @@ class EngineConfig:
     model: str | None = None  # transformers dir, .gguf file, or None/"smollm2"
     device: str = "cpu"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # linear weights stored in float16, float32 math (CPU, float32 only; serve.layers.linear).
+    # None: on when dtype is "auto" and resolves to float32 on the CPU with the C++ kernels built
+    half_weights: bool | None = None
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_bytes: int | None = None  # KV budget in bytes ...
     kv_cache_fraction: float | None = None  # ... or as a fraction of the memory free after loading weights
@@ -77,6 +80,19 @@ class EngineConfig:
             if preferred_cpu_dtype() != "bf16":
                 raise ValueError("dtype bfloat16 is slow on this CPU (profiling.cpu measured it); use float32")
         return DTYPES[self.dtype]
+
+    def use_half_weights(self, dtype: torch.dtype) -> bool:
+        """Whether linear weights are stored in float16 for compute dtype `dtype`: as set, or by
+        default where the model runs in float32 on the CPU because the dtype was left to auto
+        (an explicit float32 means float32 weights too: what the correctness tests compare)."""
+        from serve.layers.linear import can_store_half
+
+        possible = can_store_half(torch.device(self.device), dtype)
+        if self.half_weights is None:
+            return self.dtype == "auto" and possible
+        if self.half_weights and not possible:
+            raise ValueError("half_weights needs the CPU, dtype float32 and the C++ kernels (serve.kernels; see the log for why they are missing)")
+        return self.half_weights
 
 
 def memory_available(device: torch.device) -> int:

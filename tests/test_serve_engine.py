@@ -7,12 +7,13 @@ from collections import defaultdict
 
 import pytest
 import torch
-from test_serve_model import make_engine, prompts
+from test_serve_model import DEVICE, make_engine, prompts
 
 from profiling.formulas.llama import DECODER_PARTS, DecoderShape, decoder_flops
 from profiling.ledger import read_ledgers
 from profiling.measure import count_flops
 from serve.engine import SamplingParams
+from serve.kernels import load
 
 
 @pytest.fixture
@@ -111,14 +112,16 @@ def test_bad_requests_are_refused(engine):
         engine.add_request("t", [5], SamplingParams(temperature=-1))
 
 
-@pytest.mark.parametrize("decode_path", ["paged-kernel", "gathered-one-call", "gathered-call-per-length"])
-def test_runtime_flops_equal_the_counted_ops_of_each_step(engine, decode_path):
+@pytest.mark.parametrize("decode_path", ["paged-kernel", "gathered-one-call", "gathered-call-per-length", "half-weights"])
+def test_runtime_flops_equal_the_counted_ops_of_each_step(tiny_llama, tmp_path, decode_path):
     """Decodes (in the paged kernel: each over its own context; gathered: padded to their
     group's longest), a first chunk (causal), a later chunk over its cached past (masked), a
-    completing prefill: per-sequence shares sum to the op counter's, whichever way decodes run."""
-    if decode_path == "paged-kernel" and not engine.runner.decode_kernel:
-        pytest.skip("no paged decode kernel on this device")
-    if decode_path != "paged-kernel":
+    completing prefill: per-sequence shares sum to the op counter's, whichever way decodes run
+    and whichever layout the linears have."""
+    if decode_path in ("paged-kernel", "half-weights") and not (DEVICE.type == "cpu" and load()):
+        pytest.skip("the C++ kernels are for the CPU")
+    engine = make_engine(tiny_llama, tmp_path, half_weights=decode_path == "half-weights" or None)
+    if decode_path.startswith("gathered"):
         engine.runner.decode_kernel = False
         engine.runner.group_cost = 0 if decode_path == "gathered-call-per-length" else 10**9
     engine.scheduler.max_num_batched_tokens = 20

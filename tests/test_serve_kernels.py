@@ -1,7 +1,10 @@
-"""The paged decode attention kernel (serve/kernels) against SDPA over the same contexts gathered
-by hand: scattered and partial blocks, contexts longer than a work partition, every GQA group
-size, the vectorized (head_dim % 64 == 0) and generic paths, reduced-precision caches, bad
-shapes refused, and its FLOPs counted as attention by profiling.measure."""
+"""The C++ kernels (serve/kernels).
+
+Paged decode attention against SDPA over the same contexts gathered by hand: scattered and
+partial blocks, contexts longer than a work partition, every GQA group size, the vectorized
+(head_dim % 64 == 0) and generic paths, reduced-precision caches, bad shapes refused, FLOPs
+counted as attention. The half-weight linear against F.linear on the same rounded weights:
+tiles and tails, the generic path, bias, FLOPs counted as its module's matmul."""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from profiling.measure import attention_flops, count_flops
-from profiling.parts import ATTENTION
-from serve.kernels import paged_decode_attention
+from profiling.parts import ATTENTION, DENSE
+from serve.kernels import linear_half_weight, load, paged_decode_attention
 
 op = paged_decode_attention()
 pytestmark = pytest.mark.skipif(op is None, reason="the paged decode kernel could not be built here")
@@ -97,10 +100,29 @@ def test_flops_are_counted_as_attention_over_each_own_context():
 def test_the_kernels_can_be_switched_off(monkeypatch):
     """MINISTACK_NO_KERNELS=1: nothing is built or loaded, and the engine gathers contexts."""
     monkeypatch.setenv("MINISTACK_NO_KERNELS", "1")
-    paged_decode_attention.cache_clear()
+    load.cache_clear()
     try:
         assert paged_decode_attention() is None
     finally:
         monkeypatch.delenv("MINISTACK_NO_KERNELS")
-        paged_decode_attention.cache_clear()
+        load.cache_clear()
     assert paged_decode_attention() is op
+
+
+@pytest.mark.parametrize("rows,features,outputs", [(1, 576, 960), (2, 64, 7), (17, 1536, 576), (300, 64, 130), (3, 12, 5)])
+def test_half_weight_linear_equals_float32_math_on_the_rounded_weight(rows, features, outputs):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, features, generator=g)
+    w = torch.randn(outputs, features, generator=g).half()
+    b = torch.randn(outputs, generator=g)
+    expected = F.linear(x.double(), w.double(), b.double())
+    torch.testing.assert_close(linear_half_weight()(x, w, b).double(), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(linear_half_weight()(x, w, None).double(), expected - b.double(), atol=1e-4, rtol=1e-5)
+
+
+def test_half_weight_linear_refuses_a_float32_weight_and_is_counted_as_a_matmul():
+    x, w = torch.randn(3, 64), torch.randn(10, 64)
+    with pytest.raises(RuntimeError, match="float16"):
+        linear_half_weight()(x, w, None)
+    counted = count_flops(lambda: linear_half_weight()(x, w.half(), None))
+    assert counted.by_part == {DENSE: 2 * 3 * 64 * 10}  # a matmul of the module that ran it, not attention

@@ -15,6 +15,7 @@ import torch
 from serve.config import EngineConfig
 from serve.engine import LLMEngine, SamplingParams
 from serve.engine.model_runner import length_groups
+from serve.kernels import load
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
 DEVICE = torch.device(os.environ.get("MINISTACK_TEST_DEVICE", "cpu"))
@@ -99,6 +100,35 @@ def test_decodes_in_length_groups_match_transformers(tiny_llama, tmp_path):
     for prompt, out in zip(ps, engine.generate(ps, GREEDY)):
         assert_matches(tiny_llama, prompt, out.outputs[0])
     assert len(calls) > GREEDY.max_tokens and max(calls) > 1  # several calls per step, some shared
+
+
+def test_half_weights_match_transformers_on_the_same_rounded_weights(tiny_llama, tmp_path):
+    """half_weights stores every linear weight (lm-head included, not the embedding) in float16
+    and computes in float32: exactly transformers on weights rounded through float16."""
+    import copy
+
+    if DEVICE.type != "cpu" or not load():
+        pytest.skip("half weights are a CPU layout, built by the C++ kernels")
+    engine = make_engine(tiny_llama, tmp_path, half_weights=True)
+    rounded = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        for name, module in rounded.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                module.weight.copy_(module.weight.half().float())
+        rounded.lm_head.weight = torch.nn.Parameter(rounded.model.embed_tokens.weight.half().float())  # untied: the embedding stays exact
+    ps = prompts([1, 9, 33], seed=5)
+    for prompt, out in zip(ps, engine.generate(ps, GREEDY)):
+        assert_matches(rounded, prompt, out.outputs[0])
+
+
+def test_half_weights_are_on_by_default_only_when_the_dtype_is_left_to_auto():
+    cpu = {"device": "cpu"}
+    assert EngineConfig(dtype="float32", **cpu).use_half_weights(torch.float32) is False  # explicit float32: exact
+    assert EngineConfig(dtype="auto", **cpu).use_half_weights(torch.float32) is load()
+    assert EngineConfig(dtype="auto", **cpu).use_half_weights(torch.bfloat16) is False  # a bf16 CPU keeps bf16
+    assert EngineConfig(dtype="auto", half_weights=False, **cpu).use_half_weights(torch.float32) is False
+    with pytest.raises(ValueError, match="half_weights needs the CPU, dtype float32"):
+        EngineConfig(half_weights=True, **cpu).use_half_weights(torch.bfloat16)
 
 
 @pytest.mark.parametrize("lengths", [[5, 6, 7], [1, 2, 300, 301, 302, 900], [10] * 9, list(range(1, 40, 3))])

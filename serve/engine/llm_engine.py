@@ -108,7 +108,8 @@ class LLMEngine:
                 f"(rope {rope.get('rope_type')}); set rope_scaling, e.g. {{'rope_type': 'yarn', 'factor': 2.0}}"
             )
         self.model_name = model_name(model_dir)
-        self.model = load_model(model_dir, hf_config, rope, self.max_model_len, self.dtype, self.device)
+        self.half_weights = config.use_half_weights(self.dtype)
+        self.model = load_model(model_dir, hf_config, rope, self.max_model_len, self.dtype, self.device, self.half_weights)
         has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir) if has_tokenizer else None
         self.eos_token_ids = _eos_ids(model_dir, hf_config)
@@ -122,7 +123,8 @@ class LLMEngine:
         self.max_tokens_in_cache = num_blocks * config.block_size
         print(
             f"KV cache: {num_blocks:,} blocks x {config.block_size} tokens = {self.max_tokens_in_cache:,} tokens "
-            f"({num_blocks * per_block / 2**30:.2f} GiB, {str(self.dtype).removeprefix('torch.')})"
+            f"({num_blocks * per_block / 2**30:.2f} GiB, {str(self.dtype).removeprefix('torch.')}); "
+            f"weights {'float16 storage, float32 math' if self.half_weights else str(self.dtype).removeprefix('torch.')}"
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)

@@ -1,15 +1,20 @@
-"""The engine's C++ kernels, compiled on first use and cached; the engine runs without them.
+"""The engine's C++ kernels for the CPU, compiled on first use and cached; the engine runs without them.
 
-`paged_decode_attention()` returns `torch.ops.ministack.paged_decode_attention` (decode
-attention read in place from the paged KV cache on the CPU: paged_attention.cpp), building it
-the first time with torch.utils.cpp_extension (about a minute on 2 cores; later processes load
-the cached library in well under a second). Where it cannot be built (no C++ compiler, no
-ninja) it returns None, says why once, and the engine falls back to gathering contexts for
-SDPA (serve.layers.attention), which gives the same results more slowly.
+Two ops in one library, `torch.ops.ministack`:
+- `paged_decode_attention` (paged_attention.cpp): decode attention read in place from the
+  paged KV cache;
+- `linear_half_weight` (half_linear.cpp): a float32 linear layer whose weight is stored in
+  float16, half the bytes a decode step streams.
 
-The library is built for the CPU it runs on (-march from torch's detected capability) and its
-cache name carries that capability, so a home directory shared by machines of different CPU
-kinds never hands one a library with instructions it lacks.
+`load()` builds the library the first time with torch.utils.cpp_extension (~30 s on 2 cores;
+later processes load the cached library in well under a second) and registers each op's FLOPs
+with profiling.measure. Where it cannot be built (no C++ compiler, no ninja) it returns False,
+says why once, and the engine falls back to plain torch: decodes gather their contexts for
+SDPA (serve.layers.attention), weights stay float32 (serve.layers.linear).
+
+The library is built for the CPU it runs on (vector ISA flags from torch's detected
+capability) and its cache name carries that capability, so a home directory shared by
+machines of different CPU kinds never hands one a library with instructions it lacks.
 """
 
 from __future__ import annotations
@@ -22,45 +27,59 @@ from pathlib import Path
 
 import torch
 
-from profiling.measure import attention_flops, register_attention_kernel
+from profiling.measure import attention_flops, register_kernel
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "half_linear.cpp")]
 # the vector ISA to compile for, from the capability torch itself dispatches on
 ISA_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mf16c"], "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
-DISABLE_ENV = "MINISTACK_NO_KERNELS"  # set to 1: never build or load them (the torch fallback runs)
+DISABLE_ENV = "MINISTACK_NO_KERNELS"  # set to 1: never build or load them (the torch fallbacks run)
 
 
 @functools.cache
-def paged_decode_attention() -> Callable | None:
-    """The compiled op, or None (with the reason logged) where it cannot be had."""
+def load() -> bool:
+    """Build (once) and load the kernels; False, with the reason logged, where they cannot be had."""
     if os.environ.get(DISABLE_ENV) == "1":
-        log.info("%s=1: decode attention gathers contexts in torch", DISABLE_ENV)
-        return None
+        log.info("%s=1: no C++ kernels, the torch fallbacks run", DISABLE_ENV)
+        return False
     capability = torch.backends.cpu.get_cpu_capability()
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import load as build
 
-        log.info("loading the paged decode attention kernel (compiled on first use, ~15 s)")
-        load(
+        log.info("loading the C++ kernels (compiled on first use, ~30 s)")
+        build(
             name=f"ministack_kernels_{capability.lower()}",
-            sources=[str(SOURCE)],
+            sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *ISA_FLAGS.get(capability, [])],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
-    except Exception as e:  # noqa: BLE001 - any build failure means: run without the kernel
-        log.warning("paged decode attention kernel unavailable (%s: %s); decode attention gathers contexts in torch", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return None
-    op = torch.ops.ministack.paged_decode_attention
-    register_attention_kernel(op, _decode_flops)
-    return op
+    except Exception as e:  # noqa: BLE001 - any build failure means: run without the kernels
+        first = str(e).splitlines()[0] if str(e) else ""
+        log.warning("C++ kernels unavailable (%s: %s); the torch fallbacks run", type(e).__name__, first)
+        return False
+    register_kernel(torch.ops.ministack.paged_decode_attention, _decode_flops, attention=True)
+    register_kernel(torch.ops.ministack.linear_half_weight, _linear_flops, attention=False)
+    return True
+
+
+def paged_decode_attention() -> Callable | None:
+    return torch.ops.ministack.paged_decode_attention if load() else None
+
+
+def linear_half_weight() -> Callable | None:
+    return torch.ops.ministack.linear_half_weight if load() else None
 
 
 def _decode_flops(query: torch.Tensor, kv_cache, block_tables, context_lens: torch.Tensor, block_size, scale, out_val=None) -> int:
-    """What the kernel computes: each sequence's one query per head over its own context, no
-    padding (QK^T and AV, 2 FLOPs per multiply-add, as `profiling.measure` counts SDPA)."""
+    """What the attention kernel computes: each sequence's one query per head over its own
+    context, no padding (QK^T and AV, 2 FLOPs per multiply-add, as `profiling.measure` counts SDPA)."""
     heads, head_dim = query.shape[1], query.shape[2]
     return attention_flops(1, heads, 1, int(context_lens.sum()), head_dim, head_dim, causal=False)
+
+
+def _linear_flops(input: torch.Tensor, weight: torch.Tensor, bias, out_val=None) -> int:
+    """2 x rows x in x out, as torch counts addmm/mm."""
+    return 2 * input.numel() * weight.shape[0]

@@ -309,7 +309,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_
 
 }  // namespace
 
-TORCH_LIBRARY(ministack, m) {
+TORCH_LIBRARY_FRAGMENT(ministack, m) {
   m.def("paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor context_lens, int block_size, float scale) -> Tensor");
 }
 

@@ -1,15 +1,22 @@
-"""Linear layers whose weights are prepacked for oneDNN on the CPU.
+"""Linear layers whose weights are laid out for the CPU's fastest matmul.
 
 A decode step multiplies a few rows by every weight matrix, and on a CPU that is limited by
-how the weight is laid out in memory more than by arithmetic: oneDNN's matmul on a weight
-reordered once into its blocked format is 1.5-2.3x faster than `F.linear` at 1-16 rows
-(SmolLM2's 30 layers and lm-head, 2-core EPYC, fp32; equal at 512 rows), which is how vLLM's
-CPU backend runs its linears too. `pack_linears` does the reordering after the weights load
-and releases each dense copy it replaces, so memory does not double: the weight keeps its
-shape (a zero-stride placeholder) for the parameter counts that read it. A weight shared with
-the embedding (tied lm-head) is kept: the embedding still looks tokens up in it.
+the weights' bytes and layout in memory more than by arithmetic. Two layouts, chosen at load
+(serve.models.load_model), each replacing the dense weight:
 
-On CUDA nothing is packed: `Linear` is `nn.Linear`.
+- packed (float32 weights): oneDNN's matmul on a weight reordered once into its blocked format,
+  1.5-2.3x faster than `F.linear` at 1-16 rows (SmolLM2's 30 layers and lm-head, 2-core EPYC;
+  equal at 512 rows), which is how vLLM's CPU backend runs its linears too;
+- half (float32 math, float16 storage; `half_weights` in serve.config): half the bytes to
+  stream, widened in registers by serve.kernels' `linear_half_weight`, 1.3-1.7x faster than
+  packed float32 at 1-16 rows; prefill-sized batches widen the weight and run `F.linear`.
+  Weights are rounded to float16 (relative error 2^-11), the only numerical change.
+
+The dense copy is released, so memory does not grow: the weight keeps its shape (a
+zero-stride placeholder) for the parameter counts that read it. A weight shared with the
+embedding (tied lm-head) is kept: the embedding still looks tokens up in it.
+
+On CUDA nothing is changed: `Linear` is `nn.Linear`.
 """
 
 from __future__ import annotations
@@ -18,34 +25,56 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve.kernels import linear_half_weight
+
 BATCH_HINT = 32  # rows oneDNN tunes the packed layout for (decode-sized, as vLLM's CPU backend)
 # fp32 only: oneDNN packs bf16 only on CPUs with AVX512-BF16 / AVX-NE-CONVERT, and on those
 # (../shared/notes/cpu-machines.md) bf16 through F.linear is what has been measured
 PACKABLE_DTYPES = (torch.float32,)
+HALF_KERNEL_MAX_ROWS = 256  # above: widen the weight and use F.linear (as fast at 512 rows, measured)
 
 
 class Linear(nn.Linear):
     packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout (an opaque CPU tensor)
+    half: torch.Tensor | None = None  # the weight stored in float16, float32 math
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.half is not None:
+            if x.shape[0] <= HALF_KERNEL_MAX_ROWS:
+                return linear_half_weight()(x, self.half, self.bias)
+            return F.linear(x, self.half.float(), self.bias)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
     def pack(self, release: bool) -> None:
         """Reorder the weight for oneDNN; with `release`, free the dense copy (shape kept)."""
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), BATCH_HINT)
         if release:
-            placeholder = self.weight.new_zeros(()).expand(self.weight.shape)
-            self.weight = nn.Parameter(placeholder, requires_grad=self.weight.requires_grad)
+            self._release()
+
+    def store_half(self, release: bool) -> None:
+        """Keep the weight in float16 for the half-weight kernel; with `release`, free the dense copy."""
+        self.half = self.weight.detach().half().contiguous()
+        if release:
+            self._release()
+
+    def _release(self) -> None:
+        placeholder = self.weight.new_zeros(()).expand(self.weight.shape)
+        self.weight = nn.Parameter(placeholder, requires_grad=self.weight.requires_grad)
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
 
 
-def pack_linears(model: nn.Module, keep: frozenset[int] = frozenset()) -> None:
-    """Pack every `Linear` of `model`; weights whose id() is in `keep` stay dense too."""
+def can_store_half(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.float32 and linear_half_weight() is not None
+
+
+def layout_linears(model: nn.Module, half: bool, keep: frozenset[int] = frozenset()) -> None:
+    """Pack every `Linear` of `model` for oneDNN, or store it in float16 (`half`); weights whose
+    id() is in `keep` stay dense too."""
     for module in model.modules():
         if isinstance(module, Linear):
-            module.pack(release=id(module.weight) not in keep)
+            (module.store_half if half else module.pack)(release=id(module.weight) not in keep)

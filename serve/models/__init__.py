@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from serve.layers.linear import can_pack, pack_linears
+from serve.layers.linear import can_pack, layout_linears
 from serve.layers.rope import RotaryEmbedding, inverse_frequencies
 from serve.models.llama import LlamaForCausalLM, biases_of, stack_projections
 from serve.weights import load_state_dict
@@ -15,8 +15,9 @@ from serve.weights import load_state_dict
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 
 
-def load_model(model_dir: Path, hf_config, rope: dict, max_model_len: int, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """The model of `model_dir` with its weights, in eval mode on `device`."""
+def load_model(model_dir: Path, hf_config, rope: dict, max_model_len: int, dtype: torch.dtype, device: torch.device, half_weights: bool = False) -> LlamaForCausalLM:
+    """The model of `model_dir` with its weights, in eval mode on `device`; with `half_weights`
+    (the CPU, float32) its linear layers' weights stored in float16 (serve.layers.linear)."""
     if hf_config.model_type not in LLAMA_FAMILY:
         raise ValueError(f"model type {hf_config.model_type!r} is not supported (supported: {', '.join(sorted(LLAMA_FAMILY))})")
     state = stack_projections(load_state_dict(model_dir))
@@ -31,6 +32,6 @@ def load_model(model_dir: Path, hf_config, rope: dict, max_model_len: int, dtype
     if missing or unexpected:
         raise ValueError(f"checkpoint {model_dir} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = model.to(dtype).eval()  # forward runs under no_grad; requires_grad stays on so param_parts sees trained weights
-    if can_pack(device, dtype):
-        pack_linears(model, keep=frozenset({id(model.model.embed_tokens.weight)}))
+    if half_weights or can_pack(device, dtype):
+        layout_linears(model, half=half_weights, keep=frozenset({id(model.model.embed_tokens.weight)}))
     return model
