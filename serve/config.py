@@ -124,10 +124,4 @@ def context_limit(hf_config, rope: dict) -> int:
     training length by `factor` (for yarn/llama3 configs that already equals
     max_position_embeddings)."""
     base = rope.get("original_max_position_embeddings", hf_config.max_position_embeddings)
-    limit = max(hf_config.max_position_embeddings, int(base * rope.get("factor", 1.0)))
-    # sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is not implemented;
-    # within one window it equals full attention, so the context stops there
-    window = getattr(hf_config, "sliding_window", None)
-    if window and (hf_config.model_type == "mistral" or getattr(hf_config, "use_sliding_window", False)):
-        limit = min(limit, window)
-    return limit
+    return max(hf_config.max_position_embeddings, int(base * rope.get("factor", 1.0)))

@@ -112,20 +112,11 @@ def test_bad_requests_are_refused(engine):
         engine.add_request("t", [5], SamplingParams(temperature=-1))
 
 
-@pytest.mark.parametrize("decode_path", ["paged-kernel", "gathered-one-call", "gathered-call-per-length", "half-weights"])
-def test_runtime_flops_equal_the_counted_ops_of_each_step(tiny_llama, tmp_path, decode_path):
-    """Decodes (in the paged kernel: each over its own context; gathered: padded to their
-    group's longest), a first chunk (causal), a later chunk over its cached past (masked), a
-    completing prefill: per-sequence shares sum to the op counter's, whichever way decodes run
-    and whichever layout the linears have."""
-    if decode_path in ("paged-kernel", "half-weights") and not (DEVICE.type == "cpu" and load()):
-        pytest.skip("the C++ kernels are for the CPU")
-    engine = make_engine(tiny_llama, tmp_path, half_weights=decode_path == "half-weights" or None)
-    if decode_path.startswith("gathered"):
-        engine.runner.decode_kernel = False
-        engine.runner.group_cost = 0 if decode_path == "gathered-call-per-length" else 10**9
-    engine.scheduler.max_num_batched_tokens = 20
-    a, b, c = prompts([10, 5, 30], seed=12)
+def assert_step_flops_match_the_op_counter(engine, lengths: list[int], budget: int) -> None:
+    """Runs requests of `lengths` (the third arriving one step late) and checks, every step,
+    that the per-sequence FLOP shares sum to what profiling.measure counts from the ops."""
+    engine.scheduler.max_num_batched_tokens = budget
+    a, b, c = prompts(lengths, seed=12)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     engine.add_request("a", a, params)
     engine.add_request("b", b, params)
@@ -143,6 +134,34 @@ def test_runtime_flops_equal_the_counted_ops_of_each_step(tiny_llama, tmp_path, 
         assert counted.by_part == {k: v for k, v in shares.items() if v}
         steps += 1
     assert steps >= 5
+
+
+@pytest.mark.parametrize("decode_path", ["paged-kernel", "gathered-one-call", "gathered-call-per-length", "half-weights"])
+def test_runtime_flops_equal_the_counted_ops_of_each_step(tiny_llama, tmp_path, decode_path):
+    """Decodes (in the paged kernel: each over its own context; gathered: padded to their
+    group's longest), a first chunk (causal), a later chunk over its cached past (masked), a
+    completing prefill: per-sequence shares sum to the op counter's, whichever way decodes run
+    and whichever layout the linears have."""
+    if decode_path in ("paged-kernel", "half-weights") and not (DEVICE.type == "cpu" and load()):
+        pytest.skip("the C++ kernels are for the CPU")
+    engine = make_engine(tiny_llama, tmp_path, half_weights=decode_path == "half-weights" or None)
+    if decode_path.startswith("gathered"):
+        engine.runner.decode_kernel = False
+        engine.runner.group_cost = 0 if decode_path == "gathered-call-per-length" else 10**9
+    assert_step_flops_match_the_op_counter(engine, [10, 5, 30], budget=20)
+
+
+@pytest.mark.parametrize("decode_kernel", [True, False], ids=["paged-kernel", "gathered"])
+def test_runtime_flops_under_a_sliding_window(tmp_path, decode_kernel):
+    """Window 24 on a Qwen2 whose layer 0 is full and layer 1 windowed: decodes clipped to it
+    (kernel) or computed over everything then masked (gathered), band-masked chunk pasts."""
+    from test_serve_model import windowed_model
+
+    engine = make_engine(windowed_model("qwen2-mixed-layers"), tmp_path, max_num_batched_tokens=16)
+    if decode_kernel and not engine.runner.decode_kernel:
+        pytest.skip("no paged decode kernel on this device")
+    engine.runner.decode_kernel = decode_kernel
+    assert_step_flops_match_the_op_counter(engine, [40, 9, 60], budget=16)
 
 
 def test_single_stream_flops_equal_the_exact_formula_and_land_in_the_ledger(tiny_llama, tmp_path):

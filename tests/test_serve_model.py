@@ -219,21 +219,43 @@ def test_qwen2_biases_and_untied_embeddings(tmp_path):
         assert_matches(model, prompt, out.outputs[0])
 
 
-def test_mistral_matches_transformers_and_stops_at_its_sliding_window(tmp_path):
-    from transformers import MistralConfig, MistralForCausalLM
+def windowed_model(kind: str, window: int = 24):
+    """A tiny Mistral (every layer windowed) or Qwen2 (layer 0 full, layer 1 windowed)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-        vocab_size=300, max_position_embeddings=512, sliding_window=256,
-    )
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=300, max_position_embeddings=512)
+    if kind == "mistral":
+        cfg, cls = MistralConfig(num_key_value_heads=1, sliding_window=window, **shape), MistralForCausalLM
+    else:
+        cfg, cls = Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=window, max_window_layers=1, **shape), Qwen2ForCausalLM
     cfg._attn_implementation = "sdpa"
-    model = MistralForCausalLM(cfg).eval()
-    engine = make_engine(model, tmp_path)
-    assert engine.max_model_len == 256  # full attention equals the window's only up to the window
-    ps = prompts([50, 200], seed=16)
+    return cls(cfg).eval()
+
+
+@pytest.mark.parametrize("decode_kernel", [True, False], ids=["paged-kernel", "gathered"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen2-mixed-layers"])
+def test_sliding_window_matches_transformers_past_the_window(tmp_path, kind, decode_kernel):
+    """Window 24, chunks of <= 16: prompts shorter than, near and far past the window, chunked
+    prefills whose past calls need the band, decodes past it, then a prefix-cache hit."""
+    model = windowed_model(kind)
+    engine = make_engine(model, tmp_path, max_num_batched_tokens=16)
+    if decode_kernel and not engine.runner.decode_kernel:
+        pytest.skip("no paged decode kernel on this device")
+    engine.runner.decode_kernel = decode_kernel
+    engine.runner.group_cost = 4  # gathered: several groups, some padded
+    assert engine.max_model_len == 512  # the whole context: the window is implemented, not a cap
+    ps = prompts([5, 20, 30, 70], seed=16)
     for prompt, out in zip(ps, engine.generate(ps, GREEDY)):
         assert_matches(model, prompt, out.outputs[0])
+    (again,) = engine.generate([ps[3]], GREEDY)  # its blocks are cached: the past starts mid-window
+    assert again.metrics.cached_prompt_tokens > 24
+    assert_matches(model, ps[3], again.outputs[0])
+
+
+def test_sliding_window_needs_chunks_inside_it(tmp_path):
+    with pytest.raises(ValueError, match="max_num_batched_tokens 24 must be below the model's sliding window 24"):
+        make_engine(windowed_model("mistral"), tmp_path, max_num_batched_tokens=24)
 
 
 @pytest.mark.parametrize(

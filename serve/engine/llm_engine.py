@@ -35,6 +35,7 @@ from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import Scheduler
 from serve.engine.sequence import Request, Sequence
 from serve.models import load_model
+from serve.models.llama import layer_windows
 from serve.weights import model_name, resolve_model
 
 @dataclass
@@ -106,6 +107,12 @@ class LLMEngine:
             raise ValueError(
                 f"max_model_len {self.max_model_len} exceeds the model's context {limit} "
                 f"(rope {rope.get('rope_type')}); set rope_scaling, e.g. {{'rope_type': 'yarn', 'factor': 2.0}}"
+            )
+        windows = [w for w in layer_windows(hf_config) if w]
+        if windows and min(windows) <= config.max_num_batched_tokens:  # serve.layers.attention relies on it
+            raise ValueError(
+                f"max_num_batched_tokens {config.max_num_batched_tokens} must be below the model's sliding window "
+                f"{min(windows)}: a prefill chunk has to fit inside one window"
             )
         self.model_name = model_name(model_dir)
         self.half_weights = config.use_half_weights(self.dtype)

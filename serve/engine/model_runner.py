@@ -51,7 +51,7 @@ class ModelRunner:
         self.model, self.block_size, self.device = model, block_size, device
         self.group_cost = GROUP_COST_TOKENS.get(device.type, GROUP_COST_TOKENS["cuda"])
         self.decode_kernel = device.type == "cpu" and paged_decode_attention() is not None  # else: gathered groups
-        self.flops = FlopAttribution(shape)
+        self.flops = FlopAttribution(shape, [attn.window for attn in model.attention_layers()])
         # zeros, not empty: padded decode rows read slot 0.., and masked garbage could be NaN
         self.kv = torch.zeros(2, shape.layers, shape.kv_heads, num_blocks * block_size, shape.head_dim, dtype=dtype, device=device)
         for i, attn in enumerate(model.attention_layers()):
@@ -114,14 +114,15 @@ class ModelRunner:
         width = -(-max(lengths) // self.block_size)
         tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes]
         for seq, n in zip(decodes, lengths):
-            self._charge(seq, self.flops.decode(n))  # exactly its own context
+            self._charge(seq, self.flops.decode(n, windowed=True))  # exactly its own context (window)
         return PagedDecodes(len(decodes), torch.tensor(tables, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32), self.block_size)
 
     def _plan_decodes(self, decodes: list[Sequence], start: int) -> DecodeGroup:
         """One batched call for a group: every context padded to the longest, the padding masked."""
         lengths = [s.num_computed_tokens + 1 for s in decodes]
         longest = max(lengths)
-        group = DecodeGroup(start, len(decodes), self._context_slots([s.block_table for s in decodes], longest))
+        slots = self._context_slots([s.block_table for s in decodes], longest)
+        group = DecodeGroup(start, len(decodes), slots, torch.tensor(lengths, device=self.device))
         if min(lengths) < longest:
             allowed = torch.arange(longest) < torch.tensor(lengths).unsqueeze(1)
             mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
@@ -133,7 +134,7 @@ class ModelRunner:
     def _plan_chunk(self, seq: Sequence, start: int, n: int) -> PrefillChunk:
         """A chunk's own attention: causal over its fresh K/V, plus its cached past if any."""
         past = seq.num_computed_tokens
-        chunk = PrefillChunk(start, n, self._context_slots([seq.block_table], past) if past else None)
+        chunk = PrefillChunk(start, n, past, self._context_slots([seq.block_table], past) if past else None)
         self._charge(seq, self.flops.chunk(n, past, logits=int(past + n == seq.num_tokens)))
         return chunk
 

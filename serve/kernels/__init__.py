@@ -73,11 +73,13 @@ def linear_half_weight() -> Callable | None:
     return torch.ops.ministack.linear_half_weight if load() else None
 
 
-def _decode_flops(query: torch.Tensor, kv_cache, block_tables, context_lens: torch.Tensor, block_size, scale, out_val=None) -> int:
+def _decode_flops(query: torch.Tensor, kv_cache, block_tables, context_lens: torch.Tensor, block_size, scale, window=0, out_val=None) -> int:
     """What the attention kernel computes: each sequence's one query per head over its own
-    context, no padding (QK^T and AV, 2 FLOPs per multiply-add, as `profiling.measure` counts SDPA)."""
+    context (its last `window` tokens under a sliding window), no padding (QK^T and AV, 2 FLOPs
+    per multiply-add, as `profiling.measure` counts SDPA)."""
     heads, head_dim = query.shape[1], query.shape[2]
-    return attention_flops(1, heads, 1, int(context_lens.sum()), head_dim, head_dim, causal=False)
+    keys = int(context_lens.clamp(max=window).sum()) if window else int(context_lens.sum())
+    return attention_flops(1, heads, 1, keys, head_dim, head_dim, causal=False)
 
 
 def _linear_flops(input: torch.Tensor, weight: torch.Tensor, bias, out_val=None) -> int:

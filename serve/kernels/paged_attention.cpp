@@ -224,7 +224,7 @@ void attend_partition(const float* q, const scalar_t* k, const scalar_t* v, Plan
 
 template <typename scalar_t>
 void decode(const at::Tensor& query, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& lens,
-            int64_t block_size, double scale, at::Tensor& out) {
+            int64_t block_size, double scale, int64_t window, at::Tensor& out) {
   const int64_t seqs = query.size(0), heads = query.size(1), head_dim = query.size(2);
   const int64_t kv_heads = kv.size(1), group = heads / kv_heads;
   const Plane plane{kv.stride(1), kv.stride(2)};
@@ -239,8 +239,13 @@ void decode(const at::Tensor& query, const at::Tensor& kv, const at::Tensor& tab
   const float* q_base = q.data_ptr<float>();
 
   // work items: (sequence, kv head, partition), each with its own slot for the merge
-  std::vector<int64_t> first_part(seqs + 1, 0);
-  for (int64_t s = 0; s < seqs; ++s) first_part[s + 1] = first_part[s] + (len[s] + PARTITION - 1) / PARTITION;
+  // each sequence attends over [first, len): its whole context, or under a sliding window its
+  // last `window` tokens (the query's own included, as transformers' sliding_window)
+  std::vector<int64_t> first(seqs), first_part(seqs + 1, 0);
+  for (int64_t s = 0; s < seqs; ++s) {
+    first[s] = window > 0 ? std::max<int64_t>(0, len[s] - window) : 0;
+    first_part[s + 1] = first_part[s] + (len[s] - first[s] + PARTITION - 1) / PARTITION;
+  }
   const int64_t parts = first_part[seqs];
   std::vector<int64_t> part_seq(parts);
   for (int64_t s = 0; s < seqs; ++s) std::fill(part_seq.begin() + first_part[s], part_seq.begin() + first_part[s + 1], s);
@@ -252,7 +257,7 @@ void decode(const at::Tensor& query, const at::Tensor& kv, const at::Tensor& tab
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < parts * kv_heads; ++item) {
       const int64_t part = item / kv_heads, h = item % kv_heads, s = part_seq[part];
-      const int64_t lo = (part - first_part[s]) * PARTITION, hi = std::min<int64_t>(lo + PARTITION, len[s]);
+      const int64_t lo = first[s] + (part - first_part[s]) * PARTITION, hi = std::min<int64_t>(lo + PARTITION, len[s]);
       const int64_t row = part * heads + h * group;  // this item's first query head among the partials
       attend_partition<scalar_t>(q_base + (s * heads + h * group) * head_dim, k_base + h * plane.head_stride,
                                  v_base + h * plane.head_stride, plane, table_base + s * table_stride, block_size, lo,
@@ -285,13 +290,15 @@ void decode(const at::Tensor& query, const at::Tensor& kv, const at::Tensor& tab
 
 // query (seqs, heads, head_dim); kv_cache (2, kv_heads, slots, head_dim), one layer's K and V
 // planes (any strides but a contiguous last dim); block_tables (seqs, max_blocks) int32;
-// context_lens (seqs,) int32, each >= 1 (the query's own K/V is already in the cache).
+// context_lens (seqs,) int32, each >= 1 (the query's own K/V is already in the cache);
+// window > 0: attend over the last `window` positions only (sliding-window attention).
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& context_lens, int64_t block_size, double scale) {
+                                  const at::Tensor& context_lens, int64_t block_size, double scale, int64_t window) {
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && kv_cache.size(0) == 2, "query (seqs, heads, head_dim), kv_cache (2, kv_heads, slots, head_dim)");
   TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type(), "query and kv_cache dtypes differ");
   TORCH_CHECK(kv_cache.stride(3) == 1 && kv_cache.size(3) == query.size(2), "kv_cache head_dim must match the query's and be contiguous");
   TORCH_CHECK(query.size(1) % kv_cache.size(1) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt, "block_tables and context_lens must be int32");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == query.size(0) && block_tables.stride(1) == 1, "block_tables (seqs, max_blocks), rows contiguous");
   TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == query.size(0) && context_lens.is_contiguous(), "context_lens (seqs,)");
@@ -301,16 +308,16 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_
     TORCH_CHECK(len[s] >= 1 && (len[s] + block_size - 1) / block_size <= block_tables.size(1), "context length ", len[s], " of sequence ", s, " does not fit its block table");
   at::Tensor out = at::empty(query.sizes(), query.options());
   AT_DISPATCH_SWITCH(query.scalar_type(), "paged_decode_attention",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { decode<scalar_t>(query, kv_cache, block_tables, lens, block_size, scale, out); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { decode<scalar_t>(query, kv_cache, block_tables, lens, block_size, scale, out); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { decode<scalar_t>(query, kv_cache, block_tables, lens, block_size, scale, out); }));
+                     AT_DISPATCH_CASE(at::kFloat, [&] { decode<scalar_t>(query, kv_cache, block_tables, lens, block_size, scale, window, out); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { decode<scalar_t>(query, kv_cache, block_tables, lens, block_size, scale, window, out); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { decode<scalar_t>(query, kv_cache, block_tables, lens, block_size, scale, window, out); }));
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ministack, m) {
-  m.def("paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor context_lens, int block_size, float scale) -> Tensor");
+  m.def("paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor context_lens, int block_size, float scale, int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ministack, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

@@ -17,6 +17,13 @@ slot (`slot_mapping`, one index_copy_), then attends:
   over the cached keys, the two merged by their log-sum-exps (query at position p sees keys
   0..p, and no masked pair is computed).
 
+Sliding-window layers (Mistral; Qwen2's `sliding_attention` layers) let position p see keys
+p - window + 1..p, as transformers does: the kernel starts each context at its window; a
+gathered decode masks the keys before it; a chunk's past call reads only the last window - 1
+cached keys, with a band mask where the chunk's later queries have left some of them behind.
+The engine keeps every chunk shorter than the window (serve.engine.llm_engine), so a chunk's
+own causal call never needs the band.
+
 The cache is head-major (kv_heads, slots, head_dim), so a head's context is one contiguous
 run, and a context whose blocks are consecutive is passed as a slice and read in place.
 Cached K/V are never repeated per query head: a call over them (a decode, a chunk's past)
@@ -41,7 +48,8 @@ from serve.kernels import paged_decode_attention
 class PrefillChunk:
     start: int  # offset of the chunk's first token in the step's flattened tokens
     length: int  # new tokens (queries)
-    past_slots: torch.Tensor | slice | None  # slots of the cached keys before the chunk; None: no past
+    past: int  # cached keys before the chunk
+    past_slots: torch.Tensor | slice | None  # (1, past) slots of those keys, or a slice; None: no past
 
 
 @dataclass
@@ -49,6 +57,7 @@ class DecodeGroup:
     start: int  # offset of the group's first token in the step's flattened tokens
     count: int  # single-token decodes, one per sequence
     slots: torch.Tensor | slice  # (count, longest) context slots, padded with slot 0
+    lengths: torch.Tensor  # (count,) context lengths, the new token included
     mask: torch.Tensor | None = None  # (count, 1, 1, longest) additive mask of the padding; None: no padding
 
 
@@ -70,23 +79,25 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA (equal heads) that also returns each query's log-sum-exp of scores, (B, H, L) float32,
     which public SDPA hides: the fused kernel behind it, called directly (CPU flash / CUDA
-    memory-efficient; both are attention kernels to profiling.measure)."""
+    memory-efficient; both are attention kernels to profiling.measure). `mask`: additive."""
     if q.device.type == "cuda":
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
+        bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal)[:2]
         return out, lse[..., : q.shape[2]]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask)[:2]
     return out, lse
 
 
 class PagedAttention(nn.Module):
     """Stores this layer's new K/V in the paged cache and attends over each sequence's context."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, window: int | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.window = window  # sliding window: position p sees keys p - window + 1..p; None: all
         # (kv_heads, num_slots, head_dim) views into the engine's cache, set by the model runner:
         # head-major, so a head's context is one contiguous run, the layout SDPA reads fastest
         self.kv_cache = torch.empty(0)  # (2, kv_heads, num_slots, head_dim): K and V planes, read together
@@ -98,14 +109,14 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         if meta.paged is not None:
             p = meta.paged
-            out[: p.count] = paged_decode_attention()(q[: p.count], self.kv_cache, p.block_tables, p.context_lens, p.block_size, self.head_dim**-0.5)
+            out[: p.count] = paged_decode_attention()(q[: p.count], self.kv_cache, p.block_tables, p.context_lens, p.block_size, self.head_dim**-0.5, self.window or 0)
         for group in meta.decodes:
             # one query per sequence: the query heads sharing a K/V head become that head's
             # query rows, a plain (non-GQA) call that reads each K/V head once
             rows, n = slice(group.start, group.start + group.count), group.count
             queries = q[rows].view(n, self.num_kv_heads, -1, self.head_dim)
             ctx_k, ctx_v = self._context(group.slots, n)
-            o = F.scaled_dot_product_attention(queries, ctx_k, ctx_v, attn_mask=group.mask)
+            o = F.scaled_dot_product_attention(queries, ctx_k, ctx_v, attn_mask=self._decode_mask(group, ctx_k.shape[2], q.dtype))
             out[rows] = o.reshape(n, self.num_heads, self.head_dim)  # CUDA kernels may return it strided
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.length)
@@ -126,16 +137,41 @@ class PagedAttention(nn.Module):
         if chunk.past_slots is None:
             return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)[0].transpose(0, 1)
         o_new, lse_new = attention_with_lse(qh, kh, vh, causal=True)
-        # over the past, the query heads sharing a K/V head are that head's rows: no repeat, no mask
+        # over the past, the query heads sharing a K/V head are that head's rows: no repeat, no
+        # mask (but a sliding window's band)
         rows = q.view(n, self.num_kv_heads, group, self.head_dim).permute(1, 2, 0, 3).reshape(1, self.num_kv_heads, group * n, -1)
-        past_k, past_v = self._context(chunk.past_slots, 1)
-        o_past, lse_past = attention_with_lse(rows, past_k, past_v, causal=False)
+        keys, slots = chunk.past, chunk.past_slots
+        if self.window is not None and keys > self.window - 1:  # the first query's window
+            keys = self.window - 1
+            slots = slice(slots.stop - keys, slots.stop) if isinstance(slots, slice) else slots[:, -keys:]
+        past_k, past_v = self._context(slots, 1)
+        o_past, lse_past = attention_with_lse(rows, past_k, past_v, causal=False, mask=self._band(n, keys, group, q))
         o_past = o_past.reshape(heads, n, self.head_dim)
         lse_past = lse_past.reshape(heads, n, 1)
         o_new, lse_new = o_new[0], lse_new.reshape(heads, n, 1)
         lse = torch.logaddexp(lse_past, lse_new)
         merged = o_past * (lse_past - lse).exp() + o_new * (lse_new - lse).exp()
         return merged.to(q.dtype).transpose(0, 1)
+
+    def _decode_mask(self, group: DecodeGroup, longest: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The group's padding mask, plus, under a sliding window, each row's keys before its window."""
+        if self.window is None:
+            return group.mask
+        first = (group.lengths - self.window).clamp(min=0).unsqueeze(1)  # each row's first visible key
+        hidden = torch.arange(longest, device=first.device) < first
+        base = group.mask if group.mask is not None else torch.zeros(group.count, 1, 1, longest, dtype=dtype, device=first.device)
+        return base.masked_fill(hidden.view(group.count, 1, 1, longest), float("-inf"))
+
+    def _band(self, n: int, keys: int, group: int, q: torch.Tensor) -> torch.Tensor | None:
+        """Sliding window over a chunk's last `keys` cached keys: query i sees key k iff
+        k >= keys + i - window + 1; None where every query sees them all. Rows ordered as the
+        past call's (query head within the group, then query)."""
+        if self.window is None or keys + n <= self.window:
+            return None
+        i = torch.arange(n, device=q.device).unsqueeze(1)
+        hidden = torch.arange(keys, device=q.device) < keys + i - self.window + 1
+        band = torch.zeros(n, keys, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+        return band.repeat(group, 1).view(1, 1, group * n, keys)
 
     def _context(self, slots: torch.Tensor | slice, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at `slots` ((batch, length) or a slice), each (batch, kv_heads, length,

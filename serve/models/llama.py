@@ -38,12 +38,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: dict[str, bool]) -> None:
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: dict[str, bool], window: int | None) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.qkv_proj = Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=bias["qkv_proj"])
         self.o_proj = Linear(heads * head_dim, hidden, bias=bias["o_proj"])
-        self.attn = PagedAttention(heads, kv_heads, head_dim)
+        self.attn = PagedAttention(heads, kv_heads, head_dim, window)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
@@ -66,10 +66,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, head_dim: int, bias: dict[str, bool]) -> None:
+    def __init__(self, cfg, head_dim: int, bias: dict[str, bool], window: int | None) -> None:
         super().__init__()
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, kv_heads, head_dim, bias)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, kv_heads, head_dim, bias, window)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias["mlp"])
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -84,7 +84,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, head_dim, bias) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, head_dim, bias, window) for window in layer_windows(cfg))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = rotary_emb
 
@@ -117,6 +117,20 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+
+def layer_windows(cfg) -> list[int | None]:
+    """Each layer's sliding-window length, None for full attention: Mistral's `sliding_window`
+    on every layer; per `layer_types` where the config lists them (Qwen2 with
+    use_sliding_window: layers from max_window_layers on)."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window:
+        return [None] * cfg.num_hidden_layers
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
+    everywhere = cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
+    return [window if everywhere else None] * cfg.num_hidden_layers
 
 
 # the stacked projections and the checkpoint tensors each one concatenates, in order
