@@ -178,6 +178,28 @@ def test_echo_prepends_the_prompt_streamed_or_not(client, model_name):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "Once upon a time" + plain
 
 
+def test_echo_with_logprobs_scores_the_prompt_too(client, model_name, server):
+    """OpenAI's legacy echo + logprobs: the prompt's tokens lead the logprobs (the first one's
+    null), then the generated ones, streamed (in the first chunk) or not."""
+    greedy = dict(model=model_name, max_tokens=3, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    tokenizer = server.backend.tokenizer
+    prompt_ids = tokenizer.encode("Once upon a time")
+    whole = client.completions.create(prompt="Once upon a time", echo=True, **greedy).choices[0]
+    plain = client.completions.create(prompt="Once upon a time", **greedy).choices[0]
+    lp = whole.logprobs
+    assert whole.text == "Once upon a time" + plain.text
+    assert lp.tokens == [tokenizer.decode([t]) for t in prompt_ids] + plain.logprobs.tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(t) >= 1 for t in lp.top_logprobs[1:])
+    assert lp.token_logprobs[len(prompt_ids):] == pytest.approx(plain.logprobs.token_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[len(prompt_ids)] == len("Once upon a time")
+    chunks = [c for c in client.completions.create(prompt="Once upon a time", echo=True, stream=True, **greedy) if c.choices]
+    assert chunks[0].choices[0].text.startswith("Once upon a time")
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    assert sum((c.choices[0].logprobs.tokens for c in chunks), []) == lp.tokens
+    assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), [])[1:] == pytest.approx(lp.token_logprobs[1:])
+
+
 def test_greedy_stop_string_trims_the_text(client, model_name):
     full = client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
@@ -240,7 +262,7 @@ def test_tokenize_and_detokenize(server, model_name):
         ("/v1/completions", {"prompt": 3}, 400, "prompt"),
         ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt"),  # an empty prompt in a batch
         ("/v1/completions", {"prompt": [[5] * 10, [5] * 300]}, 400, "prompt.1"),  # the batch's second is too long
-        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, None),  # prompt logprobs: not supported
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 21}, 400, "logprobs"),  # past the top-20 OpenAI allows
         ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
         ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
         ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),

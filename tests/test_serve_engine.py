@@ -113,13 +113,14 @@ def test_bad_requests_are_refused(engine):
 
 
 def assert_step_flops_match_the_op_counter(engine, lengths: list[int], budget: int) -> None:
-    """Runs requests of `lengths` (the third arriving one step late) and checks, every step,
-    that the per-sequence FLOP shares sum to what profiling.measure counts from the ops."""
+    """Runs requests of `lengths` (the third arriving one step late, the second scoring its
+    prompt: an lm-head row per prompt position) and checks, every step, that the per-sequence
+    FLOP shares sum to what profiling.measure counts from the ops."""
     engine.scheduler.max_num_batched_tokens = budget
     a, b, c = prompts(lengths, seed=12)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     engine.add_request("a", a, params)
-    engine.add_request("b", b, params)
+    engine.add_request("b", b, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=0))
     steps = 0
     while engine.has_unfinished_requests():
         if steps == 1:

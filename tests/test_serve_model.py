@@ -121,6 +121,27 @@ def test_half_weights_match_transformers_on_the_same_rounded_weights(tiny_llama,
         assert_matches(rounded, prompt, out.outputs[0])
 
 
+@torch.no_grad()
+def test_prompt_logprobs_match_transformers_chunked_and_past_the_prefix_cache(tiny_llama, tmp_path):
+    """Each prompt token's logprob (and top-3) from one full forward of transformers: prompts
+    prefilled in chunks of 8, one of them already in the prefix cache (which a prompt-logprobs
+    request must not use), n = 2 (the prompt scored once)."""
+    engine = make_engine(tiny_llama, tmp_path, max_num_batched_tokens=8)
+    ps = prompts([1, 9, 40], seed=21)
+    engine.generate([ps[2]], SamplingParams(max_tokens=2, temperature=0))  # ps[2]'s blocks now cached
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=3, n=2)
+    for prompt, out in zip(ps, engine.generate(ps, params)):
+        assert out.metrics.cached_prompt_tokens == 0
+        rows = torch.log_softmax(tiny_llama(torch.tensor([prompt])).logits[0].float(), -1)
+        entries = out.prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None
+        for p, entry in enumerate(entries[1:], start=1):
+            assert entry["token_id"] == prompt[p]
+            assert entry["logprob"] == pytest.approx(float(rows[p - 1, prompt[p]]), abs=2e-4)
+            assert [t["token_id"] for t in entry["top"]] == rows[p - 1].topk(3).indices.tolist()
+        assert out.outputs[0].token_ids == out.outputs[1].token_ids  # greedy siblings agree
+
+
 def test_half_weights_are_on_by_default_only_when_the_dtype_is_left_to_auto():
     cpu = {"device": "cpu"}
     assert EngineConfig(dtype="float32", **cpu).use_half_weights(torch.float32) is False  # explicit float32: exact
@@ -172,13 +193,16 @@ def test_preemption_loses_and_corrupts_nothing(tiny_llama, tmp_path):
     per_block = 2 * 2 * 16 * 2 * 16 * 4  # K and V, layers, block, kv heads, head dim, fp32
     engine = make_engine(tiny_llama, tmp_path, kv_cache_bytes=12 * per_block, enable_prefix_caching=False)
     ps = prompts([30, 28, 31, 26], seed=3)
-    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=1)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=1, prompt_logprobs=0)
     outs = engine.generate(ps, params)
     assert engine.stats().num_preemptions > 0
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
     for prompt, out in zip(ps, outs):
         assert out.outputs[0].finish_reason == "length"
         assert_matches(tiny_llama, prompt, out.outputs[0])
+        with torch.no_grad():  # the prompt's logprobs survive the recompute unchanged
+            rows = torch.log_softmax(tiny_llama(torch.tensor([prompt])).logits[0].float(), -1)
+        assert [e["logprob"] for e in out.prompt_logprobs[1:]] == pytest.approx([float(rows[p - 1, prompt[p]]) for p in range(1, len(prompt))], abs=2e-4)
 
 
 def test_long_context_in_chunks_matches_transformers(tmp_path):

@@ -71,3 +71,14 @@ def test_vllm_backend_disconnect_aborts_and_metrics_show_it(server):
     assert wait_until(lambda: server.backend.stats().num_running == 0, timeout=20)
     text = h.get("/metrics").text
     assert "vllm:num_requests_running" in text and "vllm:time_to_first_token_seconds_count" in text
+
+
+def test_vllm_backend_echo_with_logprobs_scores_the_prompt(server):
+    client = server.client()
+    tokenizer = server.backend.tokenizer
+    prompt_ids = tokenizer.encode("The sky is")
+    choice = client.completions.create(model=server.backend.model_name, prompt="The sky is", max_tokens=3, temperature=0,
+                                       logprobs=1, echo=True, extra_body={"ignore_eos": True}).choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith("The sky is") and len(lp.tokens) == len(prompt_ids) + 3
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])

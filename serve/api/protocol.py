@@ -61,7 +61,7 @@ class _SamplingRequest(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return stop
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -74,6 +74,7 @@ class _SamplingRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             n=self.n,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     @property
@@ -98,12 +99,6 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) and not all(prompt):
             raise ValueError("no prompt of the batch may be empty")
         return prompt
-
-    @model_validator(mode="after")
-    def _echo_without_logprobs(self) -> CompletionRequest:
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (the prompt's own logprobs) is not supported; echo the text, or ask for logprobs without echo")
-        return self
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -201,8 +196,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token (nothing predicts it)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -211,22 +211,39 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
         prompt_ids = [p if isinstance(p, list) else backend.tokenizer.encode(p) for p in batch]
         max_tokens = [check_prompt(ids, body.max_tokens, field.format(i)) for i, ids in enumerate(prompt_ids)]
         request_id, model, want_logprobs = new_id("cmpl"), backend.model_name, body.logprobs is not None
-        streams = [submit(f"{request_id}-{i}" if len(batch) > 1 else request_id, ids, body.sampling_params(m, body.logprobs))
-                   for i, (ids, m) in enumerate(zip(prompt_ids, max_tokens))]
-        # echo: each choice's text begins with its prompt's (OpenAI's rule for legacy completions)
+        # echo: each choice's text begins with its prompt's (OpenAI's rule for legacy completions),
+        # and with logprobs its logprobs begin with the prompt tokens' (the first one's null)
         echoed = [p if isinstance(p, str) else backend.tokenizer.decode(p) for p in batch] if body.echo else None
+        prompt_logprobs = body.logprobs if echoed and want_logprobs else None
+        streams = [submit(f"{request_id}-{i}" if len(batch) > 1 else request_id, ids, body.sampling_params(m, body.logprobs, prompt_logprobs))
+                   for i, (ids, m) in enumerate(zip(prompt_ids, max_tokens))]
+        prompt_entries: dict[int, list[dict]] = {}  # prompt index -> its tokens' entries, as they arrive
 
         def choice(c: CompletionOutput, streamed: bool) -> CompletionChoice:
-            prefix = echoed[c.index // body.n] if echoed and not streamed else ""
-            return CompletionChoice(index=c.index, text=prefix + (c.new_text if streamed else c.text), finish_reason=c.finish_reason,
-                                    logprobs=_completion_logprobs(c, streamed) if want_logprobs else None)
+            i = c.index // body.n
+            # the echo leads the whole text, or, streamed with logprobs, the choice's first chunk
+            # (the prompt's logprobs exist only once its prefill has run)
+            first_chunk = streamed and prompt_logprobs is not None and len(c.token_ids) == len(c.new_token_ids)
+            prefix = echoed[i] if echoed and (not streamed or first_chunk) else ""
+            lp = None
+            if want_logprobs:
+                prompt = prompt_entries.get(i) if prefix and prompt_logprobs is not None else None
+                lp = _completion_logprobs(c, streamed, prompt, len(echoed[i]) if prompt_logprobs is not None else 0)
+            return CompletionChoice(index=c.index, text=prefix + (c.new_text if streamed else c.text), finish_reason=c.finish_reason, logprobs=lp)
+
+        async def noting_prompt_logprobs(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+            async with aclosing(outputs):
+                async for out in outputs:
+                    if out.prompt_logprobs is not None and out.outputs:
+                        prompt_entries.setdefault(out.outputs[0].index // body.n, _prompt_entries(out, backend.tokenizer))
+                    yield out
 
         opening = None
-        if echoed and body.stream:
+        if echoed and body.stream and prompt_logprobs is None:
             opening = CompletionResponse(id=request_id, model=model, choices=[
                 CompletionChoice(index=i * body.n + j, text=text) for i, text in enumerate(echoed) for j in range(body.n)])
         return await respond(
-            request, body, _merged(streams, body.n), want_logprobs,
+            request, body, noting_prompt_logprobs(_merged(streams, body.n)), want_logprobs,
             chunk=lambda cs: CompletionResponse(id=request_id, model=model, choices=[choice(c, True) for c in cs]),
             whole=lambda cs, usage: CompletionResponse(id=request_id, model=model, choices=[choice(c, False) for c in cs], usage=usage),
             opening=opening,
@@ -362,10 +379,17 @@ def _usage(finals: list[RequestOutput]) -> Usage:
                              by_part=by_part))
 
 
-def _completion_logprobs(c: CompletionOutput, streamed: bool) -> CompletionLogprobs:
-    """The legacy completions format, for this step's tokens (`streamed`) or all of them."""
-    entries = _logprob_entries(c, streamed)
-    offset = len(c.text) - len(c.new_text) if streamed else 0
+def _prompt_entries(out: RequestOutput, tokenizer) -> list[dict]:
+    """The prompt's per-token entries, its first token (no logprob: nothing predicts it) included."""
+    first = {"token_id": out.prompt_token_ids[0], "token": tokenizer.decode([out.prompt_token_ids[0]]), "logprob": None, "top": None}
+    return [first] + out.prompt_logprobs[1:]
+
+
+def _completion_logprobs(c: CompletionOutput, streamed: bool, prompt: list[dict] | None = None, echo_len: int = 0) -> CompletionLogprobs:
+    """The legacy completions format, for this step's tokens (`streamed`) or all of them,
+    after the echoed prompt's tokens when given; text offsets count the echoed text (`echo_len`)."""
+    entries = (prompt or []) + _logprob_entries(c, streamed)
+    offset = echo_len + len(c.text) - len(c.new_text) if streamed and not prompt else 0
     offsets = []
     for e in entries:
         offsets.append(offset)
@@ -373,7 +397,7 @@ def _completion_logprobs(c: CompletionOutput, streamed: bool) -> CompletionLogpr
     return CompletionLogprobs(
         tokens=[e["token"] for e in entries],
         token_logprobs=[e["logprob"] for e in entries],
-        top_logprobs=[{t["token"]: t["logprob"] for t in e["top"]} for e in entries],
+        top_logprobs=[None if e["top"] is None else {t["token"]: t["logprob"] for t in e["top"]} for e in entries],
         text_offset=offsets,
     )
 

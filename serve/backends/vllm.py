@@ -78,6 +78,7 @@ class VllmBackend:
             n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else 0,
             seed=params.seed, stop=params.stop or None, stop_token_ids=params.stop_token_ids or None,
             ignore_eos=params.ignore_eos, max_tokens=params.max_tokens, logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
         )
         arrival = time.time()
         first_token_time = None
@@ -96,7 +97,10 @@ class VllmBackend:
                 )
                 if out.finished:
                     self._account(request_id, metrics, [len(c.token_ids) for c in outputs])
-                yield RequestOutput(request_id, list(prompt_ids), outputs, out.finished, metrics)
+                prompt_logprobs = None
+                if out.prompt_logprobs is not None:  # vLLM's: None, then one {token_id: Logprob} per position
+                    prompt_logprobs = [None] + [self._logprob_entry(t, pos) for t, pos in zip(prompt_ids[1:], out.prompt_logprobs[1:])]
+                yield RequestOutput(request_id, list(prompt_ids), outputs, out.finished, metrics, prompt_logprobs)
         finally:  # closing vLLM's stream early aborts the request there
             await stream.aclose()
 

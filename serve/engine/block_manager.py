@@ -58,8 +58,9 @@ class BlockManager:
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks already holding the K/V of seq's leading full blocks. At least one token is
-        left to compute, since the step that computes it produces the next token's logits."""
-        if not self.enable_prefix_caching:
+        left to compute, since the step that computes it produces the next token's logits. None
+        for a sequence that needs the logits of every prompt position (prompt logprobs)."""
+        if not self.enable_prefix_caching or seq.computes_prompt_logprobs:
             return []
         found, parent, bs = [], None, self.block_size
         for i in range((seq.num_tokens - 1) // bs):

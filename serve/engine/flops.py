@@ -47,7 +47,8 @@ class FlopAttribution:
     def chunk(self, q_len: int, past: int, logits: int) -> dict[str, int]:
         """A prefill chunk: q_len tokens, their queries causal over themselves and over the
         `past` cached keys (causal_pairs(q_len, past) exactly; under a sliding window the last
-        window - 1 of them, band-masked: every pair computed), `logits` rows (0 or 1)."""
+        window - 1 of them, band-masked: every pair computed), `logits` rows (0 or 1, or one
+        per position for prompt logprobs)."""
         attention = self._attention(q_len, [q_len] * self.shape.layers, True)
         if past:
             attention += self._attention(q_len, self._keys(past, 1), False)

@@ -69,6 +69,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), as the
+    # per-token logprobs; present once the prompt has been computed
+    prompt_logprobs: list[dict | None] | None = None
 
 
 @dataclass
@@ -204,7 +207,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, sampling = self.runner.execute(batch)
+        logits, sampling, prompt_spans = self.runner.execute(batch)
         for seq, n in batch:
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
@@ -213,7 +216,9 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         new_tokens: dict[int, list[int]] = {}
         now = time.time()
-        for seq, (token, entry) in zip(sampling, self.sampler(logits, sampling)):
+        if prompt_spans:
+            self._record_prompt_logprobs(logits[len(sampling) :], prompt_spans)
+        for seq, (token, entry) in zip(sampling, self.sampler(logits[: len(sampling)], sampling)):
             seq.token_ids.append(token)
             new_tokens[seq.seq_id] = [token]
             if seq.logprobs is not None:
@@ -229,6 +234,16 @@ class LLMEngine:
         for request in finished:
             self._retire(request)
         return outputs
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, spans: list[tuple[Sequence, range]]) -> None:
+        """Entries for the prompt tokens these rows predict (position p's row predicts token p + 1).
+        Written by position, so a prompt recomputed after preemption rewrites, never appends."""
+        logprobs = torch.log_softmax(logits, -1)
+        row = 0
+        for seq, span in spans:
+            for p in span:
+                seq.prompt_logprobs[p + 1] = self.sampler.logprob_entry(logprobs[row], seq.token_ids[p + 1], seq.params.prompt_logprobs)
+                row += 1
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -252,7 +267,9 @@ class LLMEngine:
             )
             for seq in request.seqs
         ]
-        return RequestOutput(request.request_id, request.prompt_token_ids, completions, request.is_finished, self._metrics(request))
+        first = request.seqs[0]
+        prompt_logprobs = list(first.prompt_logprobs) if first.prompt_logprobs is not None and first.prompt_computed else None
+        return RequestOutput(request.request_id, request.prompt_token_ids, completions, request.is_finished, self._metrics(request), prompt_logprobs)
 
     def _metrics(self, request: Request) -> RequestMetrics:
         by_part = request.flops_by_part()

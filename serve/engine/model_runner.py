@@ -71,9 +71,11 @@ class ModelRunner:
         return slots.flatten(1)[:, :length].to(self.device)
 
     @torch.no_grad()  # not inference_mode: profiling.measure needs autograd sequence numbers
-    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one step of (sequence, new tokens) pairs; returns float32 logits (one row per
-        sequence whose computed tokens reach its end, i.e. that samples next) and those sequences.
+    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence], list[tuple[Sequence, range]]]:
+        """Run one step of (sequence, new tokens) pairs. Returns float32 logits: first one row per
+        sequence whose computed tokens reach its end (it samples next), then, for sequences
+        computing prompt logprobs, one row per prompt position of their chunk that predicts a
+        prompt token; the sampling sequences; and those (sequence, positions) spans in row order.
         Adds each sequence's FLOPs of the step to seq.flops; does not advance num_computed_tokens."""
         bs = self.block_size
         decodes = sorted((s for s, n in batch if n == 1 and s.num_computed_tokens > 0), key=lambda s: s.num_computed_tokens)
@@ -83,14 +85,22 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         sampling: list[Sequence] = []
+        prompt_rows: list[int] = []
+        prompt_spans: list[tuple[Sequence, range]] = []
         for seq, n in [(s, 1) for s in decodes] + prefills:
             start, table = seq.num_computed_tokens, seq.block_table
+            first_row = len(ids)
             ids += seq.token_ids[start : start + n]
             positions += range(start, start + n)
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             if start + n == seq.num_tokens:
                 logits_rows.append(len(ids) - 1)
                 sampling.append(seq)
+            if seq.computes_prompt_logprobs:  # every position but the prompt's last predicts a prompt token
+                span = range(start, min(start + n, seq.num_prompt_tokens - 1))
+                prompt_rows += [first_row + p - start for p in span]
+                prompt_spans.append((seq, span))
+        logits_per_seq = {s.seq_id: 1 for s in sampling} | {s.seq_id: len(span) + (s in sampling) for s, span in prompt_spans}
         meta = AttentionMetadata(slot_mapping=self._tensor(slots))
         start = 0
         if decodes and self.decode_kernel:
@@ -100,10 +110,10 @@ class ModelRunner:
             meta.decodes.append(self._plan_decodes(decodes[start : start + size], start))
             start += size
         for seq, n in prefills:
-            meta.prefills.append(self._plan_chunk(seq, start, n))
+            meta.prefills.append(self._plan_chunk(seq, start, n, logits_per_seq.get(seq.seq_id, 0)))
             start += n
-        logits = self.model(self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows))
-        return logits.float(), sampling
+        logits = self.model(self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows + prompt_rows))
+        return logits.float(), sampling, prompt_spans
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -131,11 +141,11 @@ class ModelRunner:
             self._charge(seq, self.flops.decode(longest))  # its row of the call spans the group's longest context
         return group
 
-    def _plan_chunk(self, seq: Sequence, start: int, n: int) -> PrefillChunk:
+    def _plan_chunk(self, seq: Sequence, start: int, n: int, logits: int) -> PrefillChunk:
         """A chunk's own attention: causal over its fresh K/V, plus its cached past if any."""
         past = seq.num_computed_tokens
         chunk = PrefillChunk(start, n, past, self._context_slots([seq.block_table], past) if past else None)
-        self._charge(seq, self.flops.chunk(n, past, logits=int(past + n == seq.num_tokens)))
+        self._charge(seq, self.flops.chunk(n, past, logits=logits))
         return chunk
 
     @staticmethod

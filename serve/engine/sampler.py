@@ -50,11 +50,12 @@ class Sampler:
                 token = int(ids[pick]) if ids is not None else pick
             entry = None
             if p.logprobs is not None:
-                entry = self._logprob_entry(logprobs[i], token, p.logprobs)
+                entry = self.logprob_entry(logprobs[i], token, p.logprobs)
             out.append((token, entry))
         return out
 
-    def _logprob_entry(self, row: torch.Tensor, token: int, k: int) -> dict:
+    def logprob_entry(self, row: torch.Tensor, token: int, k: int) -> dict:
+        """`token`'s log-probability in the log-softmax `row`, with the top-`k` alternatives."""
         entry = {"token_id": token, "token": self.token_text(token), "logprob": float(row[token]), "top": []}
         if k:
             values, ids = torch.topk(row, min(k, row.numel()))

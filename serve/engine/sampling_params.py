@@ -17,6 +17,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1  # completions per prompt; they share the prompt's KV blocks
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top-k alternatives
+    prompt_logprobs: int | None = None  # likewise for each prompt token after the first (vLLM's name)
 
     def validate(self) -> None:
         """ValueError naming the first bad field."""
@@ -32,6 +33,8 @@ class SamplingParams:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0 or None, got {self.logprobs}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0 or None, got {self.prompt_logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -48,6 +48,10 @@ class Sequence:
         self.generator = generator
         self.detokenizer = detokenizer
         self.logprobs: list[dict] | None = [] if request.params.logprobs is not None else None
+        # the prompt's own logprobs, one entry per prompt position (the first has none), computed
+        # by the request's first sequence only: its siblings share the prompt
+        wants = request.params.prompt_logprobs is not None and index == 0
+        self.prompt_logprobs: list[dict | None] | None = [None] * self.num_prompt_tokens if wants else None
         self.flops: dict[str, int] = defaultdict(int)  # FLOPs of the ops run for this sequence, by part
         # n > 1: a sibling waits until the first sequence's prompt is cached, then shares its blocks
         self.after = after
@@ -73,6 +77,12 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def computes_prompt_logprobs(self) -> bool:
+        """Its prompt is (re)computed with logits at every position: until the prompt is done
+        once, nothing of it may come from the prefix cache."""
+        return self.prompt_logprobs is not None and not self.prompt_computed
 
 
 class Request:
