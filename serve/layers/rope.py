@@ -4,7 +4,8 @@ The frequencies come from transformers' own `ROPE_INIT_FUNCTIONS`, so a scaled m
 exactly as transformers rotates it; re-deriving yarn's ramps here would be a second copy to
 keep right. cos/sin are tabulated once for every position up to max_model_len and indexed by
 each token's position, which is what lets tokens of many sequences, at unrelated positions,
-share one batched call.
+share one batched call; a step looks its positions up once for all layers (`forward`), and
+each layer rotates its q and k with them (`rotate`).
 
 Dynamic NTK is fixed at max_model_len (as vLLM does): transformers recomputes it from the
 longest sequence in the batch, which a KV cache holding keys rotated earlier cannot follow.
@@ -38,7 +39,7 @@ def inverse_frequencies(hf_config, rope: dict, max_model_len: int) -> tuple[torc
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates q and k (tokens, heads, head_dim) by their positions, 'rotate half' layout."""
+    """The cos/sin tables of every position up to max_positions (with the scaling applied)."""
 
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int) -> None:
         super().__init__()
@@ -46,13 +47,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos() * attention_scaling, persistent=False)
         self.register_buffer("sin", freqs.sin() * attention_scaling, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos.index_select(0, positions).unsqueeze(1).to(q.dtype)
-        sin = self.sin.index_select(0, positions).unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at each token's position, (tokens, 1, rotary_dim / 2), for `rotate`."""
+        return self.cos.index_select(0, positions).unsqueeze(1).to(dtype), self.sin.index_select(0, positions).unsqueeze(1).to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (tokens, heads, head_dim) rotated by its tokens' positions ('rotate half' layout)."""
     rot = cos.shape[-1] * 2  # partial rotary: only the first `rot` dims turn
     x1, x2, rest = x[..., : rot // 2], x[..., rot // 2 : rot], x[..., rot:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)

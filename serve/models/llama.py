@@ -23,7 +23,7 @@ from torch import nn
 
 from serve.layers.attention import AttentionMetadata, PagedAttention
 from serve.layers.linear import Linear
-from serve.layers.rope import RotaryEmbedding
+from serve.layers.rope import RotaryEmbedding, rotate
 
 
 class RMSNorm(nn.Module):
@@ -33,6 +33,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused call
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         # normalized in float32 whatever the model dtype, as transformers does
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
@@ -45,9 +47,10 @@ class Attention(nn.Module):
         self.o_proj = Linear(heads * head_dim, hidden, bias=bias["o_proj"])
         self.attn = PagedAttention(heads, kv_heads, head_dim, window)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
-        q, k = rope(positions, q.view(-1, self.heads, self.head_dim), k.view(-1, self.kv_heads, self.head_dim))
+        q = rotate(q.view(-1, self.heads, self.head_dim), *rope)
+        k = rotate(k.view(-1, self.kv_heads, self.head_dim), *rope)
         v = v.view(-1, self.kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, meta))
 
@@ -74,8 +77,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, meta)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -91,8 +94,9 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states before the final norm, (tokens, hidden)."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary_emb(positions, x.dtype)  # cos/sin at the step's positions, for every layer
         for layer in self.layers:
-            x = layer(x, positions, self.rotary_emb, meta)
+            x = layer(x, rope, meta)
         return x
 
 
