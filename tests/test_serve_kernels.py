@@ -14,10 +14,11 @@ import torch.nn.functional as F
 
 from profiling.measure import attention_flops, count_flops
 from profiling.parts import ATTENTION, DENSE
-from serve.kernels import linear_half_weight, load, paged_decode_attention
+from serve.kernels import load, op
 
-op = paged_decode_attention()
-pytestmark = pytest.mark.skipif(op is None, reason="the paged decode kernel could not be built here")
+attend = op("paged_decode_attention")
+linear_half_weight = op("linear_half_weight")
+pytestmark = pytest.mark.skipif(attend is None, reason="the paged decode kernel could not be built here")
 
 
 def paged_case(lengths: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int, dtype=torch.float32, seed: int = 0):
@@ -63,7 +64,7 @@ def reference(kv: torch.Tensor, q: torch.Tensor, tables: list[list[int]], length
 )
 def test_matches_sdpa_over_gathered_contexts(lengths, heads, kv_heads, head_dim, block_size):
     kv, q, tables, padded = paged_case(lengths, heads, kv_heads, head_dim, block_size)
-    out = op(q, kv, padded, torch.tensor(lengths, dtype=torch.int32), block_size, head_dim**-0.5)
+    out = attend(q, kv, padded, torch.tensor(lengths, dtype=torch.int32), block_size, head_dim**-0.5)
     torch.testing.assert_close(out.double(), reference(kv, q, tables, lengths, block_size), atol=2e-6, rtol=1e-5)
 
 
@@ -72,9 +73,9 @@ def test_sliding_window_attends_over_the_last_window_tokens(window):
     lengths = [1, 6, 7, 8, 40, 1300]  # shorter than, equal to and past the window; several partitions
     kv, q, tables, padded = paged_case(lengths, 9, 3, 64, 16, seed=2)
     lens = torch.tensor(lengths, dtype=torch.int32)
-    out = op(q, kv, padded, lens, 16, 0.125, window)
+    out = attend(q, kv, padded, lens, 16, 0.125, window)
     torch.testing.assert_close(out.double(), reference(kv, q, tables, lengths, 16, window), atol=2e-6, rtol=1e-5)
-    counted = count_flops(lambda: op(q, kv, padded, lens, 16, 0.125, window))
+    counted = count_flops(lambda: attend(q, kv, padded, lens, 16, 0.125, window))
     assert counted.total == attention_flops(1, 9, 1, sum(min(n, window) for n in lengths), 64, 64, causal=False)
 
 
@@ -82,7 +83,7 @@ def test_sliding_window_attends_over_the_last_window_tokens(window):
 def test_reduced_precision_caches_accumulate_in_float32(dtype):
     lengths = [3, 200, 1100]
     kv, q, tables, padded = paged_case(lengths, 9, 3, 64, 16, dtype=dtype, seed=1)
-    out = op(q, kv, padded, torch.tensor(lengths, dtype=torch.int32), 16, 0.125)
+    out = attend(q, kv, padded, torch.tensor(lengths, dtype=torch.int32), 16, 0.125)
     assert out.dtype == dtype
     # against float64 math on the same rounded inputs: only the output's own rounding differs
     expected = reference(kv, q, tables, lengths, 16)
@@ -93,20 +94,20 @@ def test_bad_inputs_are_refused():
     lengths = [20, 5]
     kv, q, _, padded = paged_case(lengths, 9, 3, 64, 16)
     with pytest.raises(RuntimeError, match="does not fit its block table"):
-        op(q, kv, padded, torch.tensor([40, 5], dtype=torch.int32), 16, 0.125)
+        attend(q, kv, padded, torch.tensor([40, 5], dtype=torch.int32), 16, 0.125)
     with pytest.raises(RuntimeError, match="context length 0"):
-        op(q, kv, padded, torch.tensor([0, 5], dtype=torch.int32), 16, 0.125)
+        attend(q, kv, padded, torch.tensor([0, 5], dtype=torch.int32), 16, 0.125)
     with pytest.raises(RuntimeError, match="must be int32"):
-        op(q, kv, padded.long(), torch.tensor(lengths, dtype=torch.int32), 16, 0.125)
+        attend(q, kv, padded.long(), torch.tensor(lengths, dtype=torch.int32), 16, 0.125)
     with pytest.raises(RuntimeError, match="multiple of kv heads"):
-        op(q[:, :8], kv, padded, torch.tensor(lengths, dtype=torch.int32), 16, 0.125)
+        attend(q[:, :8], kv, padded, torch.tensor(lengths, dtype=torch.int32), 16, 0.125)
 
 
 def test_flops_are_counted_as_attention_over_each_own_context():
     lengths = [10, 300, 41]
     kv, q, _, padded = paged_case(lengths, 9, 3, 64, 16)
     lens = torch.tensor(lengths, dtype=torch.int32)
-    counted = count_flops(lambda: op(q, kv, padded, lens, 16, 0.125))
+    counted = count_flops(lambda: attend(q, kv, padded, lens, 16, 0.125))
     assert counted.by_part == {ATTENTION: attention_flops(1, 9, 1, sum(lengths), 64, 64, causal=False)}
 
 
@@ -125,13 +126,27 @@ def test_half_weight_linear_equals_float32_math_on_the_rounded_weight(rows, feat
     w = torch.randn(outputs, features, generator=g).half()
     b = torch.randn(outputs, generator=g)
     expected = F.linear(x.double(), w.double(), b.double())
-    torch.testing.assert_close(linear_half_weight()(x, w, b).double(), expected, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(linear_half_weight()(x, w, None).double(), expected - b.double(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(linear_half_weight(x, w, b).double(), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(linear_half_weight(x, w, None).double(), expected - b.double(), atol=1e-4, rtol=1e-5)
 
 
 def test_half_weight_linear_refuses_a_float32_weight_and_is_counted_as_a_matmul():
     x, w = torch.randn(3, 64), torch.randn(10, 64)
     with pytest.raises(RuntimeError, match="float16"):
-        linear_half_weight()(x, w, None)
-    counted = count_flops(lambda: linear_half_weight()(x, w.half(), None))
+        linear_half_weight(x, w, None)
+    counted = count_flops(lambda: linear_half_weight(x, w.half(), None))
     assert counted.by_part == {DENSE: 2 * 3 * 64 * 10}  # a matmul of the module that ran it, not attention
+
+
+def test_fused_rms_norm_and_rotary_equal_their_torch_definitions():
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(7, 576, generator=g), torch.randn(576, generator=g)
+    torch.testing.assert_close(op("rms_norm")(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), atol=1e-5, rtol=1e-5)
+    qkv = torch.randn(5, 15 * 64, generator=g)
+    k = qkv[:, 9 * 64 : 12 * 64].view(5, 3, 64)  # a strided view, as the engine passes q and k
+    for rot in (64, 32):  # full and partial rotary
+        angles = torch.randn(5, 1, rot // 2, generator=g)
+        cos, sin = angles.cos(), angles.sin()
+        x1, x2, rest = k[..., : rot // 2], k[..., rot // 2 : rot], k[..., rot:]
+        expected = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+        torch.testing.assert_close(op("rotary")(k, cos, sin), expected, atol=1e-6, rtol=1e-6)

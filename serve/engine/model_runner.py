@@ -16,7 +16,7 @@ import torch
 from profiling.formulas.llama import DecoderShape
 from serve.engine.flops import FlopAttribution
 from serve.engine.sequence import Sequence
-from serve.kernels import paged_decode_attention
+from serve.kernels import op
 from serve.layers.attention import AttentionMetadata, DecodeGroup, PagedDecodes, PrefillChunk
 from serve.models.llama import LlamaForCausalLM
 
@@ -50,7 +50,7 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, shape: DecoderShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
         self.model, self.block_size, self.device = model, block_size, device
         self.group_cost = GROUP_COST_TOKENS.get(device.type, GROUP_COST_TOKENS["cuda"])
-        self.decode_kernel = device.type == "cpu" and paged_decode_attention() is not None  # else: gathered groups
+        self.decode_kernel = device.type == "cpu" and op("paged_decode_attention") is not None  # else: gathered groups
         self.flops = FlopAttribution(shape, [attn.window for attn in model.attention_layers()])
         # zeros, not empty: padded decode rows read slot 0.., and masked garbage could be NaN
         self.kv = torch.zeros(2, shape.layers, shape.kv_heads, num_blocks * block_size, shape.head_dim, dtype=dtype, device=device)

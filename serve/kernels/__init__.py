@@ -1,16 +1,18 @@
 """The engine's C++ kernels for the CPU, compiled on first use and cached; the engine runs without them.
 
-Two ops in one library, `torch.ops.ministack`:
+Ops of one library, `torch.ops.ministack`, each fetched with `op(name)`:
 - `paged_decode_attention` (paged_attention.cpp): decode attention read in place from the
   paged KV cache;
 - `linear_half_weight` (half_linear.cpp): a float32 linear layer whose weight is stored in
-  float16, half the bytes a decode step streams.
+  float16, half the bytes a decode step streams;
+- `rms_norm`, `rotary` (elementwise.cpp): the per-layer small ops in one pass each (float32).
 
 `load()` builds the library the first time with torch.utils.cpp_extension (~30 s on 2 cores;
 later processes load the cached library in well under a second) and registers each op's FLOPs
 with profiling.measure. Where it cannot be built (no C++ compiler, no ninja) it returns False,
 says why once, and the engine falls back to plain torch: decodes gather their contexts for
-SDPA (serve.layers.attention), weights stay float32 (serve.layers.linear).
+SDPA (serve.layers.attention), weights stay float32 (serve.layers.linear), norms and RoPE
+run as ATen ops.
 
 The library is built for the CPU it runs on (vector ISA flags from torch's detected
 capability) and its cache name carries that capability, so a home directory shared by
@@ -31,7 +33,7 @@ from profiling.measure import attention_flops, register_kernel
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "half_linear.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "half_linear.cpp", "elementwise.cpp")]
 # the vector ISA to compile for, from the capability torch itself dispatches on
 ISA_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mf16c"], "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
 DISABLE_ENV = "MINISTACK_NO_KERNELS"  # set to 1: never build or load them (the torch fallbacks run)
@@ -65,12 +67,9 @@ def load() -> bool:
     return True
 
 
-def paged_decode_attention() -> Callable | None:
-    return torch.ops.ministack.paged_decode_attention if load() else None
-
-
-def linear_half_weight() -> Callable | None:
-    return torch.ops.ministack.linear_half_weight if load() else None
+def op(name: str) -> Callable | None:
+    """torch.ops.ministack.`name`, or None where the kernels cannot be had."""
+    return getattr(torch.ops.ministack, name) if load() else None
 
 
 def _decode_flops(query: torch.Tensor, kv_cache, block_tables, context_lens: torch.Tensor, block_size, scale, window=0, out_val=None) -> int:

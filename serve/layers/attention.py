@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve.kernels import paged_decode_attention
+from serve.kernels import op
 
 
 @dataclass
@@ -109,7 +109,7 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         if meta.paged is not None:
             p = meta.paged
-            out[: p.count] = paged_decode_attention()(q[: p.count], self.kv_cache, p.block_tables, p.context_lens, p.block_size, self.head_dim**-0.5, self.window or 0)
+            out[: p.count] = op("paged_decode_attention")(q[: p.count], self.kv_cache, p.block_tables, p.context_lens, p.block_size, self.head_dim**-0.5, self.window or 0)
         for group in meta.decodes:
             # one query per sequence: the query heads sharing a K/V head become that head's
             # query rows, a plain (non-GQA) call that reads each K/V head once

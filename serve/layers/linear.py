@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve.kernels import linear_half_weight
+from serve.kernels import op
 
 BATCH_HINT = 32  # rows oneDNN tunes the packed layout for (decode-sized, as vLLM's CPU backend)
 # fp32 only: oneDNN packs bf16 only on CPUs with AVX512-BF16 / AVX-NE-CONVERT, and on those
@@ -41,7 +41,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.half is not None:
             if x.shape[0] <= HALF_KERNEL_MAX_ROWS:
-                return linear_half_weight()(x, self.half, self.bias)
+                return op("linear_half_weight")(x, self.half, self.bias)
             return F.linear(x, self.half.float(), self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -69,7 +69,7 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def can_store_half(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.float32 and linear_half_weight() is not None
+    return device.type == "cpu" and dtype == torch.float32 and op("linear_half_weight") is not None
 
 
 def layout_linears(model: nn.Module, half: bool, keep: frozenset[int] = frozenset()) -> None:

@@ -19,6 +19,8 @@ import copy
 import torch
 from torch import nn
 
+from serve.kernels import op
+
 
 def inverse_frequencies(hf_config, rope: dict, max_model_len: int) -> tuple[torch.Tensor, float]:
     """(inv_freq, attention_scaling) for the RoPE parameters `rope` of a transformers config."""
@@ -53,7 +55,11 @@ class RotaryEmbedding(nn.Module):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (tokens, heads, head_dim) rotated by its tokens' positions ('rotate half' layout)."""
+    """x (tokens, heads, head_dim) rotated by its tokens' positions ('rotate half' layout); one
+    pass of the C++ kernel on the CPU in float32 (serve.kernels)."""
+    fused = op("rotary") if x.is_cpu and x.dtype == torch.float32 else None
+    if fused is not None:
+        return fused(x, cos, sin)
     rot = cos.shape[-1] * 2  # partial rotary: only the first `rot` dims turn
     x1, x2, rest = x[..., : rot // 2], x[..., rot // 2 : rot], x[..., rot:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
