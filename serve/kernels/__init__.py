@@ -16,12 +16,15 @@ run as ATen ops.
 
 The library is built for the CPU it runs on (vector ISA flags from torch's detected
 capability) and its cache name carries that capability, so a home directory shared by
-machines of different CPU kinds never hands one a library with instructions it lacks.
+machines of different CPU kinds never hands one a library with instructions it lacks. The
+name also carries a hash of every source and header (torch's own check sees only the .cpp
+files), so an edited kernel is always rebuilt.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from profiling.measure import attention_flops, register_kernel
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "half_linear.cpp", "elementwise.cpp")]
+HEADERS = [Path(__file__).with_name("vec.h")]
 # the vector ISA to compile for, from the capability torch itself dispatches on
 ISA_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mf16c"], "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
 DISABLE_ENV = "MINISTACK_NO_KERNELS"  # set to 1: never build or load them (the torch fallbacks run)
@@ -51,7 +55,7 @@ def load() -> bool:
 
         log.info("loading the C++ kernels (compiled on first use, ~30 s)")
         build(
-            name=f"ministack_kernels_{capability.lower()}",
+            name=f"ministack_kernels_{capability.lower()}_{_content_hash()}",
             sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *ISA_FLAGS.get(capability, [])],
             extra_ldflags=["-fopenmp"],
@@ -65,6 +69,13 @@ def load() -> bool:
     register_kernel(torch.ops.ministack.paged_decode_attention, _decode_flops, attention=True)
     register_kernel(torch.ops.ministack.linear_half_weight, _linear_flops, attention=False)
     return True
+
+
+def _content_hash() -> str:
+    digest = hashlib.sha1()
+    for path in SOURCES + HEADERS:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def op(name: str) -> Callable | None:

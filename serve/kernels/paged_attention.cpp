@@ -28,9 +28,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace {
 
@@ -91,25 +89,12 @@ void accumulate_run(const float* p, const scalar_t* v, int64_t stride, int64_t c
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-// Eight floats from any cache dtype.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the high half of a float
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#if MINISTACK_AVX2
+using ministack::load8;
 
-// Lane j of the result is the sum of the lanes of v[j]: eight dot products finished at once.
-inline __m256 sum_lanes8(const __m256 v[8]) {
-  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));  // v0..v3, halves apart
-  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));  // v4..v7
-  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
-
-// head_dim a multiple of 64. Scores for two query heads against four K rows at a time: eight
-// accumulators, six loads per eight FMAs (what AVX2's sixteen registers allow); an odd last
-// head or a short tail of rows repeats the last one, and those lanes are dropped. V is
-// accumulated 64 dims (eight registers) at a time.
+// head_dim a multiple of 64. Scores for two query heads against four K rows at a time (the
+// 2 x 4 tile of vec.h); an odd last head or a short tail of rows repeats the last one, and
+// those lanes are dropped. V is accumulated 64 dims (eight registers) at a time.
 template <typename scalar_t>
 void score_run_avx2(const float* q, const scalar_t* k, int64_t stride, int64_t count, int64_t group, int64_t head_dim, float* s, int64_t n) {
   for (int64_t t0 = 0; t0 < count; t0 += 4) {
@@ -119,24 +104,8 @@ void score_run_avx2(const float* q, const scalar_t* k, int64_t stride, int64_t c
     const scalar_t* k2 = k0 + std::min<int64_t>(2, rows - 1) * stride;
     const scalar_t* k3 = k0 + (rows - 1) * stride;
     for (int64_t g = 0; g < group; g += 2) {
-      const float* qa = q + g * head_dim;
-      const float* qb = q + std::min(g + 1, group - 1) * head_dim;
-      __m256 acc[8];
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < head_dim; d += 8) {
-        const __m256 a = _mm256_loadu_ps(qa + d), b = _mm256_loadu_ps(qb + d);
-        const __m256 x0 = load8(k0 + d), x1 = load8(k1 + d), x2 = load8(k2 + d), x3 = load8(k3 + d);
-        acc[0] = _mm256_fmadd_ps(a, x0, acc[0]);
-        acc[1] = _mm256_fmadd_ps(a, x1, acc[1]);
-        acc[2] = _mm256_fmadd_ps(a, x2, acc[2]);
-        acc[3] = _mm256_fmadd_ps(a, x3, acc[3]);
-        acc[4] = _mm256_fmadd_ps(b, x0, acc[4]);
-        acc[5] = _mm256_fmadd_ps(b, x1, acc[5]);
-        acc[6] = _mm256_fmadd_ps(b, x2, acc[6]);
-        acc[7] = _mm256_fmadd_ps(b, x3, acc[7]);
-      }
       float sums[8];  // head g's four scores, then head g + 1's
-      _mm256_storeu_ps(sums, sum_lanes8(acc));
+      ministack::dots_2x4(q + g * head_dim, q + std::min(g + 1, group - 1) * head_dim, k0, k1, k2, k3, head_dim, sums);
       std::copy(sums, sums + rows, s + g * n + t0);
       if (g + 1 < group) std::copy(sums + 4, sums + 4 + rows, s + (g + 1) * n + t0);
     }
@@ -195,7 +164,7 @@ void attend_partition(const float* q, const scalar_t* k, const scalar_t* v, Plan
     }
   };
   for_each_run(k, [&](int64_t row, int64_t i, int64_t run) {
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if MINISTACK_AVX2
     if (avx2) return score_run_avx2(q, k + row, plane.slot_stride, run, group, head_dim, scores + i, n);
 #endif
     score_run(q, k + row, plane.slot_stride, run, group, head_dim, scores + i, n);
@@ -215,7 +184,7 @@ void attend_partition(const float* q, const scalar_t* k, const scalar_t* v, Plan
   }
   std::fill(out, out + group * head_dim, 0.0f);
   for_each_run(v, [&](int64_t row, int64_t i, int64_t run) {
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if MINISTACK_AVX2
     if (avx2) return accumulate_run_avx2(scores + i, v + row, plane.slot_stride, run, group, head_dim, out, n);
 #endif
     accumulate_run(scores + i, v + row, plane.slot_stride, run, group, head_dim, out, n);
