@@ -50,12 +50,15 @@ def load() -> bool:
         log.info("%s=1: no C++ kernels, the torch fallbacks run", DISABLE_ENV)
         return False
     capability = torch.backends.cpu.get_cpu_capability()
+    name = f"ministack_kernels_{capability.lower()}_{_content_hash()}"
     try:
+        from torch.utils.cpp_extension import _get_build_directory
         from torch.utils.cpp_extension import load as build
 
-        log.info("loading the C++ kernels (compiled on first use, ~30 s)")
+        if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file():
+            print(f"building the C++ kernels for this CPU ({capability}), once: ~15-30 s", flush=True)
         build(
-            name=f"ministack_kernels_{capability.lower()}_{_content_hash()}",
+            name=name,
             sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *ISA_FLAGS.get(capability, [])],
             extra_ldflags=["-fopenmp"],
