@@ -1,11 +1,12 @@
 """Block manager and scheduler on their own (no model): allocation, reference counts, prefix
-hashes, LRU eviction, the decode-first token budget, chunking and preemption order."""
+hashes, LRU eviction, sliding-window release, the decode-first token budget, chunking and
+preemption order."""
 
 from __future__ import annotations
 
 import torch
 
-from serve.engine.block_manager import BlockManager
+from serve.engine.block_manager import FREED, BlockManager
 from serve.engine.detokenizer import Detokenizer
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import Scheduler
@@ -70,6 +71,27 @@ def test_freed_blocks_stay_cached_until_evicted_lru():
     compute(bm, other, 5)  # needs two blocks: the partial one, then the LRU cached one (tokens 4..7)
     assert len(bm.cached_prefix(again)) == 1  # [0..3] survives, [4..7] was evicted
     assert bm.blocks[bm.cached_prefix(again)[0]].token_ids == (0, 1, 2, 3)
+
+
+def test_a_sliding_window_holds_only_the_blocks_inside_it():
+    """Window 6, blocks of 4: after 17 tokens the next query (position 17) sees keys 12..17, so
+    blocks 0-2 (positions 0-11) are released; a later prefix hit of 16 tokens (its next query
+    sees keys 11..16) names blocks 0-1 without holding them."""
+    bm = BlockManager(num_blocks=8, block_size=BS, window=6)
+    a = seq(list(range(30)))
+    compute(bm, a, 17)
+    bm.slide(a)
+    assert a.block_table[:3] == [FREED] * 3 and FREED not in a.block_table[3:]
+    assert bm.num_free == 8 - 2  # its last two blocks
+    bm.release(a)  # skips the FREED entries
+    assert bm.num_free == 8
+    b = seq(list(range(30)), seq_id=1)
+    hits = bm.cached_prefix(b)
+    assert len(hits) == 4  # positions 0-15 still cached under their hashes
+    assert bm.free_blocks_taken(hits) == 2  # blocks 2-3 (positions 8-15) reach into b's window
+    bm.use_prefix(b, hits)
+    assert b.num_computed_tokens == 16 and b.block_table == [FREED] * 2 + hits[2:]
+    assert bm.num_free == 8 - 2
 
 
 def test_disabled_prefix_caching_never_hits():

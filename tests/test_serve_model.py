@@ -277,6 +277,25 @@ def test_sliding_window_matches_transformers_past_the_window(tmp_path, kind, dec
     assert_matches(model, ps[3], again.outputs[0])
 
 
+@pytest.mark.parametrize("decode_kernel", [True, False], ids=["paged-kernel", "gathered"])
+def test_sliding_window_releases_blocks_behind_it(tmp_path, decode_kernel):
+    """Mistral (every layer windowed, 24): blocks that slid out of the window are released, so
+    two sequences of 130 tokens run in a cache of 8 blocks (128 tokens) and still match
+    transformers; a cache that fits one window, one chunk and two blocks admits them at all."""
+    model = windowed_model("mistral")
+    per_block = 2 * 2 * 16 * 1 * 16 * 4  # K and V, layers, block, kv heads, head dim, fp32
+    engine = make_engine(model, tmp_path, max_num_batched_tokens=16, kv_cache_bytes=8 * per_block)
+    if decode_kernel and not engine.runner.decode_kernel:
+        pytest.skip("no paged decode kernel on this device")
+    engine.runner.decode_kernel = decode_kernel
+    ps = prompts([70, 50], seed=22)
+    outs = engine.generate(ps, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=1) for n in (60, 80)])
+    for prompt, out in zip(ps, outs):
+        assert_matches(model, prompt, out.outputs[0])
+    assert engine.stats().num_preemptions == 0  # released blocks made the room, not preemption
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks  # every reference dropped once
+
+
 def test_sliding_window_needs_chunks_inside_it(tmp_path):
     with pytest.raises(ValueError, match="max_num_batched_tokens 24 must be below the model's sliding window 24"):
         make_engine(windowed_model("mistral"), tmp_path, max_num_batched_tokens=24)

@@ -12,6 +12,11 @@ it is reused by hash until allocation reaches it at the front of the list and ov
 (LRU eviction). Freeing a sequence's blocks last-to-first puts its prefix behind its tail,
 so shared prefixes are evicted last. Hashes are Python's tuple hash (deterministic for ints);
 each block also keeps its token ids, so a hash collision is detected, never served.
+
+Sliding windows (a model whose every layer slides, e.g. Mistral): K/V that slid out of the
+window is never read again, so `slide` releases those blocks after each step and a prefix hit
+holds only the blocks inside the new sequence's window; their table entries become FREED, so a
+sequence holds at most its window, one step's chunk and two partial blocks of cache.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from serve.engine.sequence import Sequence
+
+FREED = -1  # a block-table entry whose block was released: out of every layer's sliding window
 
 
 class Block:
@@ -36,9 +43,11 @@ def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int | None = None) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # every layer's sliding window (the widest): K/V before a sequence's window is released
+        self.window = window
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evicted first
         self.cached: dict[int, int] = {}  # block hash -> block id
@@ -73,20 +82,30 @@ class BlockManager:
         return found
 
     def free_blocks_taken(self, block_ids: list[int]) -> int:
-        """How many of these cached blocks sit in the free list (reusing them takes them out)."""
-        return sum(self.blocks[b].ref_count == 0 for b in block_ids)
+        """How many of these cached blocks (a prefix hit) reusing them takes out of the free list."""
+        return sum(self.blocks[b].ref_count == 0 for b in block_ids[self._behind_window(len(block_ids) * self.block_size) :])
 
     def use_prefix(self, seq: Sequence, block_ids: list[int]) -> None:
-        """Give a sequence with nothing computed the cached blocks of its prefix."""
+        """Give a sequence with nothing computed the cached blocks of its prefix (those already
+        behind its window are named, not held: their entries are FREED)."""
         assert not seq.block_table and seq.num_computed_tokens == 0
-        for block_id in block_ids:
+        behind = self._behind_window(len(block_ids) * self.block_size)
+        for i, block_id in enumerate(block_ids):
             block = self.blocks[block_id]
-            if block.ref_count == 0:
-                del self.free[block_id]
-            block.ref_count += 1
-            seq.block_table.append(block_id)
+            if i < behind:
+                seq.block_table.append(FREED)
+            else:
+                if block.ref_count == 0:
+                    del self.free[block_id]
+                block.ref_count += 1
+                seq.block_table.append(block_id)
             seq.block_hashes.append(block.hash)
         seq.num_computed_tokens = len(block_ids) * self.block_size
+
+    def _behind_window(self, computed: int) -> int:
+        """Leading blocks no query from position `computed` on attends to (0 without a window):
+        the query at `computed` sees keys from computed - window + 1."""
+        return max(0, computed - self.window + 1) // self.block_size if self.window else 0
 
     def room(self, seq: Sequence) -> int:
         """New tokens seq can take now: the free slots of its last block plus all free blocks."""
@@ -119,9 +138,23 @@ class BlockManager:
     def release(self, seq: Sequence) -> None:
         """Drop seq's references; blocks nobody uses go to the back of the free list, tail first."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
+            self._unref(block_id)
         seq.block_table.clear()
         seq.block_hashes.clear()
+
+    def slide(self, seq: Sequence) -> None:
+        """Under a sliding window, release seq's blocks that nothing will attend to again. Their
+        table entries become FREED, so positions keep their indices; a released full block stays
+        findable by hash (after commit)."""
+        for i in range(min(self._behind_window(seq.num_computed_tokens), len(seq.block_table))):
+            if seq.block_table[i] != FREED:
+                self._unref(seq.block_table[i])
+                seq.block_table[i] = FREED
+
+    def _unref(self, block_id: int) -> None:
+        if block_id == FREED:
+            return
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block_id] = None

@@ -112,6 +112,8 @@ class LLMEngine:
                 f"(rope {rope.get('rope_type')}); set rope_scaling, e.g. {{'rope_type': 'yarn', 'factor': 2.0}}"
             )
         windows = [w for w in layer_windows(hf_config) if w]
+        # where every layer slides, K/V older than the widest window is never read again: released
+        self.kv_window = max(windows) if windows and len(windows) == hf_config.num_hidden_layers else None
         if windows and min(windows) <= config.max_num_batched_tokens:  # serve.layers.attention relies on it
             raise ValueError(
                 f"max_num_batched_tokens {config.max_num_batched_tokens} must be below the model's sliding window "
@@ -136,7 +138,7 @@ class LLMEngine:
             f"({num_blocks * per_block / 2**30:.2f} GiB, {str(self.dtype).removeprefix('torch.')}); "
             f"weights {'float16 storage, float32 math' if self.half_weights else str(self.dtype).removeprefix('torch.')}"
         )
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.kv_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, shape, num_blocks, config.block_size, self.dtype, self.device)
         self.sampler = Sampler(lambda t: self.tokenizer.decode([t]) if self.tokenizer is not None else "")
@@ -168,7 +170,10 @@ class LLMEngine:
                 f"prompt has {len(prompt_token_ids)} tokens; this model allows at most {self.max_model_len} (max_model_len) "
                 f"including max_tokens ({params.max_tokens}): shorten the prompt or lower max_tokens"
             )
-        if total > self.max_tokens_in_cache:
+        resident = total  # the most K/V it holds at once: all of it, or under sliding windows
+        if self.kv_window is not None:  # its window, one step's chunk and two partial blocks
+            resident = min(total, self.kv_window + self.config.max_num_batched_tokens + 2 * self.config.block_size)
+        if resident > self.max_tokens_in_cache:
             raise ValueError(
                 f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the KV cache "
                 f"({self.max_tokens_in_cache} tokens): raise kv_cache_bytes"
@@ -211,6 +216,7 @@ class LLMEngine:
         for seq, n in batch:
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
+            self.block_manager.slide(seq)
             if seq.num_computed_tokens >= seq.num_prompt_tokens:
                 seq.prompt_computed = True
         touched: dict[str, Request] = {}

@@ -63,10 +63,11 @@ class ModelRunner:
         consecutive blocks (usual for a long sequence: the free list hands out runs) is a
         slice, which reads the cache in place instead of gathering a copy of it."""
         width = -(-length // self.block_size)
-        if len(tables) == 1 and tables[0][:width] == list(range(tables[0][0], tables[0][0] + width)):
+        if len(tables) == 1 and tables[0][0] >= 0 and tables[0][:width] == list(range(tables[0][0], tables[0][0] + width)):
             start = tables[0][0] * self.block_size
             return slice(start, start + length)
-        padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long)
+        # FREED entries (out of the window: masked or sliced away by the attention layer) read block 0
+        padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long).clamp_(min=0)
         slots = padded.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)
         return slots.flatten(1)[:, :length].to(self.device)
 
@@ -122,7 +123,7 @@ class ModelRunner:
         """All decodes in one kernel call: block tables and context lengths, nothing gathered."""
         lengths = [s.num_computed_tokens + 1 for s in decodes]
         width = -(-max(lengths) // self.block_size)
-        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes]
+        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes]  # FREED: never read
         for seq, n in zip(decodes, lengths):
             self._charge(seq, self.flops.decode(n, windowed=True))  # exactly its own context (window)
         return PagedDecodes(len(decodes), torch.tensor(tables, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32), self.block_size)
