@@ -51,12 +51,11 @@ def load() -> bool:
         return False
     capability = torch.backends.cpu.get_cpu_capability()
     name = f"ministack_kernels_{capability.lower()}_{_content_hash()}"
+    if not _built(name):
+        print(f"building the C++ kernels for this CPU ({capability}), once: ~15-30 s", flush=True)
     try:
-        from torch.utils.cpp_extension import _get_build_directory
         from torch.utils.cpp_extension import load as build
 
-        if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file():
-            print(f"building the C++ kernels for this CPU ({capability}), once: ~15-30 s", flush=True)
         build(
             name=name,
             sources=[str(s) for s in SOURCES],
@@ -72,6 +71,16 @@ def load() -> bool:
     register_kernel(torch.ops.ministack.paged_decode_attention, _decode_flops, attention=True)
     register_kernel(torch.ops.ministack.linear_half_weight, _linear_flops, attention=False)
     return True
+
+
+def _built(name: str) -> bool:
+    """Whether torch's extension cache already holds the library (only to say a build is coming)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: any failure means "unknown"
+
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except Exception:  # noqa: BLE001
+        return True
 
 
 def _content_hash() -> str:
