@@ -84,7 +84,10 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
     which public SDPA hides: the fused kernel behind it, called directly (CPU flash / CUDA
     memory-efficient; both are attention kernels to profiling.measure). `mask`: additive."""
     if q.device.type == "cuda":
-        bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        bias = None
+        if mask is not None:  # the kernel wants the bias's rows 16-aligned: padded, then sliced back (as SDPA does)
+            keys = k.shape[2]
+            bias = F.pad(mask.expand(q.shape[0], q.shape[1], q.shape[2], keys), (0, -keys % 16))[..., :keys]
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal)[:2]
         return out, lse[..., : q.shape[2]]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask)[:2]
