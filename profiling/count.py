@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from profiling.estimate import parse_compression
+from profiling.inputs import parse_compression
 from profiling.laws import infer_flops, train_flops
 from profiling.measure import FlopCount, count_flops, forward_backward
 from profiling.parts import law_params, param_parts

@@ -1,19 +1,27 @@
-"""Plan a training run or a serving fleet: FLOPs, GPU-days, GPUs needed.
+"""Plan a training run or a serving fleet: tokens, FLOPs, GPU-days, GPUs needed, one figure at a time.
 
-Training: C = 6·N·D (profiling.laws). D is --tokens, or is counted from a dataset of images
-and/or videos (--resolution, --patch, --latent-compression, --frames or --fps x --duration),
-times --epochs. GPU-days = C / (dense peak x MFU) / 86400; wall-clock days = that / --num-gpus.
+Each figure is computed from the inputs it needs, whatever else is missing:
 
-Serving: each request costs 2·N·(prompt + answer) FLOPs; at the dense peak x --utilization that
-is a time per request on one GPU, and the daily requests spread over --hours-per-day give the
-GPUs needed.
+  tokens               a dataset: --images/--videos, --resolution, --patch (videos also --frames
+                       or --fps x --duration); profiling.inputs.tokens_per_sample. x --epochs
+  training FLOPs       C = 6·N·D (profiling.laws): --params, --tokens (or the dataset)
+  GPU-days             C / (dense peak x MFU) / 86400: also --gpu, --mfu
+  wall-clock days      GPU-days / --num-gpus: also --num-gpus
+  FLOPs per request    2·N·(prompt + answer): --params, --prompt-tokens, --answer-tokens
+  seconds per request  FLOPs per request / (dense peak x utilization): also --gpu, --utilization
+  GPUs needed          requests/day x seconds each / (--hours-per-day x 3600): also --requests-per-day
+
+The output holds every figure the inputs give, and under `missing` the flags that would give
+each other figure; only when no figure can be computed is it an error, naming what each needs.
 
 The laws omit attention, which dominates at long context: --layers and --d-attn add it (see
 train_attention_flops, request_attention_flops). The law figure stays in the output; times and
 GPU counts then use law + attention.
 
-Peaks are dense data-sheet figures (profiling.hardware); --gpu cpu measures this machine.
-Numbers take suffixes: 175e9, 7B, 135M, 2T, 10k.
+Peaks are dense data-sheet figures (profiling.hardware), in bf16 unless --dtype says otherwise,
+or in the GPU's own 16-bit tensor format where it has no bf16 (fp16 on T4, V100); --gpu cpu
+measures this machine, in its preferred dtype (profiling.cpu). Numbers take suffixes: 175e9,
+7B, 135M, 2T, 10k.
 """
 
 from __future__ import annotations
@@ -24,110 +32,49 @@ import math
 
 from profiling import laws
 from profiling.hardware import accelerator, normalize_dtype
+from profiling.inputs import (dataset_tokens, parse_compression, parse_count, parse_number, parse_patch,
+                              parse_resolution)
 
 SECONDS_PER_DAY = 86400.0
-_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
-_TRAIN_FLAGS = ("tokens", "seq_len", "images", "videos", "resolution", "patch", "latent_compression",
-                "frames", "fps", "duration", "epochs", "mfu")
-_SERVE_FLAGS = ("prompt_tokens", "answer_tokens", "requests_per_day", "utilization")
+HOURS_PER_DAY = 24.0  # the serving day when --hours-per-day is not given
+_SHAPE_FLAGS = ("resolution", "patch", "latent_compression", "frames", "fps", "duration")
+_TRAIN_FLAGS = ("tokens", "seq_len", "images", "videos", *_SHAPE_FLAGS, "epochs", "mfu", "num_gpus")
+_SERVE_FLAGS = ("prompt_tokens", "answer_tokens", "requests_per_day", "hours_per_day", "utilization")
+_INPUTS = ("params", "layers", "d_attn", *_TRAIN_FLAGS, *_SERVE_FLAGS, "gpu", "dtype")
+_SERVE_FIGURES = ("flops_per_request", "seconds_per_request", "gpus_needed")
+# each figure (its --json key) -> its name in the text and in errors
+LABELS = {"tokens": "tokens", "train_flops": "training FLOPs",
+          "train_flops_with_attention": "training FLOPs with attention", "gpu_days": "GPU-days",
+          "wall_days": "wall-clock days", "flops_per_request": "FLOPs per request",
+          "seconds_per_request": "seconds per request", "gpus_needed": "GPUs needed"}
 
 
-class InputError(argparse.ArgumentTypeError, ValueError):
-    """A malformed value. argparse prints an ArgumentTypeError's message verbatim (a plain
-    ValueError becomes "invalid <function> value"); Python callers can catch ValueError."""
-
-
-def parse_number(text: str) -> float:
-    """'175e9', '1.5e12', '7B', '135M', '2T', '10k' -> a positive finite float."""
-    text = str(text).strip()
-    scale = _SUFFIX.get(text[-1:].lower(), 1.0)
-    try:
-        value = float(text[:-1] if scale != 1.0 else text) * scale
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise InputError(f"expected a positive number like 175e9, 1.5e12, 7B or 10k, got {text!r}")
-    return value
-
-
-def parse_count(text: str) -> int:
-    """parse_number for whole counts (GPUs, tokens, layers): '8k' -> 8000; '0.5' is an error."""
-    value = parse_number(text)
-    if abs(value - round(value)) > 1e-9 * value:  # 1.1k = 1100.0000000000002 is whole
-        raise InputError(f"expected a whole number like 64, 8k or 7B, got {text!r}")
-    return round(value)
-
-
-def _positive_ints(text: str, sep: str, lengths: tuple[int, ...], expected: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.lower().split(sep))
-    except ValueError:
-        values = ()
-    if len(values) not in lengths or min(values) < 1:
-        raise InputError(f"expected {expected}, got {text!r}")
-    return values
-
-
-def parse_resolution(text: str) -> tuple[int, int]:
-    """'256x256' -> (height, width)."""
-    return _positive_ints(text, "x", (2,), "a resolution HxW like 256x256")  # type: ignore[return-value]
-
-
-def parse_patch(text: str) -> tuple[int, int, int]:
-    """'2' -> (1, 2, 2): a single P patches space only; 'pt,ph,pw' sets all three."""
-    values = _positive_ints(text, ",", (1, 3), "a patch size P or pt,ph,pw like 2 or 1,2,2")
-    return (1, values[0], values[0]) if len(values) == 1 else values  # type: ignore[return-value]
-
-
-def parse_compression(text: str) -> tuple[int, int, int]:
-    """'4,8,8' -> (t, h, w): how many frames/pixels one latent element stands for per axis."""
-    return _positive_ints(text, ",", (3,), "a latent compression t,h,w like 4,8,8")  # type: ignore[return-value]
-
-
-def tokens_per_sample(frames: int, height: int, width: int,
-                      patch: tuple[int, int, int] = (1, 1, 1),
-                      compression: tuple[int, int, int] = (1, 1, 1)) -> int:
-    """Tokens one sample becomes: ceil(T/ct/pt) · ceil(H/ch/ph) · ceil(W/cw/pw).
-
-    Each axis is compressed by the latent encoder, then cut into patches. Sizes that do not
-    divide are rounded up (ceil division), because patch embedders pad the remainder rather
-    than drop it; ceil(ceil(a/c)/p) == ceil(a/(c·p)), so one division per axis is exact.
-    An image is a one-frame sample: ceil(H/ch/ph)·ceil(W/cw/pw), H·W/P² when uncompressed.
-    Causal video VAEs that keep the first frame apart (1 + (T-1)/ct) can differ by one latent frame.
-    """
-    sizes = (frames, height, width)
-    return math.prod(-(-size // (c * p)) for size, c, p in zip(sizes, compression, patch))
-
-
-def dataset_tokens(resolution: tuple[int, int], patch: tuple[int, int, int],
-                   compression: tuple[int, int, int] = (1, 1, 1), images: float | None = None,
-                   videos: float | None = None, frames: int = 1) -> dict:
-    """Tokens in one pass over `images` and `videos` of one resolution, with the per-sample
-    counts behind the total so a planner can check them."""
-    h, w = resolution
-    out: dict = {"resolution": f"{h}x{w}", "patch": list(patch), "latent_compression": list(compression),
-                 "images": images, "videos": videos, "frames": None if videos is None else frames,
-                 "tokens_per_epoch": 0}
-    for kind, count, length in (("image", images, 1), ("video", videos, frames)):
-        if count is not None:
-            out[f"tokens_per_{kind}"] = tokens_per_sample(length, h, w, patch, compression)
-            out["tokens_per_epoch"] += count * out[f"tokens_per_{kind}"]
-    return out
-
-
-def peak_flops(gpu: str, dtype: str = "bf16") -> tuple[str, float]:
-    """(name, dense peak FLOP/s) of a table GPU ('H100', 'a100'), or of this CPU for 'cpu'."""
+def peak_flops(gpu: str, dtype: str | None = None) -> dict:
+    """{'gpu': name, 'dtype', 'peak_flops': dense FLOP/s} of a table GPU ('H100', 'a100') or, for
+    'cpu', of this CPU as measured. Without `dtype`, a GPU's is bf16 where it has bf16, else its
+    16-bit tensor format, said in a 'dtype_note'; this CPU's is profiling.cpu.preferred_cpu_dtype.
+    A dtype the GPU lacks raises, naming the ones it has."""
     if gpu.strip().lower() == "cpu":
-        from profiling.cpu import cpu_name, cpu_peak_flops  # lazy: the probe imports torch
+        from profiling.cpu import cpu_name, cpu_peak_flops, preferred_cpu_dtype  # lazy: the probe imports torch
 
-        return cpu_name(), cpu_peak_flops(normalize_dtype(dtype))
+        chosen = normalize_dtype(dtype) if dtype else preferred_cpu_dtype()
+        return {"gpu": cpu_name(), "dtype": chosen, "peak_flops": cpu_peak_flops(chosen)}
     acc = accelerator(gpu)
-    return acc.name, acc.peak(dtype)
+    chosen = normalize_dtype(dtype) if dtype else acc.default_dtype
+    out = {"gpu": acc.name, "dtype": chosen, "peak_flops": acc.peak(chosen)}
+    if dtype is None and chosen != "bf16":
+        out["dtype_note"] = f"{acc.name} has no bf16: using {chosen} (its 16-bit tensor format)"
+    return out
 
 
 def _fraction(flag: str, value: float) -> None:
     if not 0 < value <= 1:
         raise ValueError(f"{flag} must be a fraction in (0, 1] (0.4 means 40%), got {value:g}")
+
+
+def _hours(value: float) -> None:
+    if not 0 < value <= 24:
+        raise ValueError(f"--hours-per-day must be in (0, 24], got {value:g}")
 
 
 def train_attention_flops(layers: int, d_attn: int, spans: list[tuple[float, int]]) -> float:
@@ -148,40 +95,52 @@ def request_attention_flops(layers: int, d_attn: int, tokens: int) -> tuple[floa
     return 4.0 * layers * d_attn * pairs, pairs
 
 
-def training(params: float, tokens: float, peak: float, mfu: float, num_gpus: int = 1,
-             attention_flops: float | None = None) -> dict:
-    """Compute and time of training N params on D tokens at `mfu` of a `peak` FLOP/s device;
-    with `attention_flops` the times use 6ND + attention, and both figures are reported."""
-    _fraction("--mfu", mfu)
+def training(params: float, tokens: float, peak: float | None = None, mfu: float | None = None,
+             num_gpus: int | None = None, attention_flops: float | None = None) -> dict:
+    """Training compute of N = `params` on D = `tokens`: 6·N·D FLOPs (Kaplan et al. 2020), and with
+    `attention_flops` also 6ND + attention, which the times then use. With a `peak` (FLOP/s) and an
+    `mfu` (fraction), the GPU time: gpu_seconds = FLOPs / (peak x mfu), gpu_days = that / 86400;
+    with `num_gpus` too, wall_days = gpu_days / num_gpus."""
     flops = law = laws.train_flops(params, tokens)
-    out = {"params": params, "tokens": tokens, "mfu": mfu, "num_gpus": num_gpus, "train_flops": law}
+    out: dict = {"params": params, "tokens": tokens, "train_flops": law}
     if attention_flops is not None:
         flops = law + attention_flops
         out.update(train_flops_with_attention=flops, attention_share=attention_flops / flops)
+    if peak is None or mfu is None:
+        return out
+    _fraction("--mfu", mfu)
     gpu_seconds = flops / (peak * mfu)
-    gpu_days = gpu_seconds / SECONDS_PER_DAY
-    return {**out, "gpu_seconds": gpu_seconds, "gpu_days": gpu_days, "wall_days": gpu_days / num_gpus}
+    out.update(mfu=mfu, gpu_seconds=gpu_seconds, gpu_days=gpu_seconds / SECONDS_PER_DAY)
+    if num_gpus is not None:
+        out.update(num_gpus=num_gpus, wall_days=out["gpu_days"] / num_gpus)
+    return out
 
 
-def serving(params: float, prompt_tokens: int, answer_tokens: int, requests_per_day: float,
-            peak: float, utilization: float, hours_per_day: float = 24,
-            attention: tuple[int, int] | None = None) -> dict:
-    """Per-request cost and the GPUs that serve `requests_per_day` within `hours_per_day`;
-    `attention` = (layers, d_attn) adds the causal attention of prompt + answer."""
-    _fraction("--utilization", utilization)
-    if not 0 < hours_per_day <= 24:
-        raise ValueError(f"--hours-per-day must be in (0, 24], got {hours_per_day:g}")
+def serving(params: float, prompt_tokens: int, answer_tokens: int, requests_per_day: float | None = None,
+            peak: float | None = None, utilization: float | None = None,
+            hours_per_day: float = HOURS_PER_DAY, attention: tuple[int, int] | None = None) -> dict:
+    """FLOPs per request: 2·N·(prompt + answer) (Kaplan et al. 2020), and with `attention` =
+    (layers, d_attn) also that plus the causal attention of prompt + answer, which the times then
+    use. With a `peak` (FLOP/s) and a `utilization` (fraction), seconds per request on one GPU;
+    with `requests_per_day` too, the GPUs that serve them within `hours_per_day` (ceil of busy
+    GPU-seconds / (hours x 3600))."""
     flops = law = laws.infer_flops(params, prompt_tokens + answer_tokens)
-    out = {"params": params, "prompt_tokens": prompt_tokens, "answer_tokens": answer_tokens,
-           "requests_per_day": requests_per_day, "hours_per_day": hours_per_day,
-           "utilization": utilization, "flops_per_request": law}
+    out: dict = {"params": params, "prompt_tokens": prompt_tokens, "answer_tokens": answer_tokens,
+                 "flops_per_request": law}
     if attention is not None:
         extra, pairs = request_attention_flops(*attention, prompt_tokens + answer_tokens)
         flops = law + extra
         out.update(attention_pairs_per_request=pairs, flops_per_request_with_attention=flops)
+    if peak is None or utilization is None:
+        return out
+    _fraction("--utilization", utilization)
     seconds = flops / (peak * utilization)
+    out.update(utilization=utilization, seconds_per_request=seconds, requests_per_second_per_gpu=1 / seconds)
+    if requests_per_day is None:
+        return out
+    _hours(hours_per_day)
     busy = requests_per_day * seconds / (hours_per_day * 3600)
-    return {**out, "seconds_per_request": seconds, "requests_per_second_per_gpu": 1 / seconds,
+    return {**out, "requests_per_day": requests_per_day, "hours_per_day": hours_per_day,
             # round first: float noise must not turn exactly 8.0 GPUs into 9
             "gpus_needed": math.ceil(round(busy, 9))}
 
@@ -190,11 +149,13 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def _training_gaps(a: argparse.Namespace) -> list[str]:
-    """The training inputs still missing, as flags; raises on contradictory ones."""
+def _check(a: argparse.Namespace) -> None:
+    """Raise on contradictory or out-of-range inputs, whichever figures they would feed."""
+    if (a.layers is None) != (a.d_attn is None):
+        given, other = ("--layers", "--d-attn") if a.d_attn is None else ("--d-attn", "--layers")
+        raise ValueError(f"{given} needs {other} to add attention (d_attn = heads x head_dim)")
     dataset = a.images is not None or a.videos is not None
-    shape = [k for k in ("resolution", "patch", "latent_compression", "frames", "fps", "duration")
-             if getattr(a, k) is not None]
+    shape = [k for k in _SHAPE_FLAGS if getattr(a, k) is not None]
     video = [k for k in shape if k in ("frames", "fps", "duration")]
     if a.tokens is not None and dataset:
         raise ValueError("give --tokens or a dataset (--images/--videos), not both")
@@ -205,61 +166,113 @@ def _training_gaps(a: argparse.Namespace) -> list[str]:
         raise ValueError(f"dataset flags {', '.join(map(_flag, shape))} need --images or --videos")
     if video and a.videos is None:
         raise ValueError(f"video flags {', '.join(map(_flag, video))} need --videos")
-    gaps = ["--params"] if a.params is None else []
-    if a.tokens is None and not dataset:
-        gaps.append("--tokens (or --images/--videos)")
-    if a.layers is not None and a.tokens is not None and a.seq_len is None:
-        gaps.append("--seq-len (tokens each token attends over, for --layers/--d-attn)")
+    for flag, value in (("--mfu", a.mfu), ("--utilization", a.utilization)):
+        if value is not None:
+            _fraction(flag, value)
+    if a.hours_per_day is not None:
+        _hours(a.hours_per_day)
+
+
+def _needs(a: argparse.Namespace) -> dict[str, tuple[str | None, list[str]]]:
+    """Each figure the flags can lead to -> (the figure it builds on, the flags it adds to that one
+    that are not given). A figure is computed when it and everything below it lack nothing."""
+    def absent(*dests: str) -> list[str]:
+        return [_flag(d) for d in dests if getattr(a, d) is None]
+
+    dataset = a.images is not None or a.videos is not None
+    needs: dict[str, tuple[str | None, list[str]]] = {}
     if dataset:
-        gaps += [_flag(k) for k in ("resolution", "patch") if getattr(a, k) is None]
-    if a.videos is not None and a.frames is None:
-        lacking = [_flag(k) for k in ("fps", "duration") if getattr(a, k) is None]
-        gaps += ["--frames (or --fps and --duration)"] if len(lacking) == 2 else lacking
-    return gaps + [_flag(k) for k in ("gpu", "mfu") if getattr(a, k) is None]
+        frames = []
+        if a.videos is not None and a.frames is None:
+            lacking = absent("fps", "duration")
+            frames = ["--frames (or --fps and --duration)"] if len(lacking) == 2 else lacking
+        needs["tokens"] = (None, absent("resolution", "patch") + frames)
+    tokens = [] if dataset or a.tokens is not None else ["--tokens (or --images/--videos, --resolution, --patch)"]
+    needs["train_flops"] = ("tokens" if dataset else None, absent("params") + tokens)
+    timed = "train_flops"
+    if a.layers is not None:
+        seq_len = a.tokens is not None and a.seq_len is None
+        needs["train_flops_with_attention"] = (
+            timed, ["--seq-len (tokens each token attends over, for --layers/--d-attn)"] if seq_len else [])
+        timed = "train_flops_with_attention"
+    needs["gpu_days"] = (timed, absent("gpu", "mfu"))
+    needs["wall_days"] = ("gpu_days", absent("num_gpus"))
+    needs["flops_per_request"] = (None, absent("params", "prompt_tokens", "answer_tokens"))
+    needs["seconds_per_request"] = ("flops_per_request", absent("gpu", "utilization"))
+    needs["gpus_needed"] = ("seconds_per_request", absent("requests_per_day"))
+    return needs
+
+
+def missing(a: argparse.Namespace) -> dict[str, list[str]]:
+    """Each figure the flags can lead to -> every flag it still lacks ([] when it is computed)."""
+    gaps: dict[str, list[str]] = {}
+    for name, (below, own) in _needs(a).items():
+        gaps[name] = (gaps[below] if below else []) + own
+    return gaps
+
+
+def _asked(a: argparse.Namespace, figures: list[str]) -> list[str]:
+    """The figures to report as missing: those of training or of serving when only that side's
+    flags are given (--params, --gpu, --dtype, --layers, --d-attn serve both), else all."""
+    train = any(getattr(a, k) is not None for k in _TRAIN_FLAGS)
+    serve = any(getattr(a, k) is not None for k in _SERVE_FLAGS)
+    return figures if train == serve else [f for f in figures if (f in _SERVE_FIGURES) == serve]
+
+
+def _nothing_to_estimate(a: argparse.Namespace, figures: list[str]) -> ValueError:
+    """The error for inputs that give no figure: the given flags, then each chain of figures, the
+    first with all it lacks and each next one with what it adds."""
+    needs = _needs(a)
+    given = [_flag(k) for k in _INPUTS if getattr(a, k) is not None]
+    parts = []
+    for f in figures:
+        below, own = needs[f]
+        if own:
+            parts.append(f"{LABELS[f]} {'need' if below is None else 'also'} {', '.join(own)}")
+    return ValueError(f"nothing to estimate{' from ' + ', '.join(given) if given else ''}: " + "; ".join(parts))
+
+
+def _spans(a: argparse.Namespace, out: dict) -> list[tuple[float, int | None]]:
+    """(tokens per epoch, the length they attend over) per kind of sample: --tokens with --seq-len,
+    or each kind of the dataset with its tokens per sample; `out` gains the dataset's counts."""
+    if a.tokens is not None:
+        return [(a.tokens, a.seq_len)]
+    frames = a.frames if a.frames is not None else (a.fps or 0) * (a.duration or 0)
+    counted = dataset_tokens(a.resolution, a.patch, a.latent_compression or (1, 1, 1), a.images, a.videos,
+                             max(1, round(frames)))
+    del counted["tokens_per_epoch"]
+    out.update(counted)
+    return [(out[kind + "s"] * out[f"tokens_per_{kind}"], out[f"tokens_per_{kind}"])
+            for kind in ("image", "video") if f"tokens_per_{kind}" in out]
 
 
 def plan(a: argparse.Namespace) -> dict:
-    """Every figure the given flags ask for, as one flat dict (the --json object)."""
-    if (a.layers is None) != (a.d_attn is None):
-        given, other = ("--layers", "--d-attn") if a.d_attn is None else ("--d-attn", "--layers")
-        raise ValueError(f"{given} needs {other} to add attention (d_attn = heads x head_dim)")
-    want_train = any(getattr(a, k) is not None for k in _TRAIN_FLAGS)
-    want_serve = any(getattr(a, k) is not None for k in _SERVE_FLAGS)
-    if not (want_train or want_serve):
-        raise ValueError("nothing to estimate. Training needs --params, --tokens (or --images/"
-                         "--videos with --resolution, --patch), --gpu, --mfu; serving needs "
-                         "--params, --prompt-tokens, --answer-tokens, --requests-per-day, "
-                         "--gpu, --utilization")
-    problems = []
-    if want_train and (gaps := _training_gaps(a)):
-        problems.append("training estimate needs: " + ", ".join(gaps))
-    serve_inputs = ("params", "prompt_tokens", "answer_tokens", "requests_per_day", "gpu", "utilization")
-    if want_serve and (gaps := [_flag(k) for k in serve_inputs if getattr(a, k) is None]):
-        problems.append("serving estimate needs: " + ", ".join(gaps))
-    if problems:
-        raise ValueError("; ".join(problems))
-
-    gpu, peak = peak_flops(a.gpu, a.dtype)
-    attn = (a.layers, a.d_attn) if a.layers is not None else None
-    out: dict = {"params": a.params, "gpu": gpu, "dtype": normalize_dtype(a.dtype), "peak_flops": peak,
+    """Every figure the given flags allow, as one flat dict (the --json object) with the inputs
+    used and `missing`: for each figure not computed, the flags that would give it. Raises
+    ValueError on contradictory inputs, and when no figure can be computed."""
+    _check(a)
+    gaps = missing(a)
+    asked = _asked(a, list(gaps))
+    if all(gaps.values()):
+        raise _nothing_to_estimate(a, asked)
+    out: dict = {"params": a.params, **(peak_flops(a.gpu, a.dtype) if a.gpu is not None else {}),
                  "layers": a.layers, "d_attn": a.d_attn}
-    if want_train:
-        tokens, epochs = a.tokens, a.epochs or 1.0
-        spans = [(tokens, a.seq_len)]  # (tokens, sequence length each attends over) per kind
-        if tokens is None:
-            frames = a.frames if a.frames is not None else (a.fps or 0) * (a.duration or 0)
-            out.update(dataset_tokens(a.resolution, a.patch, a.latent_compression or (1, 1, 1),
-                                      a.images, a.videos, max(1, round(frames))))
-            tokens = out.pop("tokens_per_epoch")
-            spans = [(out[kind + "s"] * out[f"tokens_per_{kind}"], out[f"tokens_per_{kind}"])
-                     for kind in ("image", "video") if f"tokens_per_{kind}" in out]
-        attention = train_attention_flops(*attn, [(n * epochs, s) for n, s in spans]) if attn else None
+    peak = out.get("peak_flops")
+    attn = (a.layers, a.d_attn) if a.layers is not None else None
+    if a.tokens is not None or gaps.get("tokens") == []:
+        epochs = a.epochs or 1.0
+        spans = _spans(a, out)
         # tokens seen is a whole count (a fraction of an epoch still sees whole tokens)
-        out.update(training(a.params, round(tokens * epochs), peak, a.mfu, a.num_gpus, attention),
-                   epochs=epochs, seq_len=a.seq_len)
-    if want_serve:
-        out.update(serving(a.params, a.prompt_tokens, a.answer_tokens, a.requests_per_day,
-                           peak, a.utilization, a.hours_per_day, attn))
+        out.update(tokens=round(sum(n for n, _ in spans) * epochs), epochs=epochs, seq_len=a.seq_len)
+        if not gaps["train_flops"]:
+            attention = (train_attention_flops(*attn, [(n * epochs, s) for n, s in spans])
+                         if attn and not gaps["train_flops_with_attention"] else None)
+            out.update(training(a.params, out["tokens"], None if gaps["gpu_days"] else peak, a.mfu,
+                                a.num_gpus, attention))
+    if not gaps["flops_per_request"]:
+        out.update(serving(a.params, a.prompt_tokens, a.answer_tokens, a.requests_per_day, peak,
+                           a.utilization, a.hours_per_day or HOURS_PER_DAY, attn))
+    out["missing"] = {f: gaps[f] for f in asked if gaps[f]}
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -290,12 +303,21 @@ def _with_attention(law_label: str, law: float, total: float | None, per: str, a
     return rows
 
 
+def _accelerator(p: dict, fraction: str, label: str) -> list[tuple[str, str]]:
+    """The GPU row (with the MFU or utilization where used) and the dtype note, if a GPU is given."""
+    if "gpu" not in p:
+        return []
+    used = f", {label} {p[fraction] * 100:.4g}%" if fraction in p else ""
+    rows = [("accelerator", f"{p['gpu']} {p['dtype']}, {p['peak_flops'] / 1e12:.4g} TFLOP/s dense peak{used}")]
+    return rows + ([("dtype", p["dtype_note"])] if "dtype_note" in p else [])
+
+
 def format_plan(p: dict) -> str:
-    """The human table: one aligned row per figure, units spelled out."""
-    device = f"{p['gpu']} {p['dtype']}, {p['peak_flops'] / 1e12:.4g} TFLOP/s dense peak"
+    """The human table: one aligned row per figure computed, units spelled out, then each figure
+    not computed with the flags that would give it."""
     arch = f"{p.get('layers')} layers x d_attn {p.get('d_attn')}"
     rows: list[tuple[str, str]] = []
-    if "train_flops" in p:
+    if "tokens" in p:
         rows.append(("TRAINING", ""))
         for kind in ("image", "video"):
             if f"tokens_per_{kind}" in p:
@@ -304,25 +326,34 @@ def format_plan(p: dict) -> str:
                              f"patch {_ints(p['patch'])}, latent compression {_ints(p['latent_compression'])}) "
                              f"x {_count(p[kind + 's'])} {kind}s"))
         epochs = f" ({_num(p['epochs'])} epochs)" if p["epochs"] != 1 else ""
-        rows += [("parameters", _count(p["params"])), ("tokens", _count(p["tokens"]) + epochs),
-                 *_with_attention("6ND", p["train_flops"], p.get("train_flops_with_attention"), "",
-                                  f"12 x {arch} x S per token (PaLM, bidirectional), S = "
-                                  + (f"{p['seq_len']:,}" if "seq_len" in p else "tokens per sample")),
-                 ("accelerator", f"{device}, MFU {p['mfu'] * 100:.4g}%"),
-                 ("GPU time", f"{_num(p['gpu_days'])} GPU-days ({p['gpu_seconds']:.3e} GPU-seconds)"),
-                 ("wall clock", f"{_num(p['wall_days'])} days on {_count(p['num_gpus'])} "
-                                f"GPU{'s' if p['num_gpus'] != 1 else ''}")]
+        rows += [("parameters", _count(p["params"]))] if "train_flops" in p else []
+        rows.append(("tokens", _count(p["tokens"]) + epochs))
+        if "train_flops" in p:
+            rows += _with_attention("6ND", p["train_flops"], p.get("train_flops_with_attention"), "",
+                                    f"12 x {arch} x S per token (PaLM, bidirectional), S = "
+                                    + (f"{p['seq_len']:,}" if "seq_len" in p else "tokens per sample"))
+        rows += _accelerator(p, "mfu", "MFU")
+        if "gpu_days" in p:
+            rows.append(("GPU time", f"{_num(p['gpu_days'])} GPU-days ({p['gpu_seconds']:.3e} GPU-seconds)"))
+        if "wall_days" in p:
+            rows.append(("wall clock", f"{_num(p['wall_days'])} days on {_count(p['num_gpus'])} "
+                                       f"GPU{'s' if p['num_gpus'] != 1 else ''}"))
     if "flops_per_request" in p:
         rows += [("SERVING", ""), ("parameters", _count(p["params"])),
                  ("tokens per request", f"{_count(p['prompt_tokens'])} prompt + {_count(p['answer_tokens'])} answer"),
                  *_with_attention("2NT", p["flops_per_request"], p.get("flops_per_request_with_attention"),
                                   " per request", f"4 x {arch} x "
                                   f"{p.get('attention_pairs_per_request', 0):,} causal (query, key) pairs"),
-                 ("accelerator", f"{device}, utilization {p['utilization'] * 100:.4g}%"),
-                 ("time per request", f"{_num(p['seconds_per_request'])} s on one GPU "
-                  f"({_num(p['requests_per_second_per_gpu'])} requests/s per GPU)"),
-                 ("load", f"{_count(p['requests_per_day'])} requests/day over {_num(p['hours_per_day'])} h/day"),
-                 ("GPUs needed", f"{p['gpus_needed']:,}")]
+                 *_accelerator(p, "utilization", "utilization")]
+        if "seconds_per_request" in p:
+            rows.append(("time per request", f"{_num(p['seconds_per_request'])} s on one GPU "
+                         f"({_num(p['requests_per_second_per_gpu'])} requests/s per GPU)"))
+        if "gpus_needed" in p:
+            rows += [("load", f"{_count(p['requests_per_day'])} requests/day over {_num(p['hours_per_day'])} h/day"),
+                     ("GPUs needed", f"{p['gpus_needed']:,}")]
+    if p["missing"]:
+        rows.append(("NOT COMPUTED", ""))
+        rows += [(LABELS[f], "add " + ", ".join(flags)) for f, flags in p["missing"].items()]
     width = max([20] + [len(label) for label, value in rows if value])
     return "\n".join(f"  {label:<{width}} {value}" if value else label for label, value in rows)
 
@@ -351,21 +382,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--latent-compression", type=parse_compression, metavar="t,h,w",
                        help="latent encoder downsampling (default 1,1,1: patches of pixels)")
     number(train, "--epochs", "passes over the data (default 1)")
-    number(train, "--mfu", "model FLOPs utilisation, a fraction (e.g. 0.4)")
-    count(train, "--num-gpus", "GPUs training in parallel (default 1)", default=1)
+    number(train, "--mfu", "model FLOPs utilisation, a fraction (e.g. 0.4); gives GPU-days")
+    count(train, "--num-gpus", "GPUs training in parallel; gives wall-clock days")
     serve = parser.add_argument_group("serving (2·N·T per request)")
     count(serve, "--prompt-tokens", "input tokens per request")
     count(serve, "--answer-tokens", "generated tokens per request")
-    count(serve, "--requests-per-day", "requests to serve per day")
-    number(serve, "--hours-per-day", "hours a day the fleet serves (default 24)", default=24.0)
-    number(serve, "--utilization", "fraction of the dense peak achieved (e.g. 0.3)")
-    parser.add_argument("--gpu", help="H100, h100-sxm, A100, L4, ... or 'cpu' (measured here)")
-    parser.add_argument("--dtype", default="bf16", help="compute dtype for the peak (default bf16)")
+    count(serve, "--requests-per-day", "requests to serve per day; gives GPUs needed")
+    number(serve, "--hours-per-day", f"hours a day the fleet serves (default {HOURS_PER_DAY:g})")
+    number(serve, "--utilization", "fraction of the dense peak achieved (e.g. 0.3); gives seconds per request")
+    parser.add_argument("--gpu", help="H100, h100-sxm, A100, L4, V100, T4, ... or 'cpu' (measured here)")
+    parser.add_argument("--dtype", help="compute dtype for the peak (default bf16, or the GPU's 16-bit "
+                                        "tensor format where it has no bf16: fp16 on T4, V100)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the plan; bad or missing inputs raise ValueError (one error line, exit 2)."""
+    """Print the plan; bad inputs, or none that give a figure, raise ValueError (one error line, exit 2)."""
     p = plan(args)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0

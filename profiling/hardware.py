@@ -5,7 +5,7 @@ structured 2:4 sparsity) that no dense training or serving run can reach; using 
 halve every MFU. "fp32" is the plain (non-tensor-core) FP32 rate, which is what torch's
 default fp32 matmul gets (TF32 is off by default for matmul); "tf32" is listed separately.
 Sources: NVIDIA and AMD data sheets (A100, H100, H200, L4, A10, T4, L40S, RTX 4090 Ada
-whitepaper with FP32 accumulate, MI300X, MI250X, B200).
+whitepaper with FP32 accumulate, MI300X, MI250X, B200, V100 SXM2).
 
 CPUs have no data sheet figure worth trusting, so "this CPU" is measured by a matmul probe
 (`profiling.cpu`).
@@ -35,6 +35,12 @@ class Accelerator:
             raise ValueError(f"{self.name} has no {dtype} peak (known: {', '.join(self.tflops)})")
         return self.tflops[dtype] * TERA
 
+    @property
+    def default_dtype(self) -> str:
+        """The dtype to plan with when none is named: bf16, or where the accelerator has no bf16
+        (T4, V100) its 16-bit tensor format, fp16 (every entry in the table has fp16)."""
+        return "bf16" if "bf16" in self.tflops else "fp16"
+
 
 ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("B200", r"B200", 180, {"fp32": 80, "tf32": 1100, "bf16": 2250, "fp16": 2250, "fp8": 4500}),
@@ -47,6 +53,8 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("L4", r"\bL4\b", 24, {"fp32": 30.3, "tf32": 60, "bf16": 121, "fp16": 121, "fp8": 242.5}),
     Accelerator("A10", r"\bA10\b", 24, {"fp32": 31.2, "tf32": 62.5, "bf16": 125, "fp16": 125}),
     Accelerator("T4", r"\bT4\b", 16, {"fp32": 8.1, "fp16": 65}),  # Turing: no bf16 tensor cores
+    # Volta, no bf16; the SXM2 32GB data sheet (V100 PCIe: fp32 14, fp16 112)
+    Accelerator("V100", r"V100", 32, {"fp32": 15.7, "fp16": 125}),
     Accelerator("RTX-4090", r"4090", 24, {"fp32": 82.6, "tf32": 82.6, "bf16": 165.2, "fp16": 165.2}),
     Accelerator("MI300X", r"MI300X", 192, {"fp32": 163.4, "tf32": 653.7, "bf16": 1307.4, "fp16": 1307.4, "fp8": 2614.9}),
     Accelerator("MI250X", r"MI250X", 128, {"fp32": 95.7, "bf16": 383, "fp16": 383}),

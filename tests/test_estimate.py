@@ -1,4 +1,5 @@
-"""`ministack flops estimate`: hand-checked plans, token counting, parsing, and error messages."""
+"""`ministack flops estimate`: hand-checked plans, each figure from its minimal inputs, token
+counting, parsing, and error messages."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from profiling import estimate, laws
+from profiling import estimate, inputs, laws
 from profiling.hardware import accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,10 +107,12 @@ def test_training_attention_with_tokens_needs_seq_len():
     # 1000 tokens attending over 10: 12 * 2 * 4 * 10 * 1000 = 960,000 on top of 6 * 1000 * 1000.
     p = plan(*TINY, "--tokens", "1000", "--seq-len", "10", "--mfu", "0.5")
     assert p["seq_len"] == 10 and p["train_flops_with_attention"] == 6_000_000 + 960_000
-    with pytest.raises(ValueError) as err:
-        plan(*TINY, "--tokens", "1000", "--mfu", "0.5")
-    assert str(err.value) == ("training estimate needs: "
-                              "--seq-len (tokens each token attends over, for --layers/--d-attn)")
+    # without --seq-len: 6ND only; what uses attention (and so the times) is missing --seq-len
+    p = plan(*TINY, "--tokens", "1000", "--mfu", "0.5")
+    seq_len = "--seq-len (tokens each token attends over, for --layers/--d-attn)"
+    assert p["train_flops"] == 6_000_000 and "train_flops_with_attention" not in p and "gpu_days" not in p
+    assert p["missing"] == {"train_flops_with_attention": [seq_len], "gpu_days": [seq_len],
+                            "wall_days": [seq_len, "--num-gpus"]}
     with pytest.raises(ValueError, match="--seq-len .* goes with --tokens"):
         plan(*TINY_IMAGES, "--seq-len", "10")
     with pytest.raises(ValueError, match="--seq-len .* --layers and --d-attn"):
@@ -148,25 +151,25 @@ def test_layers_and_d_attn_come_together():
 # --- token counting ------------------------------------------------------------------------
 
 def test_image_tokens():
-    assert estimate.tokens_per_sample(1, 256, 256, (1, 2, 2), (1, 8, 8)) == 256  # (256/8/2)^2
-    assert estimate.tokens_per_sample(1, 224, 224, (1, 16, 16)) == 196  # H*W/P^2, no compression
-    assert estimate.tokens_per_sample(1, 256, 256, (2, 2, 2), (4, 8, 8)) == 256  # one frame stays one
-    d = estimate.dataset_tokens((256, 256), (1, 2, 2), (1, 8, 8), images=1e6)
+    assert inputs.tokens_per_sample(1, 256, 256, (1, 2, 2), (1, 8, 8)) == 256  # (256/8/2)^2
+    assert inputs.tokens_per_sample(1, 224, 224, (1, 16, 16)) == 196  # H*W/P^2, no compression
+    assert inputs.tokens_per_sample(1, 256, 256, (2, 2, 2), (4, 8, 8)) == 256  # one frame stays one
+    d = inputs.dataset_tokens((256, 256), (1, 2, 2), (1, 8, 8), images=1e6)
     assert d["tokens_per_image"] == 256 and d["tokens_per_epoch"] == 2.56e8
 
 
 def test_video_tokens():
     # (96/4/1) * (256/8/2) * (256/8/2) = 24 * 16 * 16
-    assert estimate.tokens_per_sample(96, 256, 256, (1, 2, 2), (4, 8, 8)) == 6144
-    d = estimate.dataset_tokens((256, 256), (1, 2, 2), (4, 8, 8), images=10, videos=1000, frames=96)
+    assert inputs.tokens_per_sample(96, 256, 256, (1, 2, 2), (4, 8, 8)) == 6144
+    d = inputs.dataset_tokens((256, 256), (1, 2, 2), (4, 8, 8), images=10, videos=1000, frames=96)
     assert d["tokens_per_video"] == 6144 and d["tokens_per_image"] == 256
     assert d["tokens_per_epoch"] == 1000 * 6144 + 10 * 256
 
 
 def test_ceil_division_pads_partial_patches():
-    assert estimate.tokens_per_sample(1, 250, 250, (1, 2, 2), (1, 8, 8)) == 16 * 16  # 250/16 = 15.6
-    assert estimate.tokens_per_sample(97, 256, 256, (1, 2, 2), (4, 8, 8)) == 25 * 256  # 97/4 = 24.25
-    assert estimate.tokens_per_sample(5, 3, 7, (2, 1, 2)) == 3 * 3 * 4
+    assert inputs.tokens_per_sample(1, 250, 250, (1, 2, 2), (1, 8, 8)) == 16 * 16  # 250/16 = 15.6
+    assert inputs.tokens_per_sample(97, 256, 256, (1, 2, 2), (4, 8, 8)) == 25 * 256  # 97/4 = 24.25
+    assert inputs.tokens_per_sample(5, 3, 7, (2, 1, 2)) == 3 * 3 * 4
 
 
 def test_fps_times_duration_and_epochs():
@@ -185,34 +188,34 @@ def test_fps_times_duration_and_epochs():
 @pytest.mark.parametrize("text, value", [("175e9", 175e9), ("1.5e12", 1.5e12), ("7B", 7e9), ("135m", 135e6),
                                          ("2T", 2e12), ("10k", 1e4), (" 0.4 ", 0.4), ("96", 96.0)])
 def test_parse_number(text, value):
-    assert estimate.parse_number(text) == value
+    assert inputs.parse_number(text) == value
 
 
 @pytest.mark.parametrize("text", ["abc", "7X", "-1", "0", "nan", "inf", "B", ""])
 def test_parse_number_rejects(text):
     with pytest.raises(ValueError, match="positive number"):
-        estimate.parse_number(text)
+        inputs.parse_number(text)
 
 
 @pytest.mark.parametrize("text, value", [("64", 64), ("8k", 8000), ("1.1k", 1100), ("7B", 7_000_000_000)])
 def test_parse_count(text, value):
-    assert estimate.parse_count(text) == value and isinstance(estimate.parse_count(text), int)
+    assert inputs.parse_count(text) == value and isinstance(inputs.parse_count(text), int)
 
 
 @pytest.mark.parametrize("text", ["0.5", "1.5", "2.5k0"])
 def test_parse_count_rejects(text):
     with pytest.raises(ValueError, match="whole number|positive number"):
-        estimate.parse_count(text)
+        inputs.parse_count(text)
 
 
 def test_parse_shapes():
-    assert estimate.parse_resolution("256x128") == (256, 128)
-    assert estimate.parse_patch("2") == (1, 2, 2)
-    assert estimate.parse_patch("2,4,4") == (2, 4, 4)
-    assert estimate.parse_compression("4,8,8") == (4, 8, 8)
-    for parse, bad in ((estimate.parse_resolution, "256"), (estimate.parse_resolution, "0x8"),
-                       (estimate.parse_patch, "1,2"), (estimate.parse_compression, "8"),
-                       (estimate.parse_compression, "4,a,8")):
+    assert inputs.parse_resolution("256x128") == (256, 128)
+    assert inputs.parse_patch("2") == (1, 2, 2)
+    assert inputs.parse_patch("2,4,4") == (2, 4, 4)
+    assert inputs.parse_compression("4,8,8") == (4, 8, 8)
+    for parse, bad in ((inputs.parse_resolution, "256"), (inputs.parse_resolution, "0x8"),
+                       (inputs.parse_patch, "1,2"), (inputs.parse_compression, "8"),
+                       (inputs.parse_compression, "4,a,8")):
         with pytest.raises(ValueError, match="expected"):
             parse(bad)
 
@@ -220,45 +223,154 @@ def test_parse_shapes():
 def test_cpu_uses_the_measured_peak(monkeypatch):
     import profiling.cpu
 
-    monkeypatch.setattr(profiling.cpu, "cpu_peak_flops", lambda dtype: {"bf16": 2e12}[dtype])
+    monkeypatch.setattr(profiling.cpu, "cpu_peak_flops", lambda dtype: {"bf16": 2e12, "fp32": 1e12}[dtype])
     monkeypatch.setattr(profiling.cpu, "cpu_name", lambda: "test cpu")
-    assert estimate.peak_flops("cpu", "bfloat16") == ("test cpu", 2e12)
-    assert estimate.peak_flops("h100") == ("H100-SXM", H100_BF16)
+    monkeypatch.setattr(profiling.cpu, "preferred_cpu_dtype", lambda: "fp32")
+    assert estimate.peak_flops("cpu", "bfloat16") == {"gpu": "test cpu", "dtype": "bf16", "peak_flops": 2e12}
+    # no --dtype: the dtype this CPU prefers
+    assert estimate.peak_flops("cpu") == {"gpu": "test cpu", "dtype": "fp32", "peak_flops": 1e12}
+    assert estimate.peak_flops("h100") == {"gpu": "H100-SXM", "dtype": "bf16", "peak_flops": H100_BF16}
 
 
-# --- missing and contradictory inputs ------------------------------------------------------
+# --- each figure from the inputs it needs -----------------------------------------------------
 
-def test_missing_training_inputs_are_all_named():
+FIGURES = set(estimate.LABELS)  # tokens, train_flops, ..., gpus_needed: the figure keys of --json
+GPT3_DATA = ("--params", "175e9", "--tokens", "300e9")
+GPT3_REQUEST = ("--params", "175e9", "--prompt-tokens", "20", "--answer-tokens", "300")
+IMAGES = ("--images", "6e9", "--resolution", "1024x1980", "--patch", "16")
+
+
+def test_tokens_from_a_dataset_alone():
+    # ceil(1024/16) * ceil(1980/16) = 64 * 124 = 7,936 tokens per image; x 6e9 images = 4.7616e13.
+    p = plan(*IMAGES)
+    assert p["tokens_per_image"] == 7936 and p["tokens"] == 47_616_000_000_000
+    assert p.keys() & FIGURES == {"tokens"} and "gpu" not in p and "params" not in p
+    assert p["missing"] == {"train_flops": ["--params"], "gpu_days": ["--params", "--gpu", "--mfu"],
+                            "wall_days": ["--params", "--gpu", "--mfu", "--num-gpus"]}
+
+
+def test_train_flops_from_params_and_tokens_alone():
+    # GPT-3: 6 * 175e9 * 300e9 = 3.15e23 FLOPs; serving was not asked about, so is not listed
+    p = plan(*GPT3_DATA)
+    assert p["train_flops"] == pytest.approx(3.15e23)
+    assert p.keys() & FIGURES == {"tokens", "train_flops"} and "gpu" not in p and "mfu" not in p
+    assert p["missing"] == {"gpu_days": ["--gpu", "--mfu"], "wall_days": ["--gpu", "--mfu", "--num-gpus"]}
+
+
+def test_gpu_days_add_a_gpu_and_an_mfu():
+    # 3.15e23 / (989.4e12 * 0.4) = 7.959e8 GPU-s / 86,400 = 9,212 GPU-days
+    p = plan(*GPT3_DATA, "--gpu", "h100", "--mfu", "0.4")
+    assert p["gpu_days"] == pytest.approx(9212.2, rel=1e-4) and p["gpu_seconds"] == pytest.approx(7.959e8, rel=1e-3)
+    assert p["gpu"] == "H100-SXM" and p["dtype"] == "bf16" and "dtype_note" not in p
+    assert p.keys() & FIGURES == {"tokens", "train_flops", "gpu_days"} and "num_gpus" not in p
+    assert p["missing"] == {"wall_days": ["--num-gpus"]}
+
+
+def test_wall_days_add_a_gpu_count():
+    # 9,212 GPU-days / 1024 GPUs = 8.996 days
+    p = plan(*GPT3)
+    assert p["wall_days"] == pytest.approx(8.996, rel=1e-3) and p["num_gpus"] == 1024
+    assert p.keys() & FIGURES == {"tokens", "train_flops", "gpu_days", "wall_days"} and p["missing"] == {}
+
+
+def test_flops_per_request_from_params_and_tokens_per_request_alone():
+    # 2 * 175e9 * (20 + 300) = 1.12e14 FLOPs per request
+    p = plan(*GPT3_REQUEST)
+    assert p["flops_per_request"] == pytest.approx(1.12e14)
+    assert p.keys() & FIGURES == {"flops_per_request"} and "gpu" not in p and "hours_per_day" not in p
+    assert p["missing"] == {"seconds_per_request": ["--gpu", "--utilization"],
+                            "gpus_needed": ["--gpu", "--utilization", "--requests-per-day"]}
+
+
+def test_seconds_per_request_add_a_gpu_and_a_utilization():
+    # A100 bf16 312e12 x 0.5 = 1.56e14 FLOP/s; 1.12e14 / 1.56e14 = 0.717949 s; 1 / that = 1.3929 requests/s
+    p = plan(*GPT3_REQUEST, "--gpu", "a100", "--utilization", "0.5")
+    assert p["seconds_per_request"] == pytest.approx(0.717949, rel=1e-6)
+    assert p["requests_per_second_per_gpu"] == pytest.approx(1.392857, rel=1e-6)
+    assert p.keys() & FIGURES == {"flops_per_request", "seconds_per_request"}
+    assert p["missing"] == {"gpus_needed": ["--requests-per-day"]}
+
+
+def test_gpus_needed_add_a_request_rate():
+    # 1e6 requests x 0.717949 s = 717,949 GPU-s over 24 h = 86,400 s: 8.31 -> 9 GPUs; over 8 h: 24.9 -> 25
+    p = plan(*GPT3_REQUEST, "--gpu", "a100", "--utilization", "0.5", "--requests-per-day", "1M")
+    assert p["gpus_needed"] == 9 and p["hours_per_day"] == 24 and p["missing"] == {}
+    assert plan(*GPT3_REQUEST, "--gpu", "a100", "--utilization", "0.5", "--requests-per-day", "1M",
+                "--hours-per-day", "8")["gpus_needed"] == 25
+
+
+def test_training_and_serving_flags_together_list_both_sides():
+    p = plan("--params", "7B", "--tokens", "1T", "--requests-per-day", "1M", "--gpu", "A100")
+    assert p["train_flops"] == 6 * 7e9 * 1e12 and p.keys() & FIGURES == {"tokens", "train_flops"}
+    assert p["missing"] == {"gpu_days": ["--mfu"], "wall_days": ["--mfu", "--num-gpus"],
+                            "flops_per_request": ["--prompt-tokens", "--answer-tokens"],
+                            "seconds_per_request": ["--prompt-tokens", "--answer-tokens", "--utilization"],
+                            "gpus_needed": ["--prompt-tokens", "--answer-tokens", "--utilization"]}
+
+
+# --- the dtype of the peak -----------------------------------------------------------------
+
+def test_gpus_without_bf16_use_their_fp16_and_say_so():
+    # T4: fp16 65 TFLOP/s. 3.15e23 / (65e12 * 0.4) = 1.2115e10 GPU-s / 86,400 = 140,224 GPU-days
+    p = plan(*GPT3_DATA, "--gpu", "t4", "--mfu", "0.4")
+    assert p["dtype"] == "fp16" and p["peak_flops"] == 65e12
+    assert p["dtype_note"] == "T4 has no bf16: using fp16 (its 16-bit tensor format)"
+    assert p["gpu_days"] == pytest.approx(140_224, rel=1e-5)
+    # V100 (SXM2 data sheet): fp16 tensor 125 TFLOP/s, fp32 15.7
+    assert accelerator("Tesla V100-SXM2-32GB").name == "V100"
+    p = plan(*GPT3_REQUEST, "--gpu", "v100", "--utilization", "0.5")
+    assert p["dtype"] == "fp16" and p["peak_flops"] == 125e12 and p["dtype_note"].startswith("V100 has no bf16")
+    # a dtype that is named is used as named, without a note
+    p = plan(*GPT3_REQUEST, "--gpu", "t4", "--dtype", "fp32", "--utilization", "0.5")
+    assert p["dtype"] == "fp32" and p["peak_flops"] == 8.1e12 and "dtype_note" not in p
+
+
+def test_a_named_dtype_the_gpu_lacks_is_an_error_listing_its_dtypes():
     with pytest.raises(ValueError) as err:
-        plan("--params", "7B", "--tokens", "1T")
-    assert str(err.value) == "training estimate needs: --gpu, --mfu"
+        plan(*GPT3_DATA, "--gpu", "t4", "--dtype", "bf16", "--mfu", "0.4")
+    assert str(err.value) == "T4 has no bf16 peak (known: fp32, fp16)"
+
+
+# --- nothing computable, and contradictory inputs --------------------------------------------
+
+def test_nothing_computable_says_what_each_figure_needs():
     with pytest.raises(ValueError) as err:
-        plan("--videos", "10", "--resolution", "256x256", "--fps", "24")
-    assert str(err.value) == "training estimate needs: --params, --patch, --duration, --gpu, --mfu"
+        plan()
+    assert str(err.value) == (
+        "nothing to estimate: training FLOPs need --params, --tokens (or --images/--videos, --resolution, "
+        "--patch); GPU-days also --gpu, --mfu; wall-clock days also --num-gpus; FLOPs per request need "
+        "--params, --prompt-tokens, --answer-tokens; seconds per request also --gpu, --utilization; "
+        "GPUs needed also --requests-per-day")
+
+
+def test_nothing_computable_names_the_inputs_given():
     with pytest.raises(ValueError) as err:
         plan("--mfu", "0.4")
-    assert str(err.value) == "training estimate needs: --params, --tokens (or --images/--videos), --gpu"
-    with pytest.raises(ValueError, match=r"--frames \(or --fps and --duration\)"):
+    assert str(err.value) == ("nothing to estimate from --mfu: training FLOPs need --params, --tokens (or "
+                              "--images/--videos, --resolution, --patch); GPU-days also --gpu; "
+                              "wall-clock days also --num-gpus")
+    with pytest.raises(ValueError) as err:
+        plan("--videos", "10", "--resolution", "256x256", "--fps", "24")
+    assert str(err.value) == ("nothing to estimate from --videos, --resolution, --fps: tokens need --patch, "
+                              "--duration; training FLOPs also --params; GPU-days also --gpu, --mfu; "
+                              "wall-clock days also --num-gpus")
+    with pytest.raises(ValueError, match=r"^nothing to estimate from --params, --videos.*: "
+                                         r"tokens need --frames \(or --fps and --duration\)"):
         plan("--params", "1B", "--videos", "10", "--resolution", "8x8", "--patch", "2", "--gpu", "L4", "--mfu", ".3")
-
-
-def test_missing_serving_and_both():
     with pytest.raises(ValueError) as err:
-        plan("--prompt-tokens", "100")
-    assert str(err.value) == ("serving estimate needs: --params, --answer-tokens, --requests-per-day, "
-                              "--gpu, --utilization")
-    with pytest.raises(ValueError) as err:
-        plan("--params", "7B", "--tokens", "1T", "--requests-per-day", "1M", "--gpu", "A100")
-    assert str(err.value) == ("training estimate needs: --mfu; serving estimate needs: "
-                              "--prompt-tokens, --answer-tokens, --utilization")
+        plan("--hours-per-day", "8", "--params", "7B", "--gpu", "H100")
+    assert str(err.value) == ("nothing to estimate from --params, --hours-per-day, --gpu: FLOPs per request "
+                              "need --prompt-tokens, --answer-tokens; seconds per request also --utilization; "
+                              "GPUs needed also --requests-per-day")
 
 
-def test_nothing_actionable_says_what_each_mode_needs():
-    for argv in ((), ("--params", "7B", "--gpu", "H100")):
-        with pytest.raises(ValueError, match="nothing to estimate") as err:
-            plan(*argv)
-        assert "--tokens" in str(err.value) and "--mfu" in str(err.value)
-        assert "--requests-per-day" in str(err.value) and "--utilization" in str(err.value)
+def test_inputs_are_checked_even_when_no_figure_uses_them():
+    with pytest.raises(ValueError, match="--mfu must be a fraction .* got 40"):
+        plan(*GPT3_DATA, "--mfu", "40")
+    with pytest.raises(ValueError, match="--utilization must be a fraction"):
+        plan(*GPT3_REQUEST, "--utilization", "1.5")
+    with pytest.raises(ValueError, match="--hours-per-day must be in"):
+        plan(*GPT3_REQUEST, "--hours-per-day", "25")
 
 
 def test_contradictions():
@@ -268,8 +380,6 @@ def test_contradictions():
         plan("--params", "1B", "--tokens", "1T", "--resolution", "8x8")
     with pytest.raises(ValueError, match="--fps.*need --videos"):
         plan("--params", "1B", "--images", "5", "--resolution", "8x8", "--patch", "2", "--fps", "24")
-    with pytest.raises(ValueError, match="T4 has no bf16 peak"):
-        plan("--params", "1B", "--tokens", "1T", "--gpu", "T4", "--mfu", "0.4")
 
 
 # --- the command line end to end -----------------------------------------------------------
@@ -293,6 +403,7 @@ def test_cli_json_gpt3_and_serving():
     for key in ("num_gpus", "params", "tokens", "prompt_tokens", "answer_tokens", "requests_per_day"):
         assert type(p[key]) is int, key
     assert "train_flops_with_attention" not in p and "flops_per_request_with_attention" not in p
+    assert p["missing"] == {}
 
 
 def test_cli_json_with_attention():
@@ -340,7 +451,50 @@ def test_cli_human_table():
     assert "8.996 days on 1,024 GPUs" in out.stdout
 
 
-def test_cli_missing_input_is_one_error_line():
-    out = cli("--params", "7B", "--tokens", "1T")
+def test_cli_single_figures_exit_0_and_list_what_is_missing():
+    out = cli(*GPT3_DATA)
+    assert out.returncode == 0, out.stderr
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert ["compute", "(6ND)", "3.150e+23", "FLOPs"] in lines
+    assert lines[-3:] == [["NOT", "COMPUTED"], ["GPU-days", "add", "--gpu,", "--mfu"],
+                          ["wall-clock", "days", "add", "--gpu,", "--mfu,", "--num-gpus"]]
+    out = cli(*GPT3_REQUEST)
+    assert out.returncode == 0, out.stderr
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert ["compute", "(2NT)", "1.120e+14", "FLOPs", "per", "request"] in lines
+    assert ["seconds", "per", "request", "add", "--gpu,", "--utilization"] in lines
+    out = cli(*IMAGES)
+    assert out.returncode == 0, out.stderr
+    assert "tokens per image" in out.stdout and "7,936 (1024x1980, patch 1,16,16" in out.stdout
+    assert ["training", "FLOPs", "add", "--params"] in [line.split() for line in out.stdout.splitlines()]
+
+
+def test_cli_json_single_figure_keys():
+    out = cli(*GPT3_DATA, "--json")
+    assert out.returncode == 0, out.stderr
+    p = json.loads(out.stdout)
+    assert set(p) == {"params", "tokens", "epochs", "train_flops", "missing"}
+    assert p["missing"] == {"gpu_days": ["--gpu", "--mfu"], "wall_days": ["--gpu", "--mfu", "--num-gpus"]}
+    p = json.loads(cli(*GPT3_REQUEST, "--gpu", "t4", "--utilization", "0.5", "--json").stdout)
+    assert set(p) == {"params", "gpu", "dtype", "dtype_note", "peak_flops", "prompt_tokens", "answer_tokens",
+                      "flops_per_request", "utilization", "seconds_per_request", "requests_per_second_per_gpu",
+                      "missing"}
+    assert p["dtype"] == "fp16" and p["missing"] == {"gpus_needed": ["--requests-per-day"]}
+
+
+def test_cli_text_says_which_dtype_a_gpu_without_bf16_uses():
+    out = cli(*GPT3_DATA, "--gpu", "t4", "--mfu", "0.4")
+    assert out.returncode == 0, out.stderr
+    lines = [line.split(None, 1) for line in out.stdout.splitlines()]
+    assert ["accelerator", "T4 fp16, 65 TFLOP/s dense peak, MFU 40%"] in lines
+    assert ["dtype", "T4 has no bf16: using fp16 (its 16-bit tensor format)"] in lines
+
+
+def test_cli_nothing_computable_is_one_error_line():
+    out = cli("--mfu", "0.4")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().startswith("ministack flops estimate: error: nothing to estimate from --mfu: ")
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = cli(*GPT3_DATA, "--gpu", "t4", "--dtype", "bf16", "--mfu", "0.4")
     assert out.returncode == 2
-    assert out.stderr.strip() == "ministack flops estimate: error: training estimate needs: --gpu, --mfu"
+    assert out.stderr.strip() == "ministack flops estimate: error: T4 has no bf16 peak (known: fp32, fp16)"
