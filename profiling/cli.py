@@ -1,4 +1,4 @@
-"""`ministack flops {count,estimate,report}` (also `python -m profiling ...`).
+"""`ministack flops {count,estimate,report,peak,demo}` (also `python -m profiling ...`).
 
 Each subcommand's flags and output live beside its logic (count.py, estimate.py, report.py);
 this file only wires them together.
@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from profiling import count, demo, estimate, report
+from profiling import count, demo, estimate, peak, report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ministack flops", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in (("count", count), ("estimate", estimate), ("report", report), ("demo", demo)):
+    for name, module in (("count", count), ("estimate", estimate), ("report", report), ("peak", peak), ("demo", demo)):
         p = sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
         p.formatter_class = argparse.RawDescriptionHelpFormatter
         module.add_arguments(p)

@@ -14,6 +14,8 @@ CPUs have no data sheet figure worth trusting, so "this CPU" is measured by a ma
 from __future__ import annotations
 
 import re
+import sys
+import time
 from dataclasses import dataclass, field
 
 TERA = 1e12
@@ -93,20 +95,76 @@ def accelerator(name: str) -> Accelerator:
     raise ValueError(f"unknown GPU {name!r} (known: {known}, or 'cpu' for this machine)")
 
 
-def device_peak(device: object, dtype: object) -> tuple[str, float]:
-    """(device name, dense peak FLOP/s) of a torch device for `dtype`.
+@dataclass
+class DevicePeak:
+    """The peak FLOP/s one device's MFU is computed against, and where that figure came from.
 
-    CUDA devices are looked up in the table; the CPU is measured (cached per machine).
+    `observe(achieved)` keeps it an upper bound: a run that achieves more than the peak has
+    proven the peak stale, so the peak is raised to what was achieved (on a CPU the cached probe
+    too, profiling.cpu.raise_peak) and a warning says so once, instead of an MFU above 100%.
     """
+
+    device: str  # "NVIDIA H100 80GB HBM3", "AMD EPYC (2 threads)"
+    dtype: str  # normalized: fp32, bf16, ...
+    flops: float  # FLOP/s; 0 when unknown
+    source: str  # "data sheet (H100-SXM)", "probe 2026-11-30 20:15 UTC, quiet (...)", "raised: ..."
+    cpu: bool = False
+
+    def observe(self, achieved: float, by: str) -> float:
+        """Raise the peak to `achieved` FLOP/s if that exceeds it (`by`: what achieved it, for the
+        record); returns the peak now in force."""
+        if self.flops <= 0 or achieved <= self.flops:
+            return self.flops
+        old = self.flops
+        if self.cpu:
+            from profiling.cpu import raise_peak
+
+            self.flops = raise_peak(self.dtype, achieved, by)
+        else:
+            self.flops = achieved
+        self.source = f"raised from {format_rate(old)} by {by}"
+        print(f"ministack: {by} achieved {format_rate(achieved)}, above the {self.dtype} peak of "
+              f"{self.device} ({format_rate(old)}): that peak was stale; raised to {format_rate(self.flops)}"
+              + (" (cached)" if self.cpu else ""), file=sys.stderr)
+        return self.flops
+
+
+def format_rate(flops_per_s: float) -> str:
+    """'203.2 GFLOP/s', '989.4 TFLOP/s': four significant figures in the unit that fits."""
+    for scale, unit in ((1e12, "TFLOP/s"), (1e9, "GFLOP/s"), (1e6, "MFLOP/s")):
+        if flops_per_s >= scale:
+            return f"{flops_per_s / scale:.4g} {unit}"
+    return f"{flops_per_s:.4g} FLOP/s"
+
+
+def utc_time(unix: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(unix))
+
+
+def device_peak(device: object, dtype: object) -> DevicePeak:
+    """The dense peak of a torch device for `dtype`: a CUDA device's from the table (data sheet),
+    the CPU's measured by profiling.cpu (cached per machine; its source names when and under what
+    load it was probed, or that it was raised since). Raises ValueError for an unknown GPU or a
+    dtype it has no peak for."""
     import torch
 
     dev = torch.device(device) if not isinstance(device, torch.device) else device
+    dtype = normalize_dtype(dtype)
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
-        return name, accelerator(name).peak(dtype)
-    from profiling.cpu import cpu_peak_flops, cpu_name
+        acc = accelerator(name)
+        return DevicePeak(name, dtype, acc.peak(dtype), f"data sheet ({acc.name})")
+    from profiling.cpu import cpu_name, cpu_peak_entry
+    from profiling.load import Load
 
-    return cpu_name(), cpu_peak_flops(normalize_dtype(dtype))
+    entry = cpu_peak_entry()
+    peak = entry.get(dtype, entry["fp32"])
+    load = Load(**{k: v for k, v in entry["load"].items() if k != "contended"})
+    source = f"probe {utc_time(entry['measured_at'])}, {load.describe()}"
+    if dtype in entry.get("raised", {}):
+        raised = entry["raised"][dtype]
+        source = f"raised {utc_time(raised['at'])} by {raised['by']} (was {source})"
+    return DevicePeak(cpu_name(), dtype, peak, source, cpu=True)
 
 
 def mfu(flops: float, seconds: float, peak_flops: float) -> float:

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from profiling.hardware import mfu
+from profiling.hardware import DevicePeak, mfu
 from profiling.laws import law_flops
 from profiling.measure import FlopCount
 from profiling.parts import law_params
@@ -37,10 +37,14 @@ class Record:
     shape: str
     parts: dict[str, int]  # measured FLOPs by part
     params: dict[str, int]  # parameters by part; the law's N is profiling.parts.law_params(params)
-    peak_flops: float = 0.0  # dense peak of the device for dtype; 0 when unknown
+    peak_flops: float = 0.0  # the peak MFU was computed against (FLOP/s); 0 when unknown
+    peak_source: str = ""  # where that peak came from (data sheet, a CPU probe and its load, a raise)
     run: str = ""
     step: int | None = None
     request_id: str | None = None
+    rank: int | None = None  # training: the data-parallel rank; each rank records its own share of a step
+    world_size: int | None = None  # training: ranks sharing the step (a step's totals sum over them)
+    attempt: int | None = None  # training: which start of the run wrote it (train.runlog)
     time: float = field(default_factory=time.time)
 
     @property
@@ -71,25 +75,32 @@ def make_record(
     params: dict[str, int],
     tokens: int,
     wall_s: float,
-    device: str,
-    dtype: str,
+    peak: DevicePeak,
     shape: str,
-    peak_flops: float = 0.0,
     **ids,
 ) -> Record:
-    """A record whose law FLOPs use N = trained non-embedding parameters (profiling.parts)."""
+    """A record whose law FLOPs use N = trained non-embedding parameters (profiling.parts).
+
+    The record's achieved FLOP/s is first shown to `peak` (DevicePeak.observe): a peak below it
+    is stale and is raised, so no record carries an MFU above 100%. The record keeps the peak
+    and its source, so a corrected peak can re-derive MFU later (`flops report --peak-flops`).
+    """
+    what = f"{kind} step {ids['step']}" if ids.get("step") is not None else f"{kind} {ids.get('request_id') or shape}"
+    if wall_s > 0:
+        peak.observe(count.total / wall_s, by=what)
     return Record(
         kind=kind,
         measured_flops=count.total,
         law_flops=law_flops(kind, law_params(params), tokens),
         tokens=tokens,
         wall_s=wall_s,
-        device=device,
-        dtype=dtype,
+        device=peak.device,
+        dtype=peak.dtype,
         shape=shape,
         parts=dict(count.by_part),
         params=dict(params),
-        peak_flops=peak_flops,
+        peak_flops=peak.flops,
+        peak_source=peak.source,
         **ids,
     )
 
@@ -130,3 +141,38 @@ def read_ledgers(paths: Iterable[str | os.PathLike]) -> LedgerData:
                 except (ValueError, TypeError):
                     skipped += 1
     return LedgerData(records, skipped)
+
+
+def supersede_lines(path: str | os.PathLike, superseded, aside: str | os.PathLike | None = None) -> int:
+    """Move the JSON lines of `path` for which `superseded(obj)` is true to `aside` (default: the
+    `.superseded.jsonl` sibling, appended), keeping the others in order; returns how many moved.
+
+    For records a restart redoes (train.runlog). The aside copy is written and synced before the
+    file is replaced (atomically, under the append lock): a crash in between can leave a line in
+    both files, never in neither. Lines that do not parse stay where they are.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    aside = Path(aside) if aside is not None else path.with_suffix(".superseded.jsonl")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        keep, moved = [], []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+            try:
+                gone = bool(line.strip()) and superseded(json.loads(line))
+            except (ValueError, TypeError, AttributeError):
+                gone = False
+            (moved if gone else keep).append(line if line.endswith("\n") else line + "\n")
+        if moved:
+            with open(aside, "a", encoding="utf-8") as f:
+                f.writelines(moved)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text("".join(keep), encoding="utf-8")
+            os.replace(tmp, path)
+    finally:
+        os.close(fd)
+    return len(moved)

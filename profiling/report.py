@@ -12,9 +12,10 @@ import argparse
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from profiling.hardware import format_rate
 from profiling.laws import law_multiplier
 from profiling.ledger import Record, read_ledgers
 from profiling.parts import ATTENTION, LAW_PARTS, PARTS, WHY
@@ -27,6 +28,9 @@ class Group:
     kind: str
     shape: str = ""
     records: int = 0
+    units: set = field(default_factory=set)  # optimizer steps (train: all ranks' records of one step) or requests
+    ranks: int = 1  # the most data-parallel ranks any record was shared with
+    peaks: dict[tuple[float, str], int] = field(default_factory=lambda: defaultdict(int))  # (FLOP/s, source) -> records
     tokens: int = 0
     measured: float = 0.0
     law: float = 0.0
@@ -37,6 +41,9 @@ class Group:
 
     def add(self, r: Record) -> None:
         self.records += 1
+        self.units.add((r.run, r.step) if r.kind == "train" and r.step is not None else id(r))
+        self.ranks = max(self.ranks, r.world_size or 1)
+        self.peaks[(r.peak_flops, r.peak_source)] += 1
         self.tokens += r.tokens
         self.measured += r.measured_flops
         self.law += r.law_flops
@@ -48,6 +55,15 @@ class Group:
         for part, n in r.params.items():
             if part in LAW_PARTS:
                 self.law_by_part[part] += k * n * r.tokens
+
+    @property
+    def unit(self) -> str:
+        return "step" if self.kind == "train" else "request"
+
+    @property
+    def n(self) -> int:
+        """Optimizer steps (summed over ranks) or requests."""
+        return len(self.units)
 
     @property
     def ratio(self) -> float:
@@ -62,8 +78,10 @@ class Group:
 
     def to_dict(self) -> dict:
         return {
-            "kind": self.kind, "shape": self.shape, "records": self.records, "tokens": self.tokens,
-            "measured_flops": self.measured, "law_flops": self.law, "ratio": self.ratio, "mfu": self.mfu,
+            "kind": self.kind, "shape": self.shape, "records": self.records, f"{self.unit}s": self.n,
+            "ranks": self.ranks, "tokens": self.tokens, "measured_flops": self.measured, "law_flops": self.law,
+            "ratio": self.ratio, "mfu": self.mfu,
+            "peaks": [{"flops": f, "source": s, "records": n} for (f, s), n in self.peaks.items()],
             "parts": {
                 p: {"measured": self.measured_by_part.get(p, 0.0), "law": self.law_by_part.get(p, 0.0)}
                 for p in PARTS
@@ -72,8 +90,18 @@ class Group:
         }
 
 
-def summarize(records: list[Record]) -> tuple[dict[str, Group], dict[str, list[Group]]]:
-    """Totals per kind, and per (kind, shape) ordered by tokens per record."""
+def summarize(records: list[Record], peak_flops: float | None = None) -> tuple[dict[str, Group], dict[str, list[Group]]]:
+    """Totals per kind, and per (kind, shape) ordered by tokens per step or request.
+
+    `peak_flops` re-derives every MFU against that peak instead of the one each record kept (a
+    corrected peak); ValueError if a record achieved more than it (then it is no peak).
+    """
+    if peak_flops is not None:
+        fastest = max(records, key=lambda r: r.flops_per_s)
+        if fastest.flops_per_s > peak_flops:
+            raise ValueError(f"--peak-flops {peak_flops:.4g} is below what a record achieved "
+                             f"({fastest.flops_per_s:.4g} FLOP/s, {fastest.kind} {fastest.step or fastest.request_id}): not a peak")
+        records = [replace(r, peak_flops=peak_flops, peak_source="--peak-flops") for r in records]
     kinds: dict[str, Group] = {}
     shapes: dict[tuple[str, str], Group] = {}
     for r in records:
@@ -83,7 +111,7 @@ def summarize(records: list[Record]) -> tuple[dict[str, Group], dict[str, list[G
     for (kind, _), g in shapes.items():
         by_kind[kind].append(g)
     for groups in by_kind.values():
-        groups.sort(key=lambda g: g.tokens / g.records)
+        groups.sort(key=lambda g: g.tokens / g.n)
     return kinds, dict(by_kind)
 
 
@@ -91,19 +119,31 @@ def _e(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3e}"
 
 
+def _peaks(g: Group) -> str:
+    """The peak(s) the MFU was computed against, with where each came from."""
+    parts = [f"{format_rate(f)} ({src or 'source not recorded'}" + (f"; {n} records)" if len(g.peaks) > 1 else ")")
+             for (f, src), n in sorted(g.peaks.items(), key=lambda kv: -kv[1]) if f > 0]
+    return "peak " + "; ".join(parts) if parts else "peak unknown"
+
+
 def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipped: int) -> str:
     law_name = {"train": "6ND", "infer": "2NT"}
     out = []
     for kind, g in kinds.items():
-        out.append(f"== {kind}: {g.records} records, {g.tokens} tokens, law {law_name.get(kind, '?')} ==")
+        ranks = f" = {g.n} optimizer steps x {g.ranks} ranks" if g.ranks > 1 else ""
+        totals = " (all ranks)" if g.ranks > 1 else ""
+        out.append(f"== {kind}: {g.records} records{ranks}, {g.tokens} tokens{totals}, law {law_name.get(kind, '?')} ==")
         mfu = "-" if math.isnan(g.mfu) else f"{g.mfu:.1%}"
         out.append(f"measured {_e(g.measured)} FLOPs   law {_e(g.law)}   measured/law {g.ratio:.3f}   MFU {mfu}")
+        out.append(f"MFU against {_peaks(g)}")
         out.append("")
-        out.append(f"{'shape':<34} {'n':>5} {'tokens/rec':>10} {'measured/rec':>13} {'law/rec':>11} {'ratio':>7} {'attn':>6}")
+        unit = g.unit
+        out.append(f"{'shape':<48} {unit + 's':>8} {'tokens/' + unit[:3]:>10} {'measured/' + unit[:3]:>13} "
+                   f"{'law/' + unit[:3]:>11} {'ratio':>7} {'attn':>6}")
         for s in shapes[kind]:
             out.append(
-                f"{s.shape[:34]:<34} {s.records:>5} {s.tokens / s.records:>10.0f} {_e(s.measured / s.records):>13} "
-                f"{_e(s.law / s.records):>11} {s.ratio:>7.3f} {s.share(ATTENTION):>6.1%}"
+                f"{s.shape[:48]:<48} {s.n:>8} {s.tokens / s.n:>10.0f} {_e(s.measured / s.n):>13} "
+                f"{_e(s.law / s.n):>11} {s.ratio:>7.3f} {s.share(ATTENTION):>6.1%}"
             )
         out.append("")
         out.append("gap by part (measured/law = 1 + the sum of the gap/law column):")
@@ -160,6 +200,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ledgers", nargs="+", help="ledger JSONL files")
     p.add_argument("--plot", help="PNG path (default: the first ledger's name with .png)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--peak-flops", type=float, metavar="FLOP/S",
+                   help="re-derive every MFU against this peak (e.g. a corrected one from `flops peak`) "
+                        "instead of the peak each record kept")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     data = read_ledgers(args.ledgers)
     if not data.records:
         raise ValueError(f"no valid records in {', '.join(args.ledgers)} ({data.skipped} unreadable lines)")
-    kinds, shapes = summarize(data.records)
+    kinds, shapes = summarize(data.records, args.peak_flops)
     png = plot(shapes, args.plot or Path(args.ledgers[0]).with_suffix(".png"))
     if args.json:
         print(json.dumps({

@@ -53,13 +53,14 @@ def test_count_bad_input_is_a_clear_error():
 
 
 def test_report_end_to_end(tmp_path):
+    from profiling.hardware import DevicePeak
     from profiling.ledger import Ledger, make_record
     from profiling.measure import FlopCount
 
     ledger = Ledger(tmp_path / "run.jsonl")
     for n in (100, 1000):
         count = FlopCount({"dense": 2 * 50 * n, "attention": 4 * n * n})
-        ledger.append(make_record("infer", count, {"dense": 50}, n, 0.01, "cpu", "fp32", f"prompt={n}", 1e10))
+        ledger.append(make_record("infer", count, {"dense": 50}, n, 0.01, DevicePeak("cpu", "fp32", 1e10, "test"), f"prompt={n}"))
     proc = ministack("flops", "report", str(ledger.path))
     assert proc.returncode == 0, proc.stderr
     assert "== infer: 2 records" in proc.stdout and (tmp_path / "run.png").is_file()

@@ -1,13 +1,20 @@
 """Peak table, MFU, and this CPU's bf16 verdict and measured peaks."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from profiling import cpu, hardware
+from profiling.ledger import make_record
+from profiling.load import CONTENDED_CORES, Load
+from profiling.measure import FlopCount
 
 
 def test_table_holds_dense_not_sparse_peaks():
@@ -72,16 +79,105 @@ def test_this_cpu_runs_bf16_after_prepare():
         assert os.environ[cpu.ISA_ENV] == cpu.ISA_CAP
 
 
-def test_cpu_peaks_are_measured_and_cached(tmp_path, monkeypatch):
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private peak cache for the test: this process's memo of it is forgotten before and after."""
     monkeypatch.setenv("MINISTACK_CACHE", str(tmp_path))
-    cpu.cpu_peaks.cache_clear()
+    cpu._peaks.clear()
+    cpu._said.clear()
+    yield tmp_path
+    cpu._peaks.clear()
+
+
+def test_cpu_peaks_are_measured_and_cached_with_their_load(cache):
+    entry = cpu.cpu_peak_entry()
+    assert entry["fp32"] > 1e9 and entry["bf16"] > 1e8  # at least a GFLOP/s of fp32 on anything
+    load = entry["load"]
+    assert load["others_cores"] is not None and load["seconds"] > 0 and len(load["load_avg"]) == 3
+    assert load["contended"] == (load["others_cores"] >= CONTENDED_CORES)
+    cached = json.loads(next(cache.glob("cpu-*.json")).read_text())
+    assert cached[f"peaks@{torch.get_num_threads()}"] == entry
+    assert cpu.preferred_cpu_dtype() in ("fp32", "bf16")
+    peak = hardware.device_peak("cpu", "float32")
+    assert peak.flops == entry["fp32"] and "threads" in peak.device and peak.source.startswith("probe ")
+
+
+def _busy_loops(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def test_a_probe_under_load_is_marked_said_and_replaced_when_quiet(cache, monkeypatch, capsys):
+    load = _busy_loops(os.cpu_count() or 2)  # every core taken by another process
     try:
-        peaks = cpu.cpu_peaks()
-        assert peaks["fp32"] > 1e9 and peaks["bf16"] > 1e8  # at least a GFLOP/s of fp32 on anything
-        cached = list(tmp_path.glob("cpu-*.json"))
-        assert len(cached) == 1 and "peaks@" in cached[0].read_text()
-        assert cpu.preferred_cpu_dtype() in ("fp32", "bf16")
-        name, peak = hardware.device_peak("cpu", "float32")
-        assert peak == peaks["fp32"] and "threads" in name
+        time.sleep(0.5)
+        entry = cpu.cpu_peak_entry()
     finally:
-        cpu.cpu_peaks.cache_clear()
+        for p in load:
+            p.kill()
+            p.wait()
+    assert entry["load"]["contended"] and entry["load"]["others_cores"] > 0.5
+    assert any(b["name"].startswith("python") for b in entry["load"]["busy"])  # the busy processes are named
+    assert "measured while the machine was contended" in capsys.readouterr().err
+    cached = json.loads(next(cache.glob("cpu-*.json")).read_text())
+    assert next(iter(cached.values()))["load"]["contended"]  # cached, but marked
+
+    # A later process probes again once the entry is old enough; a quiet probe replaces it, even lower.
+    quiet = {"fp32": entry["fp32"] / 2, "bf16": entry["bf16"], "measured_at": time.time(),
+             "load": Load(1.0, (0.0, 0.0, 0.0), 0.0).to_dict()}
+    monkeypatch.setattr(cpu, "probe_peaks", lambda threads: quiet)
+    cpu._peaks.clear()
+    assert cpu.cpu_peak_entry() == entry  # not yet: CONTENDED_RETRY_S has not passed
+    monkeypatch.setattr(cpu, "CONTENDED_RETRY_S", 0.0)
+    cpu._peaks.clear()
+    assert cpu.cpu_peak_entry() == quiet and cpu.cpu_peaks()["fp32"] == entry["fp32"] / 2
+
+
+def test_a_contended_reprobe_keeps_the_higher_figure_per_dtype():
+    busy = Load(1.0, None, 1.5).to_dict()
+    old = {"fp32": 100.0, "bf16": 10.0, "measured_at": 1.0, "load": busy}
+    new = {"fp32": 80.0, "bf16": 20.0, "measured_at": 2.0, "load": busy}
+    assert cpu._merge(old, new) == {"fp32": 100.0, "bf16": 20.0, "measured_at": 2.0, "load": busy}
+    quiet = {**new, "load": Load(1.0, None, 0.0).to_dict()}
+    assert cpu._merge(old, quiet) == quiet  # a quiet probe is the truth, even where it is lower
+    assert Load(1.0, None, None).contended  # nothing seen is not proof of quiet
+
+
+def _fake_entry(cache: Path, fp32: float) -> None:
+    entry = {"fp32": fp32, "bf16": fp32, "measured_at": time.time(), "load": Load(1.0, None, 0.0).to_dict()}
+    cpu._store_cache({f"peaks@{torch.get_num_threads()}": entry})
+
+
+def test_an_achieved_rate_above_the_cpu_peak_raises_it_in_the_cache_once(cache, capsys):
+    _fake_entry(cache, 50e9)
+    peak = hardware.device_peak("cpu", "fp32")
+    assert peak.flops == 50e9
+    assert peak.observe(40e9, by="train step 3") == 50e9 and capsys.readouterr().err == ""
+    assert peak.observe(80e9, by="train step 4") == 80e9
+    assert "above the fp32 peak" in capsys.readouterr().err
+    cpu._peaks.clear()  # a new process sees the raised peak, and where it came from
+    again = hardware.device_peak("cpu", "fp32")
+    assert again.flops == 80e9 and "raised" in again.source and "train step 4" in again.source
+    raised = cpu.cpu_peak_entry()["raised"]["fp32"]
+    assert raised["from"] == 50e9 and raised["to"] == 80e9 and raised["by"] == "train step 4"
+
+
+def test_no_record_carries_an_mfu_above_100_percent(capsys):
+    peak = hardware.DevicePeak("NVIDIA Z", "bf16", 1000.0, "data sheet (Z)")
+    under = make_record("train", FlopCount({"dense": 500}), {"dense": 1}, 1, 1.0, peak, "s", step=1)
+    assert under.mfu == 0.5 and under.peak_flops == 1000.0 and under.peak_source == "data sheet (Z)"
+    over = make_record("train", FlopCount({"dense": 3000}), {"dense": 1}, 1, 1.0, peak, "s", step=2)
+    assert over.mfu == 1.0 and over.peak_flops == 3000.0 and "raised" in over.peak_source
+    assert "train step 2 achieved" in capsys.readouterr().err
+    # later records are computed against the raised peak
+    assert make_record("train", FlopCount({"dense": 1500}), {"dense": 1}, 1, 1.0, peak, "s", step=3).mfu == 0.5
+
+
+def test_flops_peak_command_shows_the_cache(cache):
+    _fake_entry(cache, 123.4e9)
+    proc = subprocess.run([sys.executable, "-m", "profiling", "peak"], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "123.4 GFLOP/s" in proc.stdout and "quiet (others 0.00 cores)" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "profiling", "peak", "--json"], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=120)
+    assert json.loads(proc.stdout)["cpu"]["fp32"] == 123.4e9

@@ -5,14 +5,15 @@ import multiprocessing as mp
 
 import pytest
 
-from profiling.ledger import Ledger, Record, make_record, read_ledgers
+from profiling.hardware import DevicePeak
+from profiling.ledger import Ledger, Record, make_record, read_ledgers, supersede_lines
 from profiling.measure import FlopCount
 
 
 def _record(i: int = 0, **kw) -> Record:
     base = dict(
         kind="train", count=FlopCount({"dense": 600, "attention": 60 + i}), params={"dense": 10, "embedding": 5},
-        tokens=10, wall_s=2.0, device="cpu", dtype="fp32", shape="B=1 T=1 H=4 W=4", peak_flops=1000.0, step=i,
+        tokens=10, wall_s=2.0, peak=DevicePeak("cpu", "fp32", 1000.0, "test"), shape="B=1 T=1 H=4 W=4", step=i,
     )
     return make_record(**(base | kw))
 
@@ -63,3 +64,23 @@ def test_damaged_lines_are_skipped_and_counted(tmp_path):
     ledger.append(_record(1))
     data = read_ledgers([path])
     assert [r.step for r in data.records] == [0, 1] and data.skipped == 2
+
+
+def test_supersede_lines_moves_what_a_restart_redoes_and_loses_nothing(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path)
+    for i in range(1, 6):
+        ledger.append(_record(i))
+    ledger.append(_record(9, kind="infer", request_id="r"))
+    with open(path, "a") as f:
+        f.write('{"kind": "train", "step": 5, "meas')  # cut by a kill mid-write: no newline
+    moved = supersede_lines(path, lambda r: r["kind"] == "train" and r["step"] > 3)
+    assert moved == 2
+    data = read_ledgers([path])
+    assert [(r.kind, r.step) for r in data.records] == [("train", 1), ("train", 2), ("train", 3), ("infer", 9)]
+    assert data.skipped == 1  # the cut line stays, counted, and ends in a newline: the next append is intact
+    ledger.append(_record(4))
+    assert read_ledgers([path]).records[-1].step == 4
+    aside = read_ledgers([tmp_path / "ledger.superseded.jsonl"])
+    assert [r.step for r in aside.records] == [4, 5] and aside.skipped == 0
+    assert supersede_lines(tmp_path / "absent.jsonl", lambda r: True) == 0

@@ -8,9 +8,12 @@ import torch
 from model.dit import DiT, DiTConfig
 from profiling import report
 from profiling.formulas.llama import DECODER_PARTS
+from profiling.hardware import DevicePeak
 from profiling.ledger import Ledger, make_record, read_ledgers
-from profiling.measure import count_flops, forward_backward
+from profiling.measure import FlopCount, count_flops, forward_backward
 from profiling.parts import param_parts
+
+PEAK = DevicePeak("cpu", "fp32", 1e11, "test")
 
 
 @pytest.fixture
@@ -24,13 +27,13 @@ def ledger_path(tmp_path, tiny_llama):
         x, c = torch.randn(2, 4, t, h, w), torch.randn(2, 6, 32)
         count = count_flops(forward_backward(dit, x, torch.rand(2), context=c), dit.flop_parts, fake=True)
         tokens = 2 * cfg.num_tokens(t, h, w)
-        ledger.append(make_record("train", count, dit_params, tokens, 0.5, "cpu", "fp32", f"T={t} H={h} W={w}", 1e11, step=step))
+        ledger.append(make_record("train", count, dit_params, tokens, 0.5, PEAK, f"T={t} H={h} W={w}", step=step))
     llama_params = param_parts(tiny_llama, DECODER_PARTS)
     for n in (16, 128, 480):
         ids = torch.randint(0, 300, (1, n))
         with torch.no_grad():
             count = count_flops(lambda: tiny_llama(ids, logits_to_keep=1), DECODER_PARTS, fake=True)
-        ledger.append(make_record("infer", count, llama_params, n, 0.1, "cpu", "fp32", f"prompt={n}", 1e11, request_id=f"r{n}"))
+        ledger.append(make_record("infer", count, llama_params, n, 0.1, PEAK, f"prompt={n}", request_id=f"r{n}"))
     return ledger.path
 
 
@@ -54,3 +57,34 @@ def test_report_totals_and_attribution(ledger_path, tmp_path):
     png = report.plot(shapes, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(train.mfu)
+
+
+def _step(step: int, rank: int, flops: int, world: int = 2):
+    peak = DevicePeak("cpu", "fp32", 1e4, "probe (test)")
+    return make_record("train", FlopCount({"dense": flops}), {"dense": 10}, 5, 1.0, peak, "B=2, 4 samples/step, latent=1x4x4",
+                       run="r", step=step, rank=rank, world_size=world)
+
+
+def test_ranks_records_sum_into_one_optimizer_step():
+    # 2 steps x 2 ranks: each rank records its own half of the step (its 5 tokens, its FLOPs).
+    records = [_step(s, r, 600 + 100 * r) for s in (1, 2) for r in (0, 1)]
+    kinds, shapes = report.summarize(records)
+    g = kinds["train"]
+    assert g.records == 4 and g.n == 2 and g.ranks == 2 and g.tokens == 20
+    row = shapes["train"][0]
+    assert row.measured / row.n == 600 + 700 and row.tokens / row.n == 10  # per step = both ranks' shares
+    assert row.law / row.n == 6 * 10 * 10
+    text = report.format_report(kinds, shapes, skipped=0)
+    assert "== train: 4 records = 2 optimizer steps x 2 ranks, 20 tokens (all ranks), law 6ND ==" in text
+    assert "MFU against peak 1e+04 FLOP/s (probe (test))" in text
+    assert report.summarize([_step(1, 0, 600, world=1)])[0]["train"].to_dict()["steps"] == 1
+
+
+def test_a_corrected_peak_re_derives_mfu_and_a_peak_below_the_records_is_refused():
+    records = [_step(1, 0, 600), _step(1, 1, 900)]  # 600 and 900 FLOP/s against a kept peak of 1e4
+    assert report.summarize(records)[0]["train"].mfu == pytest.approx(1500 / 2e4)
+    kinds, _ = report.summarize(records, peak_flops=1000.0)
+    assert kinds["train"].mfu == pytest.approx(1500 / 2000)
+    assert kinds["train"].to_dict()["peaks"] == [{"flops": 1000.0, "source": "--peak-flops", "records": 2}]
+    with pytest.raises(ValueError, match="below what a record achieved .*900"):
+        report.summarize(records, peak_flops=800.0)

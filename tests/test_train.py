@@ -33,31 +33,72 @@ def _train(run: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _losses(run: Path) -> dict[int, float]:
-    """step -> loss, the last record of each step (a resumed run re-logs the steps after its checkpoint)."""
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+    """step -> loss from the run's log, which holds each optimizer step once (asserted)."""
+    log = _jsonl(run / "log.jsonl")
+    steps = [r["step"] for r in log]
+    assert len(steps) == len(set(steps)), f"a step logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in log}
+
+
+def _accounting(run: Path) -> dict:
+    """What the run's 6ND report is computed from, wall times left out."""
+    from profiling import report
+    from profiling.ledger import read_ledgers
+
+    records = read_ledgers([run / "ledger.jsonl"]).records
+    kinds, shapes = report.summarize(records)
+    return {"steps": sorted(r.step for r in records),
+            "totals": {k: (g.n, g.tokens, g.measured, g.law, dict(g.measured_by_part)) for k, g in kinds.items()},
+            "shapes": {k: [(s.shape, s.n, s.tokens, s.measured, s.law) for s in gs] for k, gs in shapes.items()}}
+
+
+def _logged_steps(run: Path) -> int:
+    try:
+        return len((run / "log.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
 
 
 def test_sigkill_mid_run_resumes_and_matches_the_uninterrupted_run(tmp_path):
-    model = ["--set", f"model={_model_yaml(tmp_path)}", "--set", "max_steps=30", "--set", "checkpoint_every=4"]
+    model = ["--set", f"model={_model_yaml(tmp_path)}", "--set", "max_steps=30", "--set", "checkpoint_every=8"]
     full = _train(tmp_path / "full", *model)
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out
+    assert out.count("trained 30 steps") == 1
 
     crashed = _train(tmp_path / "crash", *model)
     deadline = time.time() + 600
-    while not (tmp_path / "crash" / "checkpoints" / "step-0000008").is_dir():  # let it pass two checkpoints
+    while _logged_steps(tmp_path / "crash") < 9:  # past the checkpoint at step 8, before the one at 16
         assert crashed.poll() is None and time.time() < deadline, crashed.communicate()[0]
-        time.sleep(0.05)
+        time.sleep(0.02)
     crashed.send_signal(signal.SIGKILL)
     crashed.wait()
-    assert len(_losses(tmp_path / "crash")) < 30  # it really died mid-run
+    killed_at = len(_losses(tmp_path / "crash"))
+    assert 9 <= killed_at < 30  # it really died mid-run, with steps past its last checkpoint logged
     assert not (tmp_path / "crash" / "pipeline").exists()
     resumed = _train(tmp_path / "crash", *model)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     assert "resumed from" in out
-    assert _losses(tmp_path / "crash") == _losses(tmp_path / "full")  # bit-identical, every step
+    assert _losses(tmp_path / "crash") == _losses(tmp_path / "full")  # bit-identical, every step, each once
+
+    # The ledger holds each optimizer step once, and the 6ND report equals the uninterrupted run's.
+    assert _accounting(tmp_path / "crash") == _accounting(tmp_path / "full")
+    assert _accounting(tmp_path / "full")["steps"] == list(range(1, 31))
+    # Which attempt wrote each record; the redone steps' first records kept aside, not deleted.
+    attempts = _jsonl(tmp_path / "crash" / "attempts.jsonl")
+    resumed_from = attempts[1]["resumed_from"]
+    assert [a["attempt"] for a in attempts] == [1, 2] and resumed_from in (8, 16) and resumed_from < killed_at
+    ledger = _jsonl(tmp_path / "crash" / "ledger.jsonl")
+    assert all(r["attempt"] == (1 if r["step"] <= resumed_from else 2) for r in ledger)
+    aside = _jsonl(tmp_path / "crash" / "ledger.superseded.jsonl")
+    assert [r["step"] for r in aside] == list(range(resumed_from + 1, killed_at + 1)) and {r["attempt"] for r in aside} == {1}
+    assert f"superseded: {killed_at - resumed_from} ledger record(s)" in out
 
     ledger = [json.loads(line) for line in (tmp_path / "full" / "ledger.jsonl").read_text().splitlines()]
     assert len(ledger) == 30 and all(r["measured_flops"] > 0 and r["parts"]["frozen"] > 0 for r in ledger)
@@ -112,11 +153,13 @@ def _launch(tmp_path: Path, accelerate_config: str, run: str, *extra: str, cpu_e
 def test_ddp_and_zero2_match_the_single_process_run(tmp_path):
     """2 processes x batch 2 (DDP over gloo; DeepSpeed ZeRO-2) against 1 process x batch 4: the same
     global batches, per-sample noise and once-per-step LR give the same losses."""
-    steps = ["--set", "max_steps=4"]
+    steps = ["--set", "max_steps=4", "--set", "mixed_precision=no"]  # equal to 1e-4 needs fp32 ("auto": bf16 where fast)
     single = _train(tmp_path / "single", "--set", f"model={_model_yaml(tmp_path)}", *steps, "--set", "data.batch_size=4")
     out, _ = single.communicate(timeout=600)
     assert single.returncode == 0, out
-    _launch(tmp_path, "ddp.yaml", "ddp", *steps, cpu_env=True)
+    out = _launch(tmp_path, "ddp.yaml", "ddp", *steps, cpu_env=True)
+    assert out.count("trained 4 steps") == 1  # the main process says it, not every rank
+    assert "8 records = 4 optimizer steps x 2 ranks" in out
     _launch(tmp_path, "zero2.yaml", "zero2", *steps)
     reference = _losses(tmp_path / "single")
     assert len(reference) == 4
@@ -124,8 +167,12 @@ def test_ddp_and_zero2_match_the_single_process_run(tmp_path):
         got = _losses(tmp_path / run)
         assert got.keys() == reference.keys()
         assert all(got[s] == pytest.approx(reference[s], rel=1e-4) for s in reference), (run, got, reference)
-    ledger = (tmp_path / "zero2" / "ledger.jsonl").read_text().splitlines()
-    assert len(ledger) == 8  # every rank records its own steps
+    ledger = _jsonl(tmp_path / "zero2" / "ledger.jsonl")
+    assert sorted((r["step"], r["rank"]) for r in ledger) == [(s, r) for s in range(1, 5) for r in (0, 1)]
+    assert all(r["world_size"] == 2 and "B=2, 4 samples/step" in r["shape"] for r in ledger)  # every rank records its share
+    ddp = _accounting(tmp_path / "ddp")["totals"]["train"]
+    one = _accounting(tmp_path / "single")["totals"]["train"]
+    assert ddp[:2] == one[:2]  # the same optimizer steps and tokens as one process on the global batch
 
 
 @pytest.mark.slow

@@ -31,8 +31,8 @@ def _run(root, name: str, *extra: str) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory) -> dict[int, float]:
-    """The eager fp32 run both options are compared with."""
-    return _run(tmp_path_factory.mktemp("reference"), "fp32")
+    """The eager fp32 run both options are compared with (explicit: "auto" is bf16 on a CPU where bf16 is fast)."""
+    return _run(tmp_path_factory.mktemp("reference"), "fp32", "--set", "mixed_precision=no")
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path, fp32):
@@ -45,7 +45,7 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path, fp32):
 
 
 def test_torch_compile_trains_like_eager(tmp_path, fp32):
-    compiled = _run(tmp_path, "compiled", "--set", "compile=true")
+    compiled = _run(tmp_path, "compiled", "--set", "compile=true", "--set", "mixed_precision=no")
     assert compiled.keys() == fp32.keys()
     assert all(compiled[k] == pytest.approx(fp32[k], rel=1e-3) for k in fp32)
     assert (tmp_path / "compiled" / "pipeline" / "pipeline.json").is_file()  # saving unwraps the compiled model
@@ -71,3 +71,38 @@ def test_a_batch_empty_on_one_rank_is_skipped_by_all():
     assert any_rank_empty(_Ranks(other_empty=True), full)  # the other rank's clips all failed: skip here too
     assert any_rank_empty(_Ranks(other_empty=False), empty)
     assert not any_rank_empty(_Ranks(other_empty=False), full)
+
+
+def test_grad_accum_logs_the_step_it_ran(tmp_path):
+    """With grad_accum 2 a step covers two micro-batches: the log and ledger say so, and the LR
+    logged is the one the step used (warm-up over 2 steps: 1e-3 / 2 at step 1, then 1e-3)."""
+    _run(tmp_path, "accum", "--set", "grad_accum=2")
+    log = [json.loads(line) for line in (tmp_path / "accum" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log[:2]] == [pytest.approx(5e-4), pytest.approx(1e-3)]
+    assert [r["samples"] for r in log] == [4, 4, 4]
+    ledger = [json.loads(line) for line in (tmp_path / "accum" / "ledger.jsonl").read_text().splitlines()]
+    assert all(r["shape"].startswith("B=2 x2 accum, 4 samples/step, latent=") for r in ledger)
+
+
+def test_the_logged_loss_is_the_mean_over_the_accumulation_window():
+    import torch
+
+    from train.loop import StepWindow
+
+    window = StepWindow()
+    for loss, batch in ((1.0, 2), (3.0, 3)):
+        window.add(None, 10 * batch, (batch, 4, 1, 8, 8))
+        window.losses.append(torch.tensor(loss))
+    loss_sum, micro, samples = window.totals("cpu").tolist()
+    assert (loss_sum / micro, samples) == (2.0, 5.0)
+    assert window.shape(2, 10) == "B=2/3 x2 accum, 10 samples/step, latent=1x8x8"
+
+
+def test_a_string_field_takes_no_as_text_and_a_yaml_boolean_is_refused(tmp_path):
+    from train.config import load_train_config
+
+    assert load_train_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+    path = tmp_path / "run.yaml"
+    path.write_text("mixed_precision: no\n")  # YAML 1.1: an unquoted no is False
+    with pytest.raises(ValueError, match="YAML boolean False: quote it"):
+        load_train_config(path)

@@ -53,6 +53,5 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from train.loop import train
 
-        result = train(cfg)
-        print(f"trained {result['step']} steps; run in {result['run']}")
+        train(cfg)  # prints "trained N steps" once, from the main process
     return 0

@@ -71,7 +71,10 @@ class TrainConfig:
 
 
 def _coerce(default, value):
-    """YAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`): numbers follow the field's type."""
+    """YAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`): numbers follow the field's type.
+    It reads an unquoted `no` as False: a string field given a boolean is an error saying so."""
+    if isinstance(default, str) and isinstance(value, bool):
+        raise ValueError(f"expected a string, got the YAML boolean {value}: quote it (e.g. \"no\")")
     if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
         try:
             number = float(value)
@@ -88,7 +91,9 @@ def _set(obj, key: str, raw: str) -> None:
         raise ValueError(f"unknown config key {key!r} (known: {', '.join(names)})")
     if rest:
         return _set(getattr(obj, head), rest, raw)
-    setattr(obj, head, _coerce(getattr(obj, head), yaml.safe_load(raw)))
+    default = getattr(obj, head)
+    # a string field takes the text as given: YAML would read `--set mixed_precision=no` as False
+    setattr(obj, head, raw if isinstance(default, str) else _coerce(default, yaml.safe_load(raw)))
 
 
 def _build(cls, values: dict):

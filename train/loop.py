@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -34,7 +34,7 @@ from model.diffusion import per_sample_noise, training_loss
 from model.dit import DiT
 from model.text_encoder import TextEncoder
 from model.vae import load_codec
-from profiling.hardware import device_peak
+from profiling.hardware import device_peak, format_rate
 from profiling.ledger import Ledger, make_record, read_ledgers
 from profiling.measure import FlopMeter, forward_backward
 from profiling.parts import FROZEN, param_parts
@@ -44,6 +44,7 @@ from train.config import TrainConfig
 from train.data.latents import build_cache
 from train.data.loader import make_loader
 from train.ema import EMA
+from train.runlog import start_attempt, superseded_summary
 
 
 def mixed_precision(setting: str, cuda: bool) -> str:
@@ -91,6 +92,33 @@ def lr_lambda(warmup_steps: int, max_steps: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
+
+
+class StepWindow:
+    """One optimizer step's micro-batches on this rank (grad_accum of them): FLOPs, tokens, the
+    latent shapes they had and their losses."""
+
+    def __init__(self) -> None:
+        self.flops, self.tokens, self.shapes, self.losses = None, 0, [], []
+
+    def add(self, flops, tokens: int, latent_shape: tuple[int, ...]) -> None:
+        self.flops = flops if self.flops is None else self.flops + flops
+        self.tokens += tokens
+        self.shapes.append(latent_shape)
+
+    def totals(self, device) -> torch.Tensor:
+        """[sum of micro-batch losses, micro-batches, samples] on this rank, to be summed over ranks."""
+        return torch.stack([torch.stack(self.losses).sum(),
+                            torch.tensor(float(len(self.losses)), device=device),
+                            torch.tensor(float(sum(s[0] for s in self.shapes)), device=device)])
+
+    def shape(self, grad_accum: int, samples_per_step: int) -> str:
+        """The ledger's shape label: micro-batch size, samples per optimizer step (all ranks) and
+        latent size, e.g. 'B=2 x2 accum, 8 samples/step, latent=1x16x16'."""
+        sizes = sorted({s[0] for s in self.shapes})
+        latents = "+".join(sorted({"x".join(map(str, s[2:])) for s in self.shapes}))
+        accum = f" x{grad_accum} accum" if grad_accum > 1 else ""
+        return f"B={'/'.join(map(str, sizes))}{accum}, {samples_per_step} samples/step, latent={latents}"
 
 
 class StepMeter:
@@ -215,14 +243,22 @@ def train(cfg: TrainConfig) -> dict:
     if resume is not None:
         step = checkpoint.load(accelerator, resume)["step"]
         accelerator.print(f"resumed from {resume} at step {step}")
+    # Steps past the checkpoint that an earlier attempt logged are about to be redone: move them aside
+    # before anyone writes, so every file holds each optimizer step once (train.runlog).
+    attempt = [start_attempt(run, step, accelerator.num_processes) if accelerator.is_main_process else 0]
+    broadcast_object_list(attempt)
+    attempt = attempt[0]
 
     dtype = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
-    device_name, peak = device_peak(device, dtype)
+    peak = device_peak(device, dtype)
+    accelerator.print(f"peak: {peak.device} {peak.dtype} {format_rate(peak.flops)} ({peak.source})")
     ledger = Ledger(run / "ledger.jsonl")
     log = (run / "log.jsonl").open("a") if accelerator.is_main_process else None
-    board = SummaryWriter(str(run / "tensorboard")) if accelerator.is_main_process else None
+    # purge_step: TensorBoard drops the events a killed attempt wrote past the checkpoint
+    board = SummaryWriter(str(run / "tensorboard"), purge_step=step + 1) if accelerator.is_main_process else None
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    step_flops, step_tokens, step_start, dropped = None, 0, time.perf_counter(), 0
+    window = StepWindow()
+    step_start, dropped = time.perf_counter(), 0
     losses: list[float] = []
     while step < cfg.max_steps:
         for batch in loader:
@@ -232,21 +268,23 @@ def train(cfg: TrainConfig) -> dict:
             with accelerator.accumulate(model):
                 seeds = [zlib.crc32(f"{cfg.seed}|{step}|{source}".encode()) for source in batch["sources"]]
                 video, latents, context, mask = encode_batch(batch, codec, text_encoder, null, dropped_captions(seeds, cfg.cond_drop), device)
+                counting = time.perf_counter()  # counting is bookkeeping, not the step: keep it off the clock
+                # (counted in the encoders' dtype, the fp32 twin's: FLOPs do not depend on it)
+                window.add(meter.count(video, latents, batch["captions"], context, mask),
+                           latents.shape[0] * model_cfg.num_tokens(*latents.shape[2:]), tuple(latents.shape))
+                step_start += time.perf_counter() - counting
                 latents = latents.to(param_dtype)
                 kwargs = {} if context is None else {"context": context.to(param_dtype), "context_mask": mask}
-                counting = time.perf_counter()  # counting is bookkeeping, not the step: keep it off the clock
-                count = meter.count(video, latents, batch["captions"], context, mask)
-                step_start += time.perf_counter() - counting
-                step_flops = count if step_flops is None else step_flops + count
-                step_tokens += latents.shape[0] * model_cfg.num_tokens(*latents.shape[2:])
                 timestep, noise = per_sample_noise(latents.shape, cfg.diffusion, seeds, device)
                 with accelerator.autocast():
                     loss = training_loss(model, latents, cfg.diffusion, timestep=timestep, noise=noise.to(latents.dtype), **kwargs)
+                window.losses.append(loss.detach().float())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.grad_clip:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 if accelerator.sync_gradients:
+                    lr = scheduler.get_last_lr()[0]  # the LR this step used; stepping the schedule moves it on
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
@@ -254,22 +292,26 @@ def train(cfg: TrainConfig) -> dict:
             step += 1
             with gathered(model, deepspeed):
                 ema.update(accelerator.unwrap_model(model))
+            # The global batch's loss (the mean over every micro-batch of every rank) and its size. The
+            # reduction also waits for the device, so the wall time below is the step's, not its launch's.
+            loss_sum, micro, samples = accelerator.reduce(window.totals(device), "sum").tolist()
+            losses.append(loss_sum / micro)
             wall = time.perf_counter() - step_start
-            losses.append(accelerator.reduce(loss.detach(), "mean").item())  # the global batch's loss
-            shape = f"B={latents.shape[0]} latent={'x'.join(map(str, latents.shape[2:]))}"
-            record = make_record("train", step_flops, params, step_tokens, wall, device_name, dtype, shape, peak,
-                                 run=str(run), step=step)
+            record = make_record("train", window.flops, params, window.tokens, wall, peak,
+                                 window.shape(cfg.grad_accum, round(samples)), run=str(run), step=step,
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes, attempt=attempt)
             ledger.append(record)
             if log is not None:
-                entry = {"step": step, "loss": losses[-1], "lr": scheduler.get_last_lr()[0], "step_s": wall,
-                         "tokens_per_s": step_tokens / wall, "mfu": record.mfu, "dropped": dropped}
+                entry = {"step": step, "loss": losses[-1], "lr": lr, "samples": round(samples), "step_s": wall,
+                         "tokens_per_s": window.tokens * accelerator.num_processes / wall, "mfu": record.mfu,
+                         "dropped": dropped, "attempt": attempt}
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
                 for key in ("loss", "lr", "tokens_per_s", "mfu"):
                     board.add_scalar(f"train/{key}", entry[key], step)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{step_tokens / wall:.0f}", mfu=f"{record.mfu:.1%}")
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}", mfu=f"{record.mfu:.1%}")
             bar.update()
-            step_flops, step_tokens, step_start = None, 0, time.perf_counter()
+            window, step_start = StepWindow(), time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 checkpoint.save(accelerator, run / "checkpoints", step, {"loss": losses[-1]}, cfg.keep_checkpoints)
                 step_start = time.perf_counter()
@@ -291,6 +333,9 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:  # the run's measured compute against 6ND, the gap by part
         data = read_ledgers([ledger.path])
         accelerator.print(format_report(*summarize(data.records), data.skipped))
+        if superseded := superseded_summary(run):
+            accelerator.print(superseded)
+    accelerator.print(f"trained {step} steps; run in {run}")
     return {"step": step, "losses": losses, "dropped": dropped, "run": str(run)}
 
 

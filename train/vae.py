@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from model.vae import load_codec
 from train import checkpoint
+from train.runlog import start_attempt
 from train.config import TrainConfig
 from train.data.loader import make_loader
 from train.loop import lr_lambda
@@ -79,8 +80,10 @@ def train_vae(cfg: TrainConfig) -> dict:
     if resume is not None:
         step = checkpoint.load(accelerator, resume)["step"]
         accelerator.print(f"resumed from {resume} at step {step}")
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # the log holds each step once: a killed attempt's steps past the checkpoint go aside
         run.mkdir(parents=True, exist_ok=True)
+        start_attempt(run, step, accelerator.num_processes)
+    accelerator.wait_for_everyone()
     log = (run / "log.jsonl").open("a") if accelerator.is_main_process else None
     bar = tqdm(total=vcfg.steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     while step < vcfg.steps:
@@ -92,12 +95,13 @@ def train_vae(cfg: TrainConfig) -> dict:
             if cfg.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the LR this step used
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            l1 = accelerator.reduce(l1.detach(), "mean").item()
+            loss, l1 = accelerator.reduce(torch.stack([loss.detach(), l1.detach()]), "mean").tolist()  # over ranks
             if log is not None:
-                log.write(json.dumps({"step": step, "loss": loss.item(), "l1": l1, "lr": scheduler.get_last_lr()[0]}) + "\n")
+                log.write(json.dumps({"step": step, "loss": loss, "l1": l1, "lr": lr}) + "\n")
                 log.flush()
             bar.set_postfix(l1=f"{l1:.4f}")
             bar.update()

@@ -64,7 +64,7 @@ class VllmBackend:
         with torch.device("meta"):
             self.params = param_parts(AutoModelForCausalLM.from_config(config), DECODER_PARTS)
         self.dtype = str(self.engine.model_config.dtype).removeprefix("torch.")
-        self.device_name, self.peak = device_peak("cuda" if torch.cuda.is_available() else "cpu", self.dtype)
+        self.peak = device_peak("cuda" if torch.cuda.is_available() else "cpu", self.dtype)
         self.ledger = Ledger(ledger) if ledger else None
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
@@ -133,7 +133,7 @@ class VllmBackend:
         count = FlopCount(merge(steps))
         tokens = prompt + sum(generated)
         record = make_record("infer", count, self.params, tokens, metrics.finished_time - metrics.arrival_time,
-                             self.device_name, self.dtype, f"prompt={prompt},gen={sum(generated)}", self.peak,
+                             self.peak, f"prompt={prompt},gen={sum(generated)}",
                              run="vllm", request_id=request_id)
         metrics.measured_flops, metrics.law_flops, metrics.flops_by_part = count.total, record.law_flops, dict(count.by_part)
         if self.ledger is not None:

@@ -22,7 +22,7 @@ import torch
 
 from profiling.formulas.llama import DECODER_PARTS, DecoderShape
 from profiling.laws import infer_flops
-from profiling.hardware import device_peak, normalize_dtype
+from profiling.hardware import device_peak
 from profiling.ledger import Ledger, make_record
 from profiling.measure import FlopCount
 from profiling.parts import law_params, param_parts
@@ -146,7 +146,7 @@ class LLMEngine:
         self.law_params = law_params(self.params_by_part)
         self.ledger = Ledger(config.ledger) if config.ledger else None
         # the ledger's MFU: the dense peak of a GPU from the table, the CPU's measured matmul peak
-        self.device_name, self.peak_flops = device_peak(self.device, self.dtype) if self.ledger else (str(self.device), 0.0)
+        self.peak = device_peak(self.device, self.dtype) if self.ledger else None
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
         self._seed_rng = random.Random()
@@ -309,10 +309,8 @@ class LLMEngine:
             self.params_by_part,
             tokens=self._law_tokens(request),
             wall_s=request.finished_time - request.arrival_time,
-            device=self.device_name,
-            dtype=normalize_dtype(self.dtype),
+            peak=self.peak,
             shape=f"prompt={len(request.prompt_token_ids)},gen={generated}",
-            peak_flops=self.peak_flops,
             request_id=request.request_id,
         )
         self.ledger.append(record)

@@ -1,0 +1,60 @@
+"""`ministack flops peak`: the peak FLOP/s every MFU here is computed against, and where it came from.
+
+This CPU's peaks are measured (profiling.cpu) and cached per machine; shown with when they were
+measured, the machine's load while they were (profiling.load), and any raise since (an achieved
+FLOP/s above the peak). `--reprobe` measures them again now; run it on a quiet machine. A CUDA
+device's dense peaks come from the data-sheet table (profiling.hardware) and are listed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from profiling.hardware import format_rate, utc_time
+
+
+def _cpu_rows(entry: dict) -> list[str]:
+    from profiling.load import Load
+
+    load = Load(**{k: v for k, v in entry["load"].items() if k != "contended"})
+    avg = f"; load average {load.load_avg[0]:.2f}" if load.load_avg else ""
+    rows = [f"measured {utc_time(entry['measured_at'])}, {load.describe()}{avg}"]
+    for dtype in ("fp32", "bf16"):
+        rows.append(f"  {dtype:<5} {format_rate(entry[dtype]):>14}")
+        if dtype in entry.get("raised", {}):
+            r = entry["raised"][dtype]
+            rows[-1] += f"   raised {utc_time(r['at'])} from {format_rate(r['from'])} by {r['by']}"
+    if load.contended:
+        rows.append("  warning: measured under load, so MFU against it reads high: run `ministack flops peak "
+                    "--reprobe` on a quiet machine")
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reprobe", action="store_true", help="measure this CPU's peaks again now (takes seconds)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from profiling.cpu import _cache_path, cpu_name, cpu_peak_entry
+    from profiling.hardware import accelerator
+
+    entry = cpu_peak_entry(reprobe=args.reprobe)
+    out = {"cpu": {"name": cpu_name(), "threads": torch.get_num_threads(), "cache": str(_cache_path()), **entry}}
+    if torch.cuda.is_available():
+        out["cuda"] = []
+        for i in range(torch.cuda.device_count()):
+            name = torch.cuda.get_device_name(i)
+            out["cuda"].append({"name": name, "tflops": accelerator(name).tflops, "source": "data sheet, dense"})
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"this CPU: {out['cpu']['name']}   cache {out['cpu']['cache']}")
+    print("\n".join(_cpu_rows(entry)))
+    for gpu in out.get("cuda", []):
+        dense = ", ".join(f"{k} {v:g}" for k, v in gpu["tflops"].items())
+        print(f"{gpu['name']}: dense TFLOP/s from the data sheet: {dense}")
+    return 0
