@@ -192,10 +192,15 @@ def probe_peaks(threads: int) -> dict:
 def _merge(old: dict | None, new: dict) -> dict:
     """The entry to keep after a probe. A quiet probe replaces the entry; a contended one keeps,
     per dtype, the higher of the two figures (any figure measured here is a lower bound on what
-    the CPU can do, so the higher is the better peak), and stays marked contended."""
-    if old is None or not new["load"]["contended"]:
-        return new
-    return {**new, **{k: max(old.get(k, 0.0), new[k]) for k in _DTYPES}}
+    the CPU can do, so the higher is the better peak), and stays marked contended. A raise above
+    the new figure stands either way: something really achieved it."""
+    merged = dict(new)
+    if old is not None and new["load"]["contended"]:
+        merged.update({k: max(old.get(k, 0.0), new[k]) for k in _DTYPES})
+    raised = {d: r for d, r in (old or {}).get("raised", {}).items() if r["to"] > merged.get(d, 0.0)}
+    if raised:
+        merged.update({d: r["to"] for d, r in raised.items()}, raised=raised)
+    return merged
 
 
 def cpu_peaks(reprobe: bool = False) -> dict[str, float]:

@@ -140,6 +140,9 @@ def test_a_contended_reprobe_keeps_the_higher_figure_per_dtype():
     quiet = {**new, "load": Load(1.0, None, 0.0).to_dict()}
     assert cpu._merge(old, quiet) == quiet  # a quiet probe is the truth, even where it is lower
     assert Load(1.0, None, None).contended  # nothing seen is not proof of quiet
+    raise_ = {"from": 100.0, "to": 150.0, "at": 1.0, "by": "train step 7"}
+    merged = cpu._merge({**old, "fp32": 150.0, "raised": {"fp32": raise_}}, quiet)
+    assert merged["fp32"] == 150.0 and merged["raised"] == {"fp32": raise_}  # achieved beats a lower probe
 
 
 def _fake_entry(cache: Path, fp32: float) -> None:
