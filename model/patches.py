@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import torch
 
+from model.sizes import SizeRule
+
 Patch = tuple[int, int, int]
 
 
 def patch_grid(patch: Patch, frames: int, height: int, width: int) -> Patch:
-    """(T', H', W'): the token grid of a latent, with a clear error if the patch does not tile it."""
-    sizes = (frames, height, width)
-    if any(s % p for s, p in zip(sizes, patch)):
-        raise ValueError(f"latent (T, H, W) = {sizes} is not divisible by patch size {patch}")
-    return tuple(s // p for s, p in zip(sizes, patch))
+    """(T', H', W'): the token grid of a latent (T, H, W). The patch must tile it (the patch embed,
+    a Conv3d of stride = patch, would drop a remainder): else a SizeError naming the nearest
+    latent sizes it tiles."""
+    names = ("latent frames", "latent height", "latent width")
+    latent = SizeRule(patch=patch).latent((frames, height, width), names)
+    return tuple(s // p for s, p in zip(latent, patch))
 
 
 def patchify(x: torch.Tensor, patch: Patch) -> torch.Tensor:

@@ -26,8 +26,9 @@ from diffusers import DiffusionPipeline
 
 from model.diffusion import add_noise, kind_of, make_scheduler, prediction
 from model.dit import DiT
+from model.sizes import SizeRule
 from model.text_encoder import TextEncoder
-from model.vae import VideoCodec
+from model.vae import VideoCodec, codec_compression
 
 EXTEND = ("forward", "backward")
 
@@ -51,6 +52,14 @@ def _pad_cat(a: torch.Tensor, b: torch.Tensor, value: float | bool) -> torch.Ten
     return torch.cat([pad(a), pad(b)])
 
 
+def _saved(path: str | Path) -> Path:
+    """`path` as a Path, if it holds a saved pipeline (pipeline.json); else a clear error."""
+    path = Path(path)
+    if not (path / "pipeline.json").is_file():
+        raise ValueError(f"{path} is not a saved ministack pipeline (no pipeline.json)")
+    return path
+
+
 class MiniStackPipeline(DiffusionPipeline):
     def __init__(self, transformer: DiT, scheduler, codec: VideoCodec, text_encoder: TextEncoder | None = None) -> None:
         super().__init__()
@@ -70,6 +79,26 @@ class MiniStackPipeline(DiffusionPipeline):
         encoder = TextEncoder(text_encoder) if cfg.text_dim else None
         cfg = replace(cfg, in_channels=codec_.latent_channels, text_dim=encoder.dim if encoder else 0)
         return cls(DiT.from_dit_config(cfg), make_scheduler(kind), codec_, encoder)
+
+    @staticmethod
+    def build_size_rule(config: str = "tiny", codec: str = "tiny") -> SizeRule:
+        """The sizes `build(config, codec)` would take, from the configs alone (nothing is built)."""
+        from model.configs import load_config
+
+        return SizeRule(codec_compression(codec), load_config(config).patch_size)
+
+    @staticmethod
+    def saved_size_rule(path: str | Path) -> SizeRule:
+        """The sizes the pipeline saved in `path` takes, from its configs alone (no weights load),
+        so that a size it cannot take is refused before anything loads."""
+        path = _saved(path)
+        patch = json.loads((path / "transformer" / "config.json").read_text())["patch_size"]
+        return SizeRule(codec_compression(str(path / "codec")), patch)
+
+    @property
+    def size_rule(self) -> SizeRule:
+        """The video sizes this pipeline samples: its codec's compression times its DiT's patch."""
+        return SizeRule(self.codec.compression, self.transformer.cfg.patch_size)
 
     @property
     def device(self) -> torch.device:
@@ -150,10 +179,10 @@ class MiniStackPipeline(DiffusionPipeline):
         if strength is not None:
             frames, height, width = video.shape[2:]
         b, c = len(prompts), self.codec.latent_channels
-        t, h, w = self.codec.latent_size(frames, height, width)
+        t, h, w = self.size_rule.latent((frames, height, width))
         guided = guidance_scale != 1.0
+        z_known, known = self._known(image, video, extend, b, t)  # first: the codec refuses a clip it cannot take
         cond = self._condition(prompts, negative_prompt, class_labels, guided)
-        z_known, known = self._known(image, video, extend, b, t)
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = self.scheduler.timesteps
@@ -191,9 +220,7 @@ class MiniStackPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MiniStackPipeline:
-        path = Path(path)
-        if not (path / "pipeline.json").is_file():
-            raise ValueError(f"{path} is not a saved ministack pipeline (no pipeline.json)")
+        path = _saved(path)
         meta = json.loads((path / "pipeline.json").read_text())
         scheduler_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
         scheduler = make_scheduler("flow" if "FlowMatch" in scheduler_cfg["_class_name"] else "ddpm")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from model.media import frame_grid, read_frames, to_tensor, write_image, write_video
+from model.sizes import SizeRule
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,23 +43,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_size(args: argparse.Namespace, rule: SizeRule, clip_frames: int | None) -> None:
+    """Refuse, before anything loads, a size the pipeline cannot sample: the output size against
+    its codec's compression times its DiT's patch (for SDEdit the output has the --video clip's
+    frame count, `clip_frames`), and a clip to extend against the codec alone."""
+    clip = ("the --video clip's frame count", "--height", "--width")
+    if args.strength is not None and clip_frames is not None:
+        rule.latent((clip_frames, args.height, args.width), clip)
+    else:
+        rule.latent((args.frames, args.height, args.width), ("--frames", "--height", "--width"))
+    if args.extend and clip_frames is not None:
+        SizeRule(rule.compression).latent((clip_frames, args.height, args.width), clip)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from model.pipeline import MiniStackPipeline
 
     try:
+        rule = MiniStackPipeline.saved_size_rule(args.pipeline) if args.pipeline else MiniStackPipeline.build_size_rule()
+        clip = read_frames(args.video) if args.video else None  # uint8 [T, H, W, 3]
+        check_size(args, rule, None if clip is None else len(clip))
+        size, media = (args.height, args.width), {}
+        if args.image:
+            media["image"] = to_tensor(read_frames(args.image)[:1], size)[:, 0][None]
+        if clip is not None:
+            media["video"] = to_tensor(clip, size)[None]
         if args.pipeline:
             pipe = MiniStackPipeline.from_pretrained(args.pipeline)
         else:
             print("warning: no --pipeline given: sampling an UNTRAINED model (the output is noise)", file=sys.stderr)
             pipe = MiniStackPipeline.build()
         pipe.to(args.device)
-        size = (args.height, args.width)
-        media = {}
-        if args.image:
-            media["image"] = to_tensor(read_frames(args.image)[:1], size)[:, 0][None]
-        if args.video:
-            media["video"] = to_tensor(read_frames(args.video), size)[None]
         out = pipe(
             [args.prompt] * args.num, negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
             width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,

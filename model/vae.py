@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model.sizes import SizeRule
 from profiling.parts import FROZEN, PartRules
 
 TINY_WAN = dict(
@@ -91,16 +92,8 @@ class VideoCodec(nn.Module):
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
 
     def latent_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """(t, h, w) of the latent of a video; a clear error if the codec cannot take it."""
-        ct, ch, cw = self.compression
-        if frames < 1 or (frames - 1) % ct or height % ch or width % cw:
-            nearest = (1 + max(frames - 1, 0) // ct * ct, max(height // ch, 1) * ch, max(width // cw, 1) * cw)
-            raise ValueError(
-                f"video of {frames} frames at {height}x{width} does not fit this codec (compression {ct},{ch},{cw}): "
-                f"frames must be 1 + {ct}k (1, {1 + ct}, {1 + 2 * ct}, ...), height a multiple of {ch}, width of {cw}; "
-                f"nearest smaller valid size: {nearest[0]} frames at {nearest[1]}x{nearest[2]}"
-            )
-        return 1 + (frames - 1) // ct, height // ch, width // cw
+        """(t, h, w) of the latent of a video; a SizeError naming the nearest sizes this codec takes if it cannot."""
+        return SizeRule(self.compression).latent((frames, height, width))
 
     def video_size(self, t: int, h: int, w: int) -> tuple[int, int, int]:
         """(frames, height, width) that a latent of size (t, h, w) decodes to."""
@@ -177,6 +170,13 @@ class VideoCodec(nn.Module):
         return codec
 
 
+def _unknown_codec(spec: str) -> ValueError:
+    return ValueError(
+        f"codec {spec!r}: expected 'identity', 'tiny', or a directory holding {CODEC_CONFIG} (a saved VideoCodec) "
+        "or config.json (a diffusers VAE)"
+    )
+
+
 def load_codec(spec: str) -> VideoCodec:
     """The codec a spec names: "identity"; "tiny" (a fresh, seeded, untrained tiny Wan); or a local
     directory: a saved VideoCodec (codec.json) or a plain diffusers VAE (config.json; its
@@ -194,7 +194,19 @@ def load_codec(spec: str) -> VideoCodec:
         return VideoCodec.from_pretrained(path)
     if (path / "config.json").is_file():
         return VideoCodec(_load_vae(path))
-    raise ValueError(
-        f"codec {spec!r}: expected 'identity', 'tiny', or a directory holding {CODEC_CONFIG} (a saved VideoCodec) "
-        "or config.json (a diffusers VAE)"
-    )
+    raise _unknown_codec(spec)
+
+
+def codec_compression(spec: str) -> tuple[int, int, int]:
+    """(ct, ch, cw) of the codec `load_codec(spec)` would give, read from its configs alone (no
+    weights load), so that a size it cannot take is refused before anything is built."""
+    if spec in ("identity", "tiny"):
+        return (1, 1, 1) if spec == "identity" else _compression(TINY_WAN)
+    path = Path(spec)
+    if (path / CODEC_CONFIG).is_file():
+        if json.loads((path / CODEC_CONFIG).read_text())["kind"] == "identity":
+            return 1, 1, 1
+        path = path / "vae"
+    if (path / "config.json").is_file():
+        return _compression(json.loads((path / "config.json").read_text()))
+    raise _unknown_codec(spec)

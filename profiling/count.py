@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from model.sizes import SizeRule
 from profiling.inputs import parse_compression
 from profiling.laws import infer_flops, train_flops
 from profiling.measure import FlopCount, count_flops, forward_backward
@@ -155,7 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frames", type=int, default=1)
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("--latent-compression", type=parse_compression, default=(1, 8, 8), help="VAE t,h,w factors (default 1,8,8: the SD VAE of the DiT paper)")
+    g.add_argument("--latent-compression", type=parse_compression, default=(1, 8, 8), help="VAE t,h,w factors (default 1,8,8: the SD VAE of the DiT paper); frames 1 + k*t (causal VAE)")
     g.add_argument("--latent", type=parse_latent, help="latent T,H,W directly (overrides the pixel size)")
     g.add_argument("--text-len", type=int, default=32, help="text tokens per sample (text-conditional configs)")
     g = p.add_argument_group("decoder step")
@@ -165,16 +165,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _latent(args: argparse.Namespace) -> tuple[int, int, int]:
+def _latent(args: argparse.Namespace, patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The latent (T, H, W) the DiT of `patch` sees: --latent as given, else the pixel size
+    through --latent-compression (a causal VAE's: T = 1 + (frames - 1)/t). The DiT takes no
+    remainder, so a size that does not divide is refused with the nearest sizes that do,
+    exactly as `ministack sample` and training refuse it."""
     if args.latent:
-        return args.latent
+        return SizeRule(patch=patch).latent(args.latent, ("--latent T", "--latent H", "--latent W"))
     height, width = (args.image_size, args.image_size) if args.image_size else (args.height, args.width)
     if not height or not width:
         raise ValueError("give the input size: --image-size S, or --height and --width (pixels), or --latent T,H,W")
-    ct, ch, cw = args.latent_compression
-    if height % ch or width % cw:
-        raise ValueError(f"{height}x{width} pixels do not divide by the latent compression {ch}x{cw}")
-    return math.ceil(args.frames / ct), height // ch, width // cw
+    flags = ("--frames", "--image-size", "--image-size") if args.image_size else ("--frames", "--height", "--width")
+    return SizeRule(args.latent_compression, patch).latent((args.frames, height, width), flags)
 
 
 def _print_table(r: dict) -> None:
@@ -196,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
     from model.configs import PRESETS, load_config
 
     if args.config in PRESETS or args.config.endswith((".yaml", ".yml")):
-        result = count_dit(load_config(args.config), args.batch, _latent(args), args.text_len)
+        cfg = load_config(args.config)
+        result = count_dit(cfg, args.batch, _latent(args, cfg.patch_size), args.text_len)
     else:
         config = decoder_config(args.config)
         if config is None:

@@ -17,7 +17,7 @@ PATCHES = [(1, 1, 1), (1, 2, 2), (1, 2, 1)]
 def test_patchify_unpatchify_round_trip(patch):
     for t, h, w in SIZES:
         if any(s % p for s, p in zip((t, h, w), patch)):
-            with pytest.raises(ValueError, match="not divisible by patch size"):
+            with pytest.raises(ValueError, match="does not fit patch"):
                 patchify(torch.zeros(1, 3, t, h, w), patch)
             continue
         x = torch.randn(2, 3, t, h, w)

@@ -62,5 +62,5 @@ def test_dit_flops_by_hand():
 
 
 def test_dit_tokens_must_tile():
-    with pytest.raises(ValueError, match="not divisible by patch size"):
+    with pytest.raises(ValueError, match="latent frames 3 does not fit patch 2,2,2"):
         DiTConfig(patch_size=(2, 2, 2)).num_tokens(3, 8, 8)

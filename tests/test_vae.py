@@ -78,10 +78,10 @@ def test_encoding_is_causal(tiny):
 
 @pytest.mark.parametrize(
     "size, message",
-    [((8, 64, 64), r"frames must be 1 \+ 2k.*nearest smaller valid size: 7 frames at 64x64"),
-     ((0, 64, 64), r"frames must be 1 \+ 2k"),
-     ((9, 62, 64), r"height a multiple of 4.*9 frames at 60x64"),
-     ((9, 64, 30), r"width of 4.*9 frames at 64x28")],
+    [((8, 64, 64), r"frames 8 does not fit codec compression 2,4,4 \(frames 1 \+ 2k.*: 7 frames at 64x64 or 9 frames at 64x64$"),
+     ((0, 64, 64), r"frames 0 does not fit.*nearest sizes that fit: 1 frame at 64x64$"),
+     ((9, 62, 64), r"height 62 does not fit.*height and width multiples of 4.*9 frames at 60x64 or 9 frames at 64x64$"),
+     ((9, 64, 30), r"width 30 does not fit.*9 frames at 64x28 or 9 frames at 64x32$")],
 )
 def test_invalid_sizes_raise_naming_valid_ones(tiny, size, message):
     with pytest.raises(ValueError, match=message):

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.config import load_train_config
 
     try:
-        cfg = load_train_config(args.config, args.set)
+        cfg = load_train_config(args.config, args.set, stage)
         if stage == "cache" and not cfg.latent_cache:
             raise ValueError("the config sets no latent_cache directory (--set latent_cache=DIR)")
     except (ValueError, OSError) as err:

@@ -69,6 +69,25 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check_buckets(self, stage: str = "dit") -> None:
+        """Refuse, before anything loads, a bucket the stage cannot train on, naming the nearest
+        sizes that fit. The VAE stage needs the sizes its codec (vae.init) takes; the cache and
+        DiT stages need those of `codec` times the model's patch. Read from configs alone."""
+        from model.configs import load_config
+        from model.sizes import SizeError, SizeRule
+        from model.vae import codec_compression
+        from train.data.buckets import parse_bucket
+
+        if stage == "vae":
+            rule = SizeRule(codec_compression(self.vae.init))
+        else:
+            rule = SizeRule(codec_compression(self.codec), load_config(self.model).patch_size)
+        for bucket in map(parse_bucket, self.data.buckets):
+            try:
+                rule.latent(bucket)
+            except SizeError as err:
+                raise SizeError(f"data.buckets: bucket {'x'.join(map(str, bucket))}: {err}", err.suggestions) from None
+
 
 def _coerce(default, value):
     """YAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`): numbers follow the field's type.
@@ -108,12 +127,14 @@ def _build(cls, values: dict):
     return cls(**kwargs)
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """A TrainConfig from YAML (None: defaults), then `key=value` overrides (dotted keys)."""
+def load_train_config(path: str | Path | None, overrides: list[str] = (), stage: str = "dit") -> TrainConfig:
+    """A TrainConfig from YAML (None: defaults), then `key=value` overrides (dotted keys); its
+    buckets checked for `stage` ("vae", "cache" or "dit": `TrainConfig.check_buckets`)."""
     cfg = _build(TrainConfig, yaml.safe_load(Path(path).read_text()) or {}) if path else TrainConfig()
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not key=value")
         _set(cfg, key.strip(), raw)
+    cfg.check_buckets(stage)
     return cfg

@@ -177,8 +177,6 @@ class ProceduralVideos(Dataset):
         spin_fraction: float = 0.35,  # of videos whose shape has an orientation
         scale_fraction: float = 0.3,  # of videos: half growing, half shrinking
     ) -> None:
-        if any((t - 1) % 2 for t in frames):
-            raise ValueError(f"frame counts must be 1 + 2k (the causal VAE's), got {frames}")
         self.n, self.seed, self.resolutions, self.frames, self.fps = size, seed, resolutions, frames, fps
         self.fractions = static_fraction, bounce_fraction, spin_fraction, scale_fraction
 
