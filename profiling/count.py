@@ -75,6 +75,21 @@ def _summary(params: dict[str, int], tokens: int, fwd: FlopCount, train: FlopCou
     }
 
 
+SIZE_FLAGS = "--image-size S, or --height and --width (pixels), or --latent T,H,W"
+
+
+def dit_params(cfg) -> dict:
+    """Parameters by part of a DiT config (no input size needed): what `flops count` prints
+    when it is given no size, with the flags that would add the FLOPs."""
+    from model.dit import DiT
+
+    with FakeTensorMode():
+        model = DiT.from_dit_config(cfg)
+    params = param_parts(model, model.flop_parts)
+    return {"model": "dit", "params": sum(params.values()), "params_by_part": params,
+            "law_params": law_params(params), "missing": {"flops": SIZE_FLAGS}}
+
+
 def count_dit(cfg, batch: int, latent: tuple[int, int, int], text_len: int) -> dict:
     """Params, measured and exact FLOPs of a DiT config on a latent of size (T, H, W)."""
     from model.dit import DiT
@@ -174,7 +189,7 @@ def _latent(args: argparse.Namespace, patch: tuple[int, int, int]) -> tuple[int,
         return SizeRule(patch=patch).latent(args.latent, ("--latent T", "--latent H", "--latent W"))
     height, width = (args.image_size, args.image_size) if args.image_size else (args.height, args.width)
     if not height or not width:
-        raise ValueError("give the input size: --image-size S, or --height and --width (pixels), or --latent T,H,W")
+        raise ValueError(f"give the input size: {SIZE_FLAGS}")
     flags = ("--frames", "--image-size", "--image-size") if args.image_size else ("--frames", "--height", "--width")
     return SizeRule(args.latent_compression, patch).latent((args.frames, height, width), flags)
 
@@ -182,6 +197,9 @@ def _latent(args: argparse.Namespace, patch: tuple[int, int, int]) -> tuple[int,
 def _print_table(r: dict) -> None:
     print(f"params {r['params']:,}  (law N = {r['law_params']:,}: trained, non-embedding)")
     print("  " + "  ".join(f"{k} {v:,}" for k, v in r["params_by_part"].items() if v))
+    if "missing" in r:
+        print(f"FLOPs not counted: give the input size ({r['missing']['flops']})")
+        return
     print(f"tokens {r['tokens']:,}")
     print(f"{'':<22} {'measured':>12} {'exact':>12} {'law':>12} {'measured/law':>13}")
     for name, m, e, law, law_name in (
@@ -199,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.config in PRESETS or args.config.endswith((".yaml", ".yml")):
         cfg = load_config(args.config)
-        result = count_dit(cfg, args.batch, _latent(args, cfg.patch_size), args.text_len)
+        sized = args.latent or args.image_size or args.height or args.width
+        result = count_dit(cfg, args.batch, _latent(args, cfg.patch_size), args.text_len) if sized else dit_params(cfg)
     else:
         config = decoder_config(args.config)
         if config is None:

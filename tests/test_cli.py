@@ -45,8 +45,18 @@ def test_count_decoder_directory(tmp_path, tiny_llama):
     assert r["forward_flops"] == r["exact_forward_flops"] and r["forward_by_part"]["attention"] > 0
 
 
+def test_count_without_a_size_gives_the_parameters_and_names_the_size_flags():
+    proc = ministack("flops", "count", "dit-xl-2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["params"] == 674_834_720 and "forward_flops" not in r  # DiT-XL/2's count (the DiT paper: 675 M)
+    assert "--image-size" in r["missing"]["flops"] and "--latent" in r["missing"]["flops"]
+    text = ministack("flops", "count", "dit-xl-2").stdout
+    assert "params 674,834,720" in text and "FLOPs not counted: give the input size (--image-size S" in text
+
+
 def test_count_bad_input_is_a_clear_error():
-    proc = ministack("flops", "count", "dit-xl-2")
+    proc = ministack("flops", "count", "dit-xl-2", "--height", "256")
     assert proc.returncode == 2 and "--image-size" in proc.stderr and "Traceback" not in proc.stderr
     proc = ministack("flops", "count", "no-such-model", "--image-size", "256")
     assert proc.returncode == 2 and "unknown config 'no-such-model'" in proc.stderr
