@@ -191,6 +191,7 @@ def encode_batch(batch: dict, codec, text_encoder, null, drop: list[bool], devic
 
 
 def train(cfg: TrainConfig) -> dict:
+    cfg.check_buckets()  # a bucket the codec x patch cannot take fails here, before anything loads
     # Frozen encoders load before the Accelerator exists: under ZeRO-3 accelerate makes transformers
     # partition every model it loads afterwards, and these must stay whole on every rank.
     model_cfg = load_config(cfg.model)

@@ -60,6 +60,7 @@ def psnr(codec, clips: list) -> float:
 
 
 def train_vae(cfg: TrainConfig) -> dict:
+    cfg.check_buckets("vae")  # before anything loads: buckets the codec cannot take
     vcfg = cfg.vae
     accelerator = Accelerator()
     set_seed(cfg.seed, device_specific=True)
