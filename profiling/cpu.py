@@ -153,7 +153,7 @@ def prepare_cpu() -> None:
 
 _peaks: dict[tuple[str, int], dict] = {}  # this process's view of the cache entries: (cache file, threads)
 _said: set[str] = set()  # warnings already printed by this process
-CONTENDED_RETRY_S = 600.0  # a contended entry is probed again once it is this old
+CONTENDED_RETRY_S = 600.0  # a contended entry is probed again once it is this old (or when the machine is quiet)
 
 
 def _say_once(key: str, text: str) -> None:
@@ -189,6 +189,13 @@ def probe_peaks(threads: int) -> dict:
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "measured_at": time.time(), "load": load.to_dict()}
 
 
+def _quiet_now(seconds: float = 0.3) -> bool:
+    """Whether other processes leave the cores free right now (a short look, profiling.load)."""
+    window = LoadWindow().start()
+    time.sleep(seconds)
+    return not window.stop().contended
+
+
 def _merge(old: dict | None, new: dict) -> dict:
     """The entry to keep after a probe. A quiet probe replaces the entry; a contended one keeps,
     per dtype, the higher of the two figures (any figure measured here is a lower bound on what
@@ -207,8 +214,9 @@ def cpu_peaks(reprobe: bool = False) -> dict[str, float]:
     """Measured matmul peak FLOP/s per dtype ('fp32', 'bf16') at torch's thread count.
 
     Cached per machine. A probe taken while other processes used the cores is cached marked
-    contended, with a warning naming them, and probed again at the next call after
-    CONTENDED_RETRY_S (or at once with `reprobe`); see `cpu_peak_entry` for the record.
+    contended, with a warning naming them, and probed again by the first later process that
+    finds the machine quiet (a 0.3 s look) or comes CONTENDED_RETRY_S after it (at once with
+    `reprobe`); see `cpu_peak_entry` for the record.
     """
     return {k: v for k, v in cpu_peak_entry(reprobe).items() if k in _DTYPES}
 
@@ -222,8 +230,8 @@ def cpu_peak_entry(reprobe: bool = False) -> dict:
     threads = torch.get_num_threads()
     key, memo = f"peaks@{threads}", (str(_cache_path()), threads)
     entry = _peaks.get(memo) or _load_cache().get(key)
-    stale = entry is not None and entry.get("load", {}).get("contended", True) and \
-        time.time() - entry.get("measured_at", 0) > CONTENDED_RETRY_S
+    contended = entry is not None and entry.get("load", {}).get("contended", True)
+    stale = contended and (time.time() - entry.get("measured_at", 0) > CONTENDED_RETRY_S or _quiet_now())
     if entry is None or reprobe or stale:
         with _probe_lock():
             cached = _load_cache().get(key)

@@ -138,12 +138,12 @@ def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipp
         out.append(f"MFU against {_peaks(g)}")
         out.append("")
         unit = g.unit
-        out.append(f"{'shape':<48} {unit + 's':>8} {'tokens/' + unit[:3]:>10} {'measured/' + unit[:3]:>13} "
-                   f"{'law/' + unit[:3]:>11} {'ratio':>7} {'attn':>6}")
+        out.append(f"{'shape':<48} {unit + 's':>8} {'tokens/' + unit:>14} {'measured/' + unit:>16} "
+                   f"{'law/' + unit:>12} {'ratio':>7} {'attn':>6}")
         for s in shapes[kind]:
             out.append(
-                f"{s.shape[:48]:<48} {s.n:>8} {s.tokens / s.n:>10.0f} {_e(s.measured / s.n):>13} "
-                f"{_e(s.law / s.n):>11} {s.ratio:>7.3f} {s.share(ATTENTION):>6.1%}"
+                f"{s.shape[:48]:<48} {s.n:>8} {s.tokens / s.n:>14.0f} {_e(s.measured / s.n):>16} "
+                f"{_e(s.law / s.n):>12} {s.ratio:>7.3f} {s.share(ATTENTION):>6.1%}"
             )
         out.append("")
         out.append("gap by part (measured/law = 1 + the sum of the gap/law column):")

@@ -121,15 +121,33 @@ def test_a_probe_under_load_is_marked_said_and_replaced_when_quiet(cache, monkey
     cached = json.loads(next(cache.glob("cpu-*.json")).read_text())
     assert next(iter(cached.values()))["load"]["contended"]  # cached, but marked
 
-    # A later process probes again once the entry is old enough; a quiet probe replaces it, even lower.
+    # A later process probes again when it finds the machine quiet, or once the entry is old
+    # enough; a quiet probe replaces it, even a lower one.
     quiet = {"fp32": entry["fp32"] / 2, "bf16": entry["bf16"], "measured_at": time.time(),
              "load": Load(1.0, (0.0, 0.0, 0.0), 0.0).to_dict()}
     monkeypatch.setattr(cpu, "probe_peaks", lambda threads: quiet)
+    monkeypatch.setattr(cpu, "_quiet_now", lambda: False)
     cpu._peaks.clear()
-    assert cpu.cpu_peak_entry() == entry  # not yet: CONTENDED_RETRY_S has not passed
+    assert cpu.cpu_peak_entry() == entry  # still busy, and CONTENDED_RETRY_S has not passed
     monkeypatch.setattr(cpu, "CONTENDED_RETRY_S", 0.0)
     cpu._peaks.clear()
     assert cpu.cpu_peak_entry() == quiet and cpu.cpu_peaks()["fp32"] == entry["fp32"] / 2
+    cpu._store_cache({next(iter(cached)): entry})  # contended again, recent: a quiet machine re-probes at once
+    monkeypatch.setattr(cpu, "CONTENDED_RETRY_S", 600.0)
+    monkeypatch.setattr(cpu, "_quiet_now", lambda: True)
+    cpu._peaks.clear()
+    assert cpu.cpu_peak_entry() == quiet
+
+
+def test_the_quick_look_sees_a_busy_machine():
+    load = _busy_loops(os.cpu_count() or 2)
+    try:
+        time.sleep(0.3)
+        assert not cpu._quiet_now()
+    finally:
+        for p in load:
+            p.kill()
+            p.wait()
 
 
 def test_a_contended_reprobe_keeps_the_higher_figure_per_dtype():
