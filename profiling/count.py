@@ -76,6 +76,8 @@ def _summary(params: dict[str, int], tokens: int, fwd: FlopCount, train: FlopCou
 
 
 SIZE_FLAGS = "--image-size S, or --height and --width (pixels), or --latent T,H,W"
+# what `missing` names, as `flops estimate` does: each figure not computed -> the flags that give it
+_SIZE_MISSING = ["--image-size (or --height and --width, or --latent)"]
 
 
 def dit_params(cfg) -> dict:
@@ -87,7 +89,7 @@ def dit_params(cfg) -> dict:
         model = DiT.from_dit_config(cfg)
     params = param_parts(model, model.flop_parts)
     return {"model": "dit", "params": sum(params.values()), "params_by_part": params,
-            "law_params": law_params(params), "missing": {"flops": SIZE_FLAGS}}
+            "law_params": law_params(params), "missing": {"forward_flops": _SIZE_MISSING, "train_flops": _SIZE_MISSING}}
 
 
 def count_dit(cfg, batch: int, latent: tuple[int, int, int], text_len: int) -> dict:
@@ -198,7 +200,7 @@ def _print_table(r: dict) -> None:
     print(f"params {r['params']:,}  (law N = {r['law_params']:,}: trained, non-embedding)")
     print("  " + "  ".join(f"{k} {v:,}" for k, v in r["params_by_part"].items() if v))
     if "missing" in r:
-        print(f"FLOPs not counted: give the input size ({r['missing']['flops']})")
+        print(f"FLOPs not counted: give the input size ({SIZE_FLAGS})")
         return
     print(f"tokens {r['tokens']:,}")
     print(f"{'':<22} {'measured':>12} {'exact':>12} {'law':>12} {'measured/law':>13}")
@@ -209,7 +211,8 @@ def _print_table(r: dict) -> None:
         print(f"{name:<22} {m:>12.4e} {e:>12.4e} {law:>12.4e} {m / law:>10.3f} ({law_name})")
     print("forward by part: " + ", ".join(f"{k} {v:.3e}" for k, v in r["forward_by_part"].items()))
     if r["model"] == "dit":
-        print(f"forward = {r['forward_flops'] / 2e9:.2f} GMACs (the DiT paper's 'Gflops' unit)")
+        per = " per sample" if r["batch"] > 1 else ""
+        print(f"forward = {r['forward_flops'] / r['batch'] / 2e9:.2f} GMACs{per} (the DiT paper's 'Gflops' unit)")
 
 
 def run(args: argparse.Namespace) -> int:

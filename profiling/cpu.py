@@ -251,6 +251,7 @@ def cpu_peak_entry(reprobe: bool = False) -> dict:
 
 def raise_peak(dtype: str, achieved: float, by: str) -> float:
     """Raise the cached `dtype` peak to `achieved` FLOP/s, which something (`by`) just reached.
+    The entry's `raised[dtype]` keeps the probed figure (`from`), the last raise and their count.
 
     Achieving more than the peak proves the peak stale (probed under load, or a shape the probe
     does not cover): the cache is corrected, with when and by what, rather than letting an MFU
@@ -266,7 +267,9 @@ def raise_peak(dtype: str, achieved: float, by: str) -> float:
         old = entry.get(dtype, entry["fp32"])
         if achieved > old:
             entry[dtype] = achieved
-            entry.setdefault("raised", {})[dtype] = {"from": old, "to": achieved, "at": time.time(), "by": by}
+            first = entry.get("raised", {}).get(dtype, {"from": old, "raises": 0})  # `from`: the probe's figure
+            entry["raised"] = {**entry.get("raised", {}), dtype: {"from": first["from"], "to": achieved, "at": time.time(),
+                                                                 "by": by, "raises": first.get("raises", 0) + 1}}
             _store_cache({key: entry})
     _peaks[memo] = entry
     return entry.get(dtype, entry["fp32"])

@@ -107,25 +107,31 @@ class DevicePeak:
     device: str  # "NVIDIA H100 80GB HBM3", "AMD EPYC (2 threads)"
     dtype: str  # normalized: fp32, bf16, ...
     flops: float  # FLOP/s; 0 when unknown
-    source: str  # "data sheet (H100-SXM)", "probe 2026-11-30 20:15 UTC, quiet (...)", "raised: ..."
+    source: str  # "data sheet (H100-SXM)", "probe 2026-11-30 20:15 UTC, quiet (...)", "raised to ... (was ...)"
     cpu: bool = False
+    origin: str = field(default="", repr=False)  # the source before the first raise
+    raises: int = field(default=0, repr=False)
 
     def observe(self, achieved: float, by: str) -> float:
         """Raise the peak to `achieved` FLOP/s if that exceeds it (`by`: what achieved it, for the
-        record); returns the peak now in force."""
+        record); returns the peak now in force. The first raise is said on stderr; later ones
+        (each new best step of a run against a stale peak) only change `source`."""
         if self.flops <= 0 or achieved <= self.flops:
             return self.flops
-        old = self.flops
+        old, self.origin = self.flops, self.origin or f"{format_rate(self.flops)}, {self.source}"
         if self.cpu:
             from profiling.cpu import raise_peak
 
             self.flops = raise_peak(self.dtype, achieved, by)
         else:
             self.flops = achieved
-        self.source = f"raised from {format_rate(old)} by {by}"
-        print(f"ministack: {by} achieved {format_rate(achieved)}, above the {self.dtype} peak of "
-              f"{self.device} ({format_rate(old)}): that peak was stale; raised to {format_rate(self.flops)}"
-              + (" (cached)" if self.cpu else ""), file=sys.stderr)
+        self.raises += 1
+        self.source = f"raised to {format_rate(self.flops)} by {by} (was {self.origin})"
+        if self.raises == 1:
+            print(f"ministack: {by} achieved {format_rate(achieved)}, above the {self.dtype} peak of {self.device} "
+                  f"({format_rate(old)}): that peak was stale; raised to {format_rate(self.flops)}"
+                  f"{' (cached)' if self.cpu else ''}, and again whenever a record beats it (each record keeps "
+                  "the peak it was computed against)", file=sys.stderr)
         return self.flops
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 
-_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}  # B (billion) for counts, G (giga) for rates
 
 
 class InputError(argparse.ArgumentTypeError, ValueError):
@@ -19,7 +19,7 @@ class InputError(argparse.ArgumentTypeError, ValueError):
 
 
 def parse_number(text: str) -> float:
-    """'175e9', '1.5e12', '7B', '135M', '2T', '10k' -> a positive finite float."""
+    """'175e9', '1.5e12', '7B', '135M', '2T', '10k', '400G' -> a positive finite float."""
     text = str(text).strip()
     scale = _SUFFIX.get(text[-1:].lower(), 1.0)
     try:

@@ -24,7 +24,8 @@ def _cpu_rows(entry: dict) -> list[str]:
         rows.append(f"  {dtype:<5} {format_rate(entry[dtype]):>14}")
         if dtype in entry.get("raised", {}):
             r = entry["raised"][dtype]
-            rows[-1] += f"   raised {utc_time(r['at'])} from {format_rate(r['from'])} by {r['by']}"
+            times = f" ({r['raises']} raises)" if r.get("raises", 1) > 1 else ""
+            rows[-1] += f"   raised from the probe's {format_rate(r['from'])}{times}, last {utc_time(r['at'])} by {r['by']}"
     if load.contended:
         rows.append("  warning: measured under load, so MFU against it reads high: run `ministack flops peak "
                     "--reprobe` on a quiet machine")

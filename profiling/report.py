@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from profiling.hardware import format_rate
+from profiling.inputs import parse_number
 from profiling.laws import law_multiplier
 from profiling.ledger import Record, read_ledgers
 from profiling.parts import ATTENTION, LAW_PARTS, PARTS, WHY
@@ -99,8 +100,9 @@ def summarize(records: list[Record], peak_flops: float | None = None) -> tuple[d
     if peak_flops is not None:
         fastest = max(records, key=lambda r: r.flops_per_s)
         if fastest.flops_per_s > peak_flops:
-            raise ValueError(f"--peak-flops {peak_flops:.4g} is below what a record achieved "
-                             f"({fastest.flops_per_s:.4g} FLOP/s, {fastest.kind} {fastest.step or fastest.request_id}): not a peak")
+            which = f"step {fastest.step}" if fastest.step is not None else f"request {fastest.request_id}"
+            raise ValueError(f"--peak-flops {format_rate(peak_flops)} is below what a record achieved "
+                             f"({format_rate(fastest.flops_per_s)}, {fastest.kind} {which}): not a peak")
         records = [replace(r, peak_flops=peak_flops, peak_source="--peak-flops") for r in records]
     kinds: dict[str, Group] = {}
     shapes: dict[tuple[str, str], Group] = {}
@@ -120,10 +122,20 @@ def _e(x: float) -> str:
 
 
 def _peaks(g: Group) -> str:
-    """The peak(s) the MFU was computed against, with where each came from."""
-    parts = [f"{format_rate(f)} ({src or 'source not recorded'}" + (f"; {n} records)" if len(g.peaks) > 1 else ")")
-             for (f, src), n in sorted(g.peaks.items(), key=lambda kv: -kv[1]) if f > 0]
-    return "peak " + "; ".join(parts) if parts else "peak unknown"
+    """The peak(s) the MFU was computed against, with where each came from: all of them when
+    there are one or two, else the lowest and the highest (a run whose stale peak was raised
+    step after step)."""
+    peaks = sorted(((f, src, n) for (f, src), n in g.peaks.items() if f > 0), key=lambda p: p[0])
+    if not peaks:
+        return "peak unknown"
+
+    def one(p: tuple[float, str, int]) -> str:
+        count = f"; {p[2]} record{'s' if p[2] != 1 else ''}" if len(peaks) > 1 else ""
+        return f"{format_rate(p[0])} ({p[1] or 'source not recorded'}{count})"
+
+    if len(peaks) <= 2:
+        return "peak " + "; ".join(map(one, peaks))
+    return f"peaks from {one(peaks[0])} to {one(peaks[-1])}, {len(peaks) - 2} more between"
 
 
 def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipped: int) -> str:
@@ -138,11 +150,12 @@ def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipp
         out.append(f"MFU against {_peaks(g)}")
         out.append("")
         unit = g.unit
-        out.append(f"{'shape':<48} {unit + 's':>8} {'tokens/' + unit:>14} {'measured/' + unit:>16} "
+        width = max([34] + [len(s.shape) for s in shapes[kind]])  # shape labels are never cut
+        out.append(f"{'shape':<{width}} {unit + 's':>8} {'tokens/' + unit:>14} {'measured/' + unit:>16} "
                    f"{'law/' + unit:>12} {'ratio':>7} {'attn':>6}")
         for s in shapes[kind]:
             out.append(
-                f"{s.shape[:48]:<48} {s.n:>8} {s.tokens / s.n:>14.0f} {_e(s.measured / s.n):>16} "
+                f"{s.shape:<{width}} {s.n:>8} {s.tokens / s.n:>14.0f} {_e(s.measured / s.n):>16} "
                 f"{_e(s.law / s.n):>12} {s.ratio:>7.3f} {s.share(ATTENTION):>6.1%}"
             )
         out.append("")
@@ -200,7 +213,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ledgers", nargs="+", help="ledger JSONL files")
     p.add_argument("--plot", help="PNG path (default: the first ledger's name with .png)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--peak-flops", type=float, metavar="FLOP/S",
+    p.add_argument("--peak-flops", type=parse_number, metavar="FLOP/S",
                    help="re-derive every MFU against this peak (e.g. a corrected one from `flops peak`) "
                         "instead of the peak each record kept")
 

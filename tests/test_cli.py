@@ -50,7 +50,7 @@ def test_count_without_a_size_gives_the_parameters_and_names_the_size_flags():
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["params"] == 674_834_720 and "forward_flops" not in r  # DiT-XL/2's count (the DiT paper: 675 M)
-    assert "--image-size" in r["missing"]["flops"] and "--latent" in r["missing"]["flops"]
+    assert r["missing"] == {k: ["--image-size (or --height and --width, or --latent)"] for k in ("forward_flops", "train_flops")}
     text = ministack("flops", "count", "dit-xl-2").stdout
     assert "params 674,834,720" in text and "FLOPs not counted: give the input size (--image-size S" in text
 
@@ -93,3 +93,9 @@ def test_count_yaml_config_matches_exact_formula():
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["train_flops"] == sum(dit_flops(cfg, 1, 4, 8, 8, text_len=12, backward=True).values())
+
+
+def test_count_gives_the_dit_papers_gmacs_per_sample():
+    one = json.loads(ministack("flops", "count", "dit-s-2", "--image-size", "256", "--json").stdout)["forward_flops"]
+    text = ministack("flops", "count", "dit-s-2", "--image-size", "256", "--batch", "3").stdout
+    assert f"forward = {one / 2e9:.2f} GMACs per sample" in text  # 6.06 in the DiT paper's table

@@ -186,7 +186,7 @@ def test_fps_times_duration_and_epochs():
 # --- parsing -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, value", [("175e9", 175e9), ("1.5e12", 1.5e12), ("7B", 7e9), ("135m", 135e6),
-                                         ("2T", 2e12), ("10k", 1e4), (" 0.4 ", 0.4), ("96", 96.0)])
+                                         ("2T", 2e12), ("10k", 1e4), ("400G", 4e11), (" 0.4 ", 0.4), ("96", 96.0)])
 def test_parse_number(text, value):
     assert inputs.parse_number(text) == value
 

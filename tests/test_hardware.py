@@ -180,6 +180,12 @@ def test_an_achieved_rate_above_the_cpu_peak_raises_it_in_the_cache_once(cache, 
     assert again.flops == 80e9 and "raised" in again.source and "train step 4" in again.source
     raised = cpu.cpu_peak_entry()["raised"]["fp32"]
     assert raised["from"] == 50e9 and raised["to"] == 80e9 and raised["by"] == "train step 4"
+    # a stale peak is beaten step after step: each raise recorded, said once, the probe's figure kept
+    assert again.observe(90e9, by="train step 5") == 90e9 and again.observe(95e9, by="train step 6") == 95e9
+    assert capsys.readouterr().err.count("that peak was stale") == 1
+    raised = cpu.cpu_peak_entry()["raised"]["fp32"]
+    assert (raised["from"], raised["to"], raised["raises"], raised["by"]) == (50e9, 95e9, 3, "train step 6")
+    assert again.source.startswith("raised to 95 GFLOP/s by train step 6 (was 80 GFLOP/s, raised")
 
 
 def test_no_record_carries_an_mfu_above_100_percent(capsys):

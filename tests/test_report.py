@@ -86,5 +86,16 @@ def test_a_corrected_peak_re_derives_mfu_and_a_peak_below_the_records_is_refused
     kinds, _ = report.summarize(records, peak_flops=1000.0)
     assert kinds["train"].mfu == pytest.approx(1500 / 2000)
     assert kinds["train"].to_dict()["peaks"] == [{"flops": 1000.0, "source": "--peak-flops", "records": 2}]
-    with pytest.raises(ValueError, match="below what a record achieved .*900"):
+    with pytest.raises(ValueError, match=r"--peak-flops 800 FLOP/s is below what a record achieved \(900 FLOP/s, train step 1\)"):
         report.summarize(records, peak_flops=800.0)
+
+
+def test_a_peak_raised_step_after_step_is_summarized_lowest_to_highest():
+    peak = DevicePeak("cpu", "fp32", 100.0, "probe (test)")
+    records = [make_record("train", FlopCount({"dense": f}), {"dense": 10}, 5, 1.0, peak, "s", run="r", step=i)
+               for i, f in enumerate((50, 120, 150, 90, 200), start=1)]
+    kinds, shapes = report.summarize(records)
+    assert max(r.mfu for r in records) == 1.0
+    text = report.format_report(kinds, shapes, skipped=0)
+    assert ("MFU against peaks from 100 FLOP/s (probe (test); 1 record) to 200 FLOP/s (raised to 200 FLOP/s by "
+            "train step 5 (was 100 FLOP/s, probe (test)); 1 record), 2 more between") in text

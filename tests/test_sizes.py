@@ -178,6 +178,17 @@ def test_training_buckets_are_refused_at_config_load():
         load_train_config(None, ["model=configs/models/tiny-p4.yaml", "data.buckets=[[1,18,18]]"])
 
 
+def test_a_per_bucket_batch_size_for_a_bucket_not_trained_is_refused_at_config_load():
+    from train.config import load_train_config
+
+    # configs/train/tiny.yaml sets a batch size for 5x32x32; overriding the buckets leaves it stray
+    with pytest.raises(ValueError, match=r"bucket_batch_size names buckets not in data.buckets: 5x32x32 "
+                                         r"\(buckets: 1x16x16, 3x16x16\); drop it with --set data.bucket_batch_size=\{\}"):
+        load_train_config("configs/train/tiny.yaml", ["data.buckets=[[1,16,16],[3,16,16]]"])
+    cfg = load_train_config("configs/train/tiny.yaml", ["data.buckets=[[1,16,16],[3,16,16]]", "data.bucket_batch_size={}"])
+    assert cfg.data.bucket_batch_size == {}
+
+
 def _count_args(*argv: str) -> argparse.Namespace:
     from profiling import count
 

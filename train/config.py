@@ -82,11 +82,18 @@ class TrainConfig:
             rule = SizeRule(codec_compression(self.vae.init))
         else:
             rule = SizeRule(codec_compression(self.codec), load_config(self.model).patch_size)
-        for bucket in map(parse_bucket, self.data.buckets):
+        buckets = [parse_bucket(b) for b in self.data.buckets]
+        for bucket in buckets:
             try:
                 rule.latent(bucket)
             except SizeError as err:
                 raise SizeError(f"data.buckets: bucket {'x'.join(map(str, bucket))}: {err}", err.suggestions) from None
+        # a per-bucket batch size left from a YAML whose buckets an override replaced
+        stray = [str(b) for b in self.data.bucket_batch_size if parse_bucket(b) not in buckets]
+        if stray:
+            raise ValueError(f"data.bucket_batch_size names buckets not in data.buckets: {', '.join(stray)} "
+                             f"(buckets: {', '.join('x'.join(map(str, b)) for b in buckets)}); "
+                             f"drop it with --set data.bucket_batch_size={{}}")
 
 
 def _coerce(default, value):
