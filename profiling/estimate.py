@@ -32,8 +32,8 @@ import math
 
 from profiling import laws
 from profiling.hardware import accelerator, normalize_dtype
-from profiling.inputs import (dataset_tokens, parse_compression, parse_count, parse_number, parse_patch,
-                              parse_resolution)
+from profiling.inputs import (dataset_tokens, parse_compression, parse_count, parse_count_or_zero, parse_number,
+                              parse_patch, parse_resolution)
 
 SECONDS_PER_DAY = 86400.0
 HOURS_PER_DAY = 24.0  # the serving day when --hours-per-day is not given
@@ -386,7 +386,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     count(train, "--num-gpus", "GPUs training in parallel; gives wall-clock days")
     serve = parser.add_argument_group("serving (2·N·T per request)")
     count(serve, "--prompt-tokens", "input tokens per request")
-    count(serve, "--answer-tokens", "generated tokens per request")
+    number(serve, "--answer-tokens", "generated tokens per request (0: prefill only, e.g. scoring)", parse_count_or_zero)
     count(serve, "--requests-per-day", "requests to serve per day; gives GPUs needed")
     number(serve, "--hours-per-day", f"hours a day the fleet serves (default {HOURS_PER_DAY:g})")
     number(serve, "--utilization", "fraction of the dense peak achieved (e.g. 0.3); gives seconds per request")

@@ -39,6 +39,11 @@ def parse_count(text: str) -> int:
     return round(value)
 
 
+def parse_count_or_zero(text: str) -> int:
+    """parse_count that also takes 0 (a prefill-only request: scoring, embeddings, prompt logprobs)."""
+    return 0 if str(text).strip() == "0" else parse_count(text)
+
+
 def _positive_ints(text: str, sep: str, lengths: tuple[int, ...], expected: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.lower().split(sep))

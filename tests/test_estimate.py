@@ -498,3 +498,11 @@ def test_cli_nothing_computable_is_one_error_line():
     out = cli(*GPT3_DATA, "--gpu", "t4", "--dtype", "bf16", "--mfu", "0.4")
     assert out.returncode == 2
     assert out.stderr.strip() == "ministack flops estimate: error: T4 has no bf16 peak (known: fp32, fp16)"
+
+
+def test_a_prefill_only_request_has_zero_answer_tokens():
+    # scoring 100 prompt tokens with a 1B model: 2 * 1e9 * 100 = 2e11 FLOPs, nothing generated
+    p = plan("--params", "1B", "--prompt-tokens", "100", "--answer-tokens", "0")
+    assert p["answer_tokens"] == 0 and p["flops_per_request"] == 2e11
+    with pytest.raises(ValueError, match="positive number"):
+        estimate.parse_count("0")  # other counts stay positive
