@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from model.media import write_video
+from profiling.ledger import read_ledgers
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "data.size=48", "--set", "data.batch_size=2", "--set", "data.buckets=[[1,16,16],[3,16,16]]",
@@ -48,7 +49,6 @@ def _losses(run: Path) -> dict[int, float]:
 def _accounting(run: Path) -> dict:
     """What the run's 6ND report is computed from, wall times left out."""
     from profiling import report
-    from profiling.ledger import read_ledgers
 
     records = read_ledgers([run / "ledger.jsonl"]).records
     kinds, shapes = report.summarize(records)
@@ -80,6 +80,9 @@ def test_sigkill_mid_run_resumes_and_matches_the_uninterrupted_run(tmp_path):
     crashed.wait()
     killed_at = len(_losses(tmp_path / "crash"))
     assert 9 <= killed_at < 30  # it really died mid-run, with steps past its last checkpoint logged
+    # (a step's ledger record is written just before its log line: the kill may fall between them)
+    recorded = [r.step for r in read_ledgers([tmp_path / "crash" / "ledger.jsonl"]).records]
+    assert recorded == list(range(1, len(recorded) + 1)) and len(recorded) in (killed_at, killed_at + 1)
     assert not (tmp_path / "crash" / "pipeline").exists()
     resumed = _train(tmp_path / "crash", *model)
     out, _ = resumed.communicate(timeout=600)
@@ -97,8 +100,8 @@ def test_sigkill_mid_run_resumes_and_matches_the_uninterrupted_run(tmp_path):
     ledger = _jsonl(tmp_path / "crash" / "ledger.jsonl")
     assert all(r["attempt"] == (1 if r["step"] <= resumed_from else 2) for r in ledger)
     aside = _jsonl(tmp_path / "crash" / "ledger.superseded.jsonl")
-    assert [r["step"] for r in aside] == list(range(resumed_from + 1, killed_at + 1)) and {r["attempt"] for r in aside} == {1}
-    assert f"superseded: {killed_at - resumed_from} ledger record(s)" in out
+    assert [r["step"] for r in aside] == list(range(resumed_from + 1, len(recorded) + 1)) and {r["attempt"] for r in aside} == {1}
+    assert f"superseded: {len(recorded) - resumed_from} ledger record(s)" in out
 
     ledger = [json.loads(line) for line in (tmp_path / "full" / "ledger.jsonl").read_text().splitlines()]
     assert len(ledger) == 30 and all(r["measured_flops"] > 0 and r["parts"]["frozen"] > 0 for r in ledger)
