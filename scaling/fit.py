@@ -1,0 +1,184 @@
+"""Fitting scaling laws to (parameters N, tokens D, loss L) runs: Chinchilla's approaches 2 and 3.
+
+Approach 3 (Hoffmann et al. 2022, arXiv 2203.15556, eq. 2 and appendix D.2), as refit by
+Besiroglu et al. 2024 (arXiv 2404.10102): L(N, D) = E + A/N^α + B/D^β, fitted in log space as
+log L ≈ LSE(a − α·log N, b − β·log D, e) with A = e^a, B = e^b, E = e^e, minimising the Huber
+loss (δ = 1e-3) of the residuals **summed** over runs (the original averaged it, so L-BFGS
+stopped early), by L-BFGS from every point of a grid of starts, the best kept. Intervals come
+from nonparametric bootstrap refits (resampling runs with replacement), started from the fit.
+Under C ∝ N·D the compute-optimal allocation is N_opt ∝ C^a, D_opt ∝ C^b with
+a = β/(α+β), b = α/(α+β).
+
+Approach 2 (isoFLOP profiles): for each compute budget, loss against log N is fitted with a
+parabola whose minimum gives N_opt(C); then log N_opt = a·log C + const by least squares. A
+budget whose minimum falls outside its sampled sizes, or at the first or last of them, is
+flagged and left out (Approach 2 is biased when the grid is not centred on the optimum).
+
+Fitting is scipy's (L-BFGS-B, least squares); this module holds the model and the recipe.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import huber, logsumexp
+
+# Chinchilla's grid of starting points (appendix D.2): 5 x 5 x 5 x 6 x 6 = 4,500 starts.
+CHINCHILLA_GRID = {
+    "alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5), "e": np.arange(-1.0, 1.01, 0.5),
+    "a": np.arange(0.0, 25.1, 5.0), "b": np.arange(0.0, 25.1, 5.0),
+}
+HUBER_DELTA = 1e-3
+
+
+@dataclass
+class ParametricFit:
+    """L(N, D) = E + A/N^alpha + B/D^beta, with the compute-optimal exponents it implies."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    objective: float  # summed Huber loss of the log residuals at the optimum
+    runs: int
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (low, high), bootstrap
+
+    @property
+    def a(self) -> float:
+        """N_opt ∝ C^a under C ∝ N·D: β/(α+β)."""
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def b(self) -> float:
+        """D_opt ∝ C^b under C ∝ N·D: α/(α+β)."""
+        return self.alpha / (self.alpha + self.beta)
+
+    def loss(self, n: np.ndarray | float, d: np.ndarray | float) -> np.ndarray:
+        """Predicted loss at N parameters and D tokens (any broadcastable shapes)."""
+        return self.E + self.A / np.asarray(n, float) ** self.alpha + self.B / np.asarray(d, float) ** self.beta
+
+    def values(self) -> dict[str, float]:
+        return {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta, "a": self.a, "b": self.b}
+
+
+def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray) -> tuple[float, np.ndarray]:
+    """Summed Huber loss of log L − LSE(a − α log N, b − β log D, e), and its gradient in
+    theta = (a, b, e, alpha, beta)."""
+    a, b, e, alpha, beta = theta
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+    pred = logsumexp(terms, axis=0)
+    r = pred - log_l
+    value = huber(HUBER_DELTA, r).sum()
+    dr = np.clip(r, -HUBER_DELTA, HUBER_DELTA)  # d huber / d r
+    w = np.exp(terms - pred)  # softmax weights: d pred / d (each term)
+    grad = np.array([(dr * w[0]).sum(), (dr * w[1]).sum(), (dr * w[2]).sum(),
+                     -(dr * w[0] * log_n).sum(), -(dr * w[1] * log_d).sum()])
+    return value, grad
+
+
+def _minimize(start: np.ndarray, data: tuple[np.ndarray, ...]) -> tuple[float, np.ndarray]:
+    res = minimize(_objective, start, args=data, jac=True, method="L-BFGS-B")
+    return float(res.fun), res.x
+
+
+def fit_parametric(n, d, loss, grid: dict | None = None, bootstrap: int = 0, seed: int = 0,
+                   level: float = 0.8) -> ParametricFit:
+    """Approach 3 on runs of `n` parameters, `d` tokens and final `loss` (equal-length 1-D arrays,
+    at least 5 runs: five parameters are fitted).
+
+    `grid`: starting points per parameter (default CHINCHILLA_GRID; a coarser one is faster).
+    `bootstrap`: number of resampled refits for `level` (default 80 %) percentile intervals of
+    every parameter and of a, b. Raises ValueError on too few runs or non-positive values.
+    """
+    n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
+    if not (n.shape == d.shape == loss.shape) or n.ndim != 1:
+        raise ValueError("n, d and loss must be 1-D arrays of one length")
+    if len(n) < 5:
+        raise ValueError(f"a parametric fit has 5 parameters: it needs at least 5 runs, got {len(n)}")
+    if not (np.all(n > 0) and np.all(d > 0) and np.all(loss > 0) and np.all(np.isfinite([n, d, loss]))):
+        raise ValueError("n, d and loss must all be positive and finite")
+    log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
+    grid = grid or CHINCHILLA_GRID
+    starts = itertools.product(grid["a"], grid["b"], grid["e"], grid["alpha"], grid["beta"])
+    best = min((_minimize(np.array(s, float), (log_n, log_d, log_l)) for s in starts), key=lambda r: r[0])
+    fit = _to_fit(best, len(log_n))
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        samples = []
+        for _ in range(bootstrap):
+            idx = rng.integers(0, len(log_n), len(log_n))
+            samples.append(_to_fit(_minimize(best[1], (log_n[idx], log_d[idx], log_l[idx])), len(idx)).values())
+        lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+        fit.intervals = {k: (float(np.percentile([s[k] for s in samples], lo)), float(np.percentile([s[k] for s in samples], hi)))
+                         for k in samples[0]}
+    return fit
+
+
+def _to_fit(result: tuple[float, np.ndarray], runs: int) -> ParametricFit:
+    value, (a, b, e, alpha, beta) = result
+    return ParametricFit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha),
+                         beta=float(beta), objective=value, runs=runs)
+
+
+@dataclass
+class IsoFlopProfile:
+    """One budget's parabola in log N: its minimum and whether it can be trusted."""
+
+    budget: float  # FLOPs
+    sizes: list[float]  # N of the runs at this budget
+    n_opt: float | None  # argmin of the parabola (None when it opens downward)
+    loss_opt: float | None
+    flag: str = ""  # why the budget is left out ("" when it is used)
+
+
+@dataclass
+class IsoFlopFit:
+    """Approach 2: N_opt(C) = k·C^a over the budgets whose minimum lies inside their grid."""
+
+    profiles: list[IsoFlopProfile]
+    a: float | None  # exponent of N_opt ∝ C^a; None with fewer than 2 usable budgets
+    k: float | None
+
+    def n_opt(self, budget: float) -> float:
+        """Compute-optimal N at `budget` FLOPs from the fitted power law."""
+        if self.a is None:
+            raise ValueError("fewer than 2 budgets had an interior minimum: no power law was fitted")
+        return self.k * budget ** self.a
+
+
+def fit_isoflop(budgets, n, loss) -> IsoFlopFit:
+    """Approach 2 on runs of compute `budgets` (FLOPs; runs of one budget share the same value),
+    `n` parameters and final `loss`. A budget needs 3 or more sizes for its parabola; its minimum
+    must fall strictly inside its sizes, and its best measured run must not be the smallest or
+    the largest, for it to be used."""
+    budgets, n, loss = (np.asarray(x, float) for x in (budgets, n, loss))
+    profiles = []
+    for c in sorted(set(budgets.tolist())):
+        at = budgets == c
+        sizes, losses = n[at], loss[at]
+        order = np.argsort(sizes)
+        sizes, losses = sizes[order], losses[order]
+        if len(sizes) < 3:
+            profiles.append(IsoFlopProfile(c, sizes.tolist(), None, None, f"{len(sizes)} sizes: a parabola needs 3"))
+            continue
+        curve = np.polyfit(np.log(sizes), losses, 2)
+        if curve[0] <= 0:
+            profiles.append(IsoFlopProfile(c, sizes.tolist(), None, None, "loss vs log N is not convex here"))
+            continue
+        x_opt = -curve[1] / (2 * curve[0])
+        n_opt, loss_opt = float(np.exp(x_opt)), float(np.polyval(curve, x_opt))
+        flag = ""
+        if not sizes[0] < n_opt < sizes[-1]:
+            flag = "minimum outside the sizes tried: extend the grid"
+        elif np.argmin(losses) in (0, len(losses) - 1):  # the best run measured is the smallest or largest
+            flag = "minimum at the edge of the sizes tried: centre the grid on it"
+        profiles.append(IsoFlopProfile(c, sizes.tolist(), n_opt, loss_opt, flag))
+    used = [p for p in profiles if not p.flag]
+    if len(used) < 2:
+        return IsoFlopFit(profiles, None, None)
+    slope, intercept = np.polyfit(np.log([p.budget for p in used]), np.log([p.n_opt for p in used]), 1)
+    return IsoFlopFit(profiles, float(slope), float(np.exp(intercept)))

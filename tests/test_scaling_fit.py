@@ -1,0 +1,73 @@
+"""Scaling-law fits recover known laws from synthetic runs (scaling.fit)."""
+
+import numpy as np
+import pytest
+
+from scaling.fit import fit_isoflop, fit_parametric
+
+# Epoch's refit of Chinchilla (Besiroglu et al. 2024, table 1): E 1.82, A 482.01, B 2085.43, alpha 0.3478, beta 0.3658
+TRUE = {"E": 1.82, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
+COARSE = {"alpha": [0.0, 0.5, 1.0], "beta": [0.0, 0.5, 1.0], "e": [0.0, 1.0], "a": [0.0, 5.0, 10.0], "b": [0.0, 5.0, 10.0]}
+
+
+def law(n, d):
+    return TRUE["E"] + TRUE["A"] / n ** TRUE["alpha"] + TRUE["B"] / d ** TRUE["beta"]
+
+
+def isoflop_runs(budgets, per_budget=7, noise=0.0, seed=0):
+    """Runs at each budget C = 6·N·D, sizes log-spaced around the law's optimum."""
+    rng = np.random.default_rng(seed)
+    a = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
+    g = (TRUE["alpha"] * TRUE["A"] / (TRUE["beta"] * TRUE["B"])) ** (1 / (TRUE["alpha"] + TRUE["beta"]))
+    rows = []
+    for c in budgets:
+        n_opt = g * (c / 6) ** a
+        for n in n_opt * np.logspace(-0.75, 0.75, per_budget):
+            d = c / (6 * n)
+            rows.append((c, n, d, law(n, d) * np.exp(noise * rng.standard_normal())))
+    return np.array(rows).T
+
+
+def test_parametric_fit_recovers_the_law_and_its_optimal_split():
+    c, n, d, loss = isoflop_runs([1e18, 1e19, 1e20, 1e21, 1e22], noise=0.0)
+    fit = fit_parametric(n, d, loss, grid=COARSE)
+    assert fit.alpha == pytest.approx(TRUE["alpha"], rel=0.02) and fit.beta == pytest.approx(TRUE["beta"], rel=0.02)
+    assert fit.E == pytest.approx(TRUE["E"], rel=0.02)
+    assert fit.a == pytest.approx(0.3658 / (0.3478 + 0.3658), rel=0.02)  # 0.5126: N_opt ∝ C^a
+    assert fit.loss(n, d) == pytest.approx(loss, rel=1e-3)
+
+
+def test_bootstrap_intervals_hold_the_fit_and_widen_with_noise():
+    widths = []
+    for noise in (0.002, 0.02):
+        c, n, d, loss = isoflop_runs([1e18, 1e19, 1e20, 1e21, 1e22], noise=noise, seed=1)
+        fit = fit_parametric(n, d, loss, grid=COARSE, bootstrap=60, seed=0, level=0.95)
+        for key in ("alpha", "beta", "E", "a"):
+            assert fit.intervals[key][0] <= fit.values()[key] <= fit.intervals[key][1]
+        widths.append(fit.intervals["a"][1] - fit.intervals["a"][0])
+    assert widths[1] > 3 * widths[0]  # ten times the noise: a much wider interval for the optimal split
+
+
+def test_isoflop_profiles_give_the_exponent_and_flag_off_grid_budgets():
+    c, n, d, loss = isoflop_runs([1e18, 1e19, 1e20, 1e21])
+    # a budget whose sizes all lie below its optimum: its minimum is at the edge of what was tried
+    extra_c = 1e22
+    sizes = np.logspace(8, 9, 5)
+    c = np.concatenate([c, np.full(5, extra_c)])
+    n = np.concatenate([n, sizes])
+    loss = np.concatenate([loss, law(sizes, extra_c / (6 * sizes))])
+    fit = fit_isoflop(c, n, loss)
+    flags = {p.budget: p.flag for p in fit.profiles}
+    assert flags[extra_c] and not any(flags[b] for b in (1e18, 1e19, 1e20, 1e21))
+    assert fit.a == pytest.approx(0.5126, abs=0.02)  # the parabola approximates the exact profile
+
+
+def test_inputs_are_checked():
+    with pytest.raises(ValueError, match="at least 5 runs"):
+        fit_parametric([1e6] * 4, [1e9] * 4, [3.0] * 4)
+    with pytest.raises(ValueError, match="positive"):
+        fit_parametric([1e6, 2e6, 3e6, 4e6, -1], [1e9] * 5, [3.0] * 5)
+    fit = fit_isoflop([1e18, 1e18], [1e6, 2e6], [3.0, 2.9])
+    assert fit.a is None and "parabola needs 3" in fit.profiles[0].flag
+    with pytest.raises(ValueError, match="fewer than 2 budgets"):
+        fit.n_opt(1e20)
