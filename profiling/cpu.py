@@ -91,7 +91,8 @@ def cpu_name() -> str:
     return f"{_cpuinfo()[0]} ({torch.get_num_threads()} threads)"
 
 
-def _cache_path() -> Path:
+def cache_path() -> Path:
+    """This machine's cache file: one per CPU model + flags + torch version."""
     import torch
 
     name, flags = _cpuinfo()
@@ -102,13 +103,13 @@ def _cache_path() -> Path:
 
 def _load_cache() -> dict:
     try:
-        return json.loads(_cache_path().read_text())
+        return json.loads(cache_path().read_text())
     except (OSError, ValueError):
         return {}
 
 
 def _store_cache(update: dict) -> None:
-    path = _cache_path()
+    path = cache_path()
     data = {**_load_cache(), **update}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -166,7 +167,7 @@ def _say_once(key: str, text: str) -> None:
 def _probe_lock():
     """One probe at a time per machine: ranks that start together must not probe together (each
     would see the other as contention) nor race to write the cache."""
-    path = _cache_path().with_suffix(".lock")
+    path = cache_path().with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -228,7 +229,7 @@ def cpu_peak_entry(reprobe: bool = False) -> dict:
     import torch
 
     threads = torch.get_num_threads()
-    key, memo = f"peaks@{threads}", (str(_cache_path()), threads)
+    key, memo = f"peaks@{threads}", (str(cache_path()), threads)
     entry = _peaks.get(memo) or _load_cache().get(key)
     contended = entry is not None and entry.get("load", {}).get("contended", True)
     stale = contended and (time.time() - entry.get("measured_at", 0) > CONTENDED_RETRY_S or _quiet_now())
@@ -243,7 +244,7 @@ def cpu_peak_entry(reprobe: bool = False) -> dict:
                 _store_cache({key: entry})
     _peaks[memo] = entry
     if entry.get("load", {}).get("contended", True):
-        load = Load(**{k: v for k, v in entry["load"].items() if k != "contended"})
+        load = Load.from_dict(entry["load"])
         _say_once("contended", f"this CPU's matmul peak was measured while the machine was {load.describe()}: "
                                "MFU against it may read high; `ministack flops peak --reprobe` on a quiet machine fixes it")
     return entry
@@ -260,7 +261,7 @@ def raise_peak(dtype: str, achieved: float, by: str) -> float:
     import torch
 
     threads = torch.get_num_threads()
-    key, memo = f"peaks@{threads}", (str(_cache_path()), threads)
+    key, memo = f"peaks@{threads}", (str(cache_path()), threads)
     current = cpu_peak_entry()  # outside the lock: it may probe, which takes the lock itself
     with _probe_lock():
         entry = dict(_load_cache().get(key) or current)

@@ -126,13 +126,18 @@ class DevicePeak:
         else:
             self.flops = achieved
         self.raises += 1
-        self.source = f"raised to {format_rate(self.flops)} by {by} (was {self.origin})"
+        self.source = raised_source(self.flops, by, self.origin)
         if self.raises == 1:
             print(f"ministack: {by} achieved {format_rate(achieved)}, above the {self.dtype} peak of {self.device} "
                   f"({format_rate(old)}): that peak was stale; raised to {format_rate(self.flops)}"
                   f"{' (cached)' if self.cpu else ''}, and again whenever a record beats it (each record keeps "
                   "the peak it was computed against)", file=sys.stderr)
         return self.flops
+
+
+def raised_source(flops: float, by: str, was: str) -> str:
+    """How a raised peak names its source: 'raised to 95 GFLOP/s by train step 6 (was 50 GFLOP/s, probe ...)'."""
+    return f"raised to {format_rate(flops)} by {by} (was {was})"
 
 
 def format_rate(flops_per_s: float) -> str:
@@ -144,6 +149,7 @@ def format_rate(flops_per_s: float) -> str:
 
 
 def utc_time(unix: float) -> str:
+    """'2026-11-30 20:14 UTC' for a unix time."""
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(unix))
 
 
@@ -165,11 +171,11 @@ def device_peak(device: object, dtype: object) -> DevicePeak:
 
     entry = cpu_peak_entry()
     peak = entry.get(dtype, entry["fp32"])
-    load = Load(**{k: v for k, v in entry["load"].items() if k != "contended"})
+    load = Load.from_dict(entry["load"])
     source = f"probe {utc_time(entry['measured_at'])}, {load.describe()}"
     if dtype in entry.get("raised", {}):
         raised = entry["raised"][dtype]
-        source = f"raised {utc_time(raised['at'])} by {raised['by']} (was {source})"
+        source = raised_source(raised["to"], f"{raised['by']} at {utc_time(raised['at'])}", f"{format_rate(raised['from'])}, {source}")
     return DevicePeak(cpu_name(), dtype, peak, source, cpu=True)
 
 

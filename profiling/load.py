@@ -80,6 +80,11 @@ class Load:
         verdict = "contended" if self.contended else "quiet"
         return f"{verdict} (others {self.others_cores:.2f} cores{': ' + names if names else ''})"
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Load:
+        """The inverse of to_dict (its `contended` is derived, not stored)."""
+        return cls(**{k: v for k, v in data.items() if k != "contended"})
+
     def to_dict(self) -> dict:
         """JSON-ready (what the peak cache stores): load_avg as a list, the verdict included."""
         d = asdict(self) | {"contended": self.contended}

@@ -17,7 +17,7 @@ from profiling.hardware import format_rate, utc_time
 def _cpu_rows(entry: dict) -> list[str]:
     from profiling.load import Load
 
-    load = Load(**{k: v for k, v in entry["load"].items() if k != "contended"})
+    load = Load.from_dict(entry["load"])
     avg = f"; load average {load.load_avg[0]:.2f}" if load.load_avg else ""
     rows = [f"measured {utc_time(entry['measured_at'])}, {load.describe()}{avg}"]
     for dtype in ("fp32", "bf16"):
@@ -40,11 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from profiling.cpu import _cache_path, cpu_name, cpu_peak_entry
+    from profiling.cpu import cache_path, cpu_name, cpu_peak_entry
     from profiling.hardware import accelerator
 
     entry = cpu_peak_entry(reprobe=args.reprobe)
-    out = {"cpu": {"name": cpu_name(), "threads": torch.get_num_threads(), "cache": str(_cache_path()), **entry}}
+    out = {"cpu": {"name": cpu_name(), "threads": torch.get_num_threads(), "cache": str(cache_path()), **entry}}
     if torch.cuda.is_available():
         out["cuda"] = []
         for i in range(torch.cuda.device_count()):
