@@ -29,10 +29,11 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.api.metrics import ServingMetrics
+from serve.api.outputs import batch_usage, chat_logprobs, completion_logprobs, prompt_logprob_entries
 from serve.api.protocol import (
     ApiError, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatDelta, ChatLogprobs, ChatMessage, ChatResponseMessage, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, DetokenizeRequest, Flops, TokenizeRequest, TokenLogprob, TopLogprob, Usage, field_name,
+    ChatDelta, ChatMessage, ChatResponseMessage, CompletionChoice, CompletionRequest,
+    CompletionResponse, DetokenizeRequest, TokenizeRequest, Usage, field_name,
     new_id, template_messages,
 )
 from serve.async_engine import Backend, Overloaded
@@ -198,10 +199,10 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
                     if changed:
                         yield chunk(changed)
                 if body.include_usage:
-                    yield chunk([]).model_copy(update={"usage": _usage(list(finals.values()))})
+                    yield chunk([]).model_copy(update={"usage": batch_usage(list(finals.values()))})
             return _sse(events(), include_usage=body.include_usage)
         finals = await _until_disconnect(request, _finals(outputs))
-        return JSONResponse(whole(sorted((c for f in finals for c in f.outputs), key=lambda c: c.index), _usage(finals)).model_dump())
+        return JSONResponse(whole(sorted((c for f in finals for c in f.outputs), key=lambda c: c.index), batch_usage(finals)).model_dump())
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -228,14 +229,14 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
             lp = None
             if want_logprobs:
                 prompt = prompt_entries.get(i) if prefix and prompt_logprobs is not None else None
-                lp = _completion_logprobs(c, streamed, prompt, len(echoed[i]) if prompt_logprobs is not None else 0)
+                lp = completion_logprobs(c, streamed, prompt, len(echoed[i]) if prompt_logprobs is not None else 0)
             return CompletionChoice(index=c.index, text=prefix + (c.new_text if streamed else c.text), finish_reason=c.finish_reason, logprobs=lp)
 
         async def noting_prompt_logprobs(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
             async with aclosing(outputs):
                 async for out in outputs:
                     if out.prompt_logprobs is not None and out.outputs:
-                        prompt_entries.setdefault(out.outputs[0].index // body.n, _prompt_entries(out, backend.tokenizer))
+                        prompt_entries.setdefault(out.outputs[0].index // body.n, prompt_logprob_entries(out, backend.tokenizer))
                     yield out
 
         opening = None
@@ -259,11 +260,11 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
 
         def delta(c: CompletionOutput) -> ChatChunkChoice:
             return ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.new_text or None), finish_reason=c.finish_reason,
-                                   logprobs=_chat_logprobs(c, streamed=True) if want_logprobs else None)
+                                   logprobs=chat_logprobs(c, streamed=True) if want_logprobs else None)
 
         def choice(c: CompletionOutput) -> ChatChoice:
             return ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
-                              logprobs=_chat_logprobs(c, streamed=False) if want_logprobs else None)
+                              logprobs=chat_logprobs(c, streamed=False) if want_logprobs else None)
 
         opening = [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)]
         return await respond(
@@ -363,56 +364,3 @@ def _sse(events: AsyncIterator[BaseModel], include_usage: bool) -> StreamingResp
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def _usage(finals: list[RequestOutput]) -> Usage:
-    """Token counts and FLOPs, summed over the requests of a batch."""
-    prompt = sum(len(f.prompt_token_ids) for f in finals)
-    completion = sum(len(c.token_ids) for f in finals for c in f.outputs)
-    by_part: dict[str, int] = {}
-    for f in finals:
-        for part, flops in f.metrics.flops_by_part.items():
-            by_part[part] = by_part.get(part, 0) + flops
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details={"cached_tokens": sum(f.metrics.cached_prompt_tokens for f in finals)},
-                 flops=Flops(measured=sum(f.metrics.measured_flops for f in finals), law_2NT=sum(f.metrics.law_flops for f in finals),
-                             by_part=by_part))
-
-
-def _prompt_entries(out: RequestOutput, tokenizer) -> list[dict]:
-    """The prompt's per-token entries, its first token (no logprob: nothing predicts it) included."""
-    first = {"token_id": out.prompt_token_ids[0], "token": tokenizer.decode([out.prompt_token_ids[0]]), "logprob": None, "top": None}
-    return [first] + out.prompt_logprobs[1:]
-
-
-def _completion_logprobs(c: CompletionOutput, streamed: bool, prompt: list[dict] | None = None, echo_len: int = 0) -> CompletionLogprobs:
-    """The legacy completions format, for this step's tokens (`streamed`) or all of them,
-    after the echoed prompt's tokens when given; text offsets count the echoed text (`echo_len`)."""
-    entries = (prompt or []) + _logprob_entries(c, streamed)
-    offset = echo_len + len(c.text) - len(c.new_text) if streamed and not prompt else 0
-    offsets = []
-    for e in entries:
-        offsets.append(offset)
-        offset += len(e["token"])
-    return CompletionLogprobs(
-        tokens=[e["token"] for e in entries],
-        token_logprobs=[e["logprob"] for e in entries],
-        top_logprobs=[None if e["top"] is None else {t["token"]: t["logprob"] for t in e["top"]} for e in entries],
-        text_offset=offsets,
-    )
-
-
-def _chat_logprobs(c: CompletionOutput, streamed: bool) -> ChatLogprobs:
-    """The chat format, for this step's tokens (`streamed`) or all of them."""
-    entries = _logprob_entries(c, streamed)
-    return ChatLogprobs(content=[
-        TokenLogprob(token=e["token"], logprob=e["logprob"], bytes=list(e["token"].encode()),
-                     top_logprobs=[TopLogprob(token=t["token"], logprob=t["logprob"], bytes=list(t["token"].encode())) for t in e["top"]])
-        for e in entries
-    ])
-
-
-def _logprob_entries(c: CompletionOutput, streamed: bool) -> list[dict]:
-    """c.logprobs holds one entry per generated token so far; a stream chunk carries this step's."""
-    entries = c.logprobs or []
-    return entries[len(entries) - len(c.new_token_ids):] if streamed else entries
