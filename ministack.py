@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flops": ("profiling.cli", "compute accounting: count, estimate, report, demo"),
     "train": ("train.cli", "train the DiT (accelerate + DeepSpeed) under the FLOPs profiler"),
     "sample": ("model.sample", "text/image/video -> video with a trained pipeline: mp4, gif, PNG grid"),
+    "scaling": ("scaling.cli", "isoFLOP sweeps of the DiT; scaling-law fits under every way of counting compute"),
     "serve": ("serve.cli", "OpenAI-compatible text inference server (own engine or vLLM); needle harness"),
 }
 

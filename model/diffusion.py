@@ -72,9 +72,11 @@ def training_loss(
     generator: torch.Generator | None = None,
     timestep: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    per_sample: bool = False,
     **model_kwargs,
 ) -> torch.Tensor:
-    """Mean-squared error of the model's prediction on x0 noised at random (or given) timesteps.
+    """Mean-squared error of the model's prediction on x0 noised at random (or given) timesteps:
+    a scalar, or with `per_sample` one mean per sample, shape [B].
 
     Pass `timestep` and `noise` to evaluate at fixed points (the validation loss that scaling
     fits use must not move with the sampling of t).
@@ -96,4 +98,6 @@ def training_loss(
     else:
         raise ValueError(f"unknown diffusion kind {kind!r} (expected one of {KINDS})")
     out = prediction(model(xt, timestep, **model_kwargs), x0.shape[1])
+    if per_sample:
+        return (out.float() - target.float()).square().flatten(1).mean(1)
     return F.mse_loss(out.float(), target.float())

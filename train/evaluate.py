@@ -22,20 +22,31 @@ VAL_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 @torch.no_grad()
+def validation_losses(model, codec, text_encoder, clips: list, kind: str, seed: int = 0, batch: int = 64) -> np.ndarray:
+    """Each clip's loss, shape [len(clips)], averaged over VAL_TIMESTEPS with fixed per-clip noise
+    (clips of one shape, `batch` at a time). Their mean is the validation loss, their standard
+    deviation / sqrt(n) its standard error."""
+    per_clip = []
+    for start in range(0, len(clips), batch):
+        chunk = clips[start:start + batch]
+        latents = codec.encode(torch.stack([c.video for c in chunk]).to(codec.shift.device))
+        kwargs = {}
+        if text_encoder is not None:
+            context, mask = text_encoder([c.caption for c in chunk], pad_to_max_length=True)
+            kwargs = {"context": context, "context_mask": mask}
+        seeds = [seed * 100_003 + i for i in range(start, start + len(chunk))]
+        _, noise = per_sample_noise(latents.shape, kind, seeds, latents.device)
+        losses = []
+        for t in VAL_TIMESTEPS:
+            timestep = torch.full((len(chunk),), t * 1.0 if kind == "flow" else min(t, TRAIN_STEPS - 1), device=latents.device)
+            losses.append(training_loss(model, latents, kind, timestep=timestep, noise=noise, per_sample=True, **kwargs))
+        per_clip.append(torch.stack(losses).mean(0).cpu())
+    return torch.cat(per_clip).numpy().astype(np.float64)
+
+
 def validation_loss(model, codec, text_encoder, clips: list, kind: str, seed: int = 0) -> float:
     """Mean loss over `clips` (one shape) at each of VAL_TIMESTEPS, with per-clip fixed noise."""
-    video = torch.stack([c.video for c in clips])
-    latents = codec.encode(video.to(codec.shift.device))
-    kwargs = {}
-    if text_encoder is not None:
-        context, mask = text_encoder([c.caption for c in clips], pad_to_max_length=True)
-        kwargs = {"context": context, "context_mask": mask}
-    _, noise = per_sample_noise(latents.shape, kind, [seed * 100_003 + i for i in range(len(clips))], latents.device)
-    losses = []
-    for t in VAL_TIMESTEPS:
-        timestep = torch.full((len(clips),), t * 1.0 if kind == "flow" else min(t, TRAIN_STEPS - 1), device=latents.device)
-        losses.append(training_loss(model, latents, kind, timestep=timestep, noise=noise, **kwargs).item())
-    return float(np.mean(losses))
+    return float(validation_losses(model, codec, text_encoder, clips, kind, seed).mean())
 
 
 def alignment_prompts(n: int, frames: int, seed: int = 0) -> list[dict]:
@@ -64,18 +75,19 @@ def text_alignment(pipeline, n: int = 8, frames: int = 5, height: int = 32, widt
 
 
 def evaluate_run(pipeline, cfg, step: int, run: Path) -> dict:
-    """Both measures for a run's EMA pipeline at `step`, on held-out procedural clips (seed + 1) of
-    the run's first multi-frame bucket; appended to RUN/eval.jsonl, grid at RUN/samples/."""
+    """Both measures for a run's EMA pipeline at `step`, on `cfg.val_clips` held-out procedural
+    clips (seed + 1) of the run's largest multi-frame bucket (validation loss with its standard error); appended to RUN/eval.jsonl, grid at RUN/samples/."""
     import json
 
     from train.data.buckets import parse_bucket
 
     buckets = [parse_bucket(b) for b in cfg.data.buckets]
     frames, height, width = max(buckets, key=lambda b: (b[0] > 1, b[1] * b[2]))
-    held_out = ProceduralVideos(8, seed=cfg.data.seed + 1, resolutions=((height, width),), frames=(frames,))
+    held_out = ProceduralVideos(cfg.val_clips, seed=cfg.data.seed + 1, resolutions=((height, width),), frames=(frames,))
     clips = [held_out[i] for i in range(len(held_out))]
-    result = {"step": step, "val_loss": validation_loss(pipeline.transformer, pipeline.codec, pipeline.text_encoder,
-                                                        clips, cfg.diffusion)}
+    losses = validation_losses(pipeline.transformer, pipeline.codec, pipeline.text_encoder, clips, cfg.diffusion)
+    se = float(losses.std(ddof=1) / np.sqrt(len(losses))) if len(losses) > 1 else float("nan")
+    result = {"step": step, "val_loss": float(losses.mean()), "val_loss_se": se, "val_clips": len(losses)}
     if pipeline.text_encoder is not None:
         result |= text_alignment(pipeline, n=cfg.eval_prompts, frames=frames, height=height, width=width,
                                  steps=cfg.eval_sampling_steps, grid_path=run / "samples" / f"step-{step:07d}.png")
