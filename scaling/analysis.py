@@ -116,7 +116,7 @@ def inference_optimum(a3: dict, at: float, tokens: float, sampling_steps: int) -
     the measured count under the measured definition; a forward is a third of forward + backward).
 
     Minimises 6·N·D(N) + 2·N·S·T over N on a log grid, D(N) solving L(N, D) = L*(at)."""
-    law = ParametricFit(E=a3["E"], A=a3["A"], B=a3["B"], alpha=a3["alpha"], beta=a3["beta"], objective=0.0, runs=0)
+    law = ParametricFit.from_values(a3)
     n_opt, d_opt = law.optimum(at)
     target = float(law.loss(n_opt, d_opt))
     infer = 2 * sampling_steps * tokens

@@ -12,11 +12,6 @@ import numpy as np
 from scaling.fit import ParametricFit
 
 
-def _law(a3: dict) -> ParametricFit:
-    return ParametricFit(E=a3["E"], A=a3["A"], B=a3["B"], alpha=a3["alpha"], beta=a3["beta"], objective=a3["objective"],
-                         runs=a3["runs"])
-
-
 def plot_fits(results: list[dict], analysis: dict, path: str | Path) -> Path:
     """Write the four panels for `analysis` (scaling.analysis.analyze of `results`) to `path`."""
     import matplotlib
@@ -27,7 +22,7 @@ def plot_fits(results: list[dict], analysis: dict, path: str | Path) -> Path:
     definition = analysis["definition"]
     runs = [r for r in results if r.get("lr_multiplier", 1) == 1]
     a3, a2, a1 = (analysis["fit"][k] for k in ("approach3", "approach2", "approach1"))
-    law = _law(a3)
+    law = ParametricFit.from_values(a3)
     n_of = {id(r): r["flops"][definition] / (6 * r["tokens"]) for r in runs}
     c_of = {id(r): r["flops"][definition] for r in runs}
     fig, ((ax_c, ax_iso), (ax_opt, ax_res)) = plt.subplots(2, 2, figsize=(12, 9))
