@@ -60,19 +60,26 @@ def approach1(runs: list[dict], definition: str) -> dict:
     return {"a": a, "b": None if a is None else 1 - a, "best": best}
 
 
-def approach2(runs: list[dict], definition: str) -> dict:
-    """IsoFLOP parabolas per budget; N_opt ∝ C^a over the budgets whose minimum is inside their grid."""
+def approach2(runs: list[dict], definition: str, bootstrap: int = 0, seed: int = 0) -> dict:
+    """IsoFLOP parabolas per budget; N_opt ∝ C^a over the budgets whose minimum is inside their
+    grid; with `bootstrap`, residual-bootstrap intervals of a, b, and N_opt and tokens per
+    parameter at the largest usable budget (scaling.fit.fit_isoflop)."""
     groups = _groups(runs)
     budget_of = {key: math.exp(np.mean([math.log(x["flops"][definition]) for x in g])) for key, g in groups.items()}
-    iso = fit_isoflop([budget_of[r["budget"]] for r in runs], [_n_eff(r, definition) for r in runs], [r["loss"] for r in runs])
+    iso = fit_isoflop([budget_of[r["budget"]] for r in runs], [_n_eff(r, definition) for r in runs], [r["loss"] for r in runs],
+                      bootstrap=bootstrap, level=LEVEL, seed=seed)
     profiles = [{"budget": p.budget, "sizes": p.sizes, "n_opt": p.n_opt, "loss_opt": p.loss_opt, "flag": p.flag}
                 for p in iso.profiles]
-    out = {"a": iso.a, "b": None if iso.a is None else 1 - iso.a, "k": iso.k, "profiles": profiles}
+    out = {"a": iso.a, "b": None if iso.a is None else 1 - iso.a, "k": iso.k, "profiles": profiles, "intervals": {},
+           "level": LEVEL, "bootstrap": iso.bootstrap, "bootstrap_failed": iso.bootstrap_failed}
     used = [p for p in iso.profiles if not p.flag]
     if used:
         top = max(used, key=lambda p: p.budget)
-        out["tokens_per_param"] = top.budget / (6 * top.n_opt**2)
-        out["at"] = top.budget
+        out["n_opt"], out["tokens_per_param"], out["at"] = top.n_opt, top.budget / (6 * top.n_opt**2), top.budget
+    if iso.intervals:
+        (a_lo, a_hi), (n_lo, n_hi) = iso.intervals["a"], iso.intervals["n_opt"]
+        out["intervals"] = {"a": (a_lo, a_hi), "b": (1 - a_hi, 1 - a_lo), "n_opt": (n_lo, n_hi),
+                            "tokens_per_param": (out["at"] / (6 * n_hi**2), out["at"] / (6 * n_lo**2))}
     return out
 
 
@@ -165,7 +172,7 @@ def analyze(results: list[dict], primary: str | None = None, bootstrap: int = 10
 
     out = {"definition": primary, "runs": len(runs), "budgets": len(_groups(runs)), "at": at_for(primary),
            "fit": {"approach3": approach3(runs, primary, at_for(primary), bootstrap, seed),
-                   "approach2": approach2(runs, primary), "approach1": approach1(runs, primary)},
+                   "approach2": approach2(runs, primary, bootstrap, seed), "approach1": approach1(runs, primary)},
            "holdout": holdout(runs, primary, seed), "ablation": {}, "lr_check": lr_check(results)}
     if inference_tokens:
         out["inference"] = inference_optimum(out["fit"]["approach3"], out["at"], inference_tokens, sampling_steps)

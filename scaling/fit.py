@@ -152,11 +152,15 @@ def fit_parametric(n, d, loss, grid: dict | None = None, bootstrap: int = 0, see
             if refit.success and all(np.isfinite(v) for v in values.values()):
                 samples.append(values)
         fit.bootstrap, fit.bootstrap_failed = bootstrap, bootstrap - len(samples)
-        lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-        if samples:
-            fit.intervals = {k: (float(np.percentile([s[k] for s in samples], lo)),
-                                 float(np.percentile([s[k] for s in samples], hi))) for k in samples[0]}
+        fit.intervals = _percentiles(samples, level)
     return fit
+
+
+def _percentiles(samples: list[dict[str, float]], level: float) -> dict[str, tuple[float, float]]:
+    """Central `level` percentile interval of each key over the bootstrap samples."""
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return {k: (float(np.percentile([s[k] for s in samples], lo)), float(np.percentile([s[k] for s in samples], hi)))
+            for k in (samples[0] if samples else {})}
 
 
 def _to_fit(result, runs: int, at: float | None = None) -> ParametricFit:
@@ -184,6 +188,10 @@ class IsoFlopFit:
     profiles: list[IsoFlopProfile]
     a: float | None  # exponent of N_opt ∝ C^a; None with fewer than 2 usable budgets
     k: float | None
+    # residual-bootstrap intervals of a and of N_opt at the largest usable budget ("n_opt")
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    bootstrap: int = 0
+    bootstrap_failed: int = 0  # refits with fewer than 2 usable budgets, or without the largest
 
     def n_opt(self, budget: float) -> float:
         """Compute-optimal N at `budget` FLOPs from the fitted power law."""
@@ -192,12 +200,7 @@ class IsoFlopFit:
         return self.k * budget ** self.a
 
 
-def fit_isoflop(budgets, n, loss) -> IsoFlopFit:
-    """Approach 2 on runs of compute `budgets` (FLOPs; runs of one budget share the same value),
-    `n` parameters and final `loss`. A budget needs 3 or more sizes for its parabola; its minimum
-    must fall strictly inside its sizes, and its best measured run must not be the smallest or
-    the largest, for it to be used."""
-    budgets, n, loss = (np.asarray(x, float) for x in (budgets, n, loss))
+def _profiles(budgets: np.ndarray, n: np.ndarray, loss: np.ndarray) -> list[IsoFlopProfile]:
     profiles = []
     for c in sorted(set(budgets.tolist())):
         at = budgets == c
@@ -219,8 +222,53 @@ def fit_isoflop(budgets, n, loss) -> IsoFlopFit:
         elif np.argmin(losses) in (0, len(losses) - 1):  # the best run measured is the smallest or largest
             flag = "minimum at the edge of the sizes tried: centre the grid on it"
         profiles.append(IsoFlopProfile(c, sizes.tolist(), n_opt, loss_opt, flag))
+    return profiles
+
+
+def _power_law(profiles: list[IsoFlopProfile]) -> tuple[float, float] | None:
+    """(a, k) of N_opt = k·C^a over the unflagged budgets; None with fewer than 2."""
     used = [p for p in profiles if not p.flag]
     if len(used) < 2:
-        return IsoFlopFit(profiles, None, None)
+        return None
     slope, intercept = np.polyfit(np.log([p.budget for p in used]), np.log([p.n_opt for p in used]), 1)
-    return IsoFlopFit(profiles, float(slope), float(np.exp(intercept)))
+    return float(slope), float(np.exp(intercept))
+
+
+def fit_isoflop(budgets, n, loss, bootstrap: int = 0, level: float = 0.8, seed: int = 0) -> IsoFlopFit:
+    """Approach 2 on runs of compute `budgets` (FLOPs; runs of one budget share the same value),
+    `n` parameters and final `loss`. A budget needs 3 or more sizes for its parabola; its minimum
+    must fall strictly inside its sizes, and its best measured run must not be the smallest or
+    the largest, for it to be used.
+
+    `bootstrap` refits give `level` intervals of a and of N_opt at the largest usable budget. The
+    sizes are a design, not a sample, so it is a residual bootstrap: every budget's parabola
+    residuals are pooled (inflated by sqrt(n / (n - 3·budgets)) for the fitted coefficients),
+    resampled onto the fitted losses, and the whole approach (parabolas, flags, power law)
+    is refit; a refit that loses the power law or the largest budget is counted as failed."""
+    budgets, n, loss = (np.asarray(x, float) for x in (budgets, n, loss))
+    profiles = _profiles(budgets, n, loss)
+    law = _power_law(profiles)
+    if law is None:
+        return IsoFlopFit(profiles, None, None)
+    fit = IsoFlopFit(profiles, *law)
+    fitted = np.array(loss)
+    for c in {p.budget for p in profiles if p.n_opt is not None}:
+        at = budgets == c
+        fitted[at] = np.polyval(np.polyfit(np.log(n[at]), loss[at], 2), np.log(n[at]))
+    parabolas = sum(p.n_opt is not None for p in profiles)
+    dof = len(loss) - 3 * parabolas
+    if bootstrap and dof > 0:
+        top = max(p.budget for p in profiles if not p.flag)
+        pooled = (loss - fitted)[np.isin(budgets, [p.budget for p in profiles if p.n_opt is not None])]
+        pooled = pooled * np.sqrt(len(pooled) / dof)
+        rng = np.random.default_rng(seed)
+        samples = []
+        for _ in range(bootstrap):
+            refit = _profiles(budgets, n, fitted + rng.choice(pooled, len(loss)))
+            law = _power_law(refit)
+            at_top = [p for p in refit if p.budget == top and not p.flag]
+            if law is not None and at_top:
+                samples.append({"a": law[0], "n_opt": at_top[0].n_opt})
+        fit.bootstrap, fit.bootstrap_failed = bootstrap, bootstrap - len(samples)
+        fit.intervals = _percentiles(samples, level)
+    return fit

@@ -12,13 +12,28 @@ import numpy as np
 from scaling.fit import ParametricFit
 
 
-def plot_fits(results: list[dict], analysis: dict, path: str | Path) -> Path:
-    """Write the four panels for `analysis` (scaling.analysis.analyze of `results`) to `path`."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (no display here or on a cluster node)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_fits(results: list[dict], analysis: dict, path: str | Path) -> Path:
+    """Write the four panels for `analysis` (scaling.analysis.analyze of `results`) to `path`."""
+    plt = _pyplot()
     definition = analysis["definition"]
     runs = [r for r in results if r.get("lr_multiplier", 1) == 1]
     a3, a2, a1 = (analysis["fit"][k] for k in ("approach3", "approach2", "approach1"))
@@ -72,9 +87,38 @@ def plot_fits(results: list[dict], analysis: dict, path: str | Path) -> Path:
     ax_res.scatter([c_of[id(r)] for r in runs], residuals, c=[math.log(n_of[id(r)]) for r in runs], cmap="viridis")
     ax_res.axhline(0, color="black", lw=1)
     ax_res.set(xscale="log", xlabel="C (FLOPs)", ylabel="log predicted - log measured", title="approach 3 residuals")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_context(report: dict, path: str | Path) -> Path:
+    """Two panels of `scaling context`'s report: FLOPs per decoded token vs context (measured by
+    part, the formula, 2N, the attention = weights crossover) and TPOT vs context (measured, its
+    straight-line fit, the turn)."""
+    plt = _pyplot()
+    points, a = report["points"], report["analysis"]
+    ctx = np.array([p["context"] for p in points])
+    attention = np.array([p["decode_flops"].get("attention", 0) for p in points])
+    total = np.array([sum(p["decode_flops"].values()) for p in points])
+    fig, (ax_f, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax_f.plot(ctx, total, "ko-", label="measured, total")
+    ax_f.plot(ctx, total - attention, "s-", label="measured, weights (dense + lm-head)")
+    ax_f.plot(ctx, attention, "^-", label="measured, attention")
+    ax_f.plot(ctx, [sum(p["formula_flops"].values()) for p in points], "k:", label="formula")
+    ax_f.axhline(a["law_flops_per_token"], color="red", ls="--", label="law: 2N")
+    if (x := a["attention_equals_weights_flops"]) is not None:
+        ax_f.axvline(x, color="grey", lw=1)
+        ax_f.annotate(f"attention = weights\nat {x:,.0f}", (x, ax_f.get_ylim()[0]), fontsize=8, xytext=(4, 8), textcoords="offset points")
+    ax_f.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="FLOPs per generated token", title="decode FLOPs")
+    ax_f.legend(fontsize=7)
+    ax_t.plot(ctx, [p["tpot_s"] * 1e3 for p in points], "ko-", label="measured TPOT (median)")
+    ax_t.fill_between(ctx, [p["tpot_spread_s"][0] * 1e3 for p in points], [p["tpot_spread_s"][1] * 1e3 for p in points],
+                      color="grey", alpha=0.3, label="fastest-slowest step")
+    if (fit := a["tpot_fit"]) is not None:
+        xs = np.linspace(0, ctx.max(), 50)
+        ax_t.plot(xs, (fit["fixed_s"] + fit["per_context_token_s"] * xs) * 1e3, "b--", label="least-squares line")
+    if (turn := a["tpot_turn"]) is not None:
+        ax_t.axvline(turn, color="blue", lw=1, label=f"K/V time = fixed time at {turn:,.0f}")
+    ax_t.axvline(a["kv_equals_weight_bytes"], color="grey", lw=1, ls=":", label=f"K/V bytes = weight bytes at {a['kv_equals_weight_bytes']:,.0f}")
+    ax_t.set(xlabel="context (tokens)", ylabel="ms per generated token", title=f"decode time, batch {a['batch']}")
+    ax_t.legend(fontsize=7)
+    return _save(fig, path)

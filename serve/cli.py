@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ministack serve", description="OpenAI-compatible text inference server")
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The engine's flags (model, device, dtype, KV budget, batching), shared by every command
+    that starts an LLMEngine; `engine_config` turns them into an EngineConfig."""
     p.add_argument("--model", default=None, help="transformers dir, .gguf file, or 'smollm2' (default)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    p.add_argument("--engine", choices=("ministack", "vllm"), default="ministack")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--half-weights", choices=("auto", "on", "off"), default="auto",
@@ -29,6 +26,28 @@ def parser() -> argparse.ArgumentParser:
     kv.add_argument("--kv-cache-fraction", type=float, default=None, help="KV-cache budget as a fraction of free memory")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+
+
+def engine_config(args: argparse.Namespace, **overrides: object):
+    """The EngineConfig the engine flags ask for (`overrides` win)."""
+    from serve.config import EngineConfig
+
+    kv_bytes = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
+    settings = dict(
+        model=args.model, device=args.device, dtype=args.dtype, kv_cache_bytes=kv_bytes,
+        half_weights={"auto": None, "on": True, "off": False}[args.half_weights], kv_cache_fraction=args.kv_cache_fraction,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    return EngineConfig(**(settings | overrides))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ministack serve", description="OpenAI-compatible text inference server")
+    add_engine_arguments(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--engine", choices=("ministack", "vllm"), default="ministack")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 429")
     p.add_argument("--ledger", default=None, help="append one compute record per request to this JSONL file")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
@@ -51,15 +70,9 @@ def build_backend(args: argparse.Namespace):
     if args.tensor_parallel_size != 1:
         raise SystemExit("ministack serve: --tensor-parallel-size needs --engine vllm")
     from serve.async_engine import AsyncEngine
-    from serve.config import EngineConfig
     from serve.engine.llm_engine import LLMEngine
 
-    config = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, kv_cache_bytes=kv_bytes,
-        half_weights={"auto": None, "on": True, "off": False}[args.half_weights], kv_cache_fraction=args.kv_cache_fraction, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, ledger=args.ledger,
-    )
-    return AsyncEngine(LLMEngine(config), max_queue=args.max_queue)
+    return AsyncEngine(LLMEngine(engine_config(args, ledger=args.ledger)), max_queue=args.max_queue)
 
 
 def main(argv: list[str] | None = None) -> int:

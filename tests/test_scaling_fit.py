@@ -62,6 +62,23 @@ def test_isoflop_profiles_give_the_exponent_and_flag_off_grid_budgets():
     assert fit.a == pytest.approx(0.5126, abs=0.02)  # the parabola approximates the exact profile
 
 
+def test_isoflop_bootstrap_intervals_cover_the_exponent_and_widen_with_noise():
+    widths = []
+    for noise in (0.002, 0.01):
+        c, n, _, loss = isoflop_runs([1e18, 1e19, 1e20, 1e21, 1e22], noise=noise, seed=3)
+        fit = fit_isoflop(c, n, loss, bootstrap=300, level=0.95, seed=0)
+        lo, hi = fit.intervals["a"]
+        assert lo <= fit.a <= hi and lo <= 0.5126 <= hi  # the law's own a (the parabolas' bias is ~0.005)
+        top = max((p for p in fit.profiles if not p.flag), key=lambda p: p.budget)
+        assert fit.intervals["n_opt"][0] <= top.n_opt <= fit.intervals["n_opt"][1]
+        assert fit.bootstrap == 300 and 0 <= fit.bootstrap_failed < 30
+        widths.append(hi - lo)
+    assert widths[1] > 3 * widths[0]
+    # an exact fit (3 sizes per budget interpolate their parabola): no residuals, no interval claimed
+    c, n, _, loss = isoflop_runs([1e18, 1e19, 1e20], per_budget=3)
+    assert fit_isoflop(c, n, loss, bootstrap=50).intervals == {}
+
+
 def test_inputs_are_checked():
     with pytest.raises(ValueError, match="at least 5 runs"):
         fit_parametric([1e6] * 4, [1e9] * 4, [3.0] * 4)

@@ -47,6 +47,11 @@ class Linear(nn.Linear):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
+    def stored_weight(self) -> torch.Tensor:
+        """The weight as a forward reads it: the float16 copy, else `weight` (under a packed
+        layout, its same-sized placeholder: numel and element size still tell the bytes)."""
+        return self.half if self.half is not None else self.weight
+
     def pack(self, release: bool) -> None:
         """Reorder the weight for oneDNN; with `release`, free the dense copy (shape kept)."""
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), BATCH_HINT)
