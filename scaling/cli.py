@@ -8,7 +8,7 @@
       serving: measured FLOPs and time per generated token vs context, against 2N and the formula
   ministack scaling fit SWEEP_DIR | --csv FILE [--json] [--bootstrap N] [--at FLOPS] [--definition D] [--plot PNG]
       Chinchilla's approaches 1-3, the leave-future-out check and the compute-definition ablation
-      on whatever has finished (a sweep's also go to SWEEP_DIR/fit.json and fits.png)
+      on whatever has finished (a sweep's also go to SWEEP_DIR/fit.json, fits.png and report.md)
 
 Presets: cpu (a 2-core CPU, minutes), and any configs/scaling/NAME.yaml.
 """
@@ -73,8 +73,32 @@ def _status(args) -> int:
     return 0
 
 
+def _provenance(args, plot: Path | None, report: Path) -> dict:
+    """Where the fitted data came from and the commands, for the markdown report."""
+    import shlex
+    import subprocess
+
+    out = {"source": args.csv or args.sweep_dir, "command": "ministack scaling " + shlex.join(args.argv)}
+    if plot is not None:
+        out["plot"] = str(Path(plot).resolve().relative_to(report.parent.resolve())) if Path(plot).resolve().is_relative_to(report.parent.resolve()) else str(plot)
+    plan_path = Path(args.sweep_dir or "") / "plan.json"
+    if args.sweep_dir and plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        sweep, data = plan["sweep"], plan["sweep"]["train"]["data"]
+        out["sweep"] = {"command": f"ministack scaling sweep {sweep['name']} --out {args.sweep_dir}",
+                        "data": f"data {data.get('kind', 'procedural')}, {plan['data_clips']:,} clips of latent "
+                                f"{'x'.join(map(str, plan['latent']))}, global batch {sweep['hparams']['batch_size']}"}
+    here = Path(__file__).resolve().parent.parent
+    git = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if git.returncode == 0:
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        out["code"] = f"ministack at commit {git.stdout.strip()}" + (" with uncommitted changes" if dirty.strip() else "")
+    return out
+
+
 def _fit(args) -> int:
     from scaling.analysis import analyze
+    from scaling.report import markdown_report
     from scaling.results import load_results, read_csv
 
     if (args.sweep_dir is None) == (args.csv is None):
@@ -83,13 +107,20 @@ def _fit(args) -> int:
     result = analyze(results, primary=args.definition, bootstrap=args.bootstrap, at=args.at,
                      inference_tokens=args.inference_tokens or 0.0, sampling_steps=args.sampling_steps)
     print(json.dumps(result, indent=1) if args.json else format_analysis(result))
+    side = sys.stderr if args.json else sys.stdout
     plot = args.plot or (Path(args.sweep_dir) / "fits.png" if args.sweep_dir else None)
     if plot is not None:
         from scaling.plots import plot_fits
 
-        print(f"plots: {plot_fits(results, result, plot)}", file=sys.stderr if args.json else sys.stdout)
+        print(f"plots: {plot_fits(results, result, plot)}", file=side)
     if args.sweep_dir:
         (Path(args.sweep_dir) / "fit.json").write_text(json.dumps(result, indent=1))
+    report = args.report or (Path(args.sweep_dir) / "report.md" if args.sweep_dir else None)
+    if report is not None:
+        report = Path(report)
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(markdown_report(result, results, _provenance(args, plot, report)))
+        print(f"report: {report}", file=side)
     return 0
 
 
@@ -146,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="lifetime generated tokens: add the size minimising training + inference compute")
     f.add_argument("--sampling-steps", type=int, default=50, help="denoising steps per generated sample (default 50)")
     f.add_argument("--plot", default=None, help="PNG of the fits (default for a sweep: SWEEP_DIR/fits.png)")
+    f.add_argument("--report", default=None, help="markdown report with provenance (default for a sweep: SWEEP_DIR/report.md)")
     f.set_defaults(func=_fit)
     c = sub.add_parser("context", help="serving: measured FLOPs and time per generated token vs context length")
     add_engine_arguments(c)
@@ -156,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default=None, help="directory for context.json and context.png")
     c.set_defaults(func=_context)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from profiling.cpu import prepare_cpu
 
     prepare_cpu()

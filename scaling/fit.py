@@ -124,7 +124,9 @@ def fit_parametric(n, d, loss, grid: dict | None = None, bootstrap: int = 0, see
     (None: from every point, as Chinchilla and Epoch did; 4,500 runs take about a minute).
     `bootstrap`: number of resampled refits for `level` (default 80 %) percentile intervals of
     every parameter and of a, b (refits that fail are counted in `bootstrap_failed`). `at`: a
-    budget in FLOPs at which to give N_opt, D_opt and tokens per parameter (with intervals).
+    budget in FLOPs at which to give N_opt, D_opt, tokens per parameter and the optimal loss
+    (with intervals), and `loss_pred`: the prediction interval of one run's loss there (each
+    refit's optimal loss times a resampled residual of this fit).
     Raises ValueError on too few runs or non-positive values.
     """
     n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
@@ -144,11 +146,14 @@ def fit_parametric(n, d, loss, grid: dict | None = None, bootstrap: int = 0, see
     fit = _to_fit(best, len(log_n), at)
     if bootstrap:
         rng = np.random.default_rng(seed)
+        residuals = log_l - np.log(fit.loss(n, d))  # a run's scatter about the law, in log loss
         samples = []
         for _ in range(bootstrap):
             idx = rng.integers(0, len(log_n), len(log_n))
             refit = _minimize(best.x, (log_n[idx], log_d[idx], log_l[idx]))
             values = _to_fit(refit, len(idx), at).values()
+            if at:  # prediction: the refit's optimal loss and one run's scatter about it
+                values["loss_pred"] = values["loss_opt"] * float(np.exp(rng.choice(residuals)))
             if refit.success and all(np.isfinite(v) for v in values.values()):
                 samples.append(values)
         fit.bootstrap, fit.bootstrap_failed = bootstrap, bootstrap - len(samples)

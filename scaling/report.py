@@ -54,7 +54,8 @@ def format_analysis(result: dict) -> str:
         lines.append(f"  {key:<6} {a3[key]:.4g}{_interval(a3, key)}")
     lines += [f"  at C = {a3['at']:.3e}: N_opt {a3['n_opt']:.4g}{_interval(a3, 'n_opt')}, D_opt {a3['d_opt']:.4g}"
               f"{_interval(a3, 'd_opt')}, {a3['tokens_per_param']:.3g} tokens/param{_interval(a3, 'tokens_per_param')}, "
-              f"loss {a3['loss_opt']:.4f}{_interval(a3, 'loss_opt')}"]
+              f"loss {a3['loss_opt']:.4f}{_interval(a3, 'loss_opt')}"
+              + (f" (a run's loss there: {_interval(a3, 'loss_pred').strip()}, prediction interval)" if "loss_pred" in a3.get("intervals", {}) else "")]
     if (h := result["holdout"]) is not None:
         lines.append(f"  leave-future-out: fitted on {h['runs_fitted']} runs without C {h['budget']:.3e}, it predicts the "
                      f"optimal loss there {h['predicted_loss_opt']:.4f} vs the best run's {h['best_measured']:.4f} "
@@ -114,3 +115,99 @@ def format_context(report: dict) -> str:
                  else "TPOT does not grow with the context over the contexts measured: no turn")
         lines.append(f"TPOT = {fit['fixed_s'] * 1e3:.2f} ms + {fit['per_context_token_s'] * 1e6:.3f} µs x context: {where}")
     return "\n".join(lines)
+
+
+def _md_table(headers: list[str], rows: list[list[object]]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers), *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+
+
+def _g(x, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+def _with_interval(fit: dict, key: str, digits: int = 4) -> str:
+    lo_hi = fit.get("intervals", {}).get(key)
+    value = _g(fit.get(key), digits)
+    return f"{value} [{_g(lo_hi[0], digits)}, {_g(lo_hi[1], digits)}]" if lo_hi else value
+
+
+def data_hash(results: list[dict]) -> str:
+    """sha256 (first 16 hex digits) of the fitted data: each run's id, N by convention, tokens,
+    compute by definition and loss, in id order; the same runs give the same hash anywhere."""
+    import hashlib
+    import json
+
+    keys = ("id", "n", "tokens", "flops", "loss")
+    rows = sorted(({k: r.get(k) for k in keys} for r in results), key=lambda r: str(r["id"]))
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def markdown_report(result: dict, results: list[dict], provenance: dict) -> str:
+    """Every number `scaling.analysis.analyze` gives, as markdown, with its provenance: the data
+    (source, hash, runs), the compute definition, the estimators, the commands and the plots.
+    `provenance`: {"source", "command", optional "sweep" (plan summary), "plot", "code"}."""
+    a3, a2, a1 = (result["fit"][k] for k in ("approach3", "approach2", "approach1"))
+    level = f"{a3['level']:.0%}"
+    out = [f"# Scaling-law fit: {provenance['source']}", "",
+           "## Provenance", "",
+           f"- data: `{provenance['source']}`, {result['runs']} runs at the rule's LR over {result['budgets']} budgets; "
+           f"data hash `{data_hash(results)}` (sha256 of each run's id, N, tokens, compute and loss)",
+           f"- compute counted as **{result['definition']}**; N_C = C / 6D under each definition",
+           f"- command: `{provenance['command']}`"]
+    if sweep := provenance.get("sweep"):
+        out.append(f"- sweep: `{sweep['command']}`; {sweep['data']}")
+    if code := provenance.get("code"):
+        out.append(f"- code: {code}")
+    out += ["- estimators: approach 3 as Besiroglu et al. 2024 refit Chinchilla (log-space LSE form, Huber δ = 1e-3 "
+            f"summed, L-BFGS from the best of Chinchilla's grid of starts; {a3['bootstrap']} bootstrap refits resampling runs, "
+            f"{a3['bootstrap_failed']} failed; {level} percentile intervals); approach 2: a parabola in log N per budget, "
+            f"flagged budgets left out, {a2.get('bootstrap', 0)} residual-bootstrap refits ({a2.get('bootstrap_failed', 0)} "
+            "failed); approach 1: the lowest loss per budget", ""]
+    out += ["## Approach 3: L(N, D) = E + A/N^α + B/D^β", "",
+            f"Optimizer: {'converged' if a3['converged'] else 'NOT converged'} ({a3['status']}), summed Huber {a3['objective']:.4g}.", ""]
+    out += _md_table(["parameter", f"value [{level} interval]"],
+                     [[k, _with_interval(a3, k)] for k in ("E", "A", "B", "alpha", "beta", "a", "b")])
+    out += ["", f"At C = {a3['at']:.3e} FLOPs:", ""]
+    out += _md_table(["quantity", f"value [{level} interval]"],
+                     [["N_opt", _with_interval(a3, "n_opt")], ["D_opt (tokens)", _with_interval(a3, "d_opt")],
+                      ["tokens per parameter", _with_interval(a3, "tokens_per_param", 3)],
+                      ["optimal loss", _with_interval(a3, "loss_opt")],
+                      ["a run's loss there (prediction interval)", _with_interval(a3 | {"loss_pred": a3.get("loss_opt")}, "loss_pred")]])
+    if (h := result["holdout"]) is not None:
+        out += ["", f"Leave-future-out: fitted on {h['runs_fitted']} runs without C = {h['budget']:.3e}, the law predicts "
+                    f"that budget's optimal loss {h['predicted_loss_opt']:.4f} against the best run's {h['best_measured']:.4f} "
+                    f"({h['error']:+.1%}; its runs within {h['mean_abs_run_error']:.1%} on average)."]
+    out += ["", "## Approach 2: isoFLOP profiles", "",
+            f"a = {_with_interval(a2, 'a', 3)}, b = {_with_interval(a2, 'b', 3)}"
+            + (f"; at C = {a2['at']:.3e}: N_opt {_with_interval(a2, 'n_opt')}, {_with_interval(a2, 'tokens_per_param', 3)} tokens/param"
+               if a2.get("at") else ""), ""]
+    out += _md_table(["budget (FLOPs)", "sizes", "N_opt", "loss at N_opt", "used"],
+                     [[f"{p['budget']:.3e}", len(p["sizes"]), _g(p["n_opt"]), _g(p["loss_opt"]), p["flag"] or "yes"]
+                      for p in a2["profiles"]])
+    out += ["", f"## Approach 1: lowest loss per budget (a = {_g(a1['a'], 3)})", ""]
+    out += _md_table(["budget (FLOPs)", "run", "N", "loss"], [[f"{b['budget']:.3e}", b["id"], _g(b["n"]), _g(b["loss"])] for b in a1["best"]])
+    out += ["", "## How the answer moves with the way compute is counted", ""]
+    out += _md_table(["compute", "a (A3)", "b (A3)", "tokens/param (A3)", "α", "β", "E", "a (A2)", "tokens/param (A2)", "a (A1)"],
+                     [[name, _g(r["approach3"]["a"], 3), _g(r["approach3"]["b"], 3), _g(r["approach3"]["tokens_per_param"], 3),
+                       _g(r["approach3"]["alpha"], 3), _g(r["approach3"]["beta"], 3), _g(r["approach3"]["E"], 3),
+                       _g(r["approach2"]["a"], 3), _g(r["approach2"]["tokens_per_param"], 3), _g(r["approach1"]["a"], 3)]
+                      for name, r in result["ablation"].items()])
+    if (inf := result.get("inference")) is not None:
+        out += ["", "## Inference-aware optimum (Sardana & Frankle 2024)", "",
+                f"{inf['inference_tokens']:.3g} generated tokens x {inf['sampling_steps']} sampling steps, at loss {inf['loss']:.4f}: "
+                f"N {inf['n']:.4g} on {inf['d']:.4g} tokens ({inf['tokens_per_param']:.3g} tokens/param), {inf['total_flops']:.3e} FLOPs "
+                f"in all, {inf['saving']:.1%} less than the compute-optimal N {inf['compute_optimal_n']:.4g}."]
+    if result["lr_check"]:
+        out += ["", "## LR check", ""]
+        out += _md_table(["run", "loss by LR multiplier", "best", "at the edge"],
+                         [[k, ", ".join(f"x{m:g}: {v:.4f}" for m, v in c["losses"].items()), f"x{c['best']:g}", "YES" if c["edge"] else "no"]
+                          for k, c in result["lr_check"].items()])
+    runs = sorted((r for r in results if r.get("loss") is not None), key=lambda r: (r["budget"], r.get("depth") or 0))
+    out += ["", "## Runs", ""]
+    out += _md_table(["run", "N (non-embedding)", "tokens", f"C ({result['definition']})", "loss ± se", "epochs", "wall s"],
+                     [[r["id"], _g(r["n"].get("non_embedding", next(iter(r["n"].values())))), _g(r["tokens"]),
+                       f"{r['flops'][result['definition']]:.3e}", f"{r['loss']:.4f}" + (f" ± {r['loss_se']:.4f}" if r.get("loss_se") else ""),
+                       _g(r.get("epochs"), 3), _g(r.get("wall_s"), 4)] for r in runs])
+    if plot := provenance.get("plot"):
+        out += ["", f"![fits]({plot})"]
+    return "\n".join(out) + "\n"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from scaling.fit import fit_isoflop, fit_parametric
+from scaling.fit import ParametricFit, fit_isoflop, fit_parametric
 
 # Epoch's refit of Chinchilla (Besiroglu et al. 2024, table 1): E 1.82, A 482.01, B 2085.43, alpha 0.3478, beta 0.3658
 TRUE = {"E": 1.82, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
@@ -46,6 +46,15 @@ def test_bootstrap_intervals_hold_the_fit_and_widen_with_noise():
             assert fit.intervals[key][0] <= fit.values()[key] <= fit.intervals[key][1]
         widths.append(fit.intervals["a"][1] - fit.intervals["a"][0])
     assert widths[1] > 3 * widths[0]  # ten times the noise: a much wider interval for the optimal split
+
+
+def test_extrapolation_to_a_named_budget_has_a_prediction_interval_around_the_truth():
+    c, n, d, loss = isoflop_runs([1e18, 1e19, 1e20, 1e21], noise=0.01, seed=2)
+    fit = fit_parametric(n, d, loss, grid=COARSE, bootstrap=200, seed=0, level=0.9, at=1e23)
+    exact = ParametricFit(**TRUE, objective=0.0, runs=0, at=1e23).values()["loss_opt"]
+    (lo, hi), (plo, phi) = fit.intervals["loss_opt"], fit.intervals["loss_pred"]
+    assert plo <= exact <= phi  # two decades past the data: the predicted loss of the optimal run
+    assert plo < lo and phi > hi  # a run's scatter widens the interval of the law's optimum
 
 
 def test_isoflop_profiles_give_the_exponent_and_flag_off_grid_budgets():

@@ -12,6 +12,7 @@ from scaling.analysis import analyze
 from scaling.cli import main as scaling_main
 from scaling.config import SweepConfig, build_config, load_sweep_config
 from scaling.plan import BUDGET_TOLERANCE, plan_sweep
+from scaling.report import data_hash
 from scaling.results import load_results, read_csv
 from scaling.runs import run_sweep, state
 
@@ -140,6 +141,13 @@ def test_fit_reads_a_sweep_and_answers_every_definition(sweep, capsys):
     a3 = out["fit"]["approach3"]
     assert {"E", "A", "B", "alpha", "beta", "a", "b", "tokens_per_param", "intervals", "bootstrap_failed"} <= set(a3)
     assert a3["bootstrap"] == 20
+    report = (sweep_dir / "report.md").read_text()  # every number, with where it came from
+    assert f"data hash `{data_hash(results)}`" in report and "compute counted as **measured**" in report
+    assert f"`ministack scaling fit {sweep_dir} --json --bootstrap 20`" in report
+    assert "ministack scaling sweep" in report and "![fits](fits.png)" in report
+    for run in results:
+        assert f"| {run['id']} |" in report
+    assert f"{a3['alpha']:.4g}" in report and "| 6N_per_token·D |" in report
 
 
 def test_fit_from_csv_recovers_a_known_law(tmp_path, capsys):
@@ -157,8 +165,10 @@ def test_fit_from_csv_recovers_a_known_law(tmp_path, capsys):
     path.write_text("\n".join(rows) + "\n")
     assert len(read_csv(path)) == 20
     assert scaling_main(["fit", "--csv", str(path), "--json", "--bootstrap", "50", "--inference-tokens", "1e22",
-                         "--plot", str(tmp_path / "fits.png")]) == 0
+                         "--plot", str(tmp_path / "fits.png"), "--report", str(tmp_path / "r" / "report.md")]) == 0
     out = json.loads(capsys.readouterr().out)
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "## Inference-aware optimum" in report and f"data hash `{data_hash(read_csv(path))}`" in report
     assert (tmp_path / "fits.png").stat().st_size > 10_000
     inf = out["inference"]  # heavy use: a smaller model trained longer reaches the same loss for less in all
     assert inf["n"] < inf["compute_optimal_n"] and inf["tokens_per_param"] > 1.5 and 0 < inf["saving"] < 1
