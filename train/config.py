@@ -13,9 +13,9 @@ import yaml
 
 @dataclass
 class DataConfig:
-    kind: str = "procedural"  # "procedural" (ships with the code) or "folder" (folder / CSV / JSONL)
+    kind: str = "procedural"  # "procedural" (ships with the code), "digits" (moving handwritten digits) or "folder" (folder / CSV / JSONL)
     source: str = ""  # for kind=folder
-    size: int = 4096  # procedural clips
+    size: int = 4096  # procedural / digits clips
     seed: int = 0
     buckets: list = field(default_factory=lambda: [[1, 32, 32], [5, 32, 32]])  # (frames, height, width)
     batch_size: int = 8  # per process, per micro-step

@@ -11,7 +11,8 @@ from train.data.latents import LatentCache, collate_cached
 
 
 def make_dataset(cfg: DataConfig):
-    """The procedural clips (sized to the buckets) or a real folder / CSV / JSONL."""
+    """The procedural clips (sized to the buckets), the moving digits' training scans (each clip
+    of one bucket's size) or a real folder / CSV / JSONL."""
     if cfg.kind == "procedural":
         from train.data.procedural import ProceduralVideos
 
@@ -20,13 +21,17 @@ def make_dataset(cfg: DataConfig):
             cfg.size, seed=cfg.seed, resolutions=tuple(sorted({(h, w) for _, h, w in buckets})),
             frames=tuple(sorted({t for t, _, _ in buckets})),
         )
+    if cfg.kind == "digits":
+        from train.data.digits import MovingDigits
+
+        return MovingDigits(cfg.size, seed=cfg.seed, split="train", sizes=tuple(sorted({parse_bucket(b) for b in cfg.buckets})))
     if cfg.kind == "folder":
         from train.data.folder import VideoFolder
 
         if not cfg.source:
             raise ValueError("data.kind=folder needs data.source: a folder, CSV or JSONL of (path, caption)")
         return VideoFolder(cfg.source)
-    raise ValueError(f"unknown data.kind {cfg.kind!r}: 'procedural' or 'folder'")
+    raise ValueError(f"unknown data.kind {cfg.kind!r}: 'procedural', 'digits' or 'folder'")
 
 
 def make_loader(cfg: DataConfig, rank: int = 0, world: int = 1, cache: str | None = None
