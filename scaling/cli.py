@@ -1,6 +1,6 @@
 """`ministack scaling` (also `python -m scaling`): isoFLOP sweeps of the DiT and the laws they give.
 
-  ministack scaling sweep SWEEP.yaml|PRESET [--dry-run] [--max-hours H] [--set KEY=VALUE]
+  ministack scaling sweep SWEEP.yaml|PRESET [--dry-run [--no-timing]] [--max-hours H] [--set KEY=VALUE]
       plan every run (length from the measured FLOPs per step), then train each unfinished one
       through `ministack train`; a killed sweep resumes, finished runs are skipped
   ministack scaling status SWEEP_DIR       each run: pending, started, finished, failed (with its log tail)
@@ -10,7 +10,8 @@
       Chinchilla's approaches 1-3, the leave-future-out check and the compute-definition ablation
       on whatever has finished (a sweep's also go to SWEEP_DIR/fit.json, fits.png and report.md)
 
-Presets: cpu (a 2-core CPU, minutes), and any configs/scaling/NAME.yaml.
+Presets: cpu (a 2-core CPU, minutes), gpu-1 (one H100/H200), gpu-8 (eight, through accelerate),
+and any configs/scaling/NAME.yaml.
 """
 
 from __future__ import annotations
@@ -31,9 +32,14 @@ def _sweep(args) -> int:
     sweep = load_sweep_config(args.config, args.set)
     max_hours = args.max_hours if args.max_hours is not None else sweep.max_hours
     plan = plan_sweep(sweep)
-    time_sizes(plan)
+    if args.no_timing and not args.dry_run:
+        raise ValueError("--no-timing plans without the wall-time estimate --max-hours needs: use it with --dry-run")
+    if not args.no_timing:
+        time_sizes(plan)
     sweep_dir = Path(args.out or sweep.out)
     print(format_plan(plan, sweep_dir))
+    if args.no_timing:
+        return 0
     hours = sum(plan.estimate_s(r) for r in plan.runs) / 3600
     if max_hours and hours > max_hours:
         print(f"ministack scaling: error: the plan is estimated at {hours:.2f} h, over --max-hours {max_hours:g}",
@@ -160,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("config", help="sweep YAML or preset name (cpu)")
     s.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; train nothing")
     s.add_argument("--max-hours", type=float, default=None, help="refuse a plan estimated longer than this")
+    s.add_argument("--no-timing", action="store_true",
+                   help="with --dry-run: steps and FLOPs only, no timed steps (e.g. a GPU preset planned on a laptop)")
     s.add_argument("--out", default=None, help="sweep directory (default: the config's out)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep field")
     s.set_defaults(func=_sweep)

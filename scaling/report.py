@@ -29,8 +29,10 @@ def format_plan(plan: Plan, sweep_dir: Path) -> str:
         lines.append(f"{run.id:<22} {run.steps:>6} {run.law_steps:>9} {run.warmup_steps:>6} {run.lr:>8.2e} {run.flops:>10.3e} "
                      f"{run.flops / run.budget - 1:>+9.2%} {'-' if est is None else f'{est:.0f} s':>7}  {state(sweep_dir, run)}")
     todo = sum(plan.estimate_s(r) or 0 for r in plan.runs if state(sweep_dir, r) != "finished")
-    lines.append(f"\n{len(plan.runs)} runs, {sum(r.flops for r in plan.runs):.3e} FLOPs; estimated {total / 60:.1f} min "
-                 f"on this device ({todo / 60:.1f} min left to run)")
+    timed = all(size.s_per_step is not None for size in plan.sizes.values())
+    lines.append(f"\n{len(plan.runs)} runs, {sum(r.flops for r in plan.runs):.3e} FLOPs; "
+                 + (f"estimated {total / 60:.1f} min on this device ({todo / 60:.1f} min left to run)" if timed
+                    else "no time estimate (sizes not timed)"))
     return "\n".join(lines)
 
 

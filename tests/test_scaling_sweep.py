@@ -63,6 +63,22 @@ def test_plan_refuses_runs_off_their_budget():
         load_sweep_config("no-such-sweep")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["cpu", "gpu-1", "gpu-8"])
+def test_presets_plan_every_run_on_its_budget(preset, capsys):
+    """The shipped presets plan here without a GPU (steps from FLOPs, no timing): every run
+    within tolerance of its budget and at least min_steps long, sizes over 1.5 decades."""
+    sweep = load_sweep_config(preset)
+    plan = plan_sweep(sweep)
+    assert all(abs(r.flops / r.budget - 1) <= BUDGET_TOLERANCE and r.steps >= sweep.hparams.min_steps for r in plan.runs)
+    ns = [size.n for size in plan.sizes.values()]
+    assert max(ns) / min(ns) >= 10**1.5
+    assert scaling_main(["sweep", preset, "--dry-run", "--no-timing", "--out", "unused"]) == 0
+    assert "no time estimate" in capsys.readouterr().out
+    assert scaling_main(["sweep", preset, "--no-timing"]) == 2
+    assert "--no-timing" in capsys.readouterr().err
+
+
 def test_hash_follows_the_rule():
     a = plan_sweep(mini()).runs[0]
     b = plan_sweep(mini(hparams=MINI["hparams"] | {"lr": 1e-3})).runs[0]
