@@ -81,8 +81,11 @@ class ParametricFit:
         N_opt = G·(C/6)^a, D_opt = (C/6)^b / G, G = (αA / (βB))^(1/(α+β)). NaN unless α, β > 0."""
         if not (self.alpha > 0 and self.beta > 0):
             return float("nan"), float("nan")
-        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
-        return g * (flops / 6) ** self.a, (flops / 6) ** self.b / g
+        with np.errstate(all="ignore"):  # a degenerate bootstrap refit (A or B overflowed): NaN, counted as failed
+            g = np.float64(self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+            if not (np.isfinite(g) and g > 0):
+                return float("nan"), float("nan")
+            return float(g * (flops / 6) ** self.a), float((flops / 6) ** self.b / g)
 
     def values(self) -> dict[str, float]:
         """The fitted parameters, a and b, and (when `at` is set) N_opt, D_opt, tokens per parameter
@@ -170,7 +173,9 @@ def _percentiles(samples: list[dict[str, float]], level: float) -> dict[str, tup
 
 def _to_fit(result, runs: int, at: float | None = None) -> ParametricFit:
     a, b, e, alpha, beta = result.x
-    return ParametricFit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha),
+    with np.errstate(over="ignore"):  # inf from a refit that ran away: the caller drops non-finite values
+        E, A, B = np.exp([e, a, b])
+    return ParametricFit(E=float(E), A=float(A), B=float(B), alpha=float(alpha),
                          beta=float(beta), objective=float(result.fun), runs=runs, converged=bool(result.success),
                          status=str(result.message), at=at)
 

@@ -8,8 +8,9 @@ ledger, so the budget is met in the compute the ledger will report), and sets
 
 beside the 6ND plan (steps that 6 · N_non-embedding · tokens would give) and the exact formula
 (profiling.formulas.dit). A run shorter than `hparams.min_steps` is refused: its compute could
-not hit the budget within 1 %, and its schedule would be all warm-up. The procedural data is
-sized to the longest run, so no run sees a clip twice (epochs <= 1).
+not hit the budget within 1 %, and its schedule would be all warm-up. Generated data
+(procedural clips, moving digits) is sized to the longest run, so no run sees a clip twice
+(epochs <= 1; the digits' scans do repeat, each in new motion: the record's scan_epochs).
 
 Wall time is estimated from this device: a few real optimizer steps of each size (the run's
 precision, AdamW) plus rendering one batch of clips, times the planned steps.
@@ -30,6 +31,7 @@ from profiling.formulas.dit import dit_flops
 from profiling.parts import law_params, param_parts
 from scaling.config import SweepConfig
 from train.config import TrainConfig, build_config
+from train.data.loader import GENERATED_KINDS
 
 BUDGET_TOLERANCE = 0.02  # a run's planned (and so its measured) compute is within 2 % of its budget
 START_S = 8.0  # per-run start-up and final evaluation of `python -m train` on the 2-core CPU (imports ~6 s)
@@ -139,11 +141,11 @@ def profile_size(depth: int, sweep: SweepConfig, latent: tuple[int, ...], micro:
 
 
 def config_hash(train: dict) -> str:
-    """8 hex digits of the run's training config, its directory left out, and for procedural data
-    its clip count (it follows the sweep's longest run: adding a budget must not void finished
+    """8 hex digits of the run's training config, its directory left out, and for generated data
+    (procedural, digits) its clip count (it follows the sweep's longest run: adding a budget must not void finished
     runs, each of which saw every clip at most once either way)."""
-    body = {k: v for k, v in train.items() if k != "run_dir"}
-    if body["data"]["kind"] == "procedural":
+    body = {k: v for k, v in train.items() if k not in ("run_dir", "slurm")}  # where a run runs is not what it trains
+    if body["data"]["kind"] in GENERATED_KINDS:
         body["data"] = {k: v for k, v in body["data"].items() if k != "size"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -195,7 +197,7 @@ def plan_sweep(sweep: SweepConfig) -> Plan:
 
 def _run_config(base: TrainConfig, sweep: SweepConfig, size: SizeProfile, run: PlannedRun, data_clips: int) -> dict:
     data = replace(base.data, batch_size=sweep.hparams.batch_size // (sweep.processes * base.grad_accum))
-    if data.kind == "procedural":
+    if data.kind in GENERATED_KINDS:
         data = replace(data, size=max(data_clips, sweep.hparams.batch_size))
     cfg = replace(base, data=data, max_steps=run.steps, warmup_steps=run.warmup_steps, lr=run.lr,
                   checkpoint_every=min(base.checkpoint_every, max(1, run.steps // 4)))

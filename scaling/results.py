@@ -25,6 +25,7 @@ from pathlib import Path
 
 from profiling.ledger import read_ledgers
 from profiling.parts import CONTEXT, EMBEDDING, FROZEN, PER_SAMPLE, law_params
+from train.data.loader import GENERATED_KINDS
 
 RESULTS = "results.jsonl"
 DEFINITIONS = ("measured", "exact", "6N·D", "6N_total·D", "6N_per_token·D")
@@ -43,6 +44,13 @@ def param_counts(params: dict[str, int]) -> dict[str, int]:
     return {"total": sum(v for k, v in params.items() if k != FROZEN), "non_embedding": n,
             "per_token": n - params.get(PER_SAMPLE, 0) - params.get(CONTEXT, 0),
             "embedding": params.get(EMBEDDING, 0)}
+
+
+def _train_scans() -> int:
+    """How many digit scans the training split draws from (train.data.digits)."""
+    from train.data.digits import scans, split_scans
+
+    return len(split_scans(scans()[1])[0])
 
 
 def collect_result(plan, run, run_dir: Path) -> dict:
@@ -66,12 +74,14 @@ def collect_result(plan, run, run_dir: Path) -> dict:
     evaluation, last = _last_line(run_dir / "eval.jsonl"), _last_line(run_dir / "log.jsonl")
     peak_time = sum(r.wall_s * r.peak_flops for r in records)
     samples = steps * plan.sweep.hparams.batch_size
+    kind = run.train["data"]["kind"]
     return {
         "id": run.id, "hash": run.hash, "dir": run.dir, "budget": run.budget, "depth": run.depth,
         "width": size.model.hidden_size, "heads": size.model.num_heads, "lr": run.lr,
         "lr_multiplier": run.lr_multiplier, "warmup_steps": run.warmup_steps, "steps": steps,
         "law_steps": run.law_steps, "params": size.params, "n": counts, "tokens": tokens, "samples": samples,
-        "epochs": samples / plan.data_clips if run.train["data"]["kind"] == "procedural" else None,
+        "epochs": samples / plan.data_clips if kind in GENERATED_KINDS else None,
+        "scan_epochs": samples / _train_scans() if kind == "digits" else None,
         "flops": {"measured": measured, "exact": size.exact_per_step * steps, "6N·D": 6 * counts["non_embedding"] * tokens,
                   "6N_total·D": 6 * counts["total"] * tokens, "6N_per_token·D": 6 * counts["per_token"] * tokens},
         "measured_by_part": by_part, "budget_error": measured / run.budget - 1,

@@ -88,6 +88,13 @@ def test_isoflop_bootstrap_intervals_cover_the_exponent_and_widen_with_noise():
     assert fit_isoflop(c, n, loss, bootstrap=50).intervals == {}
 
 
+def test_a_runaway_refit_gives_nan_not_an_error():
+    """A bootstrap refit whose A or B overflowed (seen on the cpu sweep's data) is dropped as failed."""
+    for A, B in ((float("inf"), 1e3), (1e3, float("inf")), (0.0, 1e3)):
+        values = ParametricFit(E=1.0, A=A, B=B, alpha=0.3, beta=0.3, objective=0.0, runs=0, at=1e20).values()
+        assert np.isnan(values["n_opt"]) and np.isnan(values["tokens_per_param"])
+
+
 def test_inputs_are_checked():
     with pytest.raises(ValueError, match="at least 5 runs"):
         fit_parametric([1e6] * 4, [1e9] * 4, [3.0] * 4)

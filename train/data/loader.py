@@ -9,6 +9,10 @@ from train.config import DataConfig
 from train.data.buckets import BucketBatchSampler, BucketedDataset, collate_clips, parse_bucket
 from train.data.latents import LatentCache, collate_cached
 
+# Kinds whose clips are made on the fly, each a pure function of (seed, index): any `size` is
+# valid, and a sweep sizes it so that no run sees a clip twice.
+GENERATED_KINDS = ("procedural", "digits")
+
 
 def make_dataset(cfg: DataConfig):
     """The procedural clips (sized to the buckets), the moving digits' training scans (each clip
