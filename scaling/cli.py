@@ -1,6 +1,6 @@
 """`ministack scaling` (also `python -m scaling`): isoFLOP sweeps of the DiT and the laws they give.
 
-  ministack scaling sweep SWEEP.yaml|PRESET [--dry-run [--no-timing]] [--max-hours H] [--set KEY=VALUE]
+  ministack scaling sweep SWEEP.yaml|PRESET [--dry-run [--no-timing]] [--executor local|slurm] [--max-hours H] [--set KEY=VALUE]
       plan every run (length from the measured FLOPs per step), then train each unfinished one
       through `ministack train`; a killed sweep resumes, finished runs are skipped
   ministack scaling status SWEEP_DIR       each run: pending, started, finished, failed (with its log tail)
@@ -34,45 +34,58 @@ def _sweep(args) -> int:
     plan = plan_sweep(sweep)
     if args.no_timing and not args.dry_run:
         raise ValueError("--no-timing plans without the wall-time estimate --max-hours needs: use it with --dry-run")
-    if not args.no_timing:
+    timed = not args.no_timing and args.executor == "local"  # a login node's speed says nothing of the cluster's
+    if timed:
         time_sizes(plan)
     sweep_dir = Path(args.out or sweep.out)
     print(format_plan(plan, sweep_dir))
-    if args.no_timing:
-        return 0
-    hours = sum(plan.estimate_s(r) for r in plan.runs) / 3600
+    hours = sum(plan.estimate_s(r) for r in plan.runs) / 3600 if timed else 0.0
     if max_hours and hours > max_hours:
         print(f"ministack scaling: error: the plan is estimated at {hours:.2f} h, over --max-hours {max_hours:g}",
               file=sys.stderr)
         return 2
     if args.dry_run:
         return 0
+    if args.executor == "slurm":
+        from scaling.slurm import submit_sweep
+
+        try:
+            submit_sweep(plan, sweep_dir, sweep.slurm)
+        except RuntimeError as err:
+            raise ValueError(str(err)) from None
+        return 0
     counts = run_sweep(plan, sweep_dir)
     return 1 if counts["failed"] else 0
 
 
 def _status(args) -> int:
-    from scaling.runs import log_tail
+    from scaling.runs import log_tail, state
+    from scaling.slurm import task_states
 
-    plan_path = Path(args.sweep_dir) / "plan.json"
+    sweep_dir = Path(args.sweep_dir)
+    plan_path = sweep_dir / "plan.json"
     if not plan_path.is_file():
         raise ValueError(f"{args.sweep_dir} holds no plan.json: not a sweep directory")
     runs = json.loads(plan_path.read_text())["runs"]
+    tasks = task_states(sweep_dir)  # run id -> (SLURM task id, its state) for a sweep submitted with --executor slurm
     counts: dict[str, int] = {}
     for run in runs:
-        run_dir = Path(args.sweep_dir) / run["dir"]
-        if (run_dir / "result.json").is_file():
+        run_dir, status = sweep_dir / run["dir"], state(sweep_dir, run)
+        if status == "finished":
             r = json.loads((run_dir / "result.json").read_text())
-            status, detail = "finished", f"loss {r['loss']:.4f} ± {r['loss_se']:.4f}, {r['wall_s']:.0f} s"
-        elif (run_dir / "failed.json").is_file():
+            detail = f"loss {r['loss']:.4f} ± {r['loss_se']:.4f}, {r['wall_s']:.0f} s"
+        elif status == "failed":
             f = json.loads((run_dir / "failed.json").read_text())
-            status, detail = "failed", f"exit {f['returncode']}:\n" + "\n".join("      " + x for x in f["tail"].splitlines())
-        elif (run_dir / "log.jsonl").is_file():
+            detail = f"exit {f['returncode']}:\n" + "\n".join("      " + x for x in f["tail"].splitlines())
+        elif status == "started":
             last = log_tail(run_dir / "log.jsonl", 1)
-            step = json.loads(last)["step"] if last else 0
-            status, detail = "started", f"step {step} of {run['steps']}"
+            detail = f"step {json.loads(last)['step'] if last else 0} of {run['steps']}"
         else:
-            status, detail = "pending", f"{run['steps']} steps"
+            detail = f"{run['steps']} steps"
+        if run["id"] in tasks and status not in ("finished", "failed"):
+            task, slurm_state = tasks[run["id"]]
+            status = {"RUNNING": "running", "PENDING": "queued"}.get(slurm_state or "", status)
+            detail += f" (SLURM {task}: {slurm_state or 'not in the queue'})"
         counts[status] = counts.get(status, 0) + 1
         print(f"{run['id']:<22} {status:<9} {detail}")
     print(", ".join(f"{n} {s}" for s, n in counts.items()))
@@ -166,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("config", help="sweep YAML or preset name (cpu)")
     s.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; train nothing")
     s.add_argument("--max-hours", type=float, default=None, help="refuse a plan estimated longer than this")
+    s.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local: each run in turn here (default); slurm: one job array, a task per unfinished run")
     s.add_argument("--no-timing", action="store_true",
                    help="with --dry-run: steps and FLOPs only, no timed steps (e.g. a GPU preset planned on a laptop)")
     s.add_argument("--out", default=None, help="sweep directory (default: the config's out)")

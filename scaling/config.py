@@ -80,6 +80,22 @@ class Budget:
 
 
 @dataclass
+class SlurmExecutorConfig:
+    """The sweep YAML's `slurm:` section (`--executor slurm`, scaling/slurm.py): what each array task asks for."""
+
+    partition: str | None = None
+    account: str | None = None
+    time_min: int = 60  # each task's time limit
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    array_parallelism: int = 8  # tasks running at once (sbatch --array=...%N)
+    signal_delay_s: int = 90  # SIGUSR2 this long before the limit: checkpoint and requeue
+    setup: list = field(default_factory=list)  # shell lines before each task (module load, a venv)
+    sbatch: dict = field(default_factory=dict)  # any other sbatch option, e.g. {"constraint": "h100"}
+
+
+@dataclass
 class SweepConfig:
     name: str = "sweep"
     out: str = "runs/scaling"
@@ -90,6 +106,7 @@ class SweepConfig:
     launcher: str = ""  # "" = this Python; else a command that takes `-m train CONFIG` (accelerate launch ...)
     processes: int = 1  # processes per run (what the launcher starts)
     max_hours: float = 0.0  # refuse a plan estimated longer than this (0: no limit)
+    slurm: SlurmExecutorConfig = field(default_factory=SlurmExecutorConfig)  # for --executor slurm
 
     def budget_list(self) -> list[Budget]:
         """`budgets` as Budget objects, checked: positive FLOPs, distinct, sizes positive integers."""

@@ -107,8 +107,10 @@ def plot_context(report: dict, path: str | Path) -> Path:
     ax_f.axhline(a["law_flops_per_token"], color="red", ls="--", label="law: 2N")
     if (x := a["attention_equals_weights_flops"]) is not None:
         ax_f.axvline(x, color="grey", lw=1)
-        ax_f.annotate(f"attention = weights\nat {x:,.0f}", (x, ax_f.get_ylim()[0]), fontsize=8, xytext=(4, 8), textcoords="offset points")
+        ax_f.text(x, 0.5, f" attention = weights\n at {x:,.0f}", transform=ax_f.get_xaxis_transform(), fontsize=8)
     ax_f.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="FLOPs per generated token", title="decode FLOPs")
+    ax_f.set_xticks(ctx, [f"{c:,}" for c in ctx], fontsize=7)
+    ax_f.xaxis.set_minor_formatter("")
     ax_f.legend(fontsize=7)
     ax_t.plot(ctx, [p["tpot_s"] * 1e3 for p in points], "ko-", label="measured TPOT (median)")
     ax_t.fill_between(ctx, [p["tpot_spread_s"][0] * 1e3 for p in points], [p["tpot_spread_s"][1] * 1e3 for p in points],

@@ -52,9 +52,10 @@ def prepare_run(sweep_dir: Path, run: PlannedRun) -> Path:
     return run_dir / "train.yaml"
 
 
-def state(sweep_dir: Path, run: PlannedRun) -> str:
-    """"finished", "failed", "started" (a directory with a log but no result) or "pending"."""
-    run_dir = sweep_dir / run.dir
+def state(sweep_dir: Path, run: PlannedRun | dict) -> str:
+    """"finished", "failed", "started" (a directory with a log but no result) or "pending"
+    (`run`: a PlannedRun or its plan.json record)."""
+    run_dir = sweep_dir / (run["dir"] if isinstance(run, dict) else run.dir)
     if (run_dir / "result.json").is_file():
         return "finished"
     if (run_dir / "failed.json").is_file():
@@ -71,7 +72,8 @@ def log_tail(path: Path, lines: int = 12) -> str:
 
 def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> dict | None:
     """Train one run to its end (resuming it if it had started), check it and write its
-    result.json; None and a failed.json (exit status, log tail) if training failed."""
+    result.json; None and a failed.json (exit status, log tail) if training failed; None alone
+    if it stopped on request (RUN_DIR/slurm/stop: a SLURM time limit) after a checkpoint."""
     config = prepare_run(sweep_dir, run)
     run_dir = config.parent
     (run_dir / "failed.json").unlink(missing_ok=True)
@@ -80,6 +82,9 @@ def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> dict | 
         log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command(plan, config))}\n")
         log.flush()
         code = subprocess.call(command(plan, config), stdout=log, stderr=subprocess.STDOUT)
+    if code == 0 and (run_dir / "slurm" / "preempted").is_file():  # checkpointed on request: to be resumed
+        echo(f"  {run.id}: stopped on request after {time.time() - start:.0f} s, checkpointed; it resumes when run again")
+        return None
     if code != 0:
         tail = log_tail(run_dir / "train.log")
         _atomic_json(run_dir / "failed.json", {"returncode": code, "tail": tail, "time": time.time()})
@@ -93,11 +98,16 @@ def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> dict | 
     return result
 
 
+def write_plan(plan: Plan, sweep_dir: Path) -> None:
+    """SWEEP_DIR/plan.json (atomically): what `status`, `fit` and the report read the plan from."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_json(sweep_dir / "plan.json", plan.to_dict())
+
+
 def run_sweep(plan: Plan, sweep_dir: Path, echo=print) -> dict[str, int]:
     """Every unfinished run of `plan` in turn (local executor), then results.jsonl. Returns the
     count of runs by final state."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_json(sweep_dir / "plan.json", plan.to_dict())
+    write_plan(plan, sweep_dir)
     todo = [r for r in plan.runs if state(sweep_dir, r) != "finished"]
     echo(f"sweep {sweep_dir}: {len(plan.runs) - len(todo)} of {len(plan.runs)} runs finished, {len(todo)} to run")
     for i, run in enumerate(todo, 1):

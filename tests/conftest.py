@@ -13,6 +13,7 @@ prepare_cpu()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from slurm_cluster import slurm  # noqa: E402, F401  (the one-host SLURM cluster fixture)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ Single process:      ministack train configs/train/tiny.yaml
 Several GPUs / DDP:  accelerate launch --config_file configs/accelerate/ddp.yaml -m train configs/train/tiny.yaml
 DeepSpeed ZeRO-2:    accelerate launch --config_file configs/accelerate/zero2.yaml -m train configs/train/tiny.yaml
 Override any field:  --set max_steps=200 --set data.batch_size=4
+On SLURM:            ministack train configs/train/tiny.yaml --slurm [--dry-run] --set slurm.nodes=2 --set slurm.gpus_per_node=8
 A run resumes from its newest complete checkpoint in RUN_DIR/checkpoints automatically.
 """
 
@@ -28,7 +29,13 @@ def main(argv: list[str] | None = None) -> int:
         stage, argv = argv[0], argv[1:]
     p.add_argument("config", nargs="?", help="run YAML (default: the built-in tiny run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--slurm", action="store_true", help="submit the run as a SLURM job (the config's slurm: section)")
+    p.add_argument("--dry-run", action="store_true", help="with --slurm: write and print the batch script, submit nothing")
     args = p.parse_args(argv)
+    if args.dry_run and not args.slurm:
+        p.error("--dry-run goes with --slurm")
+    if args.slurm and stage != "dit":
+        p.error(f"--slurm submits the DiT stage; run `ministack train {stage}` inside a job of your own")
     from profiling.cpu import prepare_cpu
 
     prepare_cpu()
@@ -41,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"ministack train: error: {err}", file=sys.stderr)
         return 2
+    if args.slurm:
+        return _submit(cfg, args)
     if stage == "vae":
         from train.vae import train_vae
 
@@ -54,4 +63,29 @@ def main(argv: list[str] | None = None) -> int:
         from train.loop import train
 
         train(cfg)  # prints "trained N steps" once, from the main process
+    return 0
+
+
+def _submit(cfg, args: argparse.Namespace) -> int:
+    """Write RUN_DIR/slurm/train.sbatch for this config and its overrides; submit it unless --dry-run."""
+    from pathlib import Path
+
+    from train.slurm import submit
+
+    if not args.config:
+        print("ministack train: error: --slurm needs a run YAML (the job reads it)", file=sys.stderr)
+        return 2
+    run_dir = Path(cfg.run_dir).resolve()
+    overrides = [f"run_dir={run_dir}"] + [o for o in args.set if not o.startswith("slurm.")]
+    try:
+        script, job = submit(cfg.slurm, run_dir, Path(args.config).resolve(), overrides, sys.executable, args.dry_run)
+    except (ValueError, RuntimeError) as err:
+        print(f"ministack train: error: {err}", file=sys.stderr)
+        return 2
+    if job is None:
+        print(script.read_text())
+        print(f"batch script written to {script} (not submitted: --dry-run)", file=sys.stderr)
+        return 0
+    print(f"submitted SLURM job {job}: log {run_dir}/slurm/{job}.out, ledger {run_dir}/ledger.jsonl, "
+          f"checkpoints {run_dir}/checkpoints; script {script}")
     return 0

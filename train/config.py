@@ -36,6 +36,29 @@ class VAEConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Where `ministack train --slurm` runs the job (train.slurm writes the batch script). One
+    task per node, each an accelerate node: machine rank SLURM_PROCID, rendezvous on the job's
+    first host. Launch-only: it does not change what is trained (a sweep's config hash leaves it out)."""
+
+    nodes: int = 1
+    ntasks: int | None = None  # accelerate nodes in all (default: nodes; 2 on 1 node tests multi-node on one host)
+    gpus_per_node: int = 0
+    processes_per_node: int | None = None  # training processes per node (default: gpus_per_node, or 1)
+    cpus_per_task: int | None = None
+    mem: str | None = None  # e.g. "64G"
+    time: str = "01:00:00"  # the job's time limit
+    partition: str | None = None
+    account: str | None = None
+    job_name: str | None = None  # default: the run directory's name
+    accelerate_config: str = "configs/accelerate/ddp.yaml"  # DeepSpeed ZeRO configs work unchanged across nodes
+    signal_s: int = 120  # SIGUSR1 this long before the time limit: checkpoint, then requeue
+    requeue: bool = True
+    setup: list = field(default_factory=list)  # shell lines before the launch (module load, source a venv)
+    sbatch: list = field(default_factory=list)  # extra `#SBATCH` options, e.g. "--constraint=h100"
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/tiny"
     model: str = "tiny"  # model.configs preset or YAML
@@ -66,6 +89,7 @@ class TrainConfig:
     eval_prompts: int = 8  # text-alignment prompts sampled per evaluation (more: a less noisy score)
     eval_sampling_steps: int = 20
     deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.); normally set by the accelerate config
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # used by `ministack train --slurm` only
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -44,6 +44,7 @@ from train.config import TrainConfig
 from train.data.latents import build_cache
 from train.data.loader import make_loader
 from train.ema import EMA
+from train.preempt import StopRequest
 from train.runlog import start_attempt, superseded_summary
 
 
@@ -106,11 +107,13 @@ class StepWindow:
         self.tokens += tokens
         self.shapes.append(latent_shape)
 
-    def totals(self, device) -> torch.Tensor:
-        """[sum of micro-batch losses, micro-batches, samples] on this rank, to be summed over ranks."""
+    def totals(self, device, stop: bool = False) -> torch.Tensor:
+        """[sum of micro-batch losses, micro-batches, samples, stop requested] on this rank, to be
+        summed over ranks (a stop request rides along: every rank learns of it at the same step)."""
         return torch.stack([torch.stack(self.losses).sum(),
                             torch.tensor(float(len(self.losses)), device=device),
-                            torch.tensor(float(sum(s[0] for s in self.shapes)), device=device)])
+                            torch.tensor(float(sum(s[0] for s in self.shapes)), device=device),
+                            torch.tensor(float(stop), device=device)])
 
     def shape(self, grad_accum: int, samples_per_step: int) -> str:
         """The ledger's shape label: micro-batch size, samples per optimizer step (all ranks) and
@@ -258,10 +261,11 @@ def train(cfg: TrainConfig) -> dict:
     # purge_step: TensorBoard drops the events a killed attempt wrote past the checkpoint
     board = SummaryWriter(str(run / "tensorboard"), purge_step=step + 1) if accelerator.is_main_process else None
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    stop, preempted = StopRequest(run, accelerator.is_main_process), False
     window = StepWindow()
     step_start, dropped = time.perf_counter(), 0
     losses: list[float] = []
-    while step < cfg.max_steps:
+    while step < cfg.max_steps and not preempted:
         for batch in loader:
             dropped += batch["dropped"]
             if any_rank_empty(accelerator, batch):  # every clip of a batch failed to decode: all ranks skip it
@@ -295,7 +299,7 @@ def train(cfg: TrainConfig) -> dict:
                 ema.update(accelerator.unwrap_model(model))
             # The global batch's loss (the mean over every micro-batch of every rank) and its size. The
             # reduction also waits for the device, so the wall time below is the step's, not its launch's.
-            loss_sum, micro, samples = accelerator.reduce(window.totals(device), "sum").tolist()
+            loss_sum, micro, samples, stops = accelerator.reduce(window.totals(device, stop.requested()), "sum").tolist()
             losses.append(loss_sum / micro)
             wall = time.perf_counter() - step_start
             record = make_record("train", window.flops, params, window.tokens, wall, peak,
@@ -313,9 +317,12 @@ def train(cfg: TrainConfig) -> dict:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}", mfu=f"{record.mfu:.1%}")
             bar.update()
             window, step_start = StepWindow(), time.perf_counter()
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stops:
                 checkpoint.save(accelerator, run / "checkpoints", step, {"loss": losses[-1]}, cfg.keep_checkpoints)
                 step_start = time.perf_counter()
+            if stops and step < cfg.max_steps:  # the job is about to lose the machine: resume later
+                preempted = True
+                break
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 evaluate(accelerator, ema_pipeline(accelerator, model, ema, codec, text_encoder, cfg), cfg, run, step)
                 step_start = time.perf_counter()
@@ -327,6 +334,11 @@ def train(cfg: TrainConfig) -> dict:
         board.close()
     if dropped:
         accelerator.print(f"data: {dropped} clips failed to decode during training and were skipped")
+    if preempted:
+        if accelerator.is_main_process:
+            stop.mark(step)
+        accelerator.print(f"stop requested: checkpointed at step {step}; the job can be requeued")
+        return {"step": step, "losses": losses, "dropped": dropped, "run": str(run), "preempted": True}
     pipeline = ema_pipeline(accelerator, model, ema, codec, text_encoder, cfg)
     if pipeline is not None:
         pipeline.save_pretrained(run / "pipeline")

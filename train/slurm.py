@@ -1,0 +1,110 @@
+"""`ministack train RUN.yaml --slurm`: the run as a SLURM batch job, one accelerate node per task.
+
+Plain sbatch, not a submission library: a multi-node accelerate launch is one `srun` of one
+shell line per node, which a batch script says more plainly than any wrapper, and the script
+is written next to the run (RUN_DIR/slurm/train.sbatch) so it can be edited and `sbatch`ed by hand.
+
+The script:
+- asks for `nodes` nodes and `ntasks` tasks (default one per node), GPUs, CPUs, memory, a time
+  limit, partition, account and any extra `#SBATCH` lines; logs to RUN_DIR/slurm/%j.out;
+- starts one `accelerate launch` per task through `srun`: machine rank SLURM_PROCID of
+  SLURM_NTASKS machines, `processes_per_node` processes each, rendezvous on the job's first host
+  at a port derived from the job id (two jobs on one host do not collide);
+- with `signal_s`, has SLURM send SIGUSR1 to the batch shell that long before the time limit;
+  the shell touches RUN_DIR/slurm/stop (train/preempt.py: every rank sees it at the same step,
+  saves a checkpoint and exits 0, leaving RUN_DIR/slurm/preempted; a signal forwarded through
+  srun would kill `accelerate launch` instead), and then requeues the job (`requeue`); the
+  requeued job resumes from the checkpoint like any restarted run (train/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+from train.config import SlurmConfig
+
+TIME = re.compile(r"^(\d+-)?\d+(:\d\d){0,2}$")  # SLURM's D-HH:MM:SS, HH:MM:SS, MM:SS or minutes
+
+
+def check(cfg: SlurmConfig) -> None:
+    """Refuse settings SLURM would reject later, naming the field."""
+    if cfg.nodes < 1:
+        raise ValueError(f"slurm.nodes must be >= 1, got {cfg.nodes}")
+    if cfg.ntasks is not None and cfg.ntasks < cfg.nodes:
+        raise ValueError(f"slurm.ntasks ({cfg.ntasks}) must be at least slurm.nodes ({cfg.nodes}): one accelerate node per task")
+    if cfg.gpus_per_node < 0 or (cfg.processes_per_node is not None and cfg.processes_per_node < 1):
+        raise ValueError("slurm.gpus_per_node must be >= 0 and slurm.processes_per_node >= 1")
+    if not TIME.match(str(cfg.time)):
+        raise ValueError(f"slurm.time {cfg.time!r} is not a SLURM time (D-HH:MM:SS, HH:MM:SS, MM:SS or minutes)")
+    if cfg.signal_s < 0:
+        raise ValueError(f"slurm.signal_s must be >= 0, got {cfg.signal_s}")
+    for line in cfg.sbatch:
+        if not str(line).startswith("--"):
+            raise ValueError(f"slurm.sbatch entries are sbatch options like '--constraint=h100', got {line!r}")
+
+
+def batch_script(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: list[str], python: str) -> str:
+    """The batch script for the run whose config is `config_path` (absolute paths throughout)."""
+    check(cfg)
+    tasks = cfg.ntasks or cfg.nodes
+    per_node = cfg.processes_per_node or max(cfg.gpus_per_node, 1)
+    logs = run_dir / "slurm"
+    stop, marker = shlex.quote(str(logs / "stop")), shlex.quote(str(logs / "preempted"))
+    options = [f"--job-name={cfg.job_name or run_dir.name}", f"--nodes={cfg.nodes}", f"--ntasks={tasks}",
+               f"--output={logs}/%j.out", "--open-mode=append", f"--time={cfg.time}"]
+    options += [f"--gpus-per-node={cfg.gpus_per_node}"] if cfg.gpus_per_node else []
+    options += [f"--cpus-per-task={cfg.cpus_per_task}"] if cfg.cpus_per_task else []
+    options += [f"--mem={cfg.mem}"] if cfg.mem else []
+    options += [f"--partition={cfg.partition}"] if cfg.partition else []
+    options += [f"--account={cfg.account}"] if cfg.account else []
+    options += [f"--signal=B:USR1@{cfg.signal_s}"] if cfg.signal_s else []
+    options += ["--requeue"] if cfg.requeue else []
+    options += [str(x) for x in cfg.sbatch]
+    cpu = "" if cfg.gpus_per_node else "ACCELERATE_USE_CPU=1 "
+    train = " ".join([f"{shlex.quote(python)} -m accelerate.commands.launch",
+                      f"--config_file {shlex.quote(str(Path(cfg.accelerate_config).resolve()))}",
+                      "--num_machines $SLURM_NTASKS --machine_rank $SLURM_PROCID",
+                      "--main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT",
+                      f"--num_processes $(( SLURM_NTASKS * {per_node} ))",
+                      f"-m train {shlex.quote(str(config_path))}",
+                      *(f"--set {shlex.quote(o)}" for o in overrides)])
+    lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in options), "",
+             f"# written by `ministack train --slurm` for {run_dir}; edit and `sbatch` it by hand if you like",
+             "set -u", *map(str, cfg.setup),
+             f"cd {shlex.quote(str(Path.cwd()))}",
+             'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+             "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
+             f'echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}): $SLURM_NTASKS accelerate node(s) x {per_node} on $SLURM_JOB_NODELIST"',
+             f"rm -f {stop} {marker}",
+             f"trap 'touch {stop}' USR1  # training checkpoints at its next step and stops (train/preempt.py)",
+             f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(cpu + train)} &",
+             "step=$!",
+             "while true; do wait $step; rc=$?; kill -0 $step 2>/dev/null || break; done  # a trap ends `wait` early",
+             f"if [ -f {marker} ]; then",
+             f'  echo "checkpointed at step $(cat {marker}) before the time limit: requeueing"',
+             "  scontrol requeue $SLURM_JOB_ID",
+             "  exit 0",
+             "fi",
+             "exit $rc", ""]
+    return "\n".join(lines)
+
+
+def submit(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: list[str], python: str,
+           dry_run: bool = False) -> tuple[Path, str | None]:
+    """Write RUN_DIR/slurm/train.sbatch and (unless `dry_run`) submit it; (script, job id or None).
+    Raises RuntimeError when sbatch is missing or refuses the job, with its message."""
+    script = run_dir / "slurm" / "train.sbatch"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(batch_script(cfg, run_dir, config_path, overrides, python))
+    if dry_run:
+        return script, None
+    if shutil.which("sbatch") is None:
+        raise RuntimeError("sbatch not found: run on a SLURM login node, or use --dry-run to get the script")
+    done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"sbatch refused {script}: {done.stderr.strip() or done.stdout.strip()}")
+    return script, done.stdout.strip().split(";")[0]
