@@ -32,13 +32,20 @@ def _sweep(args) -> int:
     sweep = load_sweep_config(args.config, args.set)
     max_hours = args.max_hours if args.max_hours is not None else sweep.max_hours
     plan = plan_sweep(sweep)
-    if args.no_timing and not args.dry_run:
+    if args.no_timing and not args.dry_run and args.executor == "local":
         raise ValueError("--no-timing plans without the wall-time estimate --max-hours needs: use it with --dry-run")
     timed = not args.no_timing and args.executor == "local"  # a login node's speed says nothing of the cluster's
     if timed:
         time_sizes(plan)
     sweep_dir = Path(args.out or sweep.out)
     print(format_plan(plan, sweep_dir))
+    if args.executor == "slurm":
+        c = sweep.slurm
+        print(f"SLURM: one job array, a task per unfinished run, at most {c.array_parallelism} at once; each task "
+              f"{c.time_min} min, {c.gpus_per_node} GPU(s), {c.cpus_per_task} CPU(s)"
+              + (f", {c.mem_gb:g} GB" if c.mem_gb else "") + (f", partition {c.partition}" if c.partition else "")
+              + (f", account {c.account}" if c.account else "") + f"; SIGUSR2 {c.signal_delay_s} s before the limit"
+              + "".join(f", --{k}={v}" for k, v in c.sbatch.items()))
     hours = sum(plan.estimate_s(r) for r in plan.runs) / 3600 if timed else 0.0
     if max_hours and hours > max_hours:
         print(f"ministack scaling: error: the plan is estimated at {hours:.2f} h, over --max-hours {max_hours:g}",
@@ -158,7 +165,7 @@ def _context(args) -> int:
     try:
         points = measure_context(engine, contexts, batch=args.batch, decode_tokens=args.decode_tokens)
     except ValueError as err:
-        raise ValueError(f"{err} (--contexts, --batch, --kv-cache-gb)") from None
+        raise ValueError(f"{err} (--contexts, --batch, --decode-tokens, --kv-cache-gb)") from None
     report = context_report(points, analyze_context(points, weight_bytes(engine.model)))
     report["model"], report["device"], report["dtype"] = engine.model_name, str(engine.device), str(engine.dtype).removeprefix("torch.")
     print(json.dumps(report, indent=1) if args.json else format_context(report))
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ministack scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sweep", help="plan and run an isoFLOP sweep")
-    s.add_argument("config", help="sweep YAML or preset name (cpu)")
+    s.add_argument("config", help="sweep YAML or preset name (cpu, cpu-digits, gpu-1, gpu-8)")
     s.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; train nothing")
     s.add_argument("--max-hours", type=float, default=None, help="refuse a plan estimated longer than this")
     s.add_argument("--executor", choices=("local", "slurm"), default="local",

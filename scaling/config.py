@@ -114,7 +114,13 @@ class SweepConfig:
         for i, item in enumerate(self.budgets):
             if not isinstance(item, dict) or set(item) != {"flops", "sizes"}:
                 raise ValueError(f"budgets[{i}]: expected {{flops: F, sizes: [depth, ...]}}, got {item!r}")
-            flops, sizes = float(item["flops"]), [int(s) for s in item["sizes"]]
+            try:
+                flops = float(item["flops"])
+            except (TypeError, ValueError):
+                raise ValueError(f"budgets[{i}].flops: expected a number of FLOPs, got {item['flops']!r}") from None
+            sizes = item["sizes"] if isinstance(item["sizes"], list) else [item["sizes"]]
+            if not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+                raise ValueError(f"budgets[{i}].sizes: depths are whole numbers, got {item['sizes']!r}")
             if flops <= 0 or not sizes or min(sizes) < 1:
                 raise ValueError(f"budgets[{i}]: flops must be > 0 and sizes a non-empty list of depths >= 1")
             out.append(Budget(flops, sorted(set(sizes))))
@@ -142,6 +148,19 @@ def load_sweep_config(name_or_path: str, overrides: list[str] = ()) -> SweepConf
     cfg = build_config(SweepConfig, yaml.safe_load(path.read_text()) or {})
     apply_overrides(cfg, overrides)
     cfg.budget_list()
-    if cfg.processes < 1 or cfg.hparams.batch_size % cfg.processes:
+    positive = {"family.head_dim": cfg.family.head_dim, "family.aspect": cfg.family.aspect, "hparams.lr": cfg.hparams.lr,
+                "hparams.base_width": cfg.hparams.base_width, "hparams.batch_size": cfg.hparams.batch_size,
+                "hparams.min_steps": cfg.hparams.min_steps, "processes": cfg.processes,
+                "slurm.time_min": cfg.slurm.time_min, "slurm.array_parallelism": cfg.slurm.array_parallelism}
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    if not all(m > 0 for m in cfg.hparams.lr_multipliers):
+        raise ValueError(f"hparams.lr_multipliers must all be > 0, got {cfg.hparams.lr_multipliers}")
+    if cfg.hparams.batch_size % cfg.processes:
         raise ValueError(f"hparams.batch_size {cfg.hparams.batch_size} must be a multiple of processes {cfg.processes}")
+    if not isinstance(cfg.slurm.sbatch, dict):
+        raise ValueError(f"slurm.sbatch: a mapping of sbatch options, e.g. {{constraint: h100}}, got {cfg.slurm.sbatch!r}")
+    if isinstance(cfg.slurm.setup, str):
+        cfg.slurm.setup = [cfg.slurm.setup]
     return cfg

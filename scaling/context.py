@@ -130,13 +130,16 @@ def measure_context(engine, contexts: list[int], batch: int = 1, decode_tokens: 
     if batch < 1 or decode_tokens < 1:
         raise ValueError(f"batch and decode_tokens must be >= 1, got {batch}, {decode_tokens}")
     for c in contexts:
+        if c < 1:
+            raise ValueError(f"contexts are prompt lengths of at least 1 token, got {c}")
         generated = _max_tokens(engine, c, batch, decode_tokens)
-        if c < 1 or c + generated > engine.max_model_len:
-            raise ValueError(f"context {c} + {generated} generated tokens does not fit the model's {engine.max_model_len}")
+        if c + generated > engine.max_model_len:
+            raise ValueError(f"context {c} + up to {generated} generated tokens (the timed decodes and the batch's "
+                             f"chunked-prefill margin) does not fit the model's {engine.max_model_len}")
         need = batch * (c + generated + engine.config.block_size)
         if need > engine.max_tokens_in_cache:
             raise ValueError(f"context {c} x batch {batch} needs ~{need:,} KV tokens; the cache holds {engine.max_tokens_in_cache:,}")
-    _run_point(engine, min(16, min(contexts)), batch, 2, seed=-1)  # kernels built and warm
+    _run_point(engine, min(contexts), batch, decode_tokens, seed=-1)  # kernels built, caches and allocator warm
     return [_run_point(engine, c, batch, decode_tokens, seed) for c in sorted(contexts)]
 
 

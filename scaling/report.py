@@ -115,7 +115,8 @@ def format_context(report: dict) -> str:
     else:
         where = (f"the context-proportional time equals the fixed time at context {turn:,.0f}" if turn is not None
                  else "TPOT does not grow with the context over the contexts measured: no turn")
-        lines.append(f"TPOT = {fit['fixed_s'] * 1e3:.2f} ms + {fit['per_context_token_s'] * 1e6:.3f} µs x context: {where}")
+        slope = fit["per_context_token_s"] * 1e6
+        lines.append(f"TPOT = {fit['fixed_s'] * 1e3:.2f} ms {'+' if slope >= 0 else '-'} {abs(slope):.3f} µs x context: {where}")
     return "\n".join(lines)
 
 

@@ -53,6 +53,8 @@ def test_measured_decode_flops_equal_the_formula_and_the_crossovers_hold(tiny_ll
 
 def test_refuses_what_it_cannot_measure(tiny_llama, tmp_path):
     engine = make_engine(tiny_llama, tmp_path / "model", kv_cache_bytes=64 * 512)  # 64 tokens of K/V
+    with pytest.raises(ValueError, match="at least 1 token"):
+        measure_context(engine, [0])
     with pytest.raises(ValueError, match="does not fit the model's 512"):
         measure_context(engine, [500], decode_tokens=16)
     with pytest.raises(ValueError, match="KV tokens"):
@@ -75,7 +77,7 @@ def test_cli_json_and_its_errors(tiny_llama, tmp_path, capsys):
     assert main([*base, "--contexts", "8,lots"]) == 2
     assert "--contexts" in capsys.readouterr().err
     assert main([*base, "--contexts", "5000"]) == 2
-    assert "--contexts, --batch, --kv-cache-gb" in capsys.readouterr().err
+    assert "--contexts, --batch, --decode-tokens, --kv-cache-gb" in capsys.readouterr().err
 
 
 def test_weight_bytes_follow_the_stored_layout(tiny_llama, tmp_path):

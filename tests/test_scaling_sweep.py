@@ -2,6 +2,7 @@
 `python -m train`, skipping and resuming, a failing run reported, and the fits on its results."""
 
 import json
+import re
 import stat
 import sys
 
@@ -61,6 +62,12 @@ def test_plan_refuses_runs_off_their_budget():
         plan_sweep(mini(budgets=[{"flops": 1e9}]))
     with pytest.raises(ValueError, match="not a file nor a preset"):
         load_sweep_config("no-such-sweep")
+    for bad, match in (("family.head_dim=0", "family.head_dim must be > 0"), ("hparams.lr=-1", "hparams.lr must be > 0"),
+                       ("hparams.batch_size=0", "hparams.batch_size must be > 0"), ("hparams.lr_multipliers=[0]", "lr_multipliers"),
+                       ("budgets=[{flops: 1.0e+11, sizes: [2.5]}]", "whole numbers"), ("budgets=[{flops: lots, sizes: [2]}]", "flops"),
+                       ("slurm.sbatch=[x]", "slurm.sbatch")):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            load_sweep_config("cpu", [bad])
 
 
 @pytest.mark.slow

@@ -28,6 +28,9 @@ def test_batch_script_asks_for_what_the_config_says(tmp_path):
                  f"--output={tmp_path}/run/slurm/%j.out"):
         assert f"#SBATCH {line}\n" in script
     assert "source /opt/venv/bin/activate" in script and "ACCELERATE_USE_CPU" not in script  # GPUs: no CPU flag
+    assert "#SBATCH --ntasks-per-node=1\n" in script and "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in script
+    one_line = batch_script(SlurmConfig(setup="module load cuda", sbatch="--exclusive"), tmp_path / "run", tmp_path / "r.yaml", [], "python")
+    assert "\nmodule load cuda\n" in one_line and "#SBATCH --exclusive\n" in one_line  # a string is one line
     assert "--num_machines $SLURM_NTASKS --machine_rank $SLURM_PROCID" in script
     assert "--num_processes $(( SLURM_NTASKS * 8 ))" in script and "--set max_steps=10" in script
     assert f"trap 'touch {tmp_path}/run/slurm/stop' USR1" in script and "scontrol requeue $SLURM_JOB_ID" in script
@@ -38,6 +41,9 @@ def test_batch_script_asks_for_what_the_config_says(tmp_path):
 @pytest.mark.parametrize("bad, match", [
     ({"ntasks": 1, "nodes": 2}, "slurm.ntasks"), ({"time": "forever"}, "slurm.time"),
     ({"sbatch": ["exclusive"]}, "slurm.sbatch"), ({"nodes": 0}, "slurm.nodes"), ({"signal_s": -1}, "slurm.signal_s"),
+    ({"sbatch": "exclusive"}, "slurm.sbatch"), ({"nodes": 2, "ntasks": 3}, "multiple of slurm.nodes"),
+    ({"gpus_per_node": 8, "ntasks": 2}, "one task per node"), ({"cpus_per_task": 0}, "slurm.cpus_per_task"),
+    ({"accelerate_config": "no/such.yaml"}, "slurm.accelerate_config"),
 ])
 def test_bad_slurm_settings_are_refused_by_name(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -93,8 +93,9 @@ def test_the_logged_loss_is_the_mean_over_the_accumulation_window():
     for loss, batch in ((1.0, 2), (3.0, 3)):
         window.add(None, 10 * batch, (batch, 4, 1, 8, 8))
         window.losses.append(torch.tensor(loss))
-    loss_sum, micro, samples = window.totals("cpu").tolist()
-    assert (loss_sum / micro, samples) == (2.0, 5.0)
+    loss_sum, micro, samples, stop = window.totals("cpu").tolist()
+    assert (loss_sum / micro, samples, stop) == (2.0, 5.0, 0.0)
+    assert window.totals("cpu", stop=True).tolist()[3] == 1.0  # a stop request rides along (train/preempt.py)
     assert window.shape(2, 10) == "B=2/3 x2 accum, 10 samples/step, latent=1x8x8"
 
 

@@ -76,7 +76,7 @@ def _submit(cfg, args: argparse.Namespace) -> int:
         print("ministack train: error: --slurm needs a run YAML (the job reads it)", file=sys.stderr)
         return 2
     run_dir = Path(cfg.run_dir).resolve()
-    overrides = [f"run_dir={run_dir}"] + [o for o in args.set if not o.startswith("slurm.")]
+    overrides = [f"run_dir={run_dir}"] + [o for o in args.set if not o.startswith(("slurm.", "run_dir="))]
     try:
         script, job = submit(cfg.slurm, run_dir, Path(args.config).resolve(), overrides, sys.executable, args.dry_run)
     except (ValueError, RuntimeError) as err:

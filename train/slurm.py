@@ -30,20 +30,33 @@ from train.config import SlurmConfig
 TIME = re.compile(r"^(\d+-)?\d+(:\d\d){0,2}$")  # SLURM's D-HH:MM:SS, HH:MM:SS, MM:SS or minutes
 
 
+def _lines(value) -> list[str]:
+    """A YAML list of lines, or one line given as a plain string."""
+    return [value] if isinstance(value, str) else [str(x) for x in value]
+
+
 def check(cfg: SlurmConfig) -> None:
-    """Refuse settings SLURM would reject later, naming the field."""
+    """Refuse settings SLURM would reject later, or that would misplace processes, naming the field."""
     if cfg.nodes < 1:
         raise ValueError(f"slurm.nodes must be >= 1, got {cfg.nodes}")
     if cfg.ntasks is not None and cfg.ntasks < cfg.nodes:
         raise ValueError(f"slurm.ntasks ({cfg.ntasks}) must be at least slurm.nodes ({cfg.nodes}): one accelerate node per task")
+    if cfg.ntasks is not None and cfg.ntasks % cfg.nodes:
+        raise ValueError(f"slurm.ntasks ({cfg.ntasks}) must be a multiple of slurm.nodes ({cfg.nodes}): the same tasks on every node")
+    if cfg.gpus_per_node and cfg.ntasks not in (None, cfg.nodes):
+        raise ValueError(f"with GPUs one task per node runs every GPU of it: leave slurm.ntasks unset (got {cfg.ntasks})")
+    if cfg.cpus_per_task is not None and cfg.cpus_per_task < 1:
+        raise ValueError(f"slurm.cpus_per_task must be >= 1, got {cfg.cpus_per_task}")
+    if not Path(cfg.accelerate_config).is_file():
+        raise ValueError(f"slurm.accelerate_config {cfg.accelerate_config!r} is not a file")
     if cfg.gpus_per_node < 0 or (cfg.processes_per_node is not None and cfg.processes_per_node < 1):
         raise ValueError("slurm.gpus_per_node must be >= 0 and slurm.processes_per_node >= 1")
     if not TIME.match(str(cfg.time)):
         raise ValueError(f"slurm.time {cfg.time!r} is not a SLURM time (D-HH:MM:SS, HH:MM:SS, MM:SS or minutes)")
     if cfg.signal_s < 0:
         raise ValueError(f"slurm.signal_s must be >= 0, got {cfg.signal_s}")
-    for line in cfg.sbatch:
-        if not str(line).startswith("--"):
+    for line in _lines(cfg.sbatch):
+        if not line.startswith("--"):
             raise ValueError(f"slurm.sbatch entries are sbatch options like '--constraint=h100', got {line!r}")
 
 
@@ -55,6 +68,7 @@ def batch_script(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: 
     logs = run_dir / "slurm"
     stop, marker = shlex.quote(str(logs / "stop")), shlex.quote(str(logs / "preempted"))
     options = [f"--job-name={cfg.job_name or run_dir.name}", f"--nodes={cfg.nodes}", f"--ntasks={tasks}",
+               f"--ntasks-per-node={tasks // cfg.nodes}",
                f"--output={logs}/%j.out", "--open-mode=append", f"--time={cfg.time}"]
     options += [f"--gpus-per-node={cfg.gpus_per_node}"] if cfg.gpus_per_node else []
     options += [f"--cpus-per-task={cfg.cpus_per_task}"] if cfg.cpus_per_task else []
@@ -63,7 +77,7 @@ def batch_script(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: 
     options += [f"--account={cfg.account}"] if cfg.account else []
     options += [f"--signal=B:USR1@{cfg.signal_s}"] if cfg.signal_s else []
     options += ["--requeue"] if cfg.requeue else []
-    options += [str(x) for x in cfg.sbatch]
+    options += _lines(cfg.sbatch)
     cpu = "" if cfg.gpus_per_node else "ACCELERATE_USE_CPU=1 "
     train = " ".join([f"{shlex.quote(python)} -m accelerate.commands.launch",
                       f"--config_file {shlex.quote(str(Path(cfg.accelerate_config).resolve()))}",
@@ -74,7 +88,10 @@ def batch_script(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: 
                       *(f"--set {shlex.quote(o)}" for o in overrides)])
     lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in options), "",
              f"# written by `ministack train --slurm` for {run_dir}; edit and `sbatch` it by hand if you like",
-             "set -u", *map(str, cfg.setup),
+             "set -u", *_lines(cfg.setup),
+             # srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05): without this every rank
+             # and its data workers would share one core
+             *(["export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK"] if cfg.cpus_per_task else []),
              f"cd {shlex.quote(str(Path.cwd()))}",
              'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
              "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
