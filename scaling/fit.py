@@ -225,7 +225,8 @@ def _profiles(budgets: np.ndarray, n: np.ndarray, loss: np.ndarray) -> list[IsoF
             profiles.append(IsoFlopProfile(c, sizes.tolist(), None, None, "loss vs log N is not convex here"))
             continue
         x_opt = -curve[1] / (2 * curve[0])
-        n_opt, loss_opt = float(np.exp(x_opt)), float(np.polyval(curve, x_opt))
+        with np.errstate(over="ignore"):  # a nearly flat parabola's minimum far off the grid: flagged below
+            n_opt, loss_opt = float(np.exp(x_opt)), float(np.polyval(curve, x_opt))
         flag = ""
         if not sizes[0] < n_opt < sizes[-1]:
             flag = "minimum outside the sizes tried: extend the grid"
