@@ -1,7 +1,7 @@
 """Training on SLURM: the batch script, the stop-and-requeue path, and jobs on a real one-host
 cluster (tests/slurm_cluster.py): a "2-node" job (two tasks, each an accelerate node) matches the
 single-process run, and a job signalled before its time limit checkpoints, requeues and ends
-with the losses of an uninterrupted run."""
+with the losses and final weights of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ def test_a_stop_request_checkpoints_then_the_rerun_matches_the_uninterrupted_run
     assert again.returncode == 0 and "resumed from" in out, out
     assert not (run / "slurm" / "preempted").exists()
     assert _losses(run) == reference
+    assert _final_weights(run) == _final_weights(tmp_path / "full")
 
 
 def _submit(run: Path, env: dict, *settings: str) -> str:
@@ -150,6 +151,15 @@ def test_signalled_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
     attempts = [json.loads(x) for x in (run / "attempts.jsonl").read_text().splitlines()]
     assert [a["attempt"] for a in attempts] == [1, 2] and 4 <= attempts[1]["resumed_from"] < 30
     assert _losses(run) == reference
+    assert _final_weights(run) == _final_weights(tmp_path / "full")  # bit-identical EMA weights
+
+
+def _final_weights(run: Path) -> dict[str, bytes]:
+    """The saved pipeline's DiT weights, tensor by tensor, as bytes."""
+    from safetensors.torch import load_file
+
+    (path,) = (run / "pipeline" / "transformer").glob("*.safetensors")
+    return {k: v.numpy().tobytes() for k, v in load_file(path).items()}
 
 
 @pytest.mark.slow
