@@ -38,9 +38,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 from scipy.ndimage import map_coordinates
-from torch.utils.data import Dataset
 
-from train.data.clip import Clip
+from train.data.clip import GeneratedClips
 from train.data.procedural import DIRECTION_WORDS, DIRECTIONS, VERBS, _pick
 
 VAL_FRACTION = 0.15
@@ -116,7 +115,7 @@ def render(attrs: dict) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(grey[None], (3, t, h, w))))
 
 
-class MovingDigits(Dataset):
+class MovingDigits(GeneratedClips):
     """`size` clips drawn from `seed` and the scans of `split`; index i is always the same clip.
 
     Each clip's (T, H, W) is one of `sizes` (the loader passes the run's buckets), so no clip is
@@ -137,9 +136,7 @@ class MovingDigits(Dataset):
         self.two_digit_fraction = two_digit_fraction
         self.labels = scans()[1]
         self.pool = split_scans(self.labels)[SPLITS.index(split)]  # the scans this split may draw
-
-    def __len__(self) -> int:
-        return self.n
+        self.source = f"digits:{split}"
 
     def _dims(self, rng: np.random.Generator) -> tuple[int, int, int]:
         t, h, w = self.sizes[int(rng.integers(len(self.sizes)))]
@@ -180,8 +177,4 @@ class MovingDigits(Dataset):
             attrs["motion"] = attrs["digits"][0]["motion"]
         return attrs, caption(attrs, rng)
 
-    def __getitem__(self, i: int) -> Clip:
-        if not 0 <= i < self.n:  # also ends plain `for clip in dataset` loops
-            raise IndexError(f"index {i} out of range for {self.n} clips")
-        attrs, text = self.describe(i)
-        return Clip(render(attrs), text, fps=attrs["fps"], attrs=attrs, source=f"digits:{self.split}:{i}")
+    render = staticmethod(render)  # the module's renderer: a clip from its attributes

@@ -23,9 +23,8 @@ import math
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from train.data.clip import Clip
+from train.data.clip import GeneratedClips
 
 COLOURS = {  # the RGB cube's corners but black
     "red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0),
@@ -162,7 +161,7 @@ def render(attrs: dict) -> torch.Tensor:
     return torch.from_numpy((np.clip(video, 0, 1) * 2 - 1).astype(np.float32))  # texture can dip below black
 
 
-class ProceduralVideos(Dataset):
+class ProceduralVideos(GeneratedClips):
     """`size` clips drawn from `seed`; index i is always the same clip, caption included."""
 
     def __init__(
@@ -179,9 +178,7 @@ class ProceduralVideos(Dataset):
     ) -> None:
         self.n, self.seed, self.resolutions, self.frames, self.fps = size, seed, resolutions, frames, fps
         self.fractions = static_fraction, bounce_fraction, spin_fraction, scale_fraction
-
-    def __len__(self) -> int:
-        return self.n
+        self.source = "procedural"
 
     def _dims(self, rng: np.random.Generator) -> tuple[int, int, int]:
         h, w = self.resolutions[int(rng.integers(len(self.resolutions)))]
@@ -227,8 +224,4 @@ class ProceduralVideos(Dataset):
             a["start"].append(float(p))
         return a, caption(a, rng)
 
-    def __getitem__(self, i: int) -> Clip:
-        if not 0 <= i < self.n:  # also ends plain `for clip in dataset` loops
-            raise IndexError(f"index {i} out of range for {self.n} clips")
-        attrs, text = self.describe(i)
-        return Clip(render(attrs), text, fps=attrs["fps"], attrs=attrs, source=f"procedural:{i}")
+    render = staticmethod(render)  # the module's renderer: a clip from its attributes
