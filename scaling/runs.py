@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -70,6 +71,14 @@ def log_tail(path: Path, lines: int = 12) -> str:
         return ""
 
 
+def _ignore_usr2() -> None:
+    """In the training process, before exec: ignore SIGUSR2 (inherited by the launcher and its
+    workers). SLURM sends submitit's pre-timeout SIGUSR2 to every process of the task's step;
+    left at its default it would kill the training before it checkpoints. The stop reaches the
+    training as RUN_DIR/slurm/stop instead (scaling/slurm.py: RunTask.checkpoint)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> dict | None:
     """Train one run to its end (resuming it if it had started), check it and write its
     result.json; None and a failed.json (exit status, log tail) if training failed; None alone
@@ -81,7 +90,7 @@ def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> dict | 
     with (run_dir / "train.log").open("a") as log:
         log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command(plan, config))}\n")
         log.flush()
-        code = subprocess.call(command(plan, config), stdout=log, stderr=subprocess.STDOUT)
+        code = subprocess.call(command(plan, config), stdout=log, stderr=subprocess.STDOUT, preexec_fn=_ignore_usr2)
     if code == 0 and (run_dir / "slurm" / "preempted").is_file():  # checkpointed on request: to be resumed
         echo(f"  {run.id}: stopped on request after {time.time() - start:.0f} s, checkpointed; it resumes when run again")
         return None

@@ -9,7 +9,9 @@ Resubmitting skips finished runs.
 Time limits and preemption: submitit asks SLURM for SIGUSR2 `signal_delay_s` before the task's
 limit and calls `RunTask.checkpoint`, which touches the run's RUN_DIR/slurm/stop (train/preempt.py:
 the training saves a checkpoint at its next step and exits), waits for it, and hands the task
-back to submitit to requeue; the requeued task resumes the run from that checkpoint.
+back to submitit to requeue; the requeued task resumes the run from that checkpoint. SLURM sends
+that signal to every process of the step: the training process is started with SIGUSR2 ignored
+(scaling.runs.run_one), so the file, not the signal, stops it.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import wait_for_job
-from test_train import ROOT, SMALL, _env, _logged_steps, _losses, _model_yaml, _train
+from test_train import EXTENSIONS, ROOT, SMALL, _env, _logged_steps, _losses, _model_yaml, _train
 
 from train.config import SlurmConfig
 from train.slurm import batch_script, check
@@ -36,6 +36,9 @@ def test_batch_script_asks_for_what_the_config_says(tmp_path):
     assert f"trap 'touch {tmp_path}/run/slurm/stop' USR1" in script and "scontrol requeue $SLURM_JOB_ID" in script
     cpu = batch_script(SlurmConfig(ntasks=2, signal_s=0, requeue=False), tmp_path / "run", tmp_path / "r.yaml", [], "python")
     assert "ACCELERATE_USE_CPU=1" in cpu and "--signal" not in cpu and "--requeue" not in cpu
+    torchrun = batch_script(SlurmConfig(nodes=4, gpus_per_node=8, launcher="torchrun"), tmp_path / "run", tmp_path / "r.yaml", [], "python")
+    assert ("python -m torch.distributed.run --nnodes $SLURM_NTASKS --node_rank $SLURM_PROCID --nproc_per_node 8 "
+            "--master_addr $MASTER_ADDR --master_port $MASTER_PORT -m train") in torchrun and "accelerate" not in torchrun
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -43,7 +46,8 @@ def test_batch_script_asks_for_what_the_config_says(tmp_path):
     ({"sbatch": ["exclusive"]}, "slurm.sbatch"), ({"nodes": 0}, "slurm.nodes"), ({"signal_s": -1}, "slurm.signal_s"),
     ({"sbatch": "exclusive"}, "slurm.sbatch"), ({"nodes": 2, "ntasks": 3}, "multiple of slurm.nodes"),
     ({"gpus_per_node": 8, "ntasks": 2}, "one task per node"), ({"cpus_per_task": 0}, "slurm.cpus_per_task"),
-    ({"accelerate_config": "no/such.yaml"}, "slurm.accelerate_config"),
+    ({"accelerate_config": "no/such.yaml"}, "slurm.accelerate_config"), ({"launcher": "mpirun"}, "slurm.launcher"),
+    ({"launcher": "torchrun", "accelerate_config": "configs/accelerate/zero2.yaml"}, "run's `deepspeed:`"),
 ])
 def test_bad_slurm_settings_are_refused_by_name(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -106,23 +110,32 @@ def _submit(run: Path, env: dict, *settings: str) -> str:
     config.write_text("{}\n")
     args = [sys.executable, "-m", "train", str(config), "--slurm", "--set", f"run_dir={run}", *SMALL,
             "--set", "mixed_precision=no", "--set", "slurm.time=15", *settings]
-    proc = subprocess.run(args, cwd=ROOT, env=_env() | {"SLURM_CONF": env["SLURM_CONF"]}, capture_output=True, text=True)
+    env = _env() | {"SLURM_CONF": env["SLURM_CONF"], "TORCH_EXTENSIONS_DIR": EXTENSIONS}  # sbatch passes it on
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split("submitted SLURM job ")[1].split(":")[0]
 
 
 @pytest.mark.slow
-def test_two_node_job_matches_the_single_process_run(slurm, tmp_path):
-    """Two SLURM tasks on this host, each an accelerate node (machine rank SLURM_PROCID, gloo),
-    batch 2 each, against one process on batch 4: the same losses."""
+@pytest.mark.parametrize("launch", [
+    ["--set", "slurm.launcher=accelerate"],  # DDP over gloo
+    ["--set", "slurm.launcher=accelerate", "--set", "slurm.accelerate_config=configs/accelerate/zero2.yaml"],
+    ["--set", "slurm.launcher=torchrun", "--set", "deepspeed=configs/deepspeed/zero2.json"],
+], ids=["accelerate-ddp", "accelerate-zero2", "torchrun-zero2"])
+def test_two_node_job_matches_the_single_process_run(slurm, tmp_path, launch):
+    """Two SLURM tasks on this host, each a node (machine rank SLURM_PROCID, gloo) of accelerate
+    or torchrun, DDP or DeepSpeed ZeRO-2 from the same config as on one node, batch 2 each,
+    against one process on batch 4: the same losses."""
     model = ["--set", f"model={_model_yaml(tmp_path)}", "--set", "max_steps=4", "--set", "mixed_precision=no"]
     reference = _uninterrupted(tmp_path, *model, "--set", "data.batch_size=4")
     run = tmp_path / "two-node"
-    job = _submit(run, slurm, *model, "--set", "slurm.ntasks=2")
+    job = _submit(run, slurm, *model, "--set", "slurm.ntasks=2", *launch)
     state = wait_for_job(slurm, job)
     log = (run / "slurm" / f"{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
-    assert "2 accelerate node(s) x 1" in log and "trained 4 steps" in log
+    assert f"2 {launch[1].split('=')[1]} node(s) x 1" in log and "trained 4 steps" in log
+    if "zero2" in " ".join(launch):  # DeepSpeed's partitioned optimizer state, one shard per rank
+        assert len(list((run / "checkpoints").glob("step-*/pytorch_model/zero_pp_rank_*_optim_states.pt"))) == 2
     got = _losses(run)
     assert got.keys() == reference.keys()
     assert all(got[s] == pytest.approx(reference[s], rel=1e-4) for s in reference), (got, reference)
@@ -200,3 +213,35 @@ def test_sweep_as_a_job_array_completes_reports_a_failed_task_and_fits(slurm, tm
     assert (sweep_dir / "fit.json").is_file() and "5 runs over 3 budgets" in fit.stdout
     again = scaling("sweep", str(config), "--executor", "slurm", "--out", str(sweep_dir))
     assert again.returncode == 0 and "submitted 1 run(s)" in again.stdout and "C1e09-d1" in again.stdout, again.stderr
+
+
+@pytest.mark.slow
+def test_sweep_task_signalled_before_its_time_limit_checkpoints_requeues_and_finishes(slurm, tmp_path):
+    """SIGUSR2 to the array task's step (what submitit's --signal=USR2@delay sends before the
+    limit, to every process of the step, the training included): the run checkpoints, submitit
+    requeues the task, the requeued task resumes the run from that step and finishes it."""
+    import yaml
+    from test_scaling_sweep import MINI
+
+    config = tmp_path / "one.yaml"
+    config.write_text(yaml.safe_dump(MINI | {"budgets": [{"flops": 5.0e9, "sizes": [1]}], "slurm": {"time_min": 15}}))
+    sweep_dir = tmp_path / "sweep"
+    env = _env() | {"SLURM_CONF": slurm["SLURM_CONF"]}
+    out = subprocess.run([sys.executable, "-m", "scaling", "sweep", str(config), "--executor", "slurm", "--out", str(sweep_dir)],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    (task,) = json.loads((sweep_dir / "slurm" / "tasks.json").read_text()).values()
+    deadline = time.time() + 600
+    while not any(_logged_steps(run) >= 20 for run in sweep_dir.glob("runs/*")):
+        assert time.time() < deadline, "the task never got going"
+        time.sleep(0.1)
+    (run,) = (sweep_dir / "runs").iterdir()
+    subprocess.run(["scancel", "--signal=USR2", task], check=True, env=slurm)
+    wait_for_job(slurm, task, timeout=900)
+    logs = "".join(p.read_text() for p in (sweep_dir / "slurm").glob("*/*_log.*"))
+    assert (run / "result.json").is_file(), logs[-3000:]
+    attempts = [json.loads(x) for x in (run / "attempts.jsonl").read_text().splitlines()]
+    steps = json.loads((run / "result.json").read_text())["steps"]
+    assert [a["attempt"] for a in attempts] == [1, 2] and 20 <= attempts[1]["resumed_from"] < steps, attempts
+    assert sorted(_losses(run)) == list(range(1, steps + 1))  # every step once, none lost or repeated
+    assert "this job is preempted" in logs and "Calling checkpoint method" in logs

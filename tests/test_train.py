@@ -136,6 +136,9 @@ def test_bad_config_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "train", "--set", "no_such_field=1"], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown config key 'no_such_field'" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "train", "--set", "deepspeed=no/such.json"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "deepspeed: 'no/such.json' is not a file" in proc.stderr
 
 
 # One TORCH_EXTENSIONS_DIR per machine: DeepSpeed compiles its shm op once (~40 s), then reuses it.

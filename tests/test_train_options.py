@@ -107,3 +107,14 @@ def test_a_string_field_takes_no_as_text_and_a_yaml_boolean_is_refused(tmp_path)
     path.write_text("mixed_precision: no\n")  # YAML 1.1: an unquoted no is False
     with pytest.raises(ValueError, match="YAML boolean False: quote it"):
         load_train_config(path)
+
+
+def test_deepspeed_from_both_the_accelerate_config_and_the_run_is_refused(monkeypatch):
+    """`accelerate launch` with a ZeRO config sets ACCELERATE_USE_DEEPSPEED; a run's own
+    `deepspeed:` JSON on top would leave which one applies to accelerate's internals."""
+    from train.config import TrainConfig
+    from train.loop import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="accelerate config already sets up DeepSpeed"):
+        make_accelerator(TrainConfig(deepspeed="configs/deepspeed/zero2.json"))

@@ -38,8 +38,8 @@ class VAEConfig:
 @dataclass
 class SlurmConfig:
     """Where `ministack train --slurm` runs the job (train.slurm writes the batch script). One
-    task per node, each an accelerate node: machine rank SLURM_PROCID, rendezvous on the job's
-    first host. Launch-only: it does not change what is trained (a sweep's config hash leaves it out)."""
+    task per node, each an accelerate (or torchrun) node: machine rank SLURM_PROCID, rendezvous
+    on the job's first host. Launch-only: it does not change what is trained (a sweep's config hash leaves it out)."""
 
     nodes: int = 1
     ntasks: int | None = None  # accelerate nodes in all (default: nodes; 2 on 1 node tests multi-node on one host)
@@ -51,7 +51,8 @@ class SlurmConfig:
     partition: str | None = None
     account: str | None = None
     job_name: str | None = None  # default: the run directory's name
-    accelerate_config: str = "configs/accelerate/ddp.yaml"  # DeepSpeed ZeRO configs work unchanged across nodes
+    launcher: str = "accelerate"  # or "torchrun" (DeepSpeed then from the run's `deepspeed:` JSON)
+    accelerate_config: str | None = None  # default configs/accelerate/ddp.yaml; ZeRO configs work unchanged across nodes
     signal_s: int = 120  # SIGUSR1 this long before the time limit: checkpoint, then requeue
     requeue: bool = True
     setup: list = field(default_factory=list)  # shell lines before the launch (module load, source a venv)
@@ -88,7 +89,7 @@ class TrainConfig:
     val_clips: int = 8  # held-out clips of the validation loss (its standard error shrinks as 1/sqrt of this)
     eval_prompts: int = 8  # text-alignment prompts sampled per evaluation (more: a less noisy score)
     eval_sampling_steps: int = 20
-    deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.); normally set by the accelerate config
+    deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.) for launchers without an accelerate config (torchrun)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # used by `ministack train --slurm` only
 
     def to_dict(self) -> dict:
@@ -180,8 +181,11 @@ def build_config(cls, values: dict):
 
 def load_train_config(path: str | Path | None, overrides: list[str] = (), stage: str = "dit") -> TrainConfig:
     """A TrainConfig from YAML (None: defaults), then `key=value` overrides (dotted keys); its
-    buckets checked for `stage` ("vae", "cache" or "dit": `TrainConfig.check_buckets`)."""
+    buckets checked for `stage` ("vae", "cache" or "dit": `TrainConfig.check_buckets`) and its
+    `deepspeed` file found. Raises ValueError naming the field."""
     cfg = build_config(TrainConfig, yaml.safe_load(Path(path).read_text()) or {}) if path else TrainConfig()
     apply_overrides(cfg, overrides)
     cfg.check_buckets(stage)
+    if cfg.deepspeed and not Path(cfg.deepspeed).is_file():
+        raise ValueError(f"deepspeed: {cfg.deepspeed!r} is not a file (a DeepSpeed JSON config)")
     return cfg

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -65,13 +65,21 @@ def mixed_precision(setting: str, cuda: bool) -> str:
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The run's precision (mixed_precision), gloo where there is no CUDA (DeepSpeed would
-    otherwise ask for NCCL), and a short collective timeout so hangs fail fast."""
+    otherwise ask for NCCL), and a short collective timeout so hangs fail fast. DeepSpeed comes
+    from the accelerate config (`accelerate launch`) or from the run's own `deepspeed:` JSON
+    (any launcher: torchrun reads no accelerate config); both at once is refused."""
     precision = mixed_precision(cfg.mixed_precision, torch.cuda.is_available())
     kwargs = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = {} if torch.cuda.is_available() else {"backend": "gloo"}
         kwargs.append(InitProcessGroupKwargs(timeout=timedelta(minutes=10), **backend))
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=kwargs)
+    plugin = None
+    if cfg.deepspeed:
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            raise ValueError("deepspeed: the accelerate config already sets up DeepSpeed; give one of the two")
+        plugin = DeepSpeedPlugin(hf_ds_config=str(Path(cfg.deepspeed).resolve()))
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=kwargs,
+                       deepspeed_plugin=plugin)
 
 
 def gathered(model, deepspeed):

@@ -1,4 +1,4 @@
-"""`ministack train RUN.yaml --slurm`: the run as a SLURM batch job, one accelerate node per task.
+"""`ministack train RUN.yaml --slurm`: the run as a SLURM batch job, one accelerate (or torchrun) node per task.
 
 Plain sbatch, not a submission library: a multi-node accelerate launch is one `srun` of one
 shell line per node, which a batch script says more plainly than any wrapper, and the script
@@ -7,8 +7,8 @@ is written next to the run (RUN_DIR/slurm/train.sbatch) so it can be edited and 
 The script:
 - asks for `nodes` nodes and `ntasks` tasks (default one per node), GPUs, CPUs, memory, a time
   limit, partition, account and any extra `#SBATCH` lines; logs to RUN_DIR/slurm/%j.out;
-- starts one `accelerate launch` per task through `srun`: machine rank SLURM_PROCID of
-  SLURM_NTASKS machines, `processes_per_node` processes each, rendezvous on the job's first host
+- starts one `accelerate launch` (or `torchrun`, `launcher`) per task through `srun`: machine
+  rank SLURM_PROCID of SLURM_NTASKS machines, `processes_per_node` processes each, rendezvous on the job's first host
   at a port derived from the job id (two jobs on one host do not collide);
 - with `signal_s`, has SLURM send SIGUSR1 to the batch shell that long before the time limit;
   the shell touches RUN_DIR/slurm/stop (train/preempt.py: every rank sees it at the same step,
@@ -25,8 +25,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from train.config import SlurmConfig
 
+LAUNCHERS = ("accelerate", "torchrun")
+DEFAULT_ACCELERATE_CONFIG = "configs/accelerate/ddp.yaml"
 TIME = re.compile(r"^(\d+-)?\d+(:\d\d){0,2}$")  # SLURM's D-HH:MM:SS, HH:MM:SS, MM:SS or minutes
 
 
@@ -47,7 +51,12 @@ def check(cfg: SlurmConfig) -> None:
         raise ValueError(f"with GPUs one task per node runs every GPU of it: leave slurm.ntasks unset (got {cfg.ntasks})")
     if cfg.cpus_per_task is not None and cfg.cpus_per_task < 1:
         raise ValueError(f"slurm.cpus_per_task must be >= 1, got {cfg.cpus_per_task}")
-    if not Path(cfg.accelerate_config).is_file():
+    if cfg.launcher not in LAUNCHERS:
+        raise ValueError(f"slurm.launcher must be one of {', '.join(LAUNCHERS)}, got {cfg.launcher!r}")
+    if cfg.launcher == "torchrun" and cfg.accelerate_config is not None:
+        raise ValueError("slurm.accelerate_config is read by `accelerate launch` only: with slurm.launcher torchrun "
+                         "set the run's `deepspeed:` (a DeepSpeed JSON) for ZeRO, or leave it out for DDP")
+    if cfg.launcher == "accelerate" and not Path(accelerate_config(cfg)).is_file():
         raise ValueError(f"slurm.accelerate_config {cfg.accelerate_config!r} is not a file")
     if cfg.gpus_per_node < 0 or (cfg.processes_per_node is not None and cfg.processes_per_node < 1):
         raise ValueError("slurm.gpus_per_node must be >= 0 and slurm.processes_per_node >= 1")
@@ -58,6 +67,32 @@ def check(cfg: SlurmConfig) -> None:
     for line in _lines(cfg.sbatch):
         if not line.startswith("--"):
             raise ValueError(f"slurm.sbatch entries are sbatch options like '--constraint=h100', got {line!r}")
+
+
+def accelerate_config(cfg: SlurmConfig) -> str:
+    return cfg.accelerate_config or DEFAULT_ACCELERATE_CONFIG
+
+
+def launch_line(cfg: SlurmConfig, per_node: int, config_path: Path, overrides: list[str], python: str) -> str:
+    """The shell line every task runs: one node of `SLURM_NTASKS`, rank `SLURM_PROCID`, `per_node`
+    training processes, rendezvous at $MASTER_ADDR:$MASTER_PORT."""
+    train = [f"-m train {shlex.quote(str(config_path))}", *(f"--set {shlex.quote(o)}" for o in overrides)]
+    if cfg.launcher == "torchrun":  # with no CUDA, accelerate's Accelerator falls back to CPU by itself
+        return " ".join([f"{shlex.quote(python)} -m torch.distributed.run",
+                         "--nnodes $SLURM_NTASKS --node_rank $SLURM_PROCID",
+                         f"--nproc_per_node {per_node} --master_addr $MASTER_ADDR --master_port $MASTER_PORT", *train])
+    # CPU nodes: DDP needs accelerate told so, while DeepSpeed runs on CPU by itself and is
+    # silently replaced by plain CPU DDP when told
+    deepspeed = yaml.safe_load(Path(accelerate_config(cfg)).read_text()).get("distributed_type") == "DEEPSPEED"
+    cpu = "" if cfg.gpus_per_node or deepspeed else "ACCELERATE_USE_CPU=1 "
+    return cpu + " ".join([f"{shlex.quote(python)} -m accelerate.commands.launch",
+                           f"--config_file {shlex.quote(str(Path(accelerate_config(cfg)).resolve()))}",
+                           "--num_machines $SLURM_NTASKS --machine_rank $SLURM_PROCID",
+                           "--main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT",
+                           # DeepSpeed configs: every node starts its own processes (the default, pdsh, would
+                           # ssh into the others from the first); ignored for DDP
+                           "--deepspeed_multinode_launcher standard",
+                           f"--num_processes $(( SLURM_NTASKS * {per_node} ))", *train])
 
 
 def batch_script(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: list[str], python: str) -> str:
@@ -78,14 +113,6 @@ def batch_script(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: 
     options += [f"--signal=B:USR1@{cfg.signal_s}"] if cfg.signal_s else []
     options += ["--requeue"] if cfg.requeue else []
     options += _lines(cfg.sbatch)
-    cpu = "" if cfg.gpus_per_node else "ACCELERATE_USE_CPU=1 "
-    train = " ".join([f"{shlex.quote(python)} -m accelerate.commands.launch",
-                      f"--config_file {shlex.quote(str(Path(cfg.accelerate_config).resolve()))}",
-                      "--num_machines $SLURM_NTASKS --machine_rank $SLURM_PROCID",
-                      "--main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT",
-                      f"--num_processes $(( SLURM_NTASKS * {per_node} ))",
-                      f"-m train {shlex.quote(str(config_path))}",
-                      *(f"--set {shlex.quote(o)}" for o in overrides)])
     lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in options), "",
              f"# written by `ministack train --slurm` for {run_dir}; edit and `sbatch` it by hand if you like",
              "set -u", *_lines(cfg.setup),
@@ -95,10 +122,10 @@ def batch_script(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: 
              f"cd {shlex.quote(str(Path.cwd()))}",
              'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
              "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
-             f'echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}): $SLURM_NTASKS accelerate node(s) x {per_node} on $SLURM_JOB_NODELIST"',
+             f'echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}): $SLURM_NTASKS {cfg.launcher} node(s) x {per_node} on $SLURM_JOB_NODELIST"',
              f"rm -f {stop} {marker}",
              f"trap 'touch {stop}' USR1  # training checkpoints at its next step and stops (train/preempt.py)",
-             f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(cpu + train)} &",
+             f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(launch_line(cfg, per_node, config_path, overrides, python))} &",
              "step=$!",
              "while true; do wait $step; rc=$?; kill -0 $step 2>/dev/null || break; done  # a trap ends `wait` early",
              f"if [ -f {marker} ]; then",
