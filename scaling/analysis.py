@@ -26,6 +26,7 @@ import numpy as np
 
 from scaling.fit import ParametricFit, fit_isoflop, fit_parametric
 
+STARTS = 100  # approach 3's L-BFGS starts: the best of Chinchilla's grid (scaling.fit.fit_parametric)
 LEVEL = 0.8  # bootstrap interval level
 
 
@@ -83,16 +84,19 @@ def approach2(runs: list[dict], definition: str, bootstrap: int = 0, seed: int =
     return out
 
 
-def approach3(runs: list[dict], definition: str, at: float, bootstrap: int, seed: int = 0) -> dict:
-    """The parametric law on (N_C, D, loss), Epoch's recipe, with bootstrap intervals."""
+def approach3(runs: list[dict], definition: str, at: float, bootstrap: int, seed: int = 0,
+              starts: int | None = STARTS) -> dict:
+    """The parametric law on (N_C, D, loss), Epoch's recipe, with bootstrap intervals; L-BFGS
+    from the `starts` best points of Chinchilla's grid (None: all 4,500)."""
     fit = fit_parametric([_n_eff(r, definition) for r in runs], [r["tokens"] for r in runs], [r["loss"] for r in runs],
-                         bootstrap=bootstrap, seed=seed, level=LEVEL, at=at)
+                         bootstrap=bootstrap, seed=seed, level=LEVEL, at=at, starts=starts)
     return fit.values() | {"intervals": fit.intervals, "level": LEVEL, "bootstrap": fit.bootstrap,
                            "bootstrap_failed": fit.bootstrap_failed, "converged": fit.converged,
-                           "status": fit.status, "objective": fit.objective, "runs": fit.runs, "at": at}
+                           "status": fit.status, "objective": fit.objective, "runs": fit.runs, "at": at,
+                           "starts": starts}
 
 
-def holdout(runs: list[dict], definition: str, seed: int = 0) -> dict | None:
+def holdout(runs: list[dict], definition: str, seed: int = 0, starts: int | None = STARTS) -> dict | None:
     """Leave the largest budget out, fit approach 3 on the rest, predict the held-out budget: its
     compute-optimal loss (against the best run measured there) and each of its runs' loss.
     None when fewer than 5 runs or 2 budgets remain."""
@@ -106,7 +110,7 @@ def holdout(runs: list[dict], definition: str, seed: int = 0) -> dict | None:
     held = groups[top]
     c = math.exp(np.mean([math.log(r["flops"][definition]) for r in held]))
     fit = fit_parametric([_n_eff(r, definition) for r in rest], [r["tokens"] for r in rest], [r["loss"] for r in rest],
-                         seed=seed, at=c)
+                         seed=seed, at=c, starts=starts)
     best = min(held, key=lambda r: r["loss"])
     errors = [float(fit.loss(_n_eff(r, definition), r["tokens"]) / r["loss"] - 1) for r in held]
     predicted = fit.values()["loss_opt"]
@@ -155,10 +159,11 @@ def lr_check(results: list[dict]) -> dict:
 
 
 def analyze(results: list[dict], primary: str | None = None, bootstrap: int = 1000, at: float | None = None,
-            seed: int = 0, inference_tokens: float = 0.0, sampling_steps: int = 50) -> dict:
+            seed: int = 0, inference_tokens: float = 0.0, sampling_steps: int = 50, starts: int | None = STARTS) -> dict:
     """Approaches 1-3 under the primary definition (default: measured, or the CSV's "given"),
     and the compute-definition ablation. `at`: the budget (FLOPs) at which N_opt, D_opt and
-    tokens per parameter are given (default: the largest budget). Raises ValueError with fewer
+    tokens per parameter are given (default: the largest budget); `starts`: approach 3's L-BFGS
+    starts (None: all of Chinchilla's grid). Raises ValueError with fewer
     than 5 runs at the rule's LR."""
     runs = [r for r in results if r.get("lr_multiplier", 1) == 1 and r.get("loss") is not None]
     if len(runs) < 5:
@@ -171,13 +176,13 @@ def analyze(results: list[dict], primary: str | None = None, bootstrap: int = 10
         return at or max(r["flops"][definition] for r in runs)
 
     out = {"definition": primary, "runs": len(runs), "budgets": len(_groups(runs)), "at": at_for(primary),
-           "fit": {"approach3": approach3(runs, primary, at_for(primary), bootstrap, seed),
+           "fit": {"approach3": approach3(runs, primary, at_for(primary), bootstrap, seed, starts),
                    "approach2": approach2(runs, primary, bootstrap, seed), "approach1": approach1(runs, primary)},
-           "holdout": holdout(runs, primary, seed), "ablation": {}, "lr_check": lr_check(results)}
+           "holdout": holdout(runs, primary, seed, starts), "ablation": {}, "lr_check": lr_check(results)}
     if inference_tokens:
         out["inference"] = inference_optimum(out["fit"]["approach3"], out["at"], inference_tokens, sampling_steps)
     for definition in definitions:
-        a3 = out["fit"]["approach3"] if definition == primary else approach3(runs, definition, at_for(definition), 0, seed)
+        a3 = out["fit"]["approach3"] if definition == primary else approach3(runs, definition, at_for(definition), 0, seed, starts)
         a2, a1 = approach2(runs, definition), approach1(runs, definition)
         out["ablation"][definition] = {"approach3": {k: a3[k] for k in ("a", "b", "tokens_per_param", "alpha", "beta", "E")},
                                        "approach2": {"a": a2["a"], "tokens_per_param": a2.get("tokens_per_param")},

@@ -122,6 +122,15 @@ def _provenance(args, plot: Path | None, report: Path) -> dict:
     return out
 
 
+def _starts(value: str) -> int | None:
+    """--starts: a positive count, or 'all' (None: every grid point)."""
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"a positive number of starts or 'all', got {value!r}")
+    return int(value)
+
+
 def _fit(args) -> int:
     from scaling.analysis import analyze
     from scaling.report import markdown_report
@@ -131,7 +140,7 @@ def _fit(args) -> int:
         raise ValueError("give a SWEEP_DIR or --csv FILE (one of them)")
     results = read_csv(args.csv) if args.csv else load_results(Path(args.sweep_dir))
     result = analyze(results, primary=args.definition, bootstrap=args.bootstrap, at=args.at,
-                     inference_tokens=args.inference_tokens or 0.0, sampling_steps=args.sampling_steps)
+                     inference_tokens=args.inference_tokens or 0.0, sampling_steps=args.sampling_steps, starts=args.starts)
     print(json.dumps(result, indent=1) if args.json else format_analysis(result))
     side = sys.stderr if args.json else sys.stdout
     plot = args.plot or (Path(args.sweep_dir) / "fits.png" if args.sweep_dir else None)
@@ -201,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--csv", help="runs as CSV: params,tokens,loss[,flops][,budget]")
     f.add_argument("--json", action="store_true", help="one JSON object instead of text")
     f.add_argument("--bootstrap", type=int, default=1000, help="bootstrap refits for the intervals (default 1000)")
+    f.add_argument("--starts", type=_starts, default=100,
+                   help="approach 3: L-BFGS from this many of Chinchilla's 4,500 grid points, those starting lowest, "
+                        "or 'all' as Epoch did (default 100)")
     f.add_argument("--at", type=parse_number, default=None, help="budget (FLOPs) for N_opt, D_opt, tokens/param")
     f.add_argument("--definition", default=None, help="compute definition of the main fit (default measured)")
     f.add_argument("--inference-tokens", type=parse_number, default=None,

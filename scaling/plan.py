@@ -173,7 +173,8 @@ def plan_sweep(sweep: SweepConfig) -> Plan:
         steps = round(budget / size.measured_per_step)
         miss = steps * size.measured_per_step / budget - 1
         if steps < hp.min_steps or abs(miss) > BUDGET_TOLERANCE:
-            short.append(f"C={_budget_name(budget)} depth {depth}: {steps} steps, {miss:+.1%} of the budget")
+            reason = f"C={_budget_name(budget)} depth {depth}: {steps} steps, {miss:+.1%} of the budget"
+            short += [reason] if reason not in short else []  # the LR-check runs repeat a size's reason
             continue
         warmup = max(1, min(math.ceil(hp.warmup_tokens_per_param * size.n / size.tokens_per_step),
                             int(hp.max_warmup_fraction * steps)))

@@ -145,6 +145,10 @@ def data_hash(results: list[dict]) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _starts(starts: int | None) -> str:
+    return "all 4,500 points of Chinchilla's grid" if starts is None else f"the {starts} best of Chinchilla's 4,500-point grid"
+
+
 def markdown_report(result: dict, results: list[dict], provenance: dict) -> str:
     """Every number `scaling.analysis.analyze` gives, as markdown, with its provenance: the data
     (source, hash, runs), the compute definition, the estimators, the commands and the plots.
@@ -162,7 +166,7 @@ def markdown_report(result: dict, results: list[dict], provenance: dict) -> str:
     if code := provenance.get("code"):
         out.append(f"- code: {code}")
     out += ["- estimators: approach 3 as Besiroglu et al. 2024 refit Chinchilla (log-space LSE form, Huber δ = 1e-3 "
-            f"summed, L-BFGS from the best of Chinchilla's grid of starts; {a3['bootstrap']} bootstrap refits resampling runs, "
+            f"summed, L-BFGS from {_starts(a3.get('starts', 100))}; {a3['bootstrap']} bootstrap refits resampling runs, "
             f"{a3['bootstrap_failed']} failed; {level} percentile intervals); approach 2: a parabola in log N per budget, "
             f"flagged budgets left out, {a2.get('bootstrap', 0)} residual-bootstrap refits ({a2.get('bootstrap_failed', 0)} "
             "failed); approach 1: the lowest loss per budget", ""]

@@ -23,6 +23,7 @@ from pathlib import Path
 from scaling.config import SlurmExecutorConfig
 from scaling.plan import Plan, PlannedRun
 from scaling.runs import run_one, state
+from train.slurm import explain_sbatch_error
 
 STOP_WAIT_S = 60  # how long a signalled task waits for its run's checkpoint before it is requeued anyway
 
@@ -82,7 +83,7 @@ def submit_sweep(plan: Plan, sweep_dir: Path, cfg: SlurmExecutorConfig, echo=pri
     try:
         jobs = executor.submit_array([RunTask(plan, sweep_dir, r) for r in todo])
     except Exception as err:  # submitit raises its own error types for sbatch failures
-        raise RuntimeError(f"sbatch refused the job array: {err}") from err
+        raise RuntimeError(f"sbatch refused the job array: {explain_sbatch_error(str(err))}") from err
     ids = [job.job_id for job in jobs]
     tasks = sweep_dir / "slurm" / "tasks.json"
     known = json.loads(tasks.read_text()) if tasks.is_file() else {}

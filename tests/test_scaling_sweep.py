@@ -52,8 +52,9 @@ def test_plan_solves_steps_from_measured_flops():
 
 
 def test_plan_refuses_runs_off_their_budget():
-    with pytest.raises(ValueError, match=r"C=1e\+?08 depth 3: 1 steps"):
-        plan_sweep(mini(budgets=[{"flops": 1.0e8, "sizes": [1, 3]}]))
+    with pytest.raises(ValueError, match=r"C=1e\+?08 depth 3: 1 steps") as refused:
+        plan_sweep(mini(budgets=[{"flops": 1.0e8, "sizes": [1, 3]}], hparams=MINI["hparams"] | {"lr_multipliers": [0.5, 2]}))
+    assert str(refused.value).count("depth 3:") == 1  # once, not again for each LR-check run
     two = json.loads(json.dumps(MINI["train"]))
     two["data"]["buckets"] = [[3, 16, 16], [1, 16, 16]]
     with pytest.raises(ValueError, match="one bucket"):
@@ -201,6 +202,12 @@ def test_fit_from_csv_recovers_a_known_law(tmp_path, capsys):
     assert out["definition"] == "given" and a3["a"] == pytest.approx(0.5, abs=0.03)
     assert a3["tokens_per_param"] == pytest.approx(1.0, rel=0.3)  # A = B, alpha = beta: D_opt = N_opt
     assert a2["a"] == pytest.approx(0.5, abs=0.05) and not any(p["flag"] for p in a2["profiles"])
+    assert scaling_main(["fit", "--csv", str(path), "--json", "--bootstrap", "0", "--starts", "400"]) == 0
+    more = json.loads(capsys.readouterr().out)["fit"]["approach3"]  # more starts: the same optimum
+    assert a3["starts"] == 100 and more["starts"] == 400 and more["a"] == pytest.approx(a3["a"], abs=1e-3)
+    with pytest.raises(SystemExit):
+        scaling_main(["fit", "--csv", str(path), "--starts", "0"])
+    assert "a positive number of starts or 'all'" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text("params,loss\n1,2\n")
     assert scaling_main(["fit", "--csv", str(bad)]) == 2

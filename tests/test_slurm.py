@@ -6,6 +6,7 @@ with the losses and final weights of an uninterrupted run."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -245,3 +246,15 @@ def test_sweep_task_signalled_before_its_time_limit_checkpoints_requeues_and_fin
     assert [a["attempt"] for a in attempts] == [1, 2] and 20 <= attempts[1]["resumed_from"] < steps, attempts
     assert sorted(_losses(run)) == list(range(1, steps + 1))  # every step once, none lost or repeated
     assert "this job is preempted" in logs and "Calling checkpoint method" in logs
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="SLURM's client commands are not installed")
+def test_sbatch_without_a_controller_names_the_likely_cause(tmp_path):
+    """No slurmctld behind SLURM_CONF: the error says so and names the config file it read."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=none\nSlurmctldHost=localhost\nSlurmctldPort=16999\n"
+                    "NodeName=localhost CPUs=1\nPartitionName=p Nodes=localhost Default=YES\n")
+    args = [sys.executable, "-m", "train", "configs/train/tiny.yaml", "--slurm", "--set", f"run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(args, cwd=ROOT, env=_env() | {"SLURM_CONF": str(conf)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Unable to contact slurm controller" in proc.stderr
+    assert f"is slurmctld running, and is {conf} (SLURM_CONF) its slurm.conf?" in proc.stderr

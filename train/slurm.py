@@ -19,6 +19,7 @@ The script:
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -137,6 +138,14 @@ def batch_script(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: 
     return "\n".join(lines)
 
 
+def explain_sbatch_error(message: str) -> str:
+    """sbatch's message, with the likely cause when it could not reach the controller."""
+    if "Unable to contact slurm controller" in message or "Invalid user for SlurmUser" in message:
+        conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+        return f"{message} (is slurmctld running, and is {conf} (SLURM_CONF) its slurm.conf?)"
+    return message
+
+
 def submit(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: list[str], python: str,
            dry_run: bool = False) -> tuple[Path, str | None]:
     """Write RUN_DIR/slurm/train.sbatch and (unless `dry_run`) submit it; (script, job id or None).
@@ -150,5 +159,5 @@ def submit(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: list[s
         raise RuntimeError("sbatch not found: run on a SLURM login node, or use --dry-run to get the script")
     done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"sbatch refused {script}: {done.stderr.strip() or done.stdout.strip()}")
+        raise RuntimeError(f"sbatch refused {script}: {explain_sbatch_error(done.stderr.strip() or done.stdout.strip())}")
     return script, done.stdout.strip().split(";")[0]
