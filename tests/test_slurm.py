@@ -203,6 +203,8 @@ def test_sweep_as_a_job_array_completes_reports_a_failed_task_and_fits(slurm, tm
     assert "submitted 6 run(s) as SLURM job array" in out.stdout and "at most 2 at once" in out.stdout
     tasks = json.loads((sweep_dir / "slurm" / "tasks.json").read_text())
     assert len(tasks) == 6 and len({t.split("_")[0] for t in tasks.values()}) == 1
+    mid = scaling("status", str(sweep_dir))  # 2 at a time: the others wait in the queue
+    assert mid.returncode == 0 and "queued" in mid.stdout and "PENDING)" in mid.stdout, mid.stdout + mid.stderr
     for task in tasks.values():
         wait_for_job(slurm, task, timeout=900)
     status = scaling("status", str(sweep_dir))
