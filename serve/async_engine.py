@@ -39,6 +39,7 @@ class Backend(Protocol):
     model_name: str
     max_model_len: int
     tokenizer: Any  # a Hugging Face tokenizer with a chat template
+    sampling_defaults: dict[str, float]  # the model's generation_config.json values for fields a request leaves out
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
         """The request's outputs as they come, the last one `finished`. Raises Overloaded at
@@ -71,6 +72,7 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
+        self.sampling_defaults = engine.sampling_defaults
         self.max_queue = max_queue
         self._cond = threading.Condition()
         self._inbox: list[_Pending] = []  # submitted, not yet added to the engine

@@ -2,8 +2,10 @@
 chat completions, plus vLLM's extensions (top_k, stop_token_ids, ignore_eos, /tokenize).
 
 Requests are pydantic models so a malformed field is refused before it reaches the engine,
-with the field's name in the error (`ApiError.param`). Each request turns itself into the
-engine's SamplingParams; the server never reads sampling fields one by one.
+with the field's name in the error (`ApiError.param`), and so is a field they do not declare
+(fail closed: a client asking for something this server does not do gets a 400 naming it, never
+a 200 that ignored it). Each request turns itself into the engine's SamplingParams; the server
+never reads sampling fields one by one.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from serve.engine.sampling_params import SamplingParams
 
@@ -34,25 +36,73 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+class Strict(BaseModel):
+    """A request body part that refuses any field it does not declare."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
-class _SamplingRequest(BaseModel):
-    """Fields both endpoints share; ranges are OpenAI's (top_k is vLLM's extension)."""
+class StreamOptions(Strict):
+    include_usage: bool = False  # a last chunk with the usage (OpenAI)
+    continuous_usage_stats: bool = False  # every chunk with the usage so far (vLLM's); needs include_usage
+
+    @model_validator(mode="after")
+    def _continuous_needs_usage(self) -> StreamOptions:
+        if self.continuous_usage_stats and not self.include_usage:
+            raise ValueError("continuous_usage_stats needs include_usage: true")
+        return self
+
+
+class _SamplingRequest(Strict):
+    """Fields both endpoints share; ranges are OpenAI's. vLLM's extensions: top_k, min_p,
+    repetition_penalty, min_tokens, stop_token_ids, ignore_eos, allowed_token_ids, bad_words,
+    include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens. Fields left out
+    take the model's generation_config.json defaults (temperature, top_p, top_k, min_p,
+    repetition_penalty), else OpenAI's."""
 
     model: str | None = None  # None: the served model
     n: int = Field(1, ge=1, le=16)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = None  # <= 0 disables
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> bias in [-100, 100]
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    min_tokens: int = Field(0, ge=0)
     stop: str | list[str] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(None, ge=1)  # keep the prompt's last k tokens
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # accepted and inert: they change nothing this server computes (README: serve/)
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: Literal[False] | None = None  # nothing is stored; asking for storage is refused
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return options
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"values must be in [-100, 100], got {value} for token {key}")
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -61,25 +111,52 @@ class _SamplingRequest(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return stop
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+                        defaults: dict[str, float] | None = None) -> SamplingParams:
+        """The engine's SamplingParams; `defaults` (the model's generation config) fill the
+        fields the request left out, before OpenAI's own defaults."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        defaults = defaults or {}
+
+        def pick(name: str, fallback: float) -> float:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if self.top_k is None else self.top_k,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=int(pick("top_k", -1)),
+            min_p=pick("min_p", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=list(self.bad_words or []),
+            min_tokens=self.min_tokens,
             seed=self.seed,
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
             ignore_eos=self.ignore_eos,
             n=self.n,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
 
+    def truncated(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt as the engine gets it: its last truncate_prompt_tokens tokens, if set."""
+        return prompt_ids[-self.truncate_prompt_tokens :] if self.truncate_prompt_tokens else prompt_ids
+
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(_SamplingRequest):
@@ -108,12 +185,12 @@ class CompletionRequest(_SamplingRequest):
         return list(self.prompt)
 
 
-class TextPart(BaseModel):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -154,7 +231,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Strict):
     """POST /tokenize (vLLM's): a prompt, or chat messages rendered by the chat template."""
 
     model: str | None = None
@@ -170,7 +247,7 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[int]
 

@@ -57,12 +57,17 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
+        # a union field (content: str | list of parts) fails once per member: the deepest error is the one that explains
+        err = max(exc.errors(), key=lambda e: len(e["loc"]))
         if err["type"] == "json_invalid":
             error = ApiError(400, f"invalid JSON in the request body: {err.get('ctx', {}).get('error', err['msg'])}")
         else:
             param = field_name(tuple(err["loc"]))
-            error = ApiError(400, f"{param or 'body'}: {err['msg']}", param=param)
+            if err["type"] == "extra_forbidden":  # fail closed: never a 200 that ignored what was asked
+                error = ApiError(400, f"{param}: not supported by this server (the README's serve section lists "
+                                      "every accepted field)", param=param, code="unsupported_parameter")
+            else:
+                error = ApiError(400, f"{param or 'body'}: {err['msg']}", param=param)
         return JSONResponse(error.body(), status_code=400)
 
     @app.exception_handler(Exception)
@@ -109,7 +114,7 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     def submit(request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Hand the request to the backend (400 for bad sampling values, 429 when it is full)."""
         try:
-            params.validate()
+            params.validate(len(backend.tokenizer))
         except ValueError as exc:
             raise ApiError(400, str(exc), param=_named_field(str(exc))) from None
         try:
@@ -196,7 +201,9 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
                 async for out in outputs:
                     finals[out.request_id] = out
                     changed = [c for c in out.outputs if c.new_text or c.finish_reason or (want_logprobs and c.new_token_ids)]
-                    if changed:
+                    if changed and body.continuous_usage:  # the usage so far on every chunk (vLLM's continuous_usage_stats)
+                        yield chunk(changed).model_copy(update={"usage": batch_usage(list(finals.values()))})
+                    elif changed:
                         yield chunk(changed)
                 if body.include_usage:
                     yield chunk([]).model_copy(update={"usage": batch_usage(list(finals.values()))})
@@ -209,14 +216,14 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
         check_model(body.model)
         batch = body.prompts
         field = "prompt" if len(batch) == 1 else "prompt.{}"
-        prompt_ids = [p if isinstance(p, list) else backend.tokenizer.encode(p) for p in batch]
+        prompt_ids = [body.truncated(p if isinstance(p, list) else backend.tokenizer.encode(p)) for p in batch]
         max_tokens = [check_prompt(ids, body.max_tokens, field.format(i)) for i, ids in enumerate(prompt_ids)]
         request_id, model, want_logprobs = new_id("cmpl"), backend.model_name, body.logprobs is not None
         # echo: each choice's text begins with its prompt's (OpenAI's rule for legacy completions),
         # and with logprobs its logprobs begin with the prompt tokens' (the first one's null)
         echoed = [p if isinstance(p, str) else backend.tokenizer.decode(p) for p in batch] if body.echo else None
         prompt_logprobs = body.logprobs if echoed and want_logprobs else None
-        streams = [submit(f"{request_id}-{i}" if len(batch) > 1 else request_id, ids, body.sampling_params(m, body.logprobs, prompt_logprobs))
+        streams = [submit(f"{request_id}-{i}" if len(batch) > 1 else request_id, ids, body.sampling_params(m, body.logprobs, prompt_logprobs, backend.sampling_defaults))
                    for i, (ids, m) in enumerate(zip(prompt_ids, max_tokens))]
         prompt_entries: dict[int, list[dict]] = {}  # prompt index -> its tokens' entries, as they arrive
 
@@ -253,10 +260,10 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        prompt_ids = chat_prompt_ids(body.messages)
+        prompt_ids = body.truncated(chat_prompt_ids(body.messages))
         max_tokens = check_prompt(prompt_ids, body.requested_max_tokens, "messages")
         request_id, model, want_logprobs = new_id("chatcmpl"), backend.model_name, body.logprobs
-        outputs = submit(request_id, prompt_ids, body.sampling_params(max_tokens, body.num_logprobs))
+        outputs = submit(request_id, prompt_ids, body.sampling_params(max_tokens, body.num_logprobs, None, backend.sampling_defaults))
 
         def delta(c: CompletionOutput) -> ChatChunkChoice:
             return ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.new_text or None), finish_reason=c.finish_reason,
@@ -281,8 +288,10 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
 
 
 def _named_field(message: str) -> str | None:
-    """The sampling field an engine error message names, for the error's `param`."""
-    return next((name for name in _SAMPLING_FIELDS if re.search(rf"\b{name}\b", message)), None)
+    """The sampling field an engine error message names, for the error's `param`: the one it
+    starts with, else the first it mentions."""
+    return (next((name for name in _SAMPLING_FIELDS if message.startswith(name)), None)
+            or next((name for name in _SAMPLING_FIELDS if re.search(rf"\b{name}\b", message)), None))
 
 
 async def _finals(outputs: AsyncIterator[RequestOutput]) -> list[RequestOutput]:

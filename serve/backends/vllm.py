@@ -27,7 +27,7 @@ from profiling.ledger import Ledger, make_record
 from profiling.measure import FlopCount
 from profiling.parts import merge, param_parts
 from serve.async_engine import Overloaded
-from serve.engine.llm_engine import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from serve.engine.llm_engine import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, generation_defaults
 from serve.engine.sampling_params import SamplingParams
 from serve.weights import model_name, resolve_model
 
@@ -57,6 +57,7 @@ class VllmBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model_name = model_name(path)  # the name our engine serves it under
         self.max_model_len = self.engine.model_config.max_model_len
+        self.sampling_defaults = generation_defaults(path)  # the same file vLLM's --generation-config auto reads
         self.max_queue = max_queue
 
         config = AutoConfig.from_pretrained(path)
@@ -78,7 +79,11 @@ class VllmBackend:
             n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else 0,
             seed=params.seed, stop=params.stop or None, stop_token_ids=params.stop_token_ids or None,
             ignore_eos=params.ignore_eos, max_tokens=params.max_tokens, logprobs=params.logprobs,
-            prompt_logprobs=params.prompt_logprobs,
+            prompt_logprobs=params.prompt_logprobs, min_p=params.min_p, min_tokens=params.min_tokens,
+            presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty, logit_bias=params.logit_bias or None,
+            allowed_token_ids=params.allowed_token_ids, bad_words=params.bad_words or None,
+            include_stop_str_in_output=params.include_stop_str_in_output, skip_special_tokens=params.skip_special_tokens,
         )
         arrival = time.time()
         first_token_time = None

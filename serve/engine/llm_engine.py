@@ -93,6 +93,17 @@ def _eos_ids(model_dir: Path, hf_config) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(model_dir: Path) -> dict[str, float]:
+    """The sampling defaults the model ships in generation_config.json (the keys vLLM reads
+    with `--generation-config auto`); a request's own values win."""
+    gen = model_dir / "generation_config.json"
+    config = json.loads(gen.read_text()) if gen.is_file() else {}
+    return {k: config[k] for k in SAMPLING_DEFAULT_KEYS if config.get(k) is not None}
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -125,6 +136,7 @@ class LLMEngine:
         has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir) if has_tokenizer else None
         self.eos_token_ids = _eos_ids(model_dir, hf_config)
+        self.sampling_defaults = generation_defaults(model_dir)
 
         shape = DecoderShape.from_hf(hf_config)
         per_block = kv_bytes_per_block(shape, config.block_size, self.dtype)
@@ -156,12 +168,12 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue a prompt (token ids). ValueError for a bad or duplicate request, or one that
         cannot fit the context or the KV cache."""
-        params.validate()
+        vocab = self.model.lm_head.out_features
+        params.validate(vocab)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
-        vocab = self.model.lm_head.out_features
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(prompt_token_ids)}..{max(prompt_token_ids)}")
         total = len(prompt_token_ids) + params.max_tokens
@@ -179,17 +191,32 @@ class LLMEngine:
                 f"({self.max_tokens_in_cache} tokens): raise kv_cache_bytes"
             )
         request = Request(request_id, prompt_token_ids, params)
+        request.bad_words_ids = self._bad_words_ids(params.bad_words)
         first = None
         for index in range(params.n):
             seed = self._seed_rng.getrandbits(63) if params.seed is None else params.seed + index
             generator = torch.Generator(self.device).manual_seed(seed)
-            detok = Detokenizer(self.tokenizer, prompt_token_ids, params.stop)
+            detok = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.include_stop_str_in_output,
+                                params.skip_special_tokens)
             seq = Sequence(self._next_seq_id, request, index, generator, detok, after=first)
             self._next_seq_id += 1
             request.seqs.append(seq)
             self.scheduler.add(seq)
             first = first or seq
         self.requests[request_id] = request
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word as token ids, alone and after a space (BPE spells a word differently
+        inside a sentence), as vLLM tokenizes them."""
+        if words and self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer; this model has none")
+        out: list[list[int]] = []
+        for word in words:
+            for text in dict.fromkeys([word, word if word.startswith(" ") else " " + word]):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its blocks (an unknown or finished id is a no-op)."""
@@ -224,7 +251,7 @@ class LLMEngine:
         now = time.time()
         if prompt_spans:
             self._record_prompt_logprobs(logits[len(sampling) :], prompt_spans)
-        for seq, (token, entry) in zip(sampling, self.sampler(logits[: len(sampling)], sampling)):
+        for seq, (token, entry) in zip(sampling, self.sampler(logits[: len(sampling)], sampling, self.eos_token_ids)):
             seq.token_ids.append(token)
             new_tokens[seq.seq_id] = [token]
             if seq.logprobs is not None:
@@ -253,9 +280,10 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
+        may_stop = len(seq.output_token_ids) >= p.min_tokens  # the sampler held EOS and stop tokens back until then
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
             self.scheduler.finish(seq, "stop")  # the stop token's text is not part of the output
-        elif seq.detokenizer.add(token):
+        elif seq.detokenizer.add(token, check_stop=may_stop):
             self.scheduler.finish(seq, "stop")
         elif len(seq.output_token_ids) >= p.max_tokens:
             self.scheduler.finish(seq, "length")

@@ -1,25 +1,30 @@
 """Choosing each sequence's next token from its logits, and the logprobs a request asked for.
 
-Greedy rows take the argmax. Sampled rows divide by the temperature, keep the top-k, keep the
-smallest set of tokens whose probability reaches top-p, and draw with the sequence's own
+The logits are first processed as each request asks (serve.engine.logits_processors: allowed
+tokens, bias, min_tokens, bad words, penalties). Greedy rows then take the argmax. Sampled rows
+divide by the temperature, keep the top-k, keep the smallest set of tokens whose probability
+reaches top-p, drop those below min-p x the top probability, and draw with the sequence's own
 torch.Generator: a seeded request gets the same tokens whatever else shares its batch.
-Logprobs are those of the raw logits (log-softmax before temperature and truncation), as
-OpenAI and vLLM report them.
+Logprobs are those of the raw logits (log-softmax before any processing, temperature and
+truncation), as OpenAI and vLLM report them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from serve.engine.logits_processors import process_logits
 from serve.engine.sequence import Sequence
 
 
-def truncated_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Probabilities after temperature, top-k and top-p, for one row. When truncating, they
-    are over the kept tokens sorted by descending logit and the second result maps them back
-    to token ids; otherwise over the whole vocabulary (second result None)."""
+def truncated_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                    min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probabilities after temperature, top-k, top-p and min-p (Nguyen et al. 2024: keep the
+    tokens at least min_p x the most likely one's probability), for one row. When truncating,
+    they are over the kept tokens sorted by descending logit and the second result maps them
+    back to token ids; otherwise over the whole vocabulary (second result None)."""
     logits = logits / temperature
-    if top_k <= 0 and top_p >= 1.0:
+    if top_k <= 0 and top_p >= 1.0 and min_p <= 0.0:
         return torch.softmax(logits, -1), None
     k = top_k if 0 < top_k < logits.numel() else logits.numel()
     values, ids = torch.topk(logits, k)  # sorted, descending
@@ -28,6 +33,9 @@ def truncated_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
         before = torch.cumsum(probs, -1) - probs  # mass of the tokens ranked above each one
         keep = int((before < top_p).sum())  # >= 1: the first token always stays
         probs, ids = probs[:keep] / probs[:keep].sum(), ids[:keep]
+    if min_p > 0.0:
+        keep = int((probs >= min_p * probs[0]).sum())  # >= 1: sorted, the first is the largest
+        probs, ids = probs[:keep] / probs[:keep].sum(), ids[:keep]
     return probs, ids
 
 
@@ -35,17 +43,19 @@ class Sampler:
     def __init__(self, token_text) -> None:
         self.token_text = token_text  # token id -> its text (for logprob entries)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, dict | None]]:
-        """The next token of each sequence (row i of logits is seqs[i]) and its logprob entry."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int] = frozenset()) -> list[tuple[int, dict | None]]:
+        """The next token of each sequence (row i of logits is seqs[i]) and its logprob entry;
+        `eos_token_ids`: what min_tokens holds back."""
         wants_logprobs = any(s.params.logprobs is not None for s in seqs)
         logprobs = torch.log_softmax(logits, -1) if wants_logprobs else None
+        logits = process_logits(logits, seqs, eos_token_ids)
         greedy = torch.argmax(logits, -1).tolist()
         out: list[tuple[int, dict | None]] = []
         for i, seq in enumerate(seqs):
             p = seq.params
             token = greedy[i]
             if not p.greedy:
-                probs, ids = truncated_probs(logits[i], p.temperature, p.top_k, p.top_p)
+                probs, ids = truncated_probs(logits[i], p.temperature, p.top_k, p.top_p, p.min_p)
                 pick = int(torch.multinomial(probs, 1, generator=seq.generator))
                 token = int(ids[pick]) if ids is not None else pick
             entry = None

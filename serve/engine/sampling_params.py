@@ -11,16 +11,27 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = -1  # <= 0 disables
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability (after temperature)
     seed: int | None = None  # reproducible sampling: each sequence gets its own seeded generator
     stop: list[str] = field(default_factory=list)  # text stops, trimmed from the output
     stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False  # keep a matched stop string in the text
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings cannot end the output before this many tokens
     n: int = 1  # completions per prompt; they share the prompt's KV blocks
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top-k alternatives
     prompt_logprobs: int | None = None  # likewise for each prompt token after the first (vLLM's name)
+    # logit processing, in this order (serve.engine.logits_processors)
+    allowed_token_ids: list[int] | None = None  # only these may be generated
+    bad_words: list[str] = field(default_factory=list)  # words never generated (tokenized by the engine, with and without a leading space)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logit of each token id
+    repetition_penalty: float = 1.0  # CTRL / transformers: prompt and output tokens, logit / p if > 0 else x p
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output
+    skip_special_tokens: bool = True  # in the returned text
 
-    def validate(self) -> None:
-        """ValueError naming the first bad field."""
+    def validate(self, vocab_size: int | None = None) -> None:
+        """ValueError naming the first bad field; token ids checked against `vocab_size` when given."""
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
@@ -29,17 +40,43 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int):
             raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0 or None, got {self.logprobs}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be >= 0 or None, got {self.prompt_logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not -100 <= v <= 100 for v in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty")
+        if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise ValueError(f"bad_words must be non-empty strings, got {self.bad_words!r}")
+        ids = {"stop_token_ids": self.stop_token_ids, "logit_bias": list(self.logit_bias),
+               "allowed_token_ids": self.allowed_token_ids or []}
+        for name, values in ids.items():
+            bad = [t for t in values if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size)]
+            if bad:
+                vocab = f"[0, {vocab_size})" if vocab_size is not None else "non-negative integers"
+                raise ValueError(f"{name} must be token ids in {vocab}, got {bad[:5]}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Anything to do to the logits before choosing (serve.engine.logits_processors)."""
+        return bool(self.allowed_token_ids is not None or self.bad_words or self.logit_bias or self.min_tokens
+                    or self.repetition_penalty != 1 or self.presence_penalty or self.frequency_penalty)

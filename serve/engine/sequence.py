@@ -90,6 +90,7 @@ class Request:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
+        self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (LLMEngine.add_request)
         self.arrival_time = time.time()
         self.first_token_time: float | None = None
         self.finished_time: float | None = None

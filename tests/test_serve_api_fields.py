@@ -1,0 +1,192 @@
+"""Every request field over HTTP with the official `openai` client: the sampling fields do
+what they say (streamed and not, the same answer), inert fields are accepted, and any field
+the server does not implement is a 400 naming it (fail closed), never a 200 that ignored it."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from test_serve_api import client, http, model_name, serve, server, smollm2, tiny_model  # noqa: F401 (fixtures)
+
+CHAT = [{"role": "user", "content": "Write a long sentence about the sea."}]
+SEEDED = {"temperature": 1.0, "seed": 1}  # the tiny random model's greedy text is all newlines: sample it, reproducibly
+
+
+def chat(client, model_name, **kw):
+    extra = kw.pop("extra_body", {})
+    return client.chat.completions.create(model=model_name, messages=kw.pop("messages", CHAT), extra_body=extra, **kw)
+
+
+def streamed(client, model_name, **kw) -> dict[int, dict]:
+    """The stream folded back into one choice per index: text, finish_reason, and the usage."""
+    out: dict[int, dict] = {}
+    usage = None
+    for chunk in chat(client, model_name, stream=True, stream_options={"include_usage": True}, **kw):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            entry = out.setdefault(c.index, {"text": "", "finish_reason": None})
+            entry["text"] += c.delta.content or ""
+            entry["finish_reason"] = c.finish_reason or entry["finish_reason"]
+    return {"choices": out, "usage": (usage.prompt_tokens, usage.completion_tokens)}
+
+
+def whole(client, model_name, **kw) -> dict:
+    r = chat(client, model_name, **kw)
+    return {"choices": {c.index: {"text": c.message.content, "finish_reason": c.finish_reason} for c in r.choices},
+            "usage": (r.usage.prompt_tokens, r.usage.completion_tokens)}
+
+
+# ---- fail closed ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"parallel_tool_calls": False}, "parallel_tool_calls"),
+    ("/v1/chat/completions", {"guided_json": {"type": "object"}}, "guided_json"),
+    ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "1", "tool_call_id": "c1"}]}, "messages.0.tool_call_id"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content.0.type"),
+    ("/v1/completions", {"suffix": "end"}, "suffix"),
+    ("/v1/completions", {"best_of": 2}, "best_of"),
+    ("/v1/chat/completions", {"presence_penalty": 5.0}, "presence_penalty"),  # outside OpenAI's -2..2
+    ("/v1/chat/completions", {"frequency_penalty": -2.5}, "frequency_penalty"),
+    ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+    ("/v1/chat/completions", {"stream": True, "stream_options": {"continuous": True}}, "stream_options.continuous"),
+    ("/v1/chat/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
+    ("/v1/chat/completions", {"logit_bias": {"abc": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/chat/completions", {"logit_bias": {"99999999": 1}}, "logit_bias"),  # not a token id of this vocabulary
+    ("/v1/chat/completions", {"allowed_token_ids": []}, "allowed_token_ids"),
+    ("/v1/chat/completions", {"min_p": 1.5}, "min_p"),
+    ("/v1/chat/completions", {"repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/chat/completions", {"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ("/v1/chat/completions", {"store": True}, "store"),
+])
+def test_what_is_not_implemented_or_out_of_range_is_a_400_naming_it(server, path, extra, param):
+    body = ({"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}) | extra
+    r = http(server).post(path, json={"max_tokens": 4} | body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_the_official_client_gets_a_typed_error_for_an_unimplemented_field(client, model_name):
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, model_name, max_tokens=4, response_format={"type": "json_object"})
+    assert err.value.body["param"] == "response_format" and "not supported" in err.value.body["message"]
+
+
+def test_inert_fields_are_accepted(client, model_name):
+    r = chat(client, model_name, max_tokens=3, user="u-1", metadata={"team": "a"}, store=False)
+    assert r.usage.completion_tokens >= 1
+
+
+# ---- the fields at work, streamed and not ---------------------------------------------------------
+
+
+def test_logit_bias_minus_100_forbids_the_greedy_token(client, model_name):
+    first = chat(client, model_name, max_tokens=1, temperature=0, logprobs=True).choices[0].logprobs.content[0]
+    token_id = int(http_tokenize(client, first.token))
+    banned = chat(client, model_name, max_tokens=1, temperature=0, logit_bias={str(token_id): -100}, logprobs=True)
+    assert banned.choices[0].logprobs.content[0].token != first.token
+
+
+def http_tokenize(client, token: str) -> int:
+    """The id of a token the server returned (its text is one token of the vocabulary)."""
+    r = client.post("/../tokenize", body={"prompt": token, "add_special_tokens": False}, cast_to=object)
+    (token_id,) = r["tokens"]
+    return token_id
+
+
+SAME_BOTH_WAYS = {
+    "penalties": {"temperature": 0.9, "seed": 3, "presence_penalty": 1.2, "frequency_penalty": 0.7,
+                  "extra_body": {"repetition_penalty": 1.3}},
+    "min_p": {"temperature": 1.2, "seed": 4, "extra_body": {"min_p": 0.2, "top_k": 50}},
+    "bias_and_bad_words": {"temperature": 0, "logit_bias": {"30": 5.0}, "extra_body": {"bad_words": ["the", "sea"]}},
+    "min_tokens": {**SEEDED, "stop": ["e"], "extra_body": {"min_tokens": 6}},
+    "n": {"temperature": 1.0, "seed": 5, "n": 2, "frequency_penalty": 1.0, "extra_body": {"min_p": 0.05}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAME_BOTH_WAYS))
+def test_stream_and_non_stream_give_the_same_answer(client, model_name, case):
+    kw = json.loads(json.dumps(SAME_BOTH_WAYS[case])) | {"max_tokens": 12}
+    assert streamed(client, model_name, **kw) == whole(client, model_name, **kw)
+
+
+def test_min_tokens_holds_back_stop_strings(client, model_name):
+    free = chat(client, model_name, max_tokens=12, **SEEDED).choices[0].message.content
+    stop = next(ch for ch in free[1:] if ch.strip())  # a character the greedy text reaches early
+    early = chat(client, model_name, max_tokens=12, **SEEDED, stop=[stop])
+    late = chat(client, model_name, max_tokens=12, **SEEDED, stop=[stop], extra_body={"min_tokens": 10})
+    assert early.usage.completion_tokens < 10 <= late.usage.completion_tokens
+
+
+def test_include_stop_str_in_output(client, model_name):
+    free = chat(client, model_name, max_tokens=12, **SEEDED).choices[0].message.content
+    stop = free[3:5]
+    cut = chat(client, model_name, max_tokens=12, **SEEDED, stop=[stop]).choices[0].message.content
+    kept = chat(client, model_name, max_tokens=12, **SEEDED, stop=[stop],
+                extra_body={"include_stop_str_in_output": True}).choices[0].message.content
+    assert kept == cut + stop and free.startswith(kept)
+
+
+def test_bad_words_never_appear(client, model_name):
+    free = chat(client, model_name, max_tokens=16, **SEEDED).choices[0].message.content
+    word = max(free.split(), key=len)
+    banned = chat(client, model_name, max_tokens=16, **SEEDED, extra_body={"bad_words": [word]}).choices[0].message.content
+    assert word not in banned.split() and banned != free
+
+
+def test_allowed_token_ids_and_skip_special_tokens(server, client, model_name):
+    special = server.backend.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    body = {"max_tokens": 3, "temperature": 0, "allowed_token_ids": [special], "ignore_eos": True}
+    skipped = chat(client, model_name, extra_body=body)
+    shown = chat(client, model_name, extra_body=body | {"skip_special_tokens": False})
+    assert skipped.choices[0].message.content == "" and skipped.usage.completion_tokens == 3
+    assert shown.choices[0].message.content == "<|im_start|>" * 3
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(client, model_name):
+    full = chat(client, model_name, max_tokens=2)
+    cut = chat(client, model_name, max_tokens=2, extra_body={"truncate_prompt_tokens": 5})
+    assert full.usage.prompt_tokens > 5 and cut.usage.prompt_tokens == 5
+    r = client.completions.create(model=model_name, prompt="one two three four five six seven", max_tokens=2,
+                                  extra_body={"truncate_prompt_tokens": 3})
+    assert r.usage.prompt_tokens == 3
+
+
+def test_the_models_generation_config_supplies_defaults(tiny_model, tmp_path):
+    """generation_config.json's temperature 0 makes a request that sets none greedy (vLLM's
+    --generation-config auto); a request's own temperature still wins."""
+    import shutil
+
+    model = tmp_path / "greedy-by-default"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps(config | {"temperature": 0.0, "top_k": 5}))
+    live = serve(model, max_model_len=256, max_num_seqs=4, kv_cache_bytes=4 << 20)
+    try:
+        c = live.client()
+        name = live.backend.model_name
+        assert live.backend.sampling_defaults == {"temperature": 0.0, "top_k": 5}
+        texts = {chat(c, name, max_tokens=10).choices[0].message.content for _ in range(3)}
+        greedy = chat(c, name, max_tokens=10, temperature=0).choices[0].message.content
+        assert texts == {greedy}
+        sampled = {chat(c, name, max_tokens=10, temperature=1.5, seed=s).choices[0].message.content for s in range(3)}
+        assert len(sampled) > 1
+    finally:
+        live.close()
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, model_name):
+    chunks = list(chat(client, model_name, max_tokens=8, **SEEDED, stream=True, n=2,
+                       stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks[1:]]  # after the opening (role) chunk
+    assert all(c.usage is not None for c in chunks[1:]) and counts == sorted(counts)
+    final = chunks[-1].usage
+    assert final.completion_tokens == 16 and counts[-2] == 16 and final.prompt_tokens == chunks[1].usage.prompt_tokens
