@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from serve.api.protocol import ChatLogprobs, CompletionLogprobs, Flops, TokenLogprob, TopLogprob, Usage
 from serve.engine.llm_engine import CompletionOutput, RequestOutput
+from serve.engine.token_bytes import TokenBytes
 
 
 def batch_usage(finals: list[RequestOutput]) -> Usage:
@@ -22,35 +23,61 @@ def batch_usage(finals: list[RequestOutput]) -> Usage:
                              by_part=by_part))
 
 
-def prompt_logprob_entries(out: RequestOutput, tokenizer) -> list[dict]:
+def prompt_logprob_entries(out: RequestOutput) -> list[dict]:
     """The prompt's per-token entries, its first token (no logprob: nothing predicts it) included."""
-    first = {"token_id": out.prompt_token_ids[0], "token": tokenizer.decode([out.prompt_token_ids[0]]), "logprob": None, "top": None}
+    first = {"token_id": out.prompt_token_ids[0], "logprob": None, "top": None}
     return [first] + out.prompt_logprobs[1:]
 
 
-def completion_logprobs(c: CompletionOutput, streamed: bool, prompt: list[dict] | None = None, echo_len: int = 0) -> CompletionLogprobs:
-    """The legacy completions format, for this step's tokens (`streamed`) or all of them,
-    after the echoed prompt's tokens when given; text offsets count the echoed text (`echo_len`)."""
-    entries = (prompt or []) + logprob_entries(c, streamed)
-    offset = echo_len + len(c.text) - len(c.new_text) if streamed and not prompt else 0
-    offsets = []
+def _char_offsets(entries: list[dict], tokens: TokenBytes) -> list[int]:
+    """Where each token starts in the text, in characters: the whole UTF-8 characters its
+    preceding tokens' bytes spell (a token that continues a split character starts where
+    that character does)."""
+    offsets, chars, pending = [], 0, 0  # pending: bytes still owed by the character being read
     for e in entries:
-        offsets.append(offset)
-        offset += len(e["token"])
+        offsets.append(chars)
+        for b in tokens.bytes(e["token_id"]):
+            if pending and b & 0xC0 == 0x80:  # a continuation byte of the character being read
+                pending -= 1
+                chars += pending == 0
+            else:  # a lead byte: 0xF0.. opens 4 bytes, 0xE0.. 3, 0xC0.. 2, else a character by itself
+                pending = 3 if b >= 0xF0 else 2 if b >= 0xE0 else 1 if b >= 0xC0 else 0
+                chars += pending == 0
+    return offsets
+
+
+def completion_logprobs(c: CompletionOutput, streamed: bool, tokens: TokenBytes, prompt: list[dict] | None = None,
+                        echo_len: int = 0) -> CompletionLogprobs:
+    """The legacy completions format, for this step's tokens (`streamed`) or all of them,
+    after the echoed prompt's tokens when given; text offsets count the echoed text (`echo_len`,
+    or the prompt entries' own bytes). Tokens that hold part of a character are named by their
+    escaped bytes (serve.engine.token_bytes)."""
+    generated = c.logprobs or []
+    entries = (prompt or []) + generated
+    offsets = [(0 if prompt else echo_len) + o for o in _char_offsets(entries, tokens)]
+    if streamed:  # this chunk: the prompt's entries (first chunk only) and this step's tokens
+        keep = len(prompt or []), len(entries) - len(c.new_token_ids)
+        entries = entries[: keep[0]] + entries[keep[1] :]
+        offsets = offsets[: keep[0]] + offsets[keep[1] :]
     return CompletionLogprobs(
-        tokens=[e["token"] for e in entries],
+        tokens=[tokens.text(e["token_id"]) for e in entries],
         token_logprobs=[e["logprob"] for e in entries],
-        top_logprobs=[None if e["top"] is None else {t["token"]: t["logprob"] for t in e["top"]} for e in entries],
+        top_logprobs=[None if e["top"] is None else {tokens.text(t["token_id"]): t["logprob"] for t in e["top"]} for e in entries],
         text_offset=offsets,
     )
 
 
-def chat_logprobs(c: CompletionOutput, streamed: bool) -> ChatLogprobs:
-    """The chat format, for this step's tokens (`streamed`) or all of them."""
+def chat_logprobs(c: CompletionOutput, streamed: bool, tokens: TokenBytes) -> ChatLogprobs:
+    """The chat format, for this step's tokens (`streamed`) or all of them: each token's own
+    bytes, so the joined bytes are the content's UTF-8 even where a token splits a character."""
     entries = logprob_entries(c, streamed)
+
+    def top(t: dict) -> TopLogprob:
+        return TopLogprob(token=tokens.text(t["token_id"]), logprob=t["logprob"], bytes=list(tokens.bytes(t["token_id"])))
+
     return ChatLogprobs(content=[
-        TokenLogprob(token=e["token"], logprob=e["logprob"], bytes=list(e["token"].encode()),
-                     top_logprobs=[TopLogprob(token=t["token"], logprob=t["logprob"], bytes=list(t["token"].encode())) for t in e["top"]])
+        TokenLogprob(token=tokens.text(e["token_id"]), logprob=e["logprob"], bytes=list(tokens.bytes(e["token_id"])),
+                     top_logprobs=[top(t) for t in e["top"]])
         for e in entries
     ])
 

@@ -39,6 +39,7 @@ from serve.api.protocol import (
 from serve.async_engine import Backend, Overloaded
 from serve.engine.llm_engine import CompletionOutput, RequestOutput
 from serve.engine.sampling_params import SamplingParams
+from serve.engine.token_bytes import TokenBytes
 
 _SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
 
@@ -47,6 +48,7 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     """The server for one backend. With `api_key`, /v1/* and /tokenize need `Authorization: Bearer <key>`."""
     app = FastAPI(title="ministack", version="0.1.0")
     metrics = ServingMetrics(backend.model_name)
+    token_bytes = TokenBytes(backend.tokenizer)  # logprobs' token text and bytes, from the vocabulary
     app.state.backend, app.state.metrics = backend, metrics
 
     # ---- errors: always OpenAI's {"error": {...}} body ---------------------------------------
@@ -236,14 +238,14 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
             lp = None
             if want_logprobs:
                 prompt = prompt_entries.get(i) if prefix and prompt_logprobs is not None else None
-                lp = completion_logprobs(c, streamed, prompt, len(echoed[i]) if prompt_logprobs is not None else 0)
+                lp = completion_logprobs(c, streamed, token_bytes, prompt, len(echoed[i]) if prompt_logprobs is not None else 0)
             return CompletionChoice(index=c.index, text=prefix + (c.new_text if streamed else c.text), finish_reason=c.finish_reason, logprobs=lp)
 
         async def noting_prompt_logprobs(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
             async with aclosing(outputs):
                 async for out in outputs:
                     if out.prompt_logprobs is not None and out.outputs:
-                        prompt_entries.setdefault(out.outputs[0].index // body.n, prompt_logprob_entries(out, backend.tokenizer))
+                        prompt_entries.setdefault(out.outputs[0].index // body.n, prompt_logprob_entries(out))
                     yield out
 
         opening = None
@@ -267,11 +269,11 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
 
         def delta(c: CompletionOutput) -> ChatChunkChoice:
             return ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.new_text or None), finish_reason=c.finish_reason,
-                                   logprobs=chat_logprobs(c, streamed=True) if want_logprobs else None)
+                                   logprobs=chat_logprobs(c, True, token_bytes) if want_logprobs else None)
 
         def choice(c: CompletionOutput) -> ChatChoice:
             return ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
-                              logprobs=chat_logprobs(c, streamed=False) if want_logprobs else None)
+                              logprobs=chat_logprobs(c, False, token_bytes) if want_logprobs else None)
 
         opening = [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)]
         return await respond(

@@ -31,6 +31,7 @@ from serve.engine.block_manager import BlockManager
 from serve.engine.detokenizer import Detokenizer
 from serve.engine.model_runner import ModelRunner, kv_bytes_per_block
 from serve.engine.sampler import Sampler
+from serve.engine.token_bytes import TokenBytes
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import Scheduler
 from serve.engine.sequence import Request, Sequence
@@ -153,7 +154,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.kv_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, shape, num_blocks, config.block_size, self.dtype, self.device)
-        self.sampler = Sampler(lambda t: self.tokenizer.decode([t]) if self.tokenizer is not None else "")
+        token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
+        self.sampler = Sampler(token_bytes.text if token_bytes is not None else lambda t: "")
         self.params_by_part = param_parts(self.model, DECODER_PARTS)
         self.law_params = law_params(self.params_by_part)
         self.ledger = Ledger(config.ledger) if config.ledger else None
