@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 429")
     p.add_argument("--ledger", default=None, help="append one compute record per request to this JSONL file")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template file replacing the tokenizer's")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="run the chat_template a request sends (refused by default)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -85,8 +88,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve.api import build_app
 
+    from pathlib import Path
+
+    template = None
+    if args.chat_template is not None:
+        if not Path(args.chat_template).is_file():
+            raise SystemExit(f"ministack serve: --chat-template {args.chat_template!r} is not a file")
+        template = Path(args.chat_template).read_text()
     backend = build_backend(args)
-    app = build_app(backend, api_key=args.api_key)
+    app = build_app(backend, api_key=args.api_key, chat_template=template,
+                    trust_request_chat_template=args.trust_request_chat_template)
     print(f"ministack serve: {backend.model_name} (max_model_len {backend.max_model_len}, engine {args.engine}) "
           f"on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

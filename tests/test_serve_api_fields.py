@@ -190,3 +190,65 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, mode
     assert all(c.usage is not None for c in chunks[1:]) and counts == sorted(counts)
     final = chunks[-1].usage
     assert final.completion_tokens == 16 and counts[-2] == 16 and final.prompt_tokens == chunks[1].usage.prompt_tokens
+
+
+# ---- chat templating -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt is still true
+    ({"continue_final_message": True, "add_generation_prompt": False}, "continue_final_message"),  # a user message last
+    ({"chat_template": "{{ messages[0]['content'] }}"}, "chat_template"),  # not trusted by this server
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+])
+def test_chat_templating_mistakes_are_400s(server, extra, param):
+    r = http(server).post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2} | extra)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_request_chat_template_and_its_kwargs_on_a_trusting_server(tiny_model):
+    live = serve(tiny_model, max_model_len=256, kv_cache_bytes=4 << 20, app_options={"trust_request_chat_template": True})
+    try:
+        template = "{% for m in messages %}{{ greeting }}{{ m['content'] }}{% endfor %}"
+        body = {"messages": [{"role": "user", "content": "x"}], "chat_template": template,
+                "chat_template_kwargs": {"greeting": "Hello there! "}}
+        rendered = http(live).post("/tokenize", json=body).json()
+        assert rendered["tokens"] == live.backend.tokenizer.encode("Hello there! x", add_special_tokens=False)
+        r = chat(live.client(), live.backend.model_name, max_tokens=2, **SEEDED, messages=body["messages"],
+                 extra_body={k: body[k] for k in ("chat_template", "chat_template_kwargs")})
+        assert r.usage.prompt_tokens == rendered["count"]
+    finally:
+        live.close()
+
+
+def test_a_tokenizer_without_a_template_is_a_400_until_one_is_given(tiny_model, tmp_path):
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    bare = serve(model, max_model_len=256, kv_cache_bytes=4 << 20)
+    try:
+        assert bare.backend.tokenizer.chat_template is None
+        r = http(bare).post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2})
+        assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+    finally:
+        bare.close()
+    given = serve(model, max_model_len=256, kv_cache_bytes=4 << 20, app_options={"chat_template": "{{ messages[0]['content'] }}"})
+    try:
+        r = chat(given.client(), given.backend.model_name, max_tokens=2, **SEEDED)
+        assert r.usage.prompt_tokens == len(given.backend.tokenizer.encode(CHAT[0]["content"], add_special_tokens=False))
+    finally:
+        given.close()
+
+
+def test_cli_refuses_a_missing_chat_template_file_before_loading_anything():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "serve", "--chat-template", "/no/such/template.jinja"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--chat-template '/no/such/template.jinja' is not a file" in proc.stderr

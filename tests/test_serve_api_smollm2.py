@@ -46,3 +46,13 @@ def test_legacy_completions_tokens_and_offsets_follow_the_text(real):
     for token, offset in zip(lp.tokens, lp.text_offset):
         if not token.startswith("\\x") and token not in ("<|im_end|>",):  # a whole-character token sits at its offset
             assert text[offset : offset + len(token)] == token, (token, offset, text)
+
+
+def test_continue_final_message_continues_the_assistant_turn(real):
+    """Assistant prefill: the partial answer is continued in place, not answered in a new turn."""
+    client, name = real.client(api_key="x"), real.backend.model_name
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is"}]
+    r = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert r.choices[0].message.content.startswith(" Paris"), r.choices[0].message.content

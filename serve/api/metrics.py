@@ -82,6 +82,12 @@ class ServingMetrics:
             self.law_flops += law_flops
             self.success[finish_reason] = self.success.get(finish_reason, 0) + 1
 
+    def observe_aborted(self) -> None:
+        """A request whose client left before its end: aborted and freed (vLLM counts these as
+        request_success_total{finished_reason="abort"})."""
+        with self._lock:
+            self.success["abort"] = self.success.get("abort", 0) + 1
+
     def render(self, stats: EngineStats) -> str:
         """The text exposition of every metric, engine gauges from `stats`."""
         lb = self.labels

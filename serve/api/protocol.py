@@ -206,8 +206,20 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
-class ChatCompletionRequest(_SamplingRequest):
-    """POST /v1/chat/completions. The messages go through the tokenizer's chat template."""
+class ChatTemplating(Strict):
+    """How messages become a prompt (vLLM's fields): the generation prompt opening the
+    assistant's turn, or the last (assistant) message continued in place (assistant prefill);
+    a template of the request's own (servers started with --trust-request-chat-template) and
+    variables for the template."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(ChatTemplating, _SamplingRequest):
+    """POST /v1/chat/completions. The messages go through the chat template."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
@@ -231,14 +243,13 @@ class ChatCompletionRequest(_SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(Strict):
+class TokenizeRequest(ChatTemplating):
     """POST /tokenize (vLLM's): a prompt, or chat messages rendered by the chat template."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
 
     @model_validator(mode="after")
     def _exactly_one_input(self) -> TokenizeRequest:

@@ -14,6 +14,7 @@ aborts the request, freeing its slot and KV blocks for the next one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
@@ -44,8 +45,11 @@ from serve.engine.token_bytes import TokenBytes
 _SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
 
 
-def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
-    """The server for one backend. With `api_key`, /v1/* and /tokenize need `Authorization: Bearer <key>`."""
+def build_app(backend: Backend, api_key: str | None = None, chat_template: str | None = None,
+              trust_request_chat_template: bool = False) -> FastAPI:
+    """The server for one backend. With `api_key`, /v1/* and /tokenize need `Authorization: Bearer <key>`.
+    `chat_template` (Jinja text) replaces the tokenizer's; a request's own `chat_template` runs
+    only with `trust_request_chat_template` (a template is code the server executes, sandboxed)."""
     app = FastAPI(title="ministack", version="0.1.0")
     metrics = ServingMetrics(backend.model_name)
     token_bytes = TokenBytes(backend.tokenizer)  # logprobs' token text and bytes, from the vocabulary
@@ -127,24 +131,30 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
         return observed(outputs, time.perf_counter())
 
     async def observed(outputs: AsyncGenerator[RequestOutput, None], arrival: float) -> AsyncIterator[RequestOutput]:
-        """The backend's stream, timing its tokens into the metrics; closed with it."""
-        last = None
+        """The backend's stream, timing its tokens into the metrics; closed with it. A stream
+        closed before its end (the client left) is counted as aborted."""
+        last, finished = None, False
         async with aclosing(outputs):
-            async for output in outputs:
-                now = time.perf_counter()
-                new = max(len(c.new_token_ids) for c in output.outputs)
-                if new:
-                    if last is None:
-                        metrics.observe_first_token(now - arrival)
-                    else:
-                        metrics.observe_inter_token(now - last, new)
-                    last = now
-                if output.finished:
-                    m = output.metrics
-                    reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
-                    metrics.observe_finished(now - arrival, len(output.prompt_token_ids), sum(len(c.token_ids) for c in output.outputs),
-                                             reason, m.measured_flops, m.law_flops)
-                yield output
+            try:
+                async for output in outputs:
+                    now = time.perf_counter()
+                    new = max(len(c.new_token_ids) for c in output.outputs)
+                    if new:
+                        if last is None:
+                            metrics.observe_first_token(now - arrival)
+                        else:
+                            metrics.observe_inter_token(now - last, new)
+                        last = now
+                    if output.finished:
+                        finished, m = True, output.metrics
+                        reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
+                        metrics.observe_finished(now - arrival, len(output.prompt_token_ids),
+                                                 sum(len(c.token_ids) for c in output.outputs), reason, m.measured_flops, m.law_flops)
+                    yield output
+            except (GeneratorExit, asyncio.CancelledError):  # the client left; closing the backend's stream aborts the request
+                if not finished:
+                    metrics.observe_aborted()
+                raise
 
     # ---- endpoints ---------------------------------------------------------------------------
 
@@ -166,7 +176,7 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     async def tokenize(body: TokenizeRequest) -> dict:
         check_model(body.model)
         if body.messages is not None:
-            ids = chat_prompt_ids(body.messages, body.add_generation_prompt)
+            ids = chat_prompt_ids(body)
         else:
             ids = backend.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": backend.max_model_len, "tokens": ids,
@@ -178,10 +188,30 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
         check_prompt(body.tokens, 0, "tokens")
         return {"prompt": backend.tokenizer.decode(body.tokens)}
 
-    def chat_prompt_ids(messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def chat_prompt_ids(body: ChatCompletionRequest | TokenizeRequest) -> list[int]:
+        """The messages rendered by the request's template, else the server's (--chat-template),
+        else the tokenizer's; 400 naming the field for what cannot be rendered."""
+        if body.chat_template is not None and not trust_request_chat_template:
+            raise ApiError(400, "chat_template: this server does not run templates sent with a request "
+                                "(start it with --trust-request-chat-template)", param="chat_template")
+        template = body.chat_template or chat_template or backend.tokenizer.chat_template
+        if template is None:
+            raise ApiError(400, "this model's tokenizer has no chat template: send the prompt to /v1/completions, or start "
+                                "the server with --chat-template FILE", param="messages")
+        if body.continue_final_message and body.add_generation_prompt:
+            raise ApiError(400, "continue_final_message continues the last message in place: set add_generation_prompt "
+                                "to false", param="continue_final_message")
+        if body.continue_final_message and body.messages[-1].role != "assistant":
+            raise ApiError(400, "continue_final_message needs an assistant message last", param="continue_final_message")
+        reserved = {"conversation", "messages", "chat_template", "add_generation_prompt", "continue_final_message",
+                    "tokenize", "tools", "documents"} & set(body.chat_template_kwargs or {})
+        if reserved:
+            raise ApiError(400, f"chat_template_kwargs: {sorted(reserved)} are set by the request itself",
+                           param="chat_template_kwargs")
         try:
             text = backend.tokenizer.apply_chat_template(
-                template_messages(messages), add_generation_prompt=add_generation_prompt, tokenize=False)
+                template_messages(body.messages), chat_template=template, add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message, tokenize=False, **(body.chat_template_kwargs or {}))
         except Exception as exc:  # noqa: BLE001 - chat templates raise whatever jinja raises
             raise ApiError(400, f"messages: the chat template refused them: {exc}", param="messages") from None
         return backend.tokenizer.encode(text, add_special_tokens=False)
@@ -211,6 +241,8 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
                     yield chunk([]).model_copy(update={"usage": batch_usage(list(finals.values()))})
             return _sse(events(), include_usage=body.include_usage)
         finals = await _until_disconnect(request, _finals(outputs))
+        if finals is None:  # the client left: nobody to answer (nginx's 499), no traceback, counted as aborted
+            return Response(status_code=499)
         return JSONResponse(whole(sorted((c for f in finals for c in f.outputs), key=lambda c: c.index), batch_usage(finals)).model_dump())
 
     @app.post("/v1/completions", dependencies=guarded)
@@ -262,7 +294,7 @@ def build_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        prompt_ids = body.truncated(chat_prompt_ids(body.messages))
+        prompt_ids = body.truncated(chat_prompt_ids(body))
         max_tokens = check_prompt(prompt_ids, body.requested_max_tokens, "messages")
         request_id, model, want_logprobs = new_id("chatcmpl"), backend.model_name, body.logprobs
         outputs = submit(request_id, prompt_ids, body.sampling_params(max_tokens, body.num_logprobs, None, backend.sampling_defaults))
@@ -336,8 +368,9 @@ async def _merged(streams: list[AsyncIterator[RequestOutput]], n: int) -> AsyncI
             task.cancel()
 
 
-async def _until_disconnect(request: Request, work: Awaitable[list[RequestOutput]]) -> list[RequestOutput]:
-    """Await `work` unless the client disconnects first; then cancel it (which aborts the request)."""
+async def _until_disconnect(request: Request, work: Awaitable[list[RequestOutput]]) -> list[RequestOutput] | None:
+    """Await `work` unless the client disconnects first; then cancel it (which aborts the
+    request) and return None."""
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -351,7 +384,9 @@ async def _until_disconnect(request: Request, work: Awaitable[list[RequestOutput
         if not task.done():
             task.cancel()
     if not task.done() or task.cancelled():
-        raise asyncio.CancelledError("client disconnected")
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # let the cancellation run its course (the backend stream closes, the request aborts)
+        return None
     try:
         return task.result()
     except ValueError as exc:  # the engine refused the request
