@@ -252,3 +252,50 @@ def test_cli_refuses_a_missing_chat_template_file_before_loading_anything():
     proc = subprocess.run([sys.executable, "-m", "serve", "--chat-template", "/no/such/template.jinja"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--chat-template '/no/such/template.jinja' is not a file" in proc.stderr
+
+
+# ---- request ids and request metrics ---------------------------------------------------------------
+
+
+def test_x_request_id_in_and_out(server, model_name):
+    h = http(server)
+    r = h.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}, headers={"X-Request-Id": "trace-42"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42" and r.json()["id"] == "chatcmpl-trace-42"
+    with h.stream("POST", "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "stream": True},
+                  headers={"X-Request-Id": "trace-43"}) as s:
+        first = json.loads(next(s.iter_lines()).removeprefix("data: "))
+        assert s.headers["x-request-id"] == "trace-43" and first["id"] == "cmpl-trace-43"
+    fresh = h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+    assert len(fresh.headers["x-request-id"]) == 32 and fresh.json()["id"] == f"cmpl-{fresh.headers['x-request-id']}"
+    bad = h.post("/v1/completions", json={"prompt": "Hi"}, headers={"X-Request-Id": "has space"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Id"
+
+
+def test_request_metrics_count_every_request_once(tiny_model):
+    """On a fresh server: 4 requests (one with n = 2, a batch of 2 prompts, one streamed) give
+    4 TTFTs, 4 end-to-end latencies, 4 of each phase, and token histograms summing to the totals."""
+    import httpx
+
+    live = serve(tiny_model, max_model_len=256, kv_cache_bytes=4 << 20)
+    try:
+        c, name = live.client(), live.backend.model_name
+        chat(c, name, max_tokens=3, n=2, **SEEDED)
+        c.completions.create(model=name, prompt=["Hi", "Hello there"], max_tokens=4, **SEEDED)
+        list(chat(c, name, max_tokens=2, stream=True, **SEEDED))
+        values = {}
+        for line in httpx.get(f"{live.url}/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                values[key] = float(value)
+        label = f'{{model_name="{name}"}}'
+        for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+                          "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds",
+                          "request_prompt_tokens", "request_generation_tokens"):
+            assert values[f"vllm:{histogram}_count{label}"] == 4, histogram
+        assert values[f"vllm:request_prompt_tokens_sum{label}"] == values[f"vllm:prompt_tokens_total{label}"]
+        assert values[f"vllm:request_generation_tokens_sum{label}"] == values[f"vllm:generation_tokens_total{label}"] == 6 + 8 + 2
+        phases = sum(values[f"vllm:request_{p}_time_seconds_sum{label}"] for p in ("queue", "prefill", "decode"))
+        inference = values[f"vllm:request_inference_time_seconds_sum{label}"] + values[f"vllm:request_queue_time_seconds_sum{label}"]
+        assert phases == pytest.approx(inference) and phases <= values[f"vllm:e2e_request_latency_seconds_sum{label}"]
+    finally:
+        live.close()

@@ -20,7 +20,19 @@ from serve.engine.llm_engine import EngineStats
 # Bucket bounds (seconds) as vLLM's, so histograms are comparable side by side.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+# request phases (queue, prefill, decode, inference) share vLLM's request-latency buckets
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def token_buckets(max_model_len: int) -> tuple[int, ...]:
+    """vLLM's 1-2-5 bucket bounds for token counts, up to the context length."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_model_len:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
 
 
 class Histogram:
@@ -45,15 +57,25 @@ class Histogram:
         return out
 
 
+PHASES = {  # vLLM's request phases: name -> help
+    "queue": "Histogram of time spent in WAITING phase for request.",
+    "prefill": "Histogram of time spent in PREFILL phase for request.",
+    "decode": "Histogram of time spent in DECODE phase for request.",
+    "inference": "Histogram of time spent in RUNNING phase for request.",
+}
+
+
 class ServingMetrics:
     """Request-level metrics of one served model; thread-safe observers, `render` for /metrics."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_model_len: int) -> None:
         self.labels = f'model_name="{model_name}"'
         self._lock = threading.Lock()
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
+        self.phases = {name: Histogram(E2E_BUCKETS) for name in PHASES}
+        self.request_tokens = {name: Histogram(token_buckets(max_model_len)) for name in ("prompt", "generation")}
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.measured_flops = 0
@@ -72,10 +94,15 @@ class ServingMetrics:
 
     def observe_finished(
         self, e2e_s: float, prompt_tokens: int, generation_tokens: int, finish_reason: str,
-        measured_flops: int, law_flops: float,
+        measured_flops: int, law_flops: float, phases: dict[str, float] | None = None,
     ) -> None:
+        """A finished request; `phases`: seconds by PHASES name, those the backend timed."""
         with self._lock:
             self.e2e.observe(e2e_s)
+            for name, seconds in (phases or {}).items():
+                self.phases[name].observe(seconds)
+            self.request_tokens["prompt"].observe(prompt_tokens)
+            self.request_tokens["generation"].observe(generation_tokens)
             self.prompt_tokens += prompt_tokens
             self.generation_tokens += generation_tokens
             self.measured_flops += measured_flops
@@ -118,6 +145,11 @@ class ServingMetrics:
                 metric(name, "histogram", "Histogram of inter-token latency in seconds.", self.itl.lines(name, lb))
             metric("vllm:e2e_request_latency_seconds", "histogram", "Histogram of end to end request latency in seconds.",
                    self.e2e.lines("vllm:e2e_request_latency_seconds", lb))
+            for name, help_ in PHASES.items():
+                metric(f"vllm:request_{name}_time_seconds", "histogram", help_, self.phases[name].lines(f"vllm:request_{name}_time_seconds", lb))
+            for name in ("prompt", "generation"):
+                metric(f"vllm:request_{name}_tokens", "histogram", f"Number of {name} tokens processed.",
+                       self.request_tokens[name].lines(f"vllm:request_{name}_tokens", lb))
             metric("ministack:measured_flops_total", "counter", "FLOPs the served requests cost, counted exactly.",
                    [f"ministack:measured_flops_total{{{lb}}} {self.measured_flops}"])
             metric("ministack:law_flops_total", "counter", "FLOPs the 2NT law charges the served requests.",

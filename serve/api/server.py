@@ -30,15 +30,16 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.api.metrics import ServingMetrics
+from serve.api.request_id import RequestIdMiddleware
 from serve.api.outputs import batch_usage, chat_logprobs, completion_logprobs, prompt_logprob_entries
 from serve.api.protocol import (
     ApiError, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatDelta, ChatMessage, ChatResponseMessage, CompletionChoice, CompletionRequest,
     CompletionResponse, DetokenizeRequest, TokenizeRequest, Usage, field_name,
-    new_id, template_messages,
+    template_messages,
 )
 from serve.async_engine import Backend, Overloaded
-from serve.engine.llm_engine import CompletionOutput, RequestOutput
+from serve.engine.llm_engine import CompletionOutput, RequestMetrics, RequestOutput
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.token_bytes import TokenBytes
 
@@ -51,7 +52,8 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
     `chat_template` (Jinja text) replaces the tokenizer's; a request's own `chat_template` runs
     only with `trust_request_chat_template` (a template is code the server executes, sandboxed)."""
     app = FastAPI(title="ministack", version="0.1.0")
-    metrics = ServingMetrics(backend.model_name)
+    app.add_middleware(RequestIdMiddleware)
+    metrics = ServingMetrics(backend.model_name, backend.max_model_len)
     token_bytes = TokenBytes(backend.tokenizer)  # logprobs' token text and bytes, from the vocabulary
     app.state.backend, app.state.metrics = backend, metrics
 
@@ -149,7 +151,8 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
                         finished, m = True, output.metrics
                         reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
                         metrics.observe_finished(now - arrival, len(output.prompt_token_ids),
-                                                 sum(len(c.token_ids) for c in output.outputs), reason, m.measured_flops, m.law_flops)
+                                                 sum(len(c.token_ids) for c in output.outputs), reason, m.measured_flops, m.law_flops,
+                                                 _phases(m))
                     yield output
             except (GeneratorExit, asyncio.CancelledError):  # the client left; closing the backend's stream aborts the request
                 if not finished:
@@ -252,7 +255,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         field = "prompt" if len(batch) == 1 else "prompt.{}"
         prompt_ids = [body.truncated(p if isinstance(p, list) else backend.tokenizer.encode(p)) for p in batch]
         max_tokens = [check_prompt(ids, body.max_tokens, field.format(i)) for i, ids in enumerate(prompt_ids)]
-        request_id, model, want_logprobs = new_id("cmpl"), backend.model_name, body.logprobs is not None
+        request_id, model, want_logprobs = f"cmpl-{request.state.request_id}", backend.model_name, body.logprobs is not None
         # echo: each choice's text begins with its prompt's (OpenAI's rule for legacy completions),
         # and with logprobs its logprobs begin with the prompt tokens' (the first one's null)
         echoed = [p if isinstance(p, str) else backend.tokenizer.decode(p) for p in batch] if body.echo else None
@@ -296,7 +299,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         check_model(body.model)
         prompt_ids = body.truncated(chat_prompt_ids(body))
         max_tokens = check_prompt(prompt_ids, body.requested_max_tokens, "messages")
-        request_id, model, want_logprobs = new_id("chatcmpl"), backend.model_name, body.logprobs
+        request_id, model, want_logprobs = f"chatcmpl-{request.state.request_id}", backend.model_name, body.logprobs
         outputs = submit(request_id, prompt_ids, body.sampling_params(max_tokens, body.num_logprobs, None, backend.sampling_defaults))
 
         def delta(c: CompletionOutput) -> ChatChunkChoice:
@@ -326,6 +329,15 @@ def _named_field(message: str) -> str | None:
     starts with, else the first it mentions."""
     return (next((name for name in _SAMPLING_FIELDS if message.startswith(name)), None)
             or next((name for name in _SAMPLING_FIELDS if re.search(rf"\b{name}\b", message)), None))
+
+
+def _phases(m: RequestMetrics) -> dict[str, float]:
+    """vLLM's request phases from the engine's timestamps (those it has): queue (arrival to
+    first scheduled), prefill (to the first token), decode (to the end), inference (both)."""
+    if m.first_scheduled_time is None or m.first_token_time is None or m.finished_time is None:
+        return {}
+    return {"queue": m.first_scheduled_time - m.arrival_time, "prefill": m.first_token_time - m.first_scheduled_time,
+            "decode": m.finished_time - m.first_token_time, "inference": m.finished_time - m.first_scheduled_time}
 
 
 async def _finals(outputs: AsyncIterator[RequestOutput]) -> list[RequestOutput]:

@@ -61,6 +61,7 @@ class RequestMetrics:
     measured_flops: int
     law_flops: float
     flops_by_part: dict[str, int]
+    first_scheduled_time: float | None = None  # first step that computed any of it (queue time ends)
 
 
 @dataclass
@@ -241,6 +242,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        scheduled = time.time()
+        for seq, _ in batch:
+            seq.request.first_scheduled_time = seq.request.first_scheduled_time or scheduled
         logits, sampling, prompt_spans = self.runner.execute(batch)
         for seq, n in batch:
             seq.num_computed_tokens += n
@@ -313,6 +317,7 @@ class LLMEngine:
         return RequestMetrics(
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
+            first_scheduled_time=request.first_scheduled_time,
             finished_time=request.finished_time,
             prompt_tokens=len(request.prompt_token_ids),
             cached_prompt_tokens=request.seqs[0].num_cached_tokens,

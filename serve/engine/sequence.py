@@ -92,6 +92,7 @@ class Request:
         self.params = params
         self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (LLMEngine.add_request)
         self.arrival_time = time.time()
+        self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
         self.seqs: list[Sequence] = []
