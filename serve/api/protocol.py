@@ -10,12 +10,13 @@ never reads sampling fields one by one.
 
 from __future__ import annotations
 
-import time
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from serve.engine.sampling_params import SamplingParams
+from serve.engine.structured import StructuredOutput
 
 MAX_LOGPROBS = 20  # OpenAI's cap on alternatives per token
 
@@ -52,6 +53,27 @@ class StreamOptions(Strict):
         return self
 
 
+class JsonSchemaFormat(Strict):
+    name: str = Field(..., max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # enforced either way: the grammar engine is exact
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs` (extra body): exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class _SamplingRequest(Strict):
     """Fields both endpoints share; ranges are OpenAI's. vLLM's extensions: top_k, min_p,
     repetition_penalty, min_tokens, stop_token_ids, ignore_eos, allowed_token_ids, bad_words,
@@ -81,6 +103,13 @@ class _SamplingRequest(Strict):
     stream_options: StreamOptions | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # accepted and inert: they change nothing this server computes (README: serve/)
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -143,7 +172,54 @@ class _SamplingRequest(Strict):
             n=self.n,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            structured=self.structured(),
         )
+
+    def structured_field(self) -> str | None:
+        """The request field that carries the structured output, if any."""
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        return next((f for f in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                     if getattr(self, f) is not None), None)
+
+    def structured(self) -> StructuredOutput | None:
+        """The one constraint the request asks for, if any; ApiError (400, naming the field)
+        for two at once, a malformed schema, or a JSON-schema keyword the engine would not enforce."""
+        asked: dict[str, tuple[str, Any]] = {}
+        if self.response_format is not None and self.response_format.type != "text":
+            rf = self.response_format
+            if rf.type == "json_schema" and (rf.json_schema is None or rf.json_schema.schema_ is None):
+                raise ApiError(400, "response_format.json_schema.schema is required for type json_schema",
+                               param="response_format.json_schema")
+            asked["response_format"] = ("json", rf.json_schema.schema_ if rf.type == "json_schema" else None)
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            given = {k: v for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice), ("grammar", so.grammar))
+                     if v is not None}
+            if len(given) != 1:
+                raise ApiError(400, "structured_outputs takes exactly one of json, regex, choice, grammar",
+                               param="structured_outputs")
+            ((kind, value),) = given.items()
+            asked["structured_outputs"] = (kind, value)
+        for kind in ("json", "regex", "choice", "grammar"):
+            if (value := getattr(self, f"guided_{kind}")) is not None:
+                asked[f"guided_{kind}"] = (kind, value)
+        if not asked:
+            return None
+        if len(asked) > 1:
+            raise ApiError(400, f"one structured output at a time, got {', '.join(asked)}", param=list(asked)[1])
+        ((field, (kind, value)),) = asked.items()
+        try:
+            if kind == "json":
+                schema = json.loads(value) if isinstance(value, str) else value
+                return StructuredOutput.json_schema(schema)
+            if kind == "choice":
+                return StructuredOutput.choice(value)
+            if not value:
+                raise ValueError(f"{kind} must not be empty")
+            return StructuredOutput(kind, value)
+        except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+            raise ApiError(400, f"{field}: {exc}", param=field) from None
 
     def truncated(self, prompt_ids: list[int]) -> list[int]:
         """The prompt as the engine gets it: its last truncate_prompt_tokens tokens, if set."""
@@ -260,104 +336,6 @@ class TokenizeRequest(ChatTemplating):
 class DetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[int]
-
-
-# ---- responses -------------------------------------------------------------------------------
-
-
-class Flops(BaseModel):
-    """ministack's extra: the request's compute, counted exactly, beside the 2NT law's."""
-
-    measured: int
-    law_2NT: float
-    by_part: dict[str, int]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: dict[str, int] | None = None  # {"cached_tokens": n}, as OpenAI reports it
-    flops: Flops | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float | None]  # None: an echoed prompt's first token (nothing predicts it)
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob]
-
-
-class ChatResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatResponseMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
-
-
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
 
 
 def field_name(loc: tuple[Any, ...]) -> str | None:

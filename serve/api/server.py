@@ -33,10 +33,11 @@ from serve.api.metrics import ServingMetrics
 from serve.api.request_id import RequestIdMiddleware
 from serve.api.outputs import batch_usage, chat_logprobs, completion_logprobs, prompt_logprob_entries
 from serve.api.protocol import (
-    ApiError, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatDelta, ChatMessage, ChatResponseMessage, CompletionChoice, CompletionRequest,
-    CompletionResponse, DetokenizeRequest, TokenizeRequest, Usage, field_name,
-    template_messages,
+    ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, field_name, template_messages,
+)
+from serve.api.responses import (
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatResponseMessage,
+    CompletionChoice, CompletionResponse, Usage,
 )
 from serve.async_engine import Backend, Overloaded
 from serve.engine.llm_engine import CompletionOutput, RequestMetrics, RequestOutput
@@ -119,12 +120,19 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
                                 f"and your request has {len(prompt_ids)} input tokens.", param="max_tokens")
         return max_tokens
 
-    def submit(request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Hand the request to the backend (400 for bad sampling values, 429 when it is full)."""
+    def submit(request_id: str, prompt_ids: list[int], params: SamplingParams, structured_field: str | None = None
+               ) -> AsyncIterator[RequestOutput]:
+        """Hand the request to the backend (400 for bad sampling values or a structured output
+        the backend cannot enforce, 429 when it is full)."""
         try:
             params.validate(len(backend.tokenizer))
         except ValueError as exc:
             raise ApiError(400, str(exc), param=_named_field(str(exc))) from None
+        if params.structured is not None:
+            try:
+                backend.check_structured(params.structured)
+            except ValueError as exc:
+                raise ApiError(400, f"{structured_field}: {exc}", param=structured_field) from None
         try:
             outputs = backend.generate(request_id, prompt_ids, params)
         except Overloaded as exc:
@@ -260,7 +268,8 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         # and with logprobs its logprobs begin with the prompt tokens' (the first one's null)
         echoed = [p if isinstance(p, str) else backend.tokenizer.decode(p) for p in batch] if body.echo else None
         prompt_logprobs = body.logprobs if echoed and want_logprobs else None
-        streams = [submit(f"{request_id}-{i}" if len(batch) > 1 else request_id, ids, body.sampling_params(m, body.logprobs, prompt_logprobs, backend.sampling_defaults))
+        streams = [submit(f"{request_id}-{i}" if len(batch) > 1 else request_id, ids, body.sampling_params(m, body.logprobs, prompt_logprobs, backend.sampling_defaults),
+                          body.structured_field())
                    for i, (ids, m) in enumerate(zip(prompt_ids, max_tokens))]
         prompt_entries: dict[int, list[dict]] = {}  # prompt index -> its tokens' entries, as they arrive
 
@@ -300,7 +309,8 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         prompt_ids = body.truncated(chat_prompt_ids(body))
         max_tokens = check_prompt(prompt_ids, body.requested_max_tokens, "messages")
         request_id, model, want_logprobs = f"chatcmpl-{request.state.request_id}", backend.model_name, body.logprobs
-        outputs = submit(request_id, prompt_ids, body.sampling_params(max_tokens, body.num_logprobs, None, backend.sampling_defaults))
+        outputs = submit(request_id, prompt_ids, body.sampling_params(max_tokens, body.num_logprobs, None, backend.sampling_defaults),
+                         body.structured_field())
 
         def delta(c: CompletionOutput) -> ChatChunkChoice:
             return ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.new_text or None), finish_reason=c.finish_reason,

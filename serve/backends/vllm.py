@@ -74,6 +74,9 @@ class VllmBackend:
             raise Overloaded(waiting)
         return self._stream(request_id, prompt_ids, params)
 
+    def check_structured(self, structured) -> None:
+        raise ValueError("structured outputs are not passed on to vLLM's engine by this server (--engine ministack has them)")
+
     async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
         vllm_params = VllmSamplingParams(
             n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else 0,

@@ -31,6 +31,7 @@ from serve.engine.block_manager import BlockManager
 from serve.engine.detokenizer import Detokenizer
 from serve.engine.model_runner import ModelRunner, kv_bytes_per_block
 from serve.engine.sampler import Sampler
+from serve.engine.structured import Grammars
 from serve.engine.token_bytes import TokenBytes
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import Scheduler
@@ -155,8 +156,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.kv_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, shape, num_blocks, config.block_size, self.dtype, self.device)
-        token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
-        self.sampler = Sampler(token_bytes.text if token_bytes is not None else lambda t: "")
+        self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
+        self.sampler = Sampler(self.token_bytes.text if self.token_bytes is not None else lambda t: "")
+        self._grammars = None  # serve.engine.structured.Grammars, built on the first structured request
         self.params_by_part = param_parts(self.model, DECODER_PARTS)
         self.law_params = law_params(self.params_by_part)
         self.ledger = Ledger(config.ledger) if config.ledger else None
@@ -195,6 +197,9 @@ class LLMEngine:
             )
         request = Request(request_id, prompt_token_ids, params)
         request.bad_words_ids = self._bad_words_ids(params.bad_words)
+        grammars = self.grammars() if params.structured is not None else None
+        if grammars is not None:
+            grammars.compile(params.structured)  # a refused spec fails here, before anything is queued
         first = None
         for index in range(params.n):
             seed = self._seed_rng.getrandbits(63) if params.seed is None else params.seed + index
@@ -202,11 +207,20 @@ class LLMEngine:
             detok = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.include_stop_str_in_output,
                                 params.skip_special_tokens)
             seq = Sequence(self._next_seq_id, request, index, generator, detok, after=first)
+            seq.matcher = grammars.matcher(params.structured) if grammars is not None else None
             self._next_seq_id += 1
             request.seqs.append(seq)
             self.scheduler.add(seq)
             first = first or seq
         self.requests[request_id] = request
+
+    def grammars(self) -> Grammars:
+        """The grammar engine over this tokenizer (imported and built on first use)."""
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer; this model has none")
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.model.lm_head.out_features, self.token_bytes)
+        return self._grammars
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """Each bad word as token ids, alone and after a space (BPE spells a word differently
@@ -257,7 +271,9 @@ class LLMEngine:
         now = time.time()
         if prompt_spans:
             self._record_prompt_logprobs(logits[len(sampling) :], prompt_spans)
-        for seq, (token, entry) in zip(sampling, self.sampler(logits[: len(sampling)], sampling, self.eos_token_ids)):
+        for seq, (token, entry) in zip(sampling, self.sampler(logits[: len(sampling)], sampling, self.eos_token_ids, self._grammars)):
+            if seq.matcher is not None and not seq.matcher.accept_token(token):
+                raise RuntimeError(f"the grammar refused token {token} it had allowed")
             seq.token_ids.append(token)
             new_tokens[seq.seq_id] = [token]
             if seq.logprobs is not None:
@@ -287,7 +303,9 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
         may_stop = len(seq.output_token_ids) >= p.min_tokens  # the sampler held EOS and stop tokens back until then
-        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+        if seq.matcher is not None and seq.matcher.is_terminated():  # the grammar is complete (it accepted EOS)
+            self.scheduler.finish(seq, "stop")
+        elif token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
             self.scheduler.finish(seq, "stop")  # the stop token's text is not part of the output
         elif seq.detokenizer.add(token, check_stop=may_stop):
             self.scheduler.finish(seq, "stop")

@@ -43,12 +43,18 @@ class Sampler:
     def __init__(self, token_text) -> None:
         self.token_text = token_text  # token id -> its text (for logprob entries)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int] = frozenset()) -> list[tuple[int, dict | None]]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int] = frozenset(),
+                 grammars=None) -> list[tuple[int, dict | None]]:
         """The next token of each sequence (row i of logits is seqs[i]) and its logprob entry;
-        `eos_token_ids`: what min_tokens holds back."""
+        `eos_token_ids`: what min_tokens holds back; `grammars` (serve.engine.structured.Grammars)
+        masks the rows of sequences with a structured output."""
         wants_logprobs = any(s.params.logprobs is not None for s in seqs)
         logprobs = torch.log_softmax(logits, -1) if wants_logprobs else None
         logits = process_logits(logits, seqs, eos_token_ids)
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            json_rows = [i for i in constrained if seqs[i].params.structured.kind == "json"]
+            logits = grammars.mask(logits, constrained, [seqs[i].matcher for i in constrained], json_rows)
         greedy = torch.argmax(logits, -1).tolist()
         out: list[tuple[int, dict | None]] = []
         for i, seq in enumerate(seqs):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from serve.engine.structured import StructuredOutput
+
 
 @dataclass
 class SamplingParams:
@@ -29,6 +31,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: minus this once for every token already in the output
     frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output
     skip_special_tokens: bool = True  # in the returned text
+    structured: StructuredOutput | None = None  # JSON schema, regex, choice or grammar the output must match
 
     def validate(self, vocab_size: int | None = None) -> None:
         """ValueError naming the first bad field; token ids checked against `vocab_size` when given."""
@@ -57,6 +60,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.structured is not None and self.min_tokens:
+            raise ValueError("min_tokens cannot be combined with a structured output (the grammar decides where it ends)")
         if any(not -100 <= v <= 100 for v in self.logit_bias.values()):
             raise ValueError("logit_bias values must be in [-100, 100]")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:

@@ -1,0 +1,135 @@
+"""Structured outputs: a JSON schema, a regex, a choice of strings or an EBNF grammar, enforced
+by token masks from xgrammar (Dong et al. 2024; the grammar engine vLLM and SGLang use), so
+every output a constraint finishes parses and validates.
+
+Each distinct constraint is compiled once (xgrammar's compiler caches by its text); each
+sequence gets its own matcher, which fills its row of a batch bitmask before sampling and
+accepts the sampled token after. JSON is compact (no free whitespace: a small model otherwise
+loops on newlines), and tokens holding a raw control byte are masked under JSON constraints
+(xgrammar's string rule admits them, JSON does not).
+
+JSON schemas are checked against the keywords this engine enforces (`check_schema`): one it
+would silently ignore (`uniqueItems`, `not`, `if`/`then`, `contains`, `dependentRequired`, ...,
+found by sampling random token walks under each keyword and validating them) is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+KINDS = ("json", "regex", "choice", "grammar")
+
+# keywords whose constraint xgrammar enforces (each checked by sampling, tests/test_serve_structured.py)
+ENFORCED = {
+    "type", "properties", "required", "additionalProperties", "patternProperties", "propertyNames",
+    "enum", "const", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+    "minLength", "maxLength", "pattern", "format", "items", "prefixItems", "minItems", "maxItems",
+    "anyOf", "allOf", "$ref", "$defs", "definitions",
+}
+ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly", "writeOnly"}
+FORMATS = {"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri", "uri-reference",
+           "uri-template", "json-pointer", "relative-json-pointer"}
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+SUBSCHEMAS = ("items", "additionalProperties", "propertyNames")
+SUBSCHEMA_LISTS = ("anyOf", "allOf", "prefixItems")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must match. `spec`: the JSON schema's text (json; "" for any JSON
+    object), the regex, the JSON list of choices, or the EBNF grammar."""
+
+    kind: str
+    spec: str
+
+    @classmethod
+    def json_schema(cls, schema: dict | None) -> StructuredOutput:
+        """Any JSON object (None), or JSON valid under `schema` (checked by `check_schema`)."""
+        if schema is not None:
+            check_schema(schema)
+        return cls("json", json.dumps(schema if schema is not None else {"type": "object"}, sort_keys=True))
+
+    @classmethod
+    def choice(cls, choices: list[str]) -> StructuredOutput:
+        if not choices or not all(isinstance(c, str) and c for c in choices):
+            raise ValueError("choice must be a non-empty list of non-empty strings")
+        return cls("choice", json.dumps(choices))
+
+
+def check_schema(schema: Any, path: str = "schema") -> None:
+    """ValueError naming the first keyword (and where) this engine would not enforce."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise ValueError(f"{path} must be a JSON schema object, got {type(schema).__name__}")
+    for key, value in schema.items():
+        where = f"{path}.{key}"
+        if key not in ENFORCED | ANNOTATIONS:
+            raise ValueError(f"{where}: the JSON-schema keyword {key!r} is not enforced by this server's grammar engine")
+        if key == "format" and value not in FORMATS:
+            raise ValueError(f"{where}: format {value!r} is not enforced (supported: {', '.join(sorted(FORMATS))})")
+        if key == "allOf" and len(value) != 1:
+            raise ValueError(f"{where}: allOf is enforced with one subschema only (merge them)")
+        if key in SUBSCHEMA_MAPS:
+            for name, sub in value.items():
+                check_schema(sub, f"{where}.{name}")
+        elif key in SUBSCHEMAS:
+            check_schema(value, where)
+        elif key in SUBSCHEMA_LISTS:
+            for i, sub in enumerate(value):
+                check_schema(sub, f"{where}.{i}")
+
+
+class Grammars:
+    """xgrammar over one tokenizer: compiles constraints (cached) and makes matchers."""
+
+    def __init__(self, tokenizer, vocab_size: int, token_bytes) -> None:
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            raise ValueError("structured outputs need xgrammar: pip install --no-deps xgrammar apache-tvm-ffi") from None
+
+        self.xgr = xgr
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self.compiler = xgr.GrammarCompiler(self.info, cache_enabled=True)
+        self.vocab_size = vocab_size
+        size = min(vocab_size, len(tokenizer))
+        control = [any(b < 0x20 for b in token_bytes.bytes(i)) for i in range(size)] + [False] * (vocab_size - size)
+        self.control_tokens = torch.tensor(control)  # raw control bytes: never legal in JSON text
+
+    def compile(self, so: StructuredOutput):
+        """The compiled grammar; ValueError with xgrammar's message when it refuses the spec."""
+        try:
+            if so.kind == "json":
+                return self.compiler.compile_json_schema(so.spec, any_whitespace=False, strict_mode=True)
+            if so.kind == "regex":
+                return self.compiler.compile_regex(so.spec)
+            if so.kind == "choice":
+                alternatives = " | ".join(json.dumps(c) for c in json.loads(so.spec))  # EBNF string literals
+                return self.compiler.compile_grammar(f"root ::= {alternatives}")
+            if so.kind == "grammar":
+                return self.compiler.compile_grammar(so.spec)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"{so.kind}: the grammar engine refused it: {exc}") from None
+        raise ValueError(f"structured output kind must be one of {', '.join(KINDS)}, got {so.kind!r}")
+
+    def matcher(self, so: StructuredOutput):
+        return self.xgr.GrammarMatcher(self.compile(so))
+
+    def mask(self, logits: torch.Tensor, rows: list[int], matchers: list, json_rows: list[int]) -> torch.Tensor:
+        """`logits` with each listed row masked to what its matcher allows next (a new tensor)."""
+        bitmask = self.xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        for i, matcher in enumerate(matchers):
+            matcher.fill_next_token_bitmask(bitmask, i)
+        out = logits.clone()
+        block = out[rows]
+        self.xgr.apply_token_bitmask_inplace(block, bitmask)
+        if json_rows:
+            picked = [rows.index(r) for r in json_rows]
+            block[picked] = block[picked].masked_fill(self.control_tokens[: block.shape[1]], float("-inf"))
+        out[rows] = block
+        return out
