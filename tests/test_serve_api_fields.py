@@ -42,11 +42,8 @@ def whole(client, model_name, **kw) -> dict:
 
 
 @pytest.mark.parametrize("path, extra, param", [
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
-    ("/v1/chat/completions", {"parallel_tool_calls": False}, "parallel_tool_calls"),
     ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "1", "tool_call_id": "c1"}]}, "messages.0.tool_call_id"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),  # OpenAI's deprecated form: use tools
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0.type"),
     ("/v1/completions", {"suffix": "end"}, "suffix"),

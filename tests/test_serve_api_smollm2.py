@@ -56,3 +56,19 @@ def test_continue_final_message_continues_the_assistant_turn(real):
     r = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
                                        extra_body={"continue_final_message": True, "add_generation_prompt": False})
     assert r.choices[0].message.content.startswith(" Paris"), r.choices[0].message.content
+
+
+def test_a_forced_tool_call_carries_the_asked_city(real):
+    """tool_choice names the function: the grammar writes the call's shape, the model fills in the city."""
+    import json
+
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                              "required": ["city"], "additionalProperties": False}}}
+    client, name = real.client(api_key="x"), real.backend.model_name
+    r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "What is the weather like in Paris today?"}],
+                                       tools=[weather], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                       max_tokens=40, temperature=0)
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert "Paris" in json.loads(call.function.arguments)["city"], call.function.arguments

@@ -265,10 +265,52 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionDef(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None  # forced calls are exact either way
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -276,9 +318,12 @@ class ChatMessage(Strict):
         return self.content or ""
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as chat templates expect them ('developer' is the newer name of 'system')."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as OpenAI dicts for serve.api.tools.render_messages ('developer' is the newer
+    name of 'system')."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+             "tool_calls": [c.model_dump() for c in m.tool_calls] if m.tool_calls else None,
+             "tool_call_id": m.tool_call_id} for m in messages]
 
 
 class ChatTemplating(Strict):
@@ -297,6 +342,9 @@ class ChatCompletionRequest(ChatTemplating, _SamplingRequest):
     """POST /v1/chat/completions. The messages go through the chat template."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -308,6 +356,26 @@ class ChatCompletionRequest(ChatTemplating, _SamplingRequest):
         if top is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
         return top
+
+    def tool_mode(self) -> str | None:
+        """None without tools; else "none", "auto", "required" or the forced function's name.
+        ApiError (400, naming the field) for a choice that cannot be honoured."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+            return None
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise ApiError(400, "tools: function names must be distinct", param="tools")
+        choice = self.tool_choice or "auto"
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in names:
+                raise ApiError(400, f"tool_choice: no tool named {choice.function.name!r}", param="tool_choice")
+            choice = choice.function.name
+        if choice not in ("none", "auto") and self.structured_field() is not None:
+            raise ApiError(400, f"tool_choice {choice!r} is itself a structured output: drop {self.structured_field()}",
+                           param=self.structured_field())
+        return choice
 
     @property
     def requested_max_tokens(self) -> int | None:

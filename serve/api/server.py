@@ -37,8 +37,9 @@ from serve.api.protocol import (
 )
 from serve.api.responses import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatResponseMessage,
-    CompletionChoice, CompletionResponse, Usage,
+    CompletionChoice, CompletionResponse, ResponseToolCall, Usage,
 )
+from serve.api.tools import ToolStream, parse_tool_calls, render_messages, tool_grammar
 from serve.async_engine import Backend, Overloaded
 from serve.engine.llm_engine import CompletionOutput, RequestMetrics, RequestOutput
 from serve.engine.sampling_params import SamplingParams
@@ -199,9 +200,10 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         check_prompt(body.tokens, 0, "tokens")
         return {"prompt": backend.tokenizer.decode(body.tokens)}
 
-    def chat_prompt_ids(body: ChatCompletionRequest | TokenizeRequest) -> list[int]:
-        """The messages rendered by the request's template, else the server's (--chat-template),
-        else the tokenizer's; 400 naming the field for what cannot be rendered."""
+    def chat_prompt_ids(body: ChatCompletionRequest | TokenizeRequest, tools: list[dict] | None = None) -> list[int]:
+        """The messages (and `tools`, serve.api.tools) rendered by the request's template, else
+        the server's (--chat-template), else the tokenizer's; 400 naming the field for what
+        cannot be rendered."""
         if body.chat_template is not None and not trust_request_chat_template:
             raise ApiError(400, "chat_template: this server does not run templates sent with a request "
                                 "(start it with --trust-request-chat-template)", param="chat_template")
@@ -219,37 +221,42 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         if reserved:
             raise ApiError(400, f"chat_template_kwargs: {sorted(reserved)} are set by the request itself",
                            param="chat_template_kwargs")
+        messages, extra = render_messages(template_messages(body.messages), tools, template)
         try:
             text = backend.tokenizer.apply_chat_template(
-                template_messages(body.messages), chat_template=template, add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message, tokenize=False, **(body.chat_template_kwargs or {}))
+                messages, chat_template=template, add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message, tokenize=False, **extra, **(body.chat_template_kwargs or {}))
         except Exception as exc:  # noqa: BLE001 - chat templates raise whatever jinja raises
             raise ApiError(400, f"messages: the chat template refused them: {exc}", param="messages") from None
         return backend.tokenizer.encode(text, add_special_tokens=False)
 
     async def respond(
         request: Request, body: CompletionRequest | ChatCompletionRequest, outputs: AsyncIterator[RequestOutput],
-        want_logprobs: bool, chunk: Callable[[list[CompletionOutput]], BaseModel],
+        want_logprobs: bool, chunk: Callable[[list[CompletionOutput]], BaseModel | list[BaseModel]],
         whole: Callable[[list[CompletionOutput], Usage], BaseModel], opening: BaseModel | None = None,
     ) -> Response:
         """Both endpoints' two ways to answer, for one request or a batch merged into one
-        stream. Streaming: `opening` (if any), then `chunk` of the completions that changed in
-        each step, then (include_usage) an empty chunk with the usage. Otherwise: `whole` of
-        every final completion and the usage, once all requests finished."""
+        stream. Streaming: `opening` (if any), then `chunk` (one or a list) of the completions
+        that changed in each step, then (include_usage) an empty chunk with the usage.
+        Otherwise: `whole` of every final completion and the usage, once all requests finished."""
         if body.stream:
             async def events() -> AsyncIterator[BaseModel]:
                 if opening is not None:
                     yield opening
                 finals: dict[str, RequestOutput] = {}
+                ended: set[tuple[str, int]] = set()  # choices whose finish was sent: later outputs of the request repeat them
                 async for out in outputs:
                     finals[out.request_id] = out
-                    changed = [c for c in out.outputs if c.new_text or c.finish_reason or (want_logprobs and c.new_token_ids)]
-                    if changed and body.continuous_usage:  # the usage so far on every chunk (vLLM's continuous_usage_stats)
-                        yield chunk(changed).model_copy(update={"usage": batch_usage(list(finals.values()))})
-                    elif changed:
-                        yield chunk(changed)
+                    changed = [c for c in out.outputs if (out.request_id, c.index) not in ended
+                               and (c.new_text or c.finish_reason or (want_logprobs and c.new_token_ids))]
+                    ended.update((out.request_id, c.index) for c in changed if c.finish_reason)
+                    for event in _listed(chunk(changed)) if changed else []:
+                        if body.continuous_usage:  # the usage so far on every chunk (vLLM's continuous_usage_stats)
+                            event = event.model_copy(update={"usage": batch_usage(list(finals.values()))})
+                        yield event
                 if body.include_usage:
-                    yield chunk([]).model_copy(update={"usage": batch_usage(list(finals.values()))})
+                    (closing,) = _listed(chunk([]))
+                    yield closing.model_copy(update={"usage": batch_usage(list(finals.values()))})
             return _sse(events(), include_usage=body.include_usage)
         finals = await _until_disconnect(request, _finals(outputs))
         if finals is None:  # the client left: nobody to answer (nginx's 499), no traceback, counted as aborted
@@ -306,24 +313,58 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        prompt_ids = body.truncated(chat_prompt_ids(body))
+        mode = body.tool_mode()  # None, "none", "auto", "required" or a function's name
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if mode not in (None, "none") else None
+        prompt_ids = body.truncated(chat_prompt_ids(body, tools))
         max_tokens = check_prompt(prompt_ids, body.requested_max_tokens, "messages")
         request_id, model, want_logprobs = f"chatcmpl-{request.state.request_id}", backend.model_name, body.logprobs
-        outputs = submit(request_id, prompt_ids, body.sampling_params(max_tokens, body.num_logprobs, None, backend.sampling_defaults),
-                         body.structured_field())
+        params, field = body.sampling_params(max_tokens, body.num_logprobs, None, backend.sampling_defaults), body.structured_field()
+        if mode not in (None, "none", "auto"):  # required or named: the grammar writes the calls
+            try:
+                params.structured = tool_grammar(tools, None if mode == "required" else mode, body.parallel_tool_calls)
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param="tools") from None
+            field = "tool_choice"
+        outputs = submit(request_id, prompt_ids, params, field)
+        streams = {i: ToolStream() for i in range(body.n)} if tools else None
 
-        def delta(c: CompletionOutput) -> ChatChunkChoice:
-            return ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.new_text or None), finish_reason=c.finish_reason,
-                                   logprobs=chat_logprobs(c, True, token_bytes) if want_logprobs else None)
+        def calls_in(content: str | None, calls: list[dict], c: CompletionOutput) -> tuple[list[dict], str | None]:
+            calls = calls if body.parallel_tool_calls else calls[:1]
+            return calls, ("tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason)
+
+        def deltas(c: CompletionOutput) -> list[ChatChunkChoice]:
+            lp = chat_logprobs(c, True, token_bytes) if want_logprobs else None
+            if streams is None:
+                return [ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.new_text or None), finish_reason=c.finish_reason, logprobs=lp)]
+            text = streams[c.index].content(c.new_text)
+            if not c.finish_reason:
+                return [ChatChunkChoice(index=c.index, delta=ChatDelta(content=text), logprobs=lp)] if text or lp else []
+            rest, found = streams[c.index].finish()
+            calls, reason = calls_in(None, found, c)
+            out = [ChatChunkChoice(index=c.index, delta=ChatDelta(content=text + rest), logprobs=lp)] if text + rest or lp else []
+            for i, call in enumerate(calls):  # OpenAI's shape: id, type and name first, then the arguments
+                opening = {"index": i, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
+                out += [ChatChunkChoice(index=c.index, delta=ChatDelta(tool_calls=[opening])),
+                        ChatChunkChoice(index=c.index, delta=ChatDelta(tool_calls=[{"index": i, "function": {"arguments": call["function"]["arguments"]}}]))]
+            return out + [ChatChunkChoice(index=c.index, delta=ChatDelta(), finish_reason=reason)]
+
+        def chunks(cs: list[CompletionOutput]) -> list[ChatCompletionChunk]:
+            if streams is None or not cs:
+                return [ChatCompletionChunk(id=request_id, model=model, choices=[d for c in cs for d in deltas(c)])]
+            return [ChatCompletionChunk(id=request_id, model=model, choices=[d]) for c in cs for d in deltas(c)]
 
         def choice(c: CompletionOutput) -> ChatChoice:
-            return ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
-                              logprobs=chat_logprobs(c, False, token_bytes) if want_logprobs else None)
+            lp = chat_logprobs(c, False, token_bytes) if want_logprobs else None
+            if streams is None:
+                return ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason, logprobs=lp)
+            content, found = parse_tool_calls(c.text)
+            calls, reason = calls_in(content, found, c)
+            message = ChatResponseMessage(content=content, tool_calls=[ResponseToolCall(**call) for call in calls] or None)
+            return ChatChoice(index=c.index, message=message, finish_reason=reason, logprobs=lp)
 
         opening = [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)]
         return await respond(
-            request, body, outputs, want_logprobs,
-            chunk=lambda cs: ChatCompletionChunk(id=request_id, model=model, choices=[delta(c) for c in cs]),
+            request, body, outputs, want_logprobs, chunk=chunks,
             whole=lambda cs, usage: ChatCompletionResponse(id=request_id, model=model, choices=[choice(c) for c in cs], usage=usage),
             opening=ChatCompletionChunk(id=request_id, model=model, choices=opening),
         )
@@ -339,6 +380,10 @@ def _named_field(message: str) -> str | None:
     starts with, else the first it mentions."""
     return (next((name for name in _SAMPLING_FIELDS if message.startswith(name)), None)
             or next((name for name in _SAMPLING_FIELDS if re.search(rf"\b{name}\b", message)), None))
+
+
+def _listed(events: BaseModel | list[BaseModel]) -> list[BaseModel]:
+    return events if isinstance(events, list) else [events]
 
 
 def _phases(m: RequestMetrics) -> dict[str, float]:

@@ -16,12 +16,14 @@ found by sampling random token walks under each keyword and validating them) is 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-KINDS = ("json", "regex", "choice", "grammar")
+KINDS = ("json", "regex", "choice", "grammar", "tool_calls")
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # keywords whose constraint xgrammar enforces (each checked by sampling, tests/test_serve_structured.py)
 ENFORCED = {
@@ -51,7 +53,7 @@ class StructuredOutput:
         """Any JSON object (None), or JSON valid under `schema` (checked by `check_schema`)."""
         if schema is not None:
             check_schema(schema)
-        return cls("json", json.dumps(schema if schema is not None else {"type": "object"}, sort_keys=True))
+        return cls("json", json.dumps(schema if schema is not None else {"type": "object"}))  # key order: output order
 
     @classmethod
     def choice(cls, choices: list[str]) -> StructuredOutput:
@@ -84,6 +86,27 @@ def check_schema(schema: Any, path: str = "schema") -> None:
                 check_schema(sub, f"{where}.{i}")
 
 
+def _rename_rule(ebnf: str, old: str, new: str) -> str:
+    """`ebnf` with the rule `old` renamed wherever it is an identifier (not inside a "string"
+    or a [character class])."""
+    out, i, n = [], 0, len(ebnf)
+    while i < n:
+        c = ebnf[i]
+        if c in '"[':
+            close, j = '"' if c == '"' else "]", i + 1
+            while j < n and ebnf[j] != close:
+                j += 2 if ebnf[j] == "\\" else 1
+            out.append(ebnf[i : j + 1])
+            i = j + 1
+        elif match := IDENTIFIER.match(ebnf, i):
+            out.append(new if match.group() == old else match.group())
+            i = match.end()
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
 class Grammars:
     """xgrammar over one tokenizer: compiles constraints (cached) and makes matchers."""
 
@@ -113,9 +136,19 @@ class Grammars:
                 return self.compiler.compile_grammar(f"root ::= {alternatives}")
             if so.kind == "grammar":
                 return self.compiler.compile_grammar(so.spec)
+            if so.kind == "tool_calls":
+                return self.compiler.compile_grammar(self._tool_calls_ebnf(json.loads(so.spec)))
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"{so.kind}: the grammar engine refused it: {exc}") from None
         raise ValueError(f"structured output kind must be one of {', '.join(KINDS)}, got {so.kind!r}")
+
+    def _tool_calls_ebnf(self, spec: dict) -> str:
+        """`<tool_call>\n{payload}\n</tool_call>`, once or (spec["parallel"]) one or more times
+        separated by newlines, the payload JSON under spec["schema"] (serve.api.tools)."""
+        payload = str(self.xgr.Grammar.from_json_schema(json.dumps(spec["schema"]), any_whitespace=False, strict_mode=True))
+        repeat = ' ("\\n" call)*' if spec["parallel"] else ""
+        return (f'root ::= call{repeat}\ncall ::= "<tool_call>\\n" tool_payload "\\n</tool_call>"\n'
+                + _rename_rule(payload, "root", "tool_payload"))
 
     def matcher(self, so: StructuredOutput):
         return self.xgr.GrammarMatcher(self.compile(so))
