@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import threading
 
-from serve.engine.llm_engine import EngineStats
+from serve.engine.llm_engine import EngineStats, RequestMetrics
 
 # Bucket bounds (seconds) as vLLM's, so histograms are comparable side by side.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -155,3 +155,12 @@ class ServingMetrics:
             metric("ministack:law_flops_total", "counter", "FLOPs the 2NT law charges the served requests.",
                    [f"ministack:law_flops_total{{{lb}}} {self.law_flops}"])
         return "\n".join(out) + "\n"
+
+
+def request_phases(m: RequestMetrics) -> dict[str, float]:
+    """vLLM's request phases from the engine's timestamps (those it has): queue (arrival to
+    first scheduled), prefill (to the first token), decode (to the end), inference (both)."""
+    if m.first_scheduled_time is None or m.first_token_time is None or m.finished_time is None:
+        return {}
+    return {"queue": m.first_scheduled_time - m.arrival_time, "prefill": m.first_token_time - m.first_scheduled_time,
+            "decode": m.finished_time - m.first_token_time, "inference": m.finished_time - m.first_scheduled_time}

@@ -11,13 +11,19 @@ never reads sampling fields one by one.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import fields
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from serve.api.protocol_parts import (
+    NamedToolChoice, ResponseFormat, Strict, StructuredOutputs, Tool, ToolCall,
+)
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.structured import StructuredOutput
 
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
 MAX_LOGPROBS = 20  # OpenAI's cap on alternatives per token
 
 
@@ -36,12 +42,6 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class Strict(BaseModel):
-    """A request body part that refuses any field it does not declare."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
 class StreamOptions(Strict):
     include_usage: bool = False  # a last chunk with the usage (OpenAI)
     continuous_usage_stats: bool = False  # every chunk with the usage so far (vLLM's); needs include_usage
@@ -51,27 +51,6 @@ class StreamOptions(Strict):
         if self.continuous_usage_stats and not self.include_usage:
             raise ValueError("continuous_usage_stats needs include_usage: true")
         return self
-
-
-class JsonSchemaFormat(Strict):
-    name: str = Field(..., max_length=64)
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None  # enforced either way: the grammar engine is exact
-
-
-class ResponseFormat(Strict):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class StructuredOutputs(Strict):
-    """vLLM's `structured_outputs` (extra body): exactly one of these."""
-
-    json_: dict[str, Any] | str | None = Field(None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
 
 
 class _SamplingRequest(Strict):
@@ -265,38 +244,6 @@ class TextPart(Strict):
     text: str
 
 
-class FunctionDef(Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
-    strict: bool | None = None  # forced calls are exact either way
-
-
-class Tool(Strict):
-    type: Literal["function"]
-    function: FunctionDef
-
-
-class FunctionName(Strict):
-    name: str
-
-
-class NamedToolChoice(Strict):
-    type: Literal["function"]
-    function: FunctionName
-
-
-class ToolCallFunction(Strict):
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-
-
-class ToolCall(Strict):
-    id: str
-    type: Literal["function"] = "function"
-    function: ToolCallFunction
-
-
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -415,3 +362,10 @@ def field_name(loc: tuple[Any, ...]) -> str | None:
 
 
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict"})
+
+
+def named_field(message: str) -> str | None:
+    """The sampling field an engine error message names, for the error's `param`: the one it
+    starts with, else the first it mentions."""
+    return (next((name for name in SAMPLING_FIELDS if message.startswith(name)), None)
+            or next((name for name in SAMPLING_FIELDS if re.search(rf"\b{name}\b", message)), None))

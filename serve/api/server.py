@@ -14,26 +14,24 @@ aborts the request, freeing its slot and KV blocks for the next one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import fields, replace
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.api.metrics import ServingMetrics
+from serve.api.metrics import ServingMetrics, request_phases
 from serve.api.request_id import RequestIdMiddleware
+from serve.api.streams import final_outputs, listed, merged_outputs, sse_response, until_disconnect
 from serve.api.outputs import batch_usage, chat_logprobs, completion_logprobs, prompt_logprob_entries
 from serve.api.protocol import (
-    ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, field_name, template_messages,
+    ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, field_name, named_field,
+    template_messages,
 )
 from serve.api.responses import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatResponseMessage,
@@ -41,11 +39,10 @@ from serve.api.responses import (
 )
 from serve.api.tools import ToolStream, parse_tool_calls, render_messages, tool_grammar
 from serve.async_engine import Backend, Overloaded
-from serve.engine.llm_engine import CompletionOutput, RequestMetrics, RequestOutput
+from serve.engine.llm_engine import CompletionOutput, RequestOutput
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.token_bytes import TokenBytes
 
-_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
 
 
 def build_app(backend: Backend, api_key: str | None = None, chat_template: str | None = None,
@@ -128,7 +125,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         try:
             params.validate(len(backend.tokenizer))
         except ValueError as exc:
-            raise ApiError(400, str(exc), param=_named_field(str(exc))) from None
+            raise ApiError(400, str(exc), param=named_field(str(exc))) from None
         if params.structured is not None:
             try:
                 backend.check_structured(params.structured)
@@ -161,7 +158,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
                         reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
                         metrics.observe_finished(now - arrival, len(output.prompt_token_ids),
                                                  sum(len(c.token_ids) for c in output.outputs), reason, m.measured_flops, m.law_flops,
-                                                 _phases(m))
+                                                 request_phases(m))
                     yield output
             except (GeneratorExit, asyncio.CancelledError):  # the client left; closing the backend's stream aborts the request
                 if not finished:
@@ -250,15 +247,15 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
                     changed = [c for c in out.outputs if (out.request_id, c.index) not in ended
                                and (c.new_text or c.finish_reason or (want_logprobs and c.new_token_ids))]
                     ended.update((out.request_id, c.index) for c in changed if c.finish_reason)
-                    for event in _listed(chunk(changed)) if changed else []:
+                    for event in listed(chunk(changed)) if changed else []:
                         if body.continuous_usage:  # the usage so far on every chunk (vLLM's continuous_usage_stats)
                             event = event.model_copy(update={"usage": batch_usage(list(finals.values()))})
                         yield event
                 if body.include_usage:
-                    (closing,) = _listed(chunk([]))
+                    (closing,) = listed(chunk([]))
                     yield closing.model_copy(update={"usage": batch_usage(list(finals.values()))})
-            return _sse(events(), include_usage=body.include_usage)
-        finals = await _until_disconnect(request, _finals(outputs))
+            return sse_response(events(), include_usage=body.include_usage)
+        finals = await until_disconnect(request, final_outputs(outputs))
         if finals is None:  # the client left: nobody to answer (nginx's 499), no traceback, counted as aborted
             return Response(status_code=499)
         return JSONResponse(whole(sorted((c for f in finals for c in f.outputs), key=lambda c: c.index), batch_usage(finals)).model_dump())
@@ -304,7 +301,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
             opening = CompletionResponse(id=request_id, model=model, choices=[
                 CompletionChoice(index=i * body.n + j, text=text) for i, text in enumerate(echoed) for j in range(body.n)])
         return await respond(
-            request, body, noting_prompt_logprobs(_merged(streams, body.n)), want_logprobs,
+            request, body, noting_prompt_logprobs(merged_outputs(streams, body.n)), want_logprobs,
             chunk=lambda cs: CompletionResponse(id=request_id, model=model, choices=[choice(c, True) for c in cs]),
             whole=lambda cs, usage: CompletionResponse(id=request_id, model=model, choices=[choice(c, False) for c in cs], usage=usage),
             opening=opening,
@@ -370,110 +367,3 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         )
 
     return app
-
-
-# ---- helpers ---------------------------------------------------------------------------------
-
-
-def _named_field(message: str) -> str | None:
-    """The sampling field an engine error message names, for the error's `param`: the one it
-    starts with, else the first it mentions."""
-    return (next((name for name in _SAMPLING_FIELDS if message.startswith(name)), None)
-            or next((name for name in _SAMPLING_FIELDS if re.search(rf"\b{name}\b", message)), None))
-
-
-def _listed(events: BaseModel | list[BaseModel]) -> list[BaseModel]:
-    return events if isinstance(events, list) else [events]
-
-
-def _phases(m: RequestMetrics) -> dict[str, float]:
-    """vLLM's request phases from the engine's timestamps (those it has): queue (arrival to
-    first scheduled), prefill (to the first token), decode (to the end), inference (both)."""
-    if m.first_scheduled_time is None or m.first_token_time is None or m.finished_time is None:
-        return {}
-    return {"queue": m.first_scheduled_time - m.arrival_time, "prefill": m.first_token_time - m.first_scheduled_time,
-            "decode": m.finished_time - m.first_token_time, "inference": m.finished_time - m.first_scheduled_time}
-
-
-async def _finals(outputs: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
-    """The last output of each request in the stream."""
-    finals: dict[str, RequestOutput] = {}
-    async for out in outputs:
-        finals[out.request_id] = out
-    return list(finals.values())
-
-
-async def _merged(streams: list[AsyncIterator[RequestOutput]], n: int) -> AsyncIterator[RequestOutput]:
-    """A batch of prompts' streams as one, in the order outputs arrive, each choice re-indexed
-    prompt * n + choice. Closing it (a disconnect) closes every stream, aborting its request;
-    one stream's error (a refused prompt) ends them all."""
-    if len(streams) == 1:
-        async with aclosing(streams[0]):
-            async for out in streams[0]:
-                yield out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async with aclosing(stream):
-                async for out in stream:
-                    queue.put_nowait(replace(out, outputs=[replace(c, index=i * n + c.index) for c in out.outputs]))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            queue.put_nowait(exc)
-        queue.put_nowait(None)
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        for _ in range(len(tasks)):
-            while (item := await queue.get()) is not None:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def _until_disconnect(request: Request, work: Awaitable[list[RequestOutput]]) -> list[RequestOutput] | None:
-    """Await `work` unless the client disconnects first; then cancel it (which aborts the
-    request) and return None."""
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.done() or task.cancelled():
-        with contextlib.suppress(asyncio.CancelledError):
-            await task  # let the cancellation run its course (the backend stream closes, the request aborts)
-        return None
-    try:
-        return task.result()
-    except ValueError as exc:  # the engine refused the request
-        raise ApiError(400, str(exc), param=_named_field(str(exc))) from None
-
-
-def _sse(events: AsyncIterator[BaseModel], include_usage: bool) -> StreamingResponse:
-    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. With include_usage,
-    every chunk carries "usage": null except the last, which carries the totals (OpenAI's rule).
-    An error after the stream started is sent as an `{"error": ...}` event, as vLLM does."""
-
-    async def encode() -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                data = event.model_dump(exclude={"usage"} if not include_usage else set())
-                yield f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-        except (ValueError, RuntimeError) as exc:  # refused or failed after the headers went out: say so in-band
-            error = ApiError(400 if isinstance(exc, ValueError) else 500, str(exc), param=_named_field(str(exc)),
-                             type="invalid_request_error" if isinstance(exc, ValueError) else "server_error")
-            yield f"data: {json.dumps(error.body())}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,106 @@
+"""How answers leave the server: streams of engine outputs merged, awaited until the client
+leaves, or sent as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import replace
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from serve.api.protocol import ApiError, named_field
+from serve.engine.llm_engine import RequestOutput
+
+
+def listed(events: BaseModel | list[BaseModel]) -> list[BaseModel]:
+    return events if isinstance(events, list) else [events]
+
+
+async def final_outputs(outputs: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
+    """The last output of each request in the stream."""
+    finals: dict[str, RequestOutput] = {}
+    async for out in outputs:
+        finals[out.request_id] = out
+    return list(finals.values())
+
+
+async def merged_outputs(streams: list[AsyncIterator[RequestOutput]], n: int) -> AsyncIterator[RequestOutput]:
+    """A batch of prompts' streams as one, in the order outputs arrive, each choice re-indexed
+    prompt * n + choice. Closing it (a disconnect) closes every stream, aborting its request;
+    one stream's error (a refused prompt) ends them all."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]):
+            async for out in streams[0]:
+                yield out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async with aclosing(stream):
+                async for out in stream:
+                    queue.put_nowait(replace(out, outputs=[replace(c, index=i * n + c.index) for c in out.outputs]))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait(exc)
+        queue.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        for _ in range(len(tasks)):
+            while (item := await queue.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def until_disconnect(request: Request, work: Awaitable[list[RequestOutput]]) -> list[RequestOutput] | None:
+    """Await `work` unless the client disconnects first; then cancel it (which aborts the
+    request) and return None."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # let the cancellation run its course (the backend stream closes, the request aborts)
+        return None
+    try:
+        return task.result()
+    except ValueError as exc:  # the engine refused the request
+        raise ApiError(400, str(exc), param=named_field(str(exc))) from None
+
+
+def sse_response(events: AsyncIterator[BaseModel], include_usage: bool) -> StreamingResponse:
+    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. With include_usage,
+    every chunk carries "usage": null except the last, which carries the totals (OpenAI's rule).
+    An error after the stream started is sent as an `{"error": ...}` event, as vLLM does."""
+
+    async def encode() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                data = event.model_dump(exclude={"usage"} if not include_usage else set())
+                yield f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+        except (ValueError, RuntimeError) as exc:  # refused or failed after the headers went out: say so in-band
+            error = ApiError(400 if isinstance(exc, ValueError) else 500, str(exc), param=named_field(str(exc)),
+                             type="invalid_request_error" if isinstance(exc, ValueError) else "server_error")
+            yield f"data: {json.dumps(error.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
