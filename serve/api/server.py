@@ -14,6 +14,7 @@ aborts the request, freeing its slot and KV blocks for the next one.
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -30,7 +31,7 @@ from serve.api.request_id import RequestIdMiddleware
 from serve.api.streams import final_outputs, listed, merged_outputs, sse_response, until_disconnect
 from serve.api.outputs import batch_usage, chat_logprobs, completion_logprobs, prompt_logprob_entries
 from serve.api.protocol import (
-    ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, field_name, named_field,
+    ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, field_name, named_field,
     template_messages,
 )
 from serve.api.responses import (
@@ -39,6 +40,7 @@ from serve.api.responses import (
 )
 from serve.api.tools import ToolStream, parse_tool_calls, render_messages, tool_grammar
 from serve.async_engine import Backend, Overloaded
+from serve.embeddings import Embedder
 from serve.engine.llm_engine import CompletionOutput, RequestOutput
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.token_bytes import TokenBytes
@@ -46,10 +48,11 @@ from serve.engine.token_bytes import TokenBytes
 
 
 def build_app(backend: Backend, api_key: str | None = None, chat_template: str | None = None,
-              trust_request_chat_template: bool = False) -> FastAPI:
+              trust_request_chat_template: bool = False, embedder: Embedder | None = None) -> FastAPI:
     """The server for one backend. With `api_key`, /v1/* and /tokenize need `Authorization: Bearer <key>`.
     `chat_template` (Jinja text) replaces the tokenizer's; a request's own `chat_template` runs
-    only with `trust_request_chat_template` (a template is code the server executes, sandboxed)."""
+    only with `trust_request_chat_template` (a template is code the server executes, sandboxed).
+    `embedder` serves /v1/embeddings (serve.embeddings)."""
     app = FastAPI(title="ministack", version="0.1.0")
     app.add_middleware(RequestIdMiddleware)
     metrics = ServingMetrics(backend.model_name, backend.max_model_len)
@@ -177,9 +180,34 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
 
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict:
-        card = {"id": backend.model_name, "object": "model", "created": int(time.time()), "owned_by": "ministack",
-                "root": backend.model_name, "max_model_len": backend.max_model_len}
-        return {"object": "list", "data": [card]}
+        now = int(time.time())
+        cards = [{"id": backend.model_name, "object": "model", "created": now, "owned_by": "ministack",
+                  "root": backend.model_name, "max_model_len": backend.max_model_len}]
+        if embedder is not None:
+            cards.append({"id": embedder.name, "object": "model", "created": now, "owned_by": "ministack",
+                          "root": embedder.name, "max_model_len": embedder.max_tokens})
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/embeddings", dependencies=guarded)
+    async def embeddings(body: EmbeddingRequest) -> dict:
+        if embedder is None or body.model not in (None, embedder.name):
+            served = f"the embedding model is {embedder.name!r}" if embedder else "this server serves no embedding model"
+            raise ApiError(404, f"The model `{body.model}` does not exist: {served}", param="model", code="model_not_found")
+        if body.dimensions not in (None, embedder.dimensions):
+            raise ApiError(400, f"dimensions: {embedder.name}'s embeddings have {embedder.dimensions} dimensions and "
+                                "cannot be shortened", param="dimensions")
+        ids = [embedder.tokenizer(x)["input_ids"] if isinstance(x, str) else x for x in body.inputs]
+        vocab = len(embedder.tokenizer)
+        if any(t < 0 or t >= vocab for x in ids for t in x):
+            raise ApiError(400, f"input: token ids must be in [0, {vocab})", param="input")
+        try:
+            vectors = await asyncio.to_thread(embedder.embed, ids)
+        except ValueError as exc:
+            raise ApiError(400, f"input: {exc}", param="input") from None
+        data = [{"object": "embedding", "index": i, "embedding": v.tolist() if body.encoding_format == "float"
+                 else base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()} for i, v in enumerate(vectors)]
+        tokens = sum(len(x) for x in ids)
+        return {"object": "list", "data": data, "model": embedder.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(body: TokenizeRequest) -> dict:
