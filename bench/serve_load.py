@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.vllm_python:
             port = free_port()
             cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
-                   "--served-model-name", "vllm", "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--disable-log-requests"]
-            with server(cmd, port, env={"VLLM_CPU_KVCACHE_SPACE": "2"}) as url:
+                   "--served-model-name", "vllm", "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+            with server(cmd, port, env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}, timeout=600) as url:
                 rows += sweep("vllm", url, tokenizer, args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
