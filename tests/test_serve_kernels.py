@@ -150,3 +150,23 @@ def test_fused_rms_norm_and_rotary_equal_their_torch_definitions():
         x1, x2, rest = k[..., : rot // 2], k[..., rot // 2 : rot], k[..., rot:]
         expected = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
         torch.testing.assert_close(op("rotary")(k, cos, sin), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_linear_equals_f_linear_and_is_counted(dtype):
+    """oneDNN's packed layout (serve.layers.linear), float32 and, where the CPU has bf16
+    instructions, bfloat16: the same products as F.linear to the dtype's rounding, at decode
+    and prefill row counts, counted as the same matmul."""
+    from serve.layers.linear import Linear, can_pack
+
+    if not can_pack(torch.device("cpu"), dtype):
+        pytest.skip(f"oneDNN packs no {dtype} on this CPU")
+    torch.manual_seed(0)
+    layer = Linear(576, 960, bias=False).to(dtype)
+    dense = layer.weight.detach().clone()
+    layer.pack(release=True)
+    tolerance = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1e-2}
+    for rows in (1, 16, 512):
+        x = torch.randn(rows, 576).to(dtype)
+        torch.testing.assert_close(layer(x).float(), F.linear(x.float(), dense.float()), **tolerance)
+    assert count_flops(lambda: layer(x)).by_part == {DENSE: 2 * 512 * 576 * 960}
