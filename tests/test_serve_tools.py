@@ -147,10 +147,10 @@ def test_tool_choice_none_and_auto_answer_in_text(client, model_name):
 
 def test_tool_results_continue_the_conversation(server, client, model_name):
     first = forced(client, model_name, {"type": "function", "function": {"name": "get_weather"}}).choices[0].message
-    messages = CHAT + [first.model_dump(exclude_none=True),
+    messages = CHAT + [first,  # the response's message object as it is, the way applications send it back
                        {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "12 degrees and rain"}]
     r = chat(client, model_name, messages=messages, tools=[WEATHER], max_tokens=4, seed=0, temperature=1.0)
-    rendered = http(server).post("/tokenize", json={"messages": messages}).json()["count"]
+    rendered = http(server).post("/tokenize", json={"messages": [m if isinstance(m, dict) else m.model_dump() for m in messages]}).json()["count"]
     assert r.usage.prompt_tokens > rendered  # the tools' description joins the system message
 
 
@@ -164,6 +164,7 @@ def test_tool_results_continue_the_conversation(server, client, model_name):
       "tool_choice": "required"}, "tools"),
     ({"messages": [{"role": "tool", "content": "1"}]}, "messages.0"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0"),
+    ({"messages": [{"role": "assistant", "content": "x", "audio": {"id": "a1"}}]}, "messages.0.audio"),
 ])
 def test_tool_mistakes_are_400s(server, extra, param):
     r = http(server).post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4} | extra)
