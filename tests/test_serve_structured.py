@@ -132,3 +132,23 @@ def test_json_object_on_the_real_model(smollm2):
                 assert finish == "stop" and isinstance(json.loads(text), dict), text
     finally:
         live.close()
+
+
+def test_the_official_clients_parse_helper_gets_its_pydantic_model(client, model_name):
+    """`client.beta.chat.completions.parse(response_format=Model)`: the client turns the model
+    into a strict JSON schema (titles, $defs, anyOf for Optional) and parses the answer back."""
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        legs: int = Field(ge=0, le=8)
+
+    class Person(BaseModel):
+        name: str = Field(max_length=8)
+        age: int = Field(ge=0, le=120)
+        pet: Pet | None
+
+    for seed in range(4):
+        r = client.beta.chat.completions.parse(model=model_name, messages=CHAT, response_format=Person, seed=seed,
+                                               temperature=1.0, max_tokens=120)
+        person = r.choices[0].message.parsed
+        assert isinstance(person, Person) and 0 <= person.age <= 120 and len(person.name) <= 8
