@@ -81,7 +81,7 @@ class AsyncEngine:
         self.max_queue = max_queue
         self._cond = threading.Condition()
         self._inbox: list[_Pending] = []  # submitted, not yet added to the engine
-        self._aborts: list[str] = []
+        self._aborts: list[_Pending] = []  # streams closed before their end
         self._queues: dict[str, _Pending] = {}  # request id -> where its outputs go; engine thread only
         self._stats = engine.stats()  # snapshot after the last step; read from any thread
         self._closed = False
@@ -119,11 +119,11 @@ class AsyncEngine:
                 yield item
         finally:
             if not finished:
-                self._abort(pending.request_id)
+                self._abort(pending)
 
-    def _abort(self, request_id: str) -> None:
+    def _abort(self, pending: _Pending) -> None:
         with self._cond:
-            self._aborts.append(request_id)
+            self._aborts.append(pending)
             self._cond.notify()
 
     def healthy(self) -> bool:
@@ -158,9 +158,10 @@ class AsyncEngine:
                     aborts, self._aborts = self._aborts, []
                 for pending in inbox:  # before aborts: a client may leave before its request is admitted
                     self._admit(pending)
-                for request_id in aborts:
-                    if self._queues.pop(request_id, None) is not None:
-                        self.engine.abort_request(request_id)
+                for pending in aborts:  # this stream's request only: a refused duplicate id must not end the first
+                    if self._queues.get(pending.request_id) is pending:
+                        del self._queues[pending.request_id]
+                        self.engine.abort_request(pending.request_id)
                 outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
                 stats = self.engine.stats()
                 with self._cond:

@@ -46,6 +46,8 @@ def whole(client, model_name, **kw) -> dict:
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),  # OpenAI's deprecated form: use tools
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0.type"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "input_audio", "text": "x"}]}]},
+     "messages.0.content.0.type"),
     ("/v1/completions", {"suffix": "end"}, "suffix"),
     ("/v1/completions", {"best_of": 2}, "best_of"),
     ("/v1/chat/completions", {"presence_penalty": 5.0}, "presence_penalty"),  # outside OpenAI's -2..2
@@ -264,6 +266,26 @@ def test_x_request_id_in_and_out(server, model_name):
     assert len(fresh.headers["x-request-id"]) == 32 and fresh.json()["id"] == f"cmpl-{fresh.headers['x-request-id']}"
     bad = h.post("/v1/completions", json={"prompt": "Hi"}, headers={"X-Request-Id": "has space"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Id"
+
+
+def test_a_duplicate_request_id_is_refused_and_the_first_request_still_finishes(server):
+    """Two requests with one X-Request-Id at once: the second is a 400; refusing it must not
+    abort the first, which still gets its whole answer."""
+    import asyncio
+
+    import httpx
+
+    async def both() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": "Bearer test-key", "X-Request-Id": "twin"},
+                                     timeout=60) as h:
+            first = asyncio.create_task(h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 200, "ignore_eos": True}))
+            await asyncio.sleep(0.1)  # the first is running
+            second = await h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})
+            return [await first, second]
+
+    first, second = asyncio.run(both())
+    assert second.status_code == 400 and "already in use" in second.json()["error"]["message"]
+    assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 200
 
 
 def test_request_metrics_count_every_request_once(tiny_model):

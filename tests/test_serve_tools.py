@@ -150,8 +150,10 @@ def test_tool_results_continue_the_conversation(server, client, model_name):
     messages = CHAT + [first,  # the response's message object as it is, the way applications send it back
                        {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "12 degrees and rain"}]
     r = chat(client, model_name, messages=messages, tools=[WEATHER], max_tokens=4, seed=0, temperature=1.0)
-    rendered = http(server).post("/tokenize", json={"messages": [m if isinstance(m, dict) else m.model_dump() for m in messages]}).json()["count"]
-    assert r.usage.prompt_tokens > rendered  # the tools' description joins the system message
+    dumped = [m if isinstance(m, dict) else m.model_dump() for m in messages]
+    bare = http(server).post("/tokenize", json={"messages": dumped}).json()["count"]
+    rendered = http(server).post("/tokenize", json={"messages": dumped, "tools": [WEATHER]}).json()["count"]
+    assert r.usage.prompt_tokens == rendered > bare  # the tools' description joins the system message
 
 
 @pytest.mark.parametrize("extra, param", [

@@ -240,8 +240,15 @@ class CompletionRequest(_SamplingRequest):
 
 
 class TextPart(Strict):
-    type: Literal["text"]
+    type: str
     text: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, kind: str) -> str:
+        if kind != "text":
+            raise ValueError(f"content parts of type {kind!r} are not supported by this server (text parts only)")
+        return kind
 
 
 class ChatMessage(Strict):
@@ -345,6 +352,7 @@ class TokenizeRequest(ChatTemplating):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # rendered as a chat completion with tools would render them
     add_special_tokens: bool = True
 
     @model_validator(mode="after")

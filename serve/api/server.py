@@ -213,7 +213,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
     async def tokenize(body: TokenizeRequest) -> dict:
         check_model(body.model)
         if body.messages is not None:
-            ids = chat_prompt_ids(body)
+            ids = chat_prompt_ids(body, [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None)
         else:
             ids = backend.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": backend.max_model_len, "tokens": ids,
