@@ -134,6 +134,7 @@ def test_streamed_tool_calls_match_and_the_clients_helper_reassembles_them(clien
     with client.beta.chat.completions.stream(model=model_name, messages=CHAT, tools=[WEATHER, TIME], tool_choice="required",
                                              parallel_tool_calls=False, seed=3, temperature=1.0, max_tokens=160) as stream:
         final = stream.get_final_completion()
+    assert final.choices[0].message.content is None  # as in the non-streamed answer
     first = forced(client, model_name, "required", parallel=False, seed=3).choices[0].message.tool_calls
     assert [(t.function.name, t.function.arguments) for t in final.choices[0].message.tool_calls] == \
         [(t.function.name, t.function.arguments) for t in first]

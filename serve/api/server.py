@@ -387,7 +387,9 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
             message = ChatResponseMessage(content=content, tool_calls=[ResponseToolCall(**call) for call in calls] or None)
             return ChatChoice(index=c.index, message=message, finish_reason=reason, logprobs=lp)
 
-        opening = [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)]
+        # a forced tool call has no content: null from the first chunk, as OpenAI streams it (and as the whole answer says)
+        forced = mode not in (None, "none", "auto")
+        opening = [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=None if forced else "")) for i in range(body.n)]
         return await respond(
             request, body, outputs, want_logprobs, chunk=chunks,
             whole=lambda cs, usage: ChatCompletionResponse(id=request_id, model=model, choices=[choice(c) for c in cs], usage=usage),
