@@ -43,13 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from serve.needle import haystack  # noqa: E402  (offline filler text)
 from serve.weights import resolve_model  # noqa: E402
-from serve_throughput import free_port, server  # noqa: E402
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    max_tokens: int
+from serve_throughput import Request, free_port, server  # noqa: E402
 
 
 @dataclass

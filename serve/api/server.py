@@ -30,9 +30,9 @@ from serve.api.metrics import ServingMetrics, request_phases
 from serve.api.request_id import RequestIdMiddleware
 from serve.api.streams import final_outputs, listed, merged_outputs, sse_response, until_disconnect
 from serve.api.outputs import batch_usage, chat_logprobs, completion_logprobs, prompt_logprob_entries
+from serve.api.errors import ApiError, field_name, named_field
 from serve.api.protocol import (
-    ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, field_name, named_field,
-    template_messages,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, template_messages,
 )
 from serve.api.responses import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatResponseMessage,

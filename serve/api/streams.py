@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from serve.api.protocol import ApiError, named_field
+from serve.api.errors import ApiError, named_field
 from serve.engine.llm_engine import RequestOutput
 
 
