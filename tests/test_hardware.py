@@ -99,7 +99,10 @@ def test_cpu_peaks_are_measured_and_cached_with_their_load(cache):
     assert cached[f"peaks@{torch.get_num_threads()}"] == entry
     assert cpu.preferred_cpu_dtype() in ("fp32", "bf16")
     peak = hardware.device_peak("cpu", "float32")
-    assert peak.flops == entry["fp32"] and "threads" in peak.device and peak.source.startswith("probe ")
+    now = json.loads(next(cache.glob("cpu-*.json")).read_text())[f"peaks@{torch.get_num_threads()}"]
+    assert peak.flops == now["fp32"] and "threads" in peak.device and peak.source.startswith("probe ")
+    if not load["contended"]:  # a contended probe is probed again once the machine is quiet (profiling.cpu)
+        assert peak.flops == entry["fp32"]
 
 
 def _busy_loops(n: int) -> list[subprocess.Popen]:
