@@ -82,3 +82,29 @@ def test_vllm_backend_echo_with_logprobs_scores_the_prompt(server):
     lp = choice.logprobs
     assert choice.text.startswith("The sky is") and len(lp.tokens) == len(prompt_ids) + 3
     assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+
+
+def test_vllm_backend_passes_the_sampling_fields_on(server):
+    """The newer sampling fields reach vLLM's SamplingParams under vLLM's names: a -100 bias
+    removes the greedy token, min_tokens holds EOS back, bad_words bans a word; a structured
+    output is refused (this backend does not pass it on)."""
+    import openai
+
+    client, name = server.client(), server.backend.model_name
+    messages = [{"role": "user", "content": "What is the capital of France? One word."}]
+    first = client.chat.completions.create(model=name, messages=messages, max_tokens=1, temperature=0, logprobs=True)
+    token = first.choices[0].logprobs.content[0]
+    token_id = server.backend.tokenizer.encode(token.token, add_special_tokens=False)[0]
+    biased = client.chat.completions.create(model=name, messages=messages, max_tokens=1, temperature=0, logprobs=True,
+                                            logit_bias={str(token_id): -100})
+    assert biased.choices[0].logprobs.content[0].token != token.token
+    short = client.chat.completions.create(model=name, messages=messages, max_tokens=40, temperature=0)
+    longer = client.chat.completions.create(model=name, messages=messages, max_tokens=40, temperature=0,
+                                            extra_body={"min_tokens": short.usage.completion_tokens + 5})
+    assert longer.usage.completion_tokens >= short.usage.completion_tokens + 5
+    word = short.choices[0].message.content.split()[0].strip(".,")
+    banned = client.chat.completions.create(model=name, messages=messages, max_tokens=20, temperature=0,
+                                            extra_body={"bad_words": [word]})
+    assert word not in banned.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="not passed on to vLLM"):
+        client.chat.completions.create(model=name, messages=messages, max_tokens=4, response_format={"type": "json_object"})
