@@ -25,6 +25,23 @@ from serve.engine.structured import StructuredOutput
 MAX_LOGPROBS = 20  # OpenAI's cap on alternatives per token
 
 
+Batch = str | list[int] | list[str] | list[list[int]]  # one text or token-id list, or a batch of either
+
+
+def as_batch(value: Batch) -> list[str | list[int]]:
+    """A `Batch` as its list of texts / token-id lists."""
+    return [value] if isinstance(value, str) or isinstance(value[0], int) else list(value)
+
+
+def non_empty_batch(value: Batch, name: str) -> Batch:
+    """ValueError for an empty value or a batch holding an empty entry."""
+    if not value:
+        raise ValueError(f"{name} must not be empty")
+    if isinstance(value, list) and isinstance(value[0], (str, list)) and not all(value):
+        raise ValueError(f"no {name} of the batch may be empty")
+    return value
+
+
 class StreamOptions(Strict):
     include_usage: bool = False  # a last chunk with the usage (OpenAI)
     continuous_usage_stats: bool = False  # every chunk with the usage so far (vLLM's); needs include_usage
@@ -200,26 +217,20 @@ class CompletionRequest(_SamplingRequest):
     """POST /v1/completions. A prompt (text or token ids) or a batch of them; each prompt gets
     `n` choices, indexed prompt * n + choice as OpenAI does."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Batch
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _non_empty(cls, prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int] | list[str] | list[list[int]]:
-        if not prompt:
-            raise ValueError("prompt must not be empty")
-        if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) and not all(prompt):
-            raise ValueError("no prompt of the batch may be empty")
-        return prompt
+    def _non_empty(cls, prompt: Batch) -> Batch:
+        return non_empty_batch(prompt, "prompt")
 
     @property
     def prompts(self) -> list[str | list[int]]:
         """The batch: one text or token-id list per prompt."""
-        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
-            return [self.prompt]
-        return list(self.prompt)
+        return as_batch(self.prompt)
 
 
 class TextPart(Strict):
@@ -349,23 +360,19 @@ class EmbeddingRequest(Strict):
     """POST /v1/embeddings (OpenAI's): texts or token-id lists, one embedding each."""
 
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Batch
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None  # inert
 
     @field_validator("input")
     @classmethod
-    def _non_empty(cls, value: str | list) -> str | list:
-        if not value or (isinstance(value, list) and isinstance(value[0], (str, list)) and not all(value)):
-            raise ValueError("input must not be empty, nor hold an empty entry")
-        return value
+    def _non_empty(cls, value: Batch) -> Batch:
+        return non_empty_batch(value, "input")
 
     @property
     def inputs(self) -> list[str | list[int]]:
-        if isinstance(self.input, str) or isinstance(self.input[0], int):
-            return [self.input]
-        return list(self.input)
+        return as_batch(self.input)
 
 
 class DetokenizeRequest(Strict):

@@ -353,7 +353,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         outputs = submit(request_id, prompt_ids, params, field)
         streams = {i: ToolStream() for i in range(body.n)} if tools else None
 
-        def calls_in(content: str | None, calls: list[dict], c: CompletionOutput) -> tuple[list[dict], str | None]:
+        def calls_in(calls: list[dict], c: CompletionOutput) -> tuple[list[dict], str | None]:
             calls = calls if body.parallel_tool_calls else calls[:1]
             return calls, ("tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason)
 
@@ -365,7 +365,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
             if not c.finish_reason:
                 return [ChatChunkChoice(index=c.index, delta=ChatDelta(content=text), logprobs=lp)] if text or lp else []
             rest, found = streams[c.index].finish()
-            calls, reason = calls_in(None, found, c)
+            calls, reason = calls_in(found, c)
             out = [ChatChunkChoice(index=c.index, delta=ChatDelta(content=text + rest), logprobs=lp)] if text + rest or lp else []
             for i, call in enumerate(calls):  # OpenAI's shape: id, type and name first, then the arguments
                 opening = {"index": i, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
@@ -383,7 +383,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
             if streams is None:
                 return ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason, logprobs=lp)
             content, found = parse_tool_calls(c.text)
-            calls, reason = calls_in(content, found, c)
+            calls, reason = calls_in(found, c)
             message = ChatResponseMessage(content=content, tool_calls=[ResponseToolCall(**call) for call in calls] or None)
             return ChatChoice(index=c.index, message=message, finish_reason=reason, logprobs=lp)
 

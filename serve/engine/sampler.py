@@ -50,11 +50,13 @@ class Sampler:
         masks the rows of sequences with a structured output."""
         wants_logprobs = any(s.params.logprobs is not None for s in seqs)
         logprobs = torch.log_softmax(logits, -1) if wants_logprobs else None
-        logits = process_logits(logits, seqs, eos_token_ids)
+        processed = process_logits(logits, seqs, eos_token_ids)
         constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if constrained:
+            processed = processed.clone() if processed is logits else processed  # masked in place: never the caller's
             json_rows = [i for i in constrained if seqs[i].params.structured.kind == "json"]
-            logits = grammars.mask(logits, constrained, [seqs[i].matcher for i in constrained], json_rows)
+            grammars.mask(processed, constrained, [seqs[i].matcher for i in constrained], json_rows)
+        logits = processed
         greedy = torch.argmax(logits, -1).tolist()
         out: list[tuple[int, dict | None]] = []
         for i, seq in enumerate(seqs):

@@ -153,16 +153,11 @@ class Grammars:
     def matcher(self, so: StructuredOutput):
         return self.xgr.GrammarMatcher(self.compile(so))
 
-    def mask(self, logits: torch.Tensor, rows: list[int], matchers: list, json_rows: list[int]) -> torch.Tensor:
-        """`logits` with each listed row masked to what its matcher allows next (a new tensor)."""
-        bitmask = self.xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        for i, matcher in enumerate(matchers):
-            matcher.fill_next_token_bitmask(bitmask, i)
-        out = logits.clone()
-        block = out[rows]
-        self.xgr.apply_token_bitmask_inplace(block, bitmask)
+    def mask(self, logits: torch.Tensor, rows: list[int], matchers: list, json_rows: list[int]) -> None:
+        """Mask each listed row of `logits` in place to what its matcher allows next."""
+        bitmask = self.xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)
+        for row, matcher in zip(rows, matchers):
+            matcher.fill_next_token_bitmask(bitmask, row)
+        self.xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
         if json_rows:
-            picked = [rows.index(r) for r in json_rows]
-            block[picked] = block[picked].masked_fill(self.control_tokens[: block.shape[1]], float("-inf"))
-        out[rows] = block
-        return out
+            logits[json_rows] = logits[json_rows].masked_fill(self.control_tokens[: logits.shape[1]], float("-inf"))
