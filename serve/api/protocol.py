@@ -281,22 +281,26 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 class ChatTemplating(Strict):
-    """How messages become a prompt (vLLM's fields): the generation prompt opening the
-    assistant's turn, or the last (assistant) message continued in place (assistant prefill);
-    a template of the request's own (servers started with --trust-request-chat-template) and
-    variables for the template."""
+    """How messages (and tools) become a prompt (vLLM's fields): the generation prompt opening
+    the assistant's turn, or the last (assistant) message continued in place (assistant
+    prefill); a template of the request's own (servers started with
+    --trust-request-chat-template) and variables for the template."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools as serve.api.tools renders them, or None."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
 
 class ChatCompletionRequest(ChatTemplating, _SamplingRequest):
     """POST /v1/chat/completions. The messages go through the chat template."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
@@ -346,7 +350,6 @@ class TokenizeRequest(ChatTemplating):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    tools: list[Tool] | None = None  # rendered as a chat completion with tools would render them
     add_special_tokens: bool = True
 
     @model_validator(mode="after")

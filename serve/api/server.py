@@ -213,7 +213,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
     async def tokenize(body: TokenizeRequest) -> dict:
         check_model(body.model)
         if body.messages is not None:
-            ids = chat_prompt_ids(body, [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None)
+            ids = chat_prompt_ids(body, body.tool_dicts())
         else:
             ids = backend.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": backend.max_model_len, "tokens": ids,
@@ -339,12 +339,13 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         mode = body.tool_mode()  # None, "none", "auto", "required" or a function's name
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if mode not in (None, "none") else None
+        tools = body.tool_dicts() if mode not in (None, "none") else None
         prompt_ids = body.truncated(chat_prompt_ids(body, tools))
         max_tokens = check_prompt(prompt_ids, body.requested_max_tokens, "messages")
         request_id, model, want_logprobs = f"chatcmpl-{request.state.request_id}", backend.model_name, body.logprobs
         params, field = body.sampling_params(max_tokens, body.num_logprobs, None, backend.sampling_defaults), body.structured_field()
-        if mode not in (None, "none", "auto"):  # required or named: the grammar writes the calls
+        forced = mode not in (None, "none", "auto")  # required or named: the grammar writes the calls
+        if forced:
             try:
                 params.structured = tool_grammar(tools, None if mode == "required" else mode, body.parallel_tool_calls)
             except ValueError as exc:
@@ -388,7 +389,6 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
             return ChatChoice(index=c.index, message=message, finish_reason=reason, logprobs=lp)
 
         # a forced tool call has no content: null from the first chunk, as OpenAI streams it (and as the whole answer says)
-        forced = mode not in (None, "none", "auto")
         opening = [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=None if forced else "")) for i in range(body.n)]
         return await respond(
             request, body, outputs, want_logprobs, chunk=chunks,
