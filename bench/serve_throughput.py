@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda (every engine runs there)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="ministack's per-step token budget")
     p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: ministack picks (float32 math on a CPU without fast bf16); the peers run float32 there")
+                   help="auto: bf16 where this device runs it fast (profiling.cpu), else float32; every engine runs it")
     p.add_argument("--half-weights", default="off", choices=("auto", "on", "off", "both"),
                    help="ministack's float16-stored weights on the CPU (float32 math); both: one server with, one without")
     p.add_argument("--seed", type=int, default=0)
@@ -260,8 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Level] = []
     long: dict[str, dict] = {}
 
-    # what "auto" is for the peers: float32 on a CPU (bf16 is slow on most), bf16 on a GPU
-    peer_dtype = args.dtype if args.dtype != "auto" else "float32" if args.device == "cpu" else "bfloat16"
+    # what "auto" is for the peers: what ministack's "auto" picks (bf16 on a GPU and on a CPU
+    # that runs it clearly faster than fp32, float32 elsewhere), so every engine runs one dtype
+    peer_dtype = args.dtype
+    if args.dtype == "auto":
+        from profiling.cpu import preferred_cpu_dtype
+
+        peer_dtype = "bfloat16" if args.device != "cpu" or preferred_cpu_dtype() == "bf16" else "float32"
     if args.device == "cpu":  # the CPU's peak is measured now, before any engine runs, with the load beside it
         from profiling.cpu import cpu_peaks
 

@@ -1,7 +1,14 @@
 """The blocking LLMEngine behind an asyncio API, and the backend Protocol the server talks to.
 
-LLMEngine is single-threaded: only one thread may touch it. So one background thread owns
-it and loops "admit new requests, apply aborts, step()"; the event loop never calls it.
+LLMEngine is single-threaded: only one thread may touch it. So one thread owns it and loops
+"admit new requests, apply aborts, step()" (`run`); the event loop never calls it. Under
+`ministack serve` that thread is the process's main thread and the HTTP server runs beside it
+(serve.cli): with libgomp (torch's OpenMP on Linux), once the main thread has run parallel
+torch ops (loading the model does), every parallel region another thread starts pays tens of
+microseconds more (an elementwise op of 16 x 2,304 floats: 3.6 -> 24 us; SmolLM2's decode step
+of 16 sequences: 42 -> 55 ms; 2-core EPYC, measured), so a step loop on a second thread lost
+~20% of the engine's throughput. Embedded elsewhere (tests), `thread=True` starts a background
+thread for it.
 Requests cross into that thread through an inbox under a lock; outputs cross back through a
 per-request asyncio.Queue filled with `loop.call_soon_threadsafe` (asyncio queues are not
 thread-safe). A consumer that stops iterating (client disconnect, task cancellation) aborts
@@ -72,7 +79,9 @@ class _Pending:
 class AsyncEngine:
     """Runs an LLMEngine's step loop in one background thread; `generate` streams its outputs."""
 
-    def __init__(self, engine: LLMEngine, max_queue: int = 256) -> None:
+    def __init__(self, engine: LLMEngine, max_queue: int = 256, thread: bool = True) -> None:
+        """`thread`: run the step loop on a background thread now; False: the caller runs `run()`
+        on the thread it chooses (the one that loaded the model, for libgomp's sake)."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
@@ -86,8 +95,11 @@ class AsyncEngine:
         self._stats = engine.stats()  # snapshot after the last step; read from any thread
         self._closed = False
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._stopped = False  # the step loop has ended (closed, or died)
+        if thread:
+            self._thread = threading.Thread(target=self.run, name="engine-step", daemon=True)
+            self._thread.start()
 
     # ---- event-loop side -------------------------------------------------------------------
 
@@ -127,7 +139,7 @@ class AsyncEngine:
             self._cond.notify()
 
     def healthy(self) -> bool:
-        return self._error is None and self._thread.is_alive()
+        return self._error is None and not self._stopped
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -138,15 +150,18 @@ class AsyncEngine:
         self.engine.grammars().compile(structured)
 
     def close(self) -> None:
-        """Stop the step thread (requests in flight are dropped)."""
+        """Stop the step loop (requests in flight are dropped); joins the background thread if any."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     # ---- engine-thread side ----------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """The step loop, on the calling thread, until `close()`; re-raises what killed it after
+        telling every waiting request."""
         try:
             while True:
                 with self._cond:
@@ -180,6 +195,8 @@ class AsyncEngine:
             for pending in orphans:
                 _deliver(pending, RuntimeError(f"engine failed: {exc!r}"))
             raise
+        finally:
+            self._stopped = True
 
     def _admit(self, pending: _Pending) -> None:
         try:

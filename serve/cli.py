@@ -10,6 +10,7 @@ reachable from the network by accident.
 from __future__ import annotations
 
 import argparse
+import logging
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,7 +78,42 @@ def build_backend(args: argparse.Namespace):
     from serve.async_engine import AsyncEngine
     from serve.engine.llm_engine import LLMEngine
 
-    return AsyncEngine(LLMEngine(engine_config(args, ledger=args.ledger)), max_queue=args.max_queue)
+    # no thread: serve_http runs the step loop on this (the main) thread, see serve.async_engine
+    return AsyncEngine(LLMEngine(engine_config(args, ledger=args.ledger)), max_queue=args.max_queue, thread=False)
+
+
+def serve_http(app, backend, host: str, port: int, log_level: str) -> int:
+    """Serve `app` until SIGINT / SIGTERM. With ministack's engine, uvicorn runs on a second
+    thread and the engine's step loop on this one (the thread that loaded the model); uvicorn's
+    graceful shutdown (in-flight responses finish) comes first, then the loop stops."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    from serve.async_engine import AsyncEngine
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    if not isinstance(backend, AsyncEngine):
+        server.run()
+        return 0
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            backend.close()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    thread = threading.Thread(target=http, name="http")
+    thread.start()
+    try:
+        backend.run()
+    except Exception:  # the loop died: /health now answers 503 until the server is stopped
+        logging.getLogger(__name__).exception("the engine's step loop died")
+    thread.join()
+    return 0 if server.started else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return needle_main(argv[1:])
     args = parser().parse_args(argv)
-    import uvicorn
-
     from serve.api import build_app
 
     from pathlib import Path
@@ -105,5 +139,4 @@ def main(argv: list[str] | None = None) -> int:
                     trust_request_chat_template=args.trust_request_chat_template, embedder=embedder)
     print(f"ministack serve: {backend.model_name} (max_model_len {backend.max_model_len}, engine {args.engine}) "
           f"on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    return serve_http(app, backend, args.host, args.port, args.log_level)

@@ -422,3 +422,38 @@ def test_a_dead_engine_fails_its_requests_and_its_health_check(tiny_model):
     finally:
         live.server.should_exit = True
         live.thread.join(timeout=10)
+
+
+def test_cli_server_steps_on_its_main_thread_and_drains_in_flight_streams_on_sigterm(tiny_model):
+    """`ministack serve` as users start it: uvicorn on a second thread, the step loop on the main
+    one (serve.cli.serve_http). SIGTERM lets a stream in flight finish, then the process exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(tiny_model), "--port", str(port), "--max-model-len", "256",
+                             "--kv-cache-gb", "0.01", "--embedding-model", "none", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _answers(f"{url}/health"), timeout=180), "server did not start"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        stream = client.completions.create(model=client.models.list().data[0].id, prompt="Once", max_tokens=200, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        chunks = [next(iter(stream))]
+        proc.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) and chunks[-1].choices[0].finish_reason == "length"
+        assert proc.wait(timeout=60) == 0, proc.stdout.read()
+    finally:
+        proc.kill()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
