@@ -181,13 +181,16 @@ class AsyncEngine:
                 stats = self.engine.stats()
                 with self._cond:
                     self._stats = stats
+                batches: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, RequestOutput]]] = {}
                 for output in outputs:
                     pending = self._queues.get(output.request_id)
                     if pending is None:
                         continue
                     if output.finished:
                         del self._queues[output.request_id]
-                    _deliver(pending, _snapshot(output))
+                    batches.setdefault(pending.loop, []).append((pending, _snapshot(output)))
+                for loop, items in batches.items():  # one wake-up of each event loop per step
+                    _call_soon(loop, _put_all, items)
         except BaseException as exc:  # noqa: BLE001 - every waiting request must hear about it
             with self._cond:
                 self._error = exc
@@ -216,7 +219,16 @@ def _snapshot(output: RequestOutput) -> RequestOutput:
 
 def _deliver(pending: _Pending, item: RequestOutput | BaseException) -> None:
     """Hand an output (or the error ending the request) to its consumer's event loop."""
+    _call_soon(pending.loop, pending.queue.put_nowait, item)
+
+
+def _put_all(items: list[tuple[_Pending, RequestOutput]]) -> None:
+    for pending, output in items:
+        pending.queue.put_nowait(output)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback, arg) -> None:
     try:
-        pending.loop.call_soon_threadsafe(pending.queue.put_nowait, item)
+        loop.call_soon_threadsafe(callback, arg)
     except RuntimeError:  # that loop has closed: nobody is listening any more
         pass

@@ -138,18 +138,30 @@ def test_half_weight_linear_refuses_a_float32_weight_and_is_counted_as_a_matmul(
     assert counted.by_part == {DENSE: 2 * 3 * 64 * 10}  # a matmul of the module that ran it, not attention
 
 
-def test_fused_rms_norm_and_rotary_equal_their_torch_definitions():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fused_rms_norm_and_rotary_equal_their_torch_definitions(dtype):
+    """float32 to rounding; in 16 bits the same bits as the torch expressions the model falls
+    back to (transformers' RMSNorm rounds the normalized row before the weight multiplies it)."""
+    from serve.models.llama import RMSNorm
+
+    exact = dict(atol=0, rtol=0) if dtype != torch.float32 else dict(atol=1e-5, rtol=1e-5)
     g = torch.Generator().manual_seed(3)
-    x, w = torch.randn(7, 576, generator=g), torch.randn(576, generator=g)
-    torch.testing.assert_close(op("rms_norm")(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), atol=1e-5, rtol=1e-5)
-    qkv = torch.randn(5, 15 * 64, generator=g)
+    x, w = torch.randn(7, 576, generator=g).to(dtype), torch.randn(576, generator=g).to(dtype)
+    expected = F.rms_norm(x, (576,), w, 1e-5) if dtype == torch.float32 else w * F.rms_norm(x.float(), (576,), eps=1e-5).to(dtype)
+    torch.testing.assert_close(op("rms_norm")(x, w, 1e-5), expected, **exact)
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    norm.weight.data.copy_(w)
+    torch.testing.assert_close(norm(x), expected, **exact)  # the model takes the kernel
+    qkv = torch.randn(5, 15 * 64, generator=g).to(dtype)
     k = qkv[:, 9 * 64 : 12 * 64].view(5, 3, 64)  # a strided view, as the engine passes q and k
     for rot in (64, 32):  # full and partial rotary
         angles = torch.randn(5, 1, rot // 2, generator=g)
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         x1, x2, rest = k[..., : rot // 2], k[..., rot // 2 : rot], k[..., rot:]
         expected = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
-        torch.testing.assert_close(op("rotary")(k, cos, sin), expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(op("rotary")(k, cos, sin), expected, **(exact if dtype != torch.float32 else dict(atol=1e-6, rtol=1e-6)))
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        op("rms_norm")(x.double(), w.double(), 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -54,10 +54,14 @@ class RotaryEmbedding(nn.Module):
         return self.cos.index_select(0, positions).unsqueeze(1).to(dtype), self.sin.index_select(0, positions).unsqueeze(1).to(dtype)
 
 
+# dtypes the C++ elementwise kernels (rotary, rms_norm) take, bit-exact with the torch fallback
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (tokens, heads, head_dim) rotated by its tokens' positions ('rotate half' layout); one
-    pass of the C++ kernel on the CPU in float32 (serve.kernels)."""
-    fused = op("rotary") if x.is_cpu and x.dtype == torch.float32 else None
+    pass of the C++ kernel on the CPU (serve.kernels), else the torch expression below."""
+    fused = op("rotary") if x.is_cpu and x.dtype in FUSED_DTYPES else None
     if fused is not None:
         return fused(x, cos, sin)
     rot = cos.shape[-1] * 2  # partial rotary: only the first `rot` dims turn

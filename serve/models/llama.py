@@ -24,7 +24,7 @@ from torch import nn
 from serve.layers.attention import AttentionMetadata, PagedAttention
 from serve.layers.linear import Linear
 from serve.kernels import op
-from serve.layers.rope import RotaryEmbedding, rotate
+from serve.layers.rope import FUSED_DTYPES, RotaryEmbedding, rotate
 
 
 class RMSNorm(nn.Module):
@@ -34,9 +34,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused call: the C++ kernel's on the CPU (serve.kernels)
-            fused = op("rms_norm") if x.is_cpu else None
-            return fused(x, self.weight, self.eps) if fused is not None else F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        fused = op("rms_norm") if x.is_cpu and x.dtype in FUSED_DTYPES else None
+        if fused is not None:  # one pass, the same bits as below (serve/kernels/elementwise.cpp)
+            return fused(x, self.weight, self.eps)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         # normalized in float32 whatever the model dtype, as transformers does
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
