@@ -5,7 +5,8 @@ Ops of one library, `torch.ops.ministack`, each fetched with `op(name)`:
   paged KV cache;
 - `linear_half_weight` (half_linear.cpp): a float32 linear layer whose weight is stored in
   float16, half the bytes a decode step streams;
-- `rms_norm`, `rotary` (elementwise.cpp): the per-layer small ops in one pass each (float32).
+- `rms_norm`, `rotary`, `silu_and_mul` (elementwise.cpp): the per-layer small ops in one pass
+  each (float32, bfloat16, float16).
 
 `load()` builds the library the first time with torch.utils.cpp_extension (~30 s on 2 cores;
 later processes load the cached library in well under a second) and registers each op's FLOPs

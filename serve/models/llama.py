@@ -68,7 +68,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, -1)
+        gate_up = self.gate_up_proj(x)
+        fused = op("silu_and_mul") if gate_up.is_cpu and gate_up.dtype in FUSED_DTYPES else None
+        if fused is not None:  # one pass (serve/kernels/elementwise.cpp)
+            return self.down_proj(fused(gate_up))
+        gate, up = gate_up.chunk(2, -1)
         return self.down_proj(F.silu(gate) * up)
 
 
