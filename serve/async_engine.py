@@ -28,7 +28,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from serve.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from serve.engine.llm_engine import LLMEngine
+from serve.engine.outputs import EngineStats, RequestOutput
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.structured import StructuredOutput
 

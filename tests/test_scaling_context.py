@@ -55,10 +55,11 @@ def test_refuses_what_it_cannot_measure(tiny_llama, tmp_path):
     engine = make_engine(tiny_llama, tmp_path / "model", kv_cache_bytes=64 * 512)  # 64 tokens of K/V
     with pytest.raises(ValueError, match="at least 1 token"):
         measure_context(engine, [0])
-    with pytest.raises(ValueError, match="does not fit the model's 512"):
-        measure_context(engine, [500], decode_tokens=16)
+    assert engine.max_model_len == 64  # the context is capped to what the cache holds
+    with pytest.raises(ValueError, match="does not fit the model's 64"):
+        measure_context(engine, [60], decode_tokens=16)
     with pytest.raises(ValueError, match="KV tokens"):
-        measure_context(engine, [60])
+        measure_context(engine, [40], batch=2)
     with pytest.raises(ValueError, match="batch and decode_tokens"):
         measure_context(engine, [8], batch=0)
     with pytest.raises(ValueError, match="no context points"):

@@ -457,3 +457,15 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_cache_smaller_than_the_context_caps_it_and_requests_without_max_tokens_still_run(tiny_model):
+    live = serve(tiny_model, api_key=None, kv_cache_bytes=64 << 10)  # a few hundred tokens; the model's context is 512
+    try:
+        capacity = live.backend.engine.max_tokens_in_cache
+        assert capacity < 512 and httpx.get(f"{live.url}/v1/models").json()["data"][0]["max_model_len"] == capacity
+        r = http(live).post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] + r.json()["usage"]["completion_tokens"] <= capacity
+    finally:
+        live.close()

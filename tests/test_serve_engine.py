@@ -212,12 +212,18 @@ def test_kv_budget_from_bytes_or_a_fraction_of_free_memory():
     assert 0 < EngineConfig(kv_cache_fraction=0.01).kv_cache_budget() <= free * 0.011
 
 
-def test_start_up_reports_the_cache_capacity(tiny_llama, tmp_path, capsys):
+def test_start_up_reports_the_cache_capacity_and_caps_the_context_to_it(tiny_llama, tmp_path, capsys):
+    """A cache smaller than the model's context (tiny_llama: 512) caps max_model_len, saying so;
+    a max_model_len that was set and does not fit is refused, naming the flags that fix it."""
     engine = make_engine(tiny_llama, tmp_path, kv_cache_bytes=20 * 8192 + 5)  # 8 KiB per block
-    assert "KV cache: 20 blocks x 16 tokens = 320 tokens" in capsys.readouterr().out
-    assert engine.stats().max_tokens_in_cache == 320
-    with pytest.raises(ValueError, match="exceeds the KV cache"):
-        engine.add_request("big", [5] * 400, SamplingParams(max_tokens=20))
+    out = capsys.readouterr().out
+    assert "KV cache: 20 blocks x 16 tokens = 320 tokens" in out and "max_model_len capped to 320 tokens" in out
+    assert engine.stats().max_tokens_in_cache == 320 and engine.max_model_len == 320
+    with pytest.raises(ValueError, match=r"at most 320 \(max_model_len\)"):
+        engine.add_request("big", [5] * 300, SamplingParams(max_tokens=21))
+    engine.add_request("fits", [5] * 300, SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="max_model_len 512 does not fit the KV cache .*--max-model-len.*--kv-cache-gb"):
+        make_engine(tiny_llama, tmp_path, kv_cache_bytes=20 * 8192, max_model_len=512)
 
 
 def test_bfloat16_engine_runs_where_allowed(tiny_llama, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import threading
 
-from serve.engine.llm_engine import EngineStats, RequestMetrics
+from serve.engine.outputs import EngineStats, RequestMetrics
 
 # Bucket bounds (seconds) as vLLM's, so histograms are comparable side by side.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)

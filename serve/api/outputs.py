@@ -5,7 +5,7 @@ or a stream chunk's share (serve.api.server sends them)."""
 from __future__ import annotations
 
 from serve.api.responses import ChatLogprobs, CompletionLogprobs, Flops, TokenLogprob, TopLogprob, Usage
-from serve.engine.llm_engine import CompletionOutput, RequestOutput
+from serve.engine.outputs import CompletionOutput, RequestOutput
 from serve.engine.token_bytes import TokenBytes
 
 

@@ -41,7 +41,7 @@ from serve.api.responses import (
 from serve.api.tools import ToolStream, parse_tool_calls, render_messages, tool_grammar
 from serve.async_engine import Backend, Overloaded
 from serve.embeddings import Embedder
-from serve.engine.llm_engine import CompletionOutput, RequestOutput
+from serve.engine.outputs import CompletionOutput, RequestOutput
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.token_bytes import TokenBytes
 

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from serve.api.errors import ApiError, named_field
-from serve.engine.llm_engine import RequestOutput
+from serve.engine.outputs import RequestOutput
 
 
 def listed(events: BaseModel | list[BaseModel]) -> list[BaseModel]:

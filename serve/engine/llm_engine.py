@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from serve.config import EngineConfig, context_limit, rope_parameters
 from serve.engine.block_manager import BlockManager
 from serve.engine.detokenizer import Detokenizer
 from serve.engine.model_runner import ModelRunner, kv_bytes_per_block
+from serve.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from serve.engine.sampler import Sampler
 from serve.engine.structured import Grammars
 from serve.engine.token_bytes import TokenBytes
@@ -39,54 +39,6 @@ from serve.engine.sequence import Request, Sequence
 from serve.models import load_model
 from serve.models.llama import layer_windows
 from serve.weights import model_name, resolve_model
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str  # detokenized so far (stop strings removed)
-    token_ids: list[int]  # all generated so far
-    new_token_ids: list[int]  # generated in this step
-    new_text: str  # text delta of this step (never a partial character, never a possible stop-string start)
-    logprobs: list[dict] | None  # per generated token: {"token_id", "token", "logprob", "top": [...]}
-    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
-
-
-@dataclass
-class RequestMetrics:
-    arrival_time: float
-    first_token_time: float | None
-    finished_time: float | None
-    prompt_tokens: int
-    cached_prompt_tokens: int
-    generated_tokens: int
-    measured_flops: int
-    law_flops: float
-    flops_by_part: dict[str, int]
-    first_scheduled_time: float | None = None  # first step that computed any of it (queue time ends)
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    metrics: RequestMetrics
-    # SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), as the
-    # per-token logprobs; present once the prompt has been computed
-    prompt_logprobs: list[dict | None] | None = None
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float  # 0..1
-    prefix_cache_queries: int  # tokens (as vLLM counts)
-    prefix_cache_hits: int
-    num_preemptions: int
-    max_tokens_in_cache: int
-
 
 def _eos_ids(model_dir: Path, hf_config) -> set[int]:
     eos = getattr(hf_config, "eos_token_id", None)
@@ -148,6 +100,7 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"KV cache budget {budget:,} bytes is less than one block ({per_block:,} bytes)")
         self.max_tokens_in_cache = num_blocks * config.block_size
+        self._fit_context_to_cache(config)
         print(
             f"KV cache: {num_blocks:,} blocks x {config.block_size} tokens = {self.max_tokens_in_cache:,} tokens "
             f"({num_blocks * per_block / 2**30:.2f} GiB, {str(self.dtype).removeprefix('torch.')}); "
@@ -167,6 +120,25 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
         self._seed_rng = random.Random()
+
+    def _fit_context_to_cache(self, config: EngineConfig) -> None:
+        """A sequence of max_model_len tokens must fit the KV cache (whole, or its window under
+        sliding windows), else every request left to fill the context would be refused. A
+        max_model_len that was set is refused here, naming both settings; the model's own
+        context is capped to what the cache holds, and said so."""
+        resident = self.max_model_len
+        if self.kv_window is not None:  # its window, one step's chunk and two partial blocks
+            resident = min(resident, self.kv_window + config.max_num_batched_tokens + 2 * config.block_size)
+        if resident <= self.max_tokens_in_cache:
+            return
+        if config.max_model_len is not None:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} does not fit the KV cache ({self.max_tokens_in_cache:,} tokens): "
+                f"lower --max-model-len (max_model_len) or raise --kv-cache-gb (kv_cache_bytes)"
+            )
+        print(f"max_model_len capped to {self.max_tokens_in_cache:,} tokens, what the KV cache holds (the model's context is "
+              f"{self.max_model_len:,}: raise --kv-cache-gb / kv_cache_bytes to serve it)")
+        self.max_model_len = self.max_tokens_in_cache
 
     # ---- requests -------------------------------------------------------------------
 
@@ -193,7 +165,7 @@ class LLMEngine:
         if resident > self.max_tokens_in_cache:
             raise ValueError(
                 f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the KV cache "
-                f"({self.max_tokens_in_cache} tokens): raise kv_cache_bytes"
+                f"({self.max_tokens_in_cache} tokens): lower max_tokens, or raise --kv-cache-gb (kv_cache_bytes)"
             )
         request = Request(request_id, prompt_token_ids, params)
         request.bad_words_ids = self._bad_words_ids(params.bad_words)

@@ -1,0 +1,54 @@
+"""What the engine hands back: each request's outputs after a step, its timings and compute,
+and the engine-wide counters the server's /metrics reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str  # detokenized so far (stop strings removed)
+    token_ids: list[int]  # all generated so far
+    new_token_ids: list[int]  # generated in this step
+    new_text: str  # text delta of this step (never a partial character, never a possible stop-string start)
+    logprobs: list[dict] | None  # per generated token: {"token_id", "token", "logprob", "top": [...]}
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None
+    finished_time: float | None
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    generated_tokens: int
+    measured_flops: int
+    law_flops: float
+    flops_by_part: dict[str, int]
+    first_scheduled_time: float | None = None  # first step that computed any of it (queue time ends)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    # SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), as the
+    # per-token logprobs; present once the prompt has been computed
+    prompt_logprobs: list[dict | None] | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # 0..1
+    prefix_cache_queries: int  # tokens (as vLLM counts)
+    prefix_cache_hits: int
+    num_preemptions: int
+    max_tokens_in_cache: int
