@@ -188,3 +188,26 @@ def test_packed_linear_equals_f_linear_and_is_counted(dtype):
         x = torch.randn(rows, 576).to(dtype)
         torch.testing.assert_close(layer(x).float(), F.linear(x.float(), dense.float()), **tolerance)
     assert count_flops(lambda: layer(x)).by_part == {DENSE: 2 * 512 * 576 * 960}
+
+
+def test_bf16_prefill_attention_equals_causal_sdpa_and_is_counted_as_attention():
+    """serve.kernels' AVX-512 BF16 prefill attention: causal, grouped-query, on strided views of
+    a fused qkv row, equal to SDPA to bf16 rounding (probabilities rounded to bf16 as torch's
+    flash attention rounds them), at lengths that end mid-block and mid-tile."""
+    op("rms_norm")  # loads the library
+    if not torch.ops.ministack.prefill_attention_supported():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    g = torch.Generator().manual_seed(5)
+    for n, heads, kv_heads, dim in [(1, 9, 3, 64), (7, 9, 3, 64), (37, 4, 4, 64), (300, 9, 3, 64), (45, 8, 2, 128)]:
+        qkv = torch.randn(n, (heads + 2 * kv_heads) * dim, generator=g).bfloat16()
+        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+        q, k, v = q.view(n, heads, dim), k.view(n, kv_heads, dim), v.view(n, kv_heads, dim)
+        rep = heads // kv_heads
+        expected = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).repeat_interleave(rep, 0).float(),
+                                                  v.transpose(0, 1).repeat_interleave(rep, 0).float(), is_causal=True).transpose(0, 1)
+        got = op("prefill_attention")(q, k, v, dim**-0.5)
+        torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+    counted = count_flops(lambda: op("prefill_attention")(q, k, v, dim**-0.5))
+    assert counted.by_part == {ATTENTION: attention_flops(1, 8, 45, 45, 128, 128, causal=True)}
+    with pytest.raises(RuntimeError, match="bfloat16 only"):
+        op("prefill_attention")(q.float(), k.float(), v.float(), 1.0)

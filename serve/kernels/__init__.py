@@ -3,6 +3,8 @@
 Ops of one library, `torch.ops.ministack`, each fetched with `op(name)`:
 - `paged_decode_attention` (paged_attention.cpp): decode attention read in place from the
   paged KV cache;
+- `prefill_attention` (prefill_attention.cpp): a bfloat16 chunk's causal attention over its own
+  keys on AVX-512 BF16 instructions, where `prefill_attention_supported()` (else torch's SDPA);
 - `linear_half_weight` (half_linear.cpp): a float32 linear layer whose weight is stored in
   float16, half the bytes a decode step streams;
 - `rms_norm`, `rotary`, `silu_and_mul` (elementwise.cpp): the per-layer small ops in one pass
@@ -37,7 +39,7 @@ from profiling.measure import attention_flops, register_kernel
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "half_linear.cpp", "elementwise.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "prefill_attention.cpp", "half_linear.cpp", "elementwise.cpp")]
 HEADERS = [Path(__file__).with_name("vec.h")]
 # the vector ISA to compile for, from the capability torch itself dispatches on
 ISA_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mf16c"], "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
@@ -70,6 +72,7 @@ def load() -> bool:
         log.warning("C++ kernels unavailable (%s: %s); the torch fallbacks run", type(e).__name__, first)
         return False
     register_kernel(torch.ops.ministack.paged_decode_attention, _decode_flops, attention=True)
+    register_kernel(torch.ops.ministack.prefill_attention, _prefill_flops, attention=True)
     register_kernel(torch.ops.ministack.linear_half_weight, _linear_flops, attention=False)
     return True
 
@@ -103,6 +106,11 @@ def _decode_flops(query: torch.Tensor, kv_cache, block_tables, context_lens: tor
     heads, head_dim = query.shape[1], query.shape[2]
     keys = int(context_lens.clamp(max=window).sum()) if window else int(context_lens.sum())
     return attention_flops(1, heads, 1, keys, head_dim, head_dim, causal=False)
+
+
+def _prefill_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale, out_val=None) -> int:
+    """Causal attention of a chunk over its own keys, as `profiling.measure` counts causal SDPA."""
+    return attention_flops(1, q.shape[1], q.shape[0], q.shape[0], q.shape[2], v.shape[2], causal=True)
 
 
 def _linear_flops(input: torch.Tensor, weight: torch.Tensor, bias, out_val=None) -> int:
