@@ -80,13 +80,23 @@ def test_sliding_window_attends_over_the_last_window_tokens(window):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reduced_precision_caches_accumulate_in_float32(dtype):
-    lengths = [3, 200, 1100]
-    kv, q, tables, padded = paged_case(lengths, 9, 3, 64, 16, dtype=dtype, seed=1)
-    out = attend(q, kv, padded, torch.tensor(lengths, dtype=torch.int32), 16, 0.125)
+@pytest.mark.parametrize(
+    "lengths,heads,kv_heads,head_dim,block_size,window",
+    [
+        ([3, 200, 1100], 9, 3, 64, 16, 0),  # SmolLM2's shape, past a partition
+        ([33, 100, 1], 8, 2, 128, 16, 0),  # Llama's head_dim, group of 4
+        ([7, 60, 129], 7, 1, 64, 5, 0),  # group of 7, odd runs
+        ([40, 1300], 9, 3, 64, 16, 7),  # a sliding window starting mid-block
+        ([9, 700], 6, 2, 48, 16, 0),  # head_dim not a multiple of 64: the generic loops
+    ],
+)
+def test_reduced_precision_caches_accumulate_in_float32(dtype, lengths, heads, kv_heads, head_dim, block_size, window):
+    """16-bit caches widened to float32 in registers: within the dtype's rounding of float64
+    math on the same inputs, for every shape the float32 cache is tested on."""
+    kv, q, tables, padded = paged_case(lengths, heads, kv_heads, head_dim, block_size, dtype=dtype, seed=1)
+    out = attend(q, kv, padded, torch.tensor(lengths, dtype=torch.int32), block_size, head_dim**-0.5, window)
     assert out.dtype == dtype
-    # against float64 math on the same rounded inputs: only the output's own rounding differs
-    expected = reference(kv, q, tables, lengths, 16)
+    expected = reference(kv, q, tables, lengths, block_size, window)
     torch.testing.assert_close(out.double(), expected, atol=8e-3, rtol=1e-2)
 
 

@@ -40,7 +40,7 @@ from profiling.measure import attention_flops, register_kernel
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "prefill_attention.cpp", "half_linear.cpp", "elementwise.cpp")]
-HEADERS = [Path(__file__).with_name("vec.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("vec.h", "avx512_bf16.h")]
 # the vector ISA to compile for, from the capability torch itself dispatches on
 ISA_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mf16c"], "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
 DISABLE_ENV = "MINISTACK_NO_KERNELS"  # set to 1: never build or load them (the torch fallbacks run)

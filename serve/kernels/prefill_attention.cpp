@@ -23,7 +23,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -33,25 +32,12 @@
 #include <limits>
 #include <vector>
 
+#include "avx512_bf16.h"
+
 namespace {
 
 constexpr int64_t KEYS = 16;  // keys per block: one zmm of float32 scores
 constexpr int64_t ROWS = 4;   // query rows per tile: four independent accumulator chains
-
-#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-
-// e^x for x <= 0 in 16 lanes: 2^n * 2^f, 2^f by its degree-7 Taylor series (serve/kernels/vec.h's
-// exp8_nonpositive, sixteen lanes wide).
-AVX512BF16 inline __m512 exp16_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 y = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(c));
-  const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
-}
 
 // K of one head, keys [0, n) padded to whole blocks with zeros, as pairs: block b, pair p
 // (dims 2p, 2p+1) is 16 uint32 lanes, lane j = key (16b + j)'s pair. Layout [b][p][j].
@@ -80,7 +66,7 @@ void repack_v(const uint16_t* v, int64_t key_stride, int64_t n, int64_t dim, uin
 // One tile: query rows [r0, r0 + rows) of one query head (positions = row indices), causal over
 // the repacked keys. q rows are bf16 with `q_stride` between them; out rows likewise.
 template <int64_t DIM>
-AVX512BF16 void attend_tile(const uint16_t* q, int64_t q_stride, const uint32_t* kp, const uint32_t* vp, int64_t r0, int64_t rows,
+MINISTACK_AVX512BF16 void attend_tile(const uint16_t* q, int64_t q_stride, const uint32_t* kp, const uint32_t* vp, int64_t r0, int64_t rows,
                             float scale, uint16_t* out, int64_t out_stride) {
   constexpr int64_t PAIRS = DIM / 2, CHUNKS = DIM / 16;
   __m512 acc[ROWS][CHUNKS];
@@ -111,7 +97,7 @@ AVX512BF16 void attend_tile(const uint16_t* q, int64_t q_stride, const uint32_t*
       const __mmask16 keep = visible >= KEYS ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << visible) - 1);
       const __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), keep, _mm512_mul_ps(s[r], _mm512_set1_ps(scale)));
       const float block_max = _mm512_reduce_max_ps(scores), new_max = std::max(m[r], block_max);
-      const __m512 e = _mm512_maskz_mov_ps(keep, exp16_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
+      const __m512 e = _mm512_maskz_mov_ps(keep, ministack::exp16_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
       const float rescale = std::exp(m[r] - new_max);  // 0 on the first block (m = -inf)
       l[r] = l[r] * rescale + _mm512_reduce_add_ps(e);
       m[r] = new_max;
@@ -134,7 +120,7 @@ AVX512BF16 void attend_tile(const uint16_t* q, int64_t q_stride, const uint32_t*
 }
 
 template <int64_t DIM>
-AVX512BF16 void prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::Tensor& out) {
+MINISTACK_AVX512BF16 void prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::Tensor& out) {
   const int64_t n = q.size(0), heads = q.size(1), kv_heads = k.size(1), group = heads / kv_heads;
   const int64_t blocks = (n + KEYS - 1) / KEYS, k_size = blocks * (DIM / 2) * KEYS, v_size = blocks * (KEYS / 2) * DIM;
   std::vector<uint32_t> kp(kv_heads * k_size), vp(kv_heads * v_size);
@@ -159,10 +145,7 @@ AVX512BF16 void prefill(const at::Tensor& q, const at::Tensor& k, const at::Tens
   }
 }
 
-bool supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-}
+bool supported() { return ministack::avx512_bf16_supported(); }
 
 // q (n, heads, head_dim), k and v (n, kv_heads, head_dim), bfloat16, each row's last dim
 // contiguous (views of the fused qkv projection are fine); head_dim 64 or 128. Query i attends
