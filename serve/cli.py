@@ -22,6 +22,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--half-weights", choices=("auto", "on", "off"), default="auto",
                    help="CPU, float32: store linear weights in float16 (float32 math); auto: on with --dtype auto")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"),
+                   help="KV cache storage (int8: a scale per token and head); auto: the model's dtype, float16 "
+                        "under a float32 model with --dtype auto on the CPU")
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--kv-cache-gb", type=float, default=None, help="KV-cache budget in GiB")
     kv.add_argument("--kv-cache-fraction", type=float, default=None, help="KV-cache budget as a fraction of free memory")
@@ -38,6 +41,7 @@ def engine_config(args: argparse.Namespace, **overrides: object):
         model=args.model, device=args.device, dtype=args.dtype, kv_cache_bytes=kv_bytes,
         half_weights={"auto": None, "on": True, "off": False}[args.half_weights], kv_cache_fraction=args.kv_cache_fraction,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     return EngineConfig(**(settings | overrides))
 
@@ -66,6 +70,9 @@ def build_backend(args: argparse.Namespace):
     kv_bytes = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
     if args.engine == "vllm":
         from serve.backends.vllm import VllmBackend
+
+        if args.kv_cache_dtype != "auto":
+            raise SystemExit("ministack serve: --kv-cache-dtype is ministack's engine's; with --engine vllm leave it at auto")
 
         return VllmBackend(
             model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_bytes=kv_bytes,

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_DTYPES = {**DTYPES, "int8": torch.int8}  # int8: a float32 scale per token and head beside the codes
 DEFAULT_CPU_KV_BYTES = 1 << 30  # CPU memory is shared with everything else: a fixed, modest default
 DEFAULT_GPU_KV_FRACTION = 0.8  # of the GPU memory free after loading the weights
 
@@ -25,6 +26,8 @@ class EngineConfig:
     # linear weights stored in float16, float32 math (CPU, float32 only; serve.layers.linear).
     # None: on when dtype is "auto" and resolves to float32 on the CPU with the C++ kernels built
     half_weights: bool | None = None
+    # KV cache storage: auto | float32 | bfloat16 | float16 | int8 (serve.layers.attention)
+    kv_cache_dtype: str = "auto"
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_bytes: int | None = None  # KV budget in bytes ...
     kv_cache_fraction: float | None = None  # ... or as a fraction of the memory free after loading weights
@@ -38,6 +41,8 @@ class EngineConfig:
     def validate(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:
@@ -93,6 +98,18 @@ class EngineConfig:
         if self.half_weights and not possible:
             raise ValueError("half_weights needs the CPU, dtype float32 and the C++ kernels (serve.kernels; see the log for why they are missing)")
         return self.half_weights
+
+
+    def kv_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's storage dtype for a model computing in `dtype`: as set, or by default
+        the model's, but float16 where the model runs in float32 on the CPU because the dtype was
+        left to auto (half the bytes a long-context decode streams, widened in registers by the
+        decode kernel; an explicit float32 keeps a float32 cache, as it keeps float32 weights)."""
+        if self.kv_cache_dtype != "auto":
+            return KV_DTYPES[self.kv_cache_dtype]
+        if self.dtype == "auto" and dtype == torch.float32 and torch.device(self.device).type == "cpu":
+            return torch.float16
+        return dtype
 
 
 def memory_available(device: torch.device) -> int:

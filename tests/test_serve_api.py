@@ -355,6 +355,10 @@ def test_metrics_use_vllm_names_with_sane_values(server, client, model_name):
 
     assert values[f"vllm:num_requests_running{label}"] == 0 and values[f"vllm:num_requests_waiting{label}"] == 0
     assert 0.0 <= values[f"vllm:kv_cache_usage_perc{label}"] <= 1.0
+    stats = server.backend.stats()
+    assert values[f"ministack:kv_cache_capacity_tokens{label}"] == stats.max_tokens_in_cache
+    info = f'vllm:cache_config_info{{model_name="{model_name}",cache_dtype="{stats.kv_cache_dtype}",block_size="16",num_blocks="{stats.max_tokens_in_cache // 16}"}}'
+    assert values[info] == 1
     assert metric("vllm:request_success_total") >= 1
     assert metric("vllm:generation_tokens_total") >= 3 and metric("vllm:prompt_tokens_total") >= 1
     assert metric("vllm:prefix_cache_queries_total") >= metric("vllm:prefix_cache_hits_total") >= 0

@@ -242,3 +242,19 @@ def test_chunked_prefill_computes_exactly_the_causal_pairs(tiny_llama, tmp_path)
     (out,) = engine.generate([p], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     exact = decoder_flops(DecoderShape.from_hf(tiny_llama.config), 21, 0, logits=1)  # as if in one piece
     assert out.metrics.flops_by_part == {k: v for k, v in exact.items() if v}
+
+
+@pytest.mark.parametrize("kv_dtype,ratio", [("float16", 2.0), ("int8", 4 * 16 / (16 + 4))])
+def test_a_compressed_kv_cache_holds_more_tokens_and_serves(tiny_llama, tmp_path, capsys, kv_dtype, ratio):
+    """The same budget holds 2x (16-bit) or 3.2x (int8: tiny_llama's rows of 16 dims are 64 bytes
+    in float32, 16 codes + a 4-byte scale in int8; SmolLM2's 64-dim rows: 3.76x) the float32
+    cache's tokens; start-up and the stats say which; requests run through it."""
+    budget = 400 * 8192
+    full = make_engine(tiny_llama, tmp_path / "a", kv_cache_bytes=budget)
+    small = make_engine(tiny_llama, tmp_path / "b", kv_cache_bytes=budget, kv_cache_dtype=kv_dtype)
+    assert small.stats().max_tokens_in_cache == pytest.approx(ratio * full.stats().max_tokens_in_cache, rel=0.02)
+    assert small.stats().kv_cache_dtype == kv_dtype and f"GiB, {kv_dtype}" in capsys.readouterr().out
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    assert [len(o.outputs[0].token_ids) for o in small.generate([[5] * 40, [7] * 300], params)] == [12, 12]
+    with pytest.raises(ValueError, match="kv_cache_dtype must be auto or one of"):
+        make_engine(tiny_llama, tmp_path / "c", kv_cache_dtype="fp8")

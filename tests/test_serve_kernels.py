@@ -100,6 +100,28 @@ def test_reduced_precision_caches_accumulate_in_float32(dtype, lengths, heads, k
     torch.testing.assert_close(out.double(), expected, atol=8e-3, rtol=1e-2)
 
 
+@pytest.mark.parametrize("cache", ["bfloat16", "float16", "int8"])
+def test_a_compressed_cache_serves_a_float32_query(cache):
+    """The cache's dtype apart from the query's: a float32 model over a 16-bit or int8 cache
+    (codes with one float32 scale per token and head) equals float64 math on the cache's own
+    values, and answers in the query's dtype."""
+    lengths = [3, 200, 1100]
+    kv, q, tables, padded = paged_case(lengths, 9, 3, 64, 16, seed=4)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    if cache == "int8":
+        scale = kv.abs().amax(-1) / 127
+        codes = torch.round(kv / scale.unsqueeze(-1)).to(torch.int8)
+        out = attend(q, codes, padded, lens, 16, 0.125, 0, scale)
+        stored = codes.double() * scale.double().unsqueeze(-1)
+        with pytest.raises(RuntimeError, match="int8 kv_cache comes with its kv_scale"):
+            attend(q, codes, padded, lens, 16, 0.125)
+    else:
+        stored = kv.to(getattr(torch, cache))
+        out = attend(q, stored, padded, lens, 16, 0.125)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(stored.double(), q, tables, lengths, 16), atol=2e-6, rtol=1e-5)
+
+
 def test_bad_inputs_are_refused():
     lengths = [20, 5]
     kv, q, _, padded = paged_case(lengths, 9, 3, 64, 16)

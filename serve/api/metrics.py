@@ -127,6 +127,10 @@ class ServingMetrics:
         metric("vllm:num_requests_waiting", "gauge", "Requests waiting to be processed.", [f"vllm:num_requests_waiting{{{lb}}} {stats.num_waiting}"])
         for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):  # the second: vLLM's older name
             metric(name, "gauge", "KV-cache usage. 1 means 100 percent usage.", [f"{name}{{{lb}}} {stats.kv_usage}"])
+        info = f'{lb},cache_dtype="{stats.kv_cache_dtype}",block_size="{stats.block_size}",num_blocks="{stats.max_tokens_in_cache // stats.block_size}"'
+        metric("vllm:cache_config_info", "gauge", "Information of the KV cache's configuration.", [f"vllm:cache_config_info{{{info}}} 1"])
+        metric("ministack:kv_cache_capacity_tokens", "gauge", "Tokens the KV cache holds (its capacity, whatever its usage).",
+               [f"ministack:kv_cache_capacity_tokens{{{lb}}} {stats.max_tokens_in_cache}"])
         metric("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.",
                [f"vllm:prefix_cache_queries_total{{{lb}}} {stats.prefix_cache_queries}"])
         metric("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.",

@@ -94,7 +94,8 @@ class LLMEngine:
         self.sampling_defaults = generation_defaults(model_dir)
 
         shape = DecoderShape.from_hf(hf_config)
-        per_block = kv_bytes_per_block(shape, config.block_size, self.dtype)
+        self.kv_dtype = config.kv_dtype(self.dtype)
+        per_block = kv_bytes_per_block(shape, config.block_size, self.kv_dtype)
         budget = config.kv_cache_budget()  # after the weights are loaded: a fraction is of what they left
         num_blocks = budget // per_block
         if num_blocks < 1:
@@ -103,12 +104,13 @@ class LLMEngine:
         self._fit_context_to_cache(config)
         print(
             f"KV cache: {num_blocks:,} blocks x {config.block_size} tokens = {self.max_tokens_in_cache:,} tokens "
-            f"({num_blocks * per_block / 2**30:.2f} GiB, {str(self.dtype).removeprefix('torch.')}); "
+            f"({num_blocks * per_block / 2**30:.2f} GiB, {str(self.kv_dtype).removeprefix('torch.')}"
+            f"{' + a scale per token and head' if self.kv_dtype == torch.int8 else ''}); "
             f"weights {'float16 storage, float32 math' if self.half_weights else str(self.dtype).removeprefix('torch.')}"
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.kv_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, shape, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, shape, num_blocks, config.block_size, self.dtype, self.device, self.kv_dtype)
         self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
         self.sampler = Sampler(self.token_bytes.text if self.token_bytes is not None else lambda t: "")
         self._grammars = None  # serve.engine.structured.Grammars, built on the first structured request
@@ -352,6 +354,8 @@ class LLMEngine:
             prefix_cache_hits=s.prefix_hits,
             num_preemptions=s.num_preemptions,
             max_tokens_in_cache=self.max_tokens_in_cache,
+            kv_cache_dtype=str(self.kv_dtype).removeprefix("torch."),
+            block_size=self.config.block_size,
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

@@ -28,8 +28,10 @@ from serve.models.llama import LlamaForCausalLM
 GROUP_COST_TOKENS = {"cpu": 256, "cuda": 8192}
 
 
-def kv_bytes_per_block(shape: DecoderShape, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * shape.layers * block_size * shape.kv_heads * shape.head_dim * dtype.itemsize
+def kv_bytes_per_block(shape: DecoderShape, block_size: int, kv_dtype: torch.dtype) -> int:
+    """Bytes of one block's K and V over every layer; int8 adds a float32 scale per token and head."""
+    per_row = shape.head_dim * kv_dtype.itemsize + (4 if kv_dtype == torch.int8 else 0)
+    return 2 * shape.layers * block_size * shape.kv_heads * per_row
 
 
 def length_groups(lengths: list[int], group_cost: int) -> list[int]:
@@ -47,15 +49,21 @@ def length_groups(lengths: list[int], group_cost: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, shape: DecoderShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.model, self.block_size, self.device = model, block_size, device
+    def __init__(self, model: LlamaForCausalLM, shape: DecoderShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 kv_dtype: torch.dtype | None = None) -> None:
+        """`dtype`: the model's; `kv_dtype`: the cache's storage (default the model's)."""
+        self.model, self.block_size, self.device, self.dtype = model, block_size, device, dtype
+        kv_dtype = kv_dtype or dtype
         self.group_cost = GROUP_COST_TOKENS.get(device.type, GROUP_COST_TOKENS["cuda"])
         self.decode_kernel = device.type == "cpu" and op("paged_decode_attention") is not None  # else: gathered groups
         self.flops = FlopAttribution(shape, [attn.window for attn in model.attention_layers()])
         # zeros, not empty: padded decode rows read slot 0.., and masked garbage could be NaN
-        self.kv = torch.zeros(2, shape.layers, shape.kv_heads, num_blocks * block_size, shape.head_dim, dtype=dtype, device=device)
+        self.kv = torch.zeros(2, shape.layers, shape.kv_heads, num_blocks * block_size, shape.head_dim, dtype=kv_dtype, device=device)
+        # an int8 cache's scales, one per token, head and plane (ones: a padded row reads slot 0..)
+        self.kv_scale = torch.ones(2, shape.layers, shape.kv_heads, num_blocks * block_size, device=device) if kv_dtype == torch.int8 else None
         for i, attn in enumerate(model.attention_layers()):
             attn.kv_cache = self.kv[:, i]
+            attn.kv_scale = self.kv_scale[:, i] if self.kv_scale is not None else None
 
     def _context_slots(self, tables: list[list[int]], length: int) -> torch.Tensor | slice:
         """(len(tables), length) cache slots of the first `length` tokens of each block table
@@ -137,7 +145,7 @@ class ModelRunner:
         if min(lengths) < longest:
             allowed = torch.arange(longest) < torch.tensor(lengths).unsqueeze(1)
             mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
-            group.mask = mask.view(len(decodes), 1, 1, longest).to(self.device, self.kv.dtype)
+            group.mask = mask.view(len(decodes), 1, 1, longest).to(self.device, self.dtype)
         for seq in decodes:
             self._charge(seq, self.flops.decode(longest))  # its row of the call spans the group's longest context
         return group

@@ -51,4 +51,6 @@ class EngineStats:
     prefix_cache_queries: int  # tokens (as vLLM counts)
     prefix_cache_hits: int
     num_preemptions: int
-    max_tokens_in_cache: int
+    max_tokens_in_cache: int  # the KV cache's capacity in tokens
+    kv_cache_dtype: str = "auto"  # its storage: float32, bfloat16, float16, int8
+    block_size: int = 16

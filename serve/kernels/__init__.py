@@ -99,7 +99,8 @@ def op(name: str) -> Callable | None:
     return getattr(torch.ops.ministack, name) if load() else None
 
 
-def _decode_flops(query: torch.Tensor, kv_cache, block_tables, context_lens: torch.Tensor, block_size, scale, window=0, out_val=None) -> int:
+def _decode_flops(query: torch.Tensor, kv_cache, block_tables, context_lens: torch.Tensor, block_size, scale, window=0, kv_scale=None,
+                  out_val=None) -> int:
     """What the attention kernel computes: each sequence's one query per head over its own
     context (its last `window` tokens under a sliding window), no padding (QK^T and AV, 2 FLOPs
     per multiply-add, as `profiling.measure` counts SDPA)."""

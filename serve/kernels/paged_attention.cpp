@@ -136,12 +136,20 @@ constexpr bool HAVE_AVX2 = true;
 constexpr bool HAVE_AVX2 = false;
 #endif
 
+// s[g * n + t] *= scale[t] for a run's rows: an int8 row's scale, applied to what it produced.
+inline void scale_run(const float* scale, float* s, int64_t count, int64_t group, int64_t n) {
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t t = 0; t < count; ++t) s[g * n + t] *= scale[t];
+}
+
 // One work item: the `group` query heads sharing one kv head, over context tokens
 // [begin, end) of one sequence. Writes the unnormalized output (group x head_dim), and each
-// query's score maximum and sum of exponentials, for the merge.
+// query's score maximum and sum of exponentials, for the merge. An int8 cache comes with each
+// row's scale (k_scale, v_scale: per slot of this head, else null): a K row's scale multiplies
+// its score, a V row's its probability, so the rows are read as stored.
 template <typename scalar_t>
-void attend_partition(const float* q, const scalar_t* k, const scalar_t* v, Plane plane, const int32_t* table,
-                      int64_t block_size, int64_t begin, int64_t end, int64_t group, int64_t head_dim,
+void attend_partition(const float* q, const scalar_t* k, const scalar_t* v, const float* k_scale, const float* v_scale, Plane plane,
+                      const int32_t* table, int64_t block_size, int64_t begin, int64_t end, int64_t group, int64_t head_dim,
                       float* scores, float* out, float* max_out, float* sum_out) {
   const int64_t n = end - begin;
   const bool avx2 = HAVE_AVX2 && head_dim % 64 == 0;
@@ -164,10 +172,14 @@ void attend_partition(const float* q, const scalar_t* k, const scalar_t* v, Plan
     }
   };
   for_each_run(k, [&](int64_t row, int64_t i, int64_t run) {
+    if (avx2) {
 #if MINISTACK_AVX2
-    if (avx2) return score_run_avx2(q, k + row, plane.slot_stride, run, group, head_dim, scores + i, n);
+      score_run_avx2(q, k + row, plane.slot_stride, run, group, head_dim, scores + i, n);
 #endif
-    score_run(q, k + row, plane.slot_stride, run, group, head_dim, scores + i, n);
+    } else {
+      score_run(q, k + row, plane.slot_stride, run, group, head_dim, scores + i, n);
+    }
+    if (k_scale != nullptr) scale_run(k_scale + row / plane.slot_stride, scores + i, run, group, n);
   });
   for (int64_t g = 0; g < group; ++g) {  // softmax numerators
     float* s = scores + g * n;
@@ -184,6 +196,7 @@ void attend_partition(const float* q, const scalar_t* k, const scalar_t* v, Plan
   }
   std::fill(out, out + group * head_dim, 0.0f);
   for_each_run(v, [&](int64_t row, int64_t i, int64_t run) {
+    if (v_scale != nullptr) scale_run(v_scale + row / plane.slot_stride, scores + i, run, group, n);
 #if MINISTACK_AVX2
     if (avx2) return accumulate_run_avx2(scores + i, v + row, plane.slot_stride, run, group, head_dim, out, n);
 #endif
@@ -191,14 +204,17 @@ void attend_partition(const float* q, const scalar_t* k, const scalar_t* v, Plan
   });
 }
 
-template <typename scalar_t>
-void decode(const at::Tensor& query, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& lens,
-            int64_t block_size, double scale, int64_t window, at::Tensor& out) {
+template <typename scalar_t, typename out_t>
+void decode(const at::Tensor& query, const at::Tensor& kv, const c10::optional<at::Tensor>& kv_scale, const at::Tensor& tables,
+            const at::Tensor& lens, int64_t block_size, double scale, int64_t window, at::Tensor& out) {
   const int64_t seqs = query.size(0), heads = query.size(1), head_dim = query.size(2);
   const int64_t kv_heads = kv.size(1), group = heads / kv_heads;
   const Plane plane{kv.stride(1), kv.stride(2)};
   const scalar_t* k_base = kv.data_ptr<scalar_t>();
   const scalar_t* v_base = k_base + kv.stride(0);
+  const float* ks_base = kv_scale ? kv_scale->data_ptr<float>() : nullptr;
+  const float* vs_base = kv_scale ? ks_base + kv_scale->stride(0) : nullptr;
+  const int64_t scale_head_stride = kv_scale ? kv_scale->stride(1) : 0;
   const int32_t* len = lens.data_ptr<int32_t>();
   const int32_t* table_base = tables.data_ptr<int32_t>();
   const int64_t table_stride = tables.stride(0);
@@ -229,14 +245,15 @@ void decode(const at::Tensor& query, const at::Tensor& kv, const at::Tensor& tab
       const int64_t lo = first[s] + (part - first_part[s]) * PARTITION, hi = std::min<int64_t>(lo + PARTITION, len[s]);
       const int64_t row = part * heads + h * group;  // this item's first query head among the partials
       attend_partition<scalar_t>(q_base + (s * heads + h * group) * head_dim, k_base + h * plane.head_stride,
-                                 v_base + h * plane.head_stride, plane, table_base + s * table_stride, block_size, lo,
+                                 v_base + h * plane.head_stride, ks_base ? ks_base + h * scale_head_stride : nullptr,
+                                 vs_base ? vs_base + h * scale_head_stride : nullptr, plane, table_base + s * table_stride, block_size, lo,
                                  hi, group, head_dim, scores.data(), partial.data() + row * head_dim,
                                  maxima.data() + row, sums.data() + row);
     }
   }
 
   // merge each sequence's partitions: rescale by e^(max_i - max), normalize by the total sum
-  scalar_t* out_base = out.data_ptr<scalar_t>();
+  out_t* out_base = out.data_ptr<out_t>();
   at::parallel_for(0, seqs * heads, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(head_dim);
     for (int64_t item = begin; item < end; ++item) {
@@ -251,8 +268,8 @@ void decode(const at::Tensor& query, const at::Tensor& kv, const at::Tensor& tab
         const float* o = partial.data() + (p * heads + hq) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) acc[d] += w * o[d];
       }
-      scalar_t* dst = out_base + item * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<scalar_t>(acc[d] / total);
+      out_t* dst = out_base + item * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<out_t>(acc[d] / total);
     }
   });
 }
@@ -260,11 +277,18 @@ void decode(const at::Tensor& query, const at::Tensor& kv, const at::Tensor& tab
 // query (seqs, heads, head_dim); kv_cache (2, kv_heads, slots, head_dim), one layer's K and V
 // planes (any strides but a contiguous last dim); block_tables (seqs, max_blocks) int32;
 // context_lens (seqs,) int32, each >= 1 (the query's own K/V is already in the cache);
-// window > 0: attend over the last `window` positions only (sliding-window attention).
+// window > 0: attend over the last `window` positions only (sliding-window attention);
+// kv_scale (2, kv_heads, slots) float32: the scale of each int8 row (an int8 cache only).
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& context_lens, int64_t block_size, double scale, int64_t window) {
+                                  const at::Tensor& context_lens, int64_t block_size, double scale, int64_t window,
+                                  const c10::optional<at::Tensor>& kv_scale) {
   TORCH_CHECK(query.dim() == 3 && kv_cache.dim() == 4 && kv_cache.size(0) == 2, "query (seqs, heads, head_dim), kv_cache (2, kv_heads, slots, head_dim)");
-  TORCH_CHECK(query.scalar_type() == kv_cache.scalar_type(), "query and kv_cache dtypes differ");
+  const bool int8 = kv_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 == kv_scale.has_value(), "an int8 kv_cache comes with its kv_scale (2, kv_heads, slots) float32, and only an int8 one");
+  if (int8)
+    TORCH_CHECK(kv_scale->scalar_type() == at::kFloat && kv_scale->dim() == 3 && kv_scale->size(1) == kv_cache.size(1) &&
+                    kv_scale->size(2) == kv_cache.size(2) && kv_scale->stride(2) == 1,
+                "kv_scale must be (2, kv_heads, slots) float32 with contiguous slots");
   TORCH_CHECK(kv_cache.stride(3) == 1 && kv_cache.size(3) == query.size(2), "kv_cache head_dim must match the query's and be contiguous");
   TORCH_CHECK(query.size(1) % kv_cache.size(1) == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
@@ -276,17 +300,29 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_
   for (int64_t s = 0; s < query.size(0); ++s)
     TORCH_CHECK(len[s] >= 1 && (len[s] + block_size - 1) / block_size <= block_tables.size(1), "context length ", len[s], " of sequence ", s, " does not fit its block table");
   at::Tensor out = at::empty(query.sizes(), query.options());
-  AT_DISPATCH_SWITCH(query.scalar_type(), "paged_decode_attention",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { decode<scalar_t>(query, kv_cache, block_tables, lens, block_size, scale, window, out); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { decode<scalar_t>(query, kv_cache, block_tables, lens, block_size, scale, window, out); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { decode<scalar_t>(query, kv_cache, block_tables, lens, block_size, scale, window, out); }));
+  // the cache's dtype (float32, bf16, fp16, int8) and the query's (float32, bf16, fp16) apart:
+  // a 16-bit or int8 cache serves a float32 model
+  auto run = [&](auto cache_zero) {
+    using cache_t = decltype(cache_zero);
+    AT_DISPATCH_SWITCH(query.scalar_type(), "paged_decode_attention",
+                       AT_DISPATCH_CASE(at::kFloat, [&] { decode<cache_t, scalar_t>(query, kv_cache, kv_scale, block_tables, lens, block_size, scale, window, out); })
+                       AT_DISPATCH_CASE(at::kBFloat16, [&] { decode<cache_t, scalar_t>(query, kv_cache, kv_scale, block_tables, lens, block_size, scale, window, out); })
+                       AT_DISPATCH_CASE(at::kHalf, [&] { decode<cache_t, scalar_t>(query, kv_cache, kv_scale, block_tables, lens, block_size, scale, window, out); }));
+  };
+  switch (kv_cache.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    case at::kChar: run(int8_t{}); break;
+    default: TORCH_CHECK(false, "kv_cache dtype ", kv_cache.scalar_type(), " is not one of float32, bfloat16, float16, int8");
+  }
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ministack, m) {
-  m.def("paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor context_lens, int block_size, float scale, int window=0) -> Tensor");
+  m.def("paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor context_lens, int block_size, float scale, int window=0, Tensor? kv_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ministack, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

@@ -20,6 +20,9 @@ inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the high half of a flo
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const int8_t* p) {  // an int8 KV cache's codes (its scales are applied by the caller)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 
 // The float's bits rounded to the nearest even bfloat16 in their high half (NaN stays NaN), as
 // c10::BFloat16's conversion rounds.

@@ -114,27 +114,41 @@ class PagedAttention(nn.Module):
         # (kv_heads, num_slots, head_dim) views into the engine's cache, set by the model runner:
         # head-major, so a head's context is one contiguous run, the layout SDPA reads fastest
         self.kv_cache = torch.empty(0)  # (2, kv_heads, num_slots, head_dim): K and V planes, read together
+        self.kv_scale: torch.Tensor | None = None  # (2, kv_heads, num_slots) float32: an int8 cache's row scales
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q (tokens, heads, head_dim), k/v (tokens, kv_heads, head_dim) -> (tokens, heads * head_dim)."""
-        self.kv_cache[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        self.kv_cache[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        self._store(k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.paged is not None:
             p = meta.paged
-            out[: p.count] = op("paged_decode_attention")(q[: p.count], self.kv_cache, p.block_tables, p.context_lens, p.block_size, self.head_dim**-0.5, self.window or 0)
+            out[: p.count] = op("paged_decode_attention")(q[: p.count], self.kv_cache, p.block_tables, p.context_lens, p.block_size,
+                                                          self.head_dim**-0.5, self.window or 0, self.kv_scale)
         for group in meta.decodes:
             # one query per sequence: the query heads sharing a K/V head become that head's
             # query rows, a plain (non-GQA) call that reads each K/V head once
             rows, n = slice(group.start, group.start + group.count), group.count
             queries = q[rows].view(n, self.num_kv_heads, -1, self.head_dim)
-            ctx_k, ctx_v = self._context(group.slots, n)
+            ctx_k, ctx_v = self._context(group.slots, n, q.dtype)
             o = F.scaled_dot_product_attention(queries, ctx_k, ctx_v, attn_mask=self._decode_mask(group, ctx_k.shape[2], q.dtype))
             out[rows] = o.reshape(n, self.num_heads, self.head_dim)  # CUDA kernels may return it strided
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.length)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], chunk)
         return out.flatten(1)
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Write the step's K/V (tokens, kv_heads, head_dim) at their cache slots: in the cache's
+        dtype, or for int8 as codes round(x / s) with one scale s = max|x| / 127 per token and
+        head (symmetric; per-head rows keep one outlier head from coarsening the others)."""
+        for plane, x in enumerate((k, v)):
+            if self.kv_scale is None:
+                self.kv_cache[plane].index_copy_(1, slots, x.transpose(0, 1).to(self.kv_cache.dtype))
+                continue
+            x = x.float()
+            scale = x.abs().amax(-1).clamp_(min=1e-30) / 127
+            self.kv_cache[plane].index_copy_(1, slots, torch.round(x / scale.unsqueeze(-1)).to(torch.int8).transpose(0, 1))
+            self.kv_scale[plane].index_copy_(1, slots, scale.transpose(0, 1))
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
         """A chunk's attention, (length, heads, head_dim): causal over its own fresh K/V, and,
@@ -159,7 +173,7 @@ class PagedAttention(nn.Module):
         if self.window is not None and keys > self.window - 1:  # the first query's window
             keys = self.window - 1
             slots = slice(slots.stop - keys, slots.stop) if isinstance(slots, slice) else slots[:, -keys:]
-        past_k, past_v = self._context(slots, 1)
+        past_k, past_v = self._context(slots, 1, q.dtype)
         o_past, lse_past = attention_with_lse(rows, past_k, past_v, causal=False, mask=self._band(n, keys, group, q))
         o_past = o_past.reshape(heads, n, self.head_dim)
         lse_past = lse_past.reshape(heads, n, 1)
@@ -188,10 +202,14 @@ class PagedAttention(nn.Module):
         band = torch.zeros(n, keys, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
         return band.repeat(group, 1).view(1, 1, group * n, keys)
 
-    def _context(self, slots: torch.Tensor | slice, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _context(self, slots: torch.Tensor | slice, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at `slots` ((batch, length) or a slice), each (batch, kv_heads, length,
-        head_dim): one gather for both planes. index_select, not advanced indexing: ~10x faster
-        for this gather on CPU."""
-        ctx = self.kv_cache[:, :, slots] if isinstance(slots, slice) else self.kv_cache.index_select(2, slots.flatten())
+        head_dim) in `dtype` (int8 rows scaled back): one gather for both planes. index_select, not
+        advanced indexing: ~10x faster for this gather on CPU."""
+        def gather(cache: torch.Tensor) -> torch.Tensor:
+            return cache[:, :, slots] if isinstance(slots, slice) else cache.index_select(2, slots.flatten())
+
+        ctx = gather(self.kv_cache)
+        ctx = (ctx.float() * gather(self.kv_scale).unsqueeze(-1)).to(dtype) if self.kv_scale is not None else ctx.to(dtype)
         ctx = ctx.view(2, self.num_kv_heads, batch, -1, self.head_dim).transpose(1, 2)
         return ctx[0], ctx[1]
