@@ -177,6 +177,7 @@ def _context(args) -> int:
         raise ValueError(f"{err} (--contexts, --batch, --decode-tokens, --kv-cache-gb)") from None
     report = context_report(points, analyze_context(points, weight_bytes(engine.model)))
     report["model"], report["device"], report["dtype"] = engine.model_name, str(engine.device), str(engine.dtype).removeprefix("torch.")
+    report["kv_cache_dtype"] = str(engine.kv_dtype).removeprefix("torch.")
     print(json.dumps(report, indent=1) if args.json else format_context(report))
     if args.out:
         out = Path(args.out)

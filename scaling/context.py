@@ -31,6 +31,7 @@ import torch
 from profiling.formulas.llama import DECODER_PARTS, decoder_flops
 from profiling.measure import count_flops
 from profiling.parts import ATTENTION
+from serve.engine.model_runner import kv_bytes_per_block
 
 # A decode's FLOPs other than attention: what the weights cost, the part the law's 2N describes.
 WEIGHT_PARTS = ("dense", "lm_head")
@@ -94,7 +95,7 @@ def _run_point(engine, context: int, batch: int, decode_tokens: int, seed: int) 
         engine.abort_request(rid)
     shape = engine.runner.flops.shape
     formula = {k: v for k, v in decoder_flops(shape, q_len=1, past_len=context, logits=1).items() if v}
-    kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * engine.dtype.itemsize
+    kv_per_token = kv_bytes_per_block(shape, 1, engine.kv_dtype)  # as stored (int8: codes and scales)
     return ContextPoint(
         context=context, batch=batch, ttft_s=ttft, prefill_flops=sum(prefill.values()),
         decode_flops={k: v // batch for k, v in counted.by_part.items()}, formula_flops=formula,

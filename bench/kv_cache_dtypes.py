@@ -1,0 +1,80 @@
+"""Decode speed and capacity of each KV-cache dtype at long contexts, one engine after another.
+
+For every `--kv-cache-dtype` (float32, bfloat16, float16, int8) the same model (`--dtype`)
+prefills one random prompt per context length and times the decode steps after it (median of
+`--decode-tokens`, scaling.context.measure_context: the engine's own step, batch `--batch`).
+At long contexts a decode step reads more K/V than weights, and on a CPU it is bound by memory
+bandwidth, so the cache's bytes per token set its speed. Contexts past the model's own window
+run under YaRN (factor = what the longest needs). Prints TPOT, tokens/s and the ratio to the
+float32 cache at each context, and each dtype's bytes per token and capacity in the budget;
+`--out FILE` saves the JSON.
+
+    python bench/kv_cache_dtypes.py --contexts 2048,8192,16384 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scaling.context import measure_context  # noqa: E402
+from serve.config import EngineConfig  # noqa: E402
+from serve.engine.llm_engine import LLMEngine  # noqa: E402
+from serve.engine.model_runner import kv_bytes_per_block  # noqa: E402
+
+KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--contexts", default="2048,8192,16384", help="prompt lengths, tokens")
+    p.add_argument("--kv-cache-dtypes", default=",".join(KV_DTYPES))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--kv-cache-gb", type=float, default=4.0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    from transformers import AutoConfig
+
+    from serve.weights import resolve_model
+
+    contexts = sorted(int(c) for c in args.contexts.split(","))
+    native = AutoConfig.from_pretrained(resolve_model(args.model)).max_position_embeddings
+    longest = contexts[-1] + args.decode_tokens + 64
+    rope = None
+    if longest > native:
+        rope = {"rope_type": "yarn", "factor": float(2 ** math.ceil(math.log2(longest / native))), "original_max_position_embeddings": native}
+    rows = []
+    for kv in args.kv_cache_dtypes.split(","):
+        engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_dtype=kv, kv_cache_bytes=int(args.kv_cache_gb * 2**30),
+                                        enable_prefix_caching=False, rope_scaling=rope, max_model_len=longest, max_num_seqs=args.batch))
+        per_token = kv_bytes_per_block(engine.runner.flops.shape, 1, engine.kv_dtype)
+        for point in measure_context(engine, contexts, batch=args.batch, decode_tokens=args.decode_tokens):
+            rows.append({"kv_cache_dtype": kv, "context": point.context, "tpot_s": point.tpot_s, "tokens_per_s": args.batch / point.tpot_s,
+                         "ttft_s": point.ttft_s, "kv_bytes_per_token": per_token, "capacity_tokens": engine.max_tokens_in_cache})
+            print(f"  {kv:<9} context {point.context:>6}: TPOT {point.tpot_s * 1e3:7.1f} ms  TTFT {point.ttft_s:6.1f} s", flush=True)
+        del engine
+    base = {r["context"]: r["tokens_per_s"] for r in rows if r["kv_cache_dtype"] == "float32"}
+    print(f"\nmodel dtype {args.dtype}, batch {args.batch}, rope {rope or 'native'}, KV budget {args.kv_cache_gb} GiB\n")
+    print("| KV cache | bytes / token | capacity (tokens) | " + " | ".join(f"{c} tok/s (vs float32)" for c in contexts) + " |")
+    print("|---|---|---|" + "---|" * len(contexts))
+    for kv in dict.fromkeys(r["kv_cache_dtype"] for r in rows):
+        mine = {r["context"]: r for r in rows if r["kv_cache_dtype"] == kv}
+        cells = [f"{mine[c]['tokens_per_s']:.2f} ({mine[c]['tokens_per_s'] / base[c]:.2f}x)" if c in base else f"{mine[c]['tokens_per_s']:.2f}" for c in contexts]
+        first = next(iter(mine.values()))
+        print(f"| {kv} | {first['kv_bytes_per_token']:,} | {first['capacity_tokens']:,} | " + " | ".join(cells) + " |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rope": rope, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
