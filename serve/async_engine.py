@@ -14,16 +14,23 @@ per-request asyncio.Queue filled with `loop.call_soon_threadsafe` (asyncio queue
 thread-safe). A consumer that stops iterating (client disconnect, task cancellation) aborts
 its request, which frees its KV blocks at the engine's next iteration.
 
-Admission is bounded: a request that would make more than `max_queue` requests wait (queued
-here or in the scheduler's waiting queue) is refused with `Overloaded` instead of growing an
-unbounded backlog whose tail would time out anyway; the server answers 429 + Retry-After.
+Admission is bounded, by requests and by tokens: a request that would make more than
+`max_queue` requests wait (queued here or in the scheduler's waiting queue), or more than
+`max_queued_tokens` prompt tokens (a single 8k prompt is tens of seconds of prefill on two cores,
+so counting requests alone admits minutes of work), is refused with `Overloaded` instead of
+growing a backlog whose tail would time out anyway; the server answers 429 with a Retry-After
+estimated from the queued tokens and the engine's measured prefill rate. A request still
+unscheduled `max_queue_time` seconds after it arrived is dropped with `QueueTimeout` (503)
+rather than answered late.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import threading
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,11 +42,23 @@ from serve.engine.structured import StructuredOutput
 
 
 class Overloaded(RuntimeError):
-    """Too many requests already wait; retry after `retry_after` seconds."""
+    """Too much work already waits (`why`); retry after `retry_after` seconds."""
 
-    def __init__(self, waiting: int, retry_after: int = 1) -> None:
-        super().__init__(f"engine is overloaded: {waiting} requests are already waiting; retry later")
+    def __init__(self, why: str, retry_after: int = 1) -> None:
+        super().__init__(f"engine is overloaded: {why}; retry in {retry_after} s")
         self.retry_after = retry_after
+
+
+class QueueTimeout(Overloaded):
+    """A request waited longer than the queue deadline without being scheduled."""
+
+
+def retry_after(queued_tokens: int, prefill_tokens_per_s: float) -> int:
+    """Seconds until the queued prompt tokens are prefilled at the measured rate (1..3600; 1
+    before anything was measured)."""
+    if prefill_tokens_per_s <= 0:
+        return 1
+    return max(1, min(3600, math.ceil(queued_tokens / prefill_tokens_per_s)))
 
 
 class Backend(Protocol):
@@ -80,9 +99,15 @@ class _Pending:
 class AsyncEngine:
     """Runs an LLMEngine's step loop in one background thread; `generate` streams its outputs."""
 
-    def __init__(self, engine: LLMEngine, max_queue: int = 256, thread: bool = True) -> None:
+    def __init__(self, engine: LLMEngine, max_queue: int = 256, thread: bool = True, max_queued_tokens: int | None = None,
+                 max_queue_time: float | None = None) -> None:
         """`thread`: run the step loop on a background thread now; False: the caller runs `run()`
-        on the thread it chooses (the one that loaded the model, for libgomp's sake)."""
+        on the thread it chooses (the one that loaded the model, for libgomp's sake).
+        `max_queued_tokens` / `max_queue_time` (seconds): None for no limit."""
+        for name, value in (("max_queue", max_queue), ("max_queued_tokens", max_queued_tokens), ("max_queue_time", max_queue_time)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self.max_queued_tokens, self.max_queue_time = max_queued_tokens, max_queue_time
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
@@ -111,8 +136,14 @@ class AsyncEngine:
             if self._error is not None:
                 raise RuntimeError("the engine thread died") from self._error
             waiting = len(self._inbox) + self._stats.num_waiting
+            queued = sum(len(p.prompt_ids) for p in self._inbox) + self._stats.num_waiting_tokens
+            wait = retry_after(queued + len(prompt_ids), self._stats.prefill_tokens_per_s)
             if waiting >= self.max_queue:
-                raise Overloaded(waiting)
+                raise Overloaded(f"{waiting} requests are already waiting (max_queue {self.max_queue})", wait)
+            # a queue with room for nothing else still takes one prompt, however long
+            if self.max_queued_tokens is not None and queued and queued + len(prompt_ids) > self.max_queued_tokens:
+                raise Overloaded(f"{queued:,} prompt tokens are already waiting and this request brings {len(prompt_ids):,} "
+                                 f"(max_num_queued_tokens {self.max_queued_tokens:,})", wait)
         return self._stream(request_id, prompt_ids, params)
 
     async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
@@ -178,6 +209,8 @@ class AsyncEngine:
                     if self._queues.get(pending.request_id) is pending:
                         del self._queues[pending.request_id]
                         self.engine.abort_request(pending.request_id)
+                if self.max_queue_time is not None:
+                    self._drop_late()
                 outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
                 stats = self.engine.stats()
                 with self._cond:
@@ -201,6 +234,18 @@ class AsyncEngine:
             raise
         finally:
             self._stopped = True
+
+    def _drop_late(self) -> None:
+        """Abort the requests still unscheduled past the queue deadline, telling their streams."""
+        now = time.time()
+        for request_id, pending in list(self._queues.items()):
+            request = self.engine.requests.get(request_id)
+            if request is not None and request.first_scheduled_time is None and now - request.arrival_time > self.max_queue_time:
+                del self._queues[request_id]
+                self.engine.abort_request(request_id)
+                wait = retry_after(self.engine.stats().num_waiting_tokens, self.engine.stats().prefill_tokens_per_s)
+                _deliver(pending, QueueTimeout(f"the request waited {now - request.arrival_time:.1f} s without being scheduled "
+                                               f"(max_queue_time {self.max_queue_time:g} s)", wait))
 
     def _admit(self, pending: _Pending) -> None:
         try:

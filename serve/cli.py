@@ -54,6 +54,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--engine", choices=("ministack", "vllm"), default="ministack")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 429")
+    p.add_argument("--max-num-queued-tokens", type=int, default=None,
+                   help="waiting prompt tokens beyond which new requests get 429 (default: no limit)")
+    p.add_argument("--max-queue-time", type=float, default=None,
+                   help="seconds a request may wait unscheduled before it is dropped with 503 (default: no limit)")
     p.add_argument("--ledger", default=None, help="append one compute record per request to this JSONL file")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file replacing the tokenizer's")
@@ -71,8 +75,10 @@ def build_backend(args: argparse.Namespace):
     if args.engine == "vllm":
         from serve.backends.vllm import VllmBackend
 
-        if args.kv_cache_dtype != "auto":
-            raise SystemExit("ministack serve: --kv-cache-dtype is ministack's engine's; with --engine vllm leave it at auto")
+        for flag, value in (("--kv-cache-dtype", args.kv_cache_dtype != "auto"), ("--max-num-queued-tokens", args.max_num_queued_tokens),
+                            ("--max-queue-time", args.max_queue_time)):
+            if value:
+                raise SystemExit(f"ministack serve: {flag} is ministack's engine's; --engine vllm does not take it")
 
         return VllmBackend(
             model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_bytes=kv_bytes,
@@ -86,7 +92,12 @@ def build_backend(args: argparse.Namespace):
     from serve.engine.llm_engine import LLMEngine
 
     # no thread: serve_http runs the step loop on this (the main) thread, see serve.async_engine
-    return AsyncEngine(LLMEngine(engine_config(args, ledger=args.ledger)), max_queue=args.max_queue, thread=False)
+    engine = LLMEngine(engine_config(args, ledger=args.ledger))
+    try:
+        return AsyncEngine(engine, max_queue=args.max_queue, thread=False, max_queued_tokens=args.max_num_queued_tokens,
+                           max_queue_time=args.max_queue_time)
+    except ValueError as exc:
+        raise SystemExit(f"ministack serve: {exc} (--max-queue, --max-num-queued-tokens, --max-queue-time)") from None
 
 
 def serve_http(app, backend, host: str, port: int, log_level: str) -> int:

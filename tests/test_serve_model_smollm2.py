@@ -122,19 +122,28 @@ def test_bf16_prefill_kernel_keeps_the_real_models_answers(engine, monkeypatch):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
-@pytest.mark.parametrize("kv_dtype,mean_limit,max_limit", [("float16", 0.002, 0.03), ("bfloat16", 0.01, 0.15), ("int8", 0.02, 0.4)])
-def test_compressed_kv_caches_keep_the_real_models_answers(engine, kv_dtype, mean_limit, max_limit):
-    """Each KV dtype against the float32 cache on SmolLM2 (float32 model): teacher-forced
-    logprobs of a 1,200-token prompt, whose later chunks read their past from the cache
-    (measured: mean / max drift 0.0003 / 0.006 float16, 0.0025 / 0.05 bfloat16, 0.008 / 0.18
-    int8), and the same greedy answers to chat prompts and to that long prompt."""
+KV_PARAMS = SamplingParams(max_tokens=24, temperature=0, logprobs=1, prompt_logprobs=0)
+
+
+@pytest.fixture(scope="module")
+def kv_prompts_and_reference(engine):
+    """A 1,200-token prompt (its later chunks read their past from the cache) and two chat
+    prompts, with the float32 cache's outputs."""
     from serve.needle import haystack
 
-    compressed = LLMEngine(EngineConfig(dtype="float32", kv_cache_dtype=kv_dtype, kv_cache_bytes=64 << 20, enable_prefix_caching=False))
     long_prompt = engine.tokenizer.encode(" ".join(haystack(random.Random(0), 400)))[:1200]
     prompts = [long_prompt, chat(engine, "Write a haiku about the sea."), chat(engine, "What is the capital of France?")]
-    params = SamplingParams(max_tokens=24, temperature=0, logprobs=1, prompt_logprobs=0)
-    for exact, approx in zip(engine.generate(prompts, params), compressed.generate(prompts, params)):
+    return prompts, engine.generate(prompts, KV_PARAMS)
+
+
+@pytest.mark.parametrize("kv_dtype,mean_limit,max_limit", [("float16", 0.002, 0.03), ("bfloat16", 0.01, 0.15), ("int8", 0.02, 0.4)])
+def test_compressed_kv_caches_keep_the_real_models_answers(kv_prompts_and_reference, kv_dtype, mean_limit, max_limit):
+    """Each KV dtype against the float32 cache on SmolLM2 (float32 model): teacher-forced
+    prompt logprobs (measured: mean / max drift 0.0003 / 0.006 float16, 0.0025 / 0.05 bfloat16,
+    0.008 / 0.18 int8) and the same greedy answers."""
+    prompts, reference = kv_prompts_and_reference
+    compressed = LLMEngine(EngineConfig(dtype="float32", kv_cache_dtype=kv_dtype, kv_cache_bytes=64 << 20, enable_prefix_caching=False))
+    for exact, approx in zip(reference, compressed.generate(prompts, KV_PARAMS)):
         drift = [abs(a["logprob"] - b["logprob"]) for a, b in zip(exact.prompt_logprobs[1:], approx.prompt_logprobs[1:])]
         assert sum(drift) / len(drift) < mean_limit and max(drift) < max_limit, (sum(drift) / len(drift), max(drift))
         assert approx.outputs[0].token_ids == exact.outputs[0].token_ids

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from serve.api.errors import ApiError, named_field
+from serve.async_engine import QueueTimeout
 from serve.engine.outputs import RequestOutput
 
 
@@ -85,6 +86,13 @@ async def until_disconnect(request: Request, work: Awaitable[list[RequestOutput]
         return task.result()
     except ValueError as exc:  # the engine refused the request
         raise ApiError(400, str(exc), param=named_field(str(exc))) from None
+    except QueueTimeout as exc:
+        raise queue_timeout(exc) from None
+
+
+def queue_timeout(exc: QueueTimeout) -> ApiError:
+    """503 + Retry-After: the request waited past the queue deadline and was dropped unstarted."""
+    return ApiError(503, str(exc), type="server_error", code="queue_timeout", headers={"Retry-After": str(exc.retry_after)})
 
 
 def sse_response(events: AsyncIterator[BaseModel], include_usage: bool) -> StreamingResponse:
@@ -97,6 +105,8 @@ def sse_response(events: AsyncIterator[BaseModel], include_usage: bool) -> Strea
             async for event in events:
                 data = event.model_dump(exclude={"usage"} if not include_usage else set())
                 yield f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+        except QueueTimeout as exc:  # dropped unstarted after the headers went out: the 503 in-band
+            yield f"data: {json.dumps(queue_timeout(exc).body())}\n\n"
         except (ValueError, RuntimeError) as exc:  # refused or failed after the headers went out: say so in-band
             error = ApiError(400 if isinstance(exc, ValueError) else 500, str(exc), param=named_field(str(exc)),
                              type="invalid_request_error" if isinstance(exc, ValueError) else "server_error")

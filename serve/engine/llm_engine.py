@@ -120,6 +120,7 @@ class LLMEngine:
         # the ledger's MFU: the dense peak of a GPU from the table, the CPU's measured matmul peak
         self.peak = device_peak(self.device, self.dtype) if self.ledger else None
         self.requests: dict[str, Request] = {}
+        self.prefill_tokens_per_s = 0.0  # measured (_measure_prefill)
         self._next_seq_id = 0
         self._seed_rng = random.Random()
 
@@ -233,7 +234,9 @@ class LLMEngine:
         scheduled = time.time()
         for seq, _ in batch:
             seq.request.first_scheduled_time = seq.request.first_scheduled_time or scheduled
+        started = time.perf_counter()
         logits, sampling, prompt_spans = self.runner.execute(batch)
+        self._measure_prefill(batch, time.perf_counter() - started)
         for seq, n in batch:
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
@@ -263,6 +266,15 @@ class LLMEngine:
         for request in finished:
             self._retire(request)
         return outputs
+
+    def _measure_prefill(self, batch: list[tuple[Sequence, int]], seconds: float) -> None:
+        """The prefill rate, tokens/s over steps that prefilled (a moving average, weight 0.2):
+        what Retry-After divides the queued tokens by. A step's decodes are in its time too, as
+        they are in the time the queue actually waits."""
+        tokens = sum(n for seq, n in batch if not (n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens))
+        if tokens and seconds > 0:
+            rate = tokens / seconds
+            self.prefill_tokens_per_s = rate if not self.prefill_tokens_per_s else 0.8 * self.prefill_tokens_per_s + 0.2 * rate
 
     def _record_prompt_logprobs(self, logits: torch.Tensor, spans: list[tuple[Sequence, range]]) -> None:
         """Entries for the prompt tokens these rows predict (position p's row predicts token p + 1).
@@ -356,6 +368,8 @@ class LLMEngine:
             max_tokens_in_cache=self.max_tokens_in_cache,
             kv_cache_dtype=str(self.kv_dtype).removeprefix("torch."),
             block_size=self.config.block_size,
+            num_waiting_tokens=sum(seq.num_tokens - seq.num_computed_tokens for seq in s.waiting),
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

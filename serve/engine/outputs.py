@@ -54,3 +54,5 @@ class EngineStats:
     max_tokens_in_cache: int  # the KV cache's capacity in tokens
     kv_cache_dtype: str = "auto"  # its storage: float32, bfloat16, float16, int8
     block_size: int = 16
+    num_waiting_tokens: int = 0  # prompt tokens (and recomputed ones) the waiting sequences still need
+    prefill_tokens_per_s: float = 0.0  # the measured prefill rate (moving average over steps; 0: none yet)
