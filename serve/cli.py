@@ -28,6 +28,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--kv-cache-gb", type=float, default=None, help="KV-cache budget in GiB")
     kv.add_argument("--kv-cache-fraction", type=float, default=None, help="KV-cache budget as a fraction of free memory")
+    p.add_argument("--kv-cache-disk", default=None, metavar="DIR",
+                   help="keep full KV blocks as files here too: a prefix reused after eviction or a restart is loaded, not prefilled")
+    p.add_argument("--kv-cache-disk-gb", type=float, default=10.0, help="the disk tier's size cap (least recently used files go first)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
 
@@ -41,7 +44,7 @@ def engine_config(args: argparse.Namespace, **overrides: object):
         model=args.model, device=args.device, dtype=args.dtype, kv_cache_bytes=kv_bytes,
         half_weights={"auto": None, "on": True, "off": False}[args.half_weights], kv_cache_fraction=args.kv_cache_fraction,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype=args.kv_cache_dtype, kv_cache_disk=args.kv_cache_disk, kv_cache_disk_bytes=int(args.kv_cache_disk_gb * 2**30),
     )
     return EngineConfig(**(settings | overrides))
 
@@ -75,7 +78,8 @@ def build_backend(args: argparse.Namespace):
     if args.engine == "vllm":
         from serve.backends.vllm import VllmBackend
 
-        for flag, value in (("--kv-cache-dtype", args.kv_cache_dtype != "auto"), ("--max-num-queued-tokens", args.max_num_queued_tokens),
+        for flag, value in (("--kv-cache-dtype", args.kv_cache_dtype != "auto"), ("--kv-cache-disk", args.kv_cache_disk),
+                            ("--max-num-queued-tokens", args.max_num_queued_tokens),
                             ("--max-queue-time", args.max_queue_time)):
             if value:
                 raise SystemExit(f"ministack serve: {flag} is ministack's engine's; --engine vllm does not take it")

@@ -35,6 +35,8 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens per step (decodes + prefill chunks)
     enable_prefix_caching: bool = True
+    kv_cache_disk: str | None = None  # directory of the prefix cache's disk tier (serve.engine.disk_cache); None: off
+    kv_cache_disk_bytes: int = 10 << 30  # its size cap
     rope_scaling: dict | None = None  # override of the model's rope_parameters, e.g. {"rope_type": "yarn", "factor": 4}
     ledger: str | None = None  # JSONL compute ledger path; None = off
 
@@ -51,6 +53,10 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if self.kv_cache_fraction is not None and not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.kv_cache_disk is not None and not self.enable_prefix_caching:
+            raise ValueError("kv_cache_disk is the prefix cache's disk tier: it needs enable_prefix_caching")
+        if self.kv_cache_disk_bytes <= 0:
+            raise ValueError(f"kv_cache_disk_bytes must be > 0, got {self.kv_cache_disk_bytes}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

@@ -117,3 +117,23 @@ def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     for name in files:
         state.update(load_file(model_dir / name))
     return state
+
+
+def eos_ids(model_dir: Path, hf_config) -> set[int]:
+    """The model's end-of-sequence token ids: generation_config.json's, else the config's."""
+    eos = getattr(hf_config, "eos_token_id", None)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id", eos)
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(model_dir: Path) -> dict[str, float]:
+    """The sampling defaults the model ships in generation_config.json (the keys vLLM reads
+    with `--generation-config auto`); a request's own values win."""
+    gen = model_dir / "generation_config.json"
+    config = json.loads(gen.read_text()) if gen.is_file() else {}
+    return {k: config[k] for k in SAMPLING_DEFAULT_KEYS if config.get(k) is not None}

@@ -131,6 +131,10 @@ class ServingMetrics:
         metric("vllm:cache_config_info", "gauge", "Information of the KV cache's configuration.", [f"vllm:cache_config_info{{{info}}} 1"])
         metric("ministack:kv_cache_capacity_tokens", "gauge", "Tokens the KV cache holds (its capacity, whatever its usage).",
                [f"ministack:kv_cache_capacity_tokens{{{lb}}} {stats.max_tokens_in_cache}"])
+        metric("ministack:prefix_cache_disk_hits_total", "counter", "Prefix tokens loaded from the KV cache's disk tier.",
+               [f"ministack:prefix_cache_disk_hits_total{{{lb}}} {stats.disk_hit_tokens}"])
+        metric("ministack:prefix_cache_disk_rejected_total", "counter", "Disk-tier block files that failed verification (never served).",
+               [f"ministack:prefix_cache_disk_rejected_total{{{lb}}} {stats.disk_rejected_files}"])
         metric("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.",
                [f"vllm:prefix_cache_queries_total{{{lb}}} {stats.prefix_cache_queries}"])
         metric("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.",

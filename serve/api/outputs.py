@@ -18,7 +18,8 @@ def batch_usage(finals: list[RequestOutput]) -> Usage:
         for part, flops in f.metrics.flops_by_part.items():
             by_part[part] = by_part.get(part, 0) + flops
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details={"cached_tokens": sum(f.metrics.cached_prompt_tokens for f in finals)},
+                 prompt_tokens_details={"cached_tokens": sum(f.metrics.cached_prompt_tokens for f in finals),
+                                        "disk_cached_tokens": sum(f.metrics.disk_cached_prompt_tokens for f in finals)},
                  flops=Flops(measured=sum(f.metrics.measured_flops for f in finals), law_2NT=sum(f.metrics.law_flops for f in finals),
                              by_part=by_part))
 

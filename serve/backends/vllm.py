@@ -27,7 +27,7 @@ from profiling.ledger import Ledger, make_record
 from profiling.measure import FlopCount
 from profiling.parts import merge, param_parts
 from serve.async_engine import Overloaded
-from serve.engine.llm_engine import generation_defaults
+from serve.weights import generation_defaults
 from serve.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from serve.engine.sampling_params import SamplingParams
 from serve.weights import model_name, resolve_model

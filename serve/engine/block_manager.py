@@ -107,6 +107,21 @@ class BlockManager:
         the query at `computed` sees keys from computed - window + 1."""
         return max(0, computed - self.window + 1) // self.block_size if self.window else 0
 
+    def adopt(self, parent: int | None, token_ids: tuple[int, ...], keep: set[int]) -> int | None:
+        """A free block (not one in `keep`), named as holding `token_ids` after the block hashed
+        `parent`, and left in the free list as a cached block (most recently used): the disk
+        tier fills it and the scheduler then finds it as a prefix hit. None if no block is free."""
+        block_id = next((b for b in self.free if b not in keep), None)
+        if block_id is None:
+            return None
+        block = self.blocks[block_id]
+        if block.hash is not None and self.cached.get(block.hash) == block_id:
+            del self.cached[block.hash]
+        block.hash, block.token_ids = block_hash(parent, token_ids), token_ids
+        self.cached[block.hash] = block_id
+        self.free.move_to_end(block_id)
+        return block_id
+
     def room(self, seq: Sequence) -> int:
         """New tokens seq can take now: the free slots of its last block plus all free blocks."""
         return len(seq.block_table) * self.block_size - seq.num_computed_tokens + self.num_free * self.block_size

@@ -12,10 +12,8 @@ with a ledger configured, each finished request appends one record.
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,6 +26,7 @@ from profiling.parts import law_params, param_parts
 from serve.config import EngineConfig, context_limit, rope_parameters
 from serve.engine.block_manager import BlockManager
 from serve.engine.detokenizer import Detokenizer
+from serve.engine.disk_cache import DiskCache, DiskTier, fingerprint
 from serve.engine.model_runner import ModelRunner, kv_bytes_per_block
 from serve.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from serve.engine.sampler import Sampler
@@ -38,26 +37,7 @@ from serve.engine.scheduler import Scheduler
 from serve.engine.sequence import Request, Sequence
 from serve.models import load_model
 from serve.models.llama import layer_windows
-from serve.weights import model_name, resolve_model
-
-def _eos_ids(model_dir: Path, hf_config) -> set[int]:
-    eos = getattr(hf_config, "eos_token_id", None)
-    gen = model_dir / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id", eos)
-    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-
-SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def generation_defaults(model_dir: Path) -> dict[str, float]:
-    """The sampling defaults the model ships in generation_config.json (the keys vLLM reads
-    with `--generation-config auto`); a request's own values win."""
-    gen = model_dir / "generation_config.json"
-    config = json.loads(gen.read_text()) if gen.is_file() else {}
-    return {k: config[k] for k in SAMPLING_DEFAULT_KEYS if config.get(k) is not None}
-
+from serve.weights import eos_ids, generation_defaults, model_name, resolve_model
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
@@ -90,7 +70,7 @@ class LLMEngine:
         self.model = load_model(model_dir, hf_config, rope, self.max_model_len, self.dtype, self.device, self.half_weights)
         has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir) if has_tokenizer else None
-        self.eos_token_ids = _eos_ids(model_dir, hf_config)
+        self.eos_token_ids = eos_ids(model_dir, hf_config)
         self.sampling_defaults = generation_defaults(model_dir)
 
         shape = DecoderShape.from_hf(hf_config)
@@ -111,6 +91,12 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.kv_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, shape, num_blocks, config.block_size, self.dtype, self.device, self.kv_dtype)
+        self.disk = None  # the prefix cache's disk tier
+        if config.kv_cache_disk is not None:
+            cache = DiskCache(config.kv_cache_disk, config.kv_cache_disk_bytes,
+                              fingerprint(self.model_name, hf_config, self.kv_dtype, config.block_size, self.dtype), config.block_size)
+            self.disk = DiskTier(cache, self.block_manager, self.runner)
+            print(f"KV disk tier: {config.kv_cache_disk} ({cache.bytes / 2**30:.2f} of {config.kv_cache_disk_bytes / 2**30:.2f} GiB used)")
         self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
         self.sampler = Sampler(self.token_bytes.text if self.token_bytes is not None else lambda t: "")
         self._grammars = None  # serve.engine.structured.Grammars, built on the first structured request
@@ -187,6 +173,8 @@ class LLMEngine:
             request.seqs.append(seq)
             self.scheduler.add(seq)
             first = first or seq
+        if self.disk is not None:  # the n sequences share the prompt: loading it for the first serves all
+            self.disk.load_prefix(first)
         self.requests[request_id] = request
 
     def grammars(self) -> Grammars:
@@ -239,7 +227,10 @@ class LLMEngine:
         self._measure_prefill(batch, time.perf_counter() - started)
         for seq, n in batch:
             seq.num_computed_tokens += n
+            named = len(seq.block_hashes)
             self.block_manager.commit(seq)
+            if self.disk is not None:
+                self.disk.write_through(seq, named)
             self.block_manager.slide(seq)
             if seq.num_computed_tokens >= seq.num_prompt_tokens:
                 seq.prompt_computed = True
@@ -325,6 +316,7 @@ class LLMEngine:
             finished_time=request.finished_time,
             prompt_tokens=len(request.prompt_token_ids),
             cached_prompt_tokens=request.seqs[0].num_cached_tokens,
+            disk_cached_prompt_tokens=min(request.seqs[0].num_disk_tokens, request.seqs[0].num_cached_tokens),
             generated_tokens=generated,
             measured_flops=sum(by_part.values()),
             law_flops=infer_flops(self.law_params, self._law_tokens(request)),
@@ -370,6 +362,8 @@ class LLMEngine:
             block_size=self.config.block_size,
             num_waiting_tokens=sum(seq.num_tokens - seq.num_computed_tokens for seq in s.waiting),
             prefill_tokens_per_s=self.prefill_tokens_per_s,
+            disk_hit_tokens=self.disk.cache.hits * self.config.block_size if self.disk else 0,
+            disk_rejected_files=self.disk.cache.rejected if self.disk else 0,
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

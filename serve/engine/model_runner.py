@@ -65,6 +65,27 @@ class ModelRunner:
             attn.kv_cache = self.kv[:, i]
             attn.kv_scale = self.kv_scale[:, i] if self.kv_scale is not None else None
 
+    def read_block(self, block_id: int) -> dict[str, torch.Tensor]:
+        """A copy of one block's K and V over every layer, (layers, kv_heads, block_size, head_dim)
+        each, on the CPU (and an int8 cache's scales): what the disk tier stores."""
+        slots = slice(block_id * self.block_size, (block_id + 1) * self.block_size)
+        out = {"k": self.kv[0, :, :, slots].cpu().clone(), "v": self.kv[1, :, :, slots].cpu().clone()}
+        if self.kv_scale is not None:
+            out |= {"k_scale": self.kv_scale[0, :, :, slots].cpu().clone(), "v_scale": self.kv_scale[1, :, :, slots].cpu().clone()}
+        return out
+
+    def write_block(self, block_id: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy `read_block`'s tensors into block `block_id` (shapes and dtypes checked)."""
+        slots = slice(block_id * self.block_size, (block_id + 1) * self.block_size)
+        planes = [("k", self.kv[0]), ("v", self.kv[1])]
+        if self.kv_scale is not None:
+            planes += [("k_scale", self.kv_scale[0]), ("v_scale", self.kv_scale[1])]
+        for name, plane in planes:
+            source, target = tensors[name], plane[:, :, slots]
+            if source.shape != target.shape or source.dtype != target.dtype:
+                raise ValueError(f"block tensor {name}: {tuple(source.shape)} {source.dtype}, the cache holds {tuple(target.shape)} {target.dtype}")
+            target.copy_(source)
+
     def _context_slots(self, tables: list[list[int]], length: int) -> torch.Tensor | slice:
         """(len(tables), length) cache slots of the first `length` tokens of each block table
         (shorter tables padded with block 0: those positions are masked). A single table of

@@ -29,6 +29,7 @@ class RequestMetrics:
     law_flops: float
     flops_by_part: dict[str, int]
     first_scheduled_time: float | None = None  # first step that computed any of it (queue time ends)
+    disk_cached_prompt_tokens: int = 0  # of cached_prompt_tokens, those the disk tier loaded
 
 
 @dataclass
@@ -56,3 +57,5 @@ class EngineStats:
     block_size: int = 16
     num_waiting_tokens: int = 0  # prompt tokens (and recomputed ones) the waiting sequences still need
     prefill_tokens_per_s: float = 0.0  # the measured prefill rate (moving average over steps; 0: none yet)
+    disk_hit_tokens: int = 0  # prefix tokens loaded from the disk tier
+    disk_rejected_files: int = 0  # disk-tier files that failed verification (deleted, never served)

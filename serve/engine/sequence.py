@@ -43,6 +43,8 @@ class Sequence:
         self.admitted = False
         self.block_table: list[int] = []  # cache blocks holding this sequence's K/V, in order
         self.block_hashes: list[int] = []  # hashes of the leading full blocks of block_table
+        self.disk_keys: list[str] = []  # the disk tier's keys of its leading full blocks (serve.engine.disk_cache)
+        self.num_disk_tokens = 0  # prompt tokens the disk tier loaded for it
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.generator = generator
