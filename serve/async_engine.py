@@ -234,6 +234,7 @@ class AsyncEngine:
             raise
         finally:
             self._stopped = True
+            self.engine.close()
 
     def _drop_late(self) -> None:
         """Abort the requests still unscheduled past the queue deadline, telling their streams."""

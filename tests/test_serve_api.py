@@ -428,9 +428,10 @@ def test_a_dead_engine_fails_its_requests_and_its_health_check(tiny_model):
         live.thread.join(timeout=10)
 
 
-def test_cli_server_steps_on_its_main_thread_and_drains_in_flight_streams_on_sigterm(tiny_model):
+def test_cli_server_steps_on_its_main_thread_and_drains_in_flight_streams_on_sigterm(tiny_model, tmp_path):
     """`ministack serve` as users start it: uvicorn on a second thread, the step loop on the main
-    one (serve.cli.serve_http). SIGTERM lets a stream in flight finish, then the process exits 0."""
+    one (serve.cli.serve_http). SIGTERM lets a stream in flight finish, the disk tier's queued
+    writes land, then the process exits 0."""
     import signal
     import subprocess
     import sys
@@ -439,7 +440,8 @@ def test_cli_server_steps_on_its_main_thread_and_drains_in_flight_streams_on_sig
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(tiny_model), "--port", str(port), "--max-model-len", "256",
-                             "--kv-cache-gb", "0.01", "--embedding-model", "none", "--log-level", "warning"],
+                             "--kv-cache-gb", "0.01", "--embedding-model", "none", "--log-level", "warning",
+                             "--kv-cache-disk", str(tmp_path / "disk")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -452,6 +454,7 @@ def test_cli_server_steps_on_its_main_thread_and_drains_in_flight_streams_on_sig
         chunks += list(stream)
         assert "".join(c.choices[0].text for c in chunks if c.choices) and chunks[-1].choices[0].finish_reason == "length"
         assert proc.wait(timeout=60) == 0, proc.stdout.read()
+        assert len(list((tmp_path / "disk").glob("*.safetensors"))) == (1 + 200) // 16  # every full block of the answer
     finally:
         proc.kill()
 

@@ -72,6 +72,7 @@ class DiskCache:
         self.bytes = sum(self._index.values())
         self.hits = 0  # blocks loaded
         self.rejected = 0  # files that failed verification (deleted)
+        self.dropped = 0  # blocks not written because the writer was 256 blocks behind
         self._queue: queue.Queue[tuple[str, list[int], dict[str, torch.Tensor]] | None] = queue.Queue(maxsize=256)
         self._writer = threading.Thread(target=self._write_loop, name="kv-disk-writer", daemon=True)
         self._writer.start()
@@ -91,8 +92,8 @@ class DiskCache:
             return
         try:
             self._queue.put_nowait((key, list(token_ids), tensors))
-        except queue.Full:
-            pass  # the write-through is best effort: the block stays in memory regardless
+        except queue.Full:  # best effort, bounded memory: the block stays in memory regardless
+            self.dropped += 1
 
     def load(self, key: str, token_ids: list[int]) -> dict[str, torch.Tensor] | None:
         """The block's tensors, verified, or None (missing; or rejected and deleted)."""

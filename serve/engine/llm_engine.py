@@ -209,6 +209,11 @@ class LLMEngine:
         request.finished_time = time.time()
         self._retire(request)
 
+    def close(self) -> None:
+        """Finish what must outlive the engine: the disk tier's queued block writes."""
+        if self.disk is not None:
+            self.disk.cache.flush()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
