@@ -44,13 +44,17 @@ from serve.engine.structured import StructuredOutput
 class Overloaded(RuntimeError):
     """Too much work already waits (`why`); retry after `retry_after` seconds."""
 
+    prefix = "engine is overloaded"
+
     def __init__(self, why: str, retry_after: int = 1) -> None:
-        super().__init__(f"engine is overloaded: {why}; retry in {retry_after} s")
+        super().__init__(f"{self.prefix}: {why}; retry in {retry_after} s")
         self.retry_after = retry_after
 
 
 class QueueTimeout(Overloaded):
     """A request waited longer than the queue deadline without being scheduled."""
+
+    prefix = "request dropped from the queue"
 
 
 def retry_after(queued_tokens: int, prefill_tokens_per_s: float) -> int:
@@ -139,11 +143,11 @@ class AsyncEngine:
             queued = sum(len(p.prompt_ids) for p in self._inbox) + self._stats.num_waiting_tokens
             wait = retry_after(queued + len(prompt_ids), self._stats.prefill_tokens_per_s)
             if waiting >= self.max_queue:
-                raise Overloaded(f"{waiting} requests are already waiting (max_queue {self.max_queue})", wait)
+                raise Overloaded(f"{waiting} requests are already waiting (--max-queue {self.max_queue})", wait)
             # a queue with room for nothing else still takes one prompt, however long
             if self.max_queued_tokens is not None and queued and queued + len(prompt_ids) > self.max_queued_tokens:
                 raise Overloaded(f"{queued:,} prompt tokens are already waiting and this request brings {len(prompt_ids):,} "
-                                 f"(max_num_queued_tokens {self.max_queued_tokens:,})", wait)
+                                 f"(--max-num-queued-tokens {self.max_queued_tokens:,})", wait)
         return self._stream(request_id, prompt_ids, params)
 
     async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
@@ -246,7 +250,7 @@ class AsyncEngine:
                 self.engine.abort_request(request_id)
                 wait = retry_after(self.engine.stats().num_waiting_tokens, self.engine.stats().prefill_tokens_per_s)
                 _deliver(pending, QueueTimeout(f"the request waited {now - request.arrival_time:.1f} s without being scheduled "
-                                               f"(max_queue_time {self.max_queue_time:g} s)", wait))
+                                               f"(--max-queue-time {self.max_queue_time:g} s)", wait))
 
     def _admit(self, pending: _Pending) -> None:
         try:

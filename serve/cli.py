@@ -49,6 +49,18 @@ def engine_config(args: argparse.Namespace, **overrides: object):
     return EngineConfig(**(settings | overrides))
 
 
+def check_limits(args: argparse.Namespace) -> None:
+    """Refuse a limit that cannot be right before anything is loaded, naming its flag."""
+    positive = {"--kv-cache-gb": args.kv_cache_gb, "--kv-cache-disk-gb": args.kv_cache_disk_gb, "--max-queue": getattr(args, "max_queue", None),
+                "--max-num-queued-tokens": getattr(args, "max_num_queued_tokens", None), "--max-queue-time": getattr(args, "max_queue_time", None),
+                "--max-num-seqs": args.max_num_seqs, "--max-num-batched-tokens": args.max_num_batched_tokens, "--max-model-len": args.max_model_len}
+    for flag, value in positive.items():
+        if value is not None and value <= 0:
+            raise SystemExit(f"ministack serve: {flag} must be > 0, got {value:g}")
+    if args.kv_cache_fraction is not None and not 0 < args.kv_cache_fraction <= 1:
+        raise SystemExit(f"ministack serve: --kv-cache-fraction must be in (0, 1], got {args.kv_cache_fraction:g}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ministack serve", description="OpenAI-compatible text inference server")
     add_engine_arguments(p)
@@ -76,13 +88,12 @@ def build_backend(args: argparse.Namespace):
     """The backend the flags ask for (vLLM is imported only when chosen)."""
     kv_bytes = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
     if args.engine == "vllm":
-        from serve.backends.vllm import VllmBackend
-
         for flag, value in (("--kv-cache-dtype", args.kv_cache_dtype != "auto"), ("--kv-cache-disk", args.kv_cache_disk),
                             ("--max-num-queued-tokens", args.max_num_queued_tokens),
                             ("--max-queue-time", args.max_queue_time)):
             if value:
                 raise SystemExit(f"ministack serve: {flag} is ministack's engine's; --engine vllm does not take it")
+        from serve.backends.vllm import VllmBackend
 
         return VllmBackend(
             model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_bytes=kv_bytes,
@@ -95,13 +106,13 @@ def build_backend(args: argparse.Namespace):
     from serve.async_engine import AsyncEngine
     from serve.engine.llm_engine import LLMEngine
 
-    # no thread: serve_http runs the step loop on this (the main) thread, see serve.async_engine
-    engine = LLMEngine(engine_config(args, ledger=args.ledger))
-    try:
-        return AsyncEngine(engine, max_queue=args.max_queue, thread=False, max_queued_tokens=args.max_num_queued_tokens,
-                           max_queue_time=args.max_queue_time)
+    try:  # a setting the engine refuses (the KV cache too small for --max-model-len, ...): one line, naming it
+        engine = LLMEngine(engine_config(args, ledger=args.ledger))
     except ValueError as exc:
-        raise SystemExit(f"ministack serve: {exc} (--max-queue, --max-num-queued-tokens, --max-queue-time)") from None
+        raise SystemExit(f"ministack serve: {exc}") from None
+    # no thread: serve_http runs the step loop on this (the main) thread, see serve.async_engine
+    return AsyncEngine(engine, max_queue=args.max_queue, thread=False, max_queued_tokens=args.max_num_queued_tokens,
+                       max_queue_time=args.max_queue_time)
 
 
 def serve_http(app, backend, host: str, port: int, log_level: str) -> int:
@@ -144,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return needle_main(argv[1:])
     args = parser().parse_args(argv)
+    check_limits(args)
     from serve.api import build_app
 
     from pathlib import Path

@@ -38,7 +38,7 @@ def test_queued_prompt_tokens_are_bounded_and_one_long_prompt_still_gets_in(tiny
         first = backend.generate("long", [5] * 150, params)  # longer than the limit: alone, it is admitted
         waiter = asyncio.ensure_future(anext(first))
         await asyncio.sleep(0.05)  # iterated: now in the inbox
-        with pytest.raises(Overloaded, match=r"150 prompt tokens are already waiting and this request brings 30 .*max_num_queued_tokens 100") as err:
+        with pytest.raises(Overloaded, match=r"150 prompt tokens are already waiting and this request brings 30 .*--max-num-queued-tokens 100") as err:
             backend.generate("next", [5] * 30, params)
         assert err.value.retry_after == 9  # (150 + 30) tokens at 20 tokens/s
         waiter.cancel()
@@ -76,11 +76,36 @@ def test_a_request_waiting_past_the_deadline_gets_503_streamed_or_not(tiny_model
             assert next(line for line in lines if line.startswith("data: "))  # the first one is running
             late = http.post("/v1/completions", json={**body, "max_tokens": 2})
             assert late.status_code == 503 and late.json()["error"]["code"] == "queue_timeout"
-            assert "max_queue_time 0.3 s" in late.json()["error"]["message"] and int(late.headers["retry-after"]) >= 1
+            assert "(--max-queue-time 0.3 s)" in late.json()["error"]["message"] and int(late.headers["retry-after"]) >= 1
             with http.stream("POST", "/v1/completions", json={**body, "max_tokens": 2, "stream": True}) as streamed:
                 events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
             assert streamed.status_code == 200 and events[-1]["error"]["code"] == "queue_timeout"
             rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
         assert rest[-1]["choices"][0]["finish_reason"] == "length"
+    finally:
+        live.close()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-queue-time", "0"], "--max-queue-time must be > 0, got 0"),
+    (["--kv-cache-gb", "-1"], "--kv-cache-gb must be > 0, got -1"),
+    (["--kv-cache-fraction", "2"], "--kv-cache-fraction must be in (0, 1], got 2"),
+    (["--engine", "vllm", "--kv-cache-dtype", "int8"], "--kv-cache-dtype is ministack's engine's; --engine vllm does not take it"),
+    (["--kv-cache-gb", "0.02", "--max-model-len", "8192", "--embedding-model", "none"],  # refused once the model is read
+     "max_model_len 8192 does not fit the KV cache"),
+])
+def test_the_cli_refuses_impossible_limits_in_one_line_naming_the_flag(flags, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "serve", *flags], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_priority_is_refused_not_ignored(tiny_model):
+    live = LiveServer(AsyncEngine(engine_for(tiny_model)))
+    try:
+        r = httpx.post(f"{live.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "priority": 1}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
     finally:
         live.close()

@@ -103,7 +103,8 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
 
     def check_model(name: str | None) -> None:
         if name is not None and name != backend.model_name:
-            raise ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+            raise ApiError(404, f"The model `{name}` does not exist: this server serves `{backend.model_name}` (GET /v1/models)",
+                           param="model", code="model_not_found")
 
     def check_prompt(prompt_ids: list[int], max_tokens: int | None, prompt_field: str) -> int:
         """The request's max_tokens (default: all the room left); 400 if it cannot fit."""

@@ -72,7 +72,7 @@ class VllmBackend:
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
         waiting = self._stats.latest.num_waiting
         if waiting >= self.max_queue:  # the scheduler's count as of its last step
-            raise Overloaded(f"{waiting} requests are already waiting (max_queue {self.max_queue})")
+            raise Overloaded(f"{waiting} requests are already waiting (--max-queue {self.max_queue})")
         return self._stream(request_id, prompt_ids, params)
 
     def check_structured(self, structured) -> None:

@@ -123,10 +123,10 @@ class LLMEngine:
         if config.max_model_len is not None:
             raise ValueError(
                 f"max_model_len {self.max_model_len} does not fit the KV cache ({self.max_tokens_in_cache:,} tokens): "
-                f"lower --max-model-len (max_model_len) or raise --kv-cache-gb (kv_cache_bytes)"
+                f"lower --max-model-len, raise --kv-cache-gb / --kv-cache-fraction, or store it smaller with --kv-cache-dtype"
             )
         print(f"max_model_len capped to {self.max_tokens_in_cache:,} tokens, what the KV cache holds (the model's context is "
-              f"{self.max_model_len:,}: raise --kv-cache-gb / kv_cache_bytes to serve it)")
+              f"{self.max_model_len:,}: raise --kv-cache-gb / --kv-cache-fraction, or use --kv-cache-dtype int8, to serve it)")
         self.max_model_len = self.max_tokens_in_cache
 
     # ---- requests -------------------------------------------------------------------
