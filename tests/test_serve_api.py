@@ -408,7 +408,18 @@ def test_needle_harness_fills_each_context_and_draws_the_heatmap(server, tmp_pat
                    "--max-tokens", "4", "--out", str(png)]) == 0
     table = capsys.readouterr().out
     assert "| 96 |" in table and "| 192 |" in table and "/4 found" in table
+    assert "cut off" in table and "cut off by --max-tokens: raise it" in table  # a random model's 4 tokens end at the budget
     assert png.stat().st_size > 1000
+
+
+def test_needle_table_tells_a_cut_off_answer_from_a_miss():
+    from serve.needle import Trial, table
+
+    trials = [Trial(512, 0.0, "quokka", answer='The passphrase is "quokka".'),
+              Trial(512, 0.5, "quokka", answer='The secret passphrase mentioned in the text is "quok', cut=True),
+              Trial(512, 1.0, "quokka", answer="I do not know.")]
+    text = table(trials, [512], [0.0, 0.5, 1.0])
+    assert "| 512 | found | cut off | missed |" in text and "1/3 found (1 missed answers were cut off" in text
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine thread's own traceback
