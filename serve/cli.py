@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -150,6 +151,7 @@ def serve_http(app, backend, host: str, port: int, log_level: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv  # `python -m serve needle ...` as well as `ministack serve needle ...`
     if argv and argv[0] == "needle":
         from serve.needle import main as needle_main
 
