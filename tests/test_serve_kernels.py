@@ -241,5 +241,15 @@ def test_bf16_prefill_attention_equals_causal_sdpa_and_is_counted_as_attention()
         torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
     counted = count_flops(lambda: op("prefill_attention")(q, k, v, dim**-0.5))
     assert counted.by_part == {ATTENTION: attention_flops(1, 8, 45, 45, 128, 128, causal=True)}
+    # after a cached past: query i sits at position past + i (the mask aligned bottom-right)
+    for past, n in [(3, 5), (500, 37), (16, 1)]:
+        k, v = (torch.randn(past + n, 3, 64, generator=g).bfloat16() for _ in range(2))
+        q = torch.randn(n, 9, 64, generator=g).bfloat16()
+        visible = torch.arange(past + n) <= past + torch.arange(n).unsqueeze(1)
+        expected = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).repeat_interleave(3, 0).float(),
+                                                  v.transpose(0, 1).repeat_interleave(3, 0).float(), attn_mask=visible).transpose(0, 1)
+        torch.testing.assert_close(op("prefill_attention")(q, k, v, 0.125).float(), expected, atol=2e-2, rtol=2e-2)
+    counted = count_flops(lambda: op("prefill_attention")(q, k, v, 0.125))  # the last case: 16 past keys, 1 query
+    assert counted.by_part == {ATTENTION: attention_flops(1, 9, 1, 1, 64, 64, causal=True) + attention_flops(1, 9, 1, 16, 64, 64, causal=False)}
     with pytest.raises(RuntimeError, match="bfloat16 only"):
         op("prefill_attention")(q.float(), k.float(), v.float(), 1.0)

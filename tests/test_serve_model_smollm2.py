@@ -97,8 +97,8 @@ def test_half_weights_keep_the_real_models_greedy_answers(engine):
 
 def test_bf16_prefill_kernel_keeps_the_real_models_answers(engine, monkeypatch):
     """The bf16 engine with serve.kernels' prefill attention against the same engine on torch's
-    SDPA, both measured from the float32 engine: prompt logprobs of a 400-token prompt (one
-    chunk through the kernel) and of a chat prompt drift from float32 no more than SDPA's own
+    SDPA, both measured from the float32 engine: prompt logprobs of a 1,200-token prompt (three
+    chunks, the later two over their cached past) and of a chat prompt drift from float32 no more than SDPA's own
     bf16 drift (bf16 logits are ~0.06 nats coarse), and the greedy answers are SDPA's."""
     from profiling.cpu import preferred_cpu_dtype
     from serve.layers import attention
@@ -107,7 +107,7 @@ def test_bf16_prefill_kernel_keeps_the_real_models_answers(engine, monkeypatch):
         pytest.skip("needs a CPU that runs bf16 fast and has AVX-512 BF16")
     bf16 = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_bytes=64 << 20, enable_prefix_caching=False))
     text = " ".join(["The lighthouse keeper counted the ships that passed each night and wrote their names in a book."] * 20)
-    prompts = [bf16.tokenizer.encode(text)[:400], chat(bf16, "Explain gravity to a child in two sentences.")]
+    prompts = [bf16.tokenizer.encode(text * 3)[:1200], chat(bf16, "Explain gravity to a child in two sentences.")]
     params = SamplingParams(max_tokens=24, temperature=0, logprobs=1, prompt_logprobs=0)
     exact = engine.generate(prompts, params)
     kernel = bf16.generate(prompts, params)

@@ -3,8 +3,9 @@
 Ops of one library, `torch.ops.ministack`, each fetched with `op(name)`:
 - `paged_decode_attention` (paged_attention.cpp): decode attention read in place from the
   paged KV cache;
-- `prefill_attention` (prefill_attention.cpp): a bfloat16 chunk's causal attention over its own
-  keys on AVX-512 BF16 instructions, where `prefill_attention_supported()` (else torch's SDPA);
+- `prefill_attention` (prefill_attention.cpp): a bfloat16 chunk's causal attention over its cached
+  past and its own keys on AVX-512 BF16 instructions, where `prefill_attention_supported()`
+  (else torch's SDPA);
 - `linear_half_weight` (half_linear.cpp): a float32 linear layer whose weight is stored in
   float16, half the bytes a decode step streams;
 - `rms_norm`, `rotary`, `silu_and_mul` (elementwise.cpp): the per-layer small ops in one pass
@@ -110,8 +111,11 @@ def _decode_flops(query: torch.Tensor, kv_cache, block_tables, context_lens: tor
 
 
 def _prefill_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale, out_val=None) -> int:
-    """Causal attention of a chunk over its own keys, as `profiling.measure` counts causal SDPA."""
-    return attention_flops(1, q.shape[1], q.shape[0], q.shape[0], q.shape[2], v.shape[2], causal=True)
+    """A chunk's causal attention over its own keys plus every pair with its cached past (the
+    keys before it), as `profiling.measure` counts the two SDPA calls this replaces."""
+    n, past = q.shape[0], k.shape[0] - q.shape[0]
+    return (attention_flops(1, q.shape[1], n, n, q.shape[2], v.shape[2], causal=True)
+            + attention_flops(1, q.shape[1], n, past, q.shape[2], v.shape[2], causal=False))
 
 
 def _linear_flops(input: torch.Tensor, weight: torch.Tensor, bias, out_val=None) -> int:

@@ -1,4 +1,5 @@
-// Causal attention of a prefill chunk over its own keys, bfloat16, for CPUs with AVX-512 BF16.
+// Causal attention of a prefill chunk over its cached past and its own keys, bfloat16, for
+// CPUs with AVX-512 BF16.
 //
 // torch's CPU flash attention runs SmolLM2's 512-token prefill at ~60 GFLOP/s (4.9 ms a layer
 // on a 2-core EPYC whose bf16 matmul peak is 440 GFLOP/s): its blocks are small GEMM calls with
@@ -63,11 +64,12 @@ void repack_v(const uint16_t* v, int64_t key_stride, int64_t n, int64_t dim, uin
   }
 }
 
-// One tile: query rows [r0, r0 + rows) of one query head (positions = row indices), causal over
-// the repacked keys. q rows are bf16 with `q_stride` between them; out rows likewise.
+// One tile: query rows [r0, r0 + rows) of one query head, row r at position past + r, causal
+// over the repacked keys (key j at position j). q rows are bf16 with `q_stride` between them;
+// out rows likewise.
 template <int64_t DIM>
-MINISTACK_AVX512BF16 void attend_tile(const uint16_t* q, int64_t q_stride, const uint32_t* kp, const uint32_t* vp, int64_t r0, int64_t rows,
-                            float scale, uint16_t* out, int64_t out_stride) {
+MINISTACK_AVX512BF16 void attend_tile(const uint16_t* q, int64_t q_stride, const uint32_t* kp, const uint32_t* vp, int64_t past, int64_t r0,
+                                      int64_t rows, float scale, uint16_t* out, int64_t out_stride) {
   constexpr int64_t PAIRS = DIM / 2, CHUNKS = DIM / 16;
   __m512 acc[ROWS][CHUNKS];
   float m[ROWS], l[ROWS];
@@ -78,7 +80,7 @@ MINISTACK_AVX512BF16 void attend_tile(const uint16_t* q, int64_t q_stride, const
     l[r] = 0.0f;
     std::memcpy(qpairs[r], q + std::min(r, rows - 1) * q_stride, sizeof(uint32_t) * PAIRS);
   }
-  const int64_t last = r0 + rows - 1;  // the tile's last position: keys past it are never needed
+  const int64_t last = past + r0 + rows - 1;  // the tile's last position: keys after it are never needed
   for (int64_t b = 0; b * KEYS <= last; ++b) {
     const uint32_t* kb = kp + b * PAIRS * KEYS;
     __m512 s[ROWS];
@@ -89,7 +91,7 @@ MINISTACK_AVX512BF16 void attend_tile(const uint16_t* q, int64_t q_stride, const
     }
     alignas(64) uint32_t probs[ROWS][KEYS / 2];
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t visible = std::min<int64_t>(KEYS, r0 + r - b * KEYS + 1);  // keys <= the row's position
+      const int64_t visible = std::min<int64_t>(KEYS, past + r0 + r - b * KEYS + 1);  // keys <= the row's position
       if (visible <= 0) {  // a block past this row's position (the tile's later rows reach it)
         std::fill(probs[r], probs[r] + KEYS / 2, 0u);
         continue;
@@ -121,8 +123,8 @@ MINISTACK_AVX512BF16 void attend_tile(const uint16_t* q, int64_t q_stride, const
 
 template <int64_t DIM>
 MINISTACK_AVX512BF16 void prefill(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::Tensor& out) {
-  const int64_t n = q.size(0), heads = q.size(1), kv_heads = k.size(1), group = heads / kv_heads;
-  const int64_t blocks = (n + KEYS - 1) / KEYS, k_size = blocks * (DIM / 2) * KEYS, v_size = blocks * (KEYS / 2) * DIM;
+  const int64_t n = q.size(0), n_keys = k.size(0), past = n_keys - n, heads = q.size(1), kv_heads = k.size(1), group = heads / kv_heads;
+  const int64_t blocks = (n_keys + KEYS - 1) / KEYS, k_size = blocks * (DIM / 2) * KEYS, v_size = blocks * (KEYS / 2) * DIM;
   std::vector<uint32_t> kp(kv_heads * k_size), vp(kv_heads * v_size);
   const auto* q_base = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   const auto* k_base = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
@@ -130,8 +132,8 @@ MINISTACK_AVX512BF16 void prefill(const at::Tensor& q, const at::Tensor& k, cons
   auto* o_base = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, kv_heads, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
-      repack_k(k_base + h * k.stride(1), k.stride(0), n, DIM, kp.data() + h * k_size);
-      repack_v(v_base + h * v.stride(1), v.stride(0), n, DIM, vp.data() + h * v_size);
+      repack_k(k_base + h * k.stride(1), k.stride(0), n_keys, DIM, kp.data() + h * k_size);
+      repack_v(v_base + h * v.stride(1), v.stride(0), n_keys, DIM, vp.data() + h * v_size);
     }
   });
   // work items: (tile, query head), the last tiles (which see the most keys) first, handed out
@@ -140,21 +142,22 @@ MINISTACK_AVX512BF16 void prefill(const at::Tensor& q, const at::Tensor& k, cons
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t item = 0; item < items; ++item) {
     const int64_t t = tiles - 1 - item / heads, hq = item % heads, h = hq / group, r0 = t * ROWS, rows = std::min(ROWS, n - r0);
-    attend_tile<DIM>(q_base + r0 * q.stride(0) + hq * q.stride(1), q.stride(0), kp.data() + h * k_size, vp.data() + h * v_size, r0, rows,
+    attend_tile<DIM>(q_base + r0 * q.stride(0) + hq * q.stride(1), q.stride(0), kp.data() + h * k_size, vp.data() + h * v_size, past, r0, rows,
                      static_cast<float>(scale), o_base + r0 * out.stride(0) + hq * out.stride(1), out.stride(0));
   }
 }
 
 bool supported() { return ministack::avx512_bf16_supported(); }
 
-// q (n, heads, head_dim), k and v (n, kv_heads, head_dim), bfloat16, each row's last dim
-// contiguous (views of the fused qkv projection are fine); head_dim 64 or 128. Query i attends
-// to keys 0..i. Returns (n, heads, head_dim) bfloat16.
+// q (n, heads, head_dim), k and v (n_keys, kv_heads, head_dim) with n_keys >= n: the chunk's
+// cached past then its own keys; bfloat16, each row's last dim contiguous (views of the fused
+// qkv projection are fine); head_dim 64 or 128. Query i sits at position n_keys - n + i and
+// attends to keys 0..n_keys - n + i. Returns (n, heads, head_dim) bfloat16.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   TORCH_CHECK(supported(), "prefill_attention needs AVX-512 BF16, which this CPU lacks");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16, "prefill_attention: bfloat16 only");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2),
-              "prefill_attention: q (n, heads, head_dim), k and v (n, kv_heads, head_dim)");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes() && q.size(0) <= k.size(0) && q.size(2) == k.size(2),
+              "prefill_attention: q (n, heads, head_dim), k and v (n_keys >= n, kv_heads, head_dim)");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "prefill_attention: the head_dim must be contiguous");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "prefill_attention: query heads must be a multiple of kv heads");
   at::Tensor out = at::empty(q.sizes(), q.options());

@@ -12,9 +12,10 @@ slot (`slot_mapping`, one index_copy_), then attends:
   padding. Gathering costs a copy, but one kernel call per group beats a Python loop of small
   ones; grouping by length (serve.engine.model_runner) keeps the padding, which is copied and
   computed too, small.
-- prefill chunks, each on its own: causal attention over the chunk's fresh K/V (in bf16 on a
-  CPU with AVX-512 BF16, serve.kernels' prefill kernel, which reads each K/V head once for the
-  query heads sharing it; elsewhere SDPA), and for a
+- prefill chunks, each on its own. In bf16 on a CPU with AVX-512 BF16 (a chunk with a past: no
+  sliding window): one call of serve.kernels' prefill kernel over its cached past and fresh K/V,
+  causal, each K/V head read once for the query heads sharing it. Elsewhere SDPA: causal
+  attention over the chunk's fresh K/V, and for a
   chunk after a cached prefix (earlier chunks or a prefix-cache hit) a second, unmasked call
   over the cached keys, the two merged by their log-sum-exps (query at position p sees keys
   0..p, and no masked pair is computed).
@@ -157,7 +158,11 @@ class PagedAttention(nn.Module):
         mask per head (slower than the attention itself at 8k) and computes the masked pairs."""
         n, heads = q.shape[0], self.num_heads
         group = heads // self.num_kv_heads
-        if chunk.past_slots is None and q.dtype == torch.bfloat16 and q.is_cpu and self.head_dim in (64, 128) and (fused := prefill_kernel()) is not None:
+        if (q.dtype == torch.bfloat16 and q.is_cpu and self.head_dim in (64, 128) and (chunk.past_slots is None or self.window is None)
+                and (fused := prefill_kernel()) is not None):
+            if chunk.past_slots is not None:  # one call over the past (gathered, dequantized) and the chunk's own keys
+                past_k, past_v = (x[0].transpose(0, 1) for x in self._context(chunk.past_slots, 1, q.dtype))
+                k, v = torch.cat([past_k, k]), torch.cat([past_v, v])
             return fused(q, k, v, self.head_dim**-0.5)  # GQA-aware, ~2.4x torch's flash attention at 512 tokens
         # the chunk's own K/V repeated per query head: CUDA's fused kernels take no GQA (with
         # enable_gqa SDPA falls back to its math path, which computes the masked half too)
