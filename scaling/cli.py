@@ -178,6 +178,10 @@ def _context(args) -> int:
     report = context_report(points, analyze_context(points, weight_bytes(engine.model)))
     report["model"], report["device"], report["dtype"] = engine.model_name, str(engine.device), str(engine.dtype).removeprefix("torch.")
     report["kv_cache_dtype"] = str(engine.kv_dtype).removeprefix("torch.")
+    from profiling.hardware import device_peak
+
+    peak = device_peak(engine.device, engine.dtype)
+    report["peak"] = {"flops": peak.flops, "source": f"{peak.device} {peak.dtype} peak ({peak.source})"}
     print(json.dumps(report, indent=1) if args.json else format_context(report))
     if args.out:
         out = Path(args.out)

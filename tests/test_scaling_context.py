@@ -73,6 +73,7 @@ def test_cli_json_and_its_errors(tiny_llama, tmp_path, capsys):
     assert main([*base, "--contexts", "8,24,48", "--decode-tokens", "2", "--json", "--out", str(tmp_path / "ctx")]) == 0
     report = json.loads(capsys.readouterr().out.split("\n", 1)[1])  # after the engine's KV-cache line
     assert [p["context"] for p in report["points"]] == [8, 24, 48] and report["dtype"] == "float32"
+    assert report["peak"]["flops"] > 0 and "x bound: TTFT / (the prefill's measured FLOPs at" in format_context(report)
     assert json.loads((tmp_path / "ctx" / "context.json").read_text())["analysis"] == report["analysis"]
     assert (tmp_path / "ctx" / "context.png").is_file()
     assert main([*base, "--contexts", "8,lots"]) == 2
