@@ -10,6 +10,7 @@ reachable from the network by accident.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -23,6 +24,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--half-weights", choices=("auto", "on", "off"), default="auto",
                    help="CPU, float32: store linear weights in float16 (float32 math); auto: on with --dtype auto")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
+    p.add_argument("--rope-scaling", type=rope_json, default=None, metavar="JSON",
+                   help='RoPE scaling replacing the model\'s, e.g. \'{"rope_type": "yarn", "factor": 2.0, '
+                        '"original_max_position_embeddings": 8192}\' to serve 16k from an 8k model')
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"),
                    help="KV cache storage (int8: a scale per token and head); auto: the model's dtype, float16 "
                         "under a float32 model with --dtype auto on the CPU")
@@ -36,6 +40,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
 
 
+def rope_json(text: str) -> dict:
+    """--rope-scaling's value: a JSON object (argparse names the flag on a ValueError)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
 def engine_config(args: argparse.Namespace, **overrides: object):
     """The EngineConfig the engine flags ask for (`overrides` win)."""
     from serve.config import EngineConfig
@@ -46,6 +58,7 @@ def engine_config(args: argparse.Namespace, **overrides: object):
         half_weights={"auto": None, "on": True, "off": False}[args.half_weights], kv_cache_fraction=args.kv_cache_fraction,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_dtype=args.kv_cache_dtype, kv_cache_disk=args.kv_cache_disk, kv_cache_disk_bytes=int(args.kv_cache_disk_gb * 2**30),
+        rope_scaling=args.rope_scaling,
     )
     return EngineConfig(**(settings | overrides))
 
@@ -90,6 +103,7 @@ def build_backend(args: argparse.Namespace):
     kv_bytes = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
     if args.engine == "vllm":
         for flag, value in (("--kv-cache-dtype", args.kv_cache_dtype != "auto"), ("--kv-cache-disk", args.kv_cache_disk),
+                            ("--rope-scaling", args.rope_scaling),
                             ("--max-num-queued-tokens", args.max_num_queued_tokens),
                             ("--max-queue-time", args.max_queue_time)):
             if value:

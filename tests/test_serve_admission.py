@@ -91,6 +91,7 @@ def test_a_request_waiting_past_the_deadline_gets_503_streamed_or_not(tiny_model
     (["--kv-cache-gb", "-1"], "--kv-cache-gb must be > 0, got -1"),
     (["--kv-cache-fraction", "2"], "--kv-cache-fraction must be in (0, 1], got 2"),
     (["--engine", "vllm", "--kv-cache-dtype", "int8"], "--kv-cache-dtype is ministack's engine's; --engine vllm does not take it"),
+    (["--rope-scaling", "[2.0]"], "argument --rope-scaling: invalid rope_json value"),
     (["--kv-cache-gb", "0.02", "--max-model-len", "8192", "--embedding-model", "none"],  # refused once the model is read
      "max_model_len 8192 does not fit the KV cache"),
 ])
@@ -109,3 +110,11 @@ def test_priority_is_refused_not_ignored(tiny_model):
         assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
     finally:
         live.close()
+
+
+def test_rope_scaling_reaches_the_engine_config():
+    from serve.cli import engine_config, parser
+
+    args = parser().parse_args(["--rope-scaling", '{"rope_type": "yarn", "factor": 2.0}', "--kv-cache-dtype", "int8"])
+    config = engine_config(args)
+    assert config.rope_scaling == {"rope_type": "yarn", "factor": 2.0} and config.kv_cache_dtype == "int8"
