@@ -2,6 +2,7 @@
 
     ministack serve [--model DIR|FILE.gguf|smollm2] [--port 8000] [--engine ministack|vllm] ...
     ministack serve needle ...   # the needle-in-a-haystack harness against a running server
+    ministack serve ruler ...    # the RULER-style harness (multi-key / multi-value needles, variable tracking, common words)
 
 Binds 127.0.0.1 unless told otherwise: an inference server with no API key should not be
 reachable from the network by accident.
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         from serve.needle import main as needle_main
 
         return needle_main(argv[1:])
+    if argv and argv[0] == "ruler":
+        from serve.ruler import main as ruler_main
+
+        return ruler_main(argv[1:])
     args = parser().parse_args(argv)
     check_limits(args)
     from serve.api import build_app

@@ -74,17 +74,25 @@ class Client:
         return choice["message"]["content"], choice["finish_reason"] == "length"
 
 
+def fill(client: Client, length: int, render, rng: random.Random) -> tuple[list[dict[str, str]], int]:
+    """(messages, their templated token count): `render(filler)` with as many filler sentences
+    as keep the prompt within `length` tokens (the answer's room is the caller's)."""
+    probe = haystack(rng, 200)
+    empty = client.chat_tokens(render([]))
+    per_sentence = (client.chat_tokens(render(probe)) - empty) / 200
+    filler = haystack(rng, max(0, int((length - empty) / per_sentence)))
+    msgs = render(filler)
+    tokens = client.chat_tokens(msgs)
+    while tokens > length and filler:  # the estimate overshot: trim
+        filler = filler[: len(filler) - max(1, int((tokens - length) / per_sentence))]
+        msgs = render(filler)
+        tokens = client.chat_tokens(msgs)
+    return msgs, tokens
+
+
 def build(client: Client, trial: Trial, rng: random.Random) -> list[dict[str, str]]:
     """Messages whose templated prompt fills `trial.length` tokens (minus room for the answer)."""
-    probe = haystack(rng, 200)
-    per_sentence = (client.chat_tokens(messages(probe, 0, trial.passphrase)) - client.chat_tokens(messages([], 0, trial.passphrase))) / 200
-    filler = haystack(rng, max(0, int((trial.length - client.chat_tokens(messages([], 0, trial.passphrase))) / per_sentence)))
-    msgs = messages(filler, trial.depth, trial.passphrase)
-    trial.prompt_tokens = client.chat_tokens(msgs)
-    while trial.prompt_tokens > trial.length and filler:  # the estimate overshot: trim
-        filler = filler[: len(filler) - max(1, int((trial.prompt_tokens - trial.length) / per_sentence))]
-        msgs = messages(filler, trial.depth, trial.passphrase)
-        trial.prompt_tokens = client.chat_tokens(msgs)
+    msgs, trial.prompt_tokens = fill(client, trial.length, lambda filler: messages(filler, trial.depth, trial.passphrase), rng)
     return msgs
 
 
@@ -99,21 +107,21 @@ def table(trials: list[Trial], lengths: list[int], depths: list[float]) -> str:
     return "\n".join(lines) + f"\n\n{total}/{len(trials)} found{note}"
 
 
-def heatmap(trials: list[Trial], lengths: list[int], depths: list[float], model: str, path: str) -> None:
+def heatmap(scores: dict[tuple[int, float], float], lengths: list[int], depths: list[float], title: str, path: str) -> None:
+    """A (depth x length) grid of scores in [0, 1], red to green, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    score = {(t.length, t.depth): float(t.found) for t in trials}
-    grid = [[score[n, d] for n in lengths] for d in depths]
+    grid = [[scores[n, d] for n in lengths] for d in depths]
     fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.6 * len(depths) + 1.5))
     ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    ax.set_title(f"needle in a haystack: {model}")
+    ax.set_ylabel("depth")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         list(pool.map(run, range(len(trials))))
     print(f"model {client.model}, {args.url}\n")
     print(table(trials, lengths, depths))
-    heatmap(trials, lengths, depths, client.model, args.out)
+    heatmap({(t.length, t.depth): float(t.found) for t in trials}, lengths, depths, f"needle in a haystack: {client.model}", args.out)
     print(f"heatmap: {args.out}")
     return 0
 
