@@ -39,6 +39,9 @@ from serve.models import load_model
 from serve.models.llama import layer_windows
 from serve.weights import eos_ids, generation_defaults, model_name, resolve_model
 
+YARN_EXAMPLE = '{"rope_type": "yarn", "factor": 2.0}'
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -55,7 +58,7 @@ class LLMEngine:
         if self.max_model_len > limit:
             raise ValueError(
                 f"max_model_len {self.max_model_len} exceeds the model's context {limit} "
-                f"(rope {rope.get('rope_type')}); set rope_scaling, e.g. {{'rope_type': 'yarn', 'factor': 2.0}}"
+                f"(rope {rope.get('rope_type')}): scale RoPE with --rope-scaling (rope_scaling), e.g. " + YARN_EXAMPLE
             )
         windows = [w for w in layer_windows(hf_config) if w]
         # where every layer slides, K/V older than the widest window is never read again: released
