@@ -127,27 +127,35 @@ def heatmap(scores: dict[tuple[int, float], float], lengths: list[int], depths: 
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ministack serve needle", description=__doc__.split("\n")[0])
+def add_harness_arguments(p: argparse.ArgumentParser, lengths: str, depths: str, max_tokens: int) -> None:
+    """The flags every quality harness here takes: the server, the grid, the answer budget."""
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (not /v1)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--model", default=None, help="default: the server's first model")
-    p.add_argument("--lengths", default="512,1024,2048", help="context lengths in tokens, comma-separated")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1], comma-separated")
-    # SmolLM2 answers a needle at depth 0 in a full sentence ('The secret passphrase mentioned in
-    # the text is "quokka".', 16 tokens with the quotes): 16 cut every such answer before the word
-    p.add_argument("--max-tokens", type=int, default=48, help="answer budget; an answer cut off short of the word is reported as such")
+    p.add_argument("--lengths", default=lengths, help="context lengths in tokens, comma-separated")
+    p.add_argument("--depths", default=depths, help="depths in [0, 1], comma-separated")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="answer budget; an answer cut off by it is reported as such")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--out", default="needle.png", help="heatmap PNG")
-    args = p.parse_args(argv)
+
+
+def harness_setup(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[int], list[float], Client]:
+    """(lengths, depths, a client of the server) from `add_harness_arguments`' flags."""
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
     if any(not 0 <= d <= 1 for d in depths):
         p.error("--depths must lie in [0, 1]")
+    return lengths, depths, Client(args.url, args.api_key, args.model, args.timeout)
 
-    client = Client(args.url, args.api_key, args.model, args.timeout)
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ministack serve needle", description=__doc__.split("\n")[0])
+    add_harness_arguments(p, lengths="512,1024,2048", depths="0,0.25,0.5,0.75,1",
+                          max_tokens=48)  # SmolLM2 answers a needle at depth 0 in a full sentence: 16 tokens cut it
+    p.add_argument("--out", default="needle.png", help="heatmap PNG")
+    args = p.parse_args(argv)
+    lengths, depths, client = harness_setup(p, args)
     rng = random.Random(args.seed)
     trials = [Trial(n, d, rng.choice(PASSPHRASES)) for n in lengths for d in depths]
     prompts = [build(client, t, random.Random(rng.random())) for t in trials]

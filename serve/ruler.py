@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.needle import Client, fill, heatmap
+from serve.needle import Client, add_harness_arguments, fill, harness_setup, heatmap
 
 KEYS = ("amber-falcon", "silent-harbor", "copper-meadow", "velvet-summit", "hollow-birch", "crimson-tide", "lunar-orchard",
         "granite-echo", "misty-canyon", "golden-thistle")
@@ -129,26 +129,14 @@ def tables(cases: list[Case], lengths: list[int], depths: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ministack serve ruler", description=__doc__.split("\n")[0])
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (not /v1)")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--model", default=None, help="default: the server's first model")
+    add_harness_arguments(p, lengths="1024,2048,4096", depths="0,0.5,1", max_tokens=64)
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens, comma-separated")
-    p.add_argument("--depths", default="0,0.5,1", help="where each task's content starts, in [0, 1]")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--out-dir", default="ruler", help="one heatmap PNG per task here")
     args = p.parse_args(argv)
     tasks = args.tasks.split(",")
     if unknown := [t for t in tasks if t not in TASKS]:
         p.error(f"--tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
-    lengths = [int(x) for x in args.lengths.split(",")]
-    depths = [float(x) for x in args.depths.split(",")]
-    if any(not 0 <= d <= 1 for d in depths):
-        p.error("--depths must lie in [0, 1]")
-    client = Client(args.url, args.api_key, args.model, args.timeout)
+    lengths, depths, client = harness_setup(p, args)
     rng = random.Random(args.seed)
     plan = [(t, n, d) for t in tasks for n in lengths for d in (depths if t != "commonwords" else [0.0])]
     cases = [make_case(client, t, n, d, random.Random(rng.random())) for t, n, d in plan]
