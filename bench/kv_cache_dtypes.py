@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     contexts = sorted(int(c) for c in args.contexts.split(","))
     native = AutoConfig.from_pretrained(resolve_model(args.model)).max_position_embeddings
-    longest = contexts[-1] + args.decode_tokens + 64
+    # room for the timed decodes and, with a batch, the tokens the first sequences decode while
+    # the later ones still prefill (scaling.context measures that way)
+    longest = contexts[-1] + args.decode_tokens + args.batch * (contexts[-1] // 256 + 2) + 64
     rope = None
     if longest > native:
         rope = {"rope_type": "yarn", "factor": float(2 ** math.ceil(math.log2(longest / native))), "original_max_position_embeddings": native}
