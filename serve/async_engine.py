@@ -248,7 +248,8 @@ class AsyncEngine:
             if request is not None and request.first_scheduled_time is None and now - request.arrival_time > self.max_queue_time:
                 del self._queues[request_id]
                 self.engine.abort_request(request_id)
-                wait = retry_after(self.engine.stats().num_waiting_tokens, self.engine.stats().prefill_tokens_per_s)
+                stats = self.engine.stats()
+                wait = retry_after(stats.num_waiting_tokens, stats.prefill_tokens_per_s)
                 _deliver(pending, QueueTimeout(f"the request waited {now - request.arrival_time:.1f} s without being scheduled "
                                                f"(--max-queue-time {self.max_queue_time:g} s)", wait))
 

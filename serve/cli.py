@@ -66,8 +66,8 @@ def engine_config(args: argparse.Namespace, **overrides: object):
 
 def check_limits(args: argparse.Namespace) -> None:
     """Refuse a limit that cannot be right before anything is loaded, naming its flag."""
-    positive = {"--kv-cache-gb": args.kv_cache_gb, "--kv-cache-disk-gb": args.kv_cache_disk_gb, "--max-queue": getattr(args, "max_queue", None),
-                "--max-num-queued-tokens": getattr(args, "max_num_queued_tokens", None), "--max-queue-time": getattr(args, "max_queue_time", None),
+    positive = {"--kv-cache-gb": args.kv_cache_gb, "--kv-cache-disk-gb": args.kv_cache_disk_gb, "--max-queue": args.max_queue,
+                "--max-num-queued-tokens": args.max_num_queued_tokens, "--max-queue-time": args.max_queue_time,
                 "--max-num-seqs": args.max_num_seqs, "--max-num-batched-tokens": args.max_num_batched_tokens, "--max-model-len": args.max_model_len}
     for flag, value in positive.items():
         if value is not None and value <= 0:

@@ -123,28 +123,27 @@ class ServingMetrics:
         def metric(name: str, kind: str, help_: str, samples: list[str]) -> None:
             out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples])
 
-        metric("vllm:num_requests_running", "gauge", "Requests in model execution batches.", [f"vllm:num_requests_running{{{lb}}} {stats.num_running}"])
-        metric("vllm:num_requests_waiting", "gauge", "Requests waiting to be processed.", [f"vllm:num_requests_waiting{{{lb}}} {stats.num_waiting}"])
+        def single(name: str, kind: str, help_: str, value: object) -> None:  # one sample, the model's labels
+            metric(name, kind, help_, [f"{name}{{{lb}}} {value}"])
+
+        single("vllm:num_requests_running", "gauge", "Requests in model execution batches.", stats.num_running)
+        single("vllm:num_requests_waiting", "gauge", "Requests waiting to be processed.", stats.num_waiting)
         for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):  # the second: vLLM's older name
-            metric(name, "gauge", "KV-cache usage. 1 means 100 percent usage.", [f"{name}{{{lb}}} {stats.kv_usage}"])
+            single(name, "gauge", "KV-cache usage. 1 means 100 percent usage.", stats.kv_usage)
         info = f'{lb},cache_dtype="{stats.kv_cache_dtype}",block_size="{stats.block_size}",num_blocks="{stats.max_tokens_in_cache // stats.block_size}"'
         metric("vllm:cache_config_info", "gauge", "Information of the KV cache's configuration.", [f"vllm:cache_config_info{{{info}}} 1"])
-        metric("ministack:kv_cache_capacity_tokens", "gauge", "Tokens the KV cache holds (its capacity, whatever its usage).",
-               [f"ministack:kv_cache_capacity_tokens{{{lb}}} {stats.max_tokens_in_cache}"])
-        metric("ministack:prefix_cache_disk_hits_total", "counter", "Prefix tokens loaded from the KV cache's disk tier.",
-               [f"ministack:prefix_cache_disk_hits_total{{{lb}}} {stats.disk_hit_tokens}"])
-        metric("ministack:prefix_cache_disk_rejected_total", "counter", "Disk-tier block files that failed verification (never served).",
-               [f"ministack:prefix_cache_disk_rejected_total{{{lb}}} {stats.disk_rejected_files}"])
-        metric("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.",
-               [f"vllm:prefix_cache_queries_total{{{lb}}} {stats.prefix_cache_queries}"])
-        metric("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.",
-               [f"vllm:prefix_cache_hits_total{{{lb}}} {stats.prefix_cache_hits}"])
-        metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions from the engine.",
-               [f"vllm:num_preemptions_total{{{lb}}} {stats.num_preemptions}"])
+        single("ministack:kv_cache_capacity_tokens", "gauge", "Tokens the KV cache holds (its capacity, whatever its usage).",
+               stats.max_tokens_in_cache)
+        single("ministack:prefix_cache_disk_hits_total", "counter", "Prefix tokens loaded from the KV cache's disk tier.", stats.disk_hit_tokens)
+        single("ministack:prefix_cache_disk_rejected_total", "counter", "Disk-tier block files that failed verification (never served).",
+               stats.disk_rejected_files)
+        single("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.",
+               stats.prefix_cache_queries)
+        single("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_cache_hits)
+        single("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions from the engine.", stats.num_preemptions)
         with self._lock:
-            metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", [f"vllm:prompt_tokens_total{{{lb}}} {self.prompt_tokens}"])
-            metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
-                   [f"vllm:generation_tokens_total{{{lb}}} {self.generation_tokens}"])
+            single("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", self.prompt_tokens)
+            single("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", self.generation_tokens)
             metric("vllm:request_success_total", "counter", "Count of successfully processed requests.",
                    [f'vllm:request_success_total{{{lb},finished_reason="{r}"}} {n}' for r, n in sorted(self.success.items())])
             metric("vllm:time_to_first_token_seconds", "histogram", "Histogram of time to first token in seconds.",

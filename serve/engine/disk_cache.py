@@ -25,7 +25,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class DiskCache:
         self.hits = 0  # blocks loaded
         self.rejected = 0  # files that failed verification (deleted)
         self.dropped = 0  # blocks not written because the writer was 256 blocks behind
-        self._queue: queue.Queue[tuple[str, list[int], dict[str, torch.Tensor]] | None] = queue.Queue(maxsize=256)
+        self._queue: queue.Queue[tuple[str, list[int], dict[str, torch.Tensor]]] = queue.Queue(maxsize=256)
         self._writer = threading.Thread(target=self._write_loop, name="kv-disk-writer", daemon=True)
         self._writer.start()
 
@@ -98,12 +99,10 @@ class DiskCache:
     def load(self, key: str, token_ids: list[int]) -> dict[str, torch.Tensor] | None:
         """The block's tensors, verified, or None (missing; or rejected and deleted)."""
         path = self.dir / f"{key}{SUFFIX}"
-        try:
-            from safetensors import safe_open
-
+        try:  # one read: the header's metadata and the tensors
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-            tensors = load_file(str(path))
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
         except FileNotFoundError:
             self._forget(key)
             return None
@@ -140,8 +139,7 @@ class DiskCache:
         while True:
             item = self._queue.get()
             try:
-                if item is not None:
-                    self._write(*item)
+                self._write(*item)
             except Exception:  # noqa: BLE001 - a failed write loses a cache entry, never a request
                 log.exception("KV disk cache: a block write failed")
             finally:
