@@ -222,6 +222,33 @@ def test_packed_linear_equals_f_linear_and_is_counted(dtype):
     assert count_flops(lambda: layer(x)).by_part == {DENSE: 2 * 512 * 576 * 960}
 
 
+@pytest.mark.parametrize("rows,features,outputs", [(1, 576, 960), (9, 320, 100), (17, 64, 5)])
+def test_bf16_pairs_linear_is_float32_math_rounded_once_and_batch_invariant(rows, features, outputs):
+    """serve.kernels' AVX-512 BF16 linear on the pairs layout: the float32 sum of exact bf16
+    products plus the bias, rounded to bf16 once (within one bf16 rounding of float64 math), at
+    one tile of rows and several (K in several L1 chunks), outputs that end mid-block; each row
+    the same bits alone as inside the batch; counted as a matmul of its real outputs."""
+    from serve.layers.linear import pack_pairs
+
+    op("rms_norm")  # loads the library
+    if not torch.ops.ministack.bf16_linear_supported():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, features, generator=g).bfloat16(), torch.randn(outputs, features, generator=g).bfloat16(), torch.randn(outputs, generator=g).bfloat16()
+    packed = pack_pairs(w)
+    got = op("linear_bf16")(x, packed, outputs, b)
+    expected = F.linear(x.double(), w.double(), b.double())
+    torch.testing.assert_close(got.double(), expected, atol=1e-2, rtol=2**-8)
+    torch.testing.assert_close(op("linear_bf16")(x, packed, outputs, None).double(), expected - b.double(), atol=2e-2, rtol=2**-8)
+    for r in range(rows):
+        assert torch.equal(op("linear_bf16")(x[r : r + 1], packed, outputs, b), got[r : r + 1])
+    assert count_flops(lambda: op("linear_bf16")(x, packed, outputs, b)).by_part == {DENSE: 2 * rows * features * outputs}
+    with pytest.raises(ValueError, match="even"):
+        pack_pairs(w[:, :-1])
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        op("linear_bf16")(x.float(), packed, outputs, None)
+
+
 def test_bf16_prefill_attention_equals_causal_sdpa_and_is_counted_as_attention():
     """serve.kernels' AVX-512 BF16 prefill attention: causal, grouped-query, on strided views of
     a fused qkv row, equal to SDPA to bf16 rounding (probabilities rounded to bf16 as torch's

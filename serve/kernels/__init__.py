@@ -8,6 +8,8 @@ Ops of one library, `torch.ops.ministack`, each fetched with `op(name)`:
   (else torch's SDPA);
 - `linear_half_weight` (half_linear.cpp): a float32 linear layer whose weight is stored in
   float16, half the bytes a decode step streams;
+- `linear_bf16` (bf16_linear.cpp): a bfloat16 linear layer on AVX-512 BF16 instructions over a
+  weight laid out in pairs at load, for decode-sized batches, where `bf16_linear_supported()`;
 - `rms_norm`, `rotary`, `silu_and_mul` (elementwise.cpp): the per-layer small ops in one pass
   each (float32, bfloat16, float16).
 
@@ -40,7 +42,7 @@ from profiling.measure import attention_flops, register_kernel
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "prefill_attention.cpp", "half_linear.cpp", "elementwise.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "prefill_attention.cpp", "half_linear.cpp", "bf16_linear.cpp", "elementwise.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("vec.h", "avx512_bf16.h")]
 # the vector ISA to compile for, from the capability torch itself dispatches on
 ISA_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mf16c"], "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
@@ -75,6 +77,7 @@ def load() -> bool:
     register_kernel(torch.ops.ministack.paged_decode_attention, _decode_flops, attention=True)
     register_kernel(torch.ops.ministack.prefill_attention, _prefill_flops, attention=True)
     register_kernel(torch.ops.ministack.linear_half_weight, _linear_flops, attention=False)
+    register_kernel(torch.ops.ministack.linear_bf16, _pairs_linear_flops, attention=False)
     return True
 
 
@@ -121,3 +124,8 @@ def _prefill_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale, out
 def _linear_flops(input: torch.Tensor, weight: torch.Tensor, bias, out_val=None) -> int:
     """2 x rows x in x out, as torch counts addmm/mm."""
     return 2 * input.numel() * weight.shape[0]
+
+
+def _pairs_linear_flops(input: torch.Tensor, packed: torch.Tensor, out_features: int, bias, out_val=None) -> int:
+    """2 x rows x in x out, the real outputs (not the packed weight's padding)."""
+    return 2 * input.numel() * out_features
