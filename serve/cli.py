@@ -39,6 +39,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-disk-gb", type=float, default=10.0, help="the disk tier's size cap (least recently used files go first)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                   help="fcfs: arrival order; priority: by each request's `priority` (lower first), then arrival")
 
 
 def rope_json(text: str) -> dict:
@@ -59,7 +61,7 @@ def engine_config(args: argparse.Namespace, **overrides: object):
         half_weights={"auto": None, "on": True, "off": False}[args.half_weights], kv_cache_fraction=args.kv_cache_fraction,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_dtype=args.kv_cache_dtype, kv_cache_disk=args.kv_cache_disk, kv_cache_disk_bytes=int(args.kv_cache_disk_gb * 2**30),
-        rope_scaling=args.rope_scaling,
+        rope_scaling=args.rope_scaling, scheduling_policy=args.scheduling_policy,
     )
     return EngineConfig(**(settings | overrides))
 
@@ -115,7 +117,7 @@ def build_backend(args: argparse.Namespace):
             model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_bytes=kv_bytes,
             kv_cache_fraction=args.kv_cache_fraction, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue, ledger=args.ledger,
-            tensor_parallel_size=args.tensor_parallel_size,
+            tensor_parallel_size=args.tensor_parallel_size, scheduling_policy=args.scheduling_policy,
         )
     if args.tensor_parallel_size != 1:
         raise SystemExit("ministack serve: --tensor-parallel-size needs --engine vllm")

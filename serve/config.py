@@ -14,6 +14,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_DTYPES = {**DTYPES, "int8": torch.int8}  # int8: a float32 scale per token and head beside the codes
+SCHEDULING_POLICIES = ("fcfs", "priority")
 DEFAULT_CPU_KV_BYTES = 1 << 30  # CPU memory is shared with everything else: a fixed, modest default
 DEFAULT_GPU_KV_FRACTION = 0.8  # of the GPU memory free after loading the weights
 
@@ -35,6 +36,9 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens per step (decodes + prefill chunks)
     enable_prefix_caching: bool = True
+    # fcfs: waiting requests in arrival order; priority: by each request's `priority` (lower
+    # first, then arrival), and preemption takes the lowest-priority running sequence (vLLM's policies)
+    scheduling_policy: str = "fcfs"
     kv_cache_disk: str | None = None  # directory of the prefix cache's disk tier (serve.engine.disk_cache); None: off
     kv_cache_disk_bytes: int = 10 << 30  # its size cap
     rope_scaling: dict | None = None  # override of the model's rope_parameters, e.g. {"rope_type": "yarn", "factor": 4}
@@ -45,6 +49,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_DTYPES:
             raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:

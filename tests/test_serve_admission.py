@@ -103,13 +103,22 @@ def test_the_cli_refuses_impossible_limits_in_one_line_naming_the_flag(flags, me
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
-def test_priority_is_refused_not_ignored(tiny_model):
-    live = LiveServer(AsyncEngine(engine_for(tiny_model)))
-    try:
-        r = httpx.post(f"{live.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "priority": 1}, timeout=60)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
-    finally:
-        live.close()
+def test_priority_is_refused_under_fcfs_and_honoured_under_the_priority_policy(tiny_model):
+    """Under the default first-come-first-served policy a non-zero `priority` is a 400 naming the
+    field and the flag that enables it (never silently ignored); under `--scheduling-policy
+    priority` the same request is served (the order itself: tests/test_serve_engine_scheduler.py)."""
+    body = {"prompt": "Hi", "max_tokens": 2, "priority": -3}
+    for policy, status in (("fcfs", 400), ("priority", 200)):
+        live = LiveServer(AsyncEngine(engine_for(tiny_model, scheduling_policy=policy)))
+        try:
+            r = httpx.post(f"{live.url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == status, r.text
+            if status == 400:
+                assert r.json()["error"]["param"] == "priority" and "--scheduling-policy priority" in r.json()["error"]["message"]
+        finally:
+            live.close()
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        EngineConfig(scheduling_policy="lifo").validate()
 
 
 def test_rope_scaling_reaches_the_engine_config():

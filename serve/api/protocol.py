@@ -56,7 +56,7 @@ class StreamOptions(Strict):
 class _SamplingRequest(Strict):
     """Fields both endpoints share; ranges are OpenAI's. vLLM's extensions: top_k, min_p,
     repetition_penalty, min_tokens, stop_token_ids, ignore_eos, allowed_token_ids, bad_words,
-    include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens. Fields left out
+    include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens, priority. Fields left out
     take the model's generation_config.json defaults (temperature, top_p, top_k, min_p,
     repetition_penalty), else OpenAI's."""
 
@@ -78,6 +78,7 @@ class _SamplingRequest(Strict):
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = Field(None, ge=1)  # keep the prompt's last k tokens
     seed: int | None = None
+    priority: int = 0  # vLLM's: lower is scheduled first; non-zero needs --scheduling-policy priority
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop_token_ids: list[int] | None = None
@@ -152,6 +153,7 @@ class _SamplingRequest(Strict):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             structured=self.structured(),
+            priority=self.priority,
         )
 
     def structured_field(self) -> str | None:

@@ -40,6 +40,7 @@ class VllmBackend:
         self, model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
         kv_cache_bytes: int | None = None, kv_cache_fraction: float | None = None, max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512, max_queue: int = 256, ledger: str | None = None, tensor_parallel_size: int = 1,
+        scheduling_policy: str = "fcfs",
     ) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -49,7 +50,7 @@ class VllmBackend:
             model=str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             tensor_parallel_size=tensor_parallel_size, kv_cache_memory_bytes=kv_cache_bytes,
-            enable_prefix_caching=True, disable_log_stats=True,
+            enable_prefix_caching=True, disable_log_stats=True, scheduling_policy=scheduling_policy,
         )
         if kv_cache_fraction is not None:
             args.gpu_memory_utilization = kv_cache_fraction
@@ -92,7 +93,7 @@ class VllmBackend:
         arrival = time.time()
         first_token_time = None
         previous: dict[int, CompletionOutput] = {}
-        stream = self.engine.generate({"prompt_token_ids": prompt_ids}, vllm_params, request_id)
+        stream = self.engine.generate({"prompt_token_ids": prompt_ids}, vllm_params, request_id, priority=params.priority)
         try:
             async for out in stream:
                 outputs = [self._delta(c, previous.get(c.index)) for c in out.outputs]

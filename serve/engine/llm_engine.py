@@ -92,7 +92,7 @@ class LLMEngine:
             f"weights {'float16 storage, float32 math' if self.half_weights else str(self.dtype).removeprefix('torch.')}"
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.kv_window)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy)
         self.runner = ModelRunner(self.model, shape, num_blocks, config.block_size, self.dtype, self.device, self.kv_dtype)
         self.disk = None  # the prefix cache's disk tier
         if config.kv_cache_disk is not None:
@@ -141,6 +141,9 @@ class LLMEngine:
         params.validate(vocab)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.priority and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority {params.priority} needs the priority scheduling policy (--scheduling-policy priority); "
+                             f"this engine schedules {self.config.scheduling_policy}")
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:

@@ -32,6 +32,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output
     skip_special_tokens: bool = True  # in the returned text
     structured: StructuredOutput | None = None  # JSON schema, regex, choice or grammar the output must match
+    # scheduling, not sampling (carried here so that one object describes a request): under
+    # EngineConfig.scheduling_policy "priority", lower values are scheduled first (vLLM's convention)
+    priority: int = 0
 
     def validate(self, vocab_size: int | None = None) -> None:
         """ValueError naming the first bad field; token ids checked against `vocab_size` when given."""

@@ -15,10 +15,17 @@ part-prefilled sequence before any decode, the latest admitted first (or, if non
 the sequence itself). Its blocks are released and it returns to the front of the waiting
 queue with all its tokens, prompt and generated, to be prefilled again (its full blocks
 usually still sit in the prefix cache). Nothing is lost: only the K/V is dropped.
+
+Under the "priority" policy (vLLM's) every order above is by each request's `priority`
+(lower first), then by arrival: running sequences are scheduled highest priority first
+(a decode does not go before a higher-priority prefill), the victim of a preemption is the
+lowest-priority one, and waiting requests are admitted in priority order. A waiting request
+does not preempt running ones to get in (as in vLLM): it takes the next free slot.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 
 from serve.engine.block_manager import BlockManager
@@ -26,8 +33,9 @@ from serve.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, policy: str = "fcfs") -> None:
         self.bm = block_manager
+        self.by_priority = policy == "priority"
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -37,7 +45,15 @@ class Scheduler:
         self.prefix_hits = 0  # of which found
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self.by_priority:
+            self._insert_waiting(seq)
+        else:
+            self.waiting.append(seq)
+
+    def _insert_waiting(self, seq: Sequence) -> None:
+        """Into the waiting queue at its place by (priority, arrival)."""
+        at = bisect.bisect_right([_rank(s) for s in self.waiting], _rank(seq))
+        self.waiting.insert(at, seq)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, new tokens) pairs for the next step, decodes first."""
@@ -45,7 +61,7 @@ class Scheduler:
         scheduled: list[tuple[Sequence, int]] = []
         decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
-        queue = deque(decodes + prefills)
+        queue = deque(sorted(decodes + prefills, key=_rank) if self.by_priority else decodes + prefills)
         preempted = self.num_preemptions
         while queue and budget:
             seq = queue.popleft()
@@ -89,7 +105,10 @@ class Scheduler:
         self.bm.release(seq)
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
+        if self.by_priority:
+            self._insert_waiting(seq)
+        else:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -100,3 +119,8 @@ class Scheduler:
             self.waiting.remove(seq)
         self.bm.release(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
+
+
+def _rank(seq: Sequence) -> tuple[int, float, int]:
+    """The priority policy's order: priority (lower first), arrival, then the sequence's index."""
+    return seq.request.params.priority, seq.request.arrival_time, seq.seq_id
