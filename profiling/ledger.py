@@ -45,6 +45,9 @@ class Record:
     rank: int | None = None  # training: the data-parallel rank; each rank records its own share of a step
     world_size: int | None = None  # training: ranks sharing the step (a step's totals sum over them)
     attempt: int | None = None  # training: which start of the run wrote it (train.runlog)
+    # bytes moved to and from memory by part, modelled from what ran (serving: weights, kv_read,
+    # kv_write; serve.engine.traffic); empty where not recorded
+    bytes_parts: dict[str, int] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
 
     @property
@@ -56,11 +59,15 @@ class Record:
         return self.measured_flops / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
+    def bytes_moved(self) -> int:
+        return sum(self.bytes_parts.values())
+
+    @property
     def mfu(self) -> float:
         return mfu(self.measured_flops, self.wall_s, self.peak_flops)
 
     def to_json(self) -> str:
-        data = asdict(self) | {"ratio": self.ratio, "flops_per_s": self.flops_per_s, "mfu": self.mfu}
+        data = asdict(self) | {"ratio": self.ratio, "flops_per_s": self.flops_per_s, "mfu": self.mfu, "bytes_moved": self.bytes_moved}
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
@@ -77,6 +84,7 @@ def make_record(
     wall_s: float,
     peak: DevicePeak,
     shape: str,
+    bytes_parts: dict[str, int] | None = None,
     **ids,
 ) -> Record:
     """A record whose law FLOPs use N = trained non-embedding parameters (profiling.parts).
@@ -101,6 +109,7 @@ def make_record(
         params=dict(params),
         peak_flops=peak.flops,
         peak_source=peak.source,
+        bytes_parts=dict(bytes_parts or {}),
         **ids,
     )
 

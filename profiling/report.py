@@ -39,6 +39,7 @@ class Group:
     peak_s: float = 0.0  # sum of wall_s * peak, for a time-weighted MFU
     measured_by_part: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     law_by_part: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    bytes_by_part: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # bytes moved (serving records)
 
     def add(self, r: Record) -> None:
         self.records += 1
@@ -52,6 +53,8 @@ class Group:
         self.peak_s += r.wall_s * r.peak_flops
         for part, n in r.parts.items():
             self.measured_by_part[part] += n
+        for part, n in r.bytes_parts.items():
+            self.bytes_by_part[part] += n
         k = law_multiplier(r.kind)
         for part, n in r.params.items():
             if part in LAW_PARTS:
@@ -74,6 +77,22 @@ class Group:
     def mfu(self) -> float:
         return self.measured / self.peak_s if self.peak_s else math.nan
 
+    @property
+    def bytes(self) -> int:
+        return sum(self.bytes_by_part.values())
+
+    @property
+    def intensity(self) -> float:
+        """Arithmetic intensity: measured FLOPs per byte moved (nan where no bytes were recorded)."""
+        return self.measured / self.bytes if self.bytes else math.nan
+
+    def bound(self, bandwidth: float | None) -> str:
+        """'compute' or 'bandwidth': the roofline side of the group's intensity against the machine's
+        balance (its time-weighted peak FLOP/s over `bandwidth` bytes/s); '' where either is unknown."""
+        if not bandwidth or not self.bytes or not self.peak_s or not self.wall_s:
+            return ""
+        return "compute" if self.intensity >= self.peak_s / self.wall_s / bandwidth else "bandwidth"
+
     def share(self, part: str) -> float:
         return self.measured_by_part.get(part, 0.0) / self.measured if self.measured else 0.0
 
@@ -82,6 +101,7 @@ class Group:
             "kind": self.kind, "shape": self.shape, "records": self.records, f"{self.unit}s": self.n,
             "ranks": self.ranks, "tokens": self.tokens, "measured_flops": self.measured, "law_flops": self.law,
             "ratio": self.ratio, "mfu": self.mfu,
+            "bytes_moved": self.bytes, "bytes_by_part": dict(self.bytes_by_part), "flops_per_byte": self.intensity,
             "peaks": [{"flops": f, "source": s, "records": n} for (f, s), n in self.peaks.items()],
             "parts": {
                 p: {"measured": self.measured_by_part.get(p, 0.0), "law": self.law_by_part.get(p, 0.0)}
@@ -138,7 +158,17 @@ def _peaks(g: Group) -> str:
     return f"peaks from {one(peaks[0])} to {one(peaks[-1])}, {len(peaks) - 2} more between"
 
 
-def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipped: int) -> str:
+def _traffic(g: Group, bandwidth: float | None) -> str:
+    """The group's bytes moved by part, its FLOPs per byte, and (given the bandwidth) its roofline side."""
+    parts = ", ".join(f"{part} {n / g.bytes:.0%}" for part, n in sorted(g.bytes_by_part.items(), key=lambda kv: -kv[1]))
+    line = f"bytes moved {_e(float(g.bytes))} ({parts}); {g.intensity:.1f} FLOPs per byte"
+    if not bandwidth:
+        return line + " (--bandwidth BYTES/S says whether that is compute- or bandwidth-bound)"
+    balance = g.peak_s / g.wall_s / bandwidth if g.wall_s and g.peak_s else math.nan
+    return line + f"; machine balance {balance:.1f} FLOPs per byte ({bandwidth / 1e9:.4g} GB/s): {g.bound(bandwidth) or 'unknown'}-bound"
+
+
+def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipped: int, bandwidth: float | None = None) -> str:
     law_name = {"train": "6ND", "infer": "2NT"}
     out = []
     for kind, g in kinds.items():
@@ -148,15 +178,19 @@ def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipp
         mfu = "-" if math.isnan(g.mfu) else f"{g.mfu:.1%}"
         out.append(f"measured {_e(g.measured)} FLOPs   law {_e(g.law)}   measured/law {g.ratio:.3f}   MFU {mfu}")
         out.append(f"MFU against {_peaks(g)}")
+        if g.bytes:
+            out.append(_traffic(g, bandwidth))
         out.append("")
         unit = g.unit
         width = max([34] + [len(s.shape) for s in shapes[kind]])  # shape labels are never cut
+        traffic = f" {'FLOP/B':>7}" + (f" {'bound':>9}" if bandwidth else "") if g.bytes else ""
         out.append(f"{'shape':<{width}} {unit + 's':>8} {'tokens/' + unit:>14} {'measured/' + unit:>16} "
-                   f"{'law/' + unit:>12} {'ratio':>7} {'attn':>6}")
+                   f"{'law/' + unit:>12} {'ratio':>7} {'attn':>6}{traffic}")
         for s in shapes[kind]:
+            traffic = f" {s.intensity:>7.1f}" + (f" {s.bound(bandwidth):>9}" if bandwidth else "") if g.bytes else ""
             out.append(
                 f"{s.shape:<{width}} {s.n:>8} {s.tokens / s.n:>14.0f} {_e(s.measured / s.n):>16} "
-                f"{_e(s.law / s.n):>12} {s.ratio:>7.3f} {s.share(ATTENTION):>6.1%}"
+                f"{_e(s.law / s.n):>12} {s.ratio:>7.3f} {s.share(ATTENTION):>6.1%}{traffic}"
             )
         out.append("")
         out.append("gap by part (measured/law = 1 + the sum of the gap/law column):")
@@ -216,6 +250,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-flops", type=parse_number, metavar="FLOP/S",
                    help="re-derive every MFU against this peak (e.g. a corrected one from `flops peak`) "
                         "instead of the peak each record kept")
+    p.add_argument("--bandwidth", type=parse_number, metavar="BYTES/S",
+                   help="the device's memory bandwidth: with the peak, says whether each shape's steps were "
+                        "compute- or bandwidth-bound (serving records carry the bytes they moved)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,11 +266,11 @@ def run(args: argparse.Namespace) -> int:
     png = plot(shapes, args.plot or Path(args.ledgers[0]).with_suffix(".png"))
     if args.json:
         print(json.dumps({
-            "kinds": {k: g.to_dict() for k, g in kinds.items()},
-            "shapes": {k: [g.to_dict() for g in gs] for k, gs in shapes.items()},
+            "kinds": {k: g.to_dict() | {"bound": g.bound(args.bandwidth)} for k, g in kinds.items()},
+            "shapes": {k: [g.to_dict() | {"bound": g.bound(args.bandwidth)} for g in gs] for k, gs in shapes.items()},
             "skipped": data.skipped, "plot": str(png),
         }, indent=1))
     else:
-        print(format_report(kinds, shapes, data.skipped))
+        print(format_report(kinds, shapes, data.skipped, args.bandwidth))
         print(f"plot: {png}")
     return 0

@@ -11,6 +11,7 @@ from test_serve_model import DEVICE, make_engine, prompts
 
 from profiling.formulas.llama import DECODER_PARTS, DecoderShape, decoder_flops
 from profiling.ledger import read_ledgers
+from serve.engine.model_runner import kv_bytes_per_block
 from profiling.measure import count_flops
 from serve.engine import SamplingParams
 from serve.kernels import load
@@ -184,6 +185,17 @@ def test_single_stream_flops_equal_the_exact_formula_and_land_in_the_ledger(tiny
     assert record.measured_flops == m.measured_flops and record.parts == m.flops_by_part
     assert record.shape == "prompt=21,gen=5" and record.law_flops == m.law_flops
     assert record.dtype == "fp32" and record.peak_flops > 0 and record.mfu > 0  # MFU vs this CPU's measured peak
+    # bytes moved beside the FLOPs: every step read all weights (one sequence, one logits row),
+    # the decodes read their contexts 22..25 from the cache, and 21 + 4 tokens' K/V were written
+    traffic = engine.runner.traffic
+    per_token = kv_bytes_per_block(shape, engine.config.block_size, torch.float32) // engine.config.block_size
+    assert record.bytes_parts == {"weights": 5 * (traffic.dense_bytes + traffic.lm_head_bytes),
+                                  "kv_read": per_token * sum(range(22, 26)), "kv_write": per_token * 25}
+    from profiling.report import format_report, summarize
+
+    kinds, shapes = summarize([record])
+    text = format_report(kinds, shapes, 0, bandwidth=1e12)
+    assert f"{record.measured_flops / record.bytes_moved:.1f} FLOPs per byte" in text and "-bound" in text
 
 
 def test_engine_config_is_checked_at_start(monkeypatch):

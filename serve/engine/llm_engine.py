@@ -353,6 +353,7 @@ class LLMEngine:
             wall_s=request.finished_time - request.arrival_time,
             peak=self.peak,
             shape=f"prompt={len(request.prompt_token_ids)},gen={generated}",
+            bytes_parts=request.bytes_by_part(),
             request_id=request.request_id,
         )
         self.ledger.append(record)

@@ -15,6 +15,7 @@ import torch
 
 from profiling.formulas.llama import DecoderShape
 from serve.engine.flops import FlopAttribution
+from serve.engine.traffic import ByteAttribution
 from serve.engine.sequence import Sequence
 from serve.kernels import op
 from serve.layers.attention import AttentionMetadata, DecodeGroup, PagedDecodes, PrefillChunk
@@ -56,7 +57,10 @@ class ModelRunner:
         kv_dtype = kv_dtype or dtype
         self.group_cost = GROUP_COST_TOKENS.get(device.type, GROUP_COST_TOKENS["cuda"])
         self.decode_kernel = device.type == "cpu" and op("paged_decode_attention") is not None  # else: gathered groups
-        self.flops = FlopAttribution(shape, [attn.window for attn in model.attention_layers()])
+        windows = [attn.window for attn in model.attention_layers()]
+        self.flops = FlopAttribution(shape, windows)
+        self.traffic = ByteAttribution(model, model.lm_head, kv_bytes_per_block(shape, block_size, kv_dtype) // block_size, shape.layers, windows)
+        self._step_rows = self._step_logits = 0  # the step being planned: its rows and lm-head rows (byte shares)
         # zeros, not empty: padded decode rows read slot 0.., and masked garbage could be NaN
         self.kv = torch.zeros(2, shape.layers, shape.kv_heads, num_blocks * block_size, shape.head_dim, dtype=kv_dtype, device=device)
         # an int8 cache's scales, one per token, head and plane (ones: a padded row reads slot 0..)
@@ -132,6 +136,7 @@ class ModelRunner:
                 prompt_spans.append((seq, span))
         logits_per_seq = {s.seq_id: 1 for s in sampling} | {s.seq_id: len(span) + (s in sampling) for s, span in prompt_spans}
         meta = AttentionMetadata(slot_mapping=self._tensor(slots))
+        self._step_rows, self._step_logits = len(ids), len(logits_rows) + len(prompt_rows)
         start = 0
         if decodes and self.decode_kernel:
             meta.paged = self._plan_paged(decodes)
@@ -155,6 +160,7 @@ class ModelRunner:
         tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes]  # FREED: never read
         for seq, n in zip(decodes, lengths):
             self._charge(seq, self.flops.decode(n, windowed=True))  # exactly its own context (window)
+            self._charge_bytes(seq, 1, 1, n, windowed=True)
         return PagedDecodes(len(decodes), torch.tensor(tables, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32), self.block_size)
 
     def _plan_decodes(self, decodes: list[Sequence], start: int) -> DecodeGroup:
@@ -169,6 +175,7 @@ class ModelRunner:
             group.mask = mask.view(len(decodes), 1, 1, longest).to(self.device, self.dtype)
         for seq in decodes:
             self._charge(seq, self.flops.decode(longest))  # its row of the call spans the group's longest context
+            self._charge_bytes(seq, 1, 1, longest, windowed=False)
         return group
 
     def _plan_chunk(self, seq: Sequence, start: int, n: int, logits: int) -> PrefillChunk:
@@ -176,9 +183,16 @@ class ModelRunner:
         past = seq.num_computed_tokens
         chunk = PrefillChunk(start, n, past, self._context_slots([seq.block_table], past) if past else None)
         self._charge(seq, self.flops.chunk(n, past, logits=logits))
+        self._charge_bytes(seq, n, logits, past, windowed=True, reach=1)
         return chunk
 
     @staticmethod
     def _charge(seq: Sequence, flops: dict[str, int]) -> None:
         for part, n in flops.items():
             seq.flops[part] += n
+
+    def _charge_bytes(self, seq: Sequence, rows: int, logits: int, kv_read_tokens: int, windowed: bool, reach: int = 0) -> None:
+        """Add the sequence's share of the step's bytes (serve.engine.traffic) to seq.bytes."""
+        shares = self.traffic.share(rows, self._step_rows, logits, self._step_logits, kv_read_tokens, windowed, reach)
+        for part, n in shares.items():
+            seq.bytes[part] += n

@@ -56,6 +56,7 @@ class Sequence:
         self.prompt_logprobs: list[dict | None] | None = [None] * self.num_prompt_tokens if wants else None
         self.matcher = None  # the grammar matcher of a structured output (serve.engine.structured), its own per sequence
         self.flops: dict[str, int] = defaultdict(int)  # FLOPs of the ops run for this sequence, by part
+        self.bytes: dict[str, int] = defaultdict(int)  # bytes its steps moved, by part (serve.engine.traffic)
         # n > 1: a sibling waits until the first sequence's prompt is cached, then shares its blocks
         self.after = after
         self.prompt_computed = False
@@ -105,8 +106,16 @@ class Request:
         return all(seq.is_finished for seq in self.seqs)
 
     def flops_by_part(self) -> dict[str, int]:
-        total: dict[str, int] = defaultdict(int)
-        for seq in self.seqs:
-            for part, n in seq.flops.items():
-                total[part] += n
-        return {part: n for part, n in total.items() if n}
+        return _sum_parts(seq.flops for seq in self.seqs)
+
+    def bytes_by_part(self) -> dict[str, int]:
+        return _sum_parts(seq.bytes for seq in self.seqs)
+
+
+def _sum_parts(counts) -> dict[str, int]:
+    """Per-part totals over the sequences' counters, zero parts left out."""
+    total: dict[str, int] = defaultdict(int)
+    for count in counts:
+        for part, n in count.items():
+            total[part] += n
+    return {part: n for part, n in total.items() if n}
