@@ -39,6 +39,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-disk-gb", type=float, default=10.0, help="the disk tier's size cap (least recently used files go first)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--speculative-config", type=speculative_json, default=None,
+                   help='n-gram speculative decoding (vLLM\'s flag): {"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}; greedy requests only')
     p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
                    help="fcfs: arrival order; priority: by each request's `priority` (lower first), then arrival")
 
@@ -48,6 +51,22 @@ def rope_json(text: str) -> dict:
     value = json.loads(text)
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
+    return value
+
+
+NGRAM_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+
+
+def speculative_json(text: str) -> dict:
+    """--speculative-config's value: vLLM's JSON for the ngram method; anything else is refused
+    by name (argparse names the flag)."""
+    value = rope_json(text)
+    if value.get("method") != "ngram":
+        raise argparse.ArgumentTypeError(f"method {value.get('method')!r}: only \"ngram\" (prompt lookup) is implemented")
+    if unknown := set(value) - NGRAM_KEYS:
+        raise argparse.ArgumentTypeError(f"unsupported keys {sorted(unknown)}; known: {sorted(NGRAM_KEYS)}")
+    if not isinstance(value.get("num_speculative_tokens"), int) or value["num_speculative_tokens"] < 1:
+        raise argparse.ArgumentTypeError("num_speculative_tokens must be an integer >= 1")
     return value
 
 
@@ -62,6 +81,7 @@ def engine_config(args: argparse.Namespace, **overrides: object):
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_dtype=args.kv_cache_dtype, kv_cache_disk=args.kv_cache_disk, kv_cache_disk_bytes=int(args.kv_cache_disk_gb * 2**30),
         rope_scaling=args.rope_scaling, scheduling_policy=args.scheduling_policy,
+        **{k: v for k, v in (args.speculative_config or {}).items() if k != "method"},
     )
     return EngineConfig(**(settings | overrides))
 
@@ -118,6 +138,7 @@ def build_backend(args: argparse.Namespace):
             kv_cache_fraction=args.kv_cache_fraction, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue, ledger=args.ledger,
             tensor_parallel_size=args.tensor_parallel_size, scheduling_policy=args.scheduling_policy,
+            speculative_config=args.speculative_config,
         )
     if args.tensor_parallel_size != 1:
         raise SystemExit("ministack serve: --tensor-parallel-size needs --engine vllm")

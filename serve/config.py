@@ -39,6 +39,11 @@ class EngineConfig:
     # fcfs: waiting requests in arrival order; priority: by each request's `priority` (lower
     # first, then arrival), and preemption takes the lowest-priority running sequence (vLLM's policies)
     scheduling_policy: str = "fcfs"
+    # n-gram (prompt-lookup) speculative decoding (serve.engine.speculative): drafts per step for
+    # greedy sequences, 0: off; matched n-grams of prompt_lookup_min..prompt_lookup_max tokens
+    num_speculative_tokens: int = 0
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
     kv_cache_disk: str | None = None  # directory of the prefix cache's disk tier (serve.engine.disk_cache); None: off
     kv_cache_disk_bytes: int = 10 << 30  # its size cap
     rope_scaling: dict | None = None  # override of the model's rope_parameters, e.g. {"rope_type": "yarn", "factor": 4}
@@ -51,6 +56,10 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        if self.num_speculative_tokens and not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} and {self.prompt_lookup_max}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:

@@ -141,6 +141,11 @@ class ServingMetrics:
                stats.prefix_cache_queries)
         single("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_cache_hits)
         single("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions from the engine.", stats.num_preemptions)
+        single("vllm:spec_decode_num_drafts_total", "counter", "Number of n-gram speculative proposals verified.", stats.spec_drafts)
+        single("vllm:spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens verified.", stats.spec_draft_tokens)
+        single("vllm:spec_decode_num_accepted_tokens_total", "counter", "Number of draft tokens the model accepted.", stats.spec_accepted_tokens)
+        single("ministack:spec_decode_acceptance_rate", "gauge", "Accepted over verified draft tokens (0 before any).",
+               stats.spec_accepted_tokens / stats.spec_draft_tokens if stats.spec_draft_tokens else 0.0)
         with self._lock:
             single("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", self.prompt_tokens)
             single("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", self.generation_tokens)

@@ -40,7 +40,7 @@ class VllmBackend:
         self, model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
         kv_cache_bytes: int | None = None, kv_cache_fraction: float | None = None, max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512, max_queue: int = 256, ledger: str | None = None, tensor_parallel_size: int = 1,
-        scheduling_policy: str = "fcfs",
+        scheduling_policy: str = "fcfs", speculative_config: dict | None = None,
     ) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -51,6 +51,7 @@ class VllmBackend:
             max_num_batched_tokens=max_num_batched_tokens,
             tensor_parallel_size=tensor_parallel_size, kv_cache_memory_bytes=kv_cache_bytes,
             enable_prefix_caching=True, disable_log_stats=True, scheduling_policy=scheduling_policy,
+            speculative_config=speculative_config,
         )
         if kv_cache_fraction is not None:
             args.gpu_memory_utilization = kv_cache_fraction

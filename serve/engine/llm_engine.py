@@ -18,7 +18,6 @@ import time
 import torch
 
 from profiling.formulas.llama import DECODER_PARTS, DecoderShape
-from profiling.laws import infer_flops
 from profiling.hardware import device_peak
 from profiling.ledger import Ledger, make_record
 from profiling.measure import FlopCount
@@ -28,13 +27,14 @@ from serve.engine.block_manager import BlockManager
 from serve.engine.detokenizer import Detokenizer
 from serve.engine.disk_cache import DiskCache, DiskTier, fingerprint
 from serve.engine.model_runner import ModelRunner, kv_bytes_per_block
-from serve.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from serve.engine.outputs import EngineStats, RequestOutput, law_tokens, request_output
 from serve.engine.sampler import Sampler
 from serve.engine.structured import Grammars
 from serve.engine.token_bytes import TokenBytes
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import Scheduler
 from serve.engine.sequence import Request, Sequence
+from serve.engine.speculative import NgramProposer, NgramSpeculator
 from serve.models import load_model
 from serve.models.llama import layer_windows
 from serve.weights import eos_ids, generation_defaults, model_name, resolve_model
@@ -93,6 +93,8 @@ class LLMEngine:
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.kv_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy)
+        self.speculator = (NgramSpeculator(NgramProposer(config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min))
+                           if config.num_speculative_tokens else None)
         self.runner = ModelRunner(self.model, shape, num_blocks, config.block_size, self.dtype, self.device, self.kv_dtype)
         self.disk = None  # the prefix cache's disk tier
         if config.kv_cache_disk is not None:
@@ -227,29 +229,38 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; an output for every request that got tokens or finished."""
+        if self.speculator is not None:
+            self.speculator.draft(self.scheduler.running)
         batch = self.scheduler.schedule()
+        if self.speculator is not None:
+            ran = {seq.seq_id for seq, _ in batch}
+            for seq in self.scheduler.running + list(self.scheduler.waiting):  # the waiting: just preempted
+                if seq.seq_id not in ran:
+                    self.speculator.undraft(seq)
         if not batch:
             return []
         scheduled = time.time()
         for seq, _ in batch:
             seq.request.first_scheduled_time = seq.request.first_scheduled_time or scheduled
         started = time.perf_counter()
-        logits, sampling, prompt_spans = self.runner.execute(batch)
+        logits, sampling, verifying, prompt_spans = self.runner.execute(batch)
         self._measure_prefill(batch, time.perf_counter() - started)
+        drafted = {seq.seq_id for seq, _ in verifying}
         for seq, n in batch:
-            seq.num_computed_tokens += n
-            named = len(seq.block_hashes)
-            self.block_manager.commit(seq)
-            if self.disk is not None:
-                self.disk.write_through(seq, named)
-            self.block_manager.slide(seq)
-            if seq.num_computed_tokens >= seq.num_prompt_tokens:
-                seq.prompt_computed = True
+            if seq.seq_id not in drafted:
+                seq.num_computed_tokens += n
+                self._commit(seq)
         touched: dict[str, Request] = {}
         new_tokens: dict[int, list[int]] = {}
         now = time.time()
+        row = len(sampling)
+        for seq, n in verifying:
+            new_tokens[seq.seq_id] = self._verify(seq, n, logits[row : row + n])
+            seq.request.first_token_time = seq.request.first_token_time or now
+            touched[seq.request.request_id] = seq.request
+            row += n
         if prompt_spans:
-            self._record_prompt_logprobs(logits[len(sampling) :], prompt_spans)
+            self._record_prompt_logprobs(logits[row:], prompt_spans)
         for seq, (token, entry) in zip(sampling, self.sampler(logits[: len(sampling)], sampling, self.eos_token_ids, self._grammars)):
             if seq.matcher is not None and not seq.matcher.accept_token(token):
                 raise RuntimeError(f"the grammar refused token {token} it had allowed")
@@ -264,16 +275,42 @@ class LLMEngine:
         finished = [r for r in touched.values() if r.is_finished]
         for request in finished:
             request.finished_time = now
-        outputs = [self._output(r, new_tokens) for r in touched.values()]
+        outputs = [request_output(r, new_tokens, self.law_params) for r in touched.values()]
         for request in finished:
             self._retire(request)
         return outputs
+
+    def _commit(self, seq: Sequence) -> None:
+        """After a step advanced seq's computed tokens: name its filled blocks (and write them to
+        the disk tier), release what a sliding window left behind."""
+        named = len(seq.block_hashes)
+        self.block_manager.commit(seq)
+        if self.disk is not None:
+            self.disk.write_through(seq, named)
+        self.block_manager.slide(seq)
+        if seq.num_computed_tokens >= seq.num_prompt_tokens:
+            seq.prompt_computed = True
+
+    def _verify(self, seq: Sequence, n: int, logits: torch.Tensor) -> list[int]:
+        """A drafted sequence's step: the tokens it yields (serve.engine.speculative), committed
+        with their computed K/V, then appended one by one through the stop checks."""
+        tokens = self.speculator.verify(seq, n, logits)
+        seq.token_ids += tokens  # named with the kept drafts' K/V ...
+        seq.num_computed_tokens += len(tokens) - 1
+        self._commit(seq)
+        del seq.token_ids[-len(tokens) :]  # ... then emitted as if decoded one at a time
+        for i, token in enumerate(tokens):
+            seq.token_ids.append(token)
+            self._check_stop(seq, token)
+            if seq.is_finished:
+                return tokens[: i + 1]
+        return tokens
 
     def _measure_prefill(self, batch: list[tuple[Sequence, int]], seconds: float) -> None:
         """The prefill rate, tokens/s over steps that prefilled (a moving average, weight 0.2):
         what Retry-After divides the queued tokens by. A step's decodes are in its time too, as
         they are in the time the queue actually waits."""
-        tokens = sum(n for seq, n in batch if not (n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens))
+        tokens = sum(n for seq, n in batch if not seq.num_drafts and not (n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens))
         if tokens and seconds > 0:
             rate = tokens / seconds
             self.prefill_tokens_per_s = rate if not self.prefill_tokens_per_s else 0.8 * self.prefill_tokens_per_s + 0.2 * rate
@@ -300,45 +337,6 @@ class LLMEngine:
         elif len(seq.output_token_ids) >= p.max_tokens:
             self.scheduler.finish(seq, "length")
 
-    def _output(self, request: Request, new_tokens: dict[int, list[int]]) -> RequestOutput:
-        completions = [
-            CompletionOutput(
-                index=seq.index,
-                text=seq.detokenizer.text,
-                token_ids=seq.output_token_ids,
-                new_token_ids=new_tokens.get(seq.seq_id, []),
-                new_text=seq.detokenizer.delta(final=seq.is_finished),
-                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,  # a snapshot: the engine thread appends on
-                finish_reason=seq.finish_reason,
-            )
-            for seq in request.seqs
-        ]
-        first = request.seqs[0]
-        prompt_logprobs = list(first.prompt_logprobs) if first.prompt_logprobs is not None and first.prompt_computed else None
-        return RequestOutput(request.request_id, request.prompt_token_ids, completions, request.is_finished, self._metrics(request), prompt_logprobs)
-
-    def _metrics(self, request: Request) -> RequestMetrics:
-        by_part = request.flops_by_part()
-        generated = sum(len(seq.output_token_ids) for seq in request.seqs)
-        return RequestMetrics(
-            arrival_time=request.arrival_time,
-            first_token_time=request.first_token_time,
-            first_scheduled_time=request.first_scheduled_time,
-            finished_time=request.finished_time,
-            prompt_tokens=len(request.prompt_token_ids),
-            cached_prompt_tokens=request.seqs[0].num_cached_tokens,
-            disk_cached_prompt_tokens=min(request.seqs[0].num_disk_tokens, request.seqs[0].num_cached_tokens),
-            generated_tokens=generated,
-            measured_flops=sum(by_part.values()),
-            law_flops=infer_flops(self.law_params, self._law_tokens(request)),
-            flops_by_part=by_part,
-        )
-
-    @staticmethod
-    def _law_tokens(request: Request) -> int:
-        """T of the law's 2NT: the prompt once plus every generated token."""
-        return len(request.prompt_token_ids) + sum(len(seq.output_token_ids) for seq in request.seqs)
-
     def _retire(self, request: Request) -> None:
         """Forget a finished (or aborted) request; record its compute in the ledger."""
         self.requests.pop(request.request_id, None)
@@ -349,7 +347,7 @@ class LLMEngine:
             "infer",
             FlopCount(request.flops_by_part()),
             self.params_by_part,
-            tokens=self._law_tokens(request),
+            tokens=law_tokens(request),
             wall_s=request.finished_time - request.arrival_time,
             peak=self.peak,
             shape=f"prompt={len(request.prompt_token_ids)},gen={generated}",
@@ -376,6 +374,9 @@ class LLMEngine:
             prefill_tokens_per_s=self.prefill_tokens_per_s,
             disk_hit_tokens=self.disk.cache.hits * self.config.block_size if self.disk else 0,
             disk_rejected_files=self.disk.cache.rejected if self.disk else 0,
+            spec_drafts=self.speculator.num_drafts if self.speculator else 0,
+            spec_draft_tokens=self.speculator.num_draft_tokens if self.speculator else 0,
+            spec_accepted_tokens=self.speculator.num_accepted_tokens if self.speculator else 0,
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

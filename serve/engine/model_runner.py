@@ -105,23 +105,43 @@ class ModelRunner:
         return slots.flatten(1)[:, :length].to(self.device)
 
     @torch.no_grad()  # not inference_mode: profiling.measure needs autograd sequence numbers
-    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence], list[tuple[Sequence, range]]]:
+    def execute(self, batch: list[tuple[Sequence, int]]
+                ) -> tuple[torch.Tensor, list[Sequence], list[tuple[Sequence, int]], list[tuple[Sequence, range]]]:
         """Run one step of (sequence, new tokens) pairs. Returns float32 logits: first one row per
-        sequence whose computed tokens reach its end (it samples next), then, for sequences
-        computing prompt logprobs, one row per prompt position of their chunk that predicts a
-        prompt token; the sampling sequences; and those (sequence, positions) spans in row order.
-        Adds each sequence's FLOPs of the step to seq.flops; does not advance num_computed_tokens."""
+        sequence whose computed tokens reach its end (it samples next), then one row per position
+        of each sequence verifying speculative drafts (serve.engine.speculative: its n rows), then,
+        for sequences computing prompt logprobs, one row per prompt position of their chunk that
+        predicts a prompt token; the sampling sequences; the verifying (sequence, n) pairs; and
+        the prompt-logprob (sequence, positions) spans, each in row order. Adds each sequence's
+        FLOPs and bytes of the step to seq.flops / seq.bytes; does not advance num_computed_tokens.
+
+        A drafted sequence's positions run as decode queries (one per position, each over the
+        context up to itself), not as a prefill chunk: the same kernels as plain decoding, so the
+        logits it verifies against are the ones plain decoding would have produced."""
         bs = self.block_size
-        decodes = sorted((s for s, n in batch if n == 1 and s.num_computed_tokens > 0), key=lambda s: s.num_computed_tokens)
-        prefills = [(s, n) for s, n in batch if not (n == 1 and s.num_computed_tokens > 0)]
+        decoding = [(s, n) for s, n in batch if s.num_drafts or (n == 1 and s.num_computed_tokens > 0)]
+        decodes = sorted(((s, s.num_computed_tokens + i) for s, n in decoding for i in range(n)), key=lambda e: e[1])  # (seq, position)
+        prefills = [(s, n) for s, n in batch if not (s.num_drafts or (n == 1 and s.num_computed_tokens > 0))]
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
         sampling: list[Sequence] = []
+        drafted_rows: dict[int, list[int]] = {}
         prompt_rows: list[int] = []
         prompt_spans: list[tuple[Sequence, range]] = []
-        for seq, n in [(s, 1) for s in decodes] + prefills:
+        for seq, pos in decodes:
+            if seq.num_drafts:  # row i checks draft i (its position's logits)
+                drafted_rows.setdefault(seq.seq_id, []).append(len(ids))
+            else:
+                logits_rows.append(len(ids))
+                sampling.append(seq)
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+        verifying = [(s, n) for s, n in decoding if s.num_drafts]
+        verify_rows = [row for s, _ in verifying for row in drafted_rows[s.seq_id]]
+        for seq, n in prefills:
             start, table = seq.num_computed_tokens, seq.block_table
             first_row = len(ids)
             ids += seq.token_ids[start : start + n]
@@ -136,44 +156,46 @@ class ModelRunner:
                 prompt_spans.append((seq, span))
         logits_per_seq = {s.seq_id: 1 for s in sampling} | {s.seq_id: len(span) + (s in sampling) for s, span in prompt_spans}
         meta = AttentionMetadata(slot_mapping=self._tensor(slots))
-        self._step_rows, self._step_logits = len(ids), len(logits_rows) + len(prompt_rows)
+        self._step_rows, self._step_logits = len(ids), len(logits_rows) + len(verify_rows) + len(prompt_rows)
         start = 0
         if decodes and self.decode_kernel:
             meta.paged = self._plan_paged(decodes)
             start = len(decodes)
-        for size in length_groups([s.num_computed_tokens + 1 for s in decodes], self.group_cost) if not meta.paged else ():
+        for size in length_groups([pos + 1 for _, pos in decodes], self.group_cost) if not meta.paged else ():
             meta.decodes.append(self._plan_decodes(decodes[start : start + size], start))
             start += size
         for seq, n in prefills:
             meta.prefills.append(self._plan_chunk(seq, start, n, logits_per_seq.get(seq.seq_id, 0)))
             start += n
-        logits = self.model(self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows + prompt_rows))
-        return logits.float(), sampling, prompt_spans
+        logits = self.model(self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows + verify_rows + prompt_rows))
+        return logits.float(), sampling, verifying, prompt_spans
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _plan_paged(self, decodes: list[Sequence]) -> PagedDecodes:
-        """All decodes in one kernel call: block tables and context lengths, nothing gathered."""
-        lengths = [s.num_computed_tokens + 1 for s in decodes]
+    def _plan_paged(self, decodes: list[tuple[Sequence, int]]) -> PagedDecodes:
+        """All decode queries (sequence, position) in one kernel call: block tables and context
+        lengths, nothing gathered."""
+        lengths = [pos + 1 for _, pos in decodes]
         width = -(-max(lengths) // self.block_size)
-        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes]  # FREED: never read
-        for seq, n in zip(decodes, lengths):
+        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s, _ in decodes]  # FREED: never read
+        for (seq, _), n in zip(decodes, lengths):
             self._charge(seq, self.flops.decode(n, windowed=True))  # exactly its own context (window)
             self._charge_bytes(seq, 1, 1, n, windowed=True)
         return PagedDecodes(len(decodes), torch.tensor(tables, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32), self.block_size)
 
-    def _plan_decodes(self, decodes: list[Sequence], start: int) -> DecodeGroup:
-        """One batched call for a group: every context padded to the longest, the padding masked."""
-        lengths = [s.num_computed_tokens + 1 for s in decodes]
+    def _plan_decodes(self, decodes: list[tuple[Sequence, int]], start: int) -> DecodeGroup:
+        """One batched call for a group of decode queries (sequence, position): every context
+        padded to the longest, the padding masked."""
+        lengths = [pos + 1 for _, pos in decodes]
         longest = max(lengths)
-        slots = self._context_slots([s.block_table for s in decodes], longest)
+        slots = self._context_slots([s.block_table for s, _ in decodes], longest)
         group = DecodeGroup(start, len(decodes), slots, torch.tensor(lengths, device=self.device))
         if min(lengths) < longest:
             allowed = torch.arange(longest) < torch.tensor(lengths).unsqueeze(1)
             mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
             group.mask = mask.view(len(decodes), 1, 1, longest).to(self.device, self.dtype)
-        for seq in decodes:
+        for seq, _ in decodes:
             self._charge(seq, self.flops.decode(longest))  # its row of the call spans the group's longest context
             self._charge_bytes(seq, 1, 1, longest, windowed=False)
         return group

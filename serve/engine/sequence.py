@@ -57,6 +57,7 @@ class Sequence:
         self.matcher = None  # the grammar matcher of a structured output (serve.engine.structured), its own per sequence
         self.flops: dict[str, int] = defaultdict(int)  # FLOPs of the ops run for this sequence, by part
         self.bytes: dict[str, int] = defaultdict(int)  # bytes its steps moved, by part (serve.engine.traffic)
+        self.num_drafts = 0  # speculative tokens at the end of token_ids, awaiting verification (serve.engine.speculative)
         # n > 1: a sibling waits until the first sequence's prompt is cached, then shares its blocks
         self.after = after
         self.prompt_computed = False
