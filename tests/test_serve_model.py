@@ -338,9 +338,15 @@ def test_rope_scaling_override_extends_the_context(tiny_llama, tmp_path):
     scaled_cfg._attn_implementation = "sdpa"
     scaled = LlamaForCausalLM(scaled_cfg).eval()
     scaled.load_state_dict(tiny_llama.state_dict())
-    (prompt,) = prompts([600], seed=6)  # past the model's own 512 positions
-    (out,) = engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=3))
+    short, (prompt,) = prompts([60], seed=7)[0], prompts([600], seed=6)  # within / past the model's own 512 positions
+    greedy = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=3)
+    native_out, out = engine.generate([short, prompt], greedy)  # one batch: rows of both tables
     assert_matches(scaled, prompt, out.outputs[0])
+    assert_matches(tiny_llama, short, native_out.outputs[0])  # the scaling is applied only where needed
+    # the native request's cached blocks are another cache's: a scaled prompt sharing them recomputes
+    (again,) = engine.generate([short + prompt[: 600 - len(short)]], greedy)
+    assert again.metrics.cached_prompt_tokens == 0
+    assert_matches(scaled, short + prompt[: 600 - len(short)], again.outputs[0])
     with pytest.raises(ValueError, match="exceeds the model's context 512"):
         make_engine(tiny_llama, tmp_path, max_model_len=1024)
 

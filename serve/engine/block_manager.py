@@ -38,7 +38,7 @@ class Block:
         self.token_ids: tuple[int, ...] = ()
 
 
-def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+def block_hash(parent: int | str | None, token_ids: tuple[int, ...]) -> int:
     return hash((parent, token_ids))
 
 
@@ -71,7 +71,7 @@ class BlockManager:
         for a sequence that needs the logits of every prompt position (prompt logprobs)."""
         if not self.enable_prefix_caching or seq.computes_prompt_logprobs:
             return []
-        found, parent, bs = [], None, self.block_size
+        found, parent, bs = [], seq.cache_root, self.block_size
         for i in range((seq.num_tokens - 1) // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             parent = block_hash(parent, tokens)
@@ -107,7 +107,7 @@ class BlockManager:
         the query at `computed` sees keys from computed - window + 1."""
         return max(0, computed - self.window + 1) // self.block_size if self.window else 0
 
-    def adopt(self, parent: int | None, token_ids: tuple[int, ...], keep: set[int]) -> int | None:
+    def adopt(self, parent: int | str | None, token_ids: tuple[int, ...], keep: set[int]) -> int | None:
         """A free block (not one in `keep`), named as holding `token_ids` after the block hashed
         `parent`, and left in the free list as a cached block (most recently used): the disk
         tier fills it and the scheduler then finds it as a prefix hit. None if no block is free."""
@@ -144,7 +144,7 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else seq.cache_root, tokens)
             block = self.blocks[seq.block_table[i]]
             block.hash, block.token_ids = h, tokens
             self.cached.setdefault(h, block.id)  # a twin computed earlier stays the one served

@@ -82,10 +82,11 @@ class DiskCache:
         with self._lock:
             return key in self._index
 
-    def extend_keys(self, keys: list[str], token_ids: list[int], blocks: int) -> None:
-        """Grow `keys` (a sequence's chain so far) to its first `blocks` full blocks."""
+    def extend_keys(self, keys: list[str], token_ids: list[int], blocks: int, root: str | None = None) -> None:
+        """Grow `keys` (a sequence's chain so far) to its first `blocks` full blocks; `root` (its
+        cache_root) salts the chain beside the model's fingerprint."""
         if len(keys) < blocks:
-            keys += chain_keys(token_ids, self.block_size, len(keys), blocks, keys[-1] if keys else self.salt)
+            keys += chain_keys(token_ids, self.block_size, len(keys), blocks, keys[-1] if keys else self.salt + (f"/{root}" if root else ""))
 
     def store(self, key: str, token_ids: list[int], tensors: dict[str, torch.Tensor]) -> None:
         """Queue one block's tensors (copies, CPU) for writing; dropped if the writer is behind."""
@@ -180,7 +181,7 @@ class DiskTier:
     def write_through(self, seq, first: int) -> None:
         """Queue seq's blocks `first`.. that commit just named (and that are not on disk yet)."""
         bs = self.bm.block_size
-        self.cache.extend_keys(seq.disk_keys, seq.token_ids, len(seq.block_hashes))
+        self.cache.extend_keys(seq.disk_keys, seq.token_ids, len(seq.block_hashes), seq.cache_root)
         for i in range(first, len(seq.block_hashes)):
             if seq.block_table[i] >= 0 and seq.disk_keys[i] not in self.cache:
                 self.cache.store(seq.disk_keys[i], seq.token_ids[i * bs : (i + 1) * bs], self.runner.read_block(seq.block_table[i]))
@@ -193,8 +194,8 @@ class DiskTier:
         usable = (seq.num_tokens - 1) // bs  # as cached_prefix: one token is always computed
         if seq.computes_prompt_logprobs or len(hits) >= usable:
             return 0
-        self.cache.extend_keys(seq.disk_keys, seq.token_ids, usable)
-        parent = self.bm.blocks[hits[-1]].hash if hits else None
+        self.cache.extend_keys(seq.disk_keys, seq.token_ids, usable, seq.cache_root)
+        parent = self.bm.blocks[hits[-1]].hash if hits else seq.cache_root
         keep, loaded = set(hits), 0
         for i in range(len(hits), usable):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])

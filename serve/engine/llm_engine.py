@@ -70,7 +70,11 @@ class LLMEngine:
             )
         self.model_name = model_name(model_dir)
         self.half_weights = config.use_half_weights(self.dtype)
-        self.model = load_model(model_dir, hf_config, rope, self.max_model_len, self.dtype, self.device, self.half_weights)
+        # RoPE scaling the server adds is for the requests past the model's own context only
+        native = rope_parameters(hf_config, None)
+        self.native_context = min(context_limit(hf_config, native), self.max_model_len) if config.rope_scaling and rope != native else None
+        self.model = load_model(model_dir, hf_config, rope, self.max_model_len, self.dtype, self.device, self.half_weights,
+                                native_rope=(native, self.native_context) if self.native_context else None)
         has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir) if has_tokenizer else None
         self.eos_token_ids = eos_ids(model_dir, hf_config)
@@ -165,6 +169,7 @@ class LLMEngine:
                 f"({self.max_tokens_in_cache} tokens): lower max_tokens, or raise --kv-cache-gb (kv_cache_bytes)"
             )
         request = Request(request_id, prompt_token_ids, params)
+        request.rope_scaled = self.native_context is not None and total > self.native_context
         request.bad_words_ids = self._bad_words_ids(params.bad_words)
         grammars = self.grammars() if params.structured is not None else None
         if grammars is not None:

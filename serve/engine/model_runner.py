@@ -61,6 +61,9 @@ class ModelRunner:
         self.flops = FlopAttribution(shape, windows)
         self.traffic = ByteAttribution(model, model.lm_head, kv_bytes_per_block(shape, block_size, kv_dtype) // block_size, shape.layers, windows)
         self._step_rows = self._step_logits = 0  # the step being planned: its rows and lm-head rows (byte shares)
+        # where --rope-scaling added a scaled RoPE, requests within the native context index the
+        # model's own rotations at position + this offset (serve.layers.rope)
+        self.native_rope_offset = model.model.rotary_emb.native_offset
         # zeros, not empty: padded decode rows read slot 0.., and masked garbage could be NaN
         self.kv = torch.zeros(2, shape.layers, shape.kv_heads, num_blocks * block_size, shape.head_dim, dtype=kv_dtype, device=device)
         # an int8 cache's scales, one per token, head and plane (ones: a padded row reads slot 0..)
@@ -137,7 +140,7 @@ class ModelRunner:
                 logits_rows.append(len(ids))
                 sampling.append(seq)
             ids.append(seq.token_ids[pos])
-            positions.append(pos)
+            positions.append(pos + self._rope_offset(seq))
             slots.append(seq.block_table[pos // bs] * bs + pos % bs)
         verifying = [(s, n) for s, n in decoding if s.num_drafts]
         verify_rows = [row for s, _ in verifying for row in drafted_rows[s.seq_id]]
@@ -145,7 +148,7 @@ class ModelRunner:
             start, table = seq.num_computed_tokens, seq.block_table
             first_row = len(ids)
             ids += seq.token_ids[start : start + n]
-            positions += range(start, start + n)
+            positions += range(start + self._rope_offset(seq), start + n + self._rope_offset(seq))
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             if start + n == seq.num_tokens:
                 logits_rows.append(len(ids) - 1)
@@ -169,6 +172,10 @@ class ModelRunner:
             start += n
         logits = self.model(self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows + verify_rows + prompt_rows))
         return logits.float(), sampling, verifying, prompt_spans
+
+    def _rope_offset(self, seq: Sequence) -> int:
+        """Where seq's rows look their RoPE rotations up: the native table unless it needs scaling."""
+        return self.native_rope_offset if self.native_rope_offset is not None and not seq.request.rope_scaled else 0
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

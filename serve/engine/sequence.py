@@ -67,6 +67,11 @@ class Sequence:
         return self.request.params
 
     @property
+    def cache_root(self) -> str | None:
+        """The parent of its first block's hash: K/V rotated by scaled RoPE is another cache's."""
+        return "rope-scaled" if self.request.rope_scaled else None
+
+    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
@@ -96,6 +101,7 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (LLMEngine.add_request)
+        self.rope_scaled = False  # rotated by the server's --rope-scaling (it needs more than the native context)
         self.arrival_time = time.time()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

@@ -10,6 +10,11 @@ each layer rotates its q and k with them (`rotate`).
 Dynamic NTK is fixed at max_model_len (as vLLM does): transformers recomputes it from the
 longest sequence in the batch, which a KV cache holding keys rotated earlier cannot follow.
 The two agree for a sequence that fills max_model_len.
+
+Scaling that the server adds (`--rope-scaling`) is applied only to the requests that need it:
+the table holds the scaled rotations, then (from `native_offset` on) the model's own up to its
+native context, and the model runner indexes a request that fits the native context at
+position + native_offset, so it is rotated exactly as without the flag.
 """
 
 from __future__ import annotations
@@ -41,13 +46,18 @@ def inverse_frequencies(hf_config, rope: dict, max_model_len: int) -> tuple[torc
 
 
 class RotaryEmbedding(nn.Module):
-    """The cos/sin tables of every position up to max_positions (with the scaling applied)."""
+    """The cos/sin tables of every position up to max_positions (with the scaling applied), and,
+    given `native` = (inv_freq, attention_scaling, positions) of the model's own RoPE, those
+    after them from row `native_offset` on."""
 
-    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int) -> None:
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int,
+                 native: tuple[torch.Tensor, float, int] | None = None) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float, device=inv_freq.device), inv_freq)
-        self.register_buffer("cos", freqs.cos() * attention_scaling, persistent=False)
-        self.register_buffer("sin", freqs.sin() * attention_scaling, persistent=False)
+        tables = [(inv_freq, attention_scaling, max_positions)] + ([native] if native is not None else [])
+        freqs = [torch.outer(torch.arange(n, dtype=torch.float, device=f.device), f) for f, _, n in tables]
+        self.register_buffer("cos", torch.cat([x.cos() * scale for x, (_, scale, _) in zip(freqs, tables)]), persistent=False)
+        self.register_buffer("sin", torch.cat([x.sin() * scale for x, (_, scale, _) in zip(freqs, tables)]), persistent=False)
+        self.native_offset = max_positions if native is not None else None
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at each token's position, (tokens, 1, rotary_dim / 2), for `rotate`."""

@@ -15,17 +15,23 @@ from serve.weights import load_state_dict
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 
 
-def load_model(model_dir: Path, hf_config, rope: dict, max_model_len: int, dtype: torch.dtype, device: torch.device, half_weights: bool = False) -> LlamaForCausalLM:
+def load_model(model_dir: Path, hf_config, rope: dict, max_model_len: int, dtype: torch.dtype, device: torch.device, half_weights: bool = False,
+               native_rope: tuple[dict, int] | None = None) -> LlamaForCausalLM:
     """The model of `model_dir` with its weights, in eval mode on `device`; with `half_weights`
-    (the CPU, float32) its linear layers' weights stored in float16 (serve.layers.linear)."""
+    (the CPU, float32) its linear layers' weights stored in float16 (serve.layers.linear). With
+    `native_rope` = (the model's own RoPE parameters, its context) beside a scaled `rope`, both
+    rotations are tabulated (serve.layers.rope: requests that fit the native context use it)."""
     if hf_config.model_type not in LLAMA_FAMILY:
         raise ValueError(f"model type {hf_config.model_type!r} is not supported (supported: {', '.join(sorted(LLAMA_FAMILY))})")
     state = stack_projections(load_state_dict(model_dir))
     inv_freq, scaling = inverse_frequencies(hf_config, rope, max_model_len)
+    native = None
+    if native_rope is not None:
+        native = (*inverse_frequencies(hf_config, native_rope[0], native_rope[1]), native_rope[1])
     with torch.device("meta"):  # no random init of weights about to be overwritten
         model = LlamaForCausalLM(hf_config, RotaryEmbedding(inv_freq, scaling, max_model_len), biases_of(state))
     model.to_empty(device=device)
-    model.model.rotary_emb = RotaryEmbedding(inv_freq, scaling, max_model_len).to(device)  # real cos/sin tables
+    model.model.rotary_emb = RotaryEmbedding(inv_freq, scaling, max_model_len, native).to(device)  # real cos/sin tables
     model.tie_weights()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.tied)]
