@@ -20,6 +20,12 @@ from profiling.measure import attention_flops
 from profiling.parts import ATTENTION, DENSE, LM_HEAD
 
 
+def layer_keys(n: int, reach: int, windows: list[int | None]) -> list[int]:
+    """Keys each layer attends to out of `n` cached ones: all, or under a sliding window the last
+    `window - reach` (a decode reaches 0, a chunk's past 1: its own first token is in the window)."""
+    return [n if w is None else min(n, w - reach) for w in windows]
+
+
 class FlopAttribution:
     def __init__(self, shape: DecoderShape, windows: list[int | None] | None = None) -> None:
         self.shape = shape
@@ -34,8 +40,7 @@ class FlopAttribution:
         return sum(layers * attention_flops(1, s.heads, q_len, k, s.head_dim, s.head_dim, causal) for k, layers in Counter(k_lens).items())
 
     def _keys(self, n: int, reach: int) -> list[int]:
-        """Keys each layer attends to out of `n`: all, or the last `window - reach`."""
-        return [n if w is None else min(n, w - reach) for w in self.windows]
+        return layer_keys(n, reach, self.windows)
 
     def decode(self, context: int, windowed: bool = False) -> dict[str, int]:
         """A decode: one token, one query over `context` keys (its own context in the paged

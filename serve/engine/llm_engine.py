@@ -238,10 +238,7 @@ class LLMEngine:
             self.speculator.draft(self.scheduler.running)
         batch = self.scheduler.schedule()
         if self.speculator is not None:
-            ran = {seq.seq_id for seq, _ in batch}
-            for seq in self.scheduler.running + list(self.scheduler.waiting):  # the waiting: just preempted
-                if seq.seq_id not in ran:
-                    self.speculator.undraft(seq)
+            self.speculator.undraft_unscheduled(batch)
         if not batch:
             return []
         scheduled = time.time()

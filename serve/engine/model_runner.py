@@ -122,9 +122,10 @@ class ModelRunner:
         context up to itself), not as a prefill chunk: the same kernels as plain decoding, so the
         logits it verifies against are the ones plain decoding would have produced."""
         bs = self.block_size
-        decoding = [(s, n) for s, n in batch if s.num_drafts or (n == 1 and s.num_computed_tokens > 0)]
+        decoding, prefills = [], []  # decode queries: one new token after a computed context, or drafts to verify
+        for s, n in batch:
+            (decoding if s.num_drafts or (n == 1 and s.num_computed_tokens > 0) else prefills).append((s, n))
         decodes = sorted(((s, s.num_computed_tokens + i) for s, n in decoding for i in range(n)), key=lambda e: e[1])  # (seq, position)
-        prefills = [(s, n) for s, n in batch if not (s.num_drafts or (n == 1 and s.num_computed_tokens > 0))]
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

@@ -85,14 +85,24 @@ class NgramSpeculator:
         self.num_drafts = 0  # verified proposals (vLLM's spec_decode_num_drafts)
         self.num_draft_tokens = 0  # draft tokens verified
         self.num_accepted_tokens = 0  # of which the model agreed with
+        self._drafted: list[Sequence] = []  # this step's drafted sequences
 
     def draft(self, running: list[Sequence]) -> None:
         """Append drafts to every eligible running sequence (never past its max_tokens)."""
+        self._drafted = []
         for seq in running:
-            if eligible(seq):
-                drafts = self.proposer.propose(seq.token_ids, seq.params.max_tokens - len(seq.output_token_ids) - 1)
+            if eligible(seq) and (drafts := self.proposer.propose(seq.token_ids, seq.params.max_tokens - len(seq.output_token_ids) - 1)):
                 seq.token_ids += drafts
                 seq.num_drafts = len(drafts)
+                self._drafted.append(seq)
+
+    def undraft_unscheduled(self, batch: list[tuple[Sequence, int]]) -> None:
+        """Take the drafts back from the drafted sequences the step will not run (left out by the
+        budget, or preempted)."""
+        ran = {seq.seq_id for seq, _ in batch}
+        for seq in self._drafted:
+            if seq.seq_id not in ran:
+                self.undraft(seq)
 
     @staticmethod
     def undraft(seq: Sequence) -> None:

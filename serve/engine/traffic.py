@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from serve.engine.flops import layer_keys
+
 WEIGHTS, KV_READ, KV_WRITE = "weights", "kv_read", "kv_write"
 
 
@@ -37,14 +39,12 @@ class ByteAttribution:
         self.kv_per_layer_token = kv_bytes_per_token // layers
         self.windows = windows
 
-    def _kv(self, keys: int, reach: int) -> int:
-        """Bytes of `keys` cached tokens read by every layer, a sliding one its last window - reach."""
-        return self.kv_per_layer_token * sum(keys if w is None else min(keys, w - reach) for w in self.windows)
 
     def share(self, rows: int, step_rows: int, logits: int, step_logits: int, kv_read_tokens: int, windowed: bool, reach: int = 0) -> dict[str, int]:
         """A sequence's bytes of one step: `rows` of the step's `step_rows`, `logits` of its
         `step_logits` lm-head rows, `kv_read_tokens` cached tokens read (clipped to each layer's
         window if `windowed`, a chunk's past reaching `reach` = 1 token less), `rows` written."""
         weights = self.dense_bytes * rows / step_rows + (self.lm_head_bytes * logits / step_logits if step_logits else 0)
-        read = self._kv(kv_read_tokens, reach) if windowed else self.kv_per_layer_token * len(self.windows) * kv_read_tokens
+        keys = layer_keys(kv_read_tokens, reach, self.windows) if windowed else [kv_read_tokens] * len(self.windows)
+        read = self.kv_per_layer_token * sum(keys)
         return {WEIGHTS: round(weights), KV_READ: read, KV_WRITE: self.kv_per_layer_token * len(self.windows) * rows}
