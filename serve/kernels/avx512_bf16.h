@@ -10,8 +10,16 @@
 #include <cstdint>
 
 #define MINISTACK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+// the same without the BF16 products: what the paged decode attention needs
+#define MINISTACK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 namespace ministack {
+
+inline bool avx512_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq");
+}
 
 inline bool avx512_bf16_supported() {
   __builtin_cpu_init();
@@ -19,8 +27,8 @@ inline bool avx512_bf16_supported() {
 }
 
 // e^x for x <= 0 in 16 lanes: 2^n * 2^f, 2^f by its degree-7 Taylor series (vec.h's
-// exp8_nonpositive, sixteen lanes wide).
-MINISTACK_AVX512BF16 inline __m512 exp16_nonpositive(__m512 x) {
+// exp8_nonpositive, sixteen lanes wide). Plain AVX-512F: the decode attention's softmax uses it too.
+MINISTACK_AVX512 inline __m512 exp16_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -26,9 +26,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 #include <immintrin.h>
 
+#include "avx512_bf16.h"
 #include "vec.h"
 
 namespace {
@@ -144,13 +146,7 @@ constexpr bool HAVE_AVX2 = false;
 // and-add tree instead of one horizontal sum each. In the engine (SmolLM2, bf16 cache, 16
 // sequences of ~330 tokens) a layer's call went from 380-450 to 310-350 us; from 4,000 tokens
 // on, both are bound by reading the scattered blocks (~7-9 GB/s on a 2-core AVX-512 EPYC).
-#define MINISTACK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-
-bool avx512_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512dq");
-}
+using ministack::avx512_supported;
 
 MINISTACK_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 MINISTACK_AVX512 inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the high half of a float
@@ -173,25 +169,40 @@ MINISTACK_AVX512 inline __m512 sum_lanes16(const __m512 v[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(lo, hi, 0x88), _mm512_shuffle_f32x4(lo, hi, 0xDD));
 }
 
-// Scores of `group` query heads against a run's K rows, 16 rows at a time: each row widened
-// once, its per-head partial products kept as vectors, then summed 16 at a time.
+// Scores of `group` query heads against a run's K rows, 16 rows at a time: the rows widened to
+// float32 once (an int8 row times its scale) into an L1-resident tile that every head of the
+// group then reads (a float32 cache's full tiles are read where they lie), each head's partial
+// products kept as vectors and summed 16 at a time. Widening once rather than once per head,
+// the scale folded in, and the vector softmax below (the scalar maximum it replaces was ~7% of
+// the call): an int8 cache's decode at 16k context, 30 layers, went from 485 to 440 us a layer
+// (both builds in one process, in turn; 2-core AVX-512 EPYC); bf16 and float32 unchanged.
 template <typename scalar_t, int HD>
-MINISTACK_AVX512 void score_run_avx512(const float* q, const scalar_t* k, int64_t stride, int64_t count, int64_t group, float* s, int64_t n) {
+MINISTACK_AVX512 void score_run_avx512(const float* q, const scalar_t* k, const float* row_scale, int64_t stride, int64_t count, int64_t group, float* s,
+                                       int64_t n) {
   constexpr int C = HD / 16;
+  alignas(64) float tile[16][HD];
   __m512 partial[16];
   for (int64_t t0 = 0; t0 < count; t0 += 16) {
     const int64_t rows = std::min<int64_t>(16, count - t0);
+    const float* base = tile[0];
+    int64_t row_stride = HD;
+    if (std::is_same_v<scalar_t, float> && rows == 16 && row_scale == nullptr) {
+      base = reinterpret_cast<const float*>(k + t0 * stride);
+      row_stride = stride;
+    } else {
+      for (int64_t j = 0; j < 16; ++j) {
+        const __m512 mult = _mm512_set1_ps(j >= rows ? 0.0f : row_scale != nullptr ? row_scale[t0 + j] : 1.0f);
+        const scalar_t* row = k + (t0 + std::min(j, rows - 1)) * stride;  // rows past the run: zeros
+        for (int c = 0; c < C; ++c) _mm512_store_ps(tile[j] + 16 * c, _mm512_mul_ps(load16(row + 16 * c), mult));
+      }
+    }
     for (int64_t g = 0; g < group; ++g) {
       __m512 qv[C];
       for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + g * HD + 16 * c);
       for (int64_t j = 0; j < 16; ++j) {
-        if (j >= rows) {
-          partial[j] = _mm512_setzero_ps();
-          continue;
-        }
-        const scalar_t* row = k + (t0 + j) * stride;
-        __m512 acc = _mm512_mul_ps(qv[0], load16(row));
-        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], load16(row + 16 * c), acc);
+        const float* row = base + j * row_stride;
+        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row));
+        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(row + 16 * c), acc);
         partial[j] = acc;
       }
       _mm512_mask_storeu_ps(s + g * n + t0, static_cast<__mmask16>((1u << rows) - 1), sum_lanes16(partial));
@@ -234,6 +245,26 @@ MINISTACK_AVX512 void accumulate_run_avx512(const float* p, const scalar_t* v, i
   }
 }
 
+// s[i] = e^(s[i] - max) over n scores, 16 lanes at a time; returns the maximum and the sum.
+MINISTACK_AVX512 void softmax_numerators_avx512(float* s, int64_t n, float& max_out, float& sum_out) {
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 lanes = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    top = _mm512_mask_max_ps(top, lanes, top, _mm512_maskz_loadu_ps(lanes, s + i));
+  }
+  const float m = _mm512_reduce_max_ps(top);
+  const __m512 shift = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 lanes = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(lanes, ministack::exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + i), shift)));
+    _mm512_mask_storeu_ps(s + i, lanes, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  max_out = m;
+  sum_out = _mm512_reduce_add_ps(sum);
+}
+
 // s[g * n + t] *= scale[t] for a run's rows: an int8 row's scale, applied to what it produced.
 inline void scale_run(const float* scale, float* s, int64_t count, int64_t group, int64_t n) {
   for (int64_t g = 0; g < group; ++g)
@@ -273,8 +304,11 @@ void attend_partition(const float* q, const scalar_t* k, const scalar_t* v, cons
   };
   for_each_run(k, [&](int64_t row, int64_t i, int64_t run) {
     if (avx512) {
-      (head_dim == 64 ? score_run_avx512<scalar_t, 64> : score_run_avx512<scalar_t, 128>)(q, k + row, plane.slot_stride, run, group, scores + i, n);
-    } else if (avx2) {
+      const float* row_scale = k_scale != nullptr ? k_scale + row / plane.slot_stride : nullptr;
+      return (head_dim == 64 ? score_run_avx512<scalar_t, 64> : score_run_avx512<scalar_t, 128>)(q, k + row, row_scale, plane.slot_stride, run, group,
+                                                                                                  scores + i, n);
+    }
+    if (avx2) {
 #if MINISTACK_AVX2
       score_run_avx2(q, k + row, plane.slot_stride, run, group, head_dim, scores + i, n);
 #endif
@@ -285,7 +319,12 @@ void attend_partition(const float* q, const scalar_t* k, const scalar_t* v, cons
   });
   for (int64_t g = 0; g < group; ++g) {  // softmax numerators
     float* s = scores + g * n;
+    if (avx512) {
+      softmax_numerators_avx512(s, n, max_out[g], sum_out[g]);
+      continue;
+    }
     float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
     for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
