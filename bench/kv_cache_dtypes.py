@@ -2,7 +2,11 @@
 
 For every `--kv-cache-dtype` (float32, bfloat16, float16, int8) the same model (`--dtype`)
 prefills one random prompt per context length and times the decode steps after it (median of
-`--decode-tokens`, scaling.context.measure_context: the engine's own step, batch `--batch`).
+`--decode-tokens`, scaling.context.measure_contexts: the engine's own step, batch `--batch`).
+One engine per dtype, all alive at once, their timed steps taken in turn (one step of each a
+round): this VM's speed wanders by tens of percent over minutes, and dtypes measured one after
+another compared the drift as much as the caches. Each engine's cache holds what the longest
+context needs (at most `--kv-cache-gb`); the capacity column is what `--kv-cache-gb` holds.
 At long contexts a decode step reads more K/V than weights, and on a CPU it is bound by memory
 bandwidth, so the cache's bytes per token set its speed. Contexts past the model's own window
 run under YaRN (factor = what the longest needs). Prints TPOT, tokens/s and the ratio to the
@@ -23,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scaling.context import measure_context  # noqa: E402
-from serve.config import EngineConfig  # noqa: E402
+from scaling.context import measure_contexts  # noqa: E402
+from serve.config import KV_DTYPES as KV_CACHE_DTYPES, EngineConfig  # noqa: E402
 from serve.engine.llm_engine import LLMEngine  # noqa: E402
 from serve.engine.model_runner import kv_bytes_per_block  # noqa: E402
 
@@ -54,16 +58,26 @@ def main(argv: list[str] | None = None) -> int:
     rope = None
     if longest > native:
         rope = {"rope_type": "yarn", "factor": float(2 ** math.ceil(math.log2(longest / native))), "original_max_position_embeddings": native}
-    rows = []
+    from profiling.formulas.llama import DecoderShape
+
+    shape = DecoderShape.from_hf(AutoConfig.from_pretrained(resolve_model(args.model)))
+    budget = int(args.kv_cache_gb * 2**30)
+    block = EngineConfig().block_size
+    engines = {}
     for kv in args.kv_cache_dtypes.split(","):
-        engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_dtype=kv, kv_cache_bytes=int(args.kv_cache_gb * 2**30),
-                                        enable_prefix_caching=False, rope_scaling=rope, max_model_len=longest, max_num_seqs=args.batch))
-        per_token = kv_bytes_per_block(engine.runner.flops.shape, 1, engine.kv_dtype)
-        for point in measure_context(engine, contexts, batch=args.batch, decode_tokens=args.decode_tokens):
+        per_block = kv_bytes_per_block(shape, block, KV_CACHE_DTYPES[kv])
+        need = (args.batch * (longest + 2 * block) // block + 8) * per_block  # every sequence's blocks, a few spare
+        engines[kv] = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_dtype=kv, kv_cache_bytes=min(budget, need),
+                                             enable_prefix_caching=False, rope_scaling=rope, max_model_len=longest, max_num_seqs=args.batch))
+    rows = []
+    for kv, points in measure_contexts(engines, contexts, batch=args.batch, decode_tokens=args.decode_tokens).items():
+        per_token = kv_bytes_per_block(shape, 1, engines[kv].kv_dtype)
+        capacity = budget // kv_bytes_per_block(shape, block, engines[kv].kv_dtype) * block
+        for point in points:
             rows.append({"kv_cache_dtype": kv, "context": point.context, "tpot_s": point.tpot_s, "tokens_per_s": args.batch / point.tpot_s,
-                         "ttft_s": point.ttft_s, "kv_bytes_per_token": per_token, "capacity_tokens": engine.max_tokens_in_cache})
-            print(f"  {kv:<9} context {point.context:>6}: TPOT {point.tpot_s * 1e3:7.1f} ms  TTFT {point.ttft_s:6.1f} s", flush=True)
-        del engine
+                         "tpot_spread_s": point.tpot_spread_s, "ttft_s": point.ttft_s, "kv_bytes_per_token": per_token, "capacity_tokens": capacity})
+            print(f"  {kv:<9} context {point.context:>6}: TPOT {point.tpot_s * 1e3:7.1f} ms (fastest {point.tpot_spread_s[0] * 1e3:.1f}, "
+                  f"slowest {point.tpot_spread_s[1] * 1e3:.1f})  TTFT {point.ttft_s:6.1f} s", flush=True)
     base = {r["context"]: r["tokens_per_s"] for r in rows if r["kv_cache_dtype"] == "float32"}
     print(f"\nmodel dtype {args.dtype}, batch {args.batch}, rope {rope or 'native'}, KV budget {args.kv_cache_gb} GiB\n")
     print("| KV cache | bytes / token | capacity (tokens) | " + " | ".join(f"{c} tok/s (vs float32)" for c in contexts) + " |")

@@ -35,6 +35,7 @@ from serve.engine.model_runner import kv_bytes_per_block
 
 # A decode's FLOPs other than attention: what the weights cost, the part the law's 2N describes.
 WEIGHT_PARTS = ("dense", "lm_head")
+WARM_UP_CONTEXT = 128  # the warm-up point's prompt length, at most: a 16k warm-up would double a long run
 
 
 @dataclass
@@ -73,7 +74,8 @@ def _max_tokens(engine, context: int, batch: int, decode_tokens: int) -> int:
     return decode_tokens + 2 + batch * context // engine.config.max_num_batched_tokens + batch
 
 
-def _run_point(engine, context: int, batch: int, decode_tokens: int, seed: int) -> ContextPoint:
+def _prefill(engine, context: int, batch: int, decode_tokens: int, seed: int) -> tuple[list[str], float]:
+    """Adds the point's prompts and steps until every one has its first token: (ids, TTFT in s)."""
     from serve.engine import SamplingParams
 
     params = SamplingParams(max_tokens=_max_tokens(engine, context, batch, decode_tokens), temperature=0, ignore_eos=True)
@@ -83,25 +85,77 @@ def _run_point(engine, context: int, batch: int, decode_tokens: int, seed: int) 
     started, prefilled = time.perf_counter(), set()
     while len(prefilled) < batch:
         prefilled |= {o.request_id for o in engine.step() if o.outputs[0].token_ids}
-    ttft = time.perf_counter() - started
-    prefill = engine.requests[ids[0]].flops_by_part()
-    counted = count_flops(engine.step, DECODER_PARTS)
-    steps = []
+    return ids, time.perf_counter() - started
+
+
+def _timed_step(engine, steps: list[float]) -> None:
+    t0 = time.perf_counter()
+    engine.step()
+    steps.append(time.perf_counter() - t0)
+
+
+def _run_points(engines: dict, context: int, batch: int, decode_tokens: int, seed: int) -> dict[str, ContextPoint]:
+    """One point per engine: each prefills (in turn), then the timed decode steps go round-robin,
+    one step of each engine a round."""
+    started = {name: _prefill(engine, context, batch, decode_tokens, seed) for name, engine in engines.items()}
+    prefill = {name: engine.requests[started[name][0][0]].flops_by_part() for name, engine in engines.items()}
+    counted = {name: count_flops(engine.step, DECODER_PARTS) for name, engine in engines.items()}
+    steps: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(decode_tokens):
-        t0 = time.perf_counter()
-        engine.step()
-        steps.append(time.perf_counter() - t0)
-    for rid in ids:
-        engine.abort_request(rid)
-    shape = engine.runner.flops.shape
-    formula = {k: v for k, v in decoder_flops(shape, q_len=1, past_len=context, logits=1).items() if v}
-    kv_per_token = kv_bytes_per_block(shape, 1, engine.kv_dtype)  # as stored (int8: codes and scales)
-    return ContextPoint(
-        context=context, batch=batch, ttft_s=ttft, prefill_flops=sum(prefill.values()),
-        decode_flops={k: v // batch for k, v in counted.by_part.items()}, formula_flops=formula,
-        law_flops=2.0 * engine.law_params, tpot_s=statistics.median(steps), tpot_spread_s=(min(steps), max(steps)),
-        kv_bytes=batch * (context + 1) * kv_per_token,
-    )
+        for name, engine in engines.items():
+            _timed_step(engine, steps[name])
+    points = {}
+    for name, engine in engines.items():
+        ids, ttft = started[name]
+        for rid in ids:
+            engine.abort_request(rid)
+        shape = engine.runner.flops.shape
+        formula = {k: v for k, v in decoder_flops(shape, q_len=1, past_len=context, logits=1).items() if v}
+        kv_per_token = kv_bytes_per_block(shape, 1, engine.kv_dtype)  # as stored (int8: codes and scales)
+        points[name] = ContextPoint(
+            context=context, batch=batch, ttft_s=ttft, prefill_flops=sum(prefill[name].values()),
+            decode_flops={k: v // batch for k, v in counted[name].by_part.items()}, formula_flops=formula,
+            law_flops=2.0 * engine.law_params, tpot_s=statistics.median(steps[name]), tpot_spread_s=(min(steps[name]), max(steps[name])),
+            kv_bytes=batch * (context + 1) * kv_per_token,
+        )
+    return points
+
+
+def measure_context(engine, contexts: list[int], batch: int = 1, decode_tokens: int = 16, seed: int = 0) -> list[ContextPoint]:
+    """One ContextPoint per context length (ascending), after a short warm-up request. Every
+    prompt is its own random tokens (no prefix-cache hits); run the engine with prefix caching
+    off all the same where the cache may hold them from earlier requests.
+
+    Raises ValueError naming the context when a point cannot fit the model's context or the
+    engine's KV cache (`engine.add_request`'s own check)."""
+    return measure_contexts({"engine": engine}, contexts, batch, decode_tokens, seed)["engine"]
+
+
+def measure_contexts(engines: dict, contexts: list[int], batch: int = 1, decode_tokens: int = 16, seed: int = 0) -> dict[str, list[ContextPoint]]:
+    """`measure_context` for several engines (by name) on the same prompts, their timed decode
+    steps taken in turn (one step of each engine a round), so that a machine whose speed wanders
+    during the run (a shared VM's does, by tens of percent over minutes) slows every engine
+    alike: the ratio between two engines is then measured, not the drift between their turns.
+    Each engine's points as `measure_context` returns them; the same errors."""
+    if batch < 1 or decode_tokens < 1:
+        raise ValueError(f"batch and decode_tokens must be >= 1, got {batch}, {decode_tokens}")
+    for c in contexts:
+        if c < 1:
+            raise ValueError(f"contexts are prompt lengths of at least 1 token, got {c}")
+        for engine in engines.values():
+            generated = _max_tokens(engine, c, batch, decode_tokens)
+            if c + generated > engine.max_model_len:
+                raise ValueError(f"context {c} + up to {generated} generated tokens (the timed decodes and the batch's "
+                                 f"chunked-prefill margin) does not fit the model's {engine.max_model_len}")
+            need = batch * (c + generated + engine.config.block_size)
+            if need > engine.max_tokens_in_cache:
+                raise ValueError(f"context {c} x batch {batch} needs ~{need:,} KV tokens; the cache holds {engine.max_tokens_in_cache:,}")
+    _run_points(engines, min(*contexts, WARM_UP_CONTEXT), batch, decode_tokens, seed=-1)  # kernels built, allocator warm
+    points: dict[str, list[ContextPoint]] = {name: [] for name in engines}
+    for c in sorted(contexts):
+        for name, point in _run_points(engines, c, batch, decode_tokens, seed).items():
+            points[name].append(point)
+    return points
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -119,29 +173,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
             tensors = list(module.parameters(recurse=False))
         read |= {t.data_ptr(): t.numel() * t.element_size() for t in tensors}  # a tied weight once
     return sum(read.values())
-
-
-def measure_context(engine, contexts: list[int], batch: int = 1, decode_tokens: int = 16, seed: int = 0) -> list[ContextPoint]:
-    """One ContextPoint per context length (ascending), after a short warm-up request. Every
-    prompt is its own random tokens (no prefix-cache hits); run the engine with prefix caching
-    off all the same where the cache may hold them from earlier requests.
-
-    Raises ValueError naming the context when a point cannot fit the model's context or the
-    engine's KV cache (`engine.add_request`'s own check)."""
-    if batch < 1 or decode_tokens < 1:
-        raise ValueError(f"batch and decode_tokens must be >= 1, got {batch}, {decode_tokens}")
-    for c in contexts:
-        if c < 1:
-            raise ValueError(f"contexts are prompt lengths of at least 1 token, got {c}")
-        generated = _max_tokens(engine, c, batch, decode_tokens)
-        if c + generated > engine.max_model_len:
-            raise ValueError(f"context {c} + up to {generated} generated tokens (the timed decodes and the batch's "
-                             f"chunked-prefill margin) does not fit the model's {engine.max_model_len}")
-        need = batch * (c + generated + engine.config.block_size)
-        if need > engine.max_tokens_in_cache:
-            raise ValueError(f"context {c} x batch {batch} needs ~{need:,} KV tokens; the cache holds {engine.max_tokens_in_cache:,}")
-    _run_point(engine, min(contexts), batch, decode_tokens, seed=-1)  # kernels built, caches and allocator warm
-    return [_run_point(engine, c, batch, decode_tokens, seed) for c in sorted(contexts)]
 
 
 def analyze_context(points: list[ContextPoint], weights_bytes: int) -> dict:

@@ -11,7 +11,7 @@ from test_serve_model import make_engine
 
 from profiling.formulas.llama import decoder_flops
 from scaling.cli import main
-from scaling.context import WEIGHT_PARTS, analyze_context, context_report, measure_context, weight_bytes
+from scaling.context import WEIGHT_PARTS, analyze_context, context_report, measure_context, measure_contexts, weight_bytes
 from scaling.plots import plot_context
 from scaling.report import format_context
 
@@ -49,6 +49,23 @@ def test_measured_decode_flops_equal_the_formula_and_the_crossovers_hold(tiny_ll
     assert f"batch {batch}" in text and "within 0.00% of the formula" in text
     assert plot_context(report, tmp_path / "context.png").stat().st_size > 10_000
     assert not engine.has_unfinished_requests()
+
+
+def test_engines_measured_in_turn_see_the_same_prompts_and_step_alternately(tiny_llama, tmp_path, monkeypatch):
+    """measure_contexts: one point per engine and context, the same prompts (the same FLOPs for
+    the same model), and the timed decode steps taken one engine after the other."""
+    engines = {kv: make_engine(tiny_llama, tmp_path / kv, kv_cache_dtype=kv) for kv in ("float32", "int8")}
+    order = []
+    for name, engine in engines.items():
+        step = engine.step
+        monkeypatch.setattr(engine, "step", lambda step=step, name=name: (order.append(name), step())[1])
+    points = measure_contexts(engines, [24, 8], decode_tokens=3)
+    assert [p.context for p in points["float32"]] == [p.context for p in points["int8"]] == [8, 24]
+    for a, b in zip(points["float32"], points["int8"]):
+        assert a.decode_flops == b.decode_flops and a.prefill_flops == b.prefill_flops
+        assert a.kv_bytes > 3 * b.kv_bytes  # float32 rows against int8 codes and a scale
+    assert order[-6:] == ["float32", "int8"] * 3  # the last point's timed steps, in turn
+    assert not any(engine.has_unfinished_requests() for engine in engines.values())
 
 
 def test_refuses_what_it_cannot_measure(tiny_llama, tmp_path):
