@@ -280,3 +280,47 @@ def test_bf16_prefill_attention_equals_causal_sdpa_and_is_counted_as_attention()
     assert counted.by_part == {ATTENTION: attention_flops(1, 9, 1, 1, 64, 64, causal=True) + attention_flops(1, 9, 1, 16, 64, 64, causal=False)}
     with pytest.raises(RuntimeError, match="bfloat16 only"):
         op("prefill_attention")(q.float(), k.float(), v.float(), 1.0)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+def test_store_kv_writes_the_bytes_the_torch_path_writes(x_dtype, cache_dtype, monkeypatch):
+    """serve.kernels' store_kv against PagedAttention's torch path (the kernels switched off):
+    the same cache bytes and int8 scales, from strided views of a fused qkv row, slots in any
+    order; nothing else in the cache touched."""
+    from serve.layers.attention import PagedAttention
+
+    g = torch.Generator().manual_seed(3)
+    tokens, kv_heads, dim, slots_total = 7, 3, 64, 40
+    qkv = (torch.randn(tokens, 5 * kv_heads * dim, generator=g) * 3).to(x_dtype)
+    k = qkv[:, 3 * kv_heads * dim: 4 * kv_heads * dim].view(tokens, kv_heads, dim)
+    v = qkv[:, 4 * kv_heads * dim:].view(tokens, kv_heads, dim)
+    k[0, 1] = 0  # an all-zero row: the int8 scale's clamp
+    slots = torch.tensor([5, 0, 39, 17, 18, 2, 30])
+    layers = []
+    for _ in range(2):
+        attn = PagedAttention(3 * kv_heads, kv_heads, dim)
+        attn.kv_cache = torch.full((2, kv_heads, slots_total, dim), 7).to(cache_dtype)
+        attn.kv_scale = torch.full((2, kv_heads, slots_total), 0.5) if cache_dtype == torch.int8 else None
+        layers.append(attn)
+    layers[0]._store(k, v, slots)  # the kernel
+    monkeypatch.setattr("serve.layers.attention.op", lambda name: None)
+    layers[1]._store(k, v, slots)  # torch
+    assert torch.equal(layers[0].kv_cache, layers[1].kv_cache)
+    if cache_dtype == torch.int8:
+        assert torch.equal(layers[0].kv_scale, layers[1].kv_scale)
+        assert layers[0].kv_scale[0, 1, 5] == 1e-30 / 127
+    untouched = torch.ones(slots_total, dtype=torch.bool)
+    untouched[slots] = False
+    assert (layers[0].kv_cache[:, :, untouched] == 7).all()
+
+
+def test_store_kv_refuses_what_it_cannot_store():
+    k = torch.zeros(2, 3, 64)
+    cache = torch.zeros(2, 3, 8, 64)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        op("store_kv")(k, k, cache, None, torch.tensor([1, 8]))
+    with pytest.raises(RuntimeError, match="kv_scale"):
+        op("store_kv")(k, k, cache.to(torch.int8), None, torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match="int64"):
+        op("store_kv")(k, k, cache, None, torch.tensor([1, 2], dtype=torch.int32))

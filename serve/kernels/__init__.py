@@ -3,6 +3,8 @@
 Ops of one library, `torch.ops.ministack`, each fetched with `op(name)`:
 - `paged_decode_attention` (paged_attention.cpp): decode attention read in place from the
   paged KV cache;
+- `store_kv` (kv_store.cpp): a step's new K/V written into the paged cache at their slots, in
+  the cache's dtype (int8: codes and their scales), one pass for both planes;
 - `prefill_attention` (prefill_attention.cpp): a bfloat16 chunk's causal attention over its cached
   past and its own keys on AVX-512 BF16 instructions, where `prefill_attention_supported()`
   (else torch's SDPA);
@@ -42,7 +44,8 @@ from profiling.measure import attention_flops, register_kernel
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "prefill_attention.cpp", "half_linear.cpp", "bf16_linear.cpp", "elementwise.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in (
+    "paged_attention.cpp", "prefill_attention.cpp", "kv_store.cpp", "half_linear.cpp", "bf16_linear.cpp", "elementwise.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("vec.h", "avx512_bf16.h")]
 # the vector ISA to compile for, from the capability torch itself dispatches on
 ISA_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mf16c"], "AVX2": ["-mavx2", "-mfma", "-mf16c"]}

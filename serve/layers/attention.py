@@ -141,7 +141,11 @@ class PagedAttention(nn.Module):
     def _store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Write the step's K/V (tokens, kv_heads, head_dim) at their cache slots: in the cache's
         dtype, or for int8 as codes round(x / s) with one scale s = max|x| / 127 per token and
-        head (symmetric; per-head rows keep one outlier head from coarsening the others)."""
+        head (symmetric; per-head rows keep one outlier head from coarsening the others). On
+        the CPU one call of serve.kernels' `store_kv`, the same bytes as the torch below."""
+        if k.is_cpu and (store := op("store_kv")) is not None:
+            store(k, v, self.kv_cache, self.kv_scale, slots)
+            return
         for plane, x in enumerate((k, v)):
             if self.kv_scale is None:
                 self.kv_cache[plane].index_copy_(1, slots, x.transpose(0, 1).to(self.kv_cache.dtype))
