@@ -17,22 +17,31 @@ CPU's measured matmul peak (profiling.cpu), and the TTFT of a second prompt shar
 
     python bench/serve_throughput.py --concurrency 1,4,16 --output-tokens 32 --vllm-python /work/vllm-venv/bin/python
 
-Servers run as subprocesses one at a time, so no two engines share the cores.
+Servers run as subprocesses, all started before the first measurement; an idle one takes next
+to no CPU time, so each measurement has the cores to itself. With --repeats N every engine measures
+every level once per round, the rounds starting with a different engine in turn: this VM's
+speed drifts by tens of percent over minutes, and engines measured one after another would
+compare the drift as much as the engines. The table gives each engine's median and its ratio
+to each peer (transformers, vLLM) within each round: worst, median, best.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 import httpx
@@ -73,6 +82,7 @@ class Level:
     tokens_per_s: float
     ttft: list[float]
     itl: list[float]
+    repeat: int = 0  # which round of --repeats measured it
 
 
 def pct(values: list[float], q: float) -> float:
@@ -152,53 +162,59 @@ async def closed_loop(url: str, requests: list[Request], concurrency: int) -> tu
     return samples, wall
 
 
-def measure_server(engine: str, url: str, work: dict[int, list[Request]], warm_up: list[Request]) -> list[Level]:
-    asyncio.run(closed_loop(url, warm_up, 1))
+def measure_server(engine: str, url: str, work: dict[int, list[Request]], repeat: int = 0) -> list[Level]:
     out = []
     for c, requests in work.items():
         samples, wall = asyncio.run(closed_loop(url, requests, c))
         tokens = sum(s.tokens for s in samples)
         itl = [b - a for s in samples for a, b in zip(s.token_times, s.token_times[1:])]
-        out.append(Level(engine, c, tokens / wall, [s.ttft for s in samples], itl))
-        print(f"  {engine:<10} c={c:<3} {tokens / wall:8.1f} tok/s  TTFT p50 {pct(out[-1].ttft, .5) * 1e3:7.0f} ms  "
+        out.append(Level(engine, c, tokens / wall, [s.ttft for s in samples], itl, repeat))
+        print(f"  {engine:<12} c={c:<3} {tokens / wall:8.1f} tok/s  TTFT p50 {pct(out[-1].ttft, .5) * 1e3:7.0f} ms  "
               f"ITL p50 {pct(itl, .5) * 1e3:6.0f} ms", flush=True)
     return out
 
 
-def measure_transformers(model_dir: Path, work: dict[int, list[Request]], warm_up: list[Request], device: str, dtype: str) -> list[Level]:
+class TransformersPeer:
     """transformers' batched greedy generate, batches of `concurrency` left-padded prompts, each
-    batch generating its longest request's tokens; only the requested tokens count."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    batch generating its longest request's tokens; only the requested tokens count. The model is
+    loaded once, in this process, and warmed up."""
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    def __init__(self, model_dir: Path, warm_up: list[Request], device: str, dtype: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def run(batch: list[list[int]], new: int) -> float:
+        self.device = device
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.run([r.prompt for r in warm_up], 4)
+
+    def run(self, batch: list[list[int]], new: int) -> float:
+        import torch
+
         width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in batch], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad)
-        if device.startswith("cuda"):
+            self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=self.pad)
+        if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    run([r.prompt for r in warm_up], 4)
-    out = []
-    for c, requests in work.items():
-        wall, ttft = 0.0, []
-        for i in range(0, len(requests), c):
-            batch = requests[i: i + c]
-            prompts = [r.prompt for r in batch]
-            first = run(prompts, 1)  # a batch's first token arrives after its whole prefill
-            ttft += [first] * len(batch)
-            wall += run(prompts, max(r.max_tokens for r in batch))
-        out.append(Level("transformers", c, sum(r.max_tokens for r in requests) / wall, ttft, []))
-        print(f"  transformers c={c:<3} {out[-1].tokens_per_s:8.1f} tok/s  TTFT p50 {pct(ttft, .5) * 1e3:7.0f} ms", flush=True)
-    return out
+    def measure(self, work: dict[int, list[Request]], repeat: int = 0) -> list[Level]:
+        out = []
+        for c, requests in work.items():
+            wall, ttft = 0.0, []
+            for i in range(0, len(requests), c):
+                batch = requests[i: i + c]
+                prompts = [r.prompt for r in batch]
+                first = self.run(prompts, 1)  # a batch's first token arrives after its whole prefill
+                ttft += [first] * len(batch)
+                wall += self.run(prompts, max(r.max_tokens for r in batch))
+            out.append(Level("transformers", c, sum(r.max_tokens for r in requests) / wall, ttft, [], repeat))
+            print(f"  {'transformers':<12} c={c:<3} {out[-1].tokens_per_s:8.1f} tok/s  TTFT p50 {pct(ttft, .5) * 1e3:7.0f} ms", flush=True)
+        return out
 
 
 def long_prefix(url: str, tokens: list[int], tail: list[int]) -> dict:
@@ -238,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: bf16 where this device runs it fast (profiling.cpu), else float32; every engine runs it")
     p.add_argument("--half-weights", default="off", choices=("auto", "on", "off", "both"),
                    help="ministack's float16-stored weights on the CPU (float32 math); both: one server with, one without")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds: every engine measures every level once a round, in turn (all kept running), so drift in the machine's speed hits each alike")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     from transformers import AutoConfig, AutoTokenizer
 
     from profiling.formulas.llama import DecoderShape, decoder_flops
@@ -255,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     warm_up = [Request(r.prompt[:8], 4) for r in request_set(tokenizer, [16], [4], 2, rng)]
     long_tokens = tokenizer.encode(" ".join(haystack(rng, args.long_prompt // 8)), add_special_tokens=False)[: args.long_prompt]
     tail = tokenizer.encode(" And then, at last, the story ended.", add_special_tokens=False)
+    # round 0 uses `work`; every later round its own requests (no round served from another's prefix cache)
+    rounds = [work] + [{c: request_set(tokenizer, prompt_lengths, output_lengths, max(c, args.requests), rng) for c in levels}
+                       for _ in range(args.repeats - 1)]
     max_len = max(args.long_prompt + len(tail) + 8, max(prompt_lengths) + max(output_lengths) + 8)
     shape = DecoderShape.from_hf(AutoConfig.from_pretrained(model_dir))
     results: list[Level] = []
@@ -273,42 +296,62 @@ def main(argv: list[str] | None = None) -> int:
         cpu_peaks(reprobe=True)
     peak = device_peak(args.device, peer_dtype)
     print(f"peak: {peak.device} {peak.dtype} {format_rate(peak.flops)} ({peak.source})", flush=True)
-    for half in ("off", "on") if args.half_weights == "both" else (args.half_weights,):
-        name = "ministack-half" if half == "on" else "ministack"
-        port = free_port()
-        cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--device", args.device, "--dtype", args.dtype,
-               "--half-weights", half, "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)), "--kv-cache-gb", "2",
-               "--log-level", "warning", "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-        print(f"{name}: {' '.join(cmd[1:])}", flush=True)
-        with server(cmd, port) as url:
-            results += measure_server(name, url, work, warm_up)
-            if args.long_prompt:
+    # every engine started (and warmed up) before the first round and kept until the last; the
+    # idle ones wait on a socket (measured: 0.02 s of CPU time in 10 s idle for ministack's server,
+    # 0.17 s for vLLM's), so each measurement has the cores to itself
+    with ExitStack() as stack:
+        engines: dict[str, Callable[[dict[int, list[Request]], int], list[Level]]] = {}
+        servers: dict[str, str] = {}
+        for half in ("off", "on") if args.half_weights == "both" else (args.half_weights,):
+            name = "ministack-half" if half == "on" else "ministack"
+            port = free_port()
+            cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--device", args.device, "--dtype", args.dtype,
+                   "--half-weights", half, "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)), "--kv-cache-gb", "2",
+                   "--log-level", "warning", "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+            print(f"{name}: {' '.join(cmd[1:])}", flush=True)
+            servers[name] = stack.enter_context(server(cmd, port))
+        if args.vllm_python:
+            port = free_port()
+            cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
+                   "--dtype", peer_dtype, "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)),
+                   "--kv-cache-memory-bytes", str(2 << 30), "--disable-log-stats"]
+            print(f"vLLM: {' '.join(cmd[1:])}", flush=True)
+            servers["vllm"] = stack.enter_context(server(cmd, port, env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}))
+        for name, url in servers.items():
+            asyncio.run(closed_loop(url, warm_up, 1))
+            engines[name] = functools.partial(measure_server, name, url)
+        if not args.skip_transformers:
+            print("transformers generate (in process)", flush=True)
+            engines["transformers"] = TransformersPeer(model_dir, warm_up, args.device, peer_dtype).measure
+        names = list(engines)
+        for repeat, work in enumerate(rounds):
+            order = names[repeat % len(names):] + names[: repeat % len(names)]  # each round starts with the next engine
+            if args.repeats > 1:
+                print(f"round {repeat + 1} of {args.repeats}: {', '.join(order)}", flush=True)
+            for name in order:
+                results += engines[name](work, repeat)
+        if args.long_prompt:
+            for name, url in servers.items():
                 long[name] = long_prefix(url, long_tokens, tail)
 
-    if args.vllm_python:
-        port = free_port()
-        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
-               "--dtype", peer_dtype, "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)),
-               "--kv-cache-memory-bytes", str(2 << 30), "--disable-log-stats"]
-        print(f"vLLM: {' '.join(cmd[1:])}", flush=True)
-        with server(cmd, port, env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}) as url:
-            results += measure_server("vllm", url, work, warm_up)
-            if args.long_prompt:
-                long["vllm"] = long_prefix(url, long_tokens, tail)
-
-    if not args.skip_transformers:
-        print("transformers generate (in process)", flush=True)
-        results += measure_transformers(model_dir, work, warm_up, args.device, peer_dtype)
-
-    print(f"\n{shape}, {args.dtype} on {args.device} (peers: {peer_dtype}; ministack-half: float16-stored weights, float32 math)\nprompts of {args.prompt_lengths} tokens, outputs of {args.output_tokens} tokens (mixed), greedy, ignore_eos\n")
-    print("| engine | concurrency | output tok/s | vs transformers | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
-    print("|---|---|---|---|---|---|---|---|")
-    hf = {r.concurrency: r.tokens_per_s for r in results if r.engine == "transformers"}
-    for r in results:
-        ratio = f"{r.tokens_per_s / hf[r.concurrency]:.2f}x" if r.concurrency in hf else "-"
-        itl = f"{pct(r.itl, .5) * 1e3:.0f} ms | {pct(r.itl, .99) * 1e3:.0f} ms" if r.itl else "- | -"
-        print(f"| {r.engine} | {r.concurrency} | {r.tokens_per_s:.1f} | {ratio} | {pct(r.ttft, .5) * 1e3:.0f} ms | "
-              f"{pct(r.ttft, .99) * 1e3:.0f} ms | {itl} |")
+    print(f"\n{shape}, {args.dtype} on {args.device} (peers: {peer_dtype}; ministack-half: float16-stored weights, float32 math)\nprompts of {args.prompt_lengths} tokens, outputs of {args.output_tokens} tokens (mixed), greedy, ignore_eos"
+          + (f"; {args.repeats} rounds, each engine once a round, in turn (median tok/s; the ratios to each peer within a round: worst, median, best)" if args.repeats > 1 else "") + "\n")
+    peers = [name for name in ("transformers", "vllm") if name in names]  # the ratio columns: each engine against each peer, round by round
+    print("| engine | concurrency | output tok/s | " + " | ".join(f"vs {peer}" for peer in peers) + " | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
+    print("|---|---|---|" + "---|" * len(peers) + "---|---|---|---|")
+    rate = {(r.engine, r.concurrency, r.repeat): r.tokens_per_s for r in results}
+    for (engine, c), rows in groupby(sorted(results, key=lambda r: (names.index(r.engine), r.concurrency)), key=lambda r: (r.engine, r.concurrency)):
+        rows = list(rows)
+        cells = []
+        for peer in peers:
+            ratios = sorted(r.tokens_per_s / rate[peer, c, r.repeat] for r in rows if (peer, c, r.repeat) in rate)
+            cells.append("-" if not ratios else f"{ratios[0]:.2f}x" if len(ratios) == 1 else
+                         f"{ratios[0]:.2f}x, {statistics.median(ratios):.2f}x, {ratios[-1]:.2f}x")
+        ttft = [t for r in rows for t in r.ttft]
+        itl = [t for r in rows for t in r.itl]
+        itl_cells = f"{pct(itl, .5) * 1e3:.0f} ms | {pct(itl, .99) * 1e3:.0f} ms" if itl else "- | -"
+        print(f"| {engine} | {c} | {statistics.median(r.tokens_per_s for r in rows):.1f} | {' | '.join(cells)} | {pct(ttft, .5) * 1e3:.0f} ms | "
+              f"{pct(ttft, .99) * 1e3:.0f} ms | {itl_cells} |")
 
     if long:
         formula = sum(decoder_flops(shape, q_len=len(long_tokens), past_len=0, logits=1).values())
