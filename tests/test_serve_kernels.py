@@ -324,3 +324,21 @@ def test_store_kv_refuses_what_it_cannot_store():
         op("store_kv")(k, k, cache.to(torch.int8), None, torch.tensor([1, 2]))
     with pytest.raises(RuntimeError, match="int64"):
         op("store_kv")(k, k, cache, None, torch.tensor([1, 2], dtype=torch.int32))
+
+
+def test_argmax_rows_picks_what_torch_argmax_picks():
+    """serve.kernels' argmax_rows (the greedy sampler's): the first maximum on ties, the first
+    NaN where a row has one, all -inf rows, any row length (vector tails)."""
+    g = torch.Generator().manual_seed(11)
+    for n in (1, 7, 33, 49152, 1001):
+        x = torch.randn(6, n, generator=g)
+        x[1] = torch.round(x[1])  # ties everywhere
+        x[2, n // 2:] = x[2].max() + 1  # a tie of the maximum from the middle on
+        x[3] = float("-inf")
+        x[4, n // 3] = float("nan")
+        if n > 5:
+            x[4, n - 1] = float("nan")
+            x[5, [2, n - 2]] = float("inf")
+        assert op("argmax_rows")(x).tolist() == torch.argmax(x, -1).tolist(), n
+    with pytest.raises(RuntimeError, match="float32"):
+        op("argmax_rows")(x.bfloat16())

@@ -15,6 +15,14 @@ import torch
 
 from serve.engine.logits_processors import process_logits
 from serve.engine.sequence import Sequence
+from serve.kernels import op
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax of (rows, vocab) logits, as torch.argmax picks it (the first maximum):
+    serve.kernels' argmax_rows for float32 on the CPU (~10x torch's there), else torch's."""
+    fast = op("argmax_rows") if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] else None
+    return (fast(logits) if fast is not None else torch.argmax(logits, -1)).tolist()
 
 
 def truncated_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -57,7 +65,7 @@ class Sampler:
             json_rows = [i for i in constrained if seqs[i].params.structured.kind == "json"]
             grammars.mask(processed, constrained, [seqs[i].matcher for i in constrained], json_rows)
         logits = processed
-        greedy = torch.argmax(logits, -1).tolist()
+        greedy = greedy_tokens(logits)
         out: list[tuple[int, dict | None]] = []
         for i, seq in enumerate(seqs):
             p = seq.params

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
+from serve.engine.sampler import greedy_tokens
 from serve.engine.sequence import Sequence
 
 
@@ -118,7 +119,7 @@ class NgramSpeculator:
         computed (the kept drafts' K/V too: the caller advances over them as it appends them)."""
         start = seq.num_computed_tokens
         drafts = seq.token_ids[start + 1 : start + n]
-        tokens = accept(drafts, logits.argmax(-1).tolist())
+        tokens = accept(drafts, greedy_tokens(logits))
         self.undraft(seq)
         seq.num_computed_tokens = start + 1
         self.num_drafts += bool(drafts)

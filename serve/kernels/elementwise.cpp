@@ -1,5 +1,5 @@
 // The decoder's small per-layer ops fused for the CPU: RMSNorm, the rotary embedding and the
-// MLP's SiLU-and-multiply.
+// MLP's SiLU-and-multiply; and the greedy sampler's argmax over each row of logits.
 //
 // At decode batch sizes these run on a few rows, where each ATen op they decompose into
 // (pow, mean, add, rsqrt, mul; slice, mul, sub, cat) costs more in dispatch than in
@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "vec.h"
@@ -176,9 +177,63 @@ at::Tensor silu_and_mul(const at::Tensor& input) {
   return out;
 }
 
+// The index of each row's largest value in a contiguous (rows, n) float32 tensor, as
+// torch.argmax picks it: the first index holding the maximum, a NaN counting as the maximum
+// (the first NaN). torch's CPU argmax over SmolLM2's 49,152-entry rows takes ~650 us for 16 rows
+// on a 2-core EPYC, 2% of a decode step; this is one vector pass for the maximum and one scan
+// for its first index.
+int64_t argmax_row(const float* row, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  int64_t i = 0;
+#if MINISTACK_AVX2
+  __m256 acc[4], unordered = _mm256_setzero_ps();
+  for (auto& a : acc) a = _mm256_set1_ps(top);
+  for (; i + 32 <= n; i += 32)  // four independent maxima: one would wait on its own latency
+    for (int a = 0; a < 4; ++a) {
+      const __m256 v = _mm256_loadu_ps(row + i + 8 * a);
+      acc[a] = _mm256_max_ps(acc[a], v);
+      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(acc[0], acc[1]), _mm256_max_ps(acc[2], acc[3])));
+  for (const float lane : lanes) top = std::max(top, lane);
+  nan = _mm256_movemask_ps(unordered) != 0;
+#endif
+  for (; i < n; ++i) {
+    nan = nan || std::isnan(row[i]);
+    top = std::max(top, row[i]);
+  }
+  int64_t j = 0;
+#if MINISTACK_AVX2
+  if (!nan) {
+    const __m256 target = _mm256_set1_ps(top);
+    for (; j + 8 <= n; j += 8)
+      if (const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), target, _CMP_EQ_OQ))) return j + __builtin_ctz(hit);
+  }
+#endif
+  for (; j < n; ++j)
+    if (nan ? std::isnan(row[j]) : row[j] == top) return j;
+  return 0;  // n == 0 is refused by the caller
+}
+
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.size(1) > 0, "argmax_rows: (rows, n > 0) float32 logits");
+  const at::Tensor x = logits.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) op[r] = argmax_row(xp + r * n, n);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ministack, m) {
+  m.def("argmax_rows(Tensor logits) -> Tensor");
   m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
@@ -188,4 +243,5 @@ TORCH_LIBRARY_IMPL(ministack, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("rotary", &rotary);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("argmax_rows", &argmax_rows);
 }

@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -31,7 +33,11 @@ void store_plane(const at::Tensor& x, at::Tensor plane, const int64_t* slots) {
     for (int64_t h = 0; h < heads; ++h) {
       const x_t* row = src + t * x.stride(0) + h * x.stride(1);
       cache_t* out = dst + h * plane.stride(0) + slots[t] * plane.stride(1);
-      for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<cache_t>(static_cast<float>(row[d]));
+      if constexpr (std::is_same_v<x_t, cache_t>) {
+        std::memcpy(out, row, sizeof(cache_t) * dim);  // the model's own dtype: a copy
+      } else {
+        for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<cache_t>(static_cast<float>(row[d]));
+      }
     }
 }
 
