@@ -184,6 +184,13 @@ def test_fused_rms_norm_and_rotary_equal_their_torch_definitions(dtype):
     norm = RMSNorm(576, 1e-5).to(dtype)
     norm.weight.data.copy_(w)
     torch.testing.assert_close(norm(x), expected, **exact)  # the model takes the kernel
+    # the residual stream's add fused in: the sum rounded as `residual + x` rounds it, then normed
+    residual = torch.randn(7, 576, generator=g).to(dtype)
+    total = residual + x
+    expected = F.rms_norm(total, (576,), w, 1e-5) if dtype == torch.float32 else w * F.rms_norm(total.float(), (576,), eps=1e-5).to(dtype)
+    for normed, new_residual in (op("add_rms_norm")(x, residual, w, 1e-5), norm(x, residual)):
+        assert torch.equal(new_residual, total)
+        torch.testing.assert_close(normed, expected, **exact)
     qkv = torch.randn(5, 15 * 64, generator=g).to(dtype)
     k = qkv[:, 9 * 64 : 12 * 64].view(5, 3, 64)  # a strided view, as the engine passes q and k
     for rot in (64, 32):  # full and partial rotary

@@ -1,5 +1,5 @@
-// The decoder's small per-layer ops fused for the CPU: RMSNorm, the rotary embedding and the
-// MLP's SiLU-and-multiply; and the greedy sampler's argmax over each row of logits.
+// The decoder's small per-layer ops fused for the CPU: RMSNorm (alone, or after the residual
+// stream's add), the rotary embedding and the MLP's SiLU-and-multiply; and the greedy sampler's argmax over each row of logits.
 //
 // At decode batch sizes these run on a few rows, where each ATen op they decompose into
 // (pow, mean, add, rsqrt, mul; slice, mul, sub, cat) costs more in dispatch than in
@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "vec.h"
@@ -81,6 +82,36 @@ at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double ep
     rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.numel() / hidden, hidden, static_cast<float>(eps));
   });
   return out;
+}
+
+// residual + x, rounded to the dtype as the torch expression `residual + x` rounds it, then
+// its RMSNorm: the residual stream's add fused into the norm that reads it next (vLLM's
+// fused_add_rms_norm). Returns (normalized, the new residual); one pass over the rows.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(input.sizes() == residual.sizes() && input.scalar_type() == residual.scalar_type(), "add_rms_norm: input and residual alike");
+  TORCH_CHECK(at::isReducedFloatingType(input.scalar_type()) || input.scalar_type() == at::kFloat, "add_rms_norm: float32, bfloat16 or float16, not ", input.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.numel() == input.size(-1), "add_rms_norm: weight (hidden,) in the input's dtype");
+  const at::Tensor x = input.contiguous(), r = residual.contiguous(), w = weight.contiguous();
+  at::Tensor sum = at::empty_like(x);
+  at::Tensor out = at::empty_like(x);
+  const int64_t hidden = x.size(-1), rows = x.numel() / hidden;
+  DISPATCH_MODEL_DTYPES(x.scalar_type(), "add_rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* rp = r.data_ptr<scalar_t>();
+    scalar_t* sp = sum.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        int64_t i = row * hidden;
+        const int64_t end = i + hidden;
+#if MINISTACK_AVX2
+        for (; i + 8 <= end; i += 8) ministack::store8(sp + i, _mm256_add_ps(ministack::load8(rp + i), ministack::load8(xp + i)));
+#endif
+        for (; i < end; ++i) sp[i] = static_cast<scalar_t>(static_cast<float>(rp[i]) + static_cast<float>(xp[i]));
+      }
+    });
+    rms_norm_rows<scalar_t>(sp, w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, hidden, static_cast<float>(eps));
+  });
+  return {out, sum};
 }
 
 // x (tokens, heads, head_dim) rotated 'rotate half' style by cos/sin (tokens, 1, rot / 2):
@@ -235,12 +266,14 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
 TORCH_LIBRARY_FRAGMENT(ministack, m) {
   m.def("argmax_rows(Tensor logits) -> Tensor");
   m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor input, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ministack, CPU, m) {
   m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary", &rotary);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("argmax_rows", &argmax_rows);

@@ -363,9 +363,15 @@ void decode(const at::Tensor& query, const at::Tensor& kv, const c10::optional<a
   const int32_t* table_base = tables.data_ptr<int32_t>();
   const int64_t table_stride = tables.stride(0);
 
-  // queries scaled once, in float32: (seqs, heads, head_dim)
-  const at::Tensor q = (query.to(at::kFloat) * scale).contiguous();
-  const float* q_base = q.data_ptr<float>();
+  // queries scaled once, in float32: (seqs, heads, head_dim), here rather than as two ATen ops
+  std::vector<float> q(seqs * heads * head_dim);
+  const out_t* query_base = query.data_ptr<out_t>();
+  const float q_scale = static_cast<float>(scale);  // what multiplying a float32 tensor by `scale` uses
+  for (int64_t s = 0; s < seqs; ++s)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t d = 0; d < head_dim; ++d)
+        q[(s * heads + h) * head_dim + d] = static_cast<float>(query_base[s * query.stride(0) + h * query.stride(1) + d * query.stride(2)]) * q_scale;
+  const float* q_base = q.data();
 
   // work items: (sequence, kv head, partition), each with its own slot for the merge
   // each sequence attends over [first, len): its whole context, or under a sliding window its

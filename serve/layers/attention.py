@@ -123,8 +123,11 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         if meta.paged is not None:
             p = meta.paged
-            out[: p.count] = op("paged_decode_attention")(q[: p.count], self.kv_cache, p.block_tables, p.context_lens, p.block_size,
-                                                          self.head_dim**-0.5, self.window or 0, self.kv_scale)
+            decoded = op("paged_decode_attention")(q[: p.count], self.kv_cache, p.block_tables, p.context_lens, p.block_size,
+                                                   self.head_dim**-0.5, self.window or 0, self.kv_scale)
+            if p.count == q.shape[0]:  # a step of decodes only: the kernel's output is the step's
+                return decoded.flatten(1)
+            out[: p.count] = decoded
         for group in meta.decodes:
             # one query per sequence: the query heads sharing a K/V head become that head's
             # query rows, a plain (non-GQA) call that reads each K/V head once

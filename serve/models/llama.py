@@ -33,7 +33,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm(x); with `residual`, (RMSNorm(residual + x), residual + x): the residual
+        stream's add fused into the norm that reads it next (vLLM's fused_add_rms_norm), the sum
+        rounded to x's dtype as `residual + x` rounds it (serve/kernels/elementwise.cpp)."""
+        if residual is not None:
+            fused = op("add_rms_norm") if x.is_cpu and x.dtype in FUSED_DTYPES else None
+            if fused is not None:
+                return fused(x, residual, self.weight, self.eps)
+            x = residual + x
+            return self(x), x
         fused = op("rms_norm") if x.is_cpu and x.dtype in FUSED_DTYPES else None
         if fused is not None:  # one pass, the same bits as below (serve/kernels/elementwise.cpp)
             return fused(x, self.weight, self.eps)
@@ -85,9 +94,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' `x = x + attn(norm(x)); x = x + mlp(norm(x))`, on a residual stream
+        carried as (the last sublayer's output, the sum before it): each add happens inside the
+        norm that reads its result. `residual` None: `hidden` is the embedding (first layer)."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(self.self_attn(hidden, rope, meta), residual)
+        return self.mlp(hidden), residual
 
 
 class DecoderModel(nn.Module):
@@ -99,13 +116,14 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = rotary_emb
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states before the final norm, (tokens, hidden)."""
-        x = self.embed_tokens(input_ids)
-        rope = self.rotary_emb(positions, x.dtype)  # cos/sin at the step's positions, for every layer
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream after the last layer, (tokens, hidden) twice: its last output not
+        yet added, and the sum before it (their sum is the hidden state before the final norm)."""
+        hidden, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary_emb(positions, hidden.dtype)  # cos/sin at the step's positions, for every layer
         for layer in self.layers:
-            x = layer(x, rope, meta)
-        return x
+            hidden, residual = layer(hidden, residual, rope, meta)
+        return hidden, residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -124,8 +142,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor) -> torch.Tensor:
         """Logits (len(logits_rows), vocab) at the given rows of the flattened step."""
-        hidden = self.model(input_ids, positions, meta)
-        return self.lm_head(self.model.norm(hidden[logits_rows]))
+        hidden, residual = self.model(input_ids, positions, meta)
+        normed, _ = self.model.norm(hidden[logits_rows], residual[logits_rows])  # the last add, at the sampled rows only
+        return self.lm_head(normed)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
