@@ -25,7 +25,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--half-weights", choices=("auto", "on", "off"), default="auto",
                    help="CPU, float32: store linear weights in float16 (float32 math); auto: on with --dtype auto")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
-    p.add_argument("--rope-scaling", type=rope_json, default=None, metavar="JSON",
+    p.add_argument("--rope-scaling", type=json_object, default=None, metavar="JSON",
                    help='RoPE scaling replacing the model\'s, e.g. \'{"rope_type": "yarn", "factor": 2.0, '
                         '"original_max_position_embeddings": 8192}\' to serve 16k from an 8k model')
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"),
@@ -46,11 +46,15 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="fcfs: arrival order; priority: by each request's `priority` (lower first), then arrival")
 
 
-def rope_json(text: str) -> dict:
-    """--rope-scaling's value: a JSON object (argparse names the flag on a ValueError)."""
-    value = json.loads(text)
+def json_object(text: str) -> dict:
+    """A flag's JSON-object value (--rope-scaling, --speculative-config); what is not one is
+    refused with the reason (argparse names the flag)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at character {e.pos}): {text!r}") from None
     if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
     return value
 
 
@@ -60,7 +64,7 @@ NGRAM_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_l
 def speculative_json(text: str) -> dict:
     """--speculative-config's value: vLLM's JSON for the ngram method; anything else is refused
     by name (argparse names the flag)."""
-    value = rope_json(text)
+    value = json_object(text)
     if value.get("method") != "ngram":
         raise argparse.ArgumentTypeError(f"method {value.get('method')!r}: only \"ngram\" (prompt lookup) is implemented")
     if unknown := set(value) - NGRAM_KEYS:

@@ -91,7 +91,9 @@ def test_a_request_waiting_past_the_deadline_gets_503_streamed_or_not(tiny_model
     (["--kv-cache-gb", "-1"], "--kv-cache-gb must be > 0, got -1"),
     (["--kv-cache-fraction", "2"], "--kv-cache-fraction must be in (0, 1], got 2"),
     (["--engine", "vllm", "--kv-cache-dtype", "int8"], "--kv-cache-dtype is ministack's engine's; --engine vllm does not take it"),
-    (["--rope-scaling", "[2.0]"], "argument --rope-scaling: invalid rope_json value"),
+    (["--rope-scaling", "[2.0]"], "argument --rope-scaling: not a JSON object: '[2.0]'"),
+    (["--rope-scaling", "yarn"], "argument --rope-scaling: not JSON (Expecting value at character 0): 'yarn'"),
+    (["--speculative-config", "ngram"], "argument --speculative-config: not JSON"),
     (["--kv-cache-gb", "0.02", "--max-model-len", "8192", "--embedding-model", "none"],  # refused once the model is read
      "max_model_len 8192 does not fit the KV cache"),
 ])
