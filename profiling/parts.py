@@ -36,6 +36,8 @@ WHY: dict[str, str] = {
     FROZEN: "frozen encoders (text encoder, VAE): forward only, outside the trained N",
 }
 PARTS: tuple[str, ...] = tuple(WHY)
+# the same for an inference ledger (2NT): forward only, so nothing to say about backward
+WHY_INFER: dict[str, str] = {**WHY, DENSE: "weights every token passes through: the law's 2 FLOPs/param/token (forward only)"}
 
 # Parts whose parameters the law's N counts (Kaplan: non-embedding, trained parameters).
 LAW_PARTS: frozenset[str] = frozenset({DENSE, PER_SAMPLE, CONTEXT, LM_HEAD})

@@ -19,7 +19,7 @@ from profiling.hardware import format_rate
 from profiling.inputs import parse_number
 from profiling.laws import law_multiplier
 from profiling.ledger import Record, read_ledgers
-from profiling.parts import ATTENTION, LAW_PARTS, PARTS, WHY
+from profiling.parts import ATTENTION, LAW_PARTS, PARTS, WHY, WHY_INFER
 
 
 @dataclass
@@ -200,7 +200,8 @@ def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipp
             if not law and not meas:
                 continue
             rel = (meas - law) / g.law if g.law else math.nan
-            out.append(f"{part:<11} {_e(law):>11} {_e(meas):>11} {meas - law:>+11.3e} {rel:>+8.1%}  {WHY[part]}")
+            why = (WHY_INFER if kind == "infer" else WHY)[part]
+            out.append(f"{part:<11} {_e(law):>11} {_e(meas):>11} {meas - law:>+11.3e} {rel:>+8.1%}  {why}")
         out.append("")
     if skipped:
         out.append(f"skipped {skipped} unreadable ledger line(s)")

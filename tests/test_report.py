@@ -54,6 +54,8 @@ def test_report_totals_and_attribution(ledger_path, tmp_path):
     text = report.format_report(kinds, shapes, skipped=0)
     for needle in ("== train", "== infer", "per_sample", "attention", "QK^T", "6ND", "2NT"):
         assert needle in text
+    train_text, infer_text = text.split("== infer")
+    assert "backward" in train_text and "backward" not in infer_text and "forward only" in infer_text  # each ledger's own why
     png = report.plot(shapes, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(train.mfu)
