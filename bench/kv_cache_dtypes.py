@@ -1,4 +1,4 @@
-"""Decode speed and capacity of each KV-cache dtype at long contexts, one engine after another.
+"""Decode speed and capacity of each KV-cache dtype at long contexts, the dtypes measured in turn.
 
 For every `--kv-cache-dtype` (float32, bfloat16, float16, int8) the same model (`--dtype`)
 prefills one random prompt per context length and times the decode steps after it (median of
@@ -10,7 +10,9 @@ context needs (at most `--kv-cache-gb`); the capacity column is what `--kv-cache
 At long contexts a decode step reads more K/V than weights, and on a CPU it is bound by memory
 bandwidth, so the cache's bytes per token set its speed. Contexts past the model's own window
 run under YaRN (factor = what the longest needs). Prints TPOT, tokens/s and the ratio to the
-float32 cache at each context, and each dtype's bytes per token and capacity in the budget;
+float32 cache at each context, and each dtype's bytes per token, capacity in the budget and how
+many sequences of the longest context fit in it at once (capacity // (longest + its decode
+tokens), blocks rounded up);
 `--out FILE` saves the JSON.
 
     python bench/kv_cache_dtypes.py --contexts 2048,8192,16384 --dtype float32
@@ -80,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"slowest {point.tpot_spread_s[1] * 1e3:.1f})  TTFT {point.ttft_s:6.1f} s", flush=True)
     base = {r["context"]: r["tokens_per_s"] for r in rows if r["kv_cache_dtype"] == "float32"}
     print(f"\nmodel dtype {args.dtype}, batch {args.batch}, rope {rope or 'native'}, KV budget {args.kv_cache_gb} GiB\n")
-    print("| KV cache | bytes / token | capacity (tokens) | " + " | ".join(f"{c} tok/s (vs float32)" for c in contexts) + " |")
-    print("|---|---|---|" + "---|" * len(contexts))
+    per_sequence = -(-(contexts[-1] + args.decode_tokens) // block) * block  # the longest context's blocks, its decodes included
+    print(f"| KV cache | bytes / token | capacity (tokens) | sequences of {contexts[-1]} at once | "
+          + " | ".join(f"{c} tok/s (vs float32)" for c in contexts) + " |")
+    print("|---|---|---|---|" + "---|" * len(contexts))
     for kv in dict.fromkeys(r["kv_cache_dtype"] for r in rows):
         mine = {r["context"]: r for r in rows if r["kv_cache_dtype"] == kv}
         cells = [f"{mine[c]['tokens_per_s']:.2f} ({mine[c]['tokens_per_s'] / base[c]:.2f}x)" if c in base else f"{mine[c]['tokens_per_s']:.2f}" for c in contexts]
         first = next(iter(mine.values()))
-        print(f"| {kv} | {first['kv_bytes_per_token']:,} | {first['capacity_tokens']:,} | " + " | ".join(cells) + " |")
+        print(f"| {kv} | {first['kv_bytes_per_token']:,} | {first['capacity_tokens']:,} | {first['capacity_tokens'] // per_sequence} | "
+              + " | ".join(cells) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rope": rope, "rows": rows}, indent=1))
     return 0
