@@ -334,11 +334,15 @@ def main(argv: list[str] | None = None) -> int:
             for name, url in servers.items():
                 long[name] = long_prefix(url, long_tokens, tail)
 
-    print(f"\n{shape}, {args.dtype} on {args.device} (peers: {peer_dtype}; ministack-half: float16-stored weights, float32 math)\nprompts of {args.prompt_lengths} tokens, outputs of {args.output_tokens} tokens (mixed), greedy, ignore_eos"
-          + (f"; {args.repeats} rounds, each engine once a round, in turn (median tok/s; the ratios to each peer within a round: worst, median, best)" if args.repeats > 1 else "") + "\n")
+    half_note = "; ministack-half: float16-stored weights, float32 math" if args.half_weights in ("on", "both") else ""
+    mixed = " (mixed)" if len(prompt_lengths) > 1 or len(output_lengths) > 1 else ""
+    print(f"\n{shape}, {args.dtype} on {args.device} (peers: {peer_dtype}{half_note})\nprompts of {args.prompt_lengths} tokens, outputs of {args.output_tokens} tokens{mixed}, greedy, ignore_eos"
+          + (f"; {args.repeats} rounds, each engine once a round, in turn (median tok/s; the ratios to each peer within a round: worst, median, best; "
+             "TTFT and ITL percentiles over every round's requests)" if args.repeats > 1 else "") + "\n")
     peers = [name for name in ("transformers", "vllm") if name in names]  # the ratio columns: each engine against each peer, round by round
-    print("| engine | concurrency | output tok/s | " + " | ".join(f"vs {peer}" for peer in peers) + " | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
-    print("|---|---|---|" + "---|" * len(peers) + "---|---|---|---|")
+    columns = ["engine", "concurrency", "output tok/s", *(f"vs {peer}" for peer in peers), "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     rate = {(r.engine, r.concurrency, r.repeat): r.tokens_per_s for r in results}
     for (engine, c), rows in groupby(sorted(results, key=lambda r: (names.index(r.engine), r.concurrency)), key=lambda r: (r.engine, r.concurrency)):
         rows = list(rows)
@@ -350,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         ttft = [t for r in rows for t in r.ttft]
         itl = [t for r in rows for t in r.itl]
         itl_cells = f"{pct(itl, .5) * 1e3:.0f} ms | {pct(itl, .99) * 1e3:.0f} ms" if itl else "- | -"
-        print(f"| {engine} | {c} | {statistics.median(r.tokens_per_s for r in rows):.1f} | {' | '.join(cells)} | {pct(ttft, .5) * 1e3:.0f} ms | "
-              f"{pct(ttft, .99) * 1e3:.0f} ms | {itl_cells} |")
+        print("| " + " | ".join([engine, str(c), f"{statistics.median(r.tokens_per_s for r in rows):.1f}", *cells,
+                                 f"{pct(ttft, .5) * 1e3:.0f} ms", f"{pct(ttft, .99) * 1e3:.0f} ms", itl_cells]) + " |")
 
     if long:
         formula = sum(decoder_flops(shape, q_len=len(long_tokens), past_len=0, logits=1).values())

@@ -12,10 +12,12 @@ Ops of one library, `torch.ops.ministack`, each fetched with `op(name)`:
   float16, half the bytes a decode step streams;
 - `linear_bf16` (bf16_linear.cpp): a bfloat16 linear layer on AVX-512 BF16 instructions over a
   weight laid out in pairs at load, for decode-sized batches, where `bf16_linear_supported()`;
-- `rms_norm`, `rotary`, `silu_and_mul` (elementwise.cpp): the per-layer small ops in one pass
-  each (float32, bfloat16, float16).
+- `rms_norm`, `add_rms_norm` (the residual add fused in), `rotary`, `silu_and_mul`
+  (elementwise.cpp): the per-layer small ops in one pass each (float32, bfloat16, float16);
+- `argmax_rows` (elementwise.cpp): each row's argmax of float32 logits, as torch.argmax picks it
+  (the greedy sampler's).
 
-`load()` builds the library the first time with torch.utils.cpp_extension (~30 s on 2 cores;
+`load()` builds the library the first time with torch.utils.cpp_extension (~15-30 s on 2 cores;
 later processes load the cached library in well under a second) and registers each op's FLOPs
 with profiling.measure. Where it cannot be built (no C++ compiler, no ninja) it returns False,
 says why once, and the engine falls back to plain torch: decodes gather their contexts for
