@@ -55,6 +55,15 @@ class RunTask:
         return submitit.helpers.DelayedSubmission(RunTask(self.plan, self.sweep_dir, self.run))
 
 
+def private_folder(path: Path) -> Path:
+    """`path`, created and made 0700. submitit's job files there are pickles (the task to run, its
+    result) that each task unpickles: whoever can write into the folder can run code as the job's
+    user, so no one else may enter it."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
 def submit_sweep(plan: Plan, sweep_dir: Path, cfg: SlurmExecutorConfig, echo=print) -> list[str]:
     """Submit every unfinished run of `plan` as one job array; the task ids ("JOB_I").
     Raises RuntimeError when sbatch is missing or refuses the array."""
@@ -72,7 +81,7 @@ def submit_sweep(plan: Plan, sweep_dir: Path, cfg: SlurmExecutorConfig, echo=pri
     if not todo:
         echo(f"sweep {sweep_dir}: all {len(plan.runs)} runs finished; nothing to submit")
         return []
-    executor = submitit.AutoExecutor(folder=sweep_dir / "slurm" / "%j", cluster="slurm")
+    executor = submitit.AutoExecutor(folder=private_folder(sweep_dir / "slurm") / "%j", cluster="slurm")
     options = {"slurm_partition": cfg.partition, "slurm_account": cfg.account, "mem_gb": cfg.mem_gb}
     executor.update_parameters(
         name=f"sweep-{plan.sweep.name}", timeout_min=cfg.time_min, gpus_per_node=cfg.gpus_per_node,

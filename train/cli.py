@@ -50,6 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.slurm:
         return _submit(cfg, args)
+    from train.faults import RunError
+
+    try:
+        _run_stage(stage, cfg)
+    except RunError as err:  # a failure the user acts on (train/faults.py): its message, no traceback
+        print(f"ministack train: error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+def _run_stage(stage: str, cfg) -> None:
     if stage == "vae":
         from train.vae import train_vae
 
@@ -63,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         from train.loop import train
 
         train(cfg)  # prints "trained N steps" once, from the main process
-    return 0
 
 
 def _submit(cfg, args: argparse.Namespace) -> int:

@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -89,6 +92,8 @@ class TrainConfig:
     val_clips: int = 8  # held-out clips of the validation loss (its standard error shrinks as 1/sqrt of this)
     eval_prompts: int = 8  # text-alignment prompts sampled per evaluation (more: a less noisy score)
     eval_sampling_steps: int = 20
+    nonfinite: str = "skip"  # a step with a non-finite loss or gradient norm: "skip" it (no update) or "stop" the run
+    max_nonfinite_steps: int = 3  # with "skip": this many consecutive skipped steps, then the run stops
     deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.) for launchers without an accelerate config (torchrun)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # used by `ministack train --slurm` only
 
@@ -122,6 +127,93 @@ class TrainConfig:
                              f"drop it with --set data.bucket_batch_size={{}}")
 
 
+def _at_least(low):
+    return lambda v: v >= low, f">= {low}"
+
+
+def _one_of(*choices):
+    return lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices)
+
+
+# Every value rule of a training config, by dotted key: (test, the allowed values in words). Types
+# come from the dataclasses' annotations (`_check_type`); the buckets' sizes from `check_buckets`.
+# A rule here is what makes a bad value fail before anything loads, instead of as a traceback (or
+# silently: an EMA decay of 1.5 diverges, a cond_drop of 2 drops every caption) minutes later.
+RULES = {
+    "max_steps": _at_least(1),
+    "lr": (lambda v: v > 0, "> 0"),
+    "weight_decay": _at_least(0),
+    "warmup_steps": _at_least(0),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "grad_accum": _at_least(1),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "cond_drop": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "log_every": _at_least(1),
+    "checkpoint_every": _at_least(1),
+    "keep_checkpoints": _at_least(1),
+    "eval_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "val_clips": _at_least(1),
+    "eval_prompts": _at_least(1),
+    "eval_sampling_steps": _at_least(1),
+    "diffusion": _one_of("flow", "ddpm"),
+    "mixed_precision": _one_of("auto", "no", "bf16"),
+    "cache_dtype": _one_of("float32", "float16"),
+    "nonfinite": _one_of("skip", "stop"),
+    "max_nonfinite_steps": _at_least(0),
+    "data.kind": _one_of("procedural", "digits", "folder"),
+    "data.size": _at_least(1),
+    "data.batch_size": _at_least(1),
+    "data.num_workers": _at_least(0),
+    "vae.steps": _at_least(1),
+    "vae.lr": (lambda v: v > 0, "> 0"),
+    "vae.warmup_steps": _at_least(0),
+    "vae.kl_weight": _at_least(0),
+}
+
+
+def _type_name(kind) -> str:
+    return "null" if kind is type(None) else kind.__name__
+
+
+def _check_type(key: str, hint, value):
+    """`value` as the annotated type `hint` of field `key` (an int where a float is expected becomes
+    a float); a ValueError naming the key, the expected type and the value otherwise. Floats must be
+    finite: an infinite or NaN setting is never meant."""
+    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for kind in kinds:
+        kind = typing.get_origin(kind) or kind
+        if kind is type(None) and value is None:
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"{key}: must be a finite number, got {value!r}")
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, bool, list, dict) and isinstance(value, kind):
+            return value
+    expected = " or ".join(_type_name(typing.get_origin(k) or k) for k in kinds)
+    raise ValueError(f"{key}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+def validate(cfg, prefix: str = "") -> None:
+    """Check every field of a config dataclass (nested ones too) against its type and RULES,
+    before any work: a ValueError naming the key and the allowed values. Ints given for float
+    fields are made floats in place."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        key, value = prefix + f.name, getattr(cfg, f.name)
+        if is_dataclass(value):
+            validate(value, key + ".")
+            continue
+        value = _check_type(key, hints[f.name], value)
+        setattr(cfg, f.name, value)
+        if key in RULES:
+            test, allowed = RULES[key]
+            if not test(value):
+                raise ValueError(f"{key}: must be {allowed}, got {value!r}")
+
+
 def _coerce(default, value):
     """YAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`): numbers follow the field's type.
     It reads an unquoted `no` as False: a string field given a boolean is an error saying so."""
@@ -136,9 +228,10 @@ def _coerce(default, value):
     return value
 
 
-def set_override(obj, key: str, raw: str) -> None:
+def set_override(obj, key: str, raw: str, prefix: str = "") -> None:
     """Apply one `--set key=value` to a config dataclass: dotted keys descend into nested
-    dataclasses and into free-form mappings (where the value is read as YAML)."""
+    dataclasses and into free-form mappings (where the value is read as YAML). `prefix`: the
+    dotted path to `obj`, for error messages."""
     head, _, rest = key.partition(".")
     if isinstance(obj, dict):
         if rest:
@@ -149,10 +242,13 @@ def set_override(obj, key: str, raw: str) -> None:
     if head not in names:
         raise ValueError(f"unknown config key {key!r} (known: {', '.join(names)})")
     if rest:
-        return set_override(getattr(obj, head), rest, raw)
+        return set_override(getattr(obj, head), rest, raw, f"{prefix}{head}.")
     default = getattr(obj, head)
     # a string field takes the text as given: YAML would read `--set mixed_precision=no` as False
-    setattr(obj, head, raw if isinstance(default, str) else _coerce(default, yaml.safe_load(raw)))
+    try:
+        setattr(obj, head, raw if isinstance(default, str) else _coerce(default, yaml.safe_load(raw)))
+    except ValueError as err:
+        raise ValueError(f"{prefix}{key}: {err}") from None
     return None
 
 
@@ -175,16 +271,21 @@ def build_config(cls, values: dict):
     kwargs = {}
     for name, value in values.items():
         default = getattr(cls(), name) if name in known else None
-        kwargs[name] = build_config(type(default), value) if is_dataclass(default) else _coerce(default, value)
+        try:
+            kwargs[name] = build_config(type(default), value) if is_dataclass(default) else _coerce(default, value)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
     return cls(**kwargs)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = (), stage: str = "dit") -> TrainConfig:
     """A TrainConfig from YAML (None: defaults), then `key=value` overrides (dotted keys); its
     buckets checked for `stage` ("vae", "cache" or "dit": `TrainConfig.check_buckets`) and its
-    `deepspeed` file found. Raises ValueError naming the field."""
+    `deepspeed` file found; every field checked against its type and RULES first (`validate`).
+    Raises ValueError naming the field."""
     cfg = build_config(TrainConfig, yaml.safe_load(Path(path).read_text()) or {}) if path else TrainConfig()
     apply_overrides(cfg, overrides)
+    validate(cfg)
     cfg.check_buckets(stage)
     if cfg.deepspeed and not Path(cfg.deepspeed).is_file():
         raise ValueError(f"deepspeed: {cfg.deepspeed!r} is not a file (a DeepSpeed JSON config)")

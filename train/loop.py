@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -40,10 +40,11 @@ from profiling.measure import FlopMeter, forward_backward
 from profiling.parts import FROZEN, param_parts
 from profiling.report import format_report, summarize
 from train import checkpoint
-from train.config import TrainConfig
+from train.config import TrainConfig, validate
 from train.data.latents import build_cache
 from train.data.loader import make_loader
 from train.ema import EMA
+from train.faults import NonfiniteGuard, RunLock, SettingError, die_with_parent
 from train.preempt import StopRequest
 from train.runlog import start_attempt, superseded_summary
 
@@ -109,6 +110,7 @@ class StepWindow:
 
     def __init__(self) -> None:
         self.flops, self.tokens, self.shapes, self.losses = None, 0, [], []
+        self.sources, self.seeds = [], []  # the batch's identity, for a non-finite step's message
 
     def add(self, flops, tokens: int, latent_shape: tuple[int, ...]) -> None:
         self.flops = flops if self.flops is None else self.flops + flops
@@ -201,14 +203,57 @@ def encode_batch(batch: dict, codec, text_encoder, null, drop: list[bool], devic
     return video, codec.encode(video), context, mask
 
 
+def check_nonfinite_policy(cfg: TrainConfig, accelerator) -> None:
+    """Refuse nonfinite=skip under DeepSpeed: its engine applies the update inside backward, before
+    the loop sees the gradient norm, so a bad step cannot be skipped there, only stopped after."""
+    if cfg.nonfinite == "skip" and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise SettingError("nonfinite: 'skip' is not possible under DeepSpeed (its engine updates the weights inside "
+                         "backward, before the gradient norm is known); set nonfinite=stop")
+
+
+def apply_update(accelerator, model, optimizer, scheduler, grad_clip: float, guard: NonfiniteGuard,
+                 window: StepWindow, step: int) -> float | None:
+    """The optimizer step that ends an accumulation window: clip, check the window's loss and the
+    gradient norm are finite on every rank, then step the optimizer and the LR schedule. Returns the
+    LR the step used, or None when the guard skipped it (no update at all); RunError when the guard
+    stops the run."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # DeepSpeed: the engine's norm
+    loss = torch.stack(window.losses).sum().float()
+    finite = bool(torch.isfinite(loss)) and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
+    if accelerator.num_processes > 1:  # every rank takes the same decision
+        finite = accelerator.reduce(torch.tensor([float(not finite)], device=accelerator.device), "sum").item() == 0
+    detail = (f"loss {loss.item() / len(window.losses)} / gradient norm {None if norm is None else float(norm)} "
+              f"(rank {accelerator.process_index}) on the batch of sources {window.sources} (noise seeds {window.seeds})")
+    if guard.skip(step, finite, detail):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    lr = scheduler.get_last_lr()[0]  # the LR this step used; stepping the schedule moves it on
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
 def train(cfg: TrainConfig) -> dict:
+    """Train the DiT of `cfg` in RUN_DIR (resuming from its newest intact checkpoint), holding the
+    run directory's lock throughout. RunError (a second trainer on the directory, no intact
+    checkpoint, a failed checkpoint write, a diverged run) is a failure with a message for the user."""
+    validate(cfg)  # an impossible setting fails here, before anything loads
     cfg.check_buckets()  # a bucket the codec x patch cannot take fails here, before anything loads
+    die_with_parent()  # under a launcher: this rank goes when the launcher goes
+    main = int(os.environ.get("RANK", "0")) == 0  # accelerate's global rank, known before the Accelerator
+    with RunLock(Path(cfg.run_dir)) if main else contextlib.nullcontext():
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict:
     # Frozen encoders load before the Accelerator exists: under ZeRO-3 accelerate makes transformers
     # partition every model it loads afterwards, and these must stay whole on every rank.
     model_cfg = load_config(cfg.model)
     codec = load_codec(cfg.codec)
     text_encoder = TextEncoder(cfg.text_encoder) if model_cfg.text_dim else None
     accelerator = make_accelerator(cfg)
+    check_nonfinite_policy(cfg, accelerator)
     set_seed(cfg.seed, device_specific=True)
     run = Path(cfg.run_dir)
     if accelerator.is_main_process:
@@ -245,15 +290,14 @@ def train(cfg: TrainConfig) -> dict:
     # once per process (it assumes each rank sees 1/N of the steps), running the schedule N x fast.
     model, optimizer = accelerator.prepare(model, optimizer)
     param_dtype = next(model.parameters()).dtype  # DeepSpeed bf16 converts the model but not its inputs
-    accelerator.register_for_checkpointing(ema, sampler, scheduler)
+    states = {"ema": ema, "sampler": sampler, "schedule": scheduler}  # saved as data by train.checkpoint, not pickled
     if cfg.compile:
         model = torch.compile(model)
     meter = StepMeter(model_cfg, codec, text_encoder, device)
 
-    step = 0
-    resume = checkpoint.latest(run / "checkpoints")
+    resume, meta = checkpoint.resume(accelerator, run / "checkpoints", states)
+    step = meta.get("step", 0)
     if resume is not None:
-        step = checkpoint.load(accelerator, resume)["step"]
         accelerator.print(f"resumed from {resume} at step {step}")
     # Steps past the checkpoint that an earlier attempt logged are about to be redone: move them aside
     # before anyone writes, so every file holds each optimizer step once (train.runlog).
@@ -270,7 +314,7 @@ def train(cfg: TrainConfig) -> dict:
     board = SummaryWriter(str(run / "tensorboard"), purge_step=step + 1) if accelerator.is_main_process else None
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     stop, preempted = StopRequest(run, accelerator.is_main_process), False
-    window = StepWindow()
+    window, guard = StepWindow(), NonfiniteGuard(cfg.nonfinite, cfg.max_nonfinite_steps, log=accelerator.print)
     step_start, dropped = time.perf_counter(), 0
     losses: list[float] = []
     while step < cfg.max_steps and not preempted:
@@ -292,15 +336,15 @@ def train(cfg: TrainConfig) -> dict:
                 with accelerator.autocast():
                     loss = training_loss(model, latents, cfg.diffusion, timestep=timestep, noise=noise.to(latents.dtype), **kwargs)
                 window.losses.append(loss.detach().float())
+                window.sources += list(batch["sources"])
+                window.seeds += seeds
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
                 if accelerator.sync_gradients:
-                    lr = scheduler.get_last_lr()[0]  # the LR this step used; stepping the schedule moves it on
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                    lr = apply_update(accelerator, model, optimizer, scheduler, cfg.grad_clip, guard, window, step + 1)
             if not accelerator.sync_gradients:
+                continue
+            if lr is None:  # a non-finite step, skipped: no update, no EMA, not counted
+                window, step_start = StepWindow(), time.perf_counter()
                 continue
             step += 1
             with gathered(model, deepspeed):
@@ -326,7 +370,8 @@ def train(cfg: TrainConfig) -> dict:
             bar.update()
             window, step_start = StepWindow(), time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stops:
-                checkpoint.save(accelerator, run / "checkpoints", step, {"loss": losses[-1]}, cfg.keep_checkpoints)
+                checkpoint.save(accelerator, run / "checkpoints", step, {"loss": losses[-1]}, cfg.keep_checkpoints,
+                                states, model)
                 step_start = time.perf_counter()
             if stops and step < cfg.max_steps:  # the job is about to lose the machine: resume later
                 preempted = True

@@ -14,8 +14,10 @@ reported and written to RUN_DIR/codec/eval.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +30,8 @@ from tqdm import tqdm
 from model.vae import load_codec
 from train import checkpoint
 from train.runlog import start_attempt
-from train.config import TrainConfig
+from train.config import TrainConfig, validate
+from train.faults import RunLock, die_with_parent
 from train.data.loader import make_loader
 from train.loop import lr_lambda
 
@@ -60,7 +63,16 @@ def psnr(codec, clips: list) -> float:
 
 
 def train_vae(cfg: TrainConfig) -> dict:
-    cfg.check_buckets("vae")  # before anything loads: buckets the codec cannot take
+    """Train the codec of `cfg.vae` in RUN_DIR/vae, holding the run directory's lock (train.faults)."""
+    validate(cfg)  # before anything loads: impossible settings
+    cfg.check_buckets("vae")  # and buckets the codec cannot take
+    die_with_parent()
+    main = int(os.environ.get("RANK", "0")) == 0  # accelerate's global rank, known before the Accelerator
+    with RunLock(Path(cfg.run_dir)) if main else contextlib.nullcontext():
+        return _train_vae(cfg)
+
+
+def _train_vae(cfg: TrainConfig) -> dict:
     vcfg = cfg.vae
     accelerator = Accelerator()
     set_seed(cfg.seed, device_specific=True)
@@ -75,11 +87,10 @@ def train_vae(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(vcfg.warmup_steps, vcfg.steps))
     loader, sampler, _ = make_loader(cfg.data, accelerator.process_index, accelerator.num_processes)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(sampler, scheduler)
-    step = 0
-    resume = checkpoint.latest(run / "checkpoints")
+    states = {"sampler": sampler, "schedule": scheduler}  # saved as data by train.checkpoint, not pickled
+    resume, meta = checkpoint.resume(accelerator, run / "checkpoints", states)
+    step = meta.get("step", 0)
     if resume is not None:
-        step = checkpoint.load(accelerator, resume)["step"]
         accelerator.print(f"resumed from {resume} at step {step}")
     if accelerator.is_main_process:  # the log holds each step once: a killed attempt's steps past the checkpoint go aside
         run.mkdir(parents=True, exist_ok=True)
@@ -107,7 +118,7 @@ def train_vae(cfg: TrainConfig) -> dict:
             bar.set_postfix(l1=f"{l1:.4f}")
             bar.update()
             if step % cfg.checkpoint_every == 0 or step == vcfg.steps:
-                checkpoint.save(accelerator, run / "checkpoints", step, {"l1": l1}, cfg.keep_checkpoints)
+                checkpoint.save(accelerator, run / "checkpoints", step, {"l1": l1}, cfg.keep_checkpoints, states, model)
             if step >= vcfg.steps:
                 break
     bar.close()
