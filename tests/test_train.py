@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from model.media import write_video
 from profiling.ledger import read_ledgers
@@ -29,9 +30,9 @@ def _model_yaml(tmp_path: Path) -> str:
     return str(path)
 
 
-def _train(run: Path, *extra: str) -> subprocess.Popen:
+def _train(run: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "train", "--set", f"run_dir={run}", *SMALL, *extra]
-    return subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(args, cwd=ROOT, env=_env() | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -64,44 +65,108 @@ def _logged_steps(run: Path) -> int:
         return 0
 
 
-def test_sigkill_mid_run_resumes_and_matches_the_uninterrupted_run(tmp_path):
+def _attempts(run: Path) -> int:
+    try:
+        return len((run / "attempts.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def _kill_when(proc: subprocess.Popen, ready) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds (it must not finish first)."""
+    deadline = time.time() + 600
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _weights(run: Path) -> dict:
+    """Every tensor of a finished run: the last checkpoint's model and loop state, the EMA pipeline."""
+    from safetensors.torch import load_file
+
+    files = ["checkpoints/step-0000030/model.safetensors", "checkpoints/step-0000030/train_state.safetensors",
+             "pipeline/transformer/diffusion_pytorch_model.safetensors"]
+    return {(f, k): v for f in files for k, v in load_file(run / f).items()}
+
+
+class _Payload:
+    """Loading this pickle would create `marker`: a crafted file planted in a checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_sigkilled_three_times_one_mid_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
+    """A run SIGKILLed at three seeded points (one while a checkpoint is written, files complete but
+    not yet renamed into place) and resumed each time ends with the uninterrupted run's losses,
+    ledger and weights, bit for bit. While it holds its run directory, a second trainer there is
+    refused at once, naming it; a crafted pickle planted in its newest checkpoint is never loaded."""
+    import pickle
+    import random
+
+    from train import checkpoint
+
+    rng = random.Random(20240607)
     model = ["--set", f"model={_model_yaml(tmp_path)}", "--set", "max_steps=30", "--set", "checkpoint_every=8"]
     full = _train(tmp_path / "full", *model)
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out
     assert out.count("trained 30 steps") == 1
 
-    crashed = _train(tmp_path / "crash", *model)
+    run = tmp_path / "crash"
+    first = _train(run, *model)  # 1: killed at a random step
+    kill_at = rng.randint(2, 12)
+    _kill_when(first, lambda: _attempts(run) == 1 and _logged_steps(run) >= kill_at)
+    assert len(_losses(run)) >= kill_at and not (run / "pipeline").exists()
+
+    pause = {checkpoint.PAUSE_BEFORE_PUBLISH: "120"}  # 2: killed while writing a checkpoint
+    second, started = _train(run, *model, env=pause), time.time()
+    written = lambda: [p for p in run.glob("checkpoints/.tmp-step-*/manifest.json") if p.stat().st_mtime >= started - 1]
     deadline = time.time() + 600
-    while _logged_steps(tmp_path / "crash") < 9:  # past the checkpoint at step 8, before the one at 16
-        assert crashed.poll() is None and time.time() < deadline, crashed.communicate()[0]
+    while not written():
+        assert second.poll() is None and time.time() < deadline, second.communicate()[0]
         time.sleep(0.02)
-    crashed.send_signal(signal.SIGKILL)
-    crashed.wait()
-    killed_at = len(_losses(tmp_path / "crash"))
-    assert 9 <= killed_at < 30  # it really died mid-run, with steps past its last checkpoint logged
-    # (a step's ledger record is written just before its log line: the kill may fall between them)
-    recorded = [r.step for r in read_ledgers([tmp_path / "crash" / "ledger.jsonl"]).records]
-    assert recorded == list(range(1, len(recorded) + 1)) and len(recorded) in (killed_at, killed_at + 1)
-    assert not (tmp_path / "crash" / "pipeline").exists()
-    resumed = _train(tmp_path / "crash", *model)
+    rival = subprocess.run([sys.executable, "-m", "train", "--set", f"run_dir={run}", *SMALL, *model], cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert rival.returncode == 1 and f"is in use by another trainer (pid {second.pid} on host" in rival.stderr, rival.stderr
+    assert "Traceback" not in rival.stderr
+    _kill_when(second, lambda: True)
+    unpublished = written()[0].parent
+    assert not (run / "checkpoints" / unpublished.name.removeprefix(".tmp-")).exists()
+
+    third = _train(run, *model)  # 3: killed at a random later step
+    kill_at = rng.randint(len(_losses(run)) + 2, 28)
+    _kill_when(third, lambda: _attempts(run) == 3 and _logged_steps(run) >= kill_at)
+    assert checkpoint.verify(checkpoint.latest(run / "checkpoints")) is None  # every kill left the newest one intact
+
+    newest = checkpoint.latest(run / "checkpoints")
+    marker = tmp_path / "pwned"
+    (newest / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    resumed = _train(run, *model)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
+    assert f"{newest / 'custom_checkpoint_0.pkl'}: not in the manifest" in out and not marker.exists()
     assert "resumed from" in out
-    assert _losses(tmp_path / "crash") == _losses(tmp_path / "full")  # bit-identical, every step, each once
+    assert _losses(run) == _losses(tmp_path / "full")  # bit-identical, every step, each once
+    reference, got = _weights(tmp_path / "full"), _weights(run)
+    assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in reference)
 
     # The ledger holds each optimizer step once, and the 6ND report equals the uninterrupted run's.
-    assert _accounting(tmp_path / "crash") == _accounting(tmp_path / "full")
+    assert _accounting(run) == _accounting(tmp_path / "full")
     assert _accounting(tmp_path / "full")["steps"] == list(range(1, 31))
     # Which attempt wrote each record; the redone steps' first records kept aside, not deleted.
-    attempts = _jsonl(tmp_path / "crash" / "attempts.jsonl")
-    resumed_from = attempts[1]["resumed_from"]
-    assert [a["attempt"] for a in attempts] == [1, 2] and resumed_from in (8, 16) and resumed_from < killed_at
-    ledger = _jsonl(tmp_path / "crash" / "ledger.jsonl")
-    assert all(r["attempt"] == (1 if r["step"] <= resumed_from else 2) for r in ledger)
-    aside = _jsonl(tmp_path / "crash" / "ledger.superseded.jsonl")
-    assert [r["step"] for r in aside] == list(range(resumed_from + 1, len(recorded) + 1)) and {r["attempt"] for r in aside} == {1}
-    assert f"superseded: {len(recorded) - resumed_from} ledger record(s)" in out
+    attempts = _jsonl(run / "attempts.jsonl")
+    assert [a["attempt"] for a in attempts] == [1, 2, 3, 4]
+    ledger = _jsonl(run / "ledger.jsonl")
+    for attempt, start in enumerate([a["resumed_from"] for a in attempts], 1):
+        assert all(r["attempt"] >= attempt for r in ledger if r["step"] > start)
+    aside = _jsonl(run / "ledger.superseded.jsonl")
+    assert aside and {r["attempt"] for r in aside} <= {1, 2, 3} and "superseded: " in out
 
     ledger = [json.loads(line) for line in (tmp_path / "full" / "ledger.jsonl").read_text().splitlines()]
     assert len(ledger) == 30 and all(r["measured_flops"] > 0 and r["parts"]["frozen"] > 0 for r in ledger)
