@@ -281,6 +281,26 @@ def test_the_guard_skips_a_few_in_a_row_then_stops_naming_the_step_and_batch():
         NonfiniteGuard("stop", 3).skip(1, False, "")
 
 
+def test_under_deepspeed_skip_becomes_stop_and_says_so():
+    from accelerate.utils import DistributedType
+
+    from train.config import TrainConfig
+    from train.loop import nonfinite_policy
+
+    class Engine:
+        distributed_type, said = DistributedType.DEEPSPEED, []
+
+        def print(self, line: str) -> None:
+            self.said.append(line)
+
+    engine = Engine()
+    assert nonfinite_policy(TrainConfig(nonfinite="skip"), engine) == "stop"
+    assert "a non-finite step stops the run instead (as nonfinite=stop)" in engine.said[0]
+    assert nonfinite_policy(TrainConfig(nonfinite="stop"), engine) == "stop"
+    Engine.distributed_type = DistributedType.NO
+    assert nonfinite_policy(TrainConfig(nonfinite="skip"), engine) == "skip" and len(engine.said) == 1
+
+
 # --- one writer ----------------------------------------------------------------------------------
 
 def test_a_second_writer_on_a_run_directory_is_refused_naming_the_holder(tmp_path):

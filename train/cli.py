@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         _run_stage(stage, cfg)
     except RunError as err:  # a failure the user acts on (train/faults.py): its message, no traceback
         print(f"ministack train: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return 1
     return 0
 
 

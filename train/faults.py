@@ -23,14 +23,6 @@ LOCK = ".lock"
 class RunError(RuntimeError):
     """A run cannot go on for a reason its message states (a path, a step, a setting to change)."""
 
-    exit_code = 1
-
-
-class SettingError(RunError, ValueError):
-    """A setting refused only once the run starts (it depends on the launcher): exit 2, as for a bad config."""
-
-    exit_code = 2
-
 
 class RunLock:
     """An exclusive lock on a run directory, held for the life of the process that trains in it.

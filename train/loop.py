@@ -44,7 +44,7 @@ from train.config import TrainConfig, validate
 from train.data.latents import build_cache
 from train.data.loader import make_loader
 from train.ema import EMA
-from train.faults import NonfiniteGuard, RunLock, SettingError, die_with_parent
+from train.faults import NonfiniteGuard, RunLock, die_with_parent
 from train.preempt import StopRequest
 from train.runlog import start_attempt, superseded_summary
 
@@ -203,12 +203,16 @@ def encode_batch(batch: dict, codec, text_encoder, null, drop: list[bool], devic
     return video, codec.encode(video), context, mask
 
 
-def check_nonfinite_policy(cfg: TrainConfig, accelerator) -> None:
-    """Refuse nonfinite=skip under DeepSpeed: its engine applies the update inside backward, before
-    the loop sees the gradient norm, so a bad step cannot be skipped there, only stopped after."""
+def nonfinite_policy(cfg: TrainConfig, accelerator) -> str:
+    """The policy for non-finite steps this run can honour. Under DeepSpeed the engine applies the
+    update inside backward, before the loop sees the gradient norm: a bad step cannot be skipped
+    there, only stopped after (its weights are never checkpointed), so "skip" becomes "stop", said
+    once at the start."""
     if cfg.nonfinite == "skip" and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise SettingError("nonfinite: 'skip' is not possible under DeepSpeed (its engine updates the weights inside "
-                         "backward, before the gradient norm is known); set nonfinite=stop")
+        accelerator.print("nonfinite=skip: under DeepSpeed the engine updates the weights inside backward, before the "
+                          "gradient norm is known, so a non-finite step stops the run instead (as nonfinite=stop)")
+        return "stop"
+    return cfg.nonfinite
 
 
 def apply_update(accelerator, model, optimizer, scheduler, grad_clip: float, guard: NonfiniteGuard,
@@ -253,7 +257,6 @@ def _train(cfg: TrainConfig) -> dict:
     codec = load_codec(cfg.codec)
     text_encoder = TextEncoder(cfg.text_encoder) if model_cfg.text_dim else None
     accelerator = make_accelerator(cfg)
-    check_nonfinite_policy(cfg, accelerator)
     set_seed(cfg.seed, device_specific=True)
     run = Path(cfg.run_dir)
     if accelerator.is_main_process:
@@ -314,7 +317,8 @@ def _train(cfg: TrainConfig) -> dict:
     board = SummaryWriter(str(run / "tensorboard"), purge_step=step + 1) if accelerator.is_main_process else None
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     stop, preempted = StopRequest(run, accelerator.is_main_process), False
-    window, guard = StepWindow(), NonfiniteGuard(cfg.nonfinite, cfg.max_nonfinite_steps, log=accelerator.print)
+    window = StepWindow()
+    guard = NonfiniteGuard(nonfinite_policy(cfg, accelerator), cfg.max_nonfinite_steps, log=accelerator.print)
     step_start, dropped = time.perf_counter(), 0
     losses: list[float] = []
     while step < cfg.max_steps and not preempted:
