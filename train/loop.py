@@ -238,6 +238,21 @@ def apply_update(accelerator, model, optimizer, scheduler, grad_clip: float, gua
     return lr
 
 
+def resume_attempt(accelerator, run: Path, states: dict) -> tuple[int, int]:
+    """(step, attempt number) of this start of `run`: its newest intact checkpoint restored into the
+    accelerator's objects and `states` (step 0 without one), and the attempt recorded."""
+    resume, meta = checkpoint.resume(accelerator, run / "checkpoints", states)
+    step = meta.get("step", 0)
+    if resume is not None:
+        accelerator.print(f"resumed from {resume} at step {step}")
+    # Steps past the checkpoint that an earlier attempt logged are about to be redone: move them aside
+    # before anyone writes, so every file holds each optimizer step once (train.runlog).
+    attempt = [start_attempt(run, step, accelerator.num_processes) if accelerator.is_main_process else 0]
+    broadcast_object_list(attempt)
+    attempt = attempt[0]
+    return step, attempt
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train the DiT of `cfg` in RUN_DIR (resuming from its newest intact checkpoint), holding the
     run directory's lock throughout. RunError (a second trainer on the directory, no intact
@@ -298,15 +313,7 @@ def _train(cfg: TrainConfig) -> dict:
         model = torch.compile(model)
     meter = StepMeter(model_cfg, codec, text_encoder, device)
 
-    resume, meta = checkpoint.resume(accelerator, run / "checkpoints", states)
-    step = meta.get("step", 0)
-    if resume is not None:
-        accelerator.print(f"resumed from {resume} at step {step}")
-    # Steps past the checkpoint that an earlier attempt logged are about to be redone: move them aside
-    # before anyone writes, so every file holds each optimizer step once (train.runlog).
-    attempt = [start_attempt(run, step, accelerator.num_processes) if accelerator.is_main_process else 0]
-    broadcast_object_list(attempt)
-    attempt = attempt[0]
+    step, attempt = resume_attempt(accelerator, run, states)
 
     dtype = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
     peak = device_peak(device, dtype)
