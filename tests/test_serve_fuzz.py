@@ -30,6 +30,7 @@ import schemathesis
 from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
+from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 from starlette.testclient import TestClient
 
 from serve.api import build_app
@@ -83,6 +84,7 @@ def test_every_route_is_documented_and_none_documents_422(app):
             assert "422" not in operation["responses"], f"{method} {path}"
             assert {"200", "400", "500"} <= set(operation["responses"]), f"{method} {path}"
     assert "HTTPValidationError" not in doc["components"]["schemas"]
+    assert not list(OPENAPI_31_VALIDATOR.iter_errors(doc)), "not a valid OpenAPI 3.1 document"
     chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert set(chat) == {"200", "400", "404", "429", "500", "503"}  # no 401 without an API key
     assert set(chat["200"]["content"]) == {"application/json", "text/event-stream"}
