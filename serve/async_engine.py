@@ -14,6 +14,13 @@ per-request asyncio.Queue filled with `loop.call_soon_threadsafe` (asyncio queue
 thread-safe). A consumer that stops iterating (client disconnect, task cancellation) aborts
 its request, which frees its KV blocks at the engine's next iteration.
 
+A request enters the inbox when `generate` is called, under the same lock that counts the
+queue, so `max_queue` is a hard cap however many handlers submit at once; the stream it returns
+aborts the request when closed (or dropped) before its end, whether or not it was ever iterated.
+A request that fails on its own (nothing left to sample, a grammar fault) or that the engine
+refuses ends its stream with `RequestFailed` / ValueError; the loop goes on. Only a fault of the
+step itself ends the loop: every request hears `EngineDead`, and /health turns 503.
+
 Admission is bounded, by requests and by tokens: a request that would make more than
 `max_queue` requests wait (queued here or in the scheduler's waiting queue), or more than
 `max_queued_tokens` prompt tokens (a single 8k prompt is tens of seconds of prefill on two cores,
@@ -31,7 +38,7 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,6 +64,14 @@ class QueueTimeout(Overloaded):
     prefix = "request dropped from the queue"
 
 
+class RequestFailed(RuntimeError):
+    """The engine ended this request with an error of its own (RequestOutput.error); others go on."""
+
+
+class EngineDead(RuntimeError):
+    """The step loop has ended (it failed, or the server is shutting down): nothing more is served."""
+
+
 def retry_after(queued_tokens: int, prefill_tokens_per_s: float) -> int:
     """Seconds until the queued prompt tokens are prefilled at the measured rate (1..3600; 1
     before anything was measured)."""
@@ -73,11 +88,11 @@ class Backend(Protocol):
     tokenizer: Any  # a Hugging Face tokenizer with a chat template
     sampling_defaults: dict[str, float]  # the model's generation_config.json values for fields a request leaves out
 
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """The request's outputs as they come, the last one `finished`. Raises Overloaded at
-        once when the queue is full; the request is submitted when the stream is first iterated
-        (one never iterated costs nothing). The stream raises ValueError if the engine refuses
-        the request (e.g. prompt too long). Leaving the stream early aborts it."""
+        once when the queue is full. The stream raises ValueError if the engine refuses the
+        request (e.g. prompt too long), RequestFailed / EngineDead if it fails. Closing the
+        stream (`aclose`) before its end aborts the request."""
         ...
 
     def stats(self) -> EngineStats: ...
@@ -124,6 +139,8 @@ class AsyncEngine:
         self._queues: dict[str, _Pending] = {}  # request id -> where its outputs go; engine thread only
         self._stats = engine.stats()  # snapshot after the last step; read from any thread
         self._closed = False
+        self._closing: str | None = None  # fail_all's reason, until the engine thread has failed them
+        self._admitting = 0  # taken from the inbox by the engine thread, not yet in the scheduler's count
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False  # the step loop has ended (closed, or died)
@@ -133,13 +150,13 @@ class AsyncEngine:
 
     # ---- event-loop side -------------------------------------------------------------------
 
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
-        """Check room now (raising Overloaded at once if the queue is full); the request is
-        submitted when the stream is first iterated, so a stream never iterated costs nothing."""
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queue the request now, or raise Overloaded at once if the queue is full (EngineDead
+        once the loop has ended); its outputs come through the returned stream."""
         with self._cond:
-            if self._error is not None:
-                raise RuntimeError("the engine thread died") from self._error
-            waiting = len(self._inbox) + self._stats.num_waiting
+            if self._error is not None or self._stopped or self._closed or self._closing is not None:
+                raise EngineDead(self._dead_reason())
+            waiting = self._waiting()
             queued = sum(len(p.prompt_ids) for p in self._inbox) + self._stats.num_waiting_tokens
             wait = retry_after(queued + len(prompt_ids), self._stats.prefill_tokens_per_s)
             if waiting >= self.max_queue:
@@ -148,30 +165,32 @@ class AsyncEngine:
             if self.max_queued_tokens is not None and queued and queued + len(prompt_ids) > self.max_queued_tokens:
                 raise Overloaded(f"{queued:,} prompt tokens are already waiting and this request brings {len(prompt_ids):,} "
                                  f"(--max-num-queued-tokens {self.max_queued_tokens:,})", wait)
-        return self._stream(request_id, prompt_ids, params)
-
-    async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
-        pending = _Pending(request_id, prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
-        with self._cond:
-            if self._error is not None:
-                raise RuntimeError("the engine thread died") from self._error
+            pending = _Pending(request_id, prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
             self._inbox.append(pending)
             self._cond.notify()
-        finished = False
-        try:
-            while not finished:
-                item = await pending.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self._abort(pending)
+        return RequestStream(self, pending)
+
+    def _waiting(self) -> int:
+        """Requests not yet scheduled, counted conservatively (caller holds the lock): the inbox,
+        those the engine thread took from it this iteration, and the scheduler's waiting queue as
+        of the last step (some of which the running step may be scheduling right now)."""
+        return len(self._inbox) + self._admitting + self._stats.num_waiting
+
+    def _dead_reason(self) -> str:
+        if self._error is not None:
+            return f"the engine failed and serves no more requests: {self._error!r}"
+        return self._closing or "the server is shutting down"
 
     def _abort(self, pending: _Pending) -> None:
         with self._cond:
             self._aborts.append(pending)
+            self._cond.notify()
+
+    def fail_all(self, reason: str) -> None:
+        """End every request in flight now with EngineDead(`reason`) and admit no more (a
+        shutdown's grace period has run out): their handlers answer with that error at once."""
+        with self._cond:
+            self._closing = reason
             self._cond.notify()
 
     def healthy(self) -> bool:
@@ -179,7 +198,7 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         with self._cond:
-            return dataclasses.replace(self._stats, num_waiting=self._stats.num_waiting + len(self._inbox))
+            return dataclasses.replace(self._stats, num_waiting=self._waiting())
 
     def check_structured(self, structured: StructuredOutput) -> None:
         """Compile it now (xgrammar's compiler caches: the engine thread then finds it compiled)."""
@@ -207,38 +226,55 @@ class AsyncEngine:
                         return
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, []
+                    self._admitting, closing = len(inbox), self._closing
                 for pending in inbox:  # before aborts: a client may leave before its request is admitted
                     self._admit(pending)
                 for pending in aborts:  # this stream's request only: a refused duplicate id must not end the first
                     if self._queues.get(pending.request_id) is pending:
                         del self._queues[pending.request_id]
                         self.engine.abort_request(pending.request_id)
+                if closing is not None:
+                    self._fail_in_flight(EngineDead(closing))
                 if self.max_queue_time is not None:
                     self._drop_late()
                 outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
                 stats = self.engine.stats()
                 with self._cond:
-                    self._stats = stats
-                batches: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, RequestOutput]]] = {}
-                for output in outputs:
-                    pending = self._queues.get(output.request_id)
-                    if pending is None:
-                        continue
-                    if output.finished:
-                        del self._queues[output.request_id]
-                    batches.setdefault(pending.loop, []).append((pending, _snapshot(output)))
-                for loop, items in batches.items():  # one wake-up of each event loop per step
-                    _call_soon(loop, _put_all, items)
+                    self._stats, self._admitting = stats, 0
+                self._hand_out(outputs)
         except BaseException as exc:  # noqa: BLE001 - every waiting request must hear about it
             with self._cond:
                 self._error = exc
                 orphans = list(self._queues.values()) + self._inbox
+                self._inbox = []
             for pending in orphans:
-                _deliver(pending, RuntimeError(f"engine failed: {exc!r}"))
+                _deliver(pending, EngineDead(f"the engine failed: {exc!r}"))
             raise
         finally:
             self._stopped = True
             self.engine.close()
+
+    def _hand_out(self, outputs: list[RequestOutput]) -> None:
+        """Each output to its stream's event loop, one wake-up of each loop per step; a failed
+        request's stream gets RequestFailed instead."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, RequestOutput | BaseException]]] = {}
+        for output in outputs:
+            pending = self._queues.get(output.request_id)
+            if pending is None:
+                continue
+            if output.finished:
+                del self._queues[output.request_id]
+            item = RequestFailed(output.error) if output.error is not None else _snapshot(output)
+            batches.setdefault(pending.loop, []).append((pending, item))
+        for loop, items in batches.items():
+            _call_soon(loop, _put_all, items)
+
+    def _fail_in_flight(self, error: EngineDead) -> None:
+        """Abort every request the engine holds, telling each stream `error` (engine thread)."""
+        for request_id, pending in list(self._queues.items()):
+            del self._queues[request_id]
+            self.engine.abort_request(request_id)
+            _deliver(pending, error)
 
     def _drop_late(self) -> None:
         """Abort the requests still unscheduled past the queue deadline, telling their streams."""
@@ -254,12 +290,56 @@ class AsyncEngine:
                                                f"(--max-queue-time {self.max_queue_time:g} s)", wait))
 
     def _admit(self, pending: _Pending) -> None:
+        """Hand a request to the engine; one it refuses (ValueError) or fails to take (anything
+        else: a fault of that request's, e.g. its grammar) ends that stream only."""
+        if self._closing is not None:
+            _deliver(pending, EngineDead(self._closing))
+            return
         try:
             self.engine.add_request(pending.request_id, pending.prompt_ids, pending.params)
         except ValueError as exc:
             _deliver(pending, exc)
             return
+        except Exception as exc:  # noqa: BLE001 - add_request queues nothing until it cannot fail
+            _deliver(pending, RequestFailed(f"the engine could not take the request: {exc!r}"))
+            return
         self._queues[pending.request_id] = pending
+
+
+class RequestStream:
+    """One request's outputs, as an async iterator. Closing it before the last output (a client
+    that left, a batch refused half-way) aborts the request; so does dropping it unclosed."""
+
+    def __init__(self, engine: AsyncEngine, pending: _Pending) -> None:
+        self._engine, self._pending, self._done = engine, pending, False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._pending.queue.get()
+        except BaseException:  # cancelled while waiting: the consumer has gone
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True  # the engine side has already let go of it
+            raise item
+        self._done = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine._abort(self._pending)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _snapshot(output: RequestOutput) -> RequestOutput:

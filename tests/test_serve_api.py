@@ -371,18 +371,21 @@ def test_metrics_use_vllm_names_with_sane_values(server, client, model_name):
 
 def test_full_queue_answers_429_with_retry_after(tiny_model):
     """One running slot and room for one waiting request: a third request is refused."""
-    live = serve(tiny_model, max_queue=1, max_model_len=256, max_num_seqs=1, kv_cache_bytes=8 << 20)
+    live = serve(tiny_model, max_queue=1, max_model_len=512, max_num_seqs=1, kv_cache_bytes=8 << 20)
     try:
         h = http(live)
-        body = {"prompt": "Hi", "max_tokens": 250, "stream": True, "ignore_eos": True}
-        with h.stream("POST", "/v1/completions", json=body) as running, h.stream("POST", "/v1/completions", json=body) as waiting:
-            assert running.status_code == waiting.status_code == 200
-            assert wait_until(lambda: live.backend.stats().num_waiting == 1)
-            with pytest.raises(openai.RateLimitError) as refused:
-                live.client().completions.create(model=live.backend.model_name, prompt="Hi", max_tokens=2)
-            response = refused.value.response
-            assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
-            assert response.json()["error"]["message"].startswith("engine is overloaded")
+        body = {"prompt": "Hi", "max_tokens": 500, "stream": True, "ignore_eos": True}
+        with h.stream("POST", "/v1/completions", json=body) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)  # its first token: it runs, it no longer waits
+            with h.stream("POST", "/v1/completions", json=body) as waiting:
+                assert running.status_code == waiting.status_code == 200
+                assert wait_until(lambda: live.backend.stats().num_waiting == 1)
+                with pytest.raises(openai.RateLimitError) as refused:
+                    live.client().completions.create(model=live.backend.model_name, prompt="Hi", max_tokens=2)
+                response = refused.value.response
+                assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+                assert response.json()["error"]["message"].startswith("engine is overloaded")
         assert wait_until(lambda: live.backend.stats().num_running == live.backend.stats().num_waiting == 0)
     finally:
         live.close()
@@ -432,8 +435,12 @@ def test_a_dead_engine_fails_its_requests_and_its_health_check(tiny_model):
         live.backend.engine.step = broken_step
         assert httpx.get(f"{live.url}/health").status_code == 200
         response = http(live).post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
-        assert response.status_code == 500 and "simulated kernel fault" in response.json()["error"]["message"]
+        error = response.json()["error"]
+        assert response.status_code == 503 and "simulated kernel fault" in error["message"]
+        assert error["code"] == "engine_unavailable"
         assert wait_until(lambda: httpx.get(f"{live.url}/health").status_code == 503)
+        later = http(live).post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})  # refused at once, never hangs
+        assert later.status_code == 503 and "simulated kernel fault" in later.json()["error"]["message"]
     finally:
         live.server.should_exit = True
         live.thread.join(timeout=10)

@@ -11,6 +11,7 @@ never reads sampling fields one by one.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -19,10 +20,17 @@ from serve.api.errors import ApiError
 from serve.api.protocol_parts import (
     NamedToolChoice, ResponseFormat, Strict, StructuredOutputs, Tool, ToolCall,
 )
-from serve.engine.sampling_params import SamplingParams
+from serve.engine.sampling_params import SEED_RANGE, SamplingParams
 from serve.engine.structured import StructuredOutput
 
 MAX_LOGPROBS = 20  # OpenAI's cap on alternatives per token
+# Sizes the engine pays for per step or per request, capped so that no one request is expensive to
+# refuse or to carry (each refusal names its field): OpenAI's 4 stops; then generous bounds.
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
+MAX_TOKEN_LISTS = 1_024  # logit_bias entries, stop_token_ids, bad_words
+MAX_BAD_WORD_CHARS = 256
+MAX_TOOLS = 128  # OpenAI's
+TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: "²".isdigit() is True, int("²") fails
 
 
 Batch = str | list[int] | list[str] | list[list[int]]  # one text or token-id list, or a batch of either
@@ -69,19 +77,19 @@ class _SamplingRequest(Strict):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
-    logit_bias: dict[str, float] | None = None  # token id (as a JSON key) -> bias in [-100, 100]
-    allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_TOKEN_LISTS)  # token id (a JSON key) -> bias in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # at most the vocabulary (the engine checks each id)
+    bad_words: list[Annotated[str, Field(max_length=MAX_BAD_WORD_CHARS)]] | None = Field(None, max_length=MAX_TOKEN_LISTS)
     min_tokens: int = Field(0, ge=0)
     stop: str | list[str] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = Field(None, ge=1)  # keep the prompt's last k tokens
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])  # OpenAI's 64-bit integer
     priority: int = 0  # vLLM's: lower is scheduled first; non-zero needs --scheduling-policy priority
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_TOKEN_LISTS)
     ignore_eos: bool = False
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names
     response_format: ResponseFormat | None = None
@@ -106,7 +114,7 @@ class _SamplingRequest(Strict):
     @classmethod
     def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (bias or {}).items():
-            if not key.isdigit():
+            if not TOKEN_ID.fullmatch(key):
                 raise ValueError(f"keys must be token ids, got {key!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"values must be in [-100, 100], got {value} for token {key}")
@@ -115,8 +123,11 @@ class _SamplingRequest(Strict):
     @field_validator("stop")
     @classmethod
     def _at_most_four_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > 4:
-            raise ValueError("at most 4 stop sequences")
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stop
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
@@ -292,7 +303,7 @@ class ChatTemplating(Strict):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
 
     def tool_dicts(self) -> list[dict] | None:
         """The tools as serve.api.tools renders them, or None."""

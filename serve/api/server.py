@@ -6,9 +6,15 @@ events), /tokenize, /detokenize (vLLM's), /health, /metrics (Prometheus, vLLM's 
 Every request takes one path: check the model name, tokenize (chat: the tokenizer's chat
 template), check the length against max_model_len, validate the sampling values, submit.
 All of that happens before a byte is sent, so even a stream's mistakes get proper statuses:
-400 (bad input, naming the field), 404 (unknown model), 429 + Retry-After (queue full), 401
-(API key). A client that goes away cancels its handler; closing the backend's stream then
-aborts the request, freeing its slot and KV blocks for the next one.
+400 (bad input, naming the field), 413 (body over --max-request-bytes), 404 (unknown model),
+429 + Retry-After (queue full), 401 (API key), 503 (the engine has stopped). A client that goes
+away cancels its handler; closing the backend's stream then aborts the request, freeing its
+slot and KV blocks for the next one. A request that fails in the engine gets a 500 naming why
+(in-band once a stream has started); the engine goes on with the others.
+
+Nothing slow runs on the event loop, where it would stall every endpoint: tokenizing and chat
+templates (bounded first by the prompt's length in characters, serve.api.limits) and grammar
+compilation run in worker threads.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from serve.api.request_id import RequestIdMiddleware
 from serve.api.streams import final_outputs, listed, merged_outputs, sse_response, until_disconnect
 from serve.api.outputs import batch_usage, chat_logprobs, completion_logprobs, prompt_logprob_entries
 from serve.api.errors import ApiError, field_name, named_field
+from serve.api.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimitMiddleware, check_prompt_chars, longest_token_bytes
 from serve.api.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, template_messages,
 )
@@ -39,7 +46,7 @@ from serve.api.responses import (
     CompletionChoice, CompletionResponse, ResponseToolCall, Usage,
 )
 from serve.api.tools import ToolStream, parse_tool_calls, render_messages, tool_grammar
-from serve.async_engine import Backend, Overloaded
+from serve.async_engine import Backend, EngineDead, Overloaded
 from serve.embeddings import Embedder
 from serve.engine.outputs import CompletionOutput, RequestOutput
 from serve.engine.sampling_params import SamplingParams
@@ -48,15 +55,18 @@ from serve.engine.token_bytes import TokenBytes
 
 
 def build_app(backend: Backend, api_key: str | None = None, chat_template: str | None = None,
-              trust_request_chat_template: bool = False, embedder: Embedder | None = None) -> FastAPI:
+              trust_request_chat_template: bool = False, embedder: Embedder | None = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The server for one backend. With `api_key`, /v1/* and /tokenize need `Authorization: Bearer <key>`.
     `chat_template` (Jinja text) replaces the tokenizer's; a request's own `chat_template` runs
     only with `trust_request_chat_template` (a template is code the server executes, sandboxed).
     `embedder` serves /v1/embeddings (serve.embeddings)."""
     app = FastAPI(title="ministack", version="0.1.0")
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
     metrics = ServingMetrics(backend.model_name, backend.max_model_len)
     token_bytes = TokenBytes(backend.tokenizer)  # logprobs' token text and bytes, from the vocabulary
+    longest = longest_token_bytes(token_bytes, len(backend.tokenizer))  # the prompt-length bound's unit
     app.state.backend, app.state.metrics = backend, metrics
 
     # ---- errors: always OpenAI's {"error": {...}} body ---------------------------------------
@@ -106,6 +116,15 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
             raise ApiError(404, f"The model `{name}` does not exist: this server serves `{backend.model_name}` (GET /v1/models)",
                            param="model", code="model_not_found")
 
+    async def tokenized(texts: list[str], field: str, encode: Callable[[], list[list[int]]]) -> list[list[int]]:
+        """`encode()` run in a worker thread, once `texts` are known to be short enough to fit
+        (400 naming `field` otherwise, before any tokenizing)."""
+        try:
+            check_prompt_chars(texts, backend.max_model_len, longest, field)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param=field) from None
+        return await asyncio.to_thread(encode)
+
     def check_prompt(prompt_ids: list[int], max_tokens: int | None, prompt_field: str) -> int:
         """The request's max_tokens (default: all the room left); 400 if it cannot fit."""
         limit = backend.max_model_len
@@ -122,25 +141,39 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
                                 f"and your request has {len(prompt_ids)} input tokens.", param="max_tokens")
         return max_tokens
 
-    def submit(request_id: str, prompt_ids: list[int], params: SamplingParams, structured_field: str | None = None
-               ) -> AsyncIterator[RequestOutput]:
-        """Hand the request to the backend (400 for bad sampling values or a structured output
-        the backend cannot enforce, 429 when it is full)."""
+    async def checked(params: SamplingParams, structured_field: str | None = None) -> SamplingParams:
+        """`params`, once valid: 400 for bad sampling values or a structured output the backend
+        cannot enforce (compiled in a worker thread: it can take a second)."""
         try:
             params.validate(len(backend.tokenizer))
         except ValueError as exc:
             raise ApiError(400, str(exc), param=named_field(str(exc))) from None
         if params.structured is not None:
             try:
-                backend.check_structured(params.structured)
+                await asyncio.to_thread(backend.check_structured, params.structured)
             except ValueError as exc:
                 raise ApiError(400, f"{structured_field}: {exc}", param=structured_field) from None
+        return params
+
+    async def submit(requests: list[tuple[str, list[int], SamplingParams]]) -> list[AsyncIterator[RequestOutput]]:
+        """Hand each (request id, prompt, checked params) to the backend: all of them, or, when
+        one is refused (429 queue full, 503 engine stopped), none (those already queued are
+        aborted)."""
+        streams: list = []
         try:
-            outputs = backend.generate(request_id, prompt_ids, params)
-        except Overloaded as exc:
-            raise ApiError(429, str(exc), type="rate_limit_error", code="engine_overloaded",
-                           headers={"Retry-After": str(exc.retry_after)}) from None
-        return observed(outputs, time.perf_counter())
+            for request_id, prompt_ids, params in requests:
+                streams.append(backend.generate(request_id, prompt_ids, params))
+        except BaseException as exc:
+            for stream in streams:
+                await stream.aclose()
+            if isinstance(exc, Overloaded):
+                raise ApiError(429, str(exc), type="rate_limit_error", code="engine_overloaded",
+                               headers={"Retry-After": str(exc.retry_after)}) from None
+            if isinstance(exc, EngineDead):
+                raise ApiError(503, str(exc), type="server_error", code="engine_unavailable") from None
+            raise
+        arrival = time.perf_counter()
+        return [observed(stream, arrival) for stream in streams]
 
     async def observed(outputs: AsyncGenerator[RequestOutput, None], arrival: float) -> AsyncIterator[RequestOutput]:
         """The backend's stream, timing its tokens into the metrics; closed with it. A stream
@@ -214,9 +247,10 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
     async def tokenize(body: TokenizeRequest) -> dict:
         check_model(body.model)
         if body.messages is not None:
-            ids = chat_prompt_ids(body, body.tool_dicts())
+            ids = await chat_prompt_ids(body, body.tool_dicts())
         else:
-            ids = backend.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            (ids,) = await tokenized([body.prompt], "prompt",
+                                     lambda: [backend.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)])
         return {"count": len(ids), "max_model_len": backend.max_model_len, "tokens": ids,
                 "token_strs": backend.tokenizer.convert_ids_to_tokens(ids)}
 
@@ -226,7 +260,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         check_prompt(body.tokens, 0, "tokens")
         return {"prompt": backend.tokenizer.decode(body.tokens)}
 
-    def chat_prompt_ids(body: ChatCompletionRequest | TokenizeRequest, tools: list[dict] | None = None) -> list[int]:
+    async def chat_prompt_ids(body: ChatCompletionRequest | TokenizeRequest, tools: list[dict] | None = None) -> list[int]:
         """The messages (and `tools`, serve.api.tools) rendered by the request's template, else
         the server's (--chat-template), else the tokenizer's; 400 naming the field for what
         cannot be rendered."""
@@ -248,13 +282,18 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
             raise ApiError(400, f"chat_template_kwargs: {sorted(reserved)} are set by the request itself",
                            param="chat_template_kwargs")
         messages, extra = render_messages(template_messages(body.messages), tools, template)
-        try:
-            text = backend.tokenizer.apply_chat_template(
-                messages, chat_template=template, add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message, tokenize=False, **extra, **(body.chat_template_kwargs or {}))
-        except Exception as exc:  # noqa: BLE001 - chat templates raise whatever jinja raises
-            raise ApiError(400, f"messages: the chat template refused them: {exc}", param="messages") from None
-        return backend.tokenizer.encode(text, add_special_tokens=False)
+
+        def encode() -> list[list[int]]:
+            try:
+                text = backend.tokenizer.apply_chat_template(
+                    messages, chat_template=template, add_generation_prompt=body.add_generation_prompt,
+                    continue_final_message=body.continue_final_message, tokenize=False, **extra, **(body.chat_template_kwargs or {}))
+            except Exception as exc:  # noqa: BLE001 - chat templates raise whatever jinja raises
+                raise ApiError(400, f"messages: the chat template refused them: {exc}", param="messages") from None
+            return [backend.tokenizer.encode(text, add_special_tokens=False)]
+
+        (ids,) = await tokenized([m["content"] or "" for m in messages], "messages", encode)
+        return ids
 
     async def respond(
         request: Request, body: CompletionRequest | ChatCompletionRequest, outputs: AsyncIterator[RequestOutput],
@@ -294,16 +333,20 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         check_model(body.model)
         batch = body.prompts
         field = "prompt" if len(batch) == 1 else "prompt.{}"
-        prompt_ids = [body.truncated(p if isinstance(p, list) else backend.tokenizer.encode(p)) for p in batch]
+        texts = [p for p in batch if isinstance(p, str)]
+        encoded = iter(await tokenized(texts, "prompt", lambda: [backend.tokenizer.encode(p) for p in texts]) if texts else [])
+        prompt_ids = [body.truncated(p if isinstance(p, list) else next(encoded)) for p in batch]
         max_tokens = [check_prompt(ids, body.max_tokens, field.format(i)) for i, ids in enumerate(prompt_ids)]
         request_id, model, want_logprobs = f"cmpl-{request.state.request_id}", backend.model_name, body.logprobs is not None
         # echo: each choice's text begins with its prompt's (OpenAI's rule for legacy completions),
         # and with logprobs its logprobs begin with the prompt tokens' (the first one's null)
         echoed = [p if isinstance(p, str) else backend.tokenizer.decode(p) for p in batch] if body.echo else None
         prompt_logprobs = body.logprobs if echoed and want_logprobs else None
-        streams = [submit(f"{request_id}-{i}" if len(batch) > 1 else request_id, ids, body.sampling_params(m, body.logprobs, prompt_logprobs, backend.sampling_defaults),
-                          body.structured_field())
-                   for i, (ids, m) in enumerate(zip(prompt_ids, max_tokens))]
+        # one SamplingParams per prompt (each prompt's max_tokens), checked before any is queued
+        params = [await checked(body.sampling_params(m, body.logprobs, prompt_logprobs, backend.sampling_defaults), body.structured_field())
+                  for m in max_tokens]
+        streams = await submit([(f"{request_id}-{i}" if len(batch) > 1 else request_id, ids, p)
+                                for i, (ids, p) in enumerate(zip(prompt_ids, params))])
         prompt_entries: dict[int, list[dict]] = {}  # prompt index -> its tokens' entries, as they arrive
 
         def choice(c: CompletionOutput, streamed: bool) -> CompletionChoice:
@@ -341,7 +384,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         check_model(body.model)
         mode = body.tool_mode()  # None, "none", "auto", "required" or a function's name
         tools = body.tool_dicts() if mode not in (None, "none") else None
-        prompt_ids = body.truncated(chat_prompt_ids(body, tools))
+        prompt_ids = body.truncated(await chat_prompt_ids(body, tools))
         max_tokens = check_prompt(prompt_ids, body.requested_max_tokens, "messages")
         request_id, model, want_logprobs = f"chatcmpl-{request.state.request_id}", backend.model_name, body.logprobs
         params, field = body.sampling_params(max_tokens, body.num_logprobs, None, backend.sampling_defaults), body.structured_field()
@@ -352,7 +395,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
             except ValueError as exc:
                 raise ApiError(400, str(exc), param="tools") from None
             field = "tool_choice"
-        outputs = submit(request_id, prompt_ids, params, field)
+        (outputs,) = await submit([(request_id, prompt_ids, await checked(params, field))])
         streams = {i: ToolStream() for i in range(body.n)} if tools else None
 
         def calls_in(calls: list[dict], c: CompletionOutput) -> tuple[list[dict], str | None]:

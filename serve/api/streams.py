@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from serve.api.errors import ApiError, named_field
-from serve.async_engine import QueueTimeout
+from serve.async_engine import EngineDead, QueueTimeout, RequestFailed
 from serve.engine.outputs import RequestOutput
 
 
@@ -84,15 +84,22 @@ async def until_disconnect(request: Request, work: Awaitable[list[RequestOutput]
         return None
     try:
         return task.result()
-    except ValueError as exc:  # the engine refused the request
-        raise ApiError(400, str(exc), param=named_field(str(exc))) from None
-    except QueueTimeout as exc:
-        raise queue_timeout(exc) from None
+    except (ValueError, RuntimeError) as exc:
+        raise request_error(exc) from None
 
 
-def queue_timeout(exc: QueueTimeout) -> ApiError:
-    """503 + Retry-After: the request waited past the queue deadline and was dropped unstarted."""
-    return ApiError(503, str(exc), type="server_error", code="queue_timeout", headers={"Retry-After": str(exc.retry_after)})
+def request_error(exc: ValueError | RuntimeError) -> ApiError:
+    """What a request's stream ended with, as the error the client gets: 400 the engine refused
+    it (naming the field), 503 + Retry-After it waited past the queue deadline, 503 the engine
+    has stopped, 500 it failed on its own (RequestFailed: the reason) or for a reason unforeseen."""
+    if isinstance(exc, ValueError):
+        return ApiError(400, str(exc), param=named_field(str(exc)))
+    if isinstance(exc, QueueTimeout):
+        return ApiError(503, str(exc), type="server_error", code="queue_timeout", headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, EngineDead):
+        return ApiError(503, str(exc), type="server_error", code="engine_unavailable")
+    code = "request_failed" if isinstance(exc, RequestFailed) else None
+    return ApiError(500, f"the request failed: {exc}", type="server_error", code=code)
 
 
 def sse_response(events: AsyncIterator[BaseModel], include_usage: bool) -> StreamingResponse:
@@ -105,12 +112,8 @@ def sse_response(events: AsyncIterator[BaseModel], include_usage: bool) -> Strea
             async for event in events:
                 data = event.model_dump(exclude={"usage"} if not include_usage else set())
                 yield f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-        except QueueTimeout as exc:  # dropped unstarted after the headers went out: the 503 in-band
-            yield f"data: {json.dumps(queue_timeout(exc).body())}\n\n"
         except (ValueError, RuntimeError) as exc:  # refused or failed after the headers went out: say so in-band
-            error = ApiError(400 if isinstance(exc, ValueError) else 500, str(exc), param=named_field(str(exc)),
-                             type="invalid_request_error" if isinstance(exc, ValueError) else "server_error")
-            yield f"data: {json.dumps(error.body())}\n\n"
+            yield f"data: {json.dumps(request_error(exc).body())}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

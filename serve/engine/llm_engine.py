@@ -174,21 +174,23 @@ class LLMEngine:
         grammars = self.grammars() if params.structured is not None else None
         if grammars is not None:
             grammars.compile(params.structured)  # a refused spec fails here, before anything is queued
+        # every sequence is built before any is queued: a request refused half-way leaves nothing behind
         first = None
         for index in range(params.n):
-            seed = self._seed_rng.getrandbits(63) if params.seed is None else params.seed + index
+            seed = self._seed_rng.getrandbits(63) if params.seed is None else params.seed_of(index)
             generator = torch.Generator(self.device).manual_seed(seed)
             detok = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.include_stop_str_in_output,
                                 params.skip_special_tokens)
-            seq = Sequence(self._next_seq_id, request, index, generator, detok, after=first)
+            seq = Sequence(self._next_seq_id + index, request, index, generator, detok, after=first)
             seq.matcher = grammars.matcher(params.structured) if grammars is not None else None
-            self._next_seq_id += 1
             request.seqs.append(seq)
-            self.scheduler.add(seq)
             first = first or seq
+        self._next_seq_id += params.n
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
         if self.disk is not None:  # the n sequences share the prompt: loading it for the first serves all
             self.disk.load_prefix(first)
-        self.requests[request_id] = request
 
     def grammars(self) -> Grammars:
         """The grammar engine over this tokenizer (imported and built on first use)."""
@@ -216,11 +218,16 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return
+        self._end(request)
+        self._retire(request)
+
+    def _end(self, request: Request, error: str | None = None) -> None:
+        """Finish every sequence of `request` still going, as aborted (`error`: why it failed)."""
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+        request.error = request.error or error
         request.finished_time = time.time()
-        self._retire(request)
 
     def close(self) -> None:
         """Finish what must outlive the engine: the disk tier's queued block writes."""
@@ -263,20 +270,25 @@ class LLMEngine:
             row += n
         if prompt_spans:
             self._record_prompt_logprobs(logits[row:], prompt_spans)
-        for seq, (token, entry) in zip(sampling, self.sampler(logits[: len(sampling)], sampling, self.eos_token_ids, self._grammars)):
-            if seq.matcher is not None and not seq.matcher.accept_token(token):
-                raise RuntimeError(f"the grammar refused token {token} it had allowed")
-            seq.token_ids.append(token)
-            new_tokens[seq.seq_id] = [token]
-            if seq.logprobs is not None:
-                seq.logprobs.append(entry)
+        for seq, draw in zip(sampling, self.sampler(logits[: len(sampling)], sampling, self.eos_token_ids, self._grammars)):
             request = seq.request
-            request.first_token_time = request.first_token_time or now
-            self._check_stop(seq, token)
             touched[request.request_id] = request
+            if seq.is_finished:  # a sibling's failure ended it in this very step
+                continue
+            if draw.error is None and seq.matcher is not None and not seq.matcher.accept_token(draw.token):
+                draw.error = f"the grammar refused token {draw.token} it had allowed"
+            if draw.error is not None:  # this request fails; the batch and the engine go on
+                self._end(request, draw.error)
+                continue
+            seq.token_ids.append(draw.token)
+            new_tokens[seq.seq_id] = [draw.token]
+            if seq.logprobs is not None:
+                seq.logprobs.append(draw.entry)
+            request.first_token_time = request.first_token_time or now
+            self._check_stop(seq, draw.token)
         finished = [r for r in touched.values() if r.is_finished]
         for request in finished:
-            request.finished_time = now
+            request.finished_time = request.finished_time or now
         outputs = [request_output(r, new_tokens, self.law_params) for r in touched.values()]
         for request in finished:
             self._retire(request)

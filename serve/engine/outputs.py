@@ -45,6 +45,7 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), as the
     # per-token logprobs; present once the prompt has been computed
     prompt_logprobs: list[dict | None] | None = None
+    error: str | None = None  # the request failed (finished, every completion "abort"): why
 
 
 @dataclass
@@ -85,7 +86,7 @@ def request_output(request: Request, new_tokens: dict[int, list[int]], law_param
     first = request.seqs[0]
     prompt_logprobs = list(first.prompt_logprobs) if first.prompt_logprobs is not None and first.prompt_computed else None
     return RequestOutput(request.request_id, request.prompt_token_ids, completions, request.is_finished, request_metrics(request, law_params),
-                         prompt_logprobs)
+                         prompt_logprobs, request.error)
 
 
 def request_metrics(request: Request, law_params: int) -> RequestMetrics:

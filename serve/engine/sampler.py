@@ -7,9 +7,18 @@ reaches top-p, drop those below min-p x the top probability, and draw with the s
 torch.Generator: a seeded request gets the same tokens whatever else shares its batch.
 Logprobs are those of the raw logits (log-softmax before any processing, temperature and
 truncation), as OpenAI and vLLM report them.
+
+Every value the API accepts must give a valid distribution, so the arithmetic is guarded where
+float32 runs out: temperatures below SAMPLING_EPS sample greedily (vLLM's rule: dividing by
+1e-300 is inf), truncation always keeps the most likely token (a top_p of 1e-300 is 0 in
+float32), a NaN logit counts as banned, and a row holding +inf logits (a vanishing
+repetition penalty divides by zero) keeps only those tokens, the limit of what it asked. A row
+left with no token at all (everything banned) fails its own request, never the batch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -39,12 +48,45 @@ def truncated_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     probs = torch.softmax(values, -1)
     if top_p < 1.0:
         before = torch.cumsum(probs, -1) - probs  # mass of the tokens ranked above each one
-        keep = int((before < top_p).sum())  # >= 1: the first token always stays
+        keep = max(1, int((before < top_p).sum()))  # the first token always stays (a tiny top_p is 0 in float32)
         probs, ids = probs[:keep] / probs[:keep].sum(), ids[:keep]
     if min_p > 0.0:
-        keep = int((probs >= min_p * probs[0]).sum())  # >= 1: sorted, the first is the largest
+        keep = max(1, int((probs >= min_p * probs[0]).sum()))  # sorted: the first is the largest
         probs, ids = probs[:keep] / probs[:keep].sum(), ids[:keep]
     return probs, ids
+
+
+@dataclass
+class Draw:
+    """One sequence's sampled token and its logprob entry, or why none could be drawn."""
+
+    token: int = -1
+    entry: dict | None = None
+    error: str | None = None
+
+
+def drawable(logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+    """The logits with every row made safe to sample (see the module docstring), and the rows
+    that have no token left, with the reason. One reduction finds the rows to look at (a NaN or
+    +inf makes the row's max non-finite, and so does a row of -inf only); the rest pass untouched."""
+    top = logits.max(-1).values
+    suspect = (~torch.isfinite(top)).nonzero().flatten().tolist()
+    if not suspect:
+        return logits, {}
+    logits, failed = logits.clone(), {}
+    neg_inf = float("-inf")
+    for i in suspect:
+        row = torch.where(torch.isnan(logits[i]), neg_inf, logits[i])
+        infinite = row == float("inf")
+        if infinite.any():
+            row = torch.where(infinite, 0.0, neg_inf)
+        logits[i] = row
+        if not torch.isfinite(row.max()):
+            nan = "NaN or " if torch.isnan(top[i]) else ""
+            failed[i] = (f"no token can be sampled: every token's logit is {nan}-inf after the request's logit "
+                         "processing (allowed_token_ids, logit_bias, bad_words, min_tokens or a structured output "
+                         "banned them all)")
+    return logits, failed
 
 
 class Sampler:
@@ -52,8 +94,9 @@ class Sampler:
         self.token_text = token_text  # token id -> its text (for logprob entries)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int] = frozenset(),
-                 grammars=None) -> list[tuple[int, dict | None]]:
-        """The next token of each sequence (row i of logits is seqs[i]) and its logprob entry;
+                 grammars=None) -> list[Draw]:
+        """The next token of each sequence (row i of logits is seqs[i]) and its logprob entry,
+        or the reason it has none (that sequence's request fails; the others go on);
         `eos_token_ids`: what min_tokens holds back; `grammars` (serve.engine.structured.Grammars)
         masks the rows of sequences with a structured output."""
         wants_logprobs = any(s.params.logprobs is not None for s in seqs)
@@ -64,10 +107,13 @@ class Sampler:
             processed = processed.clone() if processed is logits else processed  # masked in place: never the caller's
             json_rows = [i for i in constrained if seqs[i].params.structured.kind == "json"]
             grammars.mask(processed, constrained, [seqs[i].matcher for i in constrained], json_rows)
-        logits = processed
+        logits, failed = drawable(processed)
         greedy = greedy_tokens(logits)
-        out: list[tuple[int, dict | None]] = []
+        out: list[Draw] = []
         for i, seq in enumerate(seqs):
+            if i in failed:
+                out.append(Draw(error=failed[i]))
+                continue
             p = seq.params
             token = greedy[i]
             if not p.greedy:
@@ -77,7 +123,7 @@ class Sampler:
             entry = None
             if p.logprobs is not None:
                 entry = self.logprob_entry(logprobs[i], token, p.logprobs)
-            out.append((token, entry))
+            out.append(Draw(token, entry))
         return out
 
     def logprob_entry(self, row: torch.Tensor, token: int, k: int) -> dict:

@@ -6,11 +6,16 @@ from dataclasses import dataclass, field
 
 from serve.engine.structured import StructuredOutput
 
+# Below this temperature a request samples greedily (vLLM's _SAMPLING_EPS): logits divided by a
+# vanishing temperature overflow float32, and the distribution they tend to is the argmax anyway.
+SAMPLING_EPS = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # OpenAI's 64-bit seed, signed or unsigned: what a torch.Generator takes
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0 (below SAMPLING_EPS): greedy
     top_p: float = 1.0
     top_k: int = -1  # <= 0 disables
     min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability (after temperature)
@@ -50,6 +55,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be a 64-bit integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
@@ -81,7 +88,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
+
+    def seed_of(self, index: int) -> int:
+        """Completion `index`'s seed: seed + index, wrapped into the unsigned 64-bit range a
+        torch.Generator takes (the largest seed with n > 1 must not overflow)."""
+        return (self.seed + index) % 2**64
 
     @property
     def processes_logits(self) -> bool:

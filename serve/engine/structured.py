@@ -8,6 +8,11 @@ accepts the sampled token after. JSON is compact (no free whitespace: a small mo
 loops on newlines), and tokens holding a raw control byte are masked under JSON constraints
 (xgrammar's string rule admits them, JSON does not).
 
+Compilation time grows faster than linearly with some constraints (xgrammar on two cores: a
+10,000-value enum 9 s, a `pattern` of `a{1,10000}` 36 s), so every constraint is held to size
+limits before it is compiled (`check_limits`): its text, its nesting, the values of its enums
+and choices, and the bounds of its regex repetitions; each refusal names the limit.
+
 JSON schemas are checked against the keywords this engine enforces (`check_schema`): one it
 would silently ignore (`uniqueItems`, `not`, `if`/`then`, `contains`, `dependentRequired`, ...,
 found by sampling random token walks under each keyword and validating them) is refused by name.
@@ -40,6 +45,44 @@ SUBSCHEMAS = ("items", "additionalProperties", "propertyNames")
 SUBSCHEMA_LISTS = ("anyOf", "allOf", "prefixItems")
 
 
+MAX_SPEC_CHARS = 32_768  # the constraint's text: a schema's JSON, a regex, a grammar
+MAX_DEPTH = 32  # a schema's nesting of objects and arrays
+MAX_VALUES = 1_024  # enum, const and choice values in one constraint, together
+MAX_REPEAT = 256  # a regex's {m,n} bounds (in a regex, a grammar, a schema's pattern)
+REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def check_limits(kind: str, spec: str, schema: Any = None) -> None:
+    """ValueError naming the first size limit the constraint exceeds (module docstring)."""
+    if len(spec) > MAX_SPEC_CHARS:
+        raise ValueError(f"the {kind} constraint is {len(spec):,} characters; at most {MAX_SPEC_CHARS:,} are compiled")
+    patterns = [spec] if kind in ("regex", "grammar") else []
+    values, stack = 0, [(schema, 1)] if schema is not None else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"the schema nests deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            values += len(node.get("enum", ())) if isinstance(node.get("enum"), list) else 0
+            values += "const" in node
+            if isinstance(node.get("pattern"), str):
+                patterns.append(node["pattern"])
+            if isinstance(node.get("patternProperties"), dict):
+                patterns += list(node["patternProperties"])
+            stack += [(v, depth + 1) for v in node.values() if isinstance(v, (dict, list))]
+        elif isinstance(node, list):
+            stack += [(v, depth + 1) for v in node if isinstance(v, (dict, list))]
+    if kind == "choice":
+        values = len(json.loads(spec))
+    if values > MAX_VALUES:
+        raise ValueError(f"the {kind} constraint has {values:,} enum/const/choice values; at most {MAX_VALUES:,} are compiled")
+    for text in patterns:
+        for low, high in REPEAT.findall(text):
+            if max(int(low), int(high or 0)) > MAX_REPEAT:
+                raise ValueError(f"the repetition {{{low}{',' + high if high else ''}}} exceeds {MAX_REPEAT} "
+                                 "(bounded repetitions are compiled one copy per count)")
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """What the output must match. `spec`: the JSON schema's text (json; "" for any JSON
@@ -50,16 +93,21 @@ class StructuredOutput:
 
     @classmethod
     def json_schema(cls, schema: dict | None) -> StructuredOutput:
-        """Any JSON object (None), or JSON valid under `schema` (checked by `check_schema`)."""
+        """Any JSON object (None), or JSON valid under `schema` (checked by `check_limits`, then
+        `check_schema`)."""
+        spec = json.dumps(schema if schema is not None else {"type": "object"})  # key order: output order
+        check_limits("json", spec, schema)
         if schema is not None:
             check_schema(schema)
-        return cls("json", json.dumps(schema if schema is not None else {"type": "object"}))  # key order: output order
+        return cls("json", spec)
 
     @classmethod
     def choice(cls, choices: list[str]) -> StructuredOutput:
         if not choices or not all(isinstance(c, str) and c for c in choices):
             raise ValueError("choice must be a non-empty list of non-empty strings")
-        return cls("choice", json.dumps(choices))
+        spec = json.dumps(choices)
+        check_limits("choice", spec)
+        return cls("choice", spec)
 
 
 def check_schema(schema: Any, path: str = "schema") -> None:
@@ -125,7 +173,10 @@ class Grammars:
         self.control_tokens = torch.tensor(control)  # raw control bytes: never legal in JSON text
 
     def compile(self, so: StructuredOutput):
-        """The compiled grammar; ValueError with xgrammar's message when it refuses the spec."""
+        """The compiled grammar; ValueError with xgrammar's message when it refuses the spec
+        (or naming the size limit it exceeds)."""
+        if so.kind in ("regex", "grammar", "tool_calls"):  # json and choice were checked when built
+            check_limits(so.kind, so.spec, json.loads(so.spec)["schema"] if so.kind == "tool_calls" else None)
         try:
             if so.kind == "json":
                 return self.compiler.compile_json_schema(so.spec, any_whitespace=False, strict_mode=True)
