@@ -5,7 +5,12 @@
     ministack serve ruler ...    # the RULER-style harness (multi-key / multi-value needles, variable tracking, common words)
 
 Binds 127.0.0.1 unless told otherwise: an inference server with no API key should not be
-reachable from the network by accident.
+reachable from the network by accident (serve.api.auth: where the key comes from, what it guards).
+
+Shutdown: the first SIGTERM / SIGINT stops accepting connections and lets the requests in flight
+finish for up to --shutdown-timeout seconds; those still running then end with a clean error
+(503 / an in-band error event) and the process exits 0. A second signal ends them at once and
+exits 1.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import argparse
 import json
 import logging
 import sys
+
+from serve.api.limits import DEFAULT_MAX_REQUEST_BYTES
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,12 +101,15 @@ def check_limits(args: argparse.Namespace) -> None:
     """Refuse a limit that cannot be right before anything is loaded, naming its flag."""
     positive = {"--kv-cache-gb": args.kv_cache_gb, "--kv-cache-disk-gb": args.kv_cache_disk_gb, "--max-queue": args.max_queue,
                 "--max-num-queued-tokens": args.max_num_queued_tokens, "--max-queue-time": args.max_queue_time,
-                "--max-num-seqs": args.max_num_seqs, "--max-num-batched-tokens": args.max_num_batched_tokens, "--max-model-len": args.max_model_len}
+                "--max-num-seqs": args.max_num_seqs, "--max-num-batched-tokens": args.max_num_batched_tokens, "--max-model-len": args.max_model_len,
+                "--max-request-bytes": args.max_request_bytes}
     for flag, value in positive.items():
         if value is not None and value <= 0:
             raise SystemExit(f"ministack serve: {flag} must be > 0, got {value:g}")
     if args.kv_cache_fraction is not None and not 0 < args.kv_cache_fraction <= 1:
         raise SystemExit(f"ministack serve: --kv-cache-fraction must be in (0, 1], got {args.kv_cache_fraction:g}")
+    if args.shutdown_timeout < 0:
+        raise SystemExit(f"ministack serve: --shutdown-timeout must be >= 0, got {args.shutdown_timeout:g}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -107,7 +117,15 @@ def parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (visible in ps: prefer "
+                        "--api-key-file or $MINISTACK_API_KEY)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from this file")
+    p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="larger request bodies get 413 before they are read")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long requests in flight may run before they are ended with an error")
     p.add_argument("--engine", choices=("ministack", "vllm"), default="ministack")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 429")
     p.add_argument("--max-num-queued-tokens", type=int, default=None,
@@ -158,10 +176,39 @@ def build_backend(args: argparse.Namespace):
                        max_queue_time=args.max_queue_time)
 
 
-def serve_http(app, backend, host: str, port: int, log_level: str) -> int:
-    """Serve `app` until SIGINT / SIGTERM. With ministack's engine, uvicorn runs on a second
-    thread and the engine's step loop on this one (the thread that loaded the model); uvicorn's
-    graceful shutdown (in-flight responses finish) comes first, then the loop stops."""
+class Shutdown:
+    """The signal handler of a server whose step loop runs on the main thread (module docstring):
+    the first signal drains for `grace` seconds, then fails what is left; a second forces."""
+
+    def __init__(self, server, backend, grace: float) -> None:
+        self.server, self.backend, self.grace = server, backend, grace
+        self.signals, self.timer = 0, None
+
+    def __call__(self, signum, frame) -> None:
+        import threading
+
+        self.signals += 1
+        self.server.should_exit = True  # uvicorn stops accepting, then waits for the connections in flight
+        if self.signals == 1:
+            print(f"ministack serve: shutting down; requests in flight have {self.grace:g} s (--shutdown-timeout), "
+                  "a second signal ends them now", flush=True)
+            self.timer = threading.Timer(self.grace, self.backend.fail_all,
+                                         [f"the server is shutting down (--shutdown-timeout {self.grace:g} s ran out)"])
+            self.timer.daemon = True
+            self.timer.start()
+            return
+        self.server.force_exit = True
+        self.backend.fail_all("the server was stopped (a second signal)")
+
+    @property
+    def forced(self) -> bool:
+        return self.signals > 1
+
+
+def serve_http(app, backend, host: str, port: int, log_level: str, grace: float = 30.0) -> int:
+    """Serve `app` until SIGINT / SIGTERM (module docstring: the grace period, a second signal).
+    With ministack's engine, uvicorn runs on a second thread and the engine's step loop on this
+    one (the thread that loaded the model); uvicorn's shutdown comes first, then the loop stops."""
     import signal
     import threading
 
@@ -169,7 +216,10 @@ def serve_http(app, backend, host: str, port: int, log_level: str) -> int:
 
     from serve.async_engine import AsyncEngine
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    # uvicorn's own cap on waiting for connections: a backstop behind the engine's (fail_all)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5,
+                            lifespan="off")  # the app has no startup or shutdown hooks; a forced exit would log a traceback cancelling it
+    server = uvicorn.Server(config)
     if not isinstance(backend, AsyncEngine):
         server.run()
         return 0
@@ -180,8 +230,9 @@ def serve_http(app, backend, host: str, port: int, log_level: str) -> int:
         finally:
             backend.close()
 
+    shutdown = Shutdown(server, backend, grace)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+        signal.signal(sig, shutdown)
     thread = threading.Thread(target=http, name="http")
     thread.start()
     try:
@@ -189,7 +240,7 @@ def serve_http(app, backend, host: str, port: int, log_level: str) -> int:
     except Exception:  # the loop died: /health now answers 503 until the server is stopped
         logging.getLogger(__name__).exception("the engine's step loop died")
     thread.join()
-    return 0 if server.started else 1
+    return 1 if shutdown.forced or not server.started else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     check_limits(args)
     from serve.api import build_app
+    from serve.api.auth import resolve_api_key
 
     from pathlib import Path
 
@@ -217,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
 
     embedder = None if args.embedding_model == "none" else Embedder(None if args.embedding_model == "minilm" else args.embedding_model)
     backend = build_backend(args)
-    app = build_app(backend, api_key=args.api_key, chat_template=template,
-                    trust_request_chat_template=args.trust_request_chat_template, embedder=embedder)
+    app = build_app(backend, api_key=resolve_api_key(args.api_key, args.api_key_file), chat_template=template,
+                    trust_request_chat_template=args.trust_request_chat_template, embedder=embedder,
+                    max_request_bytes=args.max_request_bytes, public_metrics=args.public_metrics)
     print(f"ministack serve: {backend.model_name} (max_model_len {backend.max_model_len}, engine {args.engine}) "
           f"on http://{args.host}:{args.port}/v1", flush=True)
-    return serve_http(app, backend, args.host, args.port, args.log_level)
+    return serve_http(app, backend, args.host, args.port, args.log_level, args.shutdown_timeout)

@@ -295,7 +295,8 @@ def test_api_key_is_required(server, model_name):
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong").models.list()
     assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}).status_code == 401
-    assert httpx.get(f"{server.url}/metrics").status_code == 200  # scrapers need no key, as with vLLM
+    assert httpx.get(f"{server.url}/metrics").status_code == 401  # guarded too, unless --public-metrics
+    assert httpx.get(f"{server.url}/health").status_code == 200  # the one route open to all
 
 
 def test_client_disconnect_mid_stream_frees_the_request(server, model_name):
@@ -342,7 +343,7 @@ def test_client_giving_up_on_a_non_streaming_request_aborts_it(server, model_nam
 
 def test_metrics_use_vllm_names_with_sane_values(server, client, model_name):
     client.completions.create(model=model_name, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
-    text = httpx.get(f"{server.url}/metrics").text
+    text = http(server).get("/metrics").text
     values: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):

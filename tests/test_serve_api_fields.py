@@ -300,7 +300,7 @@ def test_request_metrics_count_every_request_once(tiny_model):
         c.completions.create(model=name, prompt=["Hi", "Hello there"], max_tokens=4, **SEEDED)
         list(chat(c, name, max_tokens=2, stream=True, **SEEDED))
         values = {}
-        for line in httpx.get(f"{live.url}/metrics").text.splitlines():
+        for line in http(live).get("/metrics").text.splitlines():
             if line and not line.startswith("#"):
                 key, _, value = line.rpartition(" ")
                 values[key] = float(value)

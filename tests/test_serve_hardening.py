@@ -215,3 +215,117 @@ def test_grammar_compilation_does_not_stall_other_endpoints(live, monkeypatch):
     assert time.perf_counter() - started < 1.0  # answered while the compile ran
     worker.join()
     assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["text"] in ("yes", "no")
+
+
+# ---- security: what the API key guards, where it comes from, docs without a CDN ---------------
+
+def test_the_key_guards_every_route_but_health(live):
+    from test_serve_api import API_KEY
+
+    for path in ("/metrics", "/openapi.json", "/docs", "/docs/swagger-ui-bundle.js", "/v1/models"):
+        assert httpx.get(f"{live.url}{path}").status_code == 401, path
+        assert httpx.get(f"{live.url}{path}", headers={"Authorization": "Bearer wrong"}).status_code == 401, path
+    assert httpx.get(f"{live.url}/health").status_code == 200
+    guarded = {"Authorization": f"Bearer {API_KEY}"}
+    page = httpx.get(f"{live.url}/docs", headers=guarded).text
+    assert "/docs/swagger-ui-bundle.js" in page and "/docs/swagger-ui.css" in page
+    assert "http://" not in page and "https://" not in page  # nothing from a third party
+    script = httpx.get(f"{live.url}/docs/swagger-ui-bundle.js", headers=guarded)
+    assert script.status_code == 200 and len(script.content) > 100_000
+    assert "/v1/chat/completions" in httpx.get(f"{live.url}/openapi.json", headers=guarded).json()["paths"]
+
+
+def test_public_metrics_opens_metrics_only(tiny_model):
+    open_metrics = serve(tiny_model, max_model_len=128, kv_cache_bytes=1 << 20, app_options={"public_metrics": True})
+    try:
+        assert httpx.get(f"{open_metrics.url}/metrics").status_code == 200
+        assert httpx.get(f"{open_metrics.url}/v1/models").status_code == 401
+    finally:
+        open_metrics.close()
+
+
+def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch, capsys):
+    from serve.api.auth import ENV_VAR, resolve_api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-from-file\n")
+    monkeypatch.setenv(ENV_VAR, "sk-from-env")
+    assert resolve_api_key(None, str(key_file)) == "sk-from-file"
+    assert resolve_api_key(None, None) == "sk-from-env"
+    assert resolve_api_key("sk-flag", None) == "sk-flag" and "visible to every local user" in capsys.readouterr().out
+    monkeypatch.delenv(ENV_VAR)
+    assert resolve_api_key(None, None) is None
+    (tmp_path / "empty").write_text("\n")
+    for flag, path, says in (("k", str(key_file), "one of"), (None, str(tmp_path / "empty"), "holds no key"),
+                             (None, str(tmp_path / "missing"), "--api-key-file")):
+        with pytest.raises(SystemExit, match=says):
+            resolve_api_key(flag, path)
+
+
+# ---- shutdown: a grace period, then a clean error; a second signal forces ---------------------
+
+def start_cli(model, *flags: str):
+    """`ministack serve` in a subprocess on a free port, once it answers /health."""
+    import socket
+    import subprocess
+    import sys
+
+    from test_serve_api import _answers
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(model), "--port", str(port), "--max-model-len", "512",
+                             "--kv-cache-gb", "0.01", "--embedding-model", "none", "--log-level", "warning", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    assert wait_until(lambda: _answers(f"{url}/health"), timeout=180), "server did not start"
+    return proc, url
+
+
+def streamed_events(url: str, signals: list[int], proc) -> list[dict]:
+    """A long stream's events, the `signals` sent to `proc` once its first token came."""
+    body = {"prompt": "Once", "max_tokens": 500, "stream": True, "ignore_eos": True}
+    events = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if len(events) == 1:
+                    for sig in signals:
+                        proc.send_signal(sig)
+                        time.sleep(0.3)
+    return events
+
+
+@pytest.mark.slow
+def test_sigterm_ends_what_outlives_the_grace_period_with_a_clean_error(tiny_model):
+    import signal
+
+    proc, url = start_cli(tiny_model, "--shutdown-timeout", "0")
+    try:
+        events = streamed_events(url, [signal.SIGTERM], proc)
+        assert events[-1]["error"]["code"] == "engine_unavailable" and "shutting down" in events[-1]["error"]["message"]
+        assert proc.wait(timeout=30) == 0
+        output = proc.stdout.read()
+        assert "Traceback" not in output and "shutting down" in output
+    finally:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_a_second_signal_forces_the_exit(tiny_model):
+    import signal
+
+    proc, url = start_cli(tiny_model, "--shutdown-timeout", "600")
+    try:
+        started = time.monotonic()
+        try:
+            events = streamed_events(url, [signal.SIGTERM, signal.SIGINT], proc)
+            assert "error" in events[-1]  # ended in-band, or the connection closed (below)
+        except httpx.HTTPError:
+            pass
+        assert proc.wait(timeout=30) == 1 and time.monotonic() - started < 30  # not the 600 s of grace
+        assert "Traceback" not in proc.stdout.read()
+    finally:
+        proc.kill()

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.api.auth import add_docs, authorizer
 from serve.api.metrics import ServingMetrics, request_phases
 from serve.api.request_id import RequestIdMiddleware
 from serve.api.streams import final_outputs, listed, merged_outputs, sse_response, until_disconnect
@@ -56,12 +56,13 @@ from serve.engine.token_bytes import TokenBytes
 
 def build_app(backend: Backend, api_key: str | None = None, chat_template: str | None = None,
               trust_request_chat_template: bool = False, embedder: Embedder | None = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
-    """The server for one backend. With `api_key`, /v1/* and /tokenize need `Authorization: Bearer <key>`.
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, public_metrics: bool = False) -> FastAPI:
+    """The server for one backend. With `api_key`, every route but /health (and /metrics with
+    `public_metrics`) needs `Authorization: Bearer <key>` (serve.api.auth).
     `chat_template` (Jinja text) replaces the tokenizer's; a request's own `chat_template` runs
     only with `trust_request_chat_template` (a template is code the server executes, sandboxed).
     `embedder` serves /v1/embeddings (serve.embeddings)."""
-    app = FastAPI(title="ministack", version="0.1.0")
+    app = FastAPI(title="ministack", version="0.1.0", openapi_url=None, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
     metrics = ServingMetrics(backend.model_name, backend.max_model_len)
@@ -100,14 +101,9 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         error = ApiError(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500 else "server_error")
         return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
-    async def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-
-    guarded = [Depends(authorize)]
+    guard = authorizer(api_key)
+    guarded = [guard]
+    add_docs(app, guard)
 
     # ---- shared request path -----------------------------------------------------------------
 
@@ -208,7 +204,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
     async def health() -> Response:
         return Response(status_code=200 if backend.healthy() else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[] if public_metrics else guarded)
     async def prometheus() -> Response:
         return Response(metrics.render(backend.stats()), media_type="text/plain; version=0.0.4; charset=utf-8")
 
