@@ -329,3 +329,8 @@ def test_a_second_signal_forces_the_exit(tiny_model):
         assert "Traceback" not in proc.stdout.read()
     finally:
         proc.kill()
+
+
+def test_an_embedding_batch_is_capped(live):
+    r = http(live).post("/v1/embeddings", json={"input": ["a"] * 2049})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input" and "2048" in r.json()["error"]["message"]

@@ -30,6 +30,7 @@ MAX_STOPS, MAX_STOP_CHARS = 4, 256
 MAX_TOKEN_LISTS = 1_024  # logit_bias entries, stop_token_ids, bad_words
 MAX_BAD_WORD_CHARS = 256
 MAX_TOOLS = 128  # OpenAI's
+MAX_EMBEDDING_INPUTS = 2_048  # OpenAI's
 TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: "²".isdigit() is True, int("²") fails
 
 
@@ -384,7 +385,9 @@ class EmbeddingRequest(Strict):
     @field_validator("input")
     @classmethod
     def _non_empty(cls, value: Batch) -> Batch:
-        return non_empty_batch(value, "input")
+        if len(as_batch(non_empty_batch(value, "input"))) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
+        return value
 
     @property
     def inputs(self) -> list[str | list[int]]:

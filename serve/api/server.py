@@ -226,7 +226,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         if body.dimensions not in (None, embedder.dimensions):
             raise ApiError(400, f"dimensions: {embedder.name}'s embeddings have {embedder.dimensions} dimensions and "
                                 "cannot be shortened", param="dimensions")
-        ids = [embedder.tokenizer(x)["input_ids"] if isinstance(x, str) else x for x in body.inputs]
+        ids = await asyncio.to_thread(lambda: [embedder.tokenizer(x)["input_ids"] if isinstance(x, str) else x for x in body.inputs])
         vocab = len(embedder.tokenizer)
         if any(t < 0 or t >= vocab for x in ids for t in x):
             raise ApiError(400, f"input: token ids must be in [0, {vocab})", param="input")
