@@ -3,14 +3,15 @@
 FastAPI documents what it can see from the handlers' signatures, and here that is wrong in
 three ways: every route with a body documents a 422 that never happens (the server answers
 validation errors with 400 and OpenAI's `{"error": {message, type, param, code}}` body), the
-errors the handlers do raise (400, 401, 404, 429 + Retry-After, 500, 503) are missing, and the
+errors the server does raise (400, 401, 404, 413, 429 + Retry-After, 500, 503) are missing, and the
 200 bodies are `{}` (the handlers return `Response` or `dict`). Clients generated from the
 schema, and schema fuzzers, then expect the wrong things.
 
 Each documented operation's `responses` are therefore written here from one table (`ROUTES`):
 the 200 body from the real response models (serve.api.responses; the streaming routes also as
 `text/event-stream`, one `data:` event per chunk, an in-band error event, then `[DONE]`), and
-every error status the route can produce with the error body. The request side (bodies, their
+every error status the route can produce with the error body; 401 where the route is behind
+serve.api.auth's guard and the server has a key. The request side (bodies, their
 field constraints) stays FastAPI's, generated from serve.api.protocol. The responses are
 replaced whole rather than given to FastAPI as `responses=` metadata because FastAPI would
 still add its 422 to every body route and would merge a 200 model into the `-> dict`
@@ -101,34 +102,35 @@ ERRORS = {
          "support (`code: unsupported_parameter`), a prompt or max_tokens past the context, an X-Request-Id that is "
          "not 1-128 printable ASCII characters or is in use.",
     401: "No `Authorization: Bearer` header with the server's API key (`code: invalid_api_key`).",
+    413: "The request body is larger than --max-request-bytes.",
     404: "`model` is not a model this server serves (`code: model_not_found`; GET /v1/models lists them).",
     429: "The engine is overloaded: --max-queue requests or --max-num-queued-tokens prompt tokens already wait "
          "(`code: engine_overloaded`). Retry after Retry-After seconds.",
-    500: "Internal error, or the engine has failed (/health then answers 503).",
-    503: "The request waited past --max-queue-time unscheduled and was dropped (`code: queue_timeout`). Retry after "
-         "Retry-After seconds. Once a stream's headers were sent, the same error comes as an event instead.",
+    500: "Internal error, or the engine failed this request (a stream reports it as an event once its headers "
+         "are out).",
+    503: "The engine is not serving: it has stopped or is shutting down (`code: engine_unavailable`), or the request "
+         "waited past --max-queue-time unscheduled and was dropped (`code: queue_timeout`, with Retry-After). Once a "
+         "stream's headers were sent, the same error comes as an event instead.",
 }
-RETRY_AFTER = (429, 503)
 
 
 @dataclass(frozen=True)
 class Route:
     """What one route answers: its 200 body (`body`, JSON; or `text`, a media type; or neither:
     no body), `stream`: each event of the SSE answer to `"stream": true`; `errors`: the statuses
-    it can fail with besides 400 and 500 (every route: a bad X-Request-Id, an unexpected fault);
-    `guarded`: behind the API key when the server has one."""
+    it can fail with besides 400 and 500 (every route: a bad X-Request-Id, an unexpected fault),
+    413 (every route with a body) and 401 (found on the app: serve.api.auth's guard)."""
 
     summary: str
     body: type[BaseModel] | None = None
     text: str | None = None
     stream: type[BaseModel] | None = None
     errors: tuple[int, ...] = ()
-    guarded: bool = True
 
 
 ROUTES: dict[tuple[str, str], Route] = {
-    ("get", "/health"): Route("200 while the engine serves, 503 (no body) once it has died", guarded=False),
-    ("get", "/metrics"): Route("Prometheus text exposition, vLLM's metric names", text="text/plain", guarded=False),
+    ("get", "/health"): Route("200 while the engine serves, 503 (no body) once it has died"),
+    ("get", "/metrics"): Route("Prometheus text exposition, vLLM's metric names", text="text/plain"),
     ("get", "/v1/models"): Route("The served models", ModelList),
     ("post", "/v1/embeddings"): Route("Embeddings of texts or token ids", EmbeddingResponse, errors=(404,)),
     ("post", "/tokenize"): Route("A prompt or chat messages as the model's token ids", TokenizeResponse, errors=(404,)),
@@ -171,8 +173,8 @@ def success(route: Route) -> dict[str, Any]:
 def failure(status: int) -> dict[str, Any]:
     """An error response object: OpenAI's body, Retry-After where the server sends one."""
     headers = {"X-Request-Id": request_id_header()}
-    if status in RETRY_AFTER:
-        headers["Retry-After"] = {"description": "seconds to wait before retrying", "required": True,
+    if status in (429, 503):  # always with a 429; with a 503 only for a queue timeout
+        headers["Retry-After"] = {"description": "seconds to wait before retrying", "required": status == 429,
                                   "schema": {"type": "integer", "minimum": 1}}
     return {"description": ERRORS[status], "headers": headers, "content": {"application/json": {"schema": ref(ErrorResponse)}}}
 
@@ -181,9 +183,9 @@ def request_id_header() -> dict[str, Any]:
     return {"description": "the request's id: the client's X-Request-Id, else a fresh one", "schema": {"type": "string"}}
 
 
-def responses(route: Route, api_key: bool) -> dict[str, Any]:
-    """Every status `route` can answer with, on a server with or without an API key."""
-    statuses = {400, 500, *route.errors, *((401,) if route.guarded and api_key else ())}
+def responses(route: Route, method: str, guarded: bool) -> dict[str, Any]:
+    """Every status `route` can answer with; `guarded`: it answers 401 without the key."""
+    statuses = {400, 500, *route.errors, *((401,) if guarded else ()), *((413,) if method == "post" else ())}
     out = {"200": success(route)}
     if route.body is None and route.text is None:  # /health: its 503 has no body either
         statuses.discard(503)
@@ -214,6 +216,7 @@ def openapi_schema(app: FastAPI, api_key: bool) -> dict[str, Any]:
     parameter = {"name": "X-Request-Id", "in": "header", "required": False,
                  "description": "names the request (the response's id, `chatcmpl-<it>`) and comes back in the response",
                  "schema": {"type": "string", "pattern": REQUEST_ID.pattern}}
+    guarded = guarded_routes(app) if api_key else set()
     for path, operations in doc["paths"].items():
         for method, operation in operations.items():
             route = ROUTES.get((method, path))
@@ -221,11 +224,18 @@ def openapi_schema(app: FastAPI, api_key: bool) -> dict[str, Any]:
                 operation["responses"].pop("422", None)
                 operation["responses"] |= {str(s): failure(s) for s in (400, 500)}
                 continue
-            operation["summary"], operation["responses"] = route.summary, responses(route, api_key)
+            operation["summary"] = route.summary
+            operation["responses"] = responses(route, method, (method, path) in guarded)
             operation["parameters"] = [*operation.get("parameters", []), parameter]
-            if route.guarded and api_key:
+            if (method, path) in guarded:
                 operation["security"] = [{"bearer": []}]
     return doc
+
+
+def guarded_routes(app: FastAPI) -> set[tuple[str, str]]:
+    """(method, path) of the routes behind serve.api.auth's guard: they answer 401 without the key."""
+    return {(method.lower(), route.path) for route in app.routes for method in getattr(route, "methods", ())
+            if any(dep.dependency.__module__ == "serve.api.auth" for dep in getattr(route, "dependencies", ()))}
 
 
 def install_openapi(app: FastAPI, api_key: bool) -> None:
