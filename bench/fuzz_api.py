@@ -170,9 +170,9 @@ def in_process(model: str | None, max_model_len: int):
 
 
 def live(url: str, api_key: str | None):
-    """A running server's schema: (schema, call, close)."""
+    """A running server's schema (served behind its key too): (schema, call, close)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    schema = schemathesis.openapi.from_url(f"{url}/openapi.json", config=CONFIG)
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json", config=CONFIG, headers=headers)
     return schema, lambda case, timeout: case.call(base_url=url, headers=headers, timeout=timeout), lambda: None
 
 
