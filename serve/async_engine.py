@@ -256,7 +256,8 @@ class AsyncEngine:
 
     def _hand_out(self, outputs: list[RequestOutput]) -> None:
         """Each output to its stream's event loop, one wake-up of each loop per step; a failed
-        request's stream gets RequestFailed instead."""
+        request's stream gets its error instead: ValueError (a 400) when its own settings left it
+        nothing to generate, else RequestFailed."""
         batches: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, RequestOutput | BaseException]]] = {}
         for output in outputs:
             pending = self._queues.get(output.request_id)
@@ -264,7 +265,9 @@ class AsyncEngine:
                 continue
             if output.finished:
                 del self._queues[output.request_id]
-            item = RequestFailed(output.error) if output.error is not None else _snapshot(output)
+            item = _snapshot(output)
+            if output.error is not None:
+                item = (ValueError if output.error.invalid else RequestFailed)(output.error.message)
             batches.setdefault(pending.loop, []).append((pending, item))
         for loop, items in batches.items():
             _call_soon(loop, _put_all, items)

@@ -9,13 +9,10 @@ Streamed answers are checked event by event.
 
 Valid requests are first repaired for the cross-field rules the schema cannot state
 (bench/fuzz_api.py's `repaired`), or nearly all of them would stop at those and never reach the
-engine. Breaking requests must get a documented answer, but whether each is refused is not
-checked here (schemathesis's negative_data_rejection): the server coerces `true` and `"4"` into
-integers, pinned below, and bench/fuzz_api.py reports every such case.
+engine. Breaking requests must get a documented answer, and a refusal (schemathesis's
+negative_data_rejection: a 4xx).
 
-Failures found by fuzzing whose fix belongs in serve/ are pinned below as `xfail(strict=True)`
-regression tests with a minimal body: once fixed they pass, the strict xfail then fails the
-suite, and whoever fixed it removes the mark.
+Each failure fuzzing found is pinned below as a regression test with a minimal body.
 """
 
 from __future__ import annotations
@@ -34,14 +31,14 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 from starlette.testclient import TestClient
 
 from serve.api import build_app
-from serve.api.openapi import ROUTES, install_openapi
+from serve.api.openapi import ROUTES
 from serve.async_engine import AsyncEngine
 from serve.config import EngineConfig
 from serve.engine.llm_engine import LLMEngine
 from test_serve_api import smollm2, tiny_model  # noqa: F401  (fixtures)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.fuzz_api import CHECKS, CONFIG, repaired  # noqa: E402
+from bench.fuzz_api import CHECKS, CONFIG, negative_data_rejection, repaired  # noqa: E402
 
 EXAMPLES = 25  # generated requests per operation and mode: 8 operations x 2 modes x 25 in ~20-40 s on 2 cores
 TIMEOUT_S = 30.0  # an answer slower than this is a hang: the slowest legal one here takes well under a second
@@ -52,9 +49,7 @@ def build(model, api_key: str | None = None) -> tuple[FastAPI, AsyncEngine]:
     keeps the longest legal generation short."""
     engine = LLMEngine(EngineConfig(model=str(model), dtype="float32", max_model_len=128, max_num_seqs=8, kv_cache_bytes=8 << 20))
     backend = AsyncEngine(engine, max_queue=64)
-    app = build_app(backend, api_key=api_key)
-    install_openapi(app, api_key=api_key is not None)
-    return app, backend
+    return build_app(backend, api_key=api_key), backend
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +115,13 @@ def test_fuzzed_requests_get_documented_answers(schema, method, path, mode):
               phases=[Phase.explicit, Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
     @given(case=strategy.map(repaired) if mode is GenerationMode.POSITIVE else strategy)
     def fuzz(case) -> None:
-        case.call_and_validate(checks=CHECKS, timeout=TIMEOUT_S)
+        case.call_and_validate(checks=CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else []),
+                               timeout=TIMEOUT_S)
 
     fuzz()
 
 
-# ---- failures fuzzing found, to be fixed in serve/ -----------------------------------------
+# ---- failures fuzzing found ------------------------------------------------------------------
 
 
 def post(client: TestClient, path: str, body: dict):
@@ -133,10 +129,6 @@ def post(client: TestClient, path: str, body: dict):
     return client.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
 
 
-@pytest.mark.xfail(strict=True, reason="serve/: a request whose own constraints leave no token to sample is answered "
-                                       "500 server_error (code request_failed, as every engine-side failure); the "
-                                       "request itself cannot be served, whatever the server does: a 4xx "
-                                       "invalid_request_error (here even decidable before it is queued)")
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_a_request_whose_constraints_leave_no_token_is_a_400(client, app, stream):
     eos = app.state.backend.tokenizer.eos_token_id  # held back by min_tokens, and the only token allowed
@@ -149,8 +141,6 @@ def test_a_request_whose_constraints_leave_no_token_is_a_400(client, app, stream
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
 
 
-@pytest.mark.xfail(strict=True, reason="serve/: a lone UTF-16 surrogate (valid JSON: \"\\ud800\") reaches the tokenizer, "
-                                       "which raises TypeError: 500; it should be a 400 naming the field")
 @pytest.mark.parametrize("path, body", [
     ("/v1/completions", {"prompt": "\ud800", "max_tokens": 2}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 2}),
@@ -161,9 +151,6 @@ def test_a_lone_surrogate_in_a_prompt_is_a_400(client, path, body):
     assert r.status_code == 400 and r.json()["error"]["param"] is not None, r.text
 
 
-@pytest.mark.xfail(strict=True, reason="serve/api/protocol.py: pydantic's lax mode turns true and \"4\" into integers, "
-                                       "so values /openapi.json calls invalid are served (OpenAI refuses them); "
-                                       "strict integers (e.g. ConfigDict(strict=True) on protocol_parts.Strict) fix it")
 @pytest.mark.parametrize("path, body", [
     ("/detokenize", {"tokens": [True]}),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": "4"}),

@@ -80,19 +80,20 @@ def test_sampling_values_that_killed_the_engine_now_answer(live, body):
 
 def test_a_request_with_no_token_left_fails_alone(live, engine):
     """EOS is the only allowed token and min_tokens bans it: nothing can be sampled. That
-    request gets a 500 naming why; one beside it in the same batch finishes; the engine lives."""
+    request gets a 400 naming why (its own settings cannot be served); one beside it in the
+    same batch finishes; the engine lives."""
     eos = min(engine.eos_token_ids)
     banned = {"prompt": "Hi", "max_tokens": 4, "allowed_token_ids": [eos], "min_tokens": 2}
     h = http(live)
     with h.stream("POST", "/v1/completions", json={"prompt": "Hello", "max_tokens": 40, "ignore_eos": True, "stream": True}) as other:
         failed = h.post("/v1/completions", json=banned)
         text = "".join(line for line in other.iter_lines())
-    assert failed.status_code == 500 and failed.json()["error"]["code"] == "request_failed"
+    assert failed.status_code == 400 and failed.json()["error"]["type"] == "invalid_request_error"
     assert "no token can be sampled" in failed.json()["error"]["message"]
     assert '"finish_reason":"length"' in text
     streamed = [json.loads(line[6:]) for line in h.post("/v1/completions", json={**banned, "stream": True}).text.splitlines()
                 if line.startswith("data: {")]
-    assert streamed[-1]["error"]["code"] == "request_failed"  # in-band once the stream has started
+    assert streamed[-1]["error"]["type"] == "invalid_request_error"  # in-band once the stream has started
     assert httpx.get(f"{live.url}/health").status_code == 200
     assert wait_until(lambda: idle(live))
 

@@ -5,13 +5,44 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve.api.errors import ApiError
 
 
 class Strict(BaseModel):
-    """A request body part that refuses any field it does not declare."""
+    """A request body part that refuses any field it does not declare, and values of another
+    JSON type than the field's (strict: `true` and `"4"` are not integers, as /openapi.json says),
+    and text no tokenizer can take: a lone UTF-16 surrogate ("\\ud800" is valid JSON, not Unicode)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data: Any) -> Any:
+        if (path := lone_surrogate(data)) is not None:
+            name = ".".join(map(str, path)) or None
+            raise ApiError(400, f"{name or 'body'}: text must be valid Unicode; a lone UTF-16 surrogate "
+                                "(such as \\ud800) is not", param=name)
+        return data
+
+
+def lone_surrogate(value: Any, path: tuple = ()) -> tuple | None:
+    """Where in a parsed JSON value a string holds a lone surrogate (a path of keys and indices),
+    or None. Strings are checked by encoding them, which such a character cannot survive."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and lone_surrogate(key) is not None:
+            return (*path, key)
+        if (found := lone_surrogate(item, (*path, key))) is not None:
+            return found
+    return None
 
 
 class JsonSchemaFormat(Strict):

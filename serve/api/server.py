@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.api.auth import add_docs, authorizer
 from serve.api.metrics import ServingMetrics, request_phases
+from serve.api.openapi import install_openapi
 from serve.api.request_id import RequestIdMiddleware
 from serve.api.streams import final_outputs, listed, merged_outputs, sse_response, until_disconnect
 from serve.api.outputs import batch_usage, chat_logprobs, completion_logprobs, prompt_logprob_entries
@@ -436,4 +437,5 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
             opening=ChatCompletionChunk(id=request_id, model=model, choices=opening),
         )
 
+    install_openapi(app, api_key=api_key is not None)
     return app

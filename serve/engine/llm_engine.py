@@ -27,7 +27,7 @@ from serve.engine.block_manager import BlockManager
 from serve.engine.detokenizer import Detokenizer
 from serve.engine.disk_cache import DiskCache, DiskTier, fingerprint
 from serve.engine.model_runner import ModelRunner, kv_bytes_per_block
-from serve.engine.outputs import EngineStats, RequestOutput, law_tokens, request_output
+from serve.engine.outputs import EngineStats, RequestError, RequestOutput, law_tokens, request_output
 from serve.engine.sampler import Sampler
 from serve.engine.structured import Grammars
 from serve.engine.token_bytes import TokenBytes
@@ -221,7 +221,7 @@ class LLMEngine:
         self._end(request)
         self._retire(request)
 
-    def _end(self, request: Request, error: str | None = None) -> None:
+    def _end(self, request: Request, error: RequestError | None = None) -> None:
         """Finish every sequence of `request` still going, as aborted (`error`: why it failed)."""
         for seq in request.seqs:
             if not seq.is_finished:
@@ -276,7 +276,7 @@ class LLMEngine:
             if seq.is_finished:  # a sibling's failure ended it in this very step
                 continue
             if draw.error is None and seq.matcher is not None and not seq.matcher.accept_token(draw.token):
-                draw.error = f"the grammar refused token {draw.token} it had allowed"
+                draw.error = RequestError(f"the grammar refused token {draw.token} it had allowed")
             if draw.error is not None:  # this request fails; the batch and the engine go on
                 self._end(request, draw.error)
                 continue

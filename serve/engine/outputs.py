@@ -35,6 +35,15 @@ class RequestMetrics:
     disk_cached_prompt_tokens: int = 0  # of cached_prompt_tokens, those the disk tier loaded
 
 
+@dataclass(frozen=True)
+class RequestError:
+    """Why the engine ended a request early. `invalid`: its own settings leave it nothing to
+    generate (the server answers 400); else a fault on the engine's side (500)."""
+
+    message: str
+    invalid: bool = False
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -45,7 +54,7 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), as the
     # per-token logprobs; present once the prompt has been computed
     prompt_logprobs: list[dict | None] | None = None
-    error: str | None = None  # the request failed (finished, every completion "abort"): why
+    error: RequestError | None = None  # the request failed (finished, every completion "abort"): why
 
 
 @dataclass

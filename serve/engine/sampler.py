@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from serve.engine.logits_processors import process_logits
+from serve.engine.outputs import RequestError
 from serve.engine.sequence import Sequence
 from serve.kernels import op
 
@@ -62,10 +63,10 @@ class Draw:
 
     token: int = -1
     entry: dict | None = None
-    error: str | None = None
+    error: RequestError | None = None
 
 
-def drawable(logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+def drawable(logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, RequestError]]:
     """The logits with every row made safe to sample (see the module docstring), and the rows
     that have no token left, with the reason. One reduction finds the rows to look at (a NaN or
     +inf makes the row's max non-finite, and so does a row of -inf only); the rest pass untouched."""
@@ -83,9 +84,9 @@ def drawable(logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
         logits[i] = row
         if not torch.isfinite(row.max()):
             nan = "NaN or " if torch.isnan(top[i]) else ""
-            failed[i] = (f"no token can be sampled: every token's logit is {nan}-inf after the request's logit "
-                         "processing (allowed_token_ids, logit_bias, bad_words, min_tokens or a structured output "
-                         "banned them all)")
+            failed[i] = RequestError(f"no token can be sampled: every token's logit is {nan}-inf after the request's "
+                                     "logit processing (allowed_token_ids, logit_bias, bad_words, min_tokens or a "
+                                     "structured output banned them all)", invalid=True)
     return logits, failed
 
 

@@ -106,7 +106,7 @@ class Request:
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
-        self.error: str | None = None  # why it failed (its sequences end as "abort"), e.g. nothing left to sample
+        self.error = None  # serve.engine.outputs.RequestError: why it failed (its sequences end as "abort")
         self.seqs: list[Sequence] = []
 
     @property
