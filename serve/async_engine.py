@@ -29,11 +29,19 @@ growing a backlog whose tail would time out anyway; the server answers 429 with 
 estimated from the queued tokens and the engine's measured prefill rate. A request still
 unscheduled `max_queue_time` seconds after it arrived is dropped with `QueueTimeout` (503)
 rather than answered late.
+
+Memory: glibc's malloc keeps what a burst of requests freed (tensors of every batch shape,
+tokenizer buffers) in its heaps instead of returning it, so a server's RSS climbed ~12 % over a
+5-minute soak and stayed there although nothing leaked (malloc_trim(0) gave it all back). The
+step loop therefore trims the heap when it has gone idle after serving, at most every
+TRIM_INTERVAL_S, never while a request is in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import dataclasses
 import math
 import threading
@@ -62,6 +70,17 @@ class QueueTimeout(Overloaded):
     """A request waited longer than the queue deadline without being scheduled."""
 
     prefix = "request dropped from the queue"
+
+
+TRIM_INTERVAL_S = 30.0
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None elsewhere (musl, macOS): what gives freed heap pages back."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class RequestFailed(RuntimeError):
@@ -141,6 +160,7 @@ class AsyncEngine:
         self._closed = False
         self._closing: str | None = None  # fail_all's reason, until the engine thread has failed them
         self._admitting = 0  # taken from the inbox by the engine thread, not yet in the scheduler's count
+        self._trim, self._heap_dirty, self._last_trim = _malloc_trim(), False, 0.0  # engine thread only
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False  # the step loop has ended (closed, or died)
@@ -220,8 +240,7 @@ class AsyncEngine:
         try:
             while True:
                 with self._cond:
-                    while not (self._closed or self._inbox or self._aborts or self.engine.has_unfinished_requests()):
-                        self._cond.wait()
+                    self._wait_for_work()
                     if self._closed:
                         return
                     inbox, self._inbox = self._inbox, []
@@ -242,6 +261,7 @@ class AsyncEngine:
                 with self._cond:
                     self._stats, self._admitting = stats, 0
                 self._hand_out(outputs)
+                self._heap_dirty = self._heap_dirty or bool(outputs)
         except BaseException as exc:  # noqa: BLE001 - every waiting request must hear about it
             with self._cond:
                 self._error = exc
@@ -253,6 +273,24 @@ class AsyncEngine:
         finally:
             self._stopped = True
             self.engine.close()
+
+    def _wait_for_work(self) -> None:
+        """Block (lock held) until there is something to do; while idle after serving, trim the
+        heap once TRIM_INTERVAL_S has passed since the last trim (module docstring), lock released."""
+        while not (self._closed or self._inbox or self._aborts or self.engine.has_unfinished_requests()):
+            if not self._heap_dirty or self._trim is None:
+                self._cond.wait()
+                continue
+            delay = self._last_trim + TRIM_INTERVAL_S - time.monotonic()
+            if delay > 0:
+                self._cond.wait(delay)
+                continue
+            self._cond.release()  # a submission must not wait on the trim
+            try:
+                self._trim(0)
+            finally:
+                self._cond.acquire()
+            self._heap_dirty, self._last_trim = False, time.monotonic()
 
     def _hand_out(self, outputs: list[RequestOutput]) -> None:
         """Each output to its stream's event loop, one wake-up of each loop per step; a failed

@@ -335,3 +335,27 @@ def test_a_second_signal_forces_the_exit(tiny_model):
 def test_an_embedding_batch_is_capped(live):
     r = http(live).post("/v1/embeddings", json={"input": ["a"] * 2049})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input" and "2048" in r.json()["error"]["message"]
+
+
+def test_the_step_loop_gives_freed_heap_back_once_idle(engine, monkeypatch):
+    """glibc keeps freed heap pages: the loop trims them when idle after serving, not while busy."""
+    import serve.async_engine as module
+
+    monkeypatch.setattr(module, "TRIM_INTERVAL_S", 0.05)
+    backend = AsyncEngine(engine, max_queue=8)
+    trims, busy = [], []
+    backend._trim = lambda pad: trims.append(pad) or busy.append(engine.has_unfinished_requests()) or 1
+
+    async def one() -> None:
+        async for _ in backend.generate("trim-1", [1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True)):
+            pass
+
+    try:
+        time.sleep(0.2)
+        assert trims == []  # nothing served, nothing to give back
+        asyncio.run(one())
+        assert wait_until(lambda: len(trims) == 1) and busy == [False]
+        time.sleep(0.2)
+        assert len(trims) == 1  # once per idle spell, not in a loop
+    finally:
+        backend.close()
