@@ -243,6 +243,7 @@ class Options:
     health_limit: float = 1.0
     rss_tolerance: float = 0.05
     idle_timeout: float = 60.0
+    settle_seconds: float = 10.0  # idle time before each RSS reading: the step loop trims its heap once idle (serve.async_engine)
     pid: int | None = None
     api_key: str | None = None
     seed: int = 0
@@ -307,6 +308,7 @@ async def soak(options: Options) -> SoakResult:
         memory = Memory(start=rss_bytes(options.pid)) if options.pid else None
         await load(client, options, options.warmup_seconds, options.seed + 1)
         warm_gauges = await wait_idle(client, options.idle_timeout)
+        await asyncio.sleep(options.settle_seconds)  # idle long enough for the server to return freed heap
         watch, stop = Watch(), asyncio.Event()
         watchers = [asyncio.ensure_future(watch_health(client, watch, options.health_interval, stop))]
         if memory is not None:
@@ -318,6 +320,7 @@ async def soak(options: Options) -> SoakResult:
         stop.set()
         await asyncio.gather(*watchers)
         gauges = await wait_idle(client, options.idle_timeout)
+        await asyncio.sleep(options.settle_seconds)
         if memory is not None:
             memory.peak, memory.end = max(watch.rss_peak, memory.warm), rss_bytes(options.pid)
     return SoakResult(options, outcomes, watch, gauges, memory, elapsed, drained=not any(warm_gauges.values()))
@@ -443,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     duration.add_argument("--minutes", type=float, default=None)
     duration.add_argument("--seconds", type=float, default=None, help="default: 5 minutes")
     p.add_argument("--warmup-seconds", type=float, default=20.0)
+    p.add_argument("--settle-seconds", type=float, default=10.0,
+                   help="idle seconds before each RSS reading (the server gives freed heap back once idle)")
     p.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue (passed to the one started here); bursts exceed it by 16")
     p.add_argument("--burst-every", type=float, default=30.0)
     p.add_argument("--request-timeout", type=float, default=120.0, help="a request unanswered this long counts as hung")
@@ -454,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(url=args.url or "", clients=args.clients, seconds=seconds, warmup_seconds=args.warmup_seconds,
                       max_queue=args.max_queue, burst_every=args.burst_every, request_timeout=args.request_timeout,
                       health_limit=args.health_limit, rss_tolerance=args.rss_tolerance, pid=args.pid, api_key=args.api_key,
-                      seed=args.seed)
+                      seed=args.seed, settle_seconds=args.settle_seconds)
     if args.url:
         result = asyncio.run(soak(options))
     else:
