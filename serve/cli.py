@@ -176,6 +176,9 @@ def build_backend(args: argparse.Namespace):
                        max_queue_time=args.max_queue_time)
 
 
+FORCE_AFTER_S = 2.0  # after a second signal: how long the connections get to carry their errors out
+
+
 class Shutdown:
     """The signal handler of a server whose step loop runs on the main thread (module docstring):
     the first signal drains for `grace` seconds, then fails what is left; a second forces."""
@@ -197,8 +200,12 @@ class Shutdown:
             self.timer.daemon = True
             self.timer.start()
             return
-        self.server.force_exit = True
+        # end every request now: their handlers answer at once and uvicorn's wait for the
+        # connections ends cleanly; a connection that still hangs on is dropped shortly after
         self.backend.fail_all("the server was stopped (a second signal)")
+        force = threading.Timer(FORCE_AFTER_S, setattr, [self.server, "force_exit", True])
+        force.daemon = True
+        force.start()
 
     @property
     def forced(self) -> bool:
@@ -256,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     check_limits(args)
     from serve.api import build_app
-    from serve.api.auth import resolve_api_key
+    from serve.api.auth import access_line, resolve_api_key
 
     from pathlib import Path
 
+    api_key = resolve_api_key(args.api_key, args.api_key_file)  # a bad key setting fails before the model loads
     template = None
     if args.chat_template is not None:
         if not Path(args.chat_template).is_file():
@@ -269,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
 
     embedder = None if args.embedding_model == "none" else Embedder(None if args.embedding_model == "minilm" else args.embedding_model)
     backend = build_backend(args)
-    app = build_app(backend, api_key=resolve_api_key(args.api_key, args.api_key_file), chat_template=template,
+    app = build_app(backend, api_key=api_key, chat_template=template,
                     trust_request_chat_template=args.trust_request_chat_template, embedder=embedder,
                     max_request_bytes=args.max_request_bytes, public_metrics=args.public_metrics)
     print(f"ministack serve: {backend.model_name} (max_model_len {backend.max_model_len}, engine {args.engine}) "
-          f"on http://{args.host}:{args.port}/v1", flush=True)
+          f"on http://{args.host}:{args.port}/v1; {access_line(api_key, args.host, args.public_metrics)}", flush=True)
     return serve_http(app, backend, args.host, args.port, args.log_level, args.shutdown_timeout)

@@ -46,7 +46,19 @@ def resolve_api_key(flag: str | None, key_file: str | None) -> str | None:
         print("ministack serve: --api-key is visible to every local user (ps); prefer --api-key-file or "
               f"${ENV_VAR}", flush=True)
         return flag
-    return os.environ.get(ENV_VAR) or None
+    key = os.environ.get(ENV_VAR)
+    if key is not None and not key.strip():
+        raise SystemExit(f"ministack serve: ${ENV_VAR} is set but empty: set a key, or unset it to serve without one")
+    return key.strip() if key is not None else None
+
+
+def access_line(api_key: str | None, host: str, public_metrics: bool) -> str:
+    """The start-up line's word on who may call: a server open to the network is said loudly."""
+    if api_key is not None:
+        return "API key required on every route but /health" + (" and /metrics" if public_metrics else "")
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return "no API key (local connections only)"
+    return f"WARNING: no API key, and --host {host} takes connections from the network: anyone who reaches it may use it"
 
 
 def authorizer(api_key: str | None):
@@ -77,7 +89,7 @@ def add_docs(app: FastAPI, guard) -> None:
     async def docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} API",
                                    swagger_js_url="/docs/swagger-ui-bundle.js", swagger_css_url="/docs/swagger-ui.css",
-                                   swagger_favicon_url="data:,")
+                                   swagger_favicon_url="data:,", swagger_ui_parameters={"validatorUrl": None})
 
     for name in SWAGGER_FILES:
         def asset(path=static / name) -> FileResponse:

@@ -60,8 +60,8 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send, length: int | None) -> None:
-        size = f"{length:,} bytes" if length is not None else "larger than that"
-        body = error_body(f"the request body is {size}; this server takes at most {self.max_bytes:,} bytes "
+        size = f"is {length:,} bytes" if length is not None else "passed the limit while it was read"
+        body = error_body(f"the request body {size}; this server takes at most {self.max_bytes:,} bytes "
                           "(--max-request-bytes)", None, "request_too_large")
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

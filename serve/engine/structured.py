@@ -46,7 +46,7 @@ SUBSCHEMA_LISTS = ("anyOf", "allOf", "prefixItems")
 
 
 MAX_SPEC_CHARS = 32_768  # the constraint's text: a schema's JSON, a regex, a grammar
-MAX_DEPTH = 32  # a schema's nesting of objects and arrays
+MAX_DEPTH = 32  # a schema's JSON nesting (objects and arrays: an object property is two levels, its "properties" and itself)
 MAX_VALUES = 1_024  # enum, const and choice values in one constraint, together
 MAX_REPEAT = 256  # a regex's {m,n} bounds (in a regex, a grammar, a schema's pattern)
 REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
@@ -61,7 +61,8 @@ def check_limits(kind: str, spec: str, schema: Any = None) -> None:
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise ValueError(f"the schema nests deeper than {MAX_DEPTH} levels")
+            raise ValueError(f"the schema nests JSON objects and arrays more than {MAX_DEPTH} deep "
+                             "(each nested property counts two: its \"properties\" object and its own)")
         if isinstance(node, dict):
             values += len(node.get("enum", ())) if isinstance(node.get("enum"), list) else 0
             values += "const" in node

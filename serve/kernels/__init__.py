@@ -28,7 +28,13 @@ The library is built for the CPU it runs on (vector ISA flags from torch's detec
 capability) and its cache name carries that capability, so a home directory shared by
 machines of different CPU kinds never hands one a library with instructions it lacks. The
 name also carries a hash of every source and header (torch's own check sees only the .cpp
-files), so an edited kernel is always rebuilt.
+files), so an edited kernel is always rebuilt, and of the sources' folder: two checkouts of the
+same code would otherwise share one build folder and rebuild it in turn (torch's build file names
+the source paths).
+
+torch serializes builds with a lock file that a process killed mid-build leaves behind, and
+every later process then waits on it forever, silently. `load` waits for a live build itself,
+saying so, and removes a lock older than STALE_BUILD_S (a build takes well under a minute or two).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +59,7 @@ HEADERS = [Path(__file__).with_name(name) for name in ("vec.h", "avx512_bf16.h")
 # the vector ISA to compile for, from the capability torch itself dispatches on
 ISA_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mf16c"], "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
 DISABLE_ENV = "MINISTACK_NO_KERNELS"  # set to 1: never build or load them (the torch fallbacks run)
+STALE_BUILD_S = 300.0
 
 
 @functools.cache
@@ -65,7 +73,9 @@ def load() -> bool:
     if not _built(name):
         print(f"building the C++ kernels for this CPU ({capability}), once: ~15-30 s", flush=True)
     try:
-        from torch.utils.cpp_extension import load as build
+        from torch.utils.cpp_extension import _get_build_directory, load as build
+
+        _await_other_build(Path(_get_build_directory(name, verbose=False)) / "lock")
 
         build(
             name=name,
@@ -86,6 +96,26 @@ def load() -> bool:
     return True
 
 
+def _await_other_build(lock: Path) -> None:
+    """Wait while another process builds (its lock file is fresh); remove a lock that has gone
+    stale, left by a process killed mid-build (module docstring)."""
+    said = False
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_BUILD_S:
+            log.warning("removing %s: a build lock %.0f s old, left by a process that died mid-build", lock, age)
+            lock.unlink(missing_ok=True)
+            return
+        if not said:
+            print(f"waiting for another process building the C++ kernels (lock {lock}; taken as stale after "
+                  f"{STALE_BUILD_S:.0f} s)", flush=True)
+            said = True
+        time.sleep(1.0)
+
+
 def _built(name: str) -> bool:
     """Whether torch's extension cache already holds the library (only to say a build is coming)."""
     try:
@@ -97,7 +127,7 @@ def _built(name: str) -> bool:
 
 
 def _content_hash() -> str:
-    digest = hashlib.sha1()
+    digest = hashlib.sha1(str(Path(__file__).parent.resolve()).encode())  # one build folder per checkout
     for path in SOURCES + HEADERS:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
