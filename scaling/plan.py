@@ -9,8 +9,9 @@ ledger, so the budget is met in the compute the ledger will report), and sets
 beside the 6ND plan (steps that 6 · N_non-embedding · tokens would give) and the exact formula
 (profiling.formulas.dit). A run shorter than `hparams.min_steps` is refused: its compute could
 not hit the budget within 1 %, and its schedule would be all warm-up. Generated data
-(procedural clips, moving digits) is sized to the longest run, so no run sees a clip twice
-(epochs <= 1; the digits' scans do repeat, each in new motion: the record's scan_epochs).
+(procedural clips, moving digits or Fashion-MNIST items) is sized to the longest run, so no run
+sees a clip twice (epochs <= 1; the digits' scans and the items' images do repeat, each in new
+motion: the record's scan_epochs).
 
 Wall time is estimated from this device: a few real optimizer steps of each size (the run's
 precision, AdamW) plus rendering one batch of clips, times the planned steps.
@@ -142,7 +143,7 @@ def profile_size(depth: int, sweep: SweepConfig, latent: tuple[int, ...], micro:
 
 def config_hash(train: dict) -> str:
     """8 hex digits of the run's training config, its directory left out, and for generated data
-    (procedural, digits) its clip count (it follows the sweep's longest run: adding a budget must not void finished
+    (procedural, digits, fashion) its clip count (it follows the sweep's longest run: adding a budget must not void finished
     runs, each of which saw every clip at most once either way)."""
     body = {k: v for k, v in train.items() if k not in ("run_dir", "slurm")}  # where a run runs is not what it trains
     if body["data"]["kind"] in GENERATED_KINDS:

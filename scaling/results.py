@@ -46,8 +46,13 @@ def param_counts(params: dict[str, int]) -> dict[str, int]:
             "embedding": params.get(EMBEDDING, 0)}
 
 
-def _train_scans() -> int:
-    """How many digit scans the training split draws from (train.data.digits)."""
+def _train_scans(data: dict) -> int:
+    """How many images the training split draws from: digit scans (train.data.digits) or
+    Fashion-MNIST training images (train.data.fashion)."""
+    if data["kind"] == "fashion":
+        from train.data.fashion import images
+
+        return len(images("train", data.get("source") or None)[1])
     from train.data.digits import scans, split_scans
 
     return len(split_scans(scans()[1])[0])
@@ -81,7 +86,7 @@ def collect_result(plan, run, run_dir: Path) -> dict:
         "lr_multiplier": run.lr_multiplier, "warmup_steps": run.warmup_steps, "steps": steps,
         "law_steps": run.law_steps, "params": size.params, "n": counts, "tokens": tokens, "samples": samples,
         "epochs": samples / plan.data_clips if kind in GENERATED_KINDS else None,
-        "scan_epochs": samples / _train_scans() if kind == "digits" else None,
+        "scan_epochs": samples / _train_scans(run.train["data"]) if kind in ("digits", "fashion") else None,
         "flops": {"measured": measured, "exact": size.exact_per_step * steps, "6N·D": 6 * counts["non_embedding"] * tokens,
                   "6N_total·D": 6 * counts["total"] * tokens, "6N_per_token·D": 6 * counts["per_token"] * tokens},
         "measured_by_part": by_part, "budget_error": measured / run.budget - 1,

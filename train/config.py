@@ -16,9 +16,10 @@ import yaml
 
 @dataclass
 class DataConfig:
-    kind: str = "procedural"  # "procedural" (ships with the code), "digits" (moving handwritten digits) or "folder" (folder / CSV / JSONL)
-    source: str = ""  # for kind=folder
-    size: int = 4096  # procedural / digits clips
+    kind: str = "procedural"  # "procedural" (ships with the code), "digits" (moving handwritten digits),
+    # "fashion" (moving Fashion-MNIST items: Debian's dataset-fashion-mnist) or "folder" (folder / CSV / JSONL)
+    source: str = ""  # kind=folder: the folder / CSV / JSONL; kind=fashion: the IDX files' directory (default $MINISTACK_FASHION_MNIST, else Debian's)
+    size: int = 4096  # procedural / digits / fashion clips
     seed: int = 0
     buckets: list = field(default_factory=lambda: [[1, 32, 32], [5, 32, 32]])  # (frames, height, width)
     batch_size: int = 8  # per process, per micro-step
@@ -160,7 +161,7 @@ RULES = {
     "cache_dtype": _one_of("float32", "float16"),
     "nonfinite": _one_of("skip", "stop"),
     "max_nonfinite_steps": _at_least(0),
-    "data.kind": _one_of("procedural", "digits", "folder"),
+    "data.kind": _one_of("procedural", "digits", "folder", "fashion"),
     "data.size": _at_least(1),
     "data.batch_size": _at_least(1),
     "data.num_workers": _at_least(0),

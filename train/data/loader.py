@@ -11,12 +11,13 @@ from train.data.latents import LatentCache, collate_cached
 
 # Kinds whose clips are made on the fly, each a pure function of (seed, index): any `size` is
 # valid, and a sweep sizes it so that no run sees a clip twice.
-GENERATED_KINDS = ("procedural", "digits")
+GENERATED_KINDS = ("procedural", "digits", "fashion")
 
 
 def make_dataset(cfg: DataConfig):
-    """The procedural clips (sized to the buckets), the moving digits' training scans (each clip
-    of one bucket's size) or a real folder / CSV / JSONL."""
+    """The procedural clips (sized to the buckets), the moving digits' training scans or the
+    moving Fashion-MNIST training images (each clip of one bucket's size; for fashion,
+    `source` may name the IDX files' directory) or a real folder / CSV / JSONL."""
     if cfg.kind == "procedural":
         from train.data.procedural import ProceduralVideos
 
@@ -29,13 +30,18 @@ def make_dataset(cfg: DataConfig):
         from train.data.digits import MovingDigits
 
         return MovingDigits(cfg.size, seed=cfg.seed, split="train", sizes=tuple(sorted({parse_bucket(b) for b in cfg.buckets})))
+    if cfg.kind == "fashion":
+        from train.data.fashion import MovingFashion
+
+        return MovingFashion(cfg.size, seed=cfg.seed, split="train", sizes=tuple(sorted({parse_bucket(b) for b in cfg.buckets})),
+                             root=cfg.source or None)
     if cfg.kind == "folder":
         from train.data.folder import VideoFolder
 
         if not cfg.source:
             raise ValueError("data.kind=folder needs data.source: a folder, CSV or JSONL of (path, caption)")
         return VideoFolder(cfg.source)
-    raise ValueError(f"unknown data.kind {cfg.kind!r}: 'procedural', 'digits' or 'folder'")
+    raise ValueError(f"unknown data.kind {cfg.kind!r}: 'fashion', 'procedural', 'digits' or 'folder'")
 
 
 def make_loader(cfg: DataConfig, rank: int = 0, world: int = 1, cache: str | None = None
