@@ -9,6 +9,8 @@ is decoded), so `size_of(i)` answers without decoding. Anything unusable (missin
 caption, unsupported) is skipped and recorded with its reason in `skipped`; a file that still
 fails to decode makes `__getitem__` return None (the collate drops and counts it) and is
 recorded in `failed`. Nothing raises on bad data. Extra CSV / JSONL columns become clip attrs.
+`source_files()` names every file the data depends on, without opening any (a latent cache of
+this data fingerprints them, train.data.latents).
 Long videos: `frame_stride` keeps every k-th frame, `max_frames` caps the count; that first
 window is decoded frame by frame and decoding stops there (not the whole file).
 """
@@ -160,6 +162,26 @@ class VideoFolder(Dataset):
                 continue
             yield path, caption, {k: v for k, v in row.items() if k not in ("path", *TEXT_KEYS) and k is not None}
 
+    def source_files(self) -> dict[str, Path]:
+        """Every existing file this data is read from, by the name reports give it (relative to the
+        source's folder where possible), without opening any media: the CSV / JSONL index and the
+        files its rows name, or the folder's media and their sidecar captions. A file that appears
+        among them later (a caption written, a listed file restored) changes the data."""
+        if not self.source.exists():
+            return {}
+        if self.source.is_dir():
+            media = [p for p in self.source.rglob("*") if p.suffix.lower() in MEDIA_SUFFIXES and p.is_file()]
+            sidecars = [s for p in media for s in (p.with_suffix(".txt"), p.with_name(p.name + ".txt")) if s.is_file()]
+            paths = set(media + sidecars)
+        else:
+            listed = VideoFolder(self.source, scan=False)._listing()  # a fresh instance: this one's `skipped` stays as scanned
+            paths = {self.source} | {path for path, _, _ in listed if path.is_file()}
+        return {self._display(path): path for path in sorted(paths)}
+
+    def name_of(self, i: int) -> str:
+        """Entry i's path as reports show it (relative to the source's folder where possible)."""
+        return self._display(self.entries[i].path)
+
     def scan(self) -> VideoFolder:
         """(Re)read the listing and every file's metadata; never raises on bad data."""
         self.entries, self.skipped, self.failed = [], defaultdict(list), []
@@ -222,8 +244,10 @@ class VideoFolder(Dataset):
         fps = entry.fps / self._window(entry)[0]
         return Clip(video, entry.caption, fps=fps, attrs=dict(entry.attrs), source=str(entry.path))
 
-    def report(self, examples: int = 3) -> str:
-        """'N usable, M skipped: 3 corrupt (a.mp4: <reason>, ...), 1 no caption (b.png)'."""
+    def report(self, examples: int = 3, dropped: dict[str, list[tuple[str, str]]] | None = None) -> str:
+        """'N usable, M skipped: 3 corrupt (a.mp4: <reason>, ...), 1 no caption (b.png)', then the files
+        that failed to decode and any `dropped` later by a user of the data (reason -> [(path, detail)],
+        e.g. the latent cache's clips that fit no bucket)."""
 
         def listed(items) -> str:
             shown = [f"{p}: {d}" if d else p for p, d in items[:examples]]
@@ -236,4 +260,7 @@ class VideoFolder(Dataset):
             text += ": " + ", ".join(f"{len(items)} {reason} ({listed(items)})" for reason, items in groups)
         if self.failed:
             text += f"; {len(self.failed)} failed to decode ({listed(self.failed)})"
+        for reason, items in (dropped or {}).items():
+            if items:
+                text += f"; {len(items)} {reason} ({listed(items)})"
         return text

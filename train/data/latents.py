@@ -5,7 +5,10 @@ change, so the cache stage computes them once and the DiT stage reads them back.
 encoder alone costs more per clip than the tiny DiT's forward, so this is most of a small run's time.
 
     DIR/cache.json                       what was encoded with what (codec, text encoder, data, buckets),
-                                         the shards, the clips skipped, the encoders' measured FLOPs
+                                         the shards, the files skipped and why, the source's fingerprint,
+                                         the encoders' measured FLOPs
+    DIR/source.json                      the fingerprint's files (path -> size, mtime_ns), written before
+                                         the first shard: what a later start compares the source with
     DIR/F_H_W-00000.safetensors          per bucket, `shard_size` clips: latents [n, C, t, h, w],
                                          context [n, L, D], context_mask [n, L], index [n] (dataset index)
     DIR/F_H_W-00000.json                 their captions and sources (the sources seed the training noise,
@@ -15,13 +18,23 @@ encoder alone costs more per clip than the tiny DiT's forward, so this is most o
 
 Every shard is written to a temporary name and renamed, and a shard already on disk is kept: a
 cache stage killed part-way resumes where it stopped, and a half-written shard never exists.
-Clips that fail to decode are skipped and counted in cache.json.
+
+Files skipped (unreadable, no caption, failed to decode, fitting no bucket) are said at build
+time and each time the cache is reused, in the folder dataset's words, and kept in cache.json
+(all counted by reason, the first SKIPPED_LISTED by name). A cache for another codec, text
+encoder or data configuration is refused. A cache whose source changed after it was built (for
+folder data: a media, caption or index file added, removed, or changed in size or mtime_ns; the
+procedural and digits clips are pure functions of the configuration, so their fingerprint is the
+configuration) is rebuilt, said with what changed: training on it would silently use the old data.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +46,10 @@ from torch.utils.data import Dataset
 from train.data.buckets import Bucket, assign_bucket, fit_to_bucket, parse_bucket
 
 MANIFEST = "cache.json"
+SOURCE = "source.json"
 NULL = "null.safetensors"
+SHARD = re.compile(r"\d+_\d+_\d+-\d{5}\.(safetensors|json)")  # the shards' file names (_bucket_name-k)
+SKIPPED_LISTED = 100  # skipped files named in cache.json (all are counted, by reason)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -64,15 +80,78 @@ def cache_key(cfg) -> dict:
         k: v for k, v in asdict(cfg.data).items() if k not in ("batch_size", "bucket_batch_size", "num_workers")}}
 
 
-def _plan(dataset, buckets: list[Bucket], shard_size: int) -> dict[Bucket, list[list[int]]]:
+def source_fingerprint(cfg) -> tuple[dict, dict[str, list[int]] | None]:
+    """(summary, files) of what a cache of cfg's data was read from. For folder data, files maps
+    each media, caption and index file (VideoFolder.source_files, relative to the source's folder)
+    to [size, mtime_ns], and the summary holds their digest and counts; nothing is opened. Other
+    kinds are pure functions of their configuration: the digest is the configuration's, files None.
+    (A file rewritten within the file system's mtime resolution at the same size goes unnoticed.)"""
+    data = cfg.data
+    if data.kind != "folder":
+        digest = hashlib.sha256(json.dumps(cache_key(cfg)["data"], sort_keys=True).encode()).hexdigest()
+        return {"kind": data.kind, "of": "config", "digest": digest}, None
+    from train.data.folder import VideoFolder
+
+    if not data.source:
+        raise ValueError("data.kind=folder needs data.source: a folder, CSV or JSONL of (path, caption)")
+
+    files = {}
+    for name, path in VideoFolder(data.source, scan=False).source_files().items():
+        with contextlib.suppress(OSError):  # gone since it was listed: not part of the source
+            st = path.stat()
+            files[name] = [st.st_size, st.st_mtime_ns]
+    digest = hashlib.sha256("".join(f"{name}\0{size}\0{mtime}\n" for name, (size, mtime) in sorted(files.items())).encode())
+    return {"kind": "folder", "of": "files", "digest": digest.hexdigest(), "files": len(files),
+            "bytes": sum(size for size, _ in files.values()), "exists": Path(data.source).exists()}, files
+
+
+def source_changes(recorded: dict | None, files: dict) -> str:
+    """'N files added, M removed, K modified' from the recorded files to `files`."""
+    if recorded is None:  # source.json lost: that it changed is known, not how
+        return "the source changed"
+    added = len(files.keys() - recorded.keys())
+    removed = len(recorded.keys() - files.keys())
+    modified = sum(1 for name in files.keys() & recorded.keys() if list(files[name]) != list(recorded[name]))
+    return f"{added} file{'s' if added != 1 else ''} added, {removed} removed, {modified} modified"
+
+
+def _clear(directory: Path) -> None:
+    """Remove a cache's own files (manifest first: a clear cut short leaves a partial build, never a
+    manifest naming missing shards); anything else in the directory is left alone."""
+    for name in (MANIFEST, NULL, SOURCE):
+        (directory / name).unlink(missing_ok=True)
+    for path in directory.iterdir():
+        if SHARD.fullmatch(path.name):
+            path.unlink()
+
+
+def _plan(dataset, buckets: list[Bucket], shard_size: int) -> tuple[dict[Bucket, list[list[int]]], list[int]]:
     """Per bucket, the dataset indices of each shard, a pure function of the dataset (so a resumed
-    build recomputes exactly the shards that are missing)."""
+    build recomputes exactly the shards that are missing); and the indices that fit no bucket."""
     members: dict[Bucket, list[int]] = {b: [] for b in buckets}
+    unfit = []
     for i in range(len(dataset)):
         bucket = assign_bucket(tuple(dataset.size_of(i)), buckets)
-        if bucket is not None:
+        if bucket is None:
+            unfit.append(i)
+        else:
             members[bucket].append(i)
-    return {b: [idx[s : s + shard_size] for s in range(0, len(idx), shard_size)] for b, idx in members.items() if idx}
+    return {b: [idx[s : s + shard_size] for s in range(0, len(idx), shard_size)] for b, idx in members.items() if idx}, unfit
+
+
+def _skipped_files(dataset, failed: list[tuple[str, str]], unfit: list[int]) -> tuple[list[dict], str | None]:
+    """Every file or clip the cache left out, as {"path", "reason", "detail"}, and for folder data
+    its report() line (the wording `data:` uses on pixels) with the cache's own drops added."""
+    name = getattr(dataset, "name_of", lambda i: f"index {i}")
+    dropped = [(name(i), "x".join(map(str, dataset.size_of(i)))) for i in unfit]
+    entries = [{"path": path, "reason": reason, "detail": detail}
+               for reason, items in sorted(getattr(dataset, "skipped", {}).items()) for path, detail in items]
+    entries += [{"path": path, "reason": "failed to decode", "detail": detail} for path, detail in failed]
+    entries += [{"path": path, "reason": "without a bucket", "detail": detail} for path, detail in dropped]
+    if not hasattr(dataset, "report"):
+        return entries, None
+    dataset.failed = list(failed)  # this build's failures and those of the shards an earlier one wrote
+    return entries, dataset.report(dropped={"without a bucket": dropped})
 
 
 @torch.no_grad()
@@ -86,18 +165,52 @@ def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int
 
     directory = Path(directory)
     key = cache_key(cfg)
+    fingerprint, files = source_fingerprint(cfg)  # before the data is read: a change during the build shows next time
+
+    def recorded() -> dict | None:  # what source.json holds (read only when needed: one entry per file)
+        return json.loads((directory / SOURCE).read_text()) if (directory / SOURCE).is_file() else None
+
     if (directory / MANIFEST).is_file():
         manifest = json.loads((directory / MANIFEST).read_text())
         if manifest["key"] != key:
             raise ValueError(f"{directory} caches {manifest['key']}, not this run's {key}: use another latent_cache directory")
-        return manifest
+        built_from = manifest.get("source")
+        if fingerprint["of"] == "config" and built_from is None:
+            built_from = fingerprint  # a cache from before fingerprints: the key above already matched the configuration
+        if built_from is not None and built_from["digest"] == fingerprint["digest"]:
+            if manifest.get("data_report"):
+                log(f"data: {manifest['data_report']} (as when the cache was built)")
+            return manifest
+        if files is not None and not fingerprint["exists"]:  # the data moved away: the cache is all that is left of it
+            log(f"cache: {directory}: its source {cfg.data.source} no longer exists: using the cache as built "
+                f"({manifest['clips']} clips)")
+            return manifest
+        if built_from is None:
+            log(f"cache: {directory}: it records no fingerprint of its source (built before fingerprints were "
+                "recorded), so it may be stale: rebuilding")
+        else:
+            log(f"cache: {directory}: {source_changes((recorded() or {}).get('files'), files or {})} since the cache "
+                "was built: rebuilding")
+        _clear(directory)
+    elif (partial := recorded()) is not None:  # a partial build: resumable only if of this configuration and source
+        if partial["key"] != key:
+            raise ValueError(f"{directory} holds a partial cache of {partial['key']}, not this run's {key}: "
+                             "use another latent_cache directory")
+        if partial["source"]["digest"] != fingerprint["digest"]:
+            log(f"cache: {directory}: {source_changes(partial.get('files'), files or {})} since the partial build "
+                "started: starting over")
+            _clear(directory)
+    elif files is not None and directory.is_dir() and any(SHARD.fullmatch(p.name) for p in directory.iterdir()):
+        log(f"cache: {directory}: a partial build records no fingerprint of its source: starting over")
+        _clear(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".*.tmp*"):  # a build killed mid-write
         stale.unlink()
+    _atomic_write(directory / SOURCE, lambda p: p.write_text(json.dumps({"key": key, "source": fingerprint, "files": files})))
     dataset = make_dataset(cfg.data)
     buckets = sorted({parse_bucket(b) for b in cfg.data.buckets})
     store = DTYPES[cfg.cache_dtype]
-    frozen_flops, skipped, shards = 0, [], []
+    frozen_flops, failed, shards = 0, [], []
 
     def encode(clips: list) -> dict[str, torch.Tensor]:
         nonlocal frozen_flops
@@ -112,7 +225,8 @@ def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int
         frozen_flops += count_flops(run).total  # counting runs the encoders: their real FLOPs, once per clip
         return out
 
-    plan = _plan(dataset, buckets, shard_size)
+    name_of = getattr(dataset, "name_of", lambda i: f"index {i}")
+    plan, unfit = _plan(dataset, buckets, shard_size)
     for bucket, shard_lists in plan.items():
         for k, indices in enumerate(shard_lists):
             name = f"{_bucket_name(bucket)}-{k:05d}"
@@ -120,13 +234,16 @@ def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int
             if (directory / f"{name}.json").is_file():  # written last: the shard is complete
                 meta = json.loads((directory / f"{name}.json").read_text())
                 shards[-1]["count"], frozen_flops = len(meta["captions"]), frozen_flops + meta["frozen_flops"]
-                skipped += meta["skipped"]
+                failed += [tuple(f) for f in meta.get("failed", [(name_of(i), "") for i in meta["skipped"]])]
                 continue
-            clips, kept, missing = [], [], []
+            clips, kept, missing, why = [], [], [], []
             for i in indices:
+                seen = len(getattr(dataset, "failed", ()))
                 clip = dataset[i]
-                if clip is None:
+                if clip is None:  # a file that failed to decode: the folder dataset recorded why in `failed`
                     missing.append(i)
+                    new = getattr(dataset, "failed", ())[seen:]
+                    why.append((name_of(i), new[-1][1] if new else ""))
                     continue
                 clips.append(fit_to_bucket(clip, bucket))
                 kept.append(i)
@@ -137,8 +254,8 @@ def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int
             tensors["index"] = torch.tensor(kept, dtype=torch.int64)
             _atomic_write(directory / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
             meta = {"captions": [c.caption for c in clips], "sources": [c.source for c in clips],
-                    "skipped": missing, "frozen_flops": frozen_flops - before}
-            skipped += missing
+                    "skipped": missing, "failed": why, "frozen_flops": frozen_flops - before}
+            failed += why
             _atomic_write(directory / f"{name}.json", lambda p: p.write_text(json.dumps(meta)))
             shards[-1]["count"] = len(clips)
             log(f"cache: {name}: {len(clips)} clips ({sum(s['count'] or 0 for s in shards)} so far)")
@@ -146,11 +263,18 @@ def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int
         context, mask = text_encoder([""], pad_to_max_length=True)
         _atomic_write(directory / NULL, lambda p: save_file({"context": context[0].to(store),
                                                             "context_mask": mask[0].to(torch.uint8)}, str(p)))
+    entries, report = _skipped_files(dataset, failed, unfit)
+    reasons: dict[str, int] = {}
+    for entry in entries:
+        reasons[entry["reason"]] = reasons.get(entry["reason"], 0) + 1
     manifest = {"key": key, "dtype": cfg.cache_dtype, "latent_channels": codec.latent_channels, "buckets": [list(b) for b in buckets],
-                "shards": shards, "clips": sum(s["count"] for s in shards), "skipped": len(skipped),
-                "skipped_examples": [f"index {i}" for i in skipped[:5]], "frozen_flops": frozen_flops,
+                "shards": shards, "clips": sum(s["count"] for s in shards), "skipped": len(entries),
+                "skipped_files": {"total": len(entries), "by_reason": reasons, "listed": entries[:SKIPPED_LISTED]},
+                "data_report": report, "source": fingerprint, "frozen_flops": frozen_flops,
                 "text": text_encoder is not None}
     _atomic_write(directory / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    if report:
+        log(f"data: {report}")
     return manifest
 
 
