@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,6 +196,15 @@ def test_real_data_with_corrupt_files_trains_and_reports(tmp_path):
     assert proc.returncode == 0, out
     assert "6 usable, 2 skipped" in out and "junk.mp4" in out and "missing" in out
     assert len(_losses(tmp_path / "run")) == 2
+    # A one-process CPU run: no line about GPUs, CUDA or accelerators (DeepSpeed's fallback warning, train.quiet).
+    noise = [line for line in out.splitlines() if re.search(r"\b(GPU|CUDA|accelerator)s?\b", line, re.IGNORECASE)]
+    assert not noise, noise
+    # The bar's MFU and tokens/s are the run's so far: after the last step, what the closing report and the ledger say.
+    bar_mfu = re.findall(r"mfu\(run\)=([\d.]+)%", out)
+    assert bar_mfu and f"MFU {bar_mfu[-1]}%" in out, out
+    ledger = _jsonl(tmp_path / "run" / "ledger.jsonl")
+    bar_tok_s = int(re.findall(r"tok_s\(run\)=(\d+)", out)[-1])
+    assert abs(bar_tok_s - sum(r["tokens"] for r in ledger) / sum(r["wall_s"] for r in ledger)) <= 1
 
 
 def test_bad_config_is_a_clear_error(tmp_path):

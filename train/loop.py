@@ -38,7 +38,7 @@ from profiling.hardware import device_peak, format_rate
 from profiling.ledger import Ledger, make_record, read_ledgers
 from profiling.measure import FlopMeter, forward_backward
 from profiling.parts import FROZEN, param_parts
-from profiling.report import format_report, summarize
+from profiling.report import Group, format_report, summarize
 from train import checkpoint
 from train.config import TrainConfig, validate
 from train.data.latents import build_cache
@@ -46,6 +46,7 @@ from train.data.loader import make_loader
 from train.ema import EMA
 from train.faults import NonfiniteGuard, RunLock, die_with_parent
 from train.preempt import StopRequest
+from train.quiet import quiet_deepspeed_on_cpu
 from train.runlog import start_attempt, superseded_summary
 
 
@@ -260,6 +261,7 @@ def train(cfg: TrainConfig) -> dict:
     validate(cfg)  # an impossible setting fails here, before anything loads
     cfg.check_buckets()  # a bucket the codec x patch cannot take fails here, before anything loads
     die_with_parent()  # under a launcher: this rank goes when the launcher goes
+    quiet_deepspeed_on_cpu()  # before deepspeed's first import: its "no GPU found" warning on a CPU run (train.quiet)
     main = int(os.environ.get("RANK", "0")) == 0  # accelerate's global rank, known before the Accelerator
     with RunLock(Path(cfg.run_dir)) if main else contextlib.nullcontext():
         return _train(cfg)
@@ -319,6 +321,14 @@ def _train(cfg: TrainConfig) -> dict:
     peak = device_peak(device, dtype)
     accelerator.print(f"peak: {peak.device} {peak.dtype} {format_rate(peak.flops)} ({peak.source})")
     ledger = Ledger(run / "ledger.jsonl")
+    # The bar's MFU and tokens/s are the run's so far, as the closing report computes them (profiling.report.Group:
+    # counted FLOPs / (wall time x peak), tokens / wall time), not the last step's: over this rank's records,
+    # those of earlier attempts included.
+    so_far = Group("train")
+    if accelerator.is_main_process and ledger.path.is_file():
+        for r in read_ledgers([ledger.path]).records:
+            if r.kind == "train" and r.rank == accelerator.process_index:
+                so_far.add(r)
     log = (run / "log.jsonl").open("a") if accelerator.is_main_process else None
     # purge_step: TensorBoard drops the events a killed attempt wrote past the checkpoint
     board = SummaryWriter(str(run / "tensorboard"), purge_step=step + 1) if accelerator.is_main_process else None
@@ -377,7 +387,9 @@ def _train(cfg: TrainConfig) -> dict:
                 log.flush()
                 for key in ("loss", "lr", "tokens_per_s", "mfu"):
                     board.add_scalar(f"train/{key}", entry[key], step)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}", mfu=f"{record.mfu:.1%}")
+                so_far.add(record)
+                bar.set_postfix({"loss": f"{losses[-1]:.4f}", "mfu(run)": f"{so_far.mfu:.1%}",
+                                 "tok_s(run)": f"{so_far.tokens * accelerator.num_processes / so_far.wall_s:.0f}"})
             bar.update()
             window, step_start = StepWindow(), time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stops:

@@ -32,6 +32,7 @@ from train import checkpoint
 from train.runlog import start_attempt
 from train.config import TrainConfig, validate
 from train.faults import RunLock, die_with_parent
+from train.quiet import quiet_deepspeed_on_cpu
 from train.data.loader import make_loader
 from train.loop import lr_lambda
 
@@ -67,6 +68,7 @@ def train_vae(cfg: TrainConfig) -> dict:
     validate(cfg)  # before anything loads: impossible settings
     cfg.check_buckets("vae")  # and buckets the codec cannot take
     die_with_parent()
+    quiet_deepspeed_on_cpu()  # before deepspeed's first import: its "no GPU found" warning on a CPU run (train.quiet)
     main = int(os.environ.get("RANK", "0")) == 0  # accelerate's global rank, known before the Accelerator
     with RunLock(Path(cfg.run_dir)) if main else contextlib.nullcontext():
         return _train_vae(cfg)
