@@ -8,6 +8,12 @@
   DDIM. With `learn_sigma` the DiT also outputs a variance; we train only the eps half (the
   paper adds a variational-bound term for it, which DDIM sampling does not use).
 
+A DiT with `target="data"` predicts the clean latent x_0 instead (Li & He 2025, "Back to Basics:
+Let Denoising Generative Models Denoise"): with large pixel patches each token's output is a
+high-dimensional block of an image, and clean images lie on a low-dimensional manifold that a
+small network fits far sooner than noise or velocity, which do not. It is still trained and
+sampled as flow: its velocity is (x_t - x_0_hat) / sigma, sigma clipped below at MIN_SIGMA.
+
 The DiT is conditioned on `timestep`: sigma * 1000 for flow (what the flow scheduler's
 `timesteps` hold), the integer step for ddpm, so training and sampling agree.
 """
@@ -20,6 +26,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 
 KINDS = ("flow", "ddpm")
 TRAIN_STEPS = 1000
+MIN_SIGMA = 0.05  # a data-predicting DiT's velocity divides by sigma: clipped here, as Li & He do
 
 
 def make_scheduler(kind: str = "flow"):
@@ -48,6 +55,21 @@ def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.
 def prediction(model_out: torch.Tensor, channels: int) -> torch.Tensor:
     """The velocity / eps part of the DiT output (drops the learned-sigma half if present)."""
     return model_out[:, :channels]
+
+
+def target_of(model: torch.nn.Module) -> str:
+    """The DiT's `target` ("native" or "data") through any wrapper (DDP, DeepSpeed, torch.compile)."""
+    while hasattr(model, "_orig_mod") or (not hasattr(model, "cfg") and hasattr(model, "module")):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return getattr(getattr(model, "cfg", None), "target", "native")
+
+
+def native_output(model_out: torch.Tensor, xt: torch.Tensor, timestep: torch.Tensor, target: str) -> torch.Tensor:
+    """The scheduler's quantity (velocity for flow) from a DiT's output of `target`."""
+    if target == "native":
+        return model_out
+    sigma = (timestep.float() / TRAIN_STEPS).clamp(min=MIN_SIGMA).view(-1, *[1] * (xt.dim() - 1)).to(xt.dtype)
+    return (xt - model_out) / sigma
 
 
 def per_sample_noise(shape: tuple[int, ...], kind: str, seeds: list[int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +119,10 @@ def training_loss(
         xt, target = sched.add_noise(x0, noise, timestep.long()), noise
     else:
         raise ValueError(f"unknown diffusion kind {kind!r} (expected one of {KINDS})")
-    out = prediction(model(xt, timestep, **model_kwargs), x0.shape[1])
+    output = target_of(model)
+    if output == "data" and kind != "flow":
+        raise ValueError("a DiT with target='data' trains with diffusion 'flow' only")
+    out = native_output(prediction(model(xt, timestep, **model_kwargs), x0.shape[1]), xt, timestep, output)
     if per_sample:
         return (out.float() - target.float()).square().flatten(1).mean(1)
     return F.mse_loss(out.float(), target.float())

@@ -42,6 +42,8 @@ class DiTConfig:
     num_classes: int = 0  # > 0: class-conditional (DiT paper), plus one "null" class for CFG
     learn_sigma: bool = False  # DiT paper's eps-model also predicts the variance (2x channels)
     attention: str = "full"  # "full" spacetime or "factorized" (spatial, then temporal)
+    pooled_text: bool = False  # also add the text's mean token state to the adaLN conditioning (SD3's pooled text)
+    target: str = "native"  # what the output means: "native" (flow: velocity, ddpm: noise) or "data" (the clean latent)
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # JSON round-trips lists
@@ -49,6 +51,8 @@ class DiTConfig:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.attention not in ("full", "factorized"):
             raise ValueError(f"attention must be 'full' or 'factorized', got {self.attention!r}")
+        if self.target not in ("native", "data"):
+            raise ValueError(f"target must be 'native' or 'data', got {self.target!r}")
 
     @property
     def out_channels(self) -> int:
@@ -122,6 +126,15 @@ class DiTBlock(nn.Module):
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
+def pooled(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the real (mask True) token states [B, L, D] -> [B, D]: the sentence embedding of
+    mean-pooling encoders such as all-MiniLM-L6-v2."""
+    if mask is None:
+        return context.mean(1)
+    weights = mask.to(context.dtype).unsqueeze(-1)
+    return (context * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 class TimestepEmbedder(nn.Module):
     """Scalar timestep -> 256-d sinusoid -> MLP (as in DiT)."""
 
@@ -158,7 +171,7 @@ class DiT(ModelMixin, ConfigMixin):
 
     # Which modules belong to which compute part (profiling.parts); the rest is "dense".
     flop_parts: PartRules = (
-        (r"adaLN_modulation|t_embedder", PER_SAMPLE),
+        (r"adaLN_modulation|t_embedder|text_pool", PER_SAMPLE),
         (r"y_embedder", EMBEDDING),
         (r"caption_proj|cross_attn\.kv", CONTEXT),
     )
@@ -176,6 +189,8 @@ class DiT(ModelMixin, ConfigMixin):
         num_classes: int,
         learn_sigma: bool,
         attention: str,
+        pooled_text: bool = False,
+        target: str = "native",
     ) -> None:
         """Explicit fields (diffusers' ConfigMixin reads the signature); defaults live in DiTConfig:
         build with `DiT.from_dit_config(DiTConfig(...))`."""
@@ -187,6 +202,12 @@ class DiT(ModelMixin, ConfigMixin):
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
         self.caption_proj = (
             nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)) if cfg.text_dim else None
+        )
+        # The caption's mean token state steers every block's modulation directly (SD3 adds its pooled
+        # text embedding to the timestep's the same way): a small model learns "which digit" from it
+        # far sooner than from cross-attention alone, whose output projection starts at zero.
+        self.text_pool = (
+            nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d)) if cfg.text_dim and cfg.pooled_text else None
         )
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.gradient_checkpointing = False
@@ -238,7 +259,10 @@ class DiT(ModelMixin, ConfigMixin):
         if self.caption_proj is not None:
             if context is None:
                 raise ValueError("this DiT is text-conditional: pass context (text-encoder tokens)")
-            context = self.caption_proj(context.to(h.dtype))
+            context = context.to(h.dtype)
+            if self.text_pool is not None:
+                c = c + self.text_pool(pooled(context, context_mask))
+            context = self.caption_proj(context)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 h = self._gradient_checkpointing_func(block, h, c, grid, context, context_mask)

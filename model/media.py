@@ -79,6 +79,29 @@ def frame_grid(videos: np.ndarray, max_columns: int = 8) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
+def _tiles(images: np.ndarray, columns: int, gap: int) -> np.ndarray:
+    """[N, H, W, 3] -> one image of `columns` tiles per row, `gap` grey pixels between tiles."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    sheet = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, c), 64, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        sheet[r * (h + gap):r * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = image
+    return sheet
+
+
+def contact_sheet(videos: np.ndarray, columns: int = 4, gap: int = 2) -> np.ndarray:
+    """[B, T, H, W, 3] -> one image: each sample's frames side by side, `columns` samples a row
+    (a sheet of 80 clips stays square-ish instead of 80 rows tall)."""
+    strips = np.concatenate([videos[:, i] for i in range(videos.shape[1])], axis=2)  # [B, H, T*W, 3]
+    return _tiles(strips, columns, gap)
+
+
+def tile_video(videos: np.ndarray, columns: int = 8, gap: int = 2) -> np.ndarray:
+    """[B, T, H, W, 3] -> [T, H', W', 3]: the samples as tiles of one clip, all moving at once."""
+    return np.stack([_tiles(videos[:, i], columns, gap) for i in range(videos.shape[1])])
+
+
 def write_image(path: str | Path, image: np.ndarray) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

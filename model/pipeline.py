@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
-from model.diffusion import add_noise, kind_of, make_scheduler, prediction
+from model.diffusion import add_noise, kind_of, make_scheduler, native_output, prediction, target_of
 from model.dit import DiT
 from model.sizes import SizeRule
 from model.text_encoder import TextEncoder
@@ -198,7 +198,8 @@ class MiniStackPipeline(DiffusionPipeline):
             if known is not None:
                 x[:, :, known] = add_noise(self.scheduler, z_known, noise[:, :, known], step.repeat(b))
             x_in = torch.cat([x, x]) if guided else x
-            out = prediction(self.transformer(x_in, step.repeat(x_in.shape[0]), **cond), c)
+            t_in = step.repeat(x_in.shape[0])
+            out = native_output(prediction(self.transformer(x_in, t_in, **cond), c), x_in, t_in, target_of(self.transformer))
             if guided:
                 out_cond, out_uncond = out.chunk(2)
                 out = out_uncond + guidance_scale * (out_cond - out_uncond)

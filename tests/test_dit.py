@@ -130,3 +130,38 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = grads()
     model.enable_gradient_checkpointing()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, grads()))
+
+
+def test_pooled_text_steers_the_modulation_and_ignores_padding():
+    torch.manual_seed(0)
+    model = DiT.from_dit_config(DiTConfig(hidden_size=32, depth=1, num_heads=2, text_dim=8, pooled_text=True))
+    x, t = torch.randn(2, 4, 1, 4, 4), torch.tensor([500.0, 500.0])
+    ctx, mask = torch.randn(2, 3, 8), torch.tensor([[True, True, False], [True, True, True]])
+    c = model.t_embedder(t) + model.text_pool(torch.stack([ctx[0, :2].mean(0), ctx[1].mean(0)]))
+    ctx_padded = ctx.clone()
+    ctx_padded[0, 2] = 100.0  # a padding token's state must not move the pooled caption
+    from model.dit import pooled
+
+    assert torch.allclose(model.t_embedder(t) + model.text_pool(pooled(ctx_padded, mask)), c)
+    assert not torch.allclose(model.text_pool(pooled(ctx, mask))[0], model.text_pool(pooled(ctx, mask))[1])
+
+
+def test_data_target_is_trained_on_the_velocity_it_implies():
+    """A DiT with target='data' predicts x0; its flow loss is the velocity error, |x0 - x0_hat|^2 / sigma^2."""
+    from model.diffusion import native_output
+
+    torch.manual_seed(0)
+    model = DiT.from_dit_config(DiTConfig(hidden_size=32, depth=1, num_heads=2, target="data"))
+    x0, noise = torch.randn(2, 4, 1, 4, 4), torch.randn(2, 4, 1, 4, 4)
+    t = torch.tensor([250.0, 800.0])
+    sigma = (t / 1000).view(2, 1, 1, 1, 1)
+    xt = (1 - sigma) * x0 + sigma * noise
+    x0_hat = model(xt, t)
+    expected = ((x0 - x0_hat) / sigma).square().flatten(1).mean(1)
+    got = training_loss(model, x0, "flow", timestep=t, noise=noise, per_sample=True)
+    assert torch.allclose(got, expected, rtol=1e-4)
+    assert torch.allclose(native_output(x0, xt, t, "data"), noise - x0, atol=1e-5)  # the true x0 gives the true velocity
+    with pytest.raises(ValueError, match="flow"):
+        training_loss(model, x0, "ddpm")
+    with pytest.raises(ValueError, match="target"):
+        DiTConfig(target="eps")

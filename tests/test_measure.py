@@ -38,6 +38,7 @@ DIT_CASES = [
     (DiTConfig(hidden_size=64, depth=2, num_heads=4, text_dim=32, attention="factorized"), 2, (4, 6, 10), 7),
     (DiTConfig(in_channels=3, patch_size=(2, 2, 2), hidden_size=48, depth=1, num_heads=3, num_classes=10, learn_sigma=True), 1, (4, 8, 8), 0),
     (DiTConfig(hidden_size=32, depth=1, num_heads=2, text_dim=16), 3, (1, 16, 4), 3),  # image, 4:1 aspect
+    (DiTConfig(hidden_size=32, depth=2, num_heads=2, text_dim=16, pooled_text=True), 2, (3, 8, 8), 4),  # pooled caption
 ]
 
 

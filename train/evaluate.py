@@ -2,12 +2,16 @@
 
 - Validation loss at fixed timesteps and fixed noise on a fixed held-out batch: it must not move
   with the sampling of t, or loss curves of different runs could not be compared or fitted.
-- Text alignment: sample the (EMA) model for prompts built from chosen attributes, recover
-  colour / motion / shape from the pixels with the probe, and score against the prompt, beside
-  the score that chance would get on the same prompts. For data.kind=digits the prompts name a
-  digit and a direction ("the digit 3 moving left") and only the motion is scored.
-- The held-out clips come from the run's data kind: for digits, clips of the validation scans
-  only (never seen in training); for the other kinds, procedural clips of another seed.
+- Text alignment: sample the (EMA) model for prompts built from chosen attributes and score what
+  the samples show against what the prompts asked, beside chance. For the labelled glyph kinds
+  (digits, fashion) the prompts name a class and one of 8 directions ("the digit 3 moving up and
+  to the left") and train.judge reads them: a classifier trained on real data, validated on
+  held-out real clips (printed beside every score), the centroid track for the motion, and a
+  Frechet distance to real clips with its real-vs-real floor. For the procedural shapes the
+  probe reads colour, motion and shape back (train.probe).
+- The held-out clips come from the run's data kind: for digits and fashion, clips of the
+  validation images only (never seen in training); for the other kinds, procedural clips of
+  another seed.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from model.diffusion import TRAIN_STEPS, per_sample_noise, training_loss
-from train.data import digits
+from train import judge as judges
 from train.data.procedural import ProceduralVideos, caption
 from train.probe import alignment_score
 
@@ -54,47 +58,100 @@ def validation_loss(model, codec, text_encoder, clips: list, kind: str, seed: in
 
 
 def alignment_prompts(n: int, frames: int, seed: int = 0, data_kind: str = "procedural") -> list[dict]:
-    """n attribute sets spread over colours, shapes and the four main directions (for digits:
-    over the ten digits and the four directions, stating only the motion for the probe)."""
+    """n attribute sets spread over colours, shapes and the four main directions (for the glyph
+    kinds: balanced over the ten classes and the eight directions, train.judge.prompt_attrs)."""
+    if data_kind in judges.GLYPH_KINDS:
+        return judges.prompt_attrs(data_kind, n, frames, seed)
     rng = np.random.default_rng(seed)
     motions = ("left", "right", "up", "down") if frames > 1 else ("static",)
-    if data_kind == "digits":
-        picks = [(int(rng.integers(10)), str(rng.choice(motions))) for _ in range(n)]
-        return [{"motion": m, "frames": frames, "digits": [{"label": d, "motion": m}]} for d, m in picks]
     colours, shapes = ("red", "green", "blue", "yellow", "white", "magenta", "cyan"), ("square", "circle", "triangle", "bar")
     return [{"colour": str(rng.choice(colours)), "shape": str(rng.choice(shapes)), "motion": str(rng.choice(motions)),
              "frames": frames} for _ in range(n)]
 
 
+def _sample(pipeline, prompts: list[str], frames: int, height: int, width: int, steps: int, seed: int,
+            grid_path: str | Path | None, batch: int = 16) -> np.ndarray:
+    """The pipeline's videos for `prompts` ([n, T, H, W, 3] uint8, what a user gets; `batch`
+    prompts at a time: a sampling step's memory grows with the batch); with `grid_path`, their
+    contact sheet there (PNG: each clip's frames side by side) and beside it the clips as one
+    tiled GIF (8 to a row), so a person sees both the frames and the motion."""
+    from model.media import contact_sheet, tile_video, write_image, write_video
+
+    generator = torch.Generator().manual_seed(seed)
+    videos = np.concatenate([
+        pipeline(prompts[s:s + batch], frames=frames, height=height, width=width, num_inference_steps=steps,
+                 generator=generator).videos
+        for s in range(0, len(prompts), batch)])
+    if grid_path is not None:
+        write_image(grid_path, contact_sheet(videos))
+        write_video(Path(grid_path).with_suffix(".gif"), tile_video(videos), fps=4)
+    return videos
+
+
 @torch.no_grad()
 def text_alignment(pipeline, n: int = 8, frames: int = 5, height: int = 32, width: int = 32, steps: int = 20,
-                   seed: int = 0, grid_path: str | Path | None = None, data_kind: str = "procedural") -> dict:
-    """Sample prompts built from attributes, probe the videos, score them (with chance levels)."""
-    from model.media import frame_grid, write_image
-
+                   seed: int = 0, grid_path: str | Path | None = None, data_kind: str = "procedural",
+                   source: str = "") -> dict:
+    """Sample prompts built from attributes and score what the samples show against them, with
+    chance levels: by train.judge for the glyph kinds (`glyph_alignment`), else by the probe."""
+    if data_kind in judges.GLYPH_KINDS:
+        judge = cached_judge(data_kind, (frames, height, width), source)
+        return glyph_alignment(pipeline, judge, n, steps, seed, grid_path)
     attrs = alignment_prompts(n, frames, seed, data_kind)
-    prompts = [(digits.caption if data_kind == "digits" else caption)(a) for a in attrs]
-    out = pipeline(prompts, frames=frames, height=height, width=width, num_inference_steps=steps,
-                   generator=torch.Generator().manual_seed(seed))
-    if grid_path is not None:
-        write_image(grid_path, frame_grid(out.videos))
-    result = alignment_score(list(out.videos), attrs)
+    prompts = [caption(a) for a in attrs]
+    videos = _sample(pipeline, prompts, frames, height, width, steps, seed, grid_path)
+    result = alignment_score(list(videos), attrs)
     return {k: result[k] for k in ("score", "score_chance", "accuracy", "chance", "n")} | {"prompts": prompts}
 
 
+_judges: dict[tuple, judges.Judge] = {}
+
+
+def cached_judge(kind: str, size: tuple[int, int, int], source: str = "") -> judges.Judge:
+    """One judge per (kind, clip size, source) in this process: its validation runs once a run."""
+    key = (kind, size, source)
+    if key not in _judges:
+        _judges[key] = judges.make_judge(kind, size, source=source)
+    return _judges[key]
+
+
+def glyph_alignment(pipeline, judge: judges.Judge, n: int, steps: int, seed: int = 0,
+                    grid_path: str | Path | None = None) -> dict:
+    """n prompts balanced over classes and directions, sampled and read by `judge`: accuracy per
+    attribute with its 95 % interval and chance, the Frechet distance to real clips with its
+    real-vs-real floor, and the judge's own accuracy on real clips (its validation)."""
+    frames, height, width = judge.size
+    attrs = judges.prompt_attrs(judge.kind, n, frames, seed)
+    prompts = [judges.caption(judge.kind, a) for a in attrs]
+    videos = _sample(pipeline, prompts, frames, height, width, steps, seed, grid_path)
+    reading = judges.read(judge.classifier, torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
+    scored = judges.score(reading, attrs)
+    fd, floor = judge.frechet(reading.features)
+    return {
+        "score": float(np.mean([a.value for a in scored.values()])),
+        "score_chance": float(np.mean([a.chance for a in scored.values()])),
+        "accuracy": {k: a.value for k, a in scored.items()},
+        "interval": {k: list(a.interval) for k, a in scored.items()},
+        "chance": {k: a.chance for k, a in scored.items()},
+        "n": {k: a.n for k, a in scored.items()},
+        "fd": fd, "fd_floor": floor,
+        "judge": {k: a.value for k, a in judge.validity.items()},
+        "prompts": prompts,
+    }
+
+
 def held_out_set(data, n: int, frames: int, height: int, width: int):
-    """n validation clips of one size, drawn with another seed (data.seed + 1): for data.kind=digits
-    from the validation scans only, for the other kinds procedural clips."""
-    if data.kind == "digits":
-        return digits.MovingDigits(n, seed=data.seed + 1, split="val", sizes=((frames, height, width),))
+    """n validation clips of one size, drawn with another seed (data.seed + 1): for the glyph kinds
+    from the validation images only, for the other kinds procedural clips."""
+    if data.kind in judges.GLYPH_KINDS:
+        return judges.glyph_clips(data.kind, n, data.seed + 1, "val", (frames, height, width), data.source)
     return ProceduralVideos(n, seed=data.seed + 1, resolutions=((height, width),), frames=(frames,))
 
 
 def evaluate_run(pipeline, cfg, step: int, run: Path) -> dict:
     """Both measures for a run's EMA pipeline at `step`, on `cfg.val_clips` held-out clips
     (`held_out_set`) of the run's largest multi-frame bucket (validation loss with its standard
-    error); appended to RUN/eval.jsonl, grid at RUN/samples/. Digits are scored on motion, so
-    a run of digit images only gets no alignment score."""
+    error); appended to RUN/eval.jsonl, grid at RUN/samples/."""
     import json
 
     from train.data.buckets import parse_bucket
@@ -106,10 +163,48 @@ def evaluate_run(pipeline, cfg, step: int, run: Path) -> dict:
     losses = validation_losses(pipeline.transformer, pipeline.codec, pipeline.text_encoder, clips, cfg.diffusion)
     se = float(losses.std(ddof=1) / np.sqrt(len(losses))) if len(losses) > 1 else float("nan")
     result = {"step": step, "val_loss": float(losses.mean()), "val_loss_se": se, "val_clips": len(losses)}
-    if pipeline.text_encoder is not None and not (cfg.data.kind == "digits" and frames == 1):
+    if pipeline.text_encoder is not None:
+        grid = run / "samples" / f"step-{step:07d}.png"
         result |= text_alignment(pipeline, n=cfg.eval_prompts, frames=frames, height=height, width=width,
-                                 steps=cfg.eval_sampling_steps, grid_path=run / "samples" / f"step-{step:07d}.png",
-                                 data_kind=cfg.data.kind)
+                                 steps=cfg.eval_sampling_steps, grid_path=grid, data_kind=cfg.data.kind,
+                                 source=cfg.data.source)
+        result["samples"] = str(grid)
     with (run / "eval.jsonl").open("a") as f:
         f.write(json.dumps(result) + "\n")
     return result
+
+
+def format_eval(result: dict) -> str:
+    """An evaluation in words: the validation loss with its standard error, then each scored
+    attribute with its 95 % interval beside chance (never one blended score: a score that reads
+    colour right and motion at chance would look half good), the Frechet distance beside its
+    real-vs-real floor, the judge's own accuracy on real clips, and where the samples are."""
+    lines = [f"eval at step {result['step']}: val_loss {result['val_loss']:.4f} +- {result['val_loss_se']:.4f} "
+             f"({result['val_clips']} held-out clips)"]
+    for name, accuracy in result.get("accuracy", {}).items():
+        interval = result.get("interval", {}).get(name)
+        span = f" [{interval[0]:.0%}, {interval[1]:.0%}]" if interval else ""
+        lines.append(f"  {name}: {accuracy:.1%}{span} of {result['n'][name]} samples (chance {result['chance'][name]:.1%})")
+    if "fd" in result:
+        lines.append(f"  Frechet distance to real clips: {result['fd']:.2f} (real vs real: {result['fd_floor']:.2f})")
+    if "judge" in result:
+        lines.append("  judge on held-out real clips: " + ", ".join(f"{k} {v:.1%}" for k, v in result["judge"].items()))
+    if "samples" in result:
+        lines.append(f"  samples: {result['samples']} and {Path(result['samples']).with_suffix('.gif')}")
+    return "\n".join(lines)
+
+
+def to_board(board, result: dict) -> None:
+    """An evaluation's numbers as TensorBoard scalars (eval/...) and its sample sheet as an image."""
+    step = result["step"]
+    board.add_scalar("eval/val_loss", result["val_loss"], step)
+    for name, accuracy in result.get("accuracy", {}).items():
+        board.add_scalar(f"eval/{name}_accuracy", accuracy, step)
+    for key in ("fd", "fd_floor"):
+        if key in result:
+            board.add_scalar(f"eval/{key}", result[key], step)
+    if "samples" in result and Path(result["samples"]).is_file():
+        from model.media import read_frames
+
+        board.add_image("eval/samples", read_frames(result["samples"])[0], step, dataformats="HWC")
+    board.flush()

@@ -400,14 +400,13 @@ def _train(cfg: TrainConfig) -> dict:
                 preempted = True
                 break
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                evaluate(accelerator, ema_pipeline(accelerator, model, ema, codec, text_encoder, cfg), cfg, run, step)
+                evaluate(accelerator, ema_pipeline(accelerator, model, ema, codec, text_encoder, cfg), cfg, run, step, board)
                 step_start = time.perf_counter()
             if step >= cfg.max_steps:
                 break
     bar.close()
     if log is not None:
         log.close()
-        board.close()
     if dropped:
         accelerator.print(f"data: {dropped} clips failed to decode during training and were skipped")
     if preempted:
@@ -418,7 +417,9 @@ def _train(cfg: TrainConfig) -> dict:
     pipeline = ema_pipeline(accelerator, model, ema, codec, text_encoder, cfg)
     if pipeline is not None:
         pipeline.save_pretrained(run / "pipeline")
-    evaluate(accelerator, pipeline, cfg, run, step)
+    evaluate(accelerator, pipeline, cfg, run, step, board)
+    if board is not None:
+        board.close()
     if accelerator.is_main_process:  # the run's measured compute against 6ND, the gap by part
         data = read_ledgers([ledger.path])
         accelerator.print(format_report(*summarize(data.records), data.skipped))
@@ -441,12 +442,15 @@ def ema_pipeline(accelerator, model, ema: EMA, codec, text_encoder, cfg: TrainCo
     return MiniStackPipeline(sampler_model.eval(), make_scheduler(cfg.diffusion), codec, text_encoder)
 
 
-def evaluate(accelerator, pipeline, cfg: TrainConfig, run: Path, step: int) -> None:
+def evaluate(accelerator, pipeline, cfg: TrainConfig, run: Path, step: int, board: SummaryWriter | None = None) -> None:
     """Validation loss and text alignment of the EMA pipeline (train.evaluate) on the main process
-    (the others hold None), then one barrier for all."""
-    from train.evaluate import evaluate_run
+    (the others hold None): printed, and to TensorBoard (the scores and the sample sheet); then
+    one barrier for all."""
+    from train.evaluate import evaluate_run, format_eval, to_board
 
     if pipeline is not None:
         result = evaluate_run(pipeline, cfg, step, run)
-        accelerator.print("eval: " + ", ".join(f"{k} {result[k]:.4f}" for k in ("val_loss", "score", "score_chance") if k in result))
+        accelerator.print(format_eval(result))
+        if board is not None:
+            to_board(board, result)
     accelerator.wait_for_everyone()

@@ -59,11 +59,16 @@ def dit_flops(
         per_block_context = _linear(text_rows, d, 2 * d)  # cross-attention k, v from text tokens
         caption_first = _linear(text_rows, cfg.text_dim, d)
     t_first = _linear(batch, FREQ_DIM, d)
+    if cfg.text_dim and cfg.pooled_text:  # the pooled caption's MLP: its first layer's input is frozen
+        t_first += _linear(batch, cfg.text_dim, d)
+        pooled_second = _linear(batch, d, d)
+    else:
+        pooled_second = 0
 
     fwd = {
         DENSE: patch_embed + cfg.depth * per_block_dense + _linear(rows, d, p * cfg.out_channels),
         ATTENTION: cfg.depth * per_block_attn,
-        PER_SAMPLE: t_first + _linear(batch, d, d) + cfg.depth * _linear(batch, d, 6 * d) + _linear(batch, d, 2 * d),
+        PER_SAMPLE: t_first + _linear(batch, d, d) + pooled_second + cfg.depth * _linear(batch, d, 6 * d) + _linear(batch, d, 2 * d),
         CONTEXT: caption_first + (_linear(text_rows, d, d) if cfg.text_dim else 0) + cfg.depth * per_block_context,
     }
     if not backward:
