@@ -3,6 +3,8 @@
 Every subcommand lives in the package that owns the concept (`ministack flops ...` is
 `python -m profiling ...`), so each feature is equally usable from Python or the shell.
 Packages are imported lazily: `ministack flops estimate` never pays for importing diffusers.
+For the commands that train or sample, OpenMP's wait policy is set here, before anything imports
+torch (profiling.cpu.configure_openmp: the runtime reads it once, when torch loads it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scaling": ("scaling.cli", "isoFLOP sweeps of the DiT; scaling-law fits under every way of counting compute"),
     "serve": ("serve.cli", "OpenAI-compatible text inference server (own engine or vLLM); needle harness"),
 }
+OPENMP_COMMANDS = ("train", "sample", "scaling")  # their CPU work runs on torch's OpenMP team
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nministack: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    if argv[0] in OPENMP_COMMANDS:
+        from profiling.cpu import configure_openmp  # imports no torch
+
+        configure_openmp()
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
 

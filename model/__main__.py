@@ -2,6 +2,10 @@
 
 import sys
 
-from model.sample import main
+from profiling.cpu import configure_openmp
+
+configure_openmp()  # before torch loads: the OpenMP runtime reads its wait policy once
+
+from model.sample import main  # noqa: E402
 
 sys.exit(main())

@@ -58,6 +58,10 @@ def check_size(args: argparse.Namespace, rule: SizeRule, clip_frames: int | None
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if torch.device(args.device).type == "cpu":
+        from profiling.cpu import apply_thread_policy
+
+        apply_thread_policy()  # the cores other work leaves free, said on stderr
     from model.pipeline import MiniStackPipeline
 
     try:

@@ -2,6 +2,10 @@
 
 import sys
 
-from scaling.cli import main
+from profiling.cpu import configure_openmp
+
+configure_openmp()  # before torch loads: the OpenMP runtime reads its wait policy once
+
+from scaling.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -24,6 +24,16 @@ from pathlib import Path
 from scaling.report import format_analysis, format_plan
 from serve.cli import add_engine_arguments
 
+def _cpu_threads() -> None:
+    """Size torch's thread team to the cores other work leaves free (profiling.cpu), on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from profiling.cpu import apply_thread_policy
+
+        apply_thread_policy()
+
+
 def _sweep(args) -> int:
     from scaling.config import load_sweep_config
     from scaling.plan import plan_sweep, time_sizes
@@ -36,6 +46,7 @@ def _sweep(args) -> int:
         raise ValueError("--no-timing plans without the wall-time estimate --max-hours needs: use it with --dry-run")
     timed = not args.no_timing and args.executor == "local"  # a login node's speed says nothing of the cluster's
     if timed:
+        _cpu_threads()  # the runs each choose their own as they start (train.loop): time the sizes alike
         time_sizes(plan)
     sweep_dir = Path(args.out or sweep.out)
     print(format_plan(plan, sweep_dir))

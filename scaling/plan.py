@@ -214,6 +214,7 @@ def time_sizes(plan: Plan, trials: int = 3) -> None:
     from model.diffusion import training_loss
     from train.data.loader import make_dataset
     from train.loop import mixed_precision
+    from train.speed import adamw
 
     base = base_train_config(plan.sweep)
     cuda = torch.cuda.is_available()
@@ -228,7 +229,7 @@ def time_sizes(plan: Plan, trials: int = 3) -> None:
     data_s = (time.perf_counter() - start) * plan.sweep.hparams.batch_size / micro / plan.sweep.processes
     for size in plan.sizes.values():
         model = DiT.from_dit_config(size.model).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = adamw(model.parameters(), 1e-4, 0.0)  # the runs' optimizer (train.speed)
         x = torch.randn(micro, *plan.latent, device=device)
         kwargs = {}
         if size.model.text_dim:

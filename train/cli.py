@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_train_config(args.config, args.set, stage)
         if stage == "cache" and not cfg.latent_cache:
             raise ValueError("the config sets no latent_cache directory (--set latent_cache=DIR)")
+        if stage == "dit" and cfg.compile:
+            import torch
+
+            from train.speed import check_compile
+
+            check_compile("cuda" if torch.cuda.is_available() else "cpu")
     except (ValueError, OSError) as err:
         print(f"ministack train: error: {err}", file=sys.stderr)
         return 2
@@ -61,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_stage(stage: str, cfg) -> None:
+    import torch
+
+    if stage != "dit" and not torch.cuda.is_available():  # the DiT stage sizes (and re-sizes) its own (train.loop)
+        from profiling.cpu import apply_thread_policy
+
+        apply_thread_policy()
     if stage == "vae":
         from train.vae import train_vae
 

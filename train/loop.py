@@ -34,6 +34,7 @@ from model.diffusion import per_sample_noise, training_loss
 from model.dit import DiT
 from model.text_encoder import TextEncoder
 from model.vae import load_codec
+from profiling.cpu import ThreadWatch, apply_thread_policy
 from profiling.hardware import device_peak, format_rate
 from profiling.ledger import Ledger, make_record, read_ledgers
 from profiling.measure import FlopMeter, forward_backward
@@ -48,6 +49,7 @@ from train.faults import NonfiniteGuard, RunLock, die_with_parent
 from train.preempt import StopRequest
 from train.quiet import quiet_deepspeed_on_cpu
 from train.runlog import start_attempt, superseded_summary
+from train.speed import adamw
 
 
 def mixed_precision(setting: str, cuda: bool) -> str:
@@ -268,6 +270,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig) -> dict:
+    threads = ThreadWatch(None if torch.cuda.is_available() else apply_thread_policy())  # CPU: a team sized to the free cores (profiling.cpu)
     # Frozen encoders load before the Accelerator exists: under ZeRO-3 accelerate makes transformers
     # partition every model it loads afterwards, and these must stay whole on every rank.
     model_cfg = load_config(cfg.model)
@@ -290,7 +293,7 @@ def _train(cfg: TrainConfig) -> dict:
         model.enable_gradient_checkpointing()
     params = param_parts(model, model.flop_parts)
     ema = EMA(model, cfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model.parameters(), cfg.lr, cfg.weight_decay, deepspeed=deepspeed is not None)  # fused (train.speed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
     null = None  # the empty caption's embedding, which caption dropout swaps in on the cached path
     if cfg.latent_cache:
@@ -391,6 +394,7 @@ def _train(cfg: TrainConfig) -> dict:
                 bar.set_postfix({"loss": f"{losses[-1]:.4f}", "mfu(run)": f"{so_far.mfu:.1%}",
                                  "tok_s(run)": f"{so_far.tokens * accelerator.num_processes / so_far.wall_s:.0f}"})
             bar.update()
+            peak = device_peak(device, dtype) if threads.step() else peak  # threads resized to the load: the peak is per count
             window, step_start = StepWindow(), time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stops:
                 checkpoint.save(accelerator, run / "checkpoints", step, {"loss": losses[-1]}, cfg.keep_checkpoints,
