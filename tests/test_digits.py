@@ -141,3 +141,14 @@ def test_a_short_training_run_on_digits(tmp_path):
     assert list(final["accuracy"]) == ["class", "motion"] and final["chance"] == {"class": 0.1, "motion": 0.125}
     assert final["judge"]["class"] >= 0.9 and final["fd"] > final["fd_floor"] > 0
     assert any("the digit" in p for p in final["prompts"])
+    # the saved pipeline evaluated again with other settings: one more record, as at the end of training
+    again = subprocess.run(args[:3] + ["evaluate"] + args[3:] + ["--set", "eval_prompts=8", "--set", "eval_guidance=1.5"],
+                           cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[-1]["step"] == 2 and records[-1]["guidance"] == 1.5
+    assert records[-1]["n"]["class"] == 8 and "class:" in again.stdout and "judge on held-out real clips" in again.stdout
+    # a run that saved no pipeline is refused by name, before anything loads
+    missing = subprocess.run(args[:3] + ["evaluate", "--set", f"run_dir={tmp_path / 'none'}"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no saved pipeline in" in missing.stderr

@@ -4,6 +4,8 @@ Stages (each optional; the DiT stage builds a missing latent cache itself):
   ministack train vae CONFIG     train the video VAE -> RUN_DIR/codec (then set codec: RUN_DIR/codec)
   ministack train cache CONFIG   encode the data once into the latent cache (CONFIG's latent_cache)
   ministack train CONFIG         train the DiT (on the latent cache when latent_cache is set)
+  ministack train evaluate CONFIG   evaluate the run's saved pipeline again (e.g. --set eval_prompts=160
+                                    --set eval_guidance=2): scores, samples and RUN_DIR/eval.jsonl as at the end of training
 
 Single process:      ministack train configs/train/tiny.yaml
 Several GPUs / DDP:  accelerate launch --config_file configs/accelerate/ddp.yaml -m train configs/train/tiny.yaml
@@ -18,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGES = ("vae", "cache", "dit")
+STAGES = ("vae", "cache", "dit", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_train_config(args.config, args.set, stage)
         if stage == "cache" and not cfg.latent_cache:
             raise ValueError("the config sets no latent_cache directory (--set latent_cache=DIR)")
+        if stage == "evaluate":
+            from train.evaluate import saved_pipeline
+
+            saved_pipeline(cfg)  # refused here, before anything loads, when the run saved none
         if stage == "dit" and cfg.compile:
             import torch
 
@@ -82,6 +88,10 @@ def _run_stage(stage: str, cfg) -> None:
 
         manifest = build_cache_for(cfg)
         print(f"latent cache {cfg.latent_cache}: {manifest['clips']} clips, {manifest['skipped']} skipped")
+    elif stage == "evaluate":
+        from train.evaluate import evaluate_saved, format_eval
+
+        print(format_eval(evaluate_saved(cfg)))
     else:
         from train.loop import train
 

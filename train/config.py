@@ -93,6 +93,7 @@ class TrainConfig:
     val_clips: int = 8  # held-out clips of the validation loss (its standard error shrinks as 1/sqrt of this)
     eval_prompts: int = 8  # text-alignment prompts sampled per evaluation (more: a less noisy score)
     eval_sampling_steps: int = 20
+    eval_guidance: float = 4.0  # classifier-free guidance scale of the evaluation's samples (1 = off)
     nonfinite: str = "skip"  # a step with a non-finite loss or gradient norm: "skip" it (no update) or "stop" the run
     max_nonfinite_steps: int = 3  # with "skip": this many consecutive skipped steps, then the run stops
     deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.) for launchers without an accelerate config (torchrun)

@@ -70,7 +70,7 @@ def alignment_prompts(n: int, frames: int, seed: int = 0, data_kind: str = "proc
 
 
 def _sample(pipeline, prompts: list[str], frames: int, height: int, width: int, steps: int, seed: int,
-            grid_path: str | Path | None, batch: int = 16) -> np.ndarray:
+            grid_path: str | Path | None, guidance: float = 4.0, batch: int = 16) -> np.ndarray:
     """The pipeline's videos for `prompts` ([n, T, H, W, 3] uint8, what a user gets; `batch`
     prompts at a time: a sampling step's memory grows with the batch); with `grid_path`, their
     contact sheet there (PNG: each clip's frames side by side) and beside it the clips as one
@@ -78,9 +78,10 @@ def _sample(pipeline, prompts: list[str], frames: int, height: int, width: int, 
     from model.media import contact_sheet, tile_video, write_image, write_video
 
     generator = torch.Generator().manual_seed(seed)
+    pipeline.set_progress_bar_config(disable=True)  # one bar per batch of prompts would bury the run's console
     videos = np.concatenate([
         pipeline(prompts[s:s + batch], frames=frames, height=height, width=width, num_inference_steps=steps,
-                 generator=generator).videos
+                 guidance_scale=guidance, generator=generator).videos
         for s in range(0, len(prompts), batch)])
     if grid_path is not None:
         write_image(grid_path, contact_sheet(videos))
@@ -91,15 +92,15 @@ def _sample(pipeline, prompts: list[str], frames: int, height: int, width: int, 
 @torch.no_grad()
 def text_alignment(pipeline, n: int = 8, frames: int = 5, height: int = 32, width: int = 32, steps: int = 20,
                    seed: int = 0, grid_path: str | Path | None = None, data_kind: str = "procedural",
-                   source: str = "") -> dict:
+                   source: str = "", guidance: float = 4.0) -> dict:
     """Sample prompts built from attributes and score what the samples show against them, with
     chance levels: by train.judge for the glyph kinds (`glyph_alignment`), else by the probe."""
     if data_kind in judges.GLYPH_KINDS:
         judge = cached_judge(data_kind, (frames, height, width), source)
-        return glyph_alignment(pipeline, judge, n, steps, seed, grid_path)
+        return glyph_alignment(pipeline, judge, n, steps, seed, grid_path, guidance)
     attrs = alignment_prompts(n, frames, seed, data_kind)
     prompts = [caption(a) for a in attrs]
-    videos = _sample(pipeline, prompts, frames, height, width, steps, seed, grid_path)
+    videos = _sample(pipeline, prompts, frames, height, width, steps, seed, grid_path, guidance)
     result = alignment_score(list(videos), attrs)
     return {k: result[k] for k in ("score", "score_chance", "accuracy", "chance", "n")} | {"prompts": prompts}
 
@@ -116,14 +117,14 @@ def cached_judge(kind: str, size: tuple[int, int, int], source: str = "") -> jud
 
 
 def glyph_alignment(pipeline, judge: judges.Judge, n: int, steps: int, seed: int = 0,
-                    grid_path: str | Path | None = None) -> dict:
+                    grid_path: str | Path | None = None, guidance: float = 4.0) -> dict:
     """n prompts balanced over classes and directions, sampled and read by `judge`: accuracy per
     attribute with its 95 % interval and chance, the Frechet distance to real clips with its
     real-vs-real floor, and the judge's own accuracy on real clips (its validation)."""
     frames, height, width = judge.size
     attrs = judges.prompt_attrs(judge.kind, n, frames, seed)
     prompts = [judges.caption(judge.kind, a) for a in attrs]
-    videos = _sample(pipeline, prompts, frames, height, width, steps, seed, grid_path)
+    videos = _sample(pipeline, prompts, frames, height, width, steps, seed, grid_path, guidance)
     reading = judges.read(judge.classifier, torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
     scored = judges.score(reading, attrs)
     fd, floor = judge.frechet(reading.features)
@@ -164,14 +165,41 @@ def evaluate_run(pipeline, cfg, step: int, run: Path) -> dict:
     se = float(losses.std(ddof=1) / np.sqrt(len(losses))) if len(losses) > 1 else float("nan")
     result = {"step": step, "val_loss": float(losses.mean()), "val_loss_se": se, "val_clips": len(losses)}
     if pipeline.text_encoder is not None:
+        result["guidance"] = cfg.eval_guidance
         grid = run / "samples" / f"step-{step:07d}.png"
         result |= text_alignment(pipeline, n=cfg.eval_prompts, frames=frames, height=height, width=width,
                                  steps=cfg.eval_sampling_steps, grid_path=grid, data_kind=cfg.data.kind,
-                                 source=cfg.data.source)
+                                 source=cfg.data.source, guidance=cfg.eval_guidance)
         result["samples"] = str(grid)
     with (run / "eval.jsonl").open("a") as f:
         f.write(json.dumps(result) + "\n")
     return result
+
+
+def saved_pipeline(cfg) -> Path:
+    """RUN_DIR/pipeline, the EMA pipeline a finished run saved; a ValueError naming it if absent."""
+    path = Path(cfg.run_dir) / "pipeline"
+    if not (path / "transformer").is_dir():
+        raise ValueError(f"no saved pipeline in {path}: train the run first (ministack train CONFIG), "
+                         "or --set run_dir= to the run to evaluate")
+    return path
+
+
+def evaluate_saved(cfg) -> dict:
+    """The end-of-run evaluation of a finished run's saved pipeline, again: with more prompts or
+    another guidance scale (cfg.eval_prompts, cfg.eval_guidance, ...). Labelled with the step of
+    the run's last evaluation; appended to RUN_DIR/eval.jsonl, samples in RUN_DIR/samples."""
+    import json
+
+    import torch
+
+    from model.pipeline import MiniStackPipeline
+
+    run = Path(cfg.run_dir)
+    pipeline = MiniStackPipeline.from_pretrained(saved_pipeline(cfg)).to("cuda" if torch.cuda.is_available() else "cpu")
+    log = run / "eval.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    return evaluate_run(pipeline, cfg, records[-1]["step"] if records else 0, run)
 
 
 def format_eval(result: dict) -> str:
