@@ -3,7 +3,10 @@
 - "flow" (default): rectified flow / flow matching (Lipman et al. 2023; Liu et al. 2023; SD3,
   Open-Sora): x_t = (1 - s) x_0 + s eps with s = sigma in [0, 1]; the model predicts the
   velocity eps - x_0. Sampled with diffusers' FlowMatchEulerDiscreteScheduler. Training sigmas
-  are logit-normal (SD3), which weights the middle of the path where the task is hardest.
+  are logit-normal (SD3) by default, which weights the middle of the path where the task is
+  hardest, or uniform (SiT, Lipman et al.); either can be shifted towards noise (SD3's time
+  shift s' = k s / (1 + (k - 1) s)): a model that decides what to draw at high noise (which
+  digit, where) spends more of its training there.
 - "ddpm": the DiT paper's eps-prediction on a linear beta schedule (1000 steps), sampled with
   DDIM. With `learn_sigma` the DiT also outputs a variance; we train only the eps half (the
   paper adds a variational-bound term for it, which DDIM sampling does not use).
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 KINDS = ("flow", "ddpm")
+SIGMA_SAMPLINGS = ("logit_normal", "uniform")
 TRAIN_STEPS = 1000
 MIN_SIGMA = 0.05  # a data-predicting DiT's velocity divides by sigma: clipped here, as Li & He do
 
@@ -72,15 +76,29 @@ def native_output(model_out: torch.Tensor, xt: torch.Tensor, timestep: torch.Ten
     return (xt - model_out) / sigma
 
 
-def per_sample_noise(shape: tuple[int, ...], kind: str, seeds: list[int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timestep [B], noise [B, ...]) drawn per sample from its own seed. A sample's noise then
-    depends on nothing but its seed: not on how the batch is split across data-parallel ranks,
-    nor on the RNG state a resumed run starts from."""
+def flow_sigmas(n: int, generator: torch.Generator | None = None, sampling: str = "logit_normal", shift: float = 1.0,
+                device=None) -> torch.Tensor:
+    """n training sigmas in (0, 1): logit-normal (sigmoid of a standard normal) or uniform, then
+    time-shifted by `shift` (1: unchanged; > 1: towards noise)."""
+    if sampling == "logit_normal":
+        sigma = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    elif sampling == "uniform":
+        sigma = torch.rand(n, generator=generator, device=device)
+    else:
+        raise ValueError(f"unknown sigma sampling {sampling!r} (expected one of {SIGMA_SAMPLINGS})")
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def per_sample_noise(shape: tuple[int, ...], kind: str, seeds: list[int], device=None, sampling: str = "logit_normal",
+                     shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timestep [B], noise [B, ...]) drawn per sample from its own seed (flow sigmas as
+    `flow_sigmas` draws them). A sample's noise then depends on nothing but its seed: not on how
+    the batch is split across data-parallel ranks, nor on the RNG state a resumed run starts from."""
     timesteps, noises = [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
         if kind == "flow":
-            timesteps.append(torch.sigmoid(torch.randn(1, generator=g)) * TRAIN_STEPS)
+            timesteps.append(flow_sigmas(1, g, sampling, shift) * TRAIN_STEPS)
         else:
             timesteps.append(torch.randint(0, TRAIN_STEPS, (1,), generator=g))
         noises.append(torch.randn(shape[1:], generator=g))
@@ -108,8 +126,7 @@ def training_loss(
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if kind == "flow":
         if timestep is None:
-            sigma = torch.sigmoid(torch.randn(b, generator=generator, device=x0.device))
-            timestep = sigma * TRAIN_STEPS
+            timestep = flow_sigmas(b, generator, device=x0.device) * TRAIN_STEPS
         sigma = (timestep.float() / TRAIN_STEPS).view(b, 1, 1, 1, 1).to(x0.dtype)
         xt, target = (1 - sigma) * x0 + sigma * noise, noise - x0
     elif kind == "ddpm":

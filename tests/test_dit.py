@@ -165,3 +165,18 @@ def test_data_target_is_trained_on_the_velocity_it_implies():
         training_loss(model, x0, "ddpm")
     with pytest.raises(ValueError, match="target"):
         DiTConfig(target="eps")
+
+
+def test_flow_sigmas_logit_normal_uniform_and_shifted():
+    from model.diffusion import flow_sigmas
+
+    g = torch.Generator().manual_seed(0)
+    logit = flow_sigmas(20_000, g)
+    uniform = flow_sigmas(20_000, g, "uniform")
+    shifted = flow_sigmas(20_000, g, "logit_normal", shift=3.0)
+    assert 0 < logit.min() and logit.max() < 1 and abs(logit.median() - 0.5) < 0.02
+    assert abs(uniform.mean() - 0.5) < 0.01 and abs((uniform < 0.1).float().mean() - 0.1) < 0.01
+    assert (logit < 0.1).float().mean() < 0.03  # logit-normal rarely draws the ends of the path
+    assert abs(shifted.median() - 0.75) < 0.02  # SD3's shift k moves the median 1/2 to k / (k + 1)
+    with pytest.raises(ValueError, match="unknown sigma sampling 'cosine'"):
+        flow_sigmas(4, g, "cosine")

@@ -70,6 +70,8 @@ class TrainConfig:
     codec: str = "identity"  # "identity", "tiny" or a codec / diffusers VAE directory
     text_encoder: str | None = None  # None: the shipped all-MiniLM-L6-v2
     diffusion: str = "flow"  # "flow" or "ddpm"
+    sigma_sampling: str = "logit_normal"  # flow's training sigmas: "logit_normal" (SD3) or "uniform"
+    sigma_shift: float = 1.0  # SD3's time shift of the training sigmas (> 1: towards noise)
     data: DataConfig = field(default_factory=DataConfig)
     latent_cache: str = ""  # a directory: encode the data once there (train.data.latents), train on the cache
     cache_dtype: str = "float32"  # of the cached tensors: float32 trains exactly as from pixels; float16 halves the disk
@@ -158,6 +160,8 @@ RULES = {
     "eval_prompts": _at_least(1),
     "eval_sampling_steps": _at_least(1),
     "diffusion": _one_of("flow", "ddpm"),
+    "sigma_sampling": _one_of("logit_normal", "uniform"),
+    "sigma_shift": (lambda v: v > 0, "> 0"),
     "mixed_precision": _one_of("auto", "no", "bf16"),
     "cache_dtype": _one_of("float32", "float16"),
     "nonfinite": _one_of("skip", "stop"),

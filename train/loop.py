@@ -356,7 +356,7 @@ def _train(cfg: TrainConfig) -> dict:
                 step_start += time.perf_counter() - counting
                 latents = latents.to(param_dtype)
                 kwargs = {} if context is None else {"context": context.to(param_dtype), "context_mask": mask}
-                timestep, noise = per_sample_noise(latents.shape, cfg.diffusion, seeds, device)
+                timestep, noise = per_sample_noise(latents.shape, cfg.diffusion, seeds, device, cfg.sigma_sampling, cfg.sigma_shift)
                 with accelerator.autocast():
                     loss = training_loss(model, latents, cfg.diffusion, timestep=timestep, noise=noise.to(latents.dtype), **kwargs)
                 window.losses.append(loss.detach().float())
