@@ -7,6 +7,7 @@ import json
 import random
 import re
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +216,14 @@ def test_flops_count_refuses_with_a_suggestion_that_counts(capsys):
         run(_count_args("--latent", "3,9,8"))
     with pytest.raises(SizeError, match=r"^--image-size 100 does not fit codec compression 1,8,8 × patch 1,2,2"):
         run(_count_args("--image-size", "100"))
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml")))
+def test_every_shipped_run_config_loads_and_its_buckets_fit_its_model(config):
+    from model.configs import load_config
+    from train.config import load_train_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_train_config(str(root / "configs" / "train" / config), [], "dit")  # validates, sizes included
+    model = load_config(str(root / cfg.model) if cfg.model.endswith(".yaml") else cfg.model)
+    assert all(model.num_tokens(*bucket) > 0 for bucket in cfg.data.buckets)
