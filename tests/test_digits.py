@@ -146,9 +146,17 @@ def test_a_short_training_run_on_digits(tmp_path):
                            cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and records[-1]["step"] == 2 and records[-1]["guidance"] == 1.5
+    assert len(records) == 2 and records[-1]["step"] == 2 and records[-1]["guidance"] == 1.5 and records[-1]["again"]
     assert records[-1]["n"]["class"] == 8 and "class:" in again.stdout and "judge on held-out real clips" in again.stdout
+    assert "evaluated again" in again.stdout and "guidance 1.5, 2 sampling steps" in again.stdout
+    assert "fewer than the judge's 128 features" in again.stdout  # 8 clips x 3 frames: the FD is said to be unreliable
+    samples = tmp_path / "run" / "samples"  # training's sheet is kept beside the new one
+    assert (samples / "step-0000002.png").is_file() and (samples / "step-0000002-again-n8-g1.5-s2.png").is_file()
+    assert "score" not in records[-1]  # never one blended number
     # a run that saved no pipeline is refused by name, before anything loads
     missing = subprocess.run(args[:3] + ["evaluate", "--set", f"run_dir={tmp_path / 'none'}"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no saved pipeline in" in missing.stderr
+    negative = subprocess.run(args[:3] + ["evaluate"] + args[3:] + ["--set", "eval_guidance=-1"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert negative.returncode == 2 and "eval_guidance" in negative.stderr

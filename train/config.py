@@ -159,6 +159,7 @@ RULES = {
     "val_clips": _at_least(1),
     "eval_prompts": _at_least(1),
     "eval_sampling_steps": _at_least(1),
+    "eval_guidance": (lambda v: v >= 0, ">= 0 (1: no guidance)"),
     "diffusion": _one_of("flow", "ddpm"),
     "sigma_sampling": _one_of("logit_normal", "uniform"),
     "sigma_shift": (lambda v: v > 0, "> 0"),

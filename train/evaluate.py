@@ -129,13 +129,11 @@ def glyph_alignment(pipeline, judge: judges.Judge, n: int, steps: int, seed: int
     scored = judges.score(reading, attrs)
     fd, floor = judge.frechet(reading.features)
     return {
-        "score": float(np.mean([a.value for a in scored.values()])),
-        "score_chance": float(np.mean([a.chance for a in scored.values()])),
         "accuracy": {k: a.value for k, a in scored.items()},
         "interval": {k: list(a.interval) for k, a in scored.items()},
         "chance": {k: a.chance for k, a in scored.items()},
         "n": {k: a.n for k, a in scored.items()},
-        "fd": fd, "fd_floor": floor,
+        "fd": fd, "fd_floor": floor, "fd_frames": min(len(reading.features), len(judge.real_features)),
         "judge": {k: a.value for k, a in judge.validity.items()},
         "prompts": prompts,
     }
@@ -149,10 +147,11 @@ def held_out_set(data, n: int, frames: int, height: int, width: int):
     return ProceduralVideos(n, seed=data.seed + 1, resolutions=((height, width),), frames=(frames,))
 
 
-def evaluate_run(pipeline, cfg, step: int, run: Path) -> dict:
+def evaluate_run(pipeline, cfg, step: int, run: Path, again: bool = False) -> dict:
     """Both measures for a run's EMA pipeline at `step`, on `cfg.val_clips` held-out clips
     (`held_out_set`) of the run's largest multi-frame bucket (validation loss with its standard
-    error); appended to RUN/eval.jsonl, grid at RUN/samples/."""
+    error); appended to RUN/eval.jsonl, grid at RUN/samples/. `again`: a saved pipeline evaluated
+    after its run (marked so in the record; its sheet named by its settings, training's kept)."""
     import json
 
     from train.data.buckets import parse_bucket
@@ -164,9 +163,11 @@ def evaluate_run(pipeline, cfg, step: int, run: Path) -> dict:
     losses = validation_losses(pipeline.transformer, pipeline.codec, pipeline.text_encoder, clips, cfg.diffusion)
     se = float(losses.std(ddof=1) / np.sqrt(len(losses))) if len(losses) > 1 else float("nan")
     result = {"step": step, "val_loss": float(losses.mean()), "val_loss_se": se, "val_clips": len(losses)}
+    result |= {"again": True} if again else {}
+    suffix = f"-again-n{cfg.eval_prompts}-g{cfg.eval_guidance:g}-s{cfg.eval_sampling_steps}" if again else ""
     if pipeline.text_encoder is not None:
-        result["guidance"] = cfg.eval_guidance
-        grid = run / "samples" / f"step-{step:07d}.png"
+        result |= {"guidance": cfg.eval_guidance, "sampling_steps": cfg.eval_sampling_steps}
+        grid = run / "samples" / f"step-{step:07d}{suffix}.png"
         result |= text_alignment(pipeline, n=cfg.eval_prompts, frames=frames, height=height, width=width,
                                  steps=cfg.eval_sampling_steps, grid_path=grid, data_kind=cfg.data.kind,
                                  source=cfg.data.source, guidance=cfg.eval_guidance)
@@ -199,7 +200,7 @@ def evaluate_saved(cfg) -> dict:
     pipeline = MiniStackPipeline.from_pretrained(saved_pipeline(cfg)).to("cuda" if torch.cuda.is_available() else "cpu")
     log = run / "eval.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-    return evaluate_run(pipeline, cfg, records[-1]["step"] if records else 0, run)
+    return evaluate_run(pipeline, cfg, records[-1]["step"] if records else 0, run, again=True)
 
 
 def format_eval(result: dict) -> str:
@@ -207,18 +208,24 @@ def format_eval(result: dict) -> str:
     attribute with its 95 % interval beside chance (never one blended score: a score that reads
     colour right and motion at chance would look half good), the Frechet distance beside its
     real-vs-real floor, the judge's own accuracy on real clips, and where the samples are."""
-    lines = [f"eval at step {result['step']}: val_loss {result['val_loss']:.4f} +- {result['val_loss_se']:.4f} "
+    again = " (the saved pipeline, evaluated again)" if result.get("again") else ""
+    lines = [f"eval at step {result['step']}{again}: val_loss {result['val_loss']:.4f} +- {result['val_loss_se']:.4f} "
              f"({result['val_clips']} held-out clips)"]
     for name, accuracy in result.get("accuracy", {}).items():
         interval = result.get("interval", {}).get(name)
         span = f" [{interval[0]:.0%}, {interval[1]:.0%}]" if interval else ""
         lines.append(f"  {name}: {accuracy:.1%}{span} of {result['n'][name]} samples (chance {result['chance'][name]:.1%})")
     if "fd" in result:
-        lines.append(f"  Frechet distance to real clips: {result['fd']:.2f} (real vs real: {result['fd_floor']:.2f})")
+        # below as many frames as the judge has features the covariances are singular: the distance
+        # and its floor then measure the estimator more than the samples
+        few = result.get("fd_frames", judges.FEATURES) < judges.FEATURES
+        caveat = f"; {result['fd_frames']} frames, fewer than the judge's {judges.FEATURES} features: not comparable" if few else ""
+        lines.append(f"  Frechet distance to real clips: {result['fd']:.2f} (real vs real: {result['fd_floor']:.2f}{caveat})")
     if "judge" in result:
         lines.append("  judge on held-out real clips: " + ", ".join(f"{k} {v:.1%}" for k, v in result["judge"].items()))
     if "samples" in result:
-        lines.append(f"  samples: {result['samples']} and {Path(result['samples']).with_suffix('.gif')}")
+        how = f" (guidance {result['guidance']:g}, {result['sampling_steps']} sampling steps)" if "guidance" in result else ""
+        lines.append(f"  samples: {result['samples']} and {Path(result['samples']).with_suffix('.gif')}{how}")
     return "\n".join(lines)
 
 
