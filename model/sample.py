@@ -58,10 +58,6 @@ def check_size(args: argparse.Namespace, rule: SizeRule, clip_frames: int | None
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if torch.device(args.device).type == "cpu":
-        from profiling.cpu import apply_thread_policy
-
-        apply_thread_policy()  # the cores other work leaves free, said on stderr
     from model.pipeline import MiniStackPipeline
 
     try:
@@ -73,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             media["image"] = to_tensor(read_frames(args.image)[:1], size)[:, 0][None]
         if clip is not None:
             media["video"] = to_tensor(clip, size)[None]
+        if torch.device(args.device).type == "cpu":  # the request is valid: now size the thread team
+            from profiling.cpu import apply_thread_policy
+
+            apply_thread_policy()  # the cores other work leaves free, said on stderr
         if args.pipeline:
             pipe = MiniStackPipeline.from_pretrained(args.pipeline)
         else:
