@@ -296,7 +296,7 @@ def preferred_cpu_dtype(min_speedup: float = 1.5) -> str:
 # torch/lib/libtorch_cpu.so`), one thread per CPU of the affinity mask by default. A team of two
 # on a 2-core machine whose other core is busy with someone else's work falls off a cliff:
 # every parallel region waits for the thread that shares its core, and libgomp's threads spin
-# at the barriers while they wait, so a step can take over ten times as long as with one
+# at the barriers while they wait, so a step can take several times as long as with one
 # thread (bench/busy_core.py). So a process (1) sizes its team to the cores others leave free, measured
 # from /proc/stat, (2) lets waiting threads sleep (OMP_WAIT_POLICY=PASSIVE, which the runtime
 # reads once, when torch loads it: `configure_openmp` runs in the entry points before `import
