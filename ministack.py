@@ -4,7 +4,7 @@ Every subcommand lives in the package that owns the concept (`ministack flops ..
 `python -m profiling ...`), so each feature is equally usable from Python or the shell.
 Packages are imported lazily: `ministack flops estimate` never pays for importing diffusers.
 For the commands that train or sample, OpenMP's wait policy is set here, before anything imports
-torch (profiling.cpu.configure_openmp: the runtime reads it once, when torch loads it).
+torch (profiling.threads.configure_openmp: the runtime reads it once, when torch loads it).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if argv[0] in OPENMP_COMMANDS:
-        from profiling.cpu import configure_openmp  # imports no torch
+        from profiling.threads import configure_openmp  # imports no torch
 
         configure_openmp()
     module = importlib.import_module(COMMANDS[argv[0]][0])

@@ -49,7 +49,7 @@ def spinner(cpu: int | None) -> subprocess.Popen:
 def child(arm: str, steps: int, batch: int, latent: tuple[int, int, int], late_spin: bool, pin: int | None) -> dict:
     """One arm in this (fresh) process: build, warm up one step, time `steps` steps."""
     sys.path.insert(0, str(ROOT))
-    from profiling import cpu
+    from profiling import threads as cpu
 
     if arm in ("policy", "passive"):
         cpu.configure_openmp()  # before torch loads

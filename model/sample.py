@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if clip is not None:
             media["video"] = to_tensor(clip, size)[None]
         if torch.device(args.device).type == "cpu":  # the request is valid: now size the thread team
-            from profiling.cpu import apply_thread_policy
+            from profiling.threads import apply_thread_policy
 
             apply_thread_policy()  # the cores other work leaves free, said on stderr
         if args.pipeline:

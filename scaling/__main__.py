@@ -2,7 +2,7 @@
 
 import sys
 
-from profiling.cpu import configure_openmp
+from profiling.threads import configure_openmp
 
 configure_openmp()  # before torch loads: the OpenMP runtime reads its wait policy once
 

@@ -25,11 +25,11 @@ from scaling.report import format_analysis, format_plan
 from serve.cli import add_engine_arguments
 
 def _cpu_threads() -> None:
-    """Size torch's thread team to the cores other work leaves free (profiling.cpu), on a CPU."""
+    """Size torch's thread team to the cores other work leaves free (profiling.threads), on a CPU."""
     import torch
 
     if not torch.cuda.is_available():
-        from profiling.cpu import apply_thread_policy
+        from profiling.threads import apply_thread_policy
 
         apply_thread_policy()
 

@@ -1,4 +1,4 @@
-"""The CPU thread policy (profiling.cpu): free cores measured from /proc/stat, the user's choice
+"""The CPU thread policy (profiling.threads): free cores measured from /proc/stat, the user's choice
 kept, the team re-sized during a run, and OpenMP's wait policy set before torch loads."""
 
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from profiling import cpu
+from profiling import threads as cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -76,7 +76,7 @@ def _run_stage(stage: str, cfg) -> None:
     import torch
 
     if stage != "dit" and not torch.cuda.is_available():  # the DiT stage sizes (and re-sizes) its own (train.loop)
-        from profiling.cpu import apply_thread_policy
+        from profiling.threads import apply_thread_policy
 
         apply_thread_policy()
     if stage == "vae":

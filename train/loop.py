@@ -34,7 +34,7 @@ from model.diffusion import per_sample_noise, training_loss
 from model.dit import DiT
 from model.text_encoder import TextEncoder
 from model.vae import load_codec
-from profiling.cpu import ThreadWatch, apply_thread_policy
+from profiling.threads import ThreadWatch, apply_thread_policy
 from profiling.hardware import device_peak, format_rate
 from profiling.ledger import Ledger, make_record, read_ledgers
 from profiling.measure import FlopMeter, forward_backward
@@ -270,7 +270,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig) -> dict:
-    threads = ThreadWatch(None if torch.cuda.is_available() else apply_thread_policy())  # CPU: a team sized to the free cores (profiling.cpu)
+    threads = ThreadWatch(None if torch.cuda.is_available() else apply_thread_policy())  # CPU: a team sized to the free cores (profiling.threads)
     # Frozen encoders load before the Accelerator exists: under ZeRO-3 accelerate makes transformers
     # partition every model it loads afterwards, and these must stay whole on every rank.
     model_cfg = load_config(cfg.model)
