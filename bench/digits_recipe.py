@@ -42,6 +42,7 @@ from train import judge as judges  # noqa: E402
 from train.data.digits import MovingDigits  # noqa: E402
 from train.data.digits import caption as canonical_caption  # noqa: E402
 from train.ema import EMA  # noqa: E402
+from train.loop import lr_lambda  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,12 +60,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
+                   help="cosine: warm-up then cosine to zero at --steps, as `ministack train` does")
     p.add_argument("--ema", type=float, default=0.99)
     p.add_argument("--cond-drop", type=float, default=0.1)
     p.add_argument("--sigma-sampling", default="logit_normal", choices=("logit_normal", "uniform"))
     p.add_argument("--sigma-shift", type=float, default=1.0)
     p.add_argument("--target", default="native", choices=("native", "data"))
     p.add_argument("--no-pooled-text", action="store_true")
+    p.add_argument("--qk-norm", action="store_true", help="RMSNorm on each head's queries and keys")
+    p.add_argument("--positions", default="sincos", choices=("sincos", "rope"))
+    p.add_argument("--attention", default="full", choices=("full", "factorized"))
     p.add_argument("--class-labels", action="store_true", help="condition on the digit's label, not the caption")
     p.add_argument("--canonical", action="store_true", help="train on the canonical caption wording only")
     p.add_argument("--guidance", type=float, default=4.0)
@@ -98,7 +104,8 @@ def build_model(args: argparse.Namespace, text_dim: int) -> DiT:
     return DiT.from_dit_config(DiTConfig(
         in_channels=3, patch_size=(1, args.patch, args.patch), hidden_size=args.hidden, depth=args.depth,
         num_heads=args.heads, text_dim=0 if args.class_labels else text_dim, num_classes=10 if args.class_labels else 0,
-        pooled_text=not (args.no_pooled_text or args.class_labels), target=args.target))
+        pooled_text=not (args.no_pooled_text or args.class_labels), target=args.target, qk_norm=args.qk_norm,
+        positions=args.positions, attention=args.attention))
 
 
 def batch(data: dict, frames: int, n: int, args: argparse.Namespace, g: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -148,7 +155,8 @@ def main() -> None:
     model = build_model(args, encoder.dim)
     ema = EMA(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+    decay = lr_lambda(args.warmup, args.steps) if args.schedule == "cosine" else lambda s: min(1.0, (s + 1) / max(1, args.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     g = torch.Generator().manual_seed(0)
     evals = {int(s) for s in args.eval_at.split(",") if s} | {args.steps}
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; " + json.dumps(vars(args)), flush=True)

@@ -3,8 +3,10 @@
     latent [B, C, T, H, W]
       -> Conv3d patch embed (kernel = stride = (pt, ph, pw))   tokens N = T/pt * H/ph * W/pw
       -> + 3D sin-cos positions computed for this grid          any resolution / duration / aspect
+         (or, positions: rope, axial rotary positions inside every self-attention)
       -> depth x DiTBlock:
-           adaLN-Zero(t [+ class]) -> self-attention  (full spacetime, or spatial then temporal)
+           adaLN-Zero(t [+ class]) -> self-attention  (full spacetime, or spatial then temporal;
+                                      qk_norm: RMSNorm on each head's queries and keys)
            cross-attention to text tokens (PixArt-alpha style, key-padding mask)
            adaLN-Zero -> MLP
       -> adaLN final layer -> linear -> unpatchify           [B, C_out, T, H, W]
@@ -26,7 +28,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from model.patches import patch_grid, sincos_3d, unpatchify
+from model.patches import apply_rope, patch_grid, rope_3d, sincos_3d, unpatchify
 from profiling.parts import CONTEXT, EMBEDDING, PER_SAMPLE, PartRules
 
 
@@ -44,6 +46,8 @@ class DiTConfig:
     attention: str = "full"  # "full" spacetime or "factorized" (spatial, then temporal)
     pooled_text: bool = False  # also add the text's mean token state to the adaLN conditioning (SD3's pooled text)
     target: str = "native"  # what the output means: "native" (flow: velocity, ddpm: noise) or "data" (the clean latent)
+    qk_norm: bool = False  # RMSNorm on queries and keys per head (SD3, Open-Sora 2): bounded logits at high LR
+    positions: str = "sincos"  # "sincos" added to the tokens (DiT) or "rope" rotating queries and keys
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # JSON round-trips lists
@@ -53,6 +57,8 @@ class DiTConfig:
             raise ValueError(f"attention must be 'full' or 'factorized', got {self.attention!r}")
         if self.target not in ("native", "data"):
             raise ValueError(f"target must be 'native' or 'data', got {self.target!r}")
+        if self.positions not in ("sincos", "rope"):
+            raise ValueError(f"positions must be 'sincos' or 'rope', got {self.positions!r}")
 
     @property
     def out_channels(self) -> int:
@@ -67,10 +73,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) [..., L, head_dim], broadcast over heads
+
+
 class Attention(nn.Module):
     """Multi-head attention through SDPA (flash kernels on GPU). `kv=None` means self-attention."""
 
-    def __init__(self, dim: int, heads: int, cross: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, cross: bool = False, qk_norm: bool = False) -> None:
         super().__init__()
         self.heads = heads
         if cross:
@@ -78,18 +87,24 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        norm = (lambda: nn.RMSNorm(dim // heads, eps=1e-6)) if qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, heads, L, D/heads]
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                rope: Rope | None = None) -> torch.Tensor:
         if kv is None:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         else:
             q, (k, v) = self.q(x), self.kv(kv).chunk(2, dim=-1)
+        q, k = self.q_norm(self._split(q)), self.k_norm(self._split(k))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if mask is not None:
             mask = mask[:, None, None, :]  # [B, 1, 1, L_kv] key-padding mask, True = attend
-        out = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v), attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, self._split(v), attn_mask=mask)
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
@@ -102,25 +117,30 @@ class DiTBlock(nn.Module):
         d = cfg.hidden_size
         self.factorized = cfg.attention == "factorized"
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(d, cfg.num_heads)
-        self.temporal_attn = Attention(d, cfg.num_heads) if self.factorized else None
-        self.cross_attn = Attention(d, cfg.num_heads, cross=True) if cfg.text_dim else None
+        self.attn = Attention(d, cfg.num_heads, qk_norm=cfg.qk_norm)
+        self.temporal_attn = Attention(d, cfg.num_heads, qk_norm=cfg.qk_norm) if self.factorized else None
+        self.cross_attn = Attention(d, cfg.num_heads, cross=True, qk_norm=cfg.qk_norm) if cfg.text_dim else None
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         hidden = int(d * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
-    def _self_attention(self, h: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    def _self_attention(self, h: torch.Tensor, grid: tuple[int, int, int], rope: Rope | None) -> torch.Tensor:
         if not self.factorized:
-            return self.attn(h)
+            return self.attn(h, rope=rope)
         b, (t, hh, ww), d = h.shape[0], grid, h.shape[-1]
-        spatial = self.attn(h.reshape(b * t, hh * ww, d)).reshape(b, t, hh * ww, d)
-        temporal = self.temporal_attn(spatial.transpose(1, 2).reshape(b * hh * ww, t, d))
+
+        def tables(order: tuple[int, ...]) -> Rope | None:  # the grid's tables in this attention's token order
+            return None if rope is None else tuple(
+                r.view(t, hh * ww, -1).permute(*order, 2).repeat(b, 1, 1)[:, None] for r in rope)
+
+        spatial = self.attn(h.reshape(b * t, hh * ww, d), rope=tables((0, 1))).reshape(b, t, hh * ww, d)
+        temporal = self.temporal_attn(spatial.transpose(1, 2).reshape(b * hh * ww, t, d), rope=tables((1, 0)))
         return temporal.reshape(b, hh * ww, t, d).transpose(1, 2).reshape(b, t * hh * ww, d)
 
-    def forward(self, x, c, grid, context=None, context_mask=None) -> torch.Tensor:
+    def forward(self, x, c, grid, context=None, context_mask=None, rope: Rope | None = None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self._self_attention(modulate(self.norm1(x), shift1, scale1), grid)
+        x = x + gate1.unsqueeze(1) * self._self_attention(modulate(self.norm1(x), shift1, scale1), grid, rope)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, context_mask)
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -191,6 +211,8 @@ class DiT(ModelMixin, ConfigMixin):
         attention: str,
         pooled_text: bool = False,
         target: str = "native",
+        qk_norm: bool = False,
+        positions: str = "sincos",
     ) -> None:
         """Explicit fields (diffusers' ConfigMixin reads the signature); defaults live in DiTConfig:
         build with `DiT.from_dit_config(DiTConfig(...))`."""
@@ -250,7 +272,11 @@ class DiT(ModelMixin, ConfigMixin):
         cfg = self.cfg
         grid = patch_grid(cfg.patch_size, *x.shape[2:])
         h = self.x_embedder(x).flatten(2).transpose(1, 2)  # [B, N, D]
-        h = h + sincos_3d(cfg.hidden_size, grid, x.device).to(h.dtype)
+        rope = None
+        if cfg.positions == "rope":
+            rope = tuple(r.to(h.dtype) for r in rope_3d(cfg.hidden_size // cfg.num_heads, grid, x.device))
+        else:
+            h = h + sincos_3d(cfg.hidden_size, grid, x.device).to(h.dtype)
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             if y is None:
@@ -265,7 +291,7 @@ class DiT(ModelMixin, ConfigMixin):
             context = self.caption_proj(context)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                h = self._gradient_checkpointing_func(block, h, c, grid, context, context_mask)
+                h = self._gradient_checkpointing_func(block, h, c, grid, context, context_mask, rope)
             else:
-                h = block(h, c, grid, context, context_mask)
+                h = block(h, c, grid, context, context_mask, rope)
         return unpatchify(self.final_layer(h, c), cfg.patch_size, grid)

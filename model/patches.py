@@ -47,13 +47,41 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
-def sincos_3d(dim: int, grid: Patch, device: torch.device) -> torch.Tensor:
-    """[T'*H'*W', dim] fixed positions for a token grid: a quarter of the channels for time,
-    the rest split between height and width. Computed per call (never cached), so any grid
-    works and FLOP counting on fake tensors leaves nothing behind."""
+def _axes(dim: int, grid: Patch, device: torch.device) -> tuple[tuple[int, int, int], tuple[torch.Tensor, ...]]:
+    """The channel split (a quarter for time, the rest halved between height and width, each even)
+    and every token's (t, h, w) index, flattened in raster order."""
     d_t = dim // 4 // 2 * 2
     d_h = (dim - d_t) // 2 // 2 * 2
-    d_w = dim - d_t - d_h
     t, h, w = (torch.arange(n, device=device) for n in grid)
-    tt, hh, ww = torch.meshgrid(t, h, w, indexing="ij")
-    return torch.cat([sincos_1d(d_t, tt.flatten()), sincos_1d(d_h, hh.flatten()), sincos_1d(d_w, ww.flatten())], dim=1)
+    return (d_t, d_h, dim - d_t - d_h), tuple(a.flatten() for a in torch.meshgrid(t, h, w, indexing="ij"))
+
+
+def sincos_3d(dim: int, grid: Patch, device: torch.device) -> torch.Tensor:
+    """[T'*H'*W', dim] fixed positions for a token grid, added to the tokens. Computed per call
+    (never cached), so any grid works and FLOP counting on fake tensors leaves nothing behind."""
+    dims, index = _axes(dim, grid, device)
+    return torch.cat([sincos_1d(d, i) for d, i in zip(dims, index)], dim=1)
+
+
+def rope_3d(head_dim: int, grid: Patch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [T'*H'*W', head_dim]: axial rotary positions (RoPE per axis, on the channel
+    split of `sincos_3d`, as Open-Sora 2 and Wan rotate queries and keys), so attention sees each
+    pair of tokens' offset in time, height and width rather than their absolute places."""
+    dims, index = _axes(head_dim, grid, device)
+    angles = []
+    for d, i in zip(dims, index):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64, device=device) / (d / 2))
+        a = i.double()[:, None] * omega[None]
+        angles.append(torch.cat([a, a], dim=1))  # the rotate-half layout: channel j pairs with j + d/2
+    angles = torch.cat(angles, dim=1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., L, head_dim] by the tables [..., L, head_dim] (per-axis rotate-half)."""
+    parts, start = [], 0
+    for d in _axes(x.shape[-1], (1, 1, 1), x.device)[0]:
+        a, b = x[..., start:start + d // 2], x[..., start + d // 2:start + d]
+        parts += [-b, a]
+        start += d
+    return x * cos + torch.cat(parts, dim=-1) * sin

@@ -7,7 +7,7 @@ import torch
 
 from model.diffusion import training_loss
 from model.dit import DiT, DiTConfig
-from model.patches import patch_grid, patchify, unpatchify
+from model.patches import apply_rope, patch_grid, patchify, rope_3d, unpatchify
 
 SIZES = [(1, 8, 8), (1, 6, 10), (1, 2, 16), (3, 4, 4), (4, 8, 6), (8, 2, 2), (5, 12, 4), (2, 14, 6)]
 PATCHES = [(1, 1, 1), (1, 2, 2), (1, 2, 1)]
@@ -37,10 +37,11 @@ def test_token_order_matches_the_patch_embedding():
     assert torch.allclose(conv, patchify(x, cfg.patch_size) @ w.T + model.x_embedder.bias, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["full", "factorized"])
-def test_any_grid_size_gives_the_same_size_back(attention):
+@pytest.mark.parametrize("attention,positions", [("full", "sincos"), ("factorized", "sincos"), ("full", "rope"), ("factorized", "rope")])
+def test_any_grid_size_gives_the_same_size_back(attention, positions):
     torch.manual_seed(0)
-    cfg = DiTConfig(in_channels=4, patch_size=(1, 2, 2), hidden_size=32, depth=2, num_heads=2, text_dim=8, attention=attention)
+    cfg = DiTConfig(in_channels=4, patch_size=(1, 2, 2), hidden_size=32, depth=2, num_heads=2, text_dim=8, attention=attention,
+                    positions=positions, qk_norm=positions == "rope")
     model = DiT.from_dit_config(cfg)
     for t, h, w in itertools.islice(((t, h, w) for t, h, w in SIZES if h % 2 == 0 and w % 2 == 0), 6):
         out = model(torch.randn(2, 4, t, h, w), torch.rand(2), context=torch.randn(2, 3, 8))
@@ -63,9 +64,41 @@ def test_padded_text_tokens_are_ignored():
     assert not torch.allclose(a, model(x, t, context=garbage), atol=1e-3)
 
 
+def test_rope_scores_depend_only_on_the_offset_between_tokens():
+    torch.manual_seed(0)
+    grid = (3, 4, 5)
+    cos, sin = rope_3d(16, grid, torch.device("cpu"))
+    q, k = torch.randn(16), torch.randn(16)
+
+    def score(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+        i, j = (t * 20 + h * 5 + w for t, h, w in (a, b))
+        return float((apply_rope(q, cos[i], sin[i]) * apply_rope(k, cos[j], sin[j])).sum())
+
+    assert score((0, 0, 0), (1, 2, 3)) == pytest.approx(score((1, 1, 1), (2, 3, 4)), abs=1e-4)
+    assert score((0, 0, 0), (1, 2, 3)) != pytest.approx(score((0, 0, 0), (1, 3, 2)), abs=1e-3)
+    assert torch.allclose(apply_rope(q, cos[7], sin[7]).norm(), q.norm())  # a rotation
+
+
+def test_factorized_rope_gives_each_frame_and_column_its_own_positions():
+    """The spatial pass must rotate by (h, w) within each frame and the temporal pass by t within
+    each column: compare the block's factorized attention with a loop over frames and columns."""
+    torch.manual_seed(0)
+    cfg = DiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2, attention="factorized", positions="rope", qk_norm=True)
+    block = DiT.from_dit_config(cfg).blocks[0]
+    b, grid = 2, (3, 2, 4)
+    h = torch.randn(b, 3 * 2 * 4, 32)
+    cos, sin = rope_3d(16, grid, torch.device("cpu"))
+    got = block._self_attention(h, grid, (cos, sin))
+    video, c4, s4 = h.view(b, 3, 8, 32), cos.view(3, 8, 16), sin.view(3, 8, 16)
+    spatial = torch.stack([block.attn(video[:, t], rope=(c4[t], s4[t])) for t in range(3)], dim=1)
+    temporal = torch.stack([block.temporal_attn(spatial[:, :, s], rope=(c4[:, s], s4[:, s])) for s in range(8)], dim=2)
+    assert torch.allclose(got, temporal.reshape(b, 24, 32), atol=1e-5)
+
+
 def test_save_and_load_give_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    cfg = DiTConfig(in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=8, attention="factorized")
+    cfg = DiTConfig(in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=8, attention="factorized", qk_norm=True,
+                    positions="rope")
     model = DiT.from_dit_config(cfg)
     with torch.no_grad():
         for p in model.parameters():
