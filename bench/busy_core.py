@@ -3,8 +3,8 @@
 torch's default team is one OpenMP thread per CPU of the affinity mask, and libgomp's threads spin
 while they wait at a barrier. On a 2-core machine with one core busy elsewhere that team falls
 off a cliff (a step 23.5-33.8 s instead of 1.4-2.0 s). The policy (profiling.cpu) sizes the team
-to the cores others leave free, makes waiting threads sleep (OMP_WAIT_POLICY=PASSIVE) and, during
-a run, re-sizes it when the load changes (ThreadWatch). Arms, each a fresh process (the wait
+to the cores others leave free, makes waiting threads sleep (OMP_WAIT_POLICY=PASSIVE) where a core
+was taken when it started and, during a run, re-sizes it when the load changes (ThreadWatch). Arms, each a fresh process (the wait
 policy is read once, when torch loads):
 
     today    torch's default thread count, the runtime's default (spinning) waits
@@ -23,6 +23,7 @@ batch 32, flow-matching loss, fused AdamW (train.speed), fp32.
 
     python bench/busy_core.py                                 # busy and quiet, 3 pairs each (~6 min on 2 cores)
     python bench/busy_core.py --pairs 5 --late-pairs 2 --passive-arm
+    python bench/busy_core.py --model configs/models/digits.yaml --batch 8 --steps 30 --passive-arm   # the demo's step
 """
 
 from __future__ import annotations
@@ -46,13 +47,16 @@ def spinner(cpu: int | None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", SPIN, *([] if cpu is None else [str(cpu)])])
 
 
-def child(arm: str, steps: int, batch: int, latent: tuple[int, int, int], late_spin: bool, pin: int | None) -> dict:
+def child(arm: str, steps: int, batch: int, latent: tuple[int, int, int], late_spin: bool, pin: int | None,
+          model_config: str = "configs/models/tiny-p4.yaml") -> dict:
     """One arm in this (fresh) process: build, warm up one step, time `steps` steps."""
     sys.path.insert(0, str(ROOT))
     from profiling import threads as cpu
 
-    if arm in ("policy", "passive"):
+    if arm == "policy":
         cpu.configure_openmp()  # before torch loads
+    elif arm == "passive":
+        os.environ.setdefault(*cpu.WAIT_POLICY)  # passive whatever the load
     import torch
 
     from model.configs import load_config
@@ -64,7 +68,7 @@ def child(arm: str, steps: int, batch: int, latent: tuple[int, int, int], late_s
     if arm == "policy":
         watch = cpu.ThreadWatch(cpu.apply_thread_policy(log=said.append), log=said.append)
     torch.manual_seed(0)
-    cfg = load_config(str(ROOT / "configs/models/tiny-p4.yaml"))
+    cfg = load_config(str(ROOT / model_config))
     model = DiT.from_dit_config(cfg)
     opt = adamw(model.parameters(), 1e-3, 0.0)
     x0 = torch.randn(batch, cfg.in_channels, *latent)
@@ -104,7 +108,7 @@ def child(arm: str, steps: int, batch: int, latent: tuple[int, int, int], late_s
 def run_arm(arm: str, args, busy: bool, late: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _OMP_VARS}
     cmd = [sys.executable, __file__, "--child", arm, "--steps", str(args.steps), "--batch", str(args.batch),
-           "--latent", args.latent] + (["--late-spin"] if late else []) + ([] if args.pin is None else ["--pin", str(args.pin)])
+           "--latent", args.latent, "--model", args.model] + (["--late-spin"] if late else []) + ([] if args.pin is None else ["--pin", str(args.pin)])
     spin = spinner(args.pin) if busy else None
     try:
         if spin is not None:
@@ -151,6 +155,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per arm (after one warm-up step)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--latent", default="5,32,32", help="latent T,H,W")
+    p.add_argument("--model", default="configs/models/tiny-p4.yaml", help="model config (the demo's: configs/models/digits.yaml)")
     p.add_argument("--pin", type=int, default=None, help="pin the busy loop to this CPU (default: the scheduler places it)")
     p.add_argument("--passive-arm", action="store_true", help="also run torch's default threads with passive waits")
     p.add_argument("--scenarios", default="busy,quiet", help="comma-separated: busy, quiet (late: --late-pairs)")
@@ -159,12 +164,13 @@ def main() -> None:
     args = p.parse_args()
     latent = tuple(int(v) for v in args.latent.split(","))
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch, latent, args.late_spin, args.pin)))
+        print(json.dumps(child(args.child, args.steps, args.batch, latent, args.late_spin, args.pin, args.model)))
         return
-    from profiling.cpu import _cpuinfo, affinity
+    from profiling.cpu import _cpuinfo
+    from profiling.threads import affinity
 
     print(f"CPU {_cpuinfo()[0]}, affinity {affinity()}, torch default threads = {len(affinity())}; "
-          f"step: tiny-p4 DiT, batch {args.batch}, latent {args.latent}, fp32")
+          f"step: the DiT of {args.model}, batch {args.batch}, latent {args.latent}, fp32")
     arms = ["today", "policy"] + (["passive"] if args.passive_arm else [])
     for name in args.scenarios.split(","):
         scenario(name, args.pairs, args, arms)

@@ -21,9 +21,14 @@ from profiling.load import _BUSY_COLUMNS
 # every parallel region waits for the thread that shares its core, and libgomp's threads spin
 # at the barriers while they wait, so a step can take several times as long as with one
 # thread (bench/busy_core.py). So a process (1) sizes its team to the cores others leave free, measured
-# from /proc/stat, (2) lets waiting threads sleep (OMP_WAIT_POLICY=PASSIVE, which the runtime
-# reads once, when torch loads it: `configure_openmp` runs in the entry points before `import
-# torch`), and (3) during training re-measures as the load comes and goes (ThreadWatch).
+# from /proc/stat, and (2) during training re-measures as the load comes and goes (ThreadWatch).
+# (3) The wait policy, which the runtime reads once, when torch loads it (`configure_openmp` runs
+# in the entry points before `import torch`), is chosen from a look at the load then: where a
+# core is taken, waiting threads sleep (OMP_WAIT_POLICY=PASSIVE), so a team later raised to every
+# core cannot spin against the other work; where every core is free, the runtime's default (spin
+# a little, then sleep) stays, because passive waits cost small steps dearly: the digits demo's
+# step (8x8 patches, a few hundred tokens) ran 1.6x slower with two passive threads than with
+# two spinning ones on a quiet 2-core machine, slower than one thread (bench/busy_core.py).
 # A user's OMP_NUM_THREADS / MKL_NUM_THREADS / torch.set_num_threads, or OMP_WAIT_POLICY /
 # GOMP_SPINCOUNT / KMP_BLOCKTIME, is kept as given.
 
@@ -32,27 +37,38 @@ _WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 _late_wait: list[str] = []  # a wait policy this process set after torch had loaded (in effect for children only)
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 BUSY_CORE_AT = 0.5  # others' load counts as a core taken from 0.5 core up (others' cores are rounded half up)
+LOOK_FRESH_S = 10.0  # configure_openmp's look at the load serves choose_threads this long (no second 0.3 s wait)
 
 
-def configure_openmp(environ: dict | None = None) -> str:
-    """Make OpenMP threads that wait at a barrier sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE),
-    unless the user chose a wait policy. The runtime reads it once, when `import torch` loads it:
-    call this first thing in an entry point. Child processes inherit it. Returns what was done."""
+_looks: list[tuple[float, FreeCores]] = []  # (monotonic time, result) of configure_openmp's look at the load
+
+
+def configure_openmp(environ: dict | None = None, free: FreeCores | None = None, seconds: float = 0.3) -> str:
+    """Choose how OpenMP threads wait at a barrier, unless the user chose: sleep (OMP_WAIT_POLICY=
+    PASSIVE) where others hold a core of our mask, the runtime's default where every core is free.
+    `free`: the load (measured over `seconds` when None; the look is kept for apply_thread_policy).
+    The runtime reads the policy once, when `import torch` loads it: call this first thing in an
+    entry point. Child processes inherit it. Returns what was done."""
     env = os.environ if environ is None else environ
     given = [f"{k}={env[k]}" for k in _WAIT_VARS if k in env]
     if given:
         return f"kept {', '.join(given)}"
+    if free is None:
+        free = measure_free_cores(seconds)
+        _looks.append((time.monotonic(), free))
+    if free.taken == 0:
+        return f"the runtime's default waits: {free.describe()}"
     env[WAIT_POLICY[0]] = WAIT_POLICY[1]
     if environ is None and "torch" in sys.modules:  # too late for this process; its children still get it
         _late_wait.append(WAIT_POLICY[0])
         return f"{WAIT_POLICY[0]}={WAIT_POLICY[1]} set after torch loaded: applies to child processes only"
-    return f"{WAIT_POLICY[0]}={WAIT_POLICY[1]}"
+    return f"{WAIT_POLICY[0]}={WAIT_POLICY[1]}: {free.describe()}"
 
 
 def wait_policy() -> str:
     """How this process's OpenMP threads wait, as far as the environment says."""
     given = [f"{k}={os.environ[k]}" for k in _WAIT_VARS if k in os.environ and k not in _late_wait]
-    return ", ".join(given) or "spinning (the runtime's default)"
+    return ", ".join(given) or "the runtime's default (spin a little, then sleep)"
 
 
 def _read_proc_stat() -> str | None:
@@ -211,7 +227,8 @@ def choose_threads(seconds: float = 0.3, ranks: int = 1, environ: dict | None = 
 
             current = torch.get_num_threads()
         return ThreadChoice(current, "user", user)
-    free = measure_free_cores(seconds, cpus=cpus, **window)
+    recent = [f for at, f in _looks if time.monotonic() - at < LOOK_FRESH_S and f.cpus == cpus] if not window else []
+    free = recent[-1] if recent else measure_free_cores(seconds, cpus=cpus, **window)
     threads = max(1, free.free // max(1, ranks))
     share = f", shared by {ranks} processes on this node" if ranks > 1 else ""
     return ThreadChoice(threads, "measured", f"{free.describe()}{share}")

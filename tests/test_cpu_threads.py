@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,12 +152,31 @@ def test_the_watch_stays_off_for_a_users_count_several_ranks_or_cuda():
     assert not watch.active and watch.step() is False
 
 
-def test_configure_openmp_sets_passive_waits_and_keeps_the_users():
+def _load(others: float) -> cpu.FreeCores:
+    return cpu.FreeCores(cpus=[0, 1], seconds=0.3, busy={0: min(1.0, others), 1: max(0.0, others - 1)}, own=0.0, others=others)
+
+
+def test_configure_openmp_sleeps_waiting_threads_only_where_a_core_is_taken_and_keeps_the_users():
     env = {}
-    assert cpu.configure_openmp(env) == "OMP_WAIT_POLICY=PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert cpu.configure_openmp(env, free=_load(1.0)).startswith("OMP_WAIT_POLICY=PASSIVE: 1 of 2 CPUs free")
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {}
+    assert cpu.configure_openmp(env, free=_load(0.2)).startswith("the runtime's default waits: 2 of 2 CPUs free")
+    assert env == {}
     for given in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "10000"}, {"KMP_BLOCKTIME": "0"}):
         env = dict(given)
-        assert cpu.configure_openmp(env).startswith("kept") and env == given
+        assert cpu.configure_openmp(env, free=_load(1.0)).startswith("kept") and env == given
+
+
+def test_the_look_before_torch_loads_sizes_the_team_without_a_second_look(monkeypatch):
+    monkeypatch.setattr(cpu, "_chosen", [])  # torch's count is its default: ours to choose
+    monkeypatch.setattr(cpu, "_looks", [(time.monotonic(), _load(1.0))])
+    monkeypatch.setattr(cpu, "measure_free_cores", lambda *a, **k: pytest.fail("looked again"))
+    choice = cpu.choose_threads(environ={}, current=2, cpus=[0, 1])
+    assert choice.threads == 1 and choice.source == "measured"
+    monkeypatch.setattr(cpu, "_looks", [(time.monotonic() - cpu.LOOK_FRESH_S - 1, _load(1.0))])  # stale: look again
+    monkeypatch.setattr(cpu, "measure_free_cores", lambda *a, **k: _load(0.0))
+    assert cpu.choose_threads(environ={}, current=2, cpus=[0, 1]).threads == 2
 
 
 def _openmp_spin_count(command: list[str], **extra) -> str | None:
@@ -180,8 +200,15 @@ def test_the_console_entry_point_sets_the_wait_policy_before_torch_loads():
     assert default != "0"  # torch alone: threads spin at barriers
     script = shutil.which("ministack", path=str(Path(sys.executable).parent))
     assert script is not None, "the ministack console script is not installed beside this Python"
-    # `ministack sample --help` imports torch (model/sample.py) before argparse prints the help
-    assert _openmp_spin_count([script, "sample", "--help"]) == "0"  # PASSIVE: no spinning
-    assert _openmp_spin_count([sys.executable, "-m", "model", "--help"]) == "0"
-    # a user's choice stands
-    assert _openmp_spin_count([script, "sample", "--help"], GOMP_SPINCOUNT="12345") == "12345"
+    # another process holds a core: the entry points must choose passive waits before torch loads
+    # (`ministack sample --help` imports torch, model/sample.py, before argparse prints the help)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert _openmp_spin_count([script, "sample", "--help"]) == "0"  # PASSIVE: no spinning
+        assert _openmp_spin_count([sys.executable, "-m", "model", "--help"]) == "0"
+        # a user's choice stands
+        assert _openmp_spin_count([script, "sample", "--help"], GOMP_SPINCOUNT="12345") == "12345"
+    finally:
+        busy.kill()
+        busy.wait()
