@@ -16,6 +16,7 @@ sheet goes to --out.
         --video-batch 8 --image-batch 32 --lr 1.5e-3 --sigma-shift 3
     python bench/digits_recipe.py ... --class-labels       # a label embedding instead of the caption
     python bench/digits_recipe.py ... --canonical           # train on the canonical wording only
+    python bench/digits_recipe.py ... --guidance 4,1,2,7 --sampling-steps 20,10,50   # sampler rows at the end
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attention", default="full", choices=("full", "factorized"))
     p.add_argument("--class-labels", action="store_true", help="condition on the digit's label, not the caption")
     p.add_argument("--canonical", action="store_true", help="train on the canonical caption wording only")
-    p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--sampling-steps", type=int, default=20)
+    p.add_argument("--guidance", default="4", help="classifier-free guidance scale; a comma list: each is read at the last step")
+    p.add_argument("--sampling-steps", default="20", help="Euler steps of the sampler; a comma list: each is read at the last step")
     p.add_argument("--prompts", type=int, default=80)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     p.add_argument("--out", default="/tmp/digits-recipe", help="sample sheets and the JSON lines of each evaluation")
@@ -122,7 +123,8 @@ def batch(data: dict, frames: int, n: int, args: argparse.Namespace, g: torch.Ge
 
 
 @torch.no_grad()
-def evaluate(model: DiT, ema: EMA, encoder: TextEncoder, judge: judges.Judge, args: argparse.Namespace, step: int) -> dict:
+def evaluate(model: DiT, ema: EMA, encoder: TextEncoder, judge: judges.Judge, args: argparse.Namespace, step: int,
+             guidance: float, sampling_steps: int) -> dict:
     sampler = copy.deepcopy(model).eval()
     ema.copy_to(sampler)
     pipe = MiniStackPipeline(sampler, make_scheduler("flow"), load_codec("identity"), None if args.class_labels else encoder)
@@ -133,14 +135,22 @@ def evaluate(model: DiT, ema: EMA, encoder: TextEncoder, judge: judges.Judge, ar
     for s in range(0, len(prompts), 40):
         labels = {"class_labels": [a["label"] for a in attrs[s:s + 40]]} if args.class_labels else {}
         videos.append(pipe(prompts[s:s + 40], frames=args.frames, height=args.size, width=args.size, generator=generator,
-                           num_inference_steps=args.sampling_steps, guidance_scale=args.guidance, **labels).videos)
+                           num_inference_steps=sampling_steps, guidance_scale=guidance, **labels).videos)
     videos = np.concatenate(videos)
-    write_image(Path(args.out) / f"step-{step:06d}.png", contact_sheet(videos))
+    write_image(Path(args.out) / f"step-{step:06d}-g{guidance:g}-s{sampling_steps}.png", contact_sheet(videos))
     reading = judges.read(judge.classifier, torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
     scored = judges.score(reading, attrs)
     fd, floor = judge.frechet(reading.features)
-    return {"step": step, **{k: round(a.value, 4) for k, a in scored.items()}, "fd": round(fd, 2), "fd_floor": round(floor, 2),
+    return {"step": step, **{k: round(a.value, 4) for k, a in scored.items()},
+            **{f"{k}_95": [round(x, 3) for x in a.interval] for k, a in scored.items()}, "fd": round(fd, 2), "fd_floor": round(floor, 2),
             "judge": {k: a.value for k, a in judge.validity.items()}}
+
+
+def sampler_settings(args: argparse.Namespace) -> list[tuple[float, int]]:
+    """(guidance, sampling steps) pairs: the first of each list, then every other value of one
+    list beside the first of the other (one lever at a time)."""
+    scales, steps = [float(g) for g in args.guidance.split(",")], [int(n) for n in args.sampling_steps.split(",")]
+    return [(scales[0], steps[0])] + [(g, steps[0]) for g in scales[1:]] + [(scales[0], n) for n in steps[1:]]
 
 
 def main() -> None:
@@ -177,10 +187,13 @@ def main() -> None:
         if step % 100 == 0:
             print(f"step {step} loss {np.mean(losses[-100:]):.4f} ({train_s / step:.2f} s/step)", flush=True)
         if step in evals:
-            result = evaluate(model, ema, encoder, judge, args, step) | {"train_s": round(train_s)}
-            print(json.dumps(result), flush=True)
-            with (Path(args.out) / "results.jsonl").open("a") as f:
-                f.write(json.dumps(result | {"args": vars(args)}) + "\n")
+            settings = sampler_settings(args)
+            for guidance, sampling_steps in settings if step == args.steps else settings[:1]:
+                result = evaluate(model, ema, encoder, judge, args, step, guidance, sampling_steps)
+                result |= {"guidance": guidance, "sampling_steps": sampling_steps, "train_s": round(train_s)}
+                print(json.dumps(result), flush=True)
+                with (Path(args.out) / "results.jsonl").open("a") as f:
+                    f.write(json.dumps(result | {"args": vars(args)}) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ measured training FLOPs from the run's ledger and the wall time: arms that chang
 step (batch, patch, model size) say so in the FLOPs column rather than hiding it.
 
     python bench/recipe_ablation.py configs/train/demo.yaml \\
-        --arm "lr 5e-4=lr=5e-4" --arm "no pooled text=model=configs/models/demo-digits-nopool.yaml"
+        --arm "lr 5e-4=lr=5e-4" --arm "ema 0.999=ema_decay=0.999" --arm "no cfg dropout=cond_drop=0;eval_guidance=1"
 
 An arm is "NAME=KEY=VALUE[;KEY=VALUE...]". --set applies to every arm (e.g. a shorter run).
 """
