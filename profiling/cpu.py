@@ -88,7 +88,8 @@ def cpu_name() -> str:
     """The CPU model string plus the thread count torch uses."""
     import torch
 
-    return f"{_cpuinfo()[0]} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{_cpuinfo()[0]} ({n} thread{'s' if n != 1 else ''})"
 
 
 def cache_path() -> Path:

@@ -45,6 +45,7 @@ from test_train import ROOT, _jsonl, _model_yaml, _train
     ("gradient_checkpointing=3", "gradient_checkpointing: expected bool, got int 3"),
     ("vae.lr=-1", "vae.lr: must be > 0, got -1.0"),
     ("no_such_key=1", "unknown config key 'no_such_key'"),
+    ("data.sizee=5", "unknown config key 'data.sizee'"),  # a nested key is named in full
     ("data.buckets=[[1,31,31],[5,32,32]]", "data.buckets: bucket 1x31x31"),  # the tiny DiT's patch 2 does not divide it
 ])
 def test_an_impossible_setting_is_refused_by_key(override, message):

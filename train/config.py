@@ -247,7 +247,7 @@ def set_override(obj, key: str, raw: str, prefix: str = "") -> None:
         return None
     names = {f.name: f for f in fields(obj)}
     if head not in names:
-        raise ValueError(f"unknown config key {key!r} (known: {', '.join(names)})")
+        raise ValueError(f"unknown config key {prefix + key!r} (known: {', '.join(names)})")
     if rest:
         return set_override(getattr(obj, head), rest, raw, f"{prefix}{head}.")
     default = getattr(obj, head)
