@@ -59,6 +59,8 @@ class DiTConfig:
             raise ValueError(f"target must be 'native' or 'data', got {self.target!r}")
         if self.positions not in ("sincos", "rope"):
             raise ValueError(f"positions must be 'sincos' or 'rope', got {self.positions!r}")
+        if self.positions == "rope" and (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"positions 'rope' rotates channel pairs: the head width {self.hidden_size // self.num_heads} must be even")
 
     @property
     def out_channels(self) -> int:

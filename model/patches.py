@@ -47,13 +47,18 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
-def _axes(dim: int, grid: Patch, device: torch.device) -> tuple[tuple[int, int, int], tuple[torch.Tensor, ...]]:
-    """The channel split (a quarter for time, the rest halved between height and width, each even)
-    and every token's (t, h, w) index, flattened in raster order."""
+def axis_channels(dim: int) -> tuple[int, int, int]:
+    """How positions split `dim` channels between time, height and width: a quarter for time, the
+    rest halved between height and width (time and height even)."""
     d_t = dim // 4 // 2 * 2
     d_h = (dim - d_t) // 2 // 2 * 2
+    return d_t, d_h, dim - d_t - d_h
+
+
+def _axes(dim: int, grid: Patch, device: torch.device) -> tuple[tuple[int, int, int], tuple[torch.Tensor, ...]]:
+    """The channel split (axis_channels) and every token's (t, h, w) index, flattened in raster order."""
     t, h, w = (torch.arange(n, device=device) for n in grid)
-    return (d_t, d_h, dim - d_t - d_h), tuple(a.flatten() for a in torch.meshgrid(t, h, w, indexing="ij"))
+    return axis_channels(dim), tuple(a.flatten() for a in torch.meshgrid(t, h, w, indexing="ij"))
 
 
 def sincos_3d(dim: int, grid: Patch, device: torch.device) -> torch.Tensor:
@@ -80,7 +85,7 @@ def rope_3d(head_dim: int, grid: Patch, device: torch.device) -> tuple[torch.Ten
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [..., L, head_dim] by the tables [..., L, head_dim] (per-axis rotate-half)."""
     parts, start = [], 0
-    for d in _axes(x.shape[-1], (1, 1, 1), x.device)[0]:
+    for d in axis_channels(x.shape[-1]):
         a, b = x[..., start:start + d // 2], x[..., start + d // 2:start + d]
         parts += [-b, a]
         start += d

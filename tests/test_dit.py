@@ -77,6 +77,8 @@ def test_rope_scores_depend_only_on_the_offset_between_tokens():
     assert score((0, 0, 0), (1, 2, 3)) == pytest.approx(score((1, 1, 1), (2, 3, 4)), abs=1e-4)
     assert score((0, 0, 0), (1, 2, 3)) != pytest.approx(score((0, 0, 0), (1, 3, 2)), abs=1e-3)
     assert torch.allclose(apply_rope(q, cos[7], sin[7]).norm(), q.norm())  # a rotation
+    with pytest.raises(ValueError, match="head width 9 must be even"):
+        DiTConfig(hidden_size=18, num_heads=2, positions="rope")
 
 
 def test_factorized_rope_gives_each_frame_and_column_its_own_positions():
