@@ -1,14 +1,10 @@
-"""OpenAI's error body, and naming the request field a failure is about (its `param`)."""
+"""OpenAI's error body, and the request field a failure is about (its `param`)."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import fields
 from typing import Any
 
-from serve.engine.sampling_params import SamplingParams
-
-SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+from serve.engine.sampling_params import ParamError
 
 
 class ApiError(Exception):
@@ -26,6 +22,11 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def refused(exc: ValueError) -> ApiError:
+    """A 400 for what the engine refused: naming the setting a ParamError carries, else no field."""
+    return ApiError(400, str(exc), param=exc.param if isinstance(exc, ParamError) else None)
+
+
 def field_name(loc: tuple[Any, ...]) -> str | None:
     """The request field a pydantic error location points at: ('body', 'messages', 0, 'role')
     -> 'messages.0.role'. pydantic also names the union member it tried ('str', 'list[int]');
@@ -35,10 +36,3 @@ def field_name(loc: tuple[Any, ...]) -> str | None:
 
 
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict"})
-
-
-def named_field(message: str) -> str | None:
-    """The sampling field an engine error message names, for the error's `param`: the one it
-    starts with, else the first it mentions."""
-    return (next((name for name in SAMPLING_FIELDS if message.startswith(name)), None)
-            or next((name for name in SAMPLING_FIELDS if re.search(rf"\b{name}\b", message)), None))

@@ -37,7 +37,7 @@ from serve.api.openapi import install_openapi
 from serve.api.request_id import RequestIdMiddleware
 from serve.api.streams import final_outputs, listed, merged_outputs, sse_response, until_disconnect
 from serve.api.outputs import batch_usage, chat_logprobs, completion_logprobs, prompt_logprob_entries
-from serve.api.errors import ApiError, field_name, named_field
+from serve.api.errors import ApiError, field_name, refused
 from serve.api.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimitMiddleware, check_prompt_chars, longest_token_bytes
 from serve.api.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest, template_messages,
@@ -144,7 +144,7 @@ def build_app(backend: Backend, api_key: str | None = None, chat_template: str |
         try:
             params.validate(len(backend.tokenizer))
         except ValueError as exc:
-            raise ApiError(400, str(exc), param=named_field(str(exc))) from None
+            raise refused(exc) from None
         if params.structured is not None:
             try:
                 await asyncio.to_thread(backend.check_structured, params.structured)

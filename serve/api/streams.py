@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from serve.api.errors import ApiError, named_field
+from serve.api.errors import ApiError, refused
 from serve.async_engine import EngineDead, QueueTimeout, RequestFailed
 from serve.engine.outputs import RequestOutput
 
@@ -90,10 +90,10 @@ async def until_disconnect(request: Request, work: Awaitable[list[RequestOutput]
 
 def request_error(exc: ValueError | RuntimeError) -> ApiError:
     """What a request's stream ended with, as the error the client gets: 400 the engine refused
-    it (naming the field), 503 + Retry-After it waited past the queue deadline, 503 the engine
+    it (naming the field a ParamError carries), 503 + Retry-After it waited past the queue deadline, 503 the engine
     has stopped, 500 it failed on its own (RequestFailed: the reason) or for a reason unforeseen."""
     if isinstance(exc, ValueError):
-        return ApiError(400, str(exc), param=named_field(str(exc)))
+        return refused(exc)
     if isinstance(exc, QueueTimeout):
         return ApiError(503, str(exc), type="server_error", code="queue_timeout", headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, EngineDead):
