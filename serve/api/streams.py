@@ -93,8 +93,9 @@ async def until_disconnect(receive: Receive, work: Awaitable[list[RequestOutput]
 
 def request_error(exc: ValueError | RuntimeError) -> ApiError:
     """What a request's stream ended with, as the error the client gets: 400 the engine refused
-    it (naming the field a ParamError carries), 503 + Retry-After it waited past the queue deadline, 503 the engine
-    has stopped, 500 it failed on its own (RequestFailed: the reason) or for a reason unforeseen."""
+    it (naming the field a ParamError carries), 503 + Retry-After it waited past the queue
+    deadline, 503 the engine has stopped, 500 it failed on its own (RequestFailed: the reason)
+    or for a reason unforeseen."""
     if isinstance(exc, ValueError):
         return refused(exc)
     if isinstance(exc, QueueTimeout):
