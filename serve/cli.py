@@ -19,38 +19,43 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import Field
+from typing import Any, get_args, get_type_hints
 
 from serve.api.limits import DEFAULT_MAX_REQUEST_BYTES
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The engine's flags (model, device, dtype, KV budget, batching), shared by every command
-    that starts an LLMEngine; `engine_config` turns them into an EngineConfig."""
-    p.add_argument("--model", default=None, help="transformers dir, .gguf file, or 'smollm2' (default)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    that starts an LLMEngine; `engine_config` turns them into an EngineConfig. Most are
+    EngineConfig's own fields (serve.config.flag: name, default and help stated there); the
+    rest set a field in other units or several at once."""
+    from serve.config import EngineConfig, flag_fields
+
+    kv_budget = p.add_mutually_exclusive_group()
+    kv_budget.add_argument("--kv-cache-gb", type=float, default=None, help="KV-cache budget in GiB")
+    for f in flag_fields():
+        name, options = field_flag(f)
+        (kv_budget if f.name == "kv_cache_fraction" else p).add_argument(name, **options)
     p.add_argument("--half-weights", choices=("auto", "on", "off"), default="auto",
                    help="CPU, float32: store linear weights in float16 (float32 math); auto: on with --dtype auto")
-    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
-    p.add_argument("--rope-scaling", type=json_object, default=None, metavar="JSON",
-                   help='RoPE scaling replacing the model\'s, e.g. \'{"rope_type": "yarn", "factor": 2.0, '
-                        '"original_max_position_embeddings": 8192}\' to serve 16k from an 8k model')
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"),
-                   help="KV cache storage (int8: a scale per token and head); auto: the model's dtype, float16 "
-                        "under a float32 model with --dtype auto on the CPU")
-    kv = p.add_mutually_exclusive_group()
-    kv.add_argument("--kv-cache-gb", type=float, default=None, help="KV-cache budget in GiB")
-    kv.add_argument("--kv-cache-fraction", type=float, default=None, help="KV-cache budget as a fraction of free memory")
-    p.add_argument("--kv-cache-disk", default=None, metavar="DIR",
-                   help="keep full KV blocks as files here too: a prefix reused after eviction or a restart is loaded, not prefilled")
-    p.add_argument("--kv-cache-disk-gb", type=float, default=10.0, help="the disk tier's size cap (least recently used files go first)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched at once")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--kv-cache-disk-gb", type=float, default=EngineConfig.kv_cache_disk_bytes / 2**30,
+                   help="the disk tier's size cap (least recently used files go first)")
     p.add_argument("--speculative-config", type=speculative_json, default=None,
                    help='n-gram speculative decoding (vLLM\'s flag): {"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}; greedy requests only')
-    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
-                   help="fcfs: arrival order; priority: by each request's `priority` (lower first), then arrival")
+
+
+def field_flag(f: Field) -> tuple[str, dict[str, Any]]:
+    """--field-name and its add_argument options: the field's type (its annotation without None;
+    a dict is a JSON object), default, help, choices and metavar."""
+    from serve.config import EngineConfig
+
+    hint = get_type_hints(EngineConfig)[f.name]
+    (kind,) = [t for t in get_args(hint) or (hint,) if t is not type(None)]
+    if kind not in FLAG_TYPES:
+        raise TypeError(f"EngineConfig.{f.name}: a {kind.__name__} field has no flag type; write its flag by hand")
+    return "--" + f.name.replace("_", "-"), {"type": FLAG_TYPES[kind], "default": f.default, **f.metadata["flag"]}
 
 
 def json_object(text: str) -> dict:
@@ -64,6 +69,8 @@ def json_object(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
     return value
 
+
+FLAG_TYPES = {int: int, float: float, str: str, dict: json_object}  # an EngineConfig field's type -> its flag's
 
 NGRAM_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
 
@@ -83,15 +90,12 @@ def speculative_json(text: str) -> dict:
 
 def engine_config(args: argparse.Namespace, **overrides: object):
     """The EngineConfig the engine flags ask for (`overrides` win)."""
-    from serve.config import EngineConfig
+    from serve.config import EngineConfig, flag_fields
 
-    kv_bytes = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
-    settings = dict(
-        model=args.model, device=args.device, dtype=args.dtype, kv_cache_bytes=kv_bytes,
-        half_weights={"auto": None, "on": True, "off": False}[args.half_weights], kv_cache_fraction=args.kv_cache_fraction,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_dtype=args.kv_cache_dtype, kv_cache_disk=args.kv_cache_disk, kv_cache_disk_bytes=int(args.kv_cache_disk_gb * 2**30),
-        rope_scaling=args.rope_scaling, scheduling_policy=args.scheduling_policy,
+    settings = {f.name: getattr(args, f.name) for f in flag_fields()} | dict(
+        kv_cache_bytes=None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30),
+        half_weights={"auto": None, "on": True, "off": False}[args.half_weights],
+        kv_cache_disk_bytes=int(args.kv_cache_disk_gb * 2**30),
         **{k: v for k, v in (args.speculative_config or {}).items() if k != "method"},
     )
     return EngineConfig(**(settings | overrides))

@@ -7,8 +7,9 @@ with a message naming the setting, instead of surfacing later as a shape error m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,34 +20,48 @@ DEFAULT_CPU_KV_BYTES = 1 << 30  # CPU memory is shared with everything else: a f
 DEFAULT_GPU_KV_FRACTION = 0.8  # of the GPU memory free after loading the weights
 
 
+def flag(default: Any, help: str | None = None, **options: Any) -> Any:
+    """A field every command that starts an engine takes as a flag of its name (max_num_seqs:
+    --max-num-seqs, serve.cli): its default, stated here only, and the flag's help (choices,
+    metavar). Fields without one are set by hand-written flags, or not from the command line."""
+    return field(default=default, metadata={"flag": {"help": help, **options}})
+
+
 @dataclass
 class EngineConfig:
-    model: str | None = None  # transformers dir, .gguf file, or None/"smollm2"
-    device: str = "cpu"
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    model: str | None = flag(None, "transformers dir, .gguf file, or 'smollm2' (default)")
+    device: str = flag("cpu")
+    dtype: str = flag("auto", choices=("auto", *DTYPES))
     # linear weights stored in float16, float32 math (CPU, float32 only; serve.layers.linear).
     # None: on when dtype is "auto" and resolves to float32 on the CPU with the C++ kernels built
     half_weights: bool | None = None
-    # KV cache storage: auto | float32 | bfloat16 | float16 | int8 (serve.layers.attention)
-    kv_cache_dtype: str = "auto"
+    # KV cache storage (serve.layers.attention)
+    kv_cache_dtype: str = flag("auto", "KV cache storage (int8: a scale per token and head); auto: the model's dtype, float16 "
+                                       "under a float32 model with --dtype auto on the CPU", choices=("auto", *KV_DTYPES))
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_bytes: int | None = None  # KV budget in bytes ...
-    kv_cache_fraction: float | None = None  # ... or as a fraction of the memory free after loading weights
-    max_model_len: int | None = None  # default: the model's context (max_position_embeddings; x factor under RoPE scaling)
-    max_num_seqs: int = 64  # sequences running at once
-    max_num_batched_tokens: int = 512  # tokens per step (decodes + prefill chunks)
+    kv_cache_fraction: float | None = flag(None, "KV-cache budget as a fraction of free memory")
+    # default: the model's context (max_position_embeddings; x factor under RoPE scaling)
+    max_model_len: int | None = flag(None, "default: the model's context length")
+    max_num_seqs: int = flag(64, "sequences batched at once")
+    max_num_batched_tokens: int = flag(512, "tokens per engine step")  # decodes + prefill chunks
     enable_prefix_caching: bool = True
     # fcfs: waiting requests in arrival order; priority: by each request's `priority` (lower
     # first, then arrival), and preemption takes the lowest-priority running sequence (vLLM's policies)
-    scheduling_policy: str = "fcfs"
+    scheduling_policy: str = flag("fcfs", "fcfs: arrival order; priority: by each request's `priority` (lower first), then arrival",
+                                  choices=SCHEDULING_POLICIES)
     # n-gram (prompt-lookup) speculative decoding (serve.engine.speculative): drafts per step for
     # greedy sequences, 0: off; matched n-grams of prompt_lookup_min..prompt_lookup_max tokens
     num_speculative_tokens: int = 0
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
-    kv_cache_disk: str | None = None  # directory of the prefix cache's disk tier (serve.engine.disk_cache); None: off
+    # the prefix cache's disk tier (serve.engine.disk_cache); None: off
+    kv_cache_disk: str | None = flag(None, "keep full KV blocks as files here too: a prefix reused after eviction or a restart "
+                                           "is loaded, not prefilled", metavar="DIR")
     kv_cache_disk_bytes: int = 10 << 30  # its size cap
-    rope_scaling: dict | None = None  # override of the model's rope_parameters, e.g. {"rope_type": "yarn", "factor": 4}
+    # override of the model's rope_parameters
+    rope_scaling: dict | None = flag(None, 'RoPE scaling replacing the model\'s, e.g. \'{"rope_type": "yarn", "factor": 2.0, '
+                                           '"original_max_position_embeddings": 8192}\' to serve 16k from an 8k model', metavar="JSON")
     ledger: str | None = None  # JSONL compute ledger path; None = off
 
     def validate(self) -> None:
@@ -131,6 +146,11 @@ class EngineConfig:
         if self.dtype == "auto" and dtype == torch.float32 and torch.device(self.device).type == "cpu":
             return torch.float16
         return dtype
+
+
+def flag_fields() -> list[Field]:
+    """EngineConfig's fields that are command-line flags of their own (`flag`)."""
+    return [f for f in fields(EngineConfig) if "flag" in f.metadata]
 
 
 def memory_available(device: torch.device) -> int:

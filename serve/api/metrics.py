@@ -12,10 +12,14 @@ backend. ministack adds its own compute counters: measured FLOPs and the 2NT law
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 
-from serve.engine.outputs import EngineStats, RequestMetrics
+from serve.engine.outputs import EngineStats, RequestMetrics, RequestOutput
 
 # Bucket bounds (seconds) as vLLM's, so histograms are comparable side by side.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -176,3 +180,32 @@ def request_phases(m: RequestMetrics) -> dict[str, float]:
         return {}
     return {"queue": m.first_scheduled_time - m.arrival_time, "prefill": m.first_token_time - m.first_scheduled_time,
             "decode": m.finished_time - m.first_token_time, "inference": m.finished_time - m.first_scheduled_time}
+
+
+async def observed(metrics: ServingMetrics, outputs: AsyncGenerator[RequestOutput, None], arrival: float) -> AsyncIterator[RequestOutput]:
+    """A backend's stream, timing its tokens into `metrics` (`arrival`: when it was submitted,
+    time.perf_counter); closed with it. A stream closed before its end (the client left) is
+    counted as aborted."""
+    last, finished = None, False
+    async with aclosing(outputs):
+        try:
+            async for output in outputs:
+                now = time.perf_counter()
+                new = max(len(c.new_token_ids) for c in output.outputs)
+                if new:
+                    if last is None:
+                        metrics.observe_first_token(now - arrival)
+                    else:
+                        metrics.observe_inter_token(now - last, new)
+                    last = now
+                if output.finished:
+                    finished, m = True, output.metrics
+                    reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
+                    metrics.observe_finished(now - arrival, len(output.prompt_token_ids),
+                                             sum(len(c.token_ids) for c in output.outputs), reason, m.measured_flops, m.law_flops,
+                                             request_phases(m))
+                yield output
+        except (GeneratorExit, asyncio.CancelledError):  # the client left; closing the backend's stream aborts the request
+            if not finished:
+                metrics.observe_aborted()
+            raise

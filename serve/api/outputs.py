@@ -1,6 +1,6 @@
 """Engine outputs in the OpenAI protocol's shapes: a batch's usage (tokens, cached tokens,
 measured FLOPs beside 2NT) and logprobs in the legacy completions and the chat formats, whole
-or a stream chunk's share (serve.api.server sends them)."""
+or a stream chunk's share (serve.api.completions and serve.api.chat send them)."""
 
 from __future__ import annotations
 

@@ -1,22 +1,25 @@
 """How answers leave the server: streams of engine outputs merged, awaited until the client
-leaves, or sent as server-sent events."""
+leaves, or sent as server-sent events; `respond` picks the way a request asked for."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import replace
 
-from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.types import Receive
 
-from serve.api.errors import ApiError, named_field
+from serve.api.errors import ApiError, refused
+from serve.api.outputs import batch_usage
+from serve.api.protocol import ChatCompletionRequest, CompletionRequest
+from serve.api.responses import Usage
 from serve.async_engine import EngineDead, QueueTimeout, RequestFailed
-from serve.engine.outputs import RequestOutput
+from serve.engine.outputs import CompletionOutput, RequestOutput
 
 
 def listed(events: BaseModel | list[BaseModel]) -> list[BaseModel]:
@@ -63,12 +66,12 @@ async def merged_outputs(streams: list[AsyncIterator[RequestOutput]], n: int) ->
             task.cancel()
 
 
-async def until_disconnect(request: Request, work: Awaitable[list[RequestOutput]]) -> list[RequestOutput] | None:
-    """Await `work` unless the client disconnects first; then cancel it (which aborts the
-    request) and return None."""
+async def until_disconnect(receive: Receive, work: Awaitable[list[RequestOutput]]) -> list[RequestOutput] | None:
+    """Await `work` unless the client disconnects first (a disconnect arrives on the request's
+    ASGI channel, `receive`); then cancel it (which aborts the request) and return None."""
 
     async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
+        while (await receive())["type"] != "http.disconnect":
             pass
 
     task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
@@ -90,10 +93,11 @@ async def until_disconnect(request: Request, work: Awaitable[list[RequestOutput]
 
 def request_error(exc: ValueError | RuntimeError) -> ApiError:
     """What a request's stream ended with, as the error the client gets: 400 the engine refused
-    it (naming the field), 503 + Retry-After it waited past the queue deadline, 503 the engine
-    has stopped, 500 it failed on its own (RequestFailed: the reason) or for a reason unforeseen."""
+    it (naming the field a ParamError carries), 503 + Retry-After it waited past the queue
+    deadline, 503 the engine has stopped, 500 it failed on its own (RequestFailed: the reason)
+    or for a reason unforeseen."""
     if isinstance(exc, ValueError):
-        return ApiError(400, str(exc), param=named_field(str(exc)))
+        return refused(exc)
     if isinstance(exc, QueueTimeout):
         return ApiError(503, str(exc), type="server_error", code="queue_timeout", headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, EngineDead):
@@ -117,3 +121,47 @@ def sse_response(events: AsyncIterator[BaseModel], include_usage: bool) -> Strea
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(encode(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+Chunk = Callable[[list[CompletionOutput]], BaseModel | list[BaseModel]]
+
+
+async def respond(
+    receive: Receive, body: CompletionRequest | ChatCompletionRequest, outputs: AsyncIterator[RequestOutput],
+    want_logprobs: bool, chunk: Chunk, whole: Callable[[list[CompletionOutput], Usage], BaseModel],
+    opening: BaseModel | None = None,
+) -> Response:
+    """Both generation endpoints' two ways to answer, for one request or a batch merged into
+    one stream. Streaming: server-sent `chunk_events`. Otherwise: `whole` of every final
+    completion and the usage, once all requests finished (499, no body, if the client left first)."""
+    if body.stream:
+        return sse_response(chunk_events(body, outputs, want_logprobs, chunk, opening), include_usage=body.include_usage)
+    finals = await until_disconnect(receive, final_outputs(outputs))
+    if finals is None:  # the client left: nobody to answer (nginx's 499), no traceback, counted as aborted
+        return Response(status_code=499)
+    return JSONResponse(whole(sorted((c for f in finals for c in f.outputs), key=lambda c: c.index), batch_usage(finals)).model_dump())
+
+
+async def chunk_events(
+    body: CompletionRequest | ChatCompletionRequest, outputs: AsyncIterator[RequestOutput], want_logprobs: bool,
+    chunk: Chunk, opening: BaseModel | None,
+) -> AsyncIterator[BaseModel]:
+    """`opening` (if any), then `chunk` (one or a list) of the completions that changed in each
+    step, then (include_usage) an empty chunk with the usage; continuous_usage_stats (vLLM's)
+    puts the usage so far on every chunk."""
+    if opening is not None:
+        yield opening
+    finals: dict[str, RequestOutput] = {}
+    ended: set[tuple[str, int]] = set()  # choices whose finish was sent: later outputs of the request repeat them
+    async for out in outputs:
+        finals[out.request_id] = out
+        changed = [c for c in out.outputs if (out.request_id, c.index) not in ended
+                   and (c.new_text or c.finish_reason or (want_logprobs and c.new_token_ids))]
+        ended.update((out.request_id, c.index) for c in changed if c.finish_reason)
+        for event in listed(chunk(changed)) if changed else []:
+            if body.continuous_usage:
+                event = event.model_copy(update={"usage": batch_usage(list(finals.values()))})
+            yield event
+    if body.include_usage:
+        (closing,) = listed(chunk([]))
+        yield closing.model_copy(update={"usage": batch_usage(list(finals.values()))})

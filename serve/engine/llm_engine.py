@@ -31,7 +31,7 @@ from serve.engine.outputs import EngineStats, RequestError, RequestOutput, law_t
 from serve.engine.sampler import Sampler
 from serve.engine.structured import Grammars
 from serve.engine.token_bytes import TokenBytes
-from serve.engine.sampling_params import SamplingParams
+from serve.engine.sampling_params import ParamError, SamplingParams
 from serve.engine.scheduler import Scheduler
 from serve.engine.sequence import Request, Sequence
 from serve.engine.speculative import NgramProposer, NgramSpeculator
@@ -142,31 +142,33 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue a prompt (token ids). ValueError for a bad or duplicate request, or one that
-        cannot fit the context or the KV cache."""
+        cannot fit the context or the KV cache (ParamError where one setting is to blame)."""
         vocab = self.model.lm_head.out_features
         params.validate(vocab)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if params.priority and self.config.scheduling_policy != "priority":
-            raise ValueError(f"priority {params.priority} needs the priority scheduling policy (--scheduling-policy priority); "
-                             f"this engine schedules {self.config.scheduling_policy}")
+            raise ParamError("priority", f"priority {params.priority} needs the priority scheduling policy (--scheduling-policy priority); "
+                                         f"this engine schedules {self.config.scheduling_policy}")
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(prompt_token_ids)}..{max(prompt_token_ids)}")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
-            raise ValueError(
+            raise ParamError(
+                "max_tokens",
                 f"prompt has {len(prompt_token_ids)} tokens; this model allows at most {self.max_model_len} (max_model_len) "
-                f"including max_tokens ({params.max_tokens}): shorten the prompt or lower max_tokens"
+                f"including max_tokens ({params.max_tokens}): shorten the prompt or lower max_tokens",
             )
         resident = total  # the most K/V it holds at once: all of it, or under sliding windows
         if self.kv_window is not None:  # its window, one step's chunk and two partial blocks
             resident = min(total, self.kv_window + self.config.max_num_batched_tokens + 2 * self.config.block_size)
         if resident > self.max_tokens_in_cache:
-            raise ValueError(
+            raise ParamError(
+                "max_tokens",
                 f"prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the KV cache "
-                f"({self.max_tokens_in_cache} tokens): lower max_tokens, or raise --kv-cache-gb (kv_cache_bytes)"
+                f"({self.max_tokens_in_cache} tokens): lower max_tokens, or raise --kv-cache-gb (kv_cache_bytes)",
             )
         request = Request(request_id, prompt_token_ids, params)
         request.rope_scaled = self.native_context is not None and total > self.native_context
@@ -204,7 +206,7 @@ class LLMEngine:
         """Each bad word as token ids, alone and after a space (BPE spells a word differently
         inside a sentence), as vLLM tokenizes them."""
         if words and self.tokenizer is None:
-            raise ValueError("bad_words needs a tokenizer; this model has none")
+            raise ParamError("bad_words", "bad_words needs a tokenizer; this model has none")
         out: list[list[int]] = []
         for word in words:
             for text in dict.fromkeys([word, word if word.startswith(" ") else " " + word]):

@@ -12,6 +12,16 @@ SAMPLING_EPS = 1e-5
 SEED_RANGE = (-(2**63), 2**64 - 1)  # OpenAI's 64-bit seed, signed or unsigned: what a torch.Generator takes
 
 
+class ParamError(ValueError):
+    """A request refused for one of its own settings. `param` names that setting where the check
+    is made (SamplingParams' field name, which the HTTP server reports as the error's `param`),
+    so no caller has to guess it from the message."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -42,49 +52,49 @@ class SamplingParams:
     priority: int = 0
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """ValueError naming the first bad field; token ids checked against `vocab_size` when given."""
+        """ParamError naming the first bad field; token ids checked against `vocab_size` when given."""
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise ParamError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ParamError("temperature", f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ParamError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int):
-            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
+            raise ParamError("top_k", f"top_k must be an integer, got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise ParamError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise ParamError("n", f"n must be >= 1, got {self.n}")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise ValueError(f"seed must be a 64-bit integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
+            raise ParamError("seed", f"seed must be a 64-bit integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+            raise ParamError("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0 or None, got {self.logprobs}")
+            raise ParamError("logprobs", f"logprobs must be >= 0 or None, got {self.logprobs}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            raise ValueError(f"prompt_logprobs must be >= 0 or None, got {self.prompt_logprobs}")
+            raise ParamError("prompt_logprobs", f"prompt_logprobs must be >= 0 or None, got {self.prompt_logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            raise ParamError("stop", f"stop must be a list of non-empty strings, got {self.stop!r}")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise ParamError("repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise ParamError(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.structured is not None and self.min_tokens:
-            raise ValueError("min_tokens cannot be combined with a structured output (the grammar decides where it ends)")
+            raise ParamError("min_tokens", "min_tokens cannot be combined with a structured output (the grammar decides where it ends)")
         if any(not -100 <= v <= 100 for v in self.logit_bias.values()):
-            raise ValueError("logit_bias values must be in [-100, 100]")
+            raise ParamError("logit_bias", "logit_bias values must be in [-100, 100]")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
-            raise ValueError("allowed_token_ids must not be empty")
+            raise ParamError("allowed_token_ids", "allowed_token_ids must not be empty")
         if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
-            raise ValueError(f"bad_words must be non-empty strings, got {self.bad_words!r}")
+            raise ParamError("bad_words", f"bad_words must be non-empty strings, got {self.bad_words!r}")
         ids = {"stop_token_ids": self.stop_token_ids, "logit_bias": list(self.logit_bias),
                "allowed_token_ids": self.allowed_token_ids or []}
         for name, values in ids.items():
             bad = [t for t in values if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size)]
             if bad:
                 vocab = f"[0, {vocab_size})" if vocab_size is not None else "non-negative integers"
-                raise ValueError(f"{name} must be token ids in {vocab}, got {bad[:5]}")
+                raise ParamError(name, f"{name} must be token ids in {vocab}, got {bad[:5]}")
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,53 @@
+"""The HTTP routes: each one hands its parsed body (FastAPI validates it against
+serve.api.protocol), the request's id and its ASGI channel to the endpoint's plain function
+over the app's ApiContext. The routes' names are the endpoints' (OpenAPI's operation ids)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from serve.api import chat as chat_api
+from serve.api import completions as completions_api
+from serve.api import embeddings as embeddings_api
+from serve.api import status as status_api
+from serve.api import tokenize as tokenize_api
+from serve.api.context import ApiContext
+from serve.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
+
+
+def add_routes(app: FastAPI, ctx: ApiContext, guard, public_metrics: bool) -> None:
+    """Every endpoint behind `guard` (serve.api.auth) but /health, and /metrics with `public_metrics`."""
+    guarded = [guard]
+
+    @app.get("/health")
+    async def health() -> Response:
+        return await status_api.health(ctx)
+
+    @app.get("/metrics", dependencies=[] if public_metrics else guarded)
+    async def prometheus() -> Response:
+        return await status_api.prometheus(ctx)
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict:
+        return await status_api.models(ctx)
+
+    @app.post("/v1/embeddings", dependencies=guarded)
+    async def embeddings(body: EmbeddingRequest) -> dict:
+        return await embeddings_api.embeddings(ctx, body)
+
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(body: TokenizeRequest) -> dict:
+        return await tokenize_api.tokenize(ctx, body)
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        return await tokenize_api.detokenize(ctx, body)
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await completions_api.completions(ctx, body, request.state.request_id, request.receive)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await chat_api.chat_completions(ctx, body, request.state.request_id, request.receive)
