@@ -5,7 +5,7 @@ half-weight linear computes each row by itself in a fixed order, and the paged a
 kernels reduce each sequence alone. Where it does not hold is measured, not asserted exact:
 float32 weights go through torch's GEMM, whose kernel choice depends on the batch's row
 count (SmolLM2's logprobs then move by about 1e-5, greedy tokens unchanged here), and bf16
-rounds those differences up to about 0.05 nats (README, serve/)."""
+rounds those differences up to about 0.05 nats (docs/serving.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`--engine vllm`: vLLM's engine behind ministack's server, same wire format, metrics and FLOPs.
 
-Runs only where vLLM is installed (its CPU build works: see the README); start-up takes
+Runs only where vLLM is installed (its CPU build works: see docs/serving.md); start-up takes
 ~2 minutes, so everything shares one server.
 """
 

@@ -52,8 +52,8 @@ def invalid_body(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"invalid JSON in the request body: {err.get('ctx', {}).get('error', err['msg'])}")
     param = field_name(tuple(err["loc"]))
     if err["type"] == "extra_forbidden":  # fail closed: never a 200 that ignored what was asked
-        return ApiError(400, f"{param}: not supported by this server (the README's serve section lists "
-                             "every accepted field)", param=param, code="unsupported_parameter")
+        return ApiError(400, f"{param}: not supported by this server (docs/serving.md lists every "
+                             "accepted field)", param=param, code="unsupported_parameter")
     return ApiError(400, f"{param or 'body'}: {err['msg']}", param=param)
 
 

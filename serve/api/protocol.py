@@ -99,7 +99,7 @@ class _SamplingRequest(Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    # accepted and inert: they change nothing this server computes (README: serve/)
+    # accepted and inert: they change nothing this server computes (docs/serving.md)
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: Literal[False] | None = None  # nothing is stored; asking for storage is refused
