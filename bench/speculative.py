@@ -5,8 +5,9 @@ its answer copies n-grams that are already in the context. One engine plain and 
 `--speculative-config`-style n-gram drafts (`--tokens` drafts per step) decode the same greedy
 requests (`--batch` of them, `--max-tokens` each) in one process, one after the other; printed:
 output tokens/s of each, the speed-up, the acceptance rate (accepted / verified draft tokens)
-and whether the outputs are identical. The passage is this repository's README, which ships
-with it.
+and whether the outputs are identical. The passage is bench/passage.txt: a thousand words of
+this repository's own README as it stood when the figures in bench/RESULTS.md were measured,
+kept in a file of its own so the workload does not change when the README does.
 
     python bench/speculative.py --tokens 4 --batch 1 --max-tokens 256
 """
@@ -27,8 +28,8 @@ from serve.engine import LLMEngine, SamplingParams  # noqa: E402
 
 
 def copy_prompt(engine: LLMEngine, words: int) -> list[int]:
-    """A chat prompt asking the model to repeat `words` words of the README verbatim."""
-    passage = " ".join((ROOT / "README.md").read_text().split()[200 : 200 + words])
+    """A chat prompt asking the model to repeat the first `words` words of bench/passage.txt verbatim."""
+    passage = " ".join((ROOT / "bench" / "passage.txt").read_text().split()[:words])
     messages = [{"role": "user", "content": f"Repeat the following text exactly, word for word:\n\n{passage}"}]
     text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return engine.tokenizer.encode(text, add_special_tokens=False)
@@ -48,10 +49,12 @@ def main() -> None:
     p.add_argument("--lookup-max", type=int, default=4)
     p.add_argument("--lookup-min", type=int, default=2)
     p.add_argument("--batch", type=int, default=1, help="concurrent requests")
-    p.add_argument("--words", type=int, default=150, help="words of the passage to copy")
+    p.add_argument("--words", type=int, default=150, help="words of the passage to copy (at most 1000)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--dtype", default="auto")
     args = p.parse_args()
+    if not 1 <= args.words <= 1000:
+        p.error(f"--words must be in [1, 1000] (bench/passage.txt holds 1000), got {args.words}")
     prepare_cpu()
     results = {}
     for label, k in (("plain", 0), ("ngram", args.tokens)):
