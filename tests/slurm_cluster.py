@@ -19,6 +19,10 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
 def _config(root: Path, host: str) -> str:
+    """The cluster's slurm.conf, with two waits of SLURM's shortened for the requeue tests: a
+    requeued job may start again only after its launch credential's lifetime (cred_expire,
+    default 120 s; 10 s still gives a launch on a busy 2-core machine time to present it), and
+    then starts at the next backfill pass (bf_interval, default every 30 s)."""
     cpus = os.cpu_count() or 2
     mem = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
     return f"""ClusterName=ministack-test
@@ -26,6 +30,7 @@ SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -37,6 +42,7 @@ SlurmdPort=16818
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
