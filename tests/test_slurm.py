@@ -253,8 +253,8 @@ def test_sweep_task_signalled_before_its_time_limit_checkpoints_requeues_and_fin
 @pytest.mark.skipif(shutil.which("sbatch") is None, reason="SLURM's client commands are not installed")
 def test_sbatch_without_a_controller_names_the_likely_cause(tmp_path):
     """No slurmctld behind SLURM_CONF: the error says so and names the config file it read."""
-    conf = tmp_path / "slurm.conf"
-    conf.write_text("ClusterName=none\nSlurmctldHost=localhost\nSlurmctldPort=16999\n"
+    conf = tmp_path / "slurm.conf"  # MessageTimeout: sbatch retries the controller once a second that long (default 10)
+    conf.write_text("ClusterName=none\nSlurmctldHost=localhost\nSlurmctldPort=16999\nMessageTimeout=1\n"
                     "NodeName=localhost CPUs=1\nPartitionName=p Nodes=localhost Default=YES\n")
     args = [sys.executable, "-m", "train", "configs/train/tiny.yaml", "--slurm", "--set", f"run_dir={tmp_path / 'run'}"]
     proc = subprocess.run(args, cwd=ROOT, env=_env() | {"SLURM_CONF": str(conf)}, capture_output=True, text=True, timeout=120)
