@@ -2,6 +2,7 @@
 process (CI has 2 cores), and small shared fixtures."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,3 +29,17 @@ def tiny_llama():
     )
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def single_process_reference(tmp_path_factory) -> Path:
+    """The run directory of one process on batch 4 for test_train's FOUR_FP32_STEPS: what every
+    2-rank run on batch 2 (DDP and ZeRO-2 on one host, the 2-node SLURM jobs) is compared with.
+    Trained once per session: each comparison would otherwise start the same run again."""
+    from test_train import FOUR_FP32_STEPS, _model_yaml, _train
+
+    root = tmp_path_factory.mktemp("single-process")
+    proc = _train(root / "run", "--set", f"model={_model_yaml(root)}", *FOUR_FP32_STEPS, "--set", "data.batch_size=4")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return root / "run"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import wait_for_job
-from test_train import EXTENSIONS, ROOT, SMALL, _env, _logged_steps, _losses, _model_yaml, _train
+from test_train import EXTENSIONS, FOUR_FP32_STEPS, ROOT, SMALL, _env, _logged_steps, _losses, _model_yaml, _train
 
 from train.config import SlurmConfig
 from train.slurm import batch_script, check
@@ -70,20 +70,26 @@ def test_cli_dry_run_writes_the_script_next_to_the_run(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr
 
 
-def _uninterrupted(tmp_path: Path, *model: str) -> dict[int, float]:
-    full = _train(tmp_path / "full", *model)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[list[str], Path]:
+    """The settings both stop tests train with (30 fp32 steps, no checkpoint on the way: the
+    stop's is the only one) and the run directory of those settings trained without a stop,
+    which each stopped run must equal. Trained once for both."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    settings = ["--set", f"model={_model_yaml(root)}", "--set", "max_steps=30", "--set", "checkpoint_every=100",
+                "--set", "mixed_precision=no"]
+    full = _train(root / "full", *settings)
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out
-    return _losses(tmp_path / "full")
+    return settings, root / "full"
 
 
 @pytest.mark.slow
-def test_a_stop_request_checkpoints_then_the_rerun_matches_the_uninterrupted_run(tmp_path):
+def test_a_stop_request_checkpoints_then_the_rerun_matches_the_uninterrupted_run(tmp_path, uninterrupted):
     """What the batch script's USR1 trap does (touch RUN/slurm/stop), without SLURM: the run
     checkpoints at its next step, leaves the requeue marker and exits 0; run again, it resumes
     and every step's loss equals the uninterrupted run's."""
-    model = ["--set", f"model={_model_yaml(tmp_path)}", "--set", "max_steps=30", "--set", "checkpoint_every=100"]
-    reference = _uninterrupted(tmp_path, *model)
+    model, full = uninterrupted
     run = tmp_path / "stopped"
     proc = _train(run, *model)
     deadline = time.time() + 600
@@ -101,8 +107,8 @@ def test_a_stop_request_checkpoints_then_the_rerun_matches_the_uninterrupted_run
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0 and "resumed from" in out, out
     assert not (run / "slurm" / "preempted").exists()
-    assert _losses(run) == reference
-    assert _final_weights(run) == _final_weights(tmp_path / "full")
+    assert _losses(run) == _losses(full)
+    assert _final_weights(run) == _final_weights(full)
 
 
 def _submit(run: Path, env: dict, *settings: str) -> str:
@@ -123,14 +129,13 @@ def _submit(run: Path, env: dict, *settings: str) -> str:
     ["--set", "slurm.launcher=accelerate", "--set", "slurm.accelerate_config=configs/accelerate/zero2.yaml"],
     ["--set", "slurm.launcher=torchrun", "--set", "deepspeed=configs/deepspeed/zero2.json"],
 ], ids=["accelerate-ddp", "accelerate-zero2", "torchrun-zero2"])
-def test_two_node_job_matches_the_single_process_run(slurm, tmp_path, launch):
+def test_two_node_job_matches_the_single_process_run(slurm, tmp_path, launch, single_process_reference):
     """Two SLURM tasks on this host, each a node (machine rank SLURM_PROCID, gloo) of accelerate
     or torchrun, DDP or DeepSpeed ZeRO-2 from the same config as on one node, batch 2 each,
     against one process on batch 4: the same losses."""
-    model = ["--set", f"model={_model_yaml(tmp_path)}", "--set", "max_steps=4", "--set", "mixed_precision=no"]
-    reference = _uninterrupted(tmp_path, *model, "--set", "data.batch_size=4")
+    reference = _losses(single_process_reference)
     run = tmp_path / "two-node"
-    job = _submit(run, slurm, *model, "--set", "slurm.ntasks=2", *launch)
+    job = _submit(run, slurm, "--set", f"model={_model_yaml(tmp_path)}", *FOUR_FP32_STEPS, "--set", "slurm.ntasks=2", *launch)
     state = wait_for_job(slurm, job)
     log = (run / "slurm" / f"{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
@@ -145,12 +150,11 @@ def test_two_node_job_matches_the_single_process_run(slurm, tmp_path, launch):
 
 
 @pytest.mark.slow
-def test_signalled_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slurm, tmp_path):
+def test_signalled_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slurm, tmp_path, uninterrupted):
     """SIGUSR1 to the batch shell (what --signal=B:USR1@N sends before the time limit): the run
     checkpoints, the job requeues itself, the requeued job resumes and finishes with every
     step's loss equal to an uninterrupted run's."""
-    model = ["--set", f"model={_model_yaml(tmp_path)}", "--set", "max_steps=30", "--set", "checkpoint_every=100"]
-    reference = _uninterrupted(tmp_path, *model, "--set", "mixed_precision=no")
+    model, full = uninterrupted
     run = tmp_path / "requeued"
     job = _submit(run, slurm, *model)
     deadline = time.time() + 600
@@ -164,8 +168,8 @@ def test_signalled_job_checkpoints_requeues_and_matches_an_uninterrupted_run(slu
     assert "requeueing" in log and "(restart 1)" in log and "resumed from" in log
     attempts = [json.loads(x) for x in (run / "attempts.jsonl").read_text().splitlines()]
     assert [a["attempt"] for a in attempts] == [1, 2] and 4 <= attempts[1]["resumed_from"] < 30
-    assert _losses(run) == reference
-    assert _final_weights(run) == _final_weights(tmp_path / "full")  # bit-identical EMA weights
+    assert _losses(run) == _losses(full)
+    assert _final_weights(run) == _final_weights(full)  # bit-identical EMA weights
 
 
 def _final_weights(run: Path) -> dict[str, bytes]:

@@ -18,6 +18,9 @@ from profiling.ledger import read_ledgers
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "data.size=48", "--set", "data.batch_size=2", "--set", "data.buckets=[[1,16,16],[3,16,16]]",
          "--set", "warmup_steps=2", "--set", "lr=1e-3"]
+# The 2-rank runs and their single-process reference (conftest.py's single_process_reference):
+# equal to 1e-4 needs fp32 ("auto": bf16 where fast)
+FOUR_FP32_STEPS = ["--set", "max_steps=4", "--set", "mixed_precision=no"]
 
 
 def _env() -> dict:
@@ -231,18 +234,14 @@ def _launch(tmp_path: Path, accelerate_config: str, run: str, *extra: str, cpu_e
 
 
 @pytest.mark.slow
-def test_ddp_and_zero2_match_the_single_process_run(tmp_path):
+def test_ddp_and_zero2_match_the_single_process_run(tmp_path, single_process_reference):
     """2 processes x batch 2 (DDP over gloo; DeepSpeed ZeRO-2) against 1 process x batch 4: the same
     global batches, per-sample noise and once-per-step LR give the same losses."""
-    steps = ["--set", "max_steps=4", "--set", "mixed_precision=no"]  # equal to 1e-4 needs fp32 ("auto": bf16 where fast)
-    single = _train(tmp_path / "single", "--set", f"model={_model_yaml(tmp_path)}", *steps, "--set", "data.batch_size=4")
-    out, _ = single.communicate(timeout=600)
-    assert single.returncode == 0, out
-    out = _launch(tmp_path, "ddp.yaml", "ddp", *steps, cpu_env=True)
+    out = _launch(tmp_path, "ddp.yaml", "ddp", *FOUR_FP32_STEPS, cpu_env=True)
     assert out.count("trained 4 steps") == 1  # the main process says it, not every rank
     assert "8 records = 4 optimizer steps x 2 ranks" in out
-    _launch(tmp_path, "zero2.yaml", "zero2", *steps)
-    reference = _losses(tmp_path / "single")
+    _launch(tmp_path, "zero2.yaml", "zero2", *FOUR_FP32_STEPS)
+    reference = _losses(single_process_reference)
     assert len(reference) == 4
     for run in ("ddp", "zero2"):
         got = _losses(tmp_path / run)
@@ -252,7 +251,7 @@ def test_ddp_and_zero2_match_the_single_process_run(tmp_path):
     assert sorted((r["step"], r["rank"]) for r in ledger) == [(s, r) for s in range(1, 5) for r in (0, 1)]
     assert all(r["world_size"] == 2 and "B=2, 4 samples/step" in r["shape"] for r in ledger)  # every rank records its share
     ddp = _accounting(tmp_path / "ddp")["totals"]["train"]
-    one = _accounting(tmp_path / "single")["totals"]["train"]
+    one = _accounting(single_process_reference)["totals"]["train"]
     assert ddp[:2] == one[:2]  # the same optimizer steps and tokens as one process on the global batch
 
 
