@@ -215,7 +215,7 @@ def test_sweep_as_a_job_array_completes_reports_a_failed_task_and_fits(slurm, tm
     assert status.returncode == 0, status.stderr
     assert "5 finished" in status.stdout and "1 failed" in status.stdout
     assert "no GPU for you" in status.stdout and "exit 3" in status.stdout
-    fit = scaling("fit", str(sweep_dir), "--bootstrap", "10")
+    fit = scaling("fit", str(sweep_dir), "--bootstrap", "10", "--starts", "10")  # reads the results (the optimum: test_scaling_sweep)
     assert fit.returncode == 0, fit.stderr
     assert (sweep_dir / "fit.json").is_file() and "5 runs over 3 budgets" in fit.stdout
     again = scaling("sweep", str(config), "--executor", "slurm", "--out", str(sweep_dir))
