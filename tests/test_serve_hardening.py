@@ -207,7 +207,7 @@ def test_grammar_compilation_does_not_stall_other_endpoints(live, monkeypatch):
 
     monkeypatch.setattr(live.backend, "check_structured", slow_compile)
     result = {}
-    body = {"prompt": "hi", "max_tokens": 2, "guided_choice": ["yes", "no"]}
+    body = {"prompt": "hi", "max_tokens": 8, "temperature": 0, "guided_choice": ["yes", "no"]}
     worker = threading.Thread(target=lambda: result.update(r=http(live).post("/v1/completions", json=body)))
     worker.start()
     assert slow.wait(10)
