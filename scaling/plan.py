@@ -121,10 +121,10 @@ def _latent(base: TrainConfig, patch) -> tuple[int, ...]:
 
 def profile_size(depth: int, sweep: SweepConfig, latent: tuple[int, ...], micro: int, micro_steps: int) -> SizeProfile:
     """Parameters and per-step FLOPs of the family's DiT at `depth`, counted on a shape-only twin
-    (train.loop.StepMeter, the training loop's own counter) for `micro` samples per micro-step,
+    (train.meter.StepMeter, the training loop's own counter) for `micro` samples per micro-step,
     `micro_steps` micro-steps per optimizer step (processes x grad_accum)."""
     from model.text_encoder import MAX_LENGTH
-    from train.loop import StepMeter
+    from train.meter import StepMeter
 
     model_cfg = sweep.family.model(depth, latent[0])
     meter = StepMeter(model_cfg, None, None, torch.device("cpu"))
@@ -213,7 +213,7 @@ def time_sizes(plan: Plan, trials: int = 3) -> None:
     real model with AdamW in the runs' precision on this device, plus rendering one batch."""
     from model.diffusion import training_loss
     from train.data.loader import make_dataset
-    from train.loop import mixed_precision
+    from train.accelerator import mixed_precision
     from train.speed import adamw
 
     base = base_train_config(plan.sweep)

@@ -15,7 +15,7 @@ from train.config import load_train_config
 from train.data.latent_cache import LatentCache
 from train.data.latents import build_cache, build_cache_for
 from train.data.loader import make_dataset
-from train.loop import dropped_captions
+from train.step import dropped_captions
 
 from test_train import ROOT, SMALL, _env, _losses, _model_yaml
 

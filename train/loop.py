@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import random
 import time
 import zlib
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -37,208 +33,22 @@ from model.vae import load_codec
 from profiling.threads import ThreadWatch, apply_thread_policy
 from profiling.hardware import device_peak, format_rate
 from profiling.ledger import Ledger, make_record, read_ledgers
-from profiling.measure import FlopMeter, forward_backward
-from profiling.parts import FROZEN, param_parts
+from profiling.parts import param_parts
 from profiling.report import Group, format_report, summarize
 from train import checkpoint
+from train.accelerator import gathered, make_accelerator
 from train.config import TrainConfig, validate
 from train.data.latents import build_cache
 from train.data.loader import make_loader
 from train.ema import EMA
 from train.faults import NonfiniteGuard, RunLock, die_with_parent
+from train.meter import StepMeter, StepWindow
 from train.preempt import StopRequest
 from train.quiet import quiet_deepspeed_on_cpu
 from train.runlog import start_attempt, superseded_summary
+from train.schedule import lr_lambda
 from train.speed import adamw
-
-
-def mixed_precision(setting: str, cuda: bool) -> str:
-    """accelerate's mixed_precision for a config's setting: "auto" is bf16 where it pays (GPUs;
-    CPUs whose bf16 matmul is safe and clearly faster than fp32, measured by profiling.cpu), else
-    "no". An explicit "bf16" is honoured anywhere (prepare_cpu has made it safe)."""
-    if setting not in ("auto", "no", "bf16"):
-        raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {setting!r}")
-    if setting != "auto":
-        return setting
-    if cuda:
-        return "bf16"
-    from profiling.cpu import preferred_cpu_dtype
-
-    return "bf16" if preferred_cpu_dtype() == "bf16" else "no"
-
-
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """The run's precision (mixed_precision), gloo where there is no CUDA (DeepSpeed would
-    otherwise ask for NCCL), and a short collective timeout so hangs fail fast. DeepSpeed comes
-    from the accelerate config (`accelerate launch`) or from the run's own `deepspeed:` JSON
-    (any launcher: torchrun reads no accelerate config); both at once is refused."""
-    precision = mixed_precision(cfg.mixed_precision, torch.cuda.is_available())
-    kwargs = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = {} if torch.cuda.is_available() else {"backend": "gloo"}
-        kwargs.append(InitProcessGroupKwargs(timeout=timedelta(minutes=10), **backend))
-    plugin = None
-    if cfg.deepspeed:
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            raise ValueError("deepspeed: the accelerate config already sets up DeepSpeed; give one of the two")
-        plugin = DeepSpeedPlugin(hf_ds_config=str(Path(cfg.deepspeed).resolve()))
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=kwargs,
-                       deepspeed_plugin=plugin)
-
-
-def gathered(model, deepspeed):
-    """ZeRO-3 keeps 1/N of each parameter per rank: gather them whole (for the EMA) where needed."""
-    if deepspeed is None or deepspeed.zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed as ds
-
-    return ds.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-
-def lr_lambda(warmup_steps: int, max_steps: int):
-    """Linear warm-up, then cosine to zero at max_steps: the LR multiplier at each step."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-class StepWindow:
-    """One optimizer step's micro-batches on this rank (grad_accum of them): FLOPs, tokens, the
-    latent shapes they had and their losses."""
-
-    def __init__(self) -> None:
-        self.flops, self.tokens, self.shapes, self.losses = None, 0, [], []
-        self.sources, self.seeds = [], []  # the batch's identity, for a non-finite step's message
-
-    def add(self, flops, tokens: int, latent_shape: tuple[int, ...]) -> None:
-        self.flops = flops if self.flops is None else self.flops + flops
-        self.tokens += tokens
-        self.shapes.append(latent_shape)
-
-    def totals(self, device, stop: bool = False) -> torch.Tensor:
-        """[sum of micro-batch losses, micro-batches, samples, stop requested] on this rank, to be
-        summed over ranks (a stop request rides along: every rank learns of it at the same step)."""
-        return torch.stack([torch.stack(self.losses).sum(),
-                            torch.tensor(float(len(self.losses)), device=device),
-                            torch.tensor(float(sum(s[0] for s in self.shapes)), device=device),
-                            torch.tensor(float(stop), device=device)])
-
-    def shape(self, grad_accum: int, samples_per_step: int) -> str:
-        """The ledger's shape label: micro-batch size, samples per optimizer step (all ranks) and
-        latent size, e.g. 'B=2 x2 accum, 8 samples/step, latent=1x16x16'."""
-        sizes = sorted({s[0] for s in self.shapes})
-        latents = "+".join(sorted({"x".join(map(str, s[2:])) for s in self.shapes}))
-        accum = f" x{grad_accum} accum" if grad_accum > 1 else ""
-        return f"B={'/'.join(map(str, sizes))}{accum}, {samples_per_step} samples/step, latent={latents}"
-
-
-class StepMeter:
-    """FLOPs of one micro-step, counted once per (batch, latent, text) shape on fake tensors."""
-
-    def __init__(self, model_cfg, codec, text_encoder, device: torch.device) -> None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        # A shape-only twin on the training device: counting never touches the (wrapped, sharded) trained model.
-        # ("cpu:0", which accelerate reports for CPU ranks, and "cpu" must not count as two devices)
-        with FakeTensorMode(), torch.device("cpu" if device.type == "cpu" else device):
-            self.model = DiT.from_dit_config(model_cfg)
-        self.codec, self.text_encoder = codec, text_encoder
-        self.dit = FlopMeter(DiT.flop_parts)
-        self.frozen = FlopMeter()
-
-    def count(self, video: torch.Tensor | None, latents: torch.Tensor, captions: list[str], context, mask):
-        """The DiT's forward + backward, plus the frozen encoders' forwards when they ran on `video`
-        (None: the batch came from the latent cache, whose stage counted them once)."""
-        key = (None if video is None else tuple(video.shape), tuple(latents.shape), None if context is None else tuple(context.shape))
-        kwargs = {} if context is None else {"context": context, "context_mask": mask}
-        t = torch.zeros(latents.shape[0], device=latents.device)
-        dit = self.dit.count(key, forward_backward(self.model, latents, t, **kwargs))
-        if video is None:
-            return dit
-
-        def frozen() -> None:
-            with torch.no_grad():
-                self.codec.encode(video)
-                if self.text_encoder is not None:
-                    self.text_encoder(captions, pad_to_max_length=True)
-
-        return dit + self.frozen.count(key, frozen).relabel(FROZEN)
-
-
-def any_rank_empty(accelerator, batch: dict) -> bool:
-    """Whether any rank's batch came out empty (all its clips failed to decode after the scan).
-    All ranks must skip such a step together: a rank that skipped alone would leave the others
-    waiting in the gradient all-reduce until the collective timeout."""
-    empty = not batch["captions"]
-    if accelerator.num_processes == 1:
-        return empty
-    flag = torch.tensor([float(empty)], device=accelerator.device)
-    return accelerator.reduce(flag, "sum").item() > 0
-
-
-def dropped_captions(seeds: list[int], rate: float) -> list[bool]:
-    """Which samples train unconditioned (caption ""), from each sample's own seed: the same
-    samples whatever the batch split across ranks, and again after a resume."""
-    return [rate > 0 and random.Random(seed).random() < rate for seed in seeds]
-
-
-@torch.no_grad()
-def encode_batch(batch: dict, codec, text_encoder, null, drop: list[bool], device):
-    """(video or None, latents, context, mask) of a batch of clips (encoded here by the frozen
-    codec and text encoder) or of cached latents (`null`: the cached empty caption's embedding)."""
-    if "latents" in batch:
-        latents, context, mask = batch["latents"].to(device), batch["context"], batch["context_mask"]
-        if context is not None:
-            context, mask = context.to(device), mask.to(device)
-            if any(drop):
-                rows = torch.tensor(drop, device=device)
-                context = torch.where(rows[:, None, None], null[0], context)
-                mask = torch.where(rows[:, None], null[1], mask)
-        return None, latents, context, mask
-    video = batch["video"].to(device)
-    captions = ["" if d else c for c, d in zip(batch["captions"], drop)]
-    context, mask = text_encoder(captions, pad_to_max_length=True) if text_encoder else (None, None)
-    return video, codec.encode(video), context, mask
-
-
-def nonfinite_policy(cfg: TrainConfig, accelerator) -> str:
-    """The policy for non-finite steps this run can honour. Under DeepSpeed the engine applies the
-    update inside backward, before the loop sees the gradient norm: a bad step cannot be skipped
-    there, only stopped after (its weights are never checkpointed), so "skip" becomes "stop", said
-    once at the start."""
-    if cfg.nonfinite == "skip" and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.print("nonfinite=skip: under DeepSpeed the engine updates the weights inside backward, before the "
-                          "gradient norm is known, so a non-finite step stops the run instead (as nonfinite=stop)")
-        return "stop"
-    return cfg.nonfinite
-
-
-def apply_update(accelerator, model, optimizer, scheduler, grad_clip: float, guard: NonfiniteGuard,
-                 window: StepWindow, step: int) -> float | None:
-    """The optimizer step that ends an accumulation window: clip, check the window's loss and the
-    gradient norm are finite on every rank, then step the optimizer and the LR schedule. Returns the
-    LR the step used, or None when the guard skipped it (no update at all); RunError when the guard
-    stops the run."""
-    norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # DeepSpeed: the engine's norm
-    loss = torch.stack(window.losses).sum().float()
-    finite = bool(torch.isfinite(loss)) and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
-    if accelerator.num_processes > 1:  # every rank takes the same decision
-        finite = accelerator.reduce(torch.tensor([float(not finite)], device=accelerator.device), "sum").item() == 0
-    detail = (f"loss {loss.item() / len(window.losses)} / gradient norm {None if norm is None else float(norm)} "
-              f"(rank {accelerator.process_index}) on the batch of sources {window.sources} (noise seeds {window.seeds})")
-    if guard.skip(step, finite, detail):
-        optimizer.zero_grad(set_to_none=True)
-        return None
-    optimizer.step()
-    lr = scheduler.get_last_lr()[0]  # the LR this step used; stepping the schedule moves it on
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return lr
+from train.step import any_rank_empty, apply_update, dropped_captions, encode_batch, nonfinite_policy
 
 
 def resume_attempt(accelerator, run: Path, states: dict) -> tuple[int, int]:
