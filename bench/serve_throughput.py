@@ -303,9 +303,9 @@ def peer_dtype(dtype: str, device: str) -> str:
     runs it clearly faster than fp32, float32 elsewhere), so every engine runs one dtype."""
     if dtype != "auto":
         return dtype
-    from profiling.cpu import preferred_cpu_dtype
+    from profiling.hardware import auto_dtype
 
-    return "bfloat16" if device != "cpu" or preferred_cpu_dtype() == "bf16" else "float32"
+    return {"bf16": "bfloat16", "fp32": "float32"}[auto_dtype(device)]
 
 
 def start_servers(stack: ExitStack, args: argparse.Namespace, model_dir: Path, load: Workload, dtype: str) -> dict[str, str]:

@@ -211,3 +211,11 @@ def test_flops_peak_command_shows_the_cache(cache):
     proc = subprocess.run([sys.executable, "-m", "model.flops", "peak", "--json"], capture_output=True, text=True,
                           env=dict(os.environ), timeout=120)
     assert json.loads(proc.stdout)["cpu"]["fp32"] == 123.4e9
+
+
+def test_auto_dtype_is_bf16_on_a_gpu_and_the_measured_choice_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(cpu, "preferred_cpu_dtype", lambda: "fp32")
+    assert hardware.auto_dtype("cuda") == hardware.auto_dtype("cuda:1") == "bf16"
+    assert hardware.auto_dtype("cpu") == hardware.auto_dtype(torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(cpu, "preferred_cpu_dtype", lambda: "bf16")
+    assert hardware.auto_dtype("cpu") == "bf16"

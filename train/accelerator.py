@@ -12,22 +12,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+from profiling.hardware import auto_dtype
 from train.config import TrainConfig
 
 
 def mixed_precision(setting: str, cuda: bool) -> str:
     """accelerate's mixed_precision for a config's setting: "auto" is bf16 where it pays (GPUs;
-    CPUs whose bf16 matmul is safe and clearly faster than fp32, measured by profiling.cpu), else
-    "no". An explicit "bf16" is honoured anywhere (prepare_cpu has made it safe)."""
+    CPUs whose bf16 matmul is safe and clearly faster than fp32: profiling.hardware.auto_dtype),
+    else "no". An explicit "bf16" is honoured anywhere (prepare_cpu has made it safe)."""
     if setting not in ("auto", "no", "bf16"):
         raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {setting!r}")
     if setting != "auto":
         return setting
-    if cuda:
-        return "bf16"
-    from profiling.cpu import preferred_cpu_dtype
-
-    return "bf16" if preferred_cpu_dtype() == "bf16" else "no"
+    return "bf16" if auto_dtype("cuda" if cuda else "cpu") == "bf16" else "no"
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
