@@ -43,7 +43,7 @@ from train import judge as judges  # noqa: E402
 from train.data.digits import MovingDigits  # noqa: E402
 from train.data.digits import caption as canonical_caption  # noqa: E402
 from train.ema import EMA  # noqa: E402
-from train.loop import lr_lambda  # noqa: E402
+from train.schedule import lr_lambda  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

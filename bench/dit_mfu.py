@@ -19,7 +19,7 @@ import torch
 
 from model.configs import load_config
 from model.dit import DiT
-from profiling.formulas.dit import dit_flops
+from model.flops.formula import dit_flops
 from profiling.hardware import accelerator, normalize_dtype
 from profiling.measure import count_flops, forward_backward
 

@@ -3,7 +3,7 @@
 A record holds what a fit needs under every compute definition:
 
     measured        the ledger's FLOPs: ops that ran, forward + backward (profiling.measure)
-    exact           the analytic count of the same ops (profiling.formulas.dit)
+    exact           the analytic count of the same ops (model.flops.formula)
     6N·D            6 x non-embedding trained parameters x tokens (Kaplan's N; the project's law)
     6N_total·D      6 x all trained parameters x tokens
     6N_per_token·D  6 x the parameters every token passes through (non-embedding minus the

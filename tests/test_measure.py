@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from model.configs import PRESETS
 from model.dit import DiT, DiTConfig
-from profiling.formulas.dit import dit_flops
+from model.flops.formula import dit_flops
 from profiling.formulas.llama import DECODER_PARTS, DecoderShape, decoder_flops
 from profiling.measure import FlopMeter, count_flops, deepspeed_forward_flops, forward_backward
 from profiling.parts import param_parts

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from profiling.formulas.dit import dit_flops
+from model.flops.formula import dit_flops
 from scaling.analysis import analyze
 from scaling.cli import main as scaling_main
 from scaling.config import SweepConfig, build_config, load_sweep_config
