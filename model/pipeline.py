@@ -60,6 +60,8 @@ def _first_half(cond: dict, b: int) -> dict:
 def _saved(path: str | Path) -> Path:
     """`path` as a Path, if it holds a saved pipeline (pipeline.json); else a clear error."""
     path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such directory (a saved pipeline is a directory, e.g. RUN_DIR/pipeline)")
     if not (path / "pipeline.json").is_file():
         raise ValueError(f"{path} is not a saved ministack pipeline (no pipeline.json)")
     return path

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extend", choices=("forward", "backward"))
     p.add_argument("--strength", type=float, help="SDEdit: how much of the path to re-noise, in (0, 1]")
     p.add_argument("--fps", type=float, default=8.0)
-    p.add_argument("--out", default="out/sample", help="output path stem: writes STEM.mp4, STEM.gif, STEM.png")
+    p.add_argument("--out", default="out/sample", help="output path stem: STEM.png (a row per sample, a column per frame) and STEM.mp4 + STEM.gif "
+                   "(with --num N > 1: STEM-0.mp4 ... STEM-{N-1}.gif)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             guidance_interval=args.guidance_interval, generator=torch.Generator().manual_seed(args.seed), extend=args.extend, strength=args.strength, **media,
         )
     except (ValueError, FileNotFoundError) as err:
-        print(f"ministack sample: error: {err}", file=sys.stderr)
+        flag = "--pipeline " if args.pipeline and str(err).startswith(str(args.pipeline)) else ""
+        print(f"ministack sample: error: {flag}{err}", file=sys.stderr)
         return 2
     stem = Path(args.out)
     written = [write_image(stem.with_suffix(".png"), frame_grid(out.videos))]
