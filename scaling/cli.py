@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from scaling.report import format_analysis, format_plan
+from scaling.report import Provenance, format_analysis, format_plan
 from serve.cli import add_engine_arguments
 
 def _cpu_threads() -> None:
@@ -77,6 +77,7 @@ def _sweep(args) -> int:
 
 
 def _status(args) -> int:
+    from scaling.record import RunRecord
     from scaling.runs import log_tail, state
     from scaling.slurm import task_states
 
@@ -90,8 +91,8 @@ def _status(args) -> int:
     for run in runs:
         run_dir, status = sweep_dir / run["dir"], state(sweep_dir, run)
         if status == "finished":
-            r = json.loads((run_dir / "result.json").read_text())
-            detail = f"loss {r['loss']:.4f} ± {r['loss_se']:.4f}, {r['wall_s']:.0f} s"
+            r = RunRecord.from_json(json.loads((run_dir / "result.json").read_text()), run_dir / "result.json")
+            detail = f"loss {r.loss:.4f} ± {r.loss_se:.4f}, {r.wall_s:.0f} s"
         elif status == "failed":
             f = json.loads((run_dir / "failed.json").read_text())
             detail = f"exit {f['returncode']}:\n" + "\n".join("      " + x for x in f["tail"].splitlines())
@@ -110,26 +111,26 @@ def _status(args) -> int:
     return 0
 
 
-def _provenance(args, plot: Path | None, report: Path) -> dict:
+def _provenance(args, plot: Path | None, report: Path) -> Provenance:
     """Where the fitted data came from and the commands, for the markdown report."""
     import shlex
     import subprocess
 
-    out = {"source": args.csv or args.sweep_dir, "command": "ministack scaling " + shlex.join(args.argv)}
+    out = Provenance(source=args.csv or args.sweep_dir, command="ministack scaling " + shlex.join(args.argv))
     if plot is not None:
-        out["plot"] = str(Path(plot).resolve().relative_to(report.parent.resolve())) if Path(plot).resolve().is_relative_to(report.parent.resolve()) else str(plot)
+        out.plot = str(Path(plot).resolve().relative_to(report.parent.resolve())) if Path(plot).resolve().is_relative_to(report.parent.resolve()) else str(plot)
     plan_path = Path(args.sweep_dir or "") / "plan.json"
     if args.sweep_dir and plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         sweep, data = plan["sweep"], plan["sweep"]["train"]["data"]
-        out["sweep"] = {"command": f"ministack scaling sweep {sweep['name']} --out {args.sweep_dir}",
-                        "data": f"data {data.get('kind', 'procedural')}, {plan['data_clips']:,} clips of latent "
-                                f"{'x'.join(map(str, plan['latent']))}, global batch {sweep['hparams']['batch_size']}"}
+        out.sweep_command = f"ministack scaling sweep {sweep['name']} --out {args.sweep_dir}"
+        out.sweep_data = (f"data {data.get('kind', 'procedural')}, {plan['data_clips']:,} clips of latent "
+                          f"{'x'.join(map(str, plan['latent']))}, global batch {sweep['hparams']['batch_size']}")
     here = Path(__file__).resolve().parent.parent
     git = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     if git.returncode == 0:
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        out["code"] = f"ministack at commit {git.stdout.strip()}" + (" with uncommitted changes" if dirty.strip() else "")
+        out.code = f"ministack at commit {git.stdout.strip()}" + (" with uncommitted changes" if dirty.strip() else "")
     return out
 
 
@@ -152,7 +153,7 @@ def _fit(args) -> int:
     results = read_csv(args.csv) if args.csv else load_results(Path(args.sweep_dir))
     result = analyze(results, primary=args.definition, bootstrap=args.bootstrap, at=args.at,
                      inference_tokens=args.inference_tokens or 0.0, sampling_steps=args.sampling_steps, starts=args.starts)
-    print(json.dumps(result, indent=1) if args.json else format_analysis(result))
+    print(json.dumps(result.to_json(), indent=1) if args.json else format_analysis(result))
     side = sys.stderr if args.json else sys.stdout
     plot = args.plot or (Path(args.sweep_dir) / "fits.png" if args.sweep_dir else None)
     if plot is not None:
@@ -160,7 +161,7 @@ def _fit(args) -> int:
 
         print(f"plots: {plot_fits(results, result, plot)}", file=side)
     if args.sweep_dir:
-        (Path(args.sweep_dir) / "fit.json").write_text(json.dumps(result, indent=1))
+        (Path(args.sweep_dir) / "fit.json").write_text(json.dumps(result.to_json(), indent=1))
     report = args.report or (Path(args.sweep_dir) / "report.md" if args.sweep_dir else None)
     if report is not None:
         report = Path(report)

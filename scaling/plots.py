@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scaling.fit import ParametricFit
+from scaling.findings import Analysis
+from scaling.record import RunRecord
 
 
 def _pyplot():
@@ -31,59 +32,64 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_fits(results: list[dict], analysis: dict, path: str | Path) -> Path:
+def _size_key(run: RunRecord, n: float) -> float:
+    """The curve a run is drawn on: its depth (a sweep's), else its log10 N to one decimal (a CSV's)."""
+    return run.depth if run.depth is not None else round(math.log10(n), 1)
+
+
+def plot_fits(results: list[RunRecord], analysis: Analysis, path: str | Path) -> Path:
     """Write the four panels for `analysis` (scaling.analysis.analyze of `results`) to `path`."""
     plt = _pyplot()
-    definition = analysis["definition"]
-    runs = [r for r in results if r.get("lr_multiplier", 1) == 1]
-    a3, a2, a1 = (analysis["fit"][k] for k in ("approach3", "approach2", "approach1"))
-    law = ParametricFit.from_values(a3)
-    n_of = {id(r): r["flops"][definition] / (6 * r["tokens"]) for r in runs}
-    c_of = {id(r): r["flops"][definition] for r in runs}
+    definition = analysis.definition
+    runs = [r for r in results if r.lr_multiplier == 1]
+    a3, a2, a1 = analysis.approach3, analysis.approach2, analysis.approach1
+    law = a3.law()
+    n_of = {id(r): r.n_eff(definition) for r in runs}
+    c_of = {id(r): r.flops[definition] for r in runs}
     fig, ((ax_c, ax_iso), (ax_opt, ax_res)) = plt.subplots(2, 2, figsize=(12, 9))
     cmap = plt.get_cmap("viridis")
 
-    sizes = sorted({r.get("depth", round(math.log10(n_of[id(r)]), 1)) for r in runs})
+    sizes = sorted({_size_key(r, n_of[id(r)]) for r in runs})
     for i, size in enumerate(sizes):
-        mine = sorted((r for r in runs if r.get("depth", round(math.log10(n_of[id(r)]), 1)) == size), key=lambda r: c_of[id(r)])
-        ax_c.plot([c_of[id(r)] for r in mine], [r["loss"] for r in mine], "o-", color=cmap(i / max(1, len(sizes) - 1)),
-                  label=f"depth {size}" if "depth" in mine[0] else f"log10 N {size}")
+        mine = sorted((r for r in runs if _size_key(r, n_of[id(r)]) == size), key=lambda r: c_of[id(r)])
+        ax_c.plot([c_of[id(r)] for r in mine], [r.loss for r in mine], "o-", color=cmap(i / max(1, len(sizes) - 1)),
+                  label=f"depth {size}" if mine[0].depth is not None else f"log10 N {size}")
     cs = np.geomspace(min(c_of.values()) / 1.5, max(c_of.values()) * 1.5, 50)
     ax_c.plot(cs, [law.loss(*law.optimum(c)) for c in cs], "k--", label="approach 3 frontier")
     ax_c.set(xscale="log", xlabel=f"training compute C ({definition}, FLOPs)", ylabel="held-out loss",
              title="loss vs compute per size")
     ax_c.legend(fontsize=7)
 
-    budgets = sorted({r["budget"] for r in runs})
+    budgets = sorted({r.budget for r in runs})
     for i, budget in enumerate(budgets):
-        mine = sorted((r for r in runs if r["budget"] == budget), key=lambda r: n_of[id(r)])
+        mine = sorted((r for r in runs if r.budget == budget), key=lambda r: n_of[id(r)])
         colour = cmap(i / max(1, len(budgets) - 1))
-        ax_iso.errorbar([n_of[id(r)] for r in mine], [r["loss"] for r in mine], yerr=[r.get("loss_se") or 0 for r in mine],
+        ax_iso.errorbar([n_of[id(r)] for r in mine], [r.loss for r in mine], yerr=[r.loss_se or 0 for r in mine],
                         fmt="o", color=colour, label=f"C {budget:.2g}")
         if len(mine) >= 3:
             x = np.log([n_of[id(r)] for r in mine])
-            curve = np.polyfit(x, [r["loss"] for r in mine], 2)
+            curve = np.polyfit(x, [r.loss for r in mine], 2)
             xs = np.linspace(x.min(), x.max(), 40)
             ax_iso.plot(np.exp(xs), np.polyval(curve, xs), "-", color=colour, lw=1)
-    for p in a2["profiles"]:
-        if p["n_opt"]:
-            ax_iso.plot(p["n_opt"], p["loss_opt"], "x" if p["flag"] else "*", color="red", ms=10)
+    for p in a2.profiles:
+        if p.n_opt:
+            ax_iso.plot(p.n_opt, p.loss_opt, "x" if p.flag else "*", color="red", ms=10)
     ax_iso.set(xscale="log", xlabel="N (C / 6D)", ylabel="held-out loss", title="isoFLOP profiles (x: left out)")
     ax_iso.legend(fontsize=7)
 
-    ax_opt.plot(cs, [law.optimum(c)[0] for c in cs], "k-", label=f"approach 3: a = {a3['a']:.2f}")
-    if "n_opt" in a3.get("intervals", {}):
-        lo, hi = a3["intervals"]["n_opt"]
-        ax_opt.errorbar([a3["at"]], [a3["n_opt"]], yerr=[[a3["n_opt"] - lo], [hi - a3["n_opt"]]], fmt="ks", capsize=4)
-    used = [p for p in a2["profiles"] if p["n_opt"] and not p["flag"]]
-    ax_opt.plot([p["budget"] for p in used], [p["n_opt"] for p in used], "r*", ms=10,
-                label=f"approach 2: a = {a2['a']:.2f}" if a2["a"] is not None else "approach 2")
-    ax_opt.plot([b["budget"] for b in a1["best"]], [b["n"] for b in a1["best"]], "bo",
-                label=f"approach 1: a = {a1['a']:.2f}" if a1["a"] is not None else "approach 1")
+    ax_opt.plot(cs, [law.optimum(c)[0] for c in cs], "k-", label=f"approach 3: a = {a3.a:.2f}")
+    if "n_opt" in a3.intervals:
+        lo, hi = a3.intervals["n_opt"]
+        ax_opt.errorbar([a3.at], [a3.n_opt], yerr=[[a3.n_opt - lo], [hi - a3.n_opt]], fmt="ks", capsize=4)
+    used = [p for p in a2.profiles if p.n_opt and not p.flag]
+    ax_opt.plot([p.budget for p in used], [p.n_opt for p in used], "r*", ms=10,
+                label=f"approach 2: a = {a2.a:.2f}" if a2.a is not None else "approach 2")
+    ax_opt.plot([b.budget for b in a1.best], [b.n for b in a1.best], "bo",
+                label=f"approach 1: a = {a1.a:.2f}" if a1.a is not None else "approach 1")
     ax_opt.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel="N_opt", title="compute-optimal size")
     ax_opt.legend(fontsize=8)
 
-    residuals = [math.log(law.loss(n_of[id(r)], r["tokens"])) - math.log(r["loss"]) for r in runs]
+    residuals = [math.log(law.loss(n_of[id(r)], r.tokens)) - math.log(r.loss) for r in runs]
     ax_res.scatter([c_of[id(r)] for r in runs], residuals, c=[math.log(n_of[id(r)]) for r in runs], cmap="viridis")
     ax_res.axhline(0, color="black", lw=1)
     ax_res.set(xscale="log", xlabel="C (FLOPs)", ylabel="log predicted - log measured", title="approach 3 residuals")

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from scaling.plan import Plan, PlannedRun
+from scaling.record import RunRecord
 from scaling.results import RESULTS, collect_result, write_results
 
 
@@ -79,7 +80,7 @@ def _ignore_usr2() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> dict | None:
+def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> RunRecord | None:
     """Train one run to its end (resuming it if it had started), check it and write its
     result.json; None and a failed.json (exit status, log tail) if training failed; None alone
     if it stopped on request (RUN_DIR/slurm/stop: a SLURM time limit) after a checkpoint."""
@@ -101,9 +102,9 @@ def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> dict | 
              + "\n".join("    " + line for line in tail.splitlines()))
         return None
     result = collect_result(plan, run, run_dir)
-    _atomic_json(run_dir / "result.json", result)
-    echo(f"  {run.id}: loss {result['loss']:.4f} ± {result['loss_se']:.4f}, measured C {result['flops']['measured']:.3e} "
-         f"({result['budget_error']:+.2%} of budget), {result['wall_s']:.0f} s")
+    _atomic_json(run_dir / "result.json", result.to_json())
+    echo(f"  {run.id}: loss {result.loss:.4f} ± {result.loss_se:.4f}, measured C {result.flops['measured']:.3e} "
+         f"({result.budget_error:+.2%} of budget), {result.wall_s:.0f} s")
     return result
 
 
