@@ -20,7 +20,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
+from scaling.record import Definition
 from scaling.report import Provenance, format_analysis, format_plan
 from serve.cli import add_engine_arguments
 
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="approach 3: L-BFGS from this many of Chinchilla's 4,500 grid points, those starting lowest, "
                         "or 'all' as Epoch did (default 100)")
     f.add_argument("--at", type=parse_number, default=None, help="budget (FLOPs) for N_opt, D_opt, tokens/param")
-    f.add_argument("--definition", default=None, help="compute definition of the main fit (default measured)")
+    f.add_argument("--definition", choices=get_args(Definition), default=None,
+                   help="compute definition of the main fit (default measured; a CSV's is given)")
     f.add_argument("--inference-tokens", type=parse_number, default=None,
                    help="lifetime generated tokens: add the size minimising training + inference compute")
     f.add_argument("--sampling-steps", type=int, default=50, help="denoising steps per generated sample (default 50)")

@@ -1,6 +1,6 @@
 """Run records and the fits' JSON: a results.jsonl line written before the records were typed
 reads back and is written again byte for byte, fit.json keeps its layout, and what is not a
-record is refused naming its file."""
+record or not a definition is refused by name."""
 
 import json
 from dataclasses import replace
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from scaling.analysis import analyze, approach2
+from scaling.cli import main as scaling_main
 from scaling.results import load_results, read_csv, write_results
 
 # A line of results.jsonl as the untyped code wrote it (the miniature sweep's C1e09-d2; 1.0 = x1 LR).
@@ -114,3 +115,11 @@ def test_fit_json_keeps_its_layout(tmp_path):
     two = approach2([r for r in runs if r.depth < 2], "given").to_json()
     assert list(two) == "a b k profiles intervals level bootstrap bootstrap_failed".split() and two["a"] is None
 
+
+def test_fit_refuses_a_definition_by_its_flag(tmp_path, capsys):
+    path = _law_csv(tmp_path)
+    with pytest.raises(SystemExit):
+        scaling_main(["fit", "--csv", str(path), "--definition", "6ND"])
+    assert "--definition: invalid choice: '6ND'" in capsys.readouterr().err
+    assert scaling_main(["fit", "--csv", str(path), "--bootstrap", "0", "--definition", "measured"]) == 2
+    assert "compute definition 'measured' is not in the runs (have: given)" in capsys.readouterr().err

@@ -68,7 +68,8 @@ def test_plan_refuses_runs_off_their_budget():
     for bad, match in (("family.head_dim=0", "family.head_dim must be > 0"), ("hparams.lr=-1", "hparams.lr must be > 0"),
                        ("hparams.batch_size=0", "hparams.batch_size must be > 0"), ("hparams.lr_multipliers=[0]", "lr_multipliers"),
                        ("budgets=[{flops: 1.0e+11, sizes: [2.5]}]", "whole numbers"), ("budgets=[{flops: lots, sizes: [2]}]", "flops"),
-                       ("slurm.sbatch=[x]", "slurm.sbatch")):
+                       ("slurm.sbatch=[x]", "slurm.sbatch"),
+                       ("family.attention=causal", "family.attention must be one of 'full', 'factorized', got 'causal'")):
         with pytest.raises(ValueError, match=re.escape(match)):
             load_sweep_config("cpu", [bad])
 
