@@ -174,7 +174,8 @@ def _fit(args) -> int:
 
 
 def _context(args) -> int:
-    from scaling.context import analyze_context, context_report, measure_context, weight_bytes
+    from profiling.hardware import device_peak
+    from scaling.context import ContextReport, DevicePeak, analyze_context, measure_context, weight_bytes
     from scaling.plots import plot_context
     from scaling.report import format_context
     from serve.cli import engine_config
@@ -189,18 +190,16 @@ def _context(args) -> int:
         points = measure_context(engine, contexts, batch=args.batch, decode_tokens=args.decode_tokens)
     except ValueError as err:
         raise ValueError(f"{err} (--contexts, --batch, --decode-tokens, --kv-cache-gb)") from None
-    report = context_report(points, analyze_context(points, weight_bytes(engine.model)))
-    report["model"], report["device"], report["dtype"] = engine.model_name, str(engine.device), str(engine.dtype).removeprefix("torch.")
-    report["kv_cache_dtype"] = str(engine.kv_dtype).removeprefix("torch.")
-    from profiling.hardware import device_peak
-
     peak = device_peak(engine.device, engine.dtype)
-    report["peak"] = {"flops": peak.flops, "source": f"{peak.device} {peak.dtype} peak ({peak.source})"}
-    print(json.dumps(report, indent=1) if args.json else format_context(report))
+    report = ContextReport(points, analyze_context(points, weight_bytes(engine.model)), model=engine.model_name,
+                           device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+                           kv_cache_dtype=str(engine.kv_dtype).removeprefix("torch."),
+                           peak=DevicePeak(flops=peak.flops, source=f"{peak.device} {peak.dtype} peak ({peak.source})"))
+    print(json.dumps(report.to_json(), indent=1) if args.json else format_context(report))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "context.json").write_text(json.dumps(report, indent=1))
+        (out / "context.json").write_text(json.dumps(report.to_json(), indent=1))
         print(f"plots: {plot_context(report, out / 'context.png')}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scaling.context import ContextReport
 from scaling.findings import Analysis
 from scaling.record import RunRecord
 
@@ -96,37 +97,37 @@ def plot_fits(results: list[RunRecord], analysis: Analysis, path: str | Path) ->
     return _save(fig, path)
 
 
-def plot_context(report: dict, path: str | Path) -> Path:
+def plot_context(report: ContextReport, path: str | Path) -> Path:
     """Two panels of `scaling context`'s report: FLOPs per decoded token vs context (measured by
     part, the formula, 2N, the attention = weights crossover) and TPOT vs context (measured, its
     straight-line fit, the turn)."""
     plt = _pyplot()
-    points, a = report["points"], report["analysis"]
-    ctx = np.array([p["context"] for p in points])
-    attention = np.array([p["decode_flops"].get("attention", 0) for p in points])
-    total = np.array([sum(p["decode_flops"].values()) for p in points])
+    points, a = report.points, report.analysis
+    ctx = np.array([p.context for p in points])
+    attention = np.array([p.attention_flops for p in points])
+    total = np.array([sum(p.decode_flops.values()) for p in points])
     fig, (ax_f, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5))
     ax_f.plot(ctx, total, "ko-", label="measured, total")
     ax_f.plot(ctx, total - attention, "s-", label="measured, weights (dense + lm-head)")
     ax_f.plot(ctx, attention, "^-", label="measured, attention")
-    ax_f.plot(ctx, [sum(p["formula_flops"].values()) for p in points], "k:", label="formula")
-    ax_f.axhline(a["law_flops_per_token"], color="red", ls="--", label="law: 2N")
-    if (x := a["attention_equals_weights_flops"]) is not None:
+    ax_f.plot(ctx, [sum(p.formula_flops.values()) for p in points], "k:", label="formula")
+    ax_f.axhline(a.law_flops_per_token, color="red", ls="--", label="law: 2N")
+    if (x := a.attention_equals_weights_flops) is not None:
         ax_f.axvline(x, color="grey", lw=1)
         ax_f.text(x, 0.5, f" attention = weights\n at {x:,.0f}", transform=ax_f.get_xaxis_transform(), fontsize=8)
     ax_f.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="FLOPs per generated token", title="decode FLOPs")
     ax_f.set_xticks(ctx, [f"{c:,}" for c in ctx], fontsize=7)
     ax_f.xaxis.set_minor_formatter("")
     ax_f.legend(fontsize=7)
-    ax_t.plot(ctx, [p["tpot_s"] * 1e3 for p in points], "ko-", label="measured TPOT (median)")
-    ax_t.fill_between(ctx, [p["tpot_spread_s"][0] * 1e3 for p in points], [p["tpot_spread_s"][1] * 1e3 for p in points],
+    ax_t.plot(ctx, [p.tpot_s * 1e3 for p in points], "ko-", label="measured TPOT (median)")
+    ax_t.fill_between(ctx, [p.tpot_spread_s[0] * 1e3 for p in points], [p.tpot_spread_s[1] * 1e3 for p in points],
                       color="grey", alpha=0.3, label="fastest-slowest step")
-    if (fit := a["tpot_fit"]) is not None:
+    if (fit := a.tpot_fit) is not None:
         xs = np.linspace(0, ctx.max(), 50)
-        ax_t.plot(xs, (fit["fixed_s"] + fit["per_context_token_s"] * xs) * 1e3, "b--", label="least-squares line")
-    if (turn := a["tpot_turn"]) is not None:
+        ax_t.plot(xs, (fit.fixed_s + fit.per_context_token_s * xs) * 1e3, "b--", label="least-squares line")
+    if (turn := a.tpot_turn) is not None:
         ax_t.axvline(turn, color="blue", lw=1, label=f"K/V time = fixed time at {turn:,.0f}")
-    ax_t.axvline(a["kv_equals_weight_bytes"], color="grey", lw=1, ls=":", label=f"K/V bytes = weight bytes at {a['kv_equals_weight_bytes']:,.0f}")
-    ax_t.set(xlabel="context (tokens)", ylabel="ms per generated token", title=f"decode time, batch {a['batch']}")
+    ax_t.axvline(a.kv_equals_weight_bytes, color="grey", lw=1, ls=":", label=f"K/V bytes = weight bytes at {a.kv_equals_weight_bytes:,.0f}")
+    ax_t.set(xlabel="context (tokens)", ylabel="ms per generated token", title=f"decode time, batch {a.batch}")
     ax_t.legend(fontsize=7)
     return _save(fig, path)

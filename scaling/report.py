@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from scaling.context import ContextReport
 from scaling.findings import AblationRow, Analysis, Approach1, Approach2, Approach3, Holdout, Interval
 from scaling.plan import Plan
 from scaling.record import Definition, RunRecord
@@ -113,38 +114,38 @@ def format_analysis(result: Analysis) -> str:
     return "\n".join(lines)
 
 
-def format_context(report: dict) -> str:
+def format_context(report: ContextReport) -> str:
     """`scaling context`'s table: per context, FLOPs per decoded token (measured by part, the
     formula, 2N), TTFT and TPOT; then the crossovers."""
-    a = report["analysis"]
-    lines = [f"decode of batch {a['batch']}: FLOPs and time per generated token vs context "
-             f"(law 2N = {a['law_flops_per_token']:.4g}; weights {a['weight_bytes'] / 2**20:.1f} MiB, "
-             f"K/V {a['kv_bytes_per_key'] / 1024:.1f} KiB per key)", "",
+    a = report.analysis
+    lines = [f"decode of batch {a.batch}: FLOPs and time per generated token vs context "
+             f"(law 2N = {a.law_flops_per_token:.4g}; weights {a.weight_bytes / 2**20:.1f} MiB, "
+             f"K/V {a.kv_bytes_per_key / 1024:.1f} KiB per key)", "",
              f"{'context':>8} {'weights':>10} {'attention':>10} {'measured':>10} {'formula':>10} {'/ 2N':>6} "
              f"{'attn share':>10} {'TTFT s':>8} {'x bound':>7} {'TPOT ms':>8} {'min-max ms':>13} {'K/V MiB':>8}"]
-    peak = (report.get("peak") or {}).get("flops")
-    for p in report["points"]:
-        measured, formula = sum(p["decode_flops"].values()), sum(p["formula_flops"].values())
-        attention = p["decode_flops"].get("attention", 0)
-        lo, hi = p["tpot_spread_s"]
+    peak = report.peak.flops if report.peak else None
+    for p in report.points:
+        measured, formula = sum(p.decode_flops.values()), sum(p.formula_flops.values())
+        attention = p.attention_flops
+        lo, hi = p.tpot_spread_s
         # TTFT over its bound: the prefill's measured FLOPs at the device's peak
-        bound = f"{p['ttft_s'] / (p['prefill_flops'] / peak):>7.2f}" if peak else f"{'-':>7}"
-        lines.append(f"{p['context']:>8} {measured - attention:>10.4g} {attention:>10.4g} {measured:>10.4g} {formula:>10.4g} "
-                     f"{measured / p['law_flops']:>6.2f} {attention / measured:>10.1%} {p['ttft_s']:>8.2f} {bound} "
-                     f"{p['tpot_s'] * 1e3:>8.2f} {f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>13} {p['kv_bytes'] / 2**20:>8.1f}")
-    fit, turn = a["tpot_fit"], a["tpot_turn"]
+        bound = f"{p.ttft_s / (p.prefill_flops / peak):>7.2f}" if peak else f"{'-':>7}"
+        lines.append(f"{p.context:>8} {measured - attention:>10.4g} {attention:>10.4g} {measured:>10.4g} {formula:>10.4g} "
+                     f"{measured / p.law_flops:>6.2f} {attention / measured:>10.1%} {p.ttft_s:>8.2f} {bound} "
+                     f"{p.tpot_s * 1e3:>8.2f} {f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>13} {p.kv_bytes / 2**20:>8.1f}")
+    fit, turn = a.tpot_fit, a.tpot_turn
     if peak:
-        lines += ["", f"x bound: TTFT / (the prefill's measured FLOPs at {report['peak']['source']}, {peak / 1e9:.1f} GFLOP/s)"]
-    lines += ["", f"measured FLOPs within {a['measured_vs_formula_max_gap']:.2%} of the formula at every context",
-              f"attention's FLOPs equal the weights' at context {a['attention_equals_weights_flops']:,.0f}",
-              f"one step's K/V bytes equal the weights' at context {a['kv_equals_weight_bytes']:,.0f}"]
+        lines += ["", f"x bound: TTFT / (the prefill's measured FLOPs at {report.peak.source}, {peak / 1e9:.1f} GFLOP/s)"]
+    lines += ["", f"measured FLOPs within {a.measured_vs_formula_max_gap:.2%} of the formula at every context",
+              f"attention's FLOPs equal the weights' at context {a.attention_equals_weights_flops:,.0f}",
+              f"one step's K/V bytes equal the weights' at context {a.kv_equals_weight_bytes:,.0f}"]
     if fit is None:
         lines.append("TPOT turn: needs at least 3 contexts")
     else:
         where = (f"the context-proportional time equals the fixed time at context {turn:,.0f}" if turn is not None
                  else "TPOT does not grow with the context over the contexts measured: no turn")
-        slope = fit["per_context_token_s"] * 1e6
-        lines.append(f"TPOT = {fit['fixed_s'] * 1e3:.2f} ms {'+' if slope >= 0 else '-'} {abs(slope):.3f} µs x context: {where}")
+        slope = fit.per_context_token_s * 1e6
+        lines.append(f"TPOT = {fit.fixed_s * 1e3:.2f} ms {'+' if slope >= 0 else '-'} {abs(slope):.3f} µs x context: {where}")
     return "\n".join(lines)
 
 
