@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo flops-demo test clean
+.PHONY: setup demo flops-demo test lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ flops-demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# ruff's linter (rules and line length in pyproject.toml); .ci/run calls it before the tests
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) runs out

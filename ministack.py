@@ -1,7 +1,8 @@
 """The `ministack` command: a thin dispatcher to each package's own CLI.
 
-Every subcommand lives in the package that owns the concept (`ministack flops ...` is
-`python -m profiling ...`), so each feature is equally usable from Python or the shell.
+Every subcommand lives in the package that owns the concept (`ministack train ...` is
+`python -m train ...`; `ministack flops ...`, which counts the DiT, is `python -m model.flops ...`),
+so each feature is equally usable from Python or the shell.
 Packages are imported lazily: `ministack flops estimate` never pays for importing diffusers.
 For the commands that train or sample, OpenMP's wait policy is set here, before anything imports
 torch (profiling.threads.configure_openmp: the runtime reads it once, when torch loads it).
@@ -13,7 +14,7 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "flops": ("profiling.cli", "compute accounting: count, estimate, report, demo"),
+    "flops": ("model.flops.cli", "compute accounting: count, estimate, report, demo"),
     "train": ("train.cli", "train the DiT (accelerate + DeepSpeed) under the FLOPs profiler"),
     "sample": ("model.sample", "text/image/video -> video with a trained pipeline: mp4, gif, PNG grid"),
     "scaling": ("scaling.cli", "isoFLOP sweeps of the DiT; scaling-law fits under every way of counting compute"),

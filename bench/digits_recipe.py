@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.diffusion import TRAIN_STEPS, flow_sigmas, make_scheduler, training_loss  # noqa: E402
+from model.diffusion import MIN_SIGMA, TRAIN_STEPS, flow_sigmas, make_scheduler, training_loss  # noqa: E402
 from model.dit import DiT, DiTConfig  # noqa: E402
 from model.media import contact_sheet, write_image  # noqa: E402
 from model.pipeline import MiniStackPipeline  # noqa: E402
@@ -43,7 +43,7 @@ from train import judge as judges  # noqa: E402
 from train.data.digits import MovingDigits  # noqa: E402
 from train.data.digits import caption as canonical_caption  # noqa: E402
 from train.ema import EMA  # noqa: E402
-from train.loop import lr_lambda  # noqa: E402
+from train.schedule import lr_lambda  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,6 +68,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sigma-sampling", default="logit_normal", choices=("logit_normal", "uniform"))
     p.add_argument("--sigma-shift", type=float, default=1.0)
     p.add_argument("--target", default="native", choices=("native", "data"))
+    p.add_argument("--loss-space", default="velocity", choices=("velocity", "data"),
+                   help="the loss on the velocity (unweighted) or on the clean frame (sigma^2-weighted): needs --target data")
+    p.add_argument("--norm", default="layer", choices=("layer", "rms"), help="the blocks' and final layer's norm")
     p.add_argument("--no-pooled-text", action="store_true")
     p.add_argument("--qk-norm", action="store_true", help="RMSNorm on each head's queries and keys")
     p.add_argument("--positions", default="sincos", choices=("sincos", "rope"))
@@ -79,7 +82,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=80)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     p.add_argument("--out", default="/tmp/digits-recipe", help="sample sheets and the JSON lines of each evaluation")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.loss_space == "data" and args.target != "data":
+        p.error("--loss-space data weights a clean-frame prediction's loss: it needs --target data")
+    return args
 
 
 def render(args: argparse.Namespace, encoder: TextEncoder) -> dict:
@@ -102,11 +108,26 @@ def render(args: argparse.Namespace, encoder: TextEncoder) -> dict:
 
 
 def build_model(args: argparse.Namespace, text_dim: int) -> DiT:
-    return DiT.from_dit_config(DiTConfig(
+    model = DiT.from_dit_config(DiTConfig(
         in_channels=3, patch_size=(1, args.patch, args.patch), hidden_size=args.hidden, depth=args.depth,
         num_heads=args.heads, text_dim=0 if args.class_labels else text_dim, num_classes=10 if args.class_labels else 0,
         pooled_text=not (args.no_pooled_text or args.class_labels), target=args.target, qk_norm=args.qk_norm,
         positions=args.positions, attention=args.attention))
+    if args.norm == "rms":  # the lever tried here only: the model keeps LayerNorm unless RMSNorm wins
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.LayerNorm):
+                    setattr(module, name, torch.nn.RMSNorm(child.normalized_shape, eps=child.eps, elementwise_affine=False))
+    return model
+
+
+def loss_weights(timestep: torch.Tensor, space: str) -> torch.Tensor:
+    """Per-sample weights of the velocity-space loss. A clean-frame prediction's velocity error
+    is its clean-frame error over sigma, so weighting by sigma^2 (sigma clipped as the model's
+    velocity clips it) is the loss on the clean frame itself (the x-loss Li & He compare)."""
+    if space == "velocity":
+        return torch.ones_like(timestep)
+    return (timestep / TRAIN_STEPS).clamp(min=MIN_SIGMA).square()
 
 
 def batch(data: dict, frames: int, n: int, args: argparse.Namespace, g: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -175,7 +196,9 @@ def main() -> None:
         start = time.perf_counter()
         x, cond = batch(data, 1 if step % 2 == 0 else args.frames, args.image_batch if step % 2 == 0 else args.video_batch, args, g)
         timestep = flow_sigmas(len(x), g, args.sigma_sampling, args.sigma_shift) * TRAIN_STEPS
-        loss = training_loss(model, x, "flow", timestep=timestep, noise=torch.randn(x.shape, generator=g), **cond)
+        per_sample = training_loss(model, x, "flow", timestep=timestep, noise=torch.randn(x.shape, generator=g),
+                                   per_sample=True, **cond)
+        loss = (per_sample * loss_weights(timestep, args.loss_space)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

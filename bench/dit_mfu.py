@@ -19,8 +19,8 @@ import torch
 
 from model.configs import load_config
 from model.dit import DiT
-from profiling.formulas.dit import dit_flops
-from profiling.hardware import accelerator, normalize_dtype
+from model.flops.formula import dit_flops
+from profiling.hardware import accelerator, auto_dtype, normalize_dtype
 from profiling.measure import count_flops, forward_backward
 
 
@@ -64,10 +64,10 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        from profiling.cpu import preferred_cpu_dtype, prepare_cpu
+        from profiling.cpu import prepare_cpu
 
         prepare_cpu()
-    dtypes = args.dtype.split(",") if args.dtype else ["bf16" if device == "cuda" else preferred_cpu_dtype()]
+    dtypes = args.dtype.split(",") if args.dtype else [auto_dtype(device)]
     for dtype in dtypes:
         result = bench(args.config, tuple(int(v) for v in args.latent.split(",")), args.batch, args.text_len,
                        normalize_dtype(dtype), device, args.steps)

@@ -146,7 +146,7 @@ def main() -> None:
     prepare_cpu()
     dtype = args.dtype
     if dtype == "auto":
-        from train.loop import mixed_precision
+        from train.accelerator import mixed_precision
 
         dtype = "bf16" if mixed_precision("auto", cuda=False) == "bf16" else "fp32"
     print(f"CPU {_cpuinfo()[0]}, {torch.get_num_threads()} threads, torch {torch.__version__}; ours {args.config} in {dtype}, "

@@ -238,7 +238,7 @@ def request_set(tokenizer, prompt_lengths: list[int], output_lengths: list[int],
     return requests
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
     p.add_argument("--concurrency", default="1,4,16,64")
@@ -260,83 +260,109 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
-    from transformers import AutoConfig, AutoTokenizer
+    return args
 
-    from profiling.formulas.llama import DecoderShape, decoder_flops
-    from profiling.hardware import device_peak, format_rate
 
+Work = dict[int, list[Request]]  # concurrency -> the requests its level sends
+
+
+@dataclass
+class Workload:
+    """Every request the run sends, drawn from one seeded RNG in a fixed order."""
+
+    levels: list[int]
+    prompt_lengths: list[int]
+    output_lengths: list[int]
+    rounds: list[Work]  # each round its own requests: no round is served from another's prefix cache
+    warm_up: list[Request]
+    long_tokens: list[int]  # the long-context prompt
+    tail: list[int]  # what the second long prompt adds to the first's prefix
+    max_len: int  # the servers' --max-model-len: room for the longest request
+
+
+def make_workload(args: argparse.Namespace, tokenizer) -> Workload:
     levels = [int(c) for c in args.concurrency.split(",")]
-    model_dir = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt_lengths = [int(n) for n in args.prompt_lengths.split(",")]
     output_lengths = [int(n) for n in args.output_tokens.split(",")]
     rng = random.Random(args.seed)
-    work = {c: request_set(tokenizer, prompt_lengths, output_lengths, max(c, args.requests), rng) for c in levels}
+
+    def work() -> Work:
+        return {c: request_set(tokenizer, prompt_lengths, output_lengths, max(c, args.requests), rng) for c in levels}
+
+    first = work()
     warm_up = [Request(r.prompt[:8], 4) for r in request_set(tokenizer, [16], [4], 2, rng)]
     long_tokens = tokenizer.encode(" ".join(haystack(rng, args.long_prompt // 8)), add_special_tokens=False)[: args.long_prompt]
     tail = tokenizer.encode(" And then, at last, the story ended.", add_special_tokens=False)
-    # round 0 uses `work`; every later round its own requests (no round served from another's prefix cache)
-    rounds = [work] + [{c: request_set(tokenizer, prompt_lengths, output_lengths, max(c, args.requests), rng) for c in levels}
-                       for _ in range(args.repeats - 1)]
+    rounds = [first] + [work() for _ in range(args.repeats - 1)]
     max_len = max(args.long_prompt + len(tail) + 8, max(prompt_lengths) + max(output_lengths) + 8)
-    shape = DecoderShape.from_hf(AutoConfig.from_pretrained(model_dir))
-    results: list[Level] = []
-    long: dict[str, dict] = {}
+    return Workload(levels, prompt_lengths, output_lengths, rounds, warm_up, long_tokens, tail, max_len)
 
-    # what "auto" is for the peers: what ministack's "auto" picks (bf16 on a GPU and on a CPU
-    # that runs it clearly faster than fp32, float32 elsewhere), so every engine runs one dtype
-    peer_dtype = args.dtype
-    if args.dtype == "auto":
-        from profiling.cpu import preferred_cpu_dtype
 
-        peer_dtype = "bfloat16" if args.device != "cpu" or preferred_cpu_dtype() == "bf16" else "float32"
-    if args.device == "cpu":  # the CPU's peak is measured now, before any engine runs, with the load beside it
-        from profiling.cpu import cpu_peaks
+def peer_dtype(dtype: str, device: str) -> str:
+    """What "auto" is for the peers: what ministack's "auto" picks (bf16 on a GPU and on a CPU that
+    runs it clearly faster than fp32, float32 elsewhere), so every engine runs one dtype."""
+    if dtype != "auto":
+        return dtype
+    from profiling.hardware import auto_dtype
 
-        cpu_peaks(reprobe=True)
-    peak = device_peak(args.device, peer_dtype)
-    print(f"peak: {peak.device} {peak.dtype} {format_rate(peak.flops)} ({peak.source})", flush=True)
-    # every engine started (and warmed up) before the first round and kept until the last; the
-    # idle ones wait on a socket (measured: 0.02 s of CPU time in 10 s idle for ministack's server,
-    # 0.17 s for vLLM's), so each measurement has the cores to itself
-    with ExitStack() as stack:
-        engines: dict[str, Callable[[dict[int, list[Request]], int], list[Level]]] = {}
-        servers: dict[str, str] = {}
-        for half in ("off", "on") if args.half_weights == "both" else (args.half_weights,):
-            name = "ministack-half" if half == "on" else "ministack"
-            port = free_port()
-            cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--device", args.device, "--dtype", args.dtype,
-                   "--half-weights", half, "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)), "--kv-cache-gb", "2",
-                   "--log-level", "warning", "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-            print(f"{name}: {' '.join(cmd[1:])}", flush=True)
-            servers[name] = stack.enter_context(server(cmd, port))
-        if args.vllm_python:
-            port = free_port()
-            cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
-                   "--dtype", peer_dtype, "--max-model-len", str(max_len), "--max-num-seqs", str(max(levels)),
-                   "--kv-cache-memory-bytes", str(2 << 30), "--disable-log-stats"]
-            print(f"vLLM: {' '.join(cmd[1:])}", flush=True)
-            servers["vllm"] = stack.enter_context(server(cmd, port, env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}))
-        for name, url in servers.items():
-            asyncio.run(closed_loop(url, warm_up, 1))
-            engines[name] = functools.partial(measure_server, name, url)
-        if not args.skip_transformers:
-            print("transformers generate (in process)", flush=True)
-            engines["transformers"] = TransformersPeer(model_dir, warm_up, args.device, peer_dtype).measure
-        names = list(engines)
-        for repeat, work in enumerate(rounds):
-            order = names[repeat % len(names):] + names[: repeat % len(names)]  # each round starts with the next engine
-            if args.repeats > 1:
-                print(f"round {repeat + 1} of {args.repeats}: {', '.join(order)}", flush=True)
-            for name in order:
-                results += engines[name](work, repeat)
-        if args.long_prompt:
-            for name, url in servers.items():
-                long[name] = long_prefix(url, long_tokens, tail)
+    return {"bf16": "bfloat16", "fp32": "float32"}[auto_dtype(device)]
 
+
+def start_servers(stack: ExitStack, args: argparse.Namespace, model_dir: Path, load: Workload, dtype: str) -> dict[str, str]:
+    """ministack's server (with and without half weights, per --half-weights) and vLLM's, each up
+    until `stack` closes: name -> URL."""
+    servers: dict[str, str] = {}
+    for half in ("off", "on") if args.half_weights == "both" else (args.half_weights,):
+        name = "ministack-half" if half == "on" else "ministack"
+        port = free_port()
+        cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--device", args.device, "--dtype", args.dtype,
+               "--half-weights", half, "--max-model-len", str(load.max_len), "--max-num-seqs", str(max(load.levels)), "--kv-cache-gb", "2",
+               "--log-level", "warning", "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        print(f"{name}: {' '.join(cmd[1:])}", flush=True)
+        servers[name] = stack.enter_context(server(cmd, port))
+    if args.vllm_python:
+        port = free_port()
+        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
+               "--dtype", dtype, "--max-model-len", str(load.max_len), "--max-num-seqs", str(max(load.levels)),
+               "--kv-cache-memory-bytes", str(2 << 30), "--disable-log-stats"]
+        print(f"vLLM: {' '.join(cmd[1:])}", flush=True)
+        servers["vllm"] = stack.enter_context(server(cmd, port, env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}))
+    return servers
+
+
+Engine = Callable[[Work, int], list[Level]]  # (a round's requests, the round) -> its levels
+
+
+def warm_engines(servers: dict[str, str], args: argparse.Namespace, model_dir: Path, load: Workload, dtype: str) -> dict[str, Engine]:
+    """Every engine warmed up, the servers' and transformers' in this process (unless skipped)."""
+    engines: dict[str, Engine] = {}
+    for name, url in servers.items():
+        asyncio.run(closed_loop(url, load.warm_up, 1))
+        engines[name] = functools.partial(measure_server, name, url)
+    if not args.skip_transformers:
+        print("transformers generate (in process)", flush=True)
+        engines["transformers"] = TransformersPeer(model_dir, load.warm_up, args.device, dtype).measure
+    return engines
+
+
+def measure_rounds(engines: dict[str, Engine], rounds: list[Work]) -> list[Level]:
+    """Every engine on every round's requests, each round starting with the next engine."""
+    names, results = list(engines), []
+    for repeat, work in enumerate(rounds):
+        order = names[repeat % len(names):] + names[: repeat % len(names)]
+        if len(rounds) > 1:
+            print(f"round {repeat + 1} of {len(rounds)}: {', '.join(order)}", flush=True)
+        for name in order:
+            results += engines[name](work, repeat)
+    return results
+
+
+def print_levels(args: argparse.Namespace, shape, dtype: str, load: Workload, results: list[Level], names: list[str]) -> None:
+    """The throughput table: per engine and concurrency, the median tok/s, its ratio to each peer
+    round by round, and the TTFT and ITL percentiles over every round's requests."""
     half_note = "; ministack-half: float16-stored weights, float32 math" if args.half_weights in ("on", "both") else ""
-    mixed = " (mixed)" if len(prompt_lengths) > 1 or len(output_lengths) > 1 else ""
-    print(f"\n{shape}, {args.dtype} on {args.device} (peers: {peer_dtype}{half_note})\nprompts of {args.prompt_lengths} tokens, outputs of {args.output_tokens} tokens{mixed}, greedy, ignore_eos"
+    mixed = " (mixed)" if len(load.prompt_lengths) > 1 or len(load.output_lengths) > 1 else ""
+    print(f"\n{shape}, {args.dtype} on {args.device} (peers: {dtype}{half_note})\nprompts of {args.prompt_lengths} tokens, outputs of {args.output_tokens} tokens{mixed}, greedy, ignore_eos"
           + (f"; {args.repeats} rounds, each engine once a round, in turn (median tok/s; the ratios to each peer within a round: worst, median, best; "
              "TTFT and ITL percentiles over every round's requests)" if args.repeats > 1 else "") + "\n")
     peers = [name for name in ("transformers", "vllm") if name in names]  # the ratio columns: each engine against each peer, round by round
@@ -357,18 +383,53 @@ def main(argv: list[str] | None = None) -> int:
         print("| " + " | ".join([engine, str(c), f"{statistics.median(r.tokens_per_s for r in rows):.1f}", *cells,
                                  f"{pct(ttft, .5) * 1e3:.0f} ms", f"{pct(ttft, .99) * 1e3:.0f} ms", itl_cells]) + " |")
 
+
+def print_long_context(long: dict[str, dict], shape, load: Workload, peak) -> None:
+    """The long prompt's TTFT against its FLOPs and the peak, and the shared prefix's speed-up."""
+    from profiling.formulas.llama import decoder_flops
+    from profiling.hardware import format_rate
+
+    formula = sum(decoder_flops(shape, q_len=len(load.long_tokens), past_len=0, logits=1).values())
+    print(f"\nlong context: {len(load.long_tokens)}-token prompt, then the same prefix + {len(load.tail)} tokens; "
+          f"{peak.device} {peak.dtype} peak {format_rate(peak.flops)} ({peak.source})\n")
+    print("| engine | TTFT | prefill FLOPs | achieved | of peak | shared-prefix TTFT | speed-up | cached tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for engine, m in long.items():
+        flops = (m["usage"].get("flops") or {}).get("measured", formula)
+        peak.observe(flops / m["ttft_s"], by=f"{engine}'s long prefill")  # a stale peak is raised, not exceeded
+        cached = (m["shared_usage"].get("prompt_tokens_details") or {}).get("cached_tokens", "-")
+        print(f"| {engine} | {m['ttft_s']:.2f} s | {flops:.3e} | {flops / m['ttft_s'] / 1e9:.1f} GFLOP/s | "
+              f"{flops / m['ttft_s'] / peak.flops:.1%} | {m['shared_ttft_s'] * 1e3:.0f} ms | {m['ttft_s'] / m['shared_ttft_s']:.1f}x | {cached} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoConfig, AutoTokenizer
+
+    from profiling.formulas.llama import DecoderShape
+    from profiling.hardware import device_peak, format_rate
+
+    model_dir = resolve_model(args.model)
+    load = make_workload(args, AutoTokenizer.from_pretrained(model_dir))
+    shape = DecoderShape.from_hf(AutoConfig.from_pretrained(model_dir))
+    dtype = peer_dtype(args.dtype, args.device)
+    if args.device == "cpu":  # the CPU's peak is measured now, before any engine runs, with the load beside it
+        from profiling.cpu import cpu_peaks
+
+        cpu_peaks(reprobe=True)
+    peak = device_peak(args.device, dtype)
+    print(f"peak: {peak.device} {peak.dtype} {format_rate(peak.flops)} ({peak.source})", flush=True)
+    # every engine started (and warmed up) before the first round and kept until the last; the
+    # idle ones wait on a socket (measured: 0.02 s of CPU time in 10 s idle for ministack's server,
+    # 0.17 s for vLLM's), so each measurement has the cores to itself
+    with ExitStack() as stack:
+        servers = start_servers(stack, args, model_dir, load, dtype)
+        engines = warm_engines(servers, args, model_dir, load, dtype)
+        results = measure_rounds(engines, load.rounds)
+        long = {name: long_prefix(url, load.long_tokens, load.tail) for name, url in servers.items()} if args.long_prompt else {}
+    print_levels(args, shape, dtype, load, results, list(engines))
     if long:
-        formula = sum(decoder_flops(shape, q_len=len(long_tokens), past_len=0, logits=1).values())
-        print(f"\nlong context: {len(long_tokens)}-token prompt, then the same prefix + {len(tail)} tokens; "
-              f"{peak.device} {peak.dtype} peak {format_rate(peak.flops)} ({peak.source})\n")
-        print("| engine | TTFT | prefill FLOPs | achieved | of peak | shared-prefix TTFT | speed-up | cached tokens |")
-        print("|---|---|---|---|---|---|---|---|")
-        for engine, m in long.items():
-            flops = (m["usage"].get("flops") or {}).get("measured", formula)
-            peak.observe(flops / m["ttft_s"], by=f"{engine}'s long prefill")  # a stale peak is raised, not exceeded
-            cached = (m["shared_usage"].get("prompt_tokens_details") or {}).get("cached_tokens", "-")
-            print(f"| {engine} | {m['ttft_s']:.2f} s | {flops:.3e} | {flops / m['ttft_s'] / 1e9:.1f} GFLOP/s | "
-                  f"{flops / m['ttft_s'] / peak.flops:.1%} | {m['shared_ttft_s'] * 1e3:.0f} ms | {m['ttft_s'] / m['shared_ttft_s']:.1f}x | {cached} |")
+        print_long_context(long, shape, load, peak)
     return 0
 
 

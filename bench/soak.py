@@ -124,7 +124,7 @@ async def send(client: httpx.AsyncClient, kind: Kind, timeout: float) -> Outcome
     started = time.monotonic()
     try:
         status, bad_event, detail = await asyncio.wait_for(exchange(client, kind), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return Outcome(kind, HUNG, time.monotonic() - started)
     except httpx.HTTPError as exc:
         return Outcome(kind, TRANSPORT, time.monotonic() - started, detail=repr(exc))
@@ -221,7 +221,7 @@ async def watch_memory(pid: int, watch: Watch, interval: float, stop: asyncio.Ev
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
     try:
         await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
 
 

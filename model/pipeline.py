@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
-from model.diffusion import add_noise, kind_of, make_scheduler, native_output, prediction, target_of
+from model.diffusion import TRAIN_STEPS, add_noise, kind_of, make_scheduler, native_output, prediction, target_of
 from model.dit import DiT
 from model.sizes import SizeRule
 from model.text_encoder import TextEncoder
@@ -52,9 +52,16 @@ def _pad_cat(a: torch.Tensor, b: torch.Tensor, value: float | bool) -> torch.Ten
     return torch.cat([pad(a), pad(b)])
 
 
+def _first_half(cond: dict, b: int) -> dict:
+    """The conditional half of guided model kwargs (`_condition` puts it first)."""
+    return {k: v[:b] for k, v in cond.items()}
+
+
 def _saved(path: str | Path) -> Path:
     """`path` as a Path, if it holds a saved pipeline (pipeline.json); else a clear error."""
     path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such directory (a saved pipeline is a directory, e.g. RUN_DIR/pipeline)")
     if not (path / "pipeline.json").is_file():
         raise ValueError(f"{path} is not a saved ministack pipeline (no pipeline.json)")
     return path
@@ -160,6 +167,7 @@ class MiniStackPipeline(DiffusionPipeline):
         width: int = 32,
         num_inference_steps: int = 25,
         guidance_scale: float = 4.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
         generator: torch.Generator | None = None,
         image: torch.Tensor | None = None,
         video: torch.Tensor | None = None,
@@ -168,7 +176,11 @@ class MiniStackPipeline(DiffusionPipeline):
         class_labels=None,
     ) -> SampleOutput:
         """Sample a batch. `image` [B?, 3, H, W] and `video` [B, 3, T, H, W] are in [-1, 1].
-        `video` with `extend` extends it; `video` with `strength` in (0, 1] is SDEdit."""
+        `video` with `extend` extends it; `video` with `strength` in (0, 1] is SDEdit.
+        `guidance_interval` (lo, hi): guidance applies only at the steps whose time t/T (flow: the
+        noise level sigma) lies in [lo, hi], the others run the conditional branch alone
+        (Kynkaanniemi et al. 2024: guidance at the highest noise levels costs diversity and
+        fidelity, near the end it does little)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if class_labels is not None:
             prompts = [""] * len(torch.as_tensor(class_labels).reshape(-1))
@@ -180,6 +192,9 @@ class MiniStackPipeline(DiffusionPipeline):
             frames, height, width = video.shape[2:]
         b, c = len(prompts), self.codec.latent_channels
         t, h, w = self.size_rule.latent((frames, height, width))
+        lo, hi = guidance_interval
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {guidance_interval}")
         guided = guidance_scale != 1.0
         z_known, known = self._known(image, video, extend, b, t)  # first: the codec refuses a clip it cannot take
         cond = self._condition(prompts, negative_prompt, class_labels, guided)
@@ -197,10 +212,12 @@ class MiniStackPipeline(DiffusionPipeline):
         for step in self.progress_bar(timesteps):
             if known is not None:
                 x[:, :, known] = add_noise(self.scheduler, z_known, noise[:, :, known], step.repeat(b))
-            x_in = torch.cat([x, x]) if guided else x
+            guide_now = guided and lo <= float(step) / TRAIN_STEPS <= hi
+            x_in = torch.cat([x, x]) if guide_now else x
             t_in = step.repeat(x_in.shape[0])
-            out = native_output(prediction(self.transformer(x_in, t_in, **cond), c), x_in, t_in, target_of(self.transformer))
-            if guided:
+            kwargs = cond if guide_now or not guided else _first_half(cond, b)
+            out = native_output(prediction(self.transformer(x_in, t_in, **kwargs), c), x_in, t_in, target_of(self.transformer))
+            if guide_now:
                 out_cond, out_uncond = out.chunk(2)
                 out = out_uncond + guidance_scale * (out_cond - out_uncond)
             x = self.scheduler.step(out, step, x).prev_sample

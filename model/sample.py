@@ -21,6 +21,17 @@ from model.media import frame_grid, read_frames, to_tensor, write_image, write_v
 from model.sizes import SizeRule
 
 
+def guidance_interval(text: str) -> tuple[float, float]:
+    """'LO,HI' with 0 <= LO <= HI <= 1 (argparse names the flag when this raises)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
+    if not 0 <= lo <= hi <= 1:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI <= 1, got {text!r}")
+    return lo, hi
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ministack sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", help="a saved pipeline directory (from training); default: untrained tiny")
@@ -31,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance-interval", type=guidance_interval, default=(0.0, 1.0), metavar="LO,HI",
+                   help="apply guidance only at noise levels in [LO, HI] (0 = clean, 1 = pure noise; default 0,1: every step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=1, help="samples of the prompt")
     p.add_argument("--image", help="first frame (image -> video)")
@@ -38,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extend", choices=("forward", "backward"))
     p.add_argument("--strength", type=float, help="SDEdit: how much of the path to re-noise, in (0, 1]")
     p.add_argument("--fps", type=float, default=8.0)
-    p.add_argument("--out", default="out/sample", help="output path stem: writes STEM.mp4, STEM.gif, STEM.png")
+    p.add_argument("--out", default="out/sample", help="output path stem: STEM.png (a row per sample, a column per frame) and STEM.mp4 + STEM.gif "
+                   "(with --num N > 1: STEM-0.mp4 ... STEM-{N-1}.gif)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -82,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         out = pipe(
             [args.prompt] * args.num, negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
             width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-            generator=torch.Generator().manual_seed(args.seed), extend=args.extend, strength=args.strength, **media,
+            guidance_interval=args.guidance_interval, generator=torch.Generator().manual_seed(args.seed), extend=args.extend, strength=args.strength, **media,
         )
     except (ValueError, FileNotFoundError) as err:
-        print(f"ministack sample: error: {err}", file=sys.stderr)
+        flag = "--pipeline " if args.pipeline and str(err).startswith(str(args.pipeline)) else ""
+        print(f"ministack sample: error: {flag}{err}", file=sys.stderr)
         return 2
     stem = Path(args.out)
     written = [write_image(stem.with_suffix(".png"), frame_grid(out.videos))]

@@ -32,7 +32,7 @@ import math
 
 from profiling import laws
 from profiling.estimate_table import LABELS, format_plan
-from profiling.hardware import accelerator, normalize_dtype
+from profiling.hardware import accelerator, auto_dtype, normalize_dtype
 from profiling.inputs import (dataset_tokens, parse_compression, parse_count, parse_count_or_zero, parse_number,
                               parse_patch, parse_resolution)
 
@@ -49,12 +49,12 @@ _SERVE_FIGURES = ("flops_per_request", "seconds_per_request", "gpus_needed")
 def peak_flops(gpu: str, dtype: str | None = None) -> dict:
     """{'gpu': name, 'dtype', 'peak_flops': dense FLOP/s} of a table GPU ('H100', 'a100') or, for
     'cpu', of this CPU as measured. Without `dtype`, a GPU's is bf16 where it has bf16, else its
-    16-bit tensor format, said in a 'dtype_note'; this CPU's is profiling.cpu.preferred_cpu_dtype.
+    16-bit tensor format, said in a 'dtype_note'; this CPU's is profiling.hardware.auto_dtype's.
     A dtype the GPU lacks raises, naming the ones it has."""
     if gpu.strip().lower() == "cpu":
-        from profiling.cpu import cpu_name, cpu_peak_flops, preferred_cpu_dtype  # lazy: the probe imports torch
+        from profiling.cpu import cpu_name, cpu_peak_flops  # lazy: the probe imports torch
 
-        chosen = normalize_dtype(dtype) if dtype else preferred_cpu_dtype()
+        chosen = normalize_dtype(dtype) if dtype else auto_dtype("cpu")
         return {"gpu": cpu_name(), "dtype": chosen, "peak_flops": cpu_peak_flops(chosen)}
     acc = accelerator(gpu)
     chosen = normalize_dtype(dtype) if dtype else acc.default_dtype

@@ -17,6 +17,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 TERA = 1e12
 
@@ -177,6 +178,17 @@ def device_peak(device: object, dtype: object) -> DevicePeak:
         raised = entry["raised"][dtype]
         source = raised_source(raised["to"], f"{raised['by']} at {utc_time(raised['at'])}", f"{format_rate(raised['from'])}, {source}")
     return DevicePeak(cpu_name(), dtype, peak, source, cpu=True)
+
+
+def auto_dtype(device: object) -> Literal["bf16", "fp32"]:
+    """The dtype a run computes in when left to choose: bf16 on a GPU; on the CPU bf16 only where
+    it is safe and clearly faster than fp32 (measured: profiling.cpu.preferred_cpu_dtype), else
+    fp32. Training's `mixed_precision: auto` and the benchmarks ask here, so none decides apart."""
+    if str(device).split(":")[0] != "cpu":
+        return "bf16"
+    from profiling.cpu import preferred_cpu_dtype  # lazy: the probe imports torch
+
+    return "bf16" if preferred_cpu_dtype() == "bf16" else "fp32"
 
 
 def mfu(flops: float, seconds: float, peak_flops: float) -> float:

@@ -192,7 +192,7 @@ class _ModuleSpans:
             i -= 1
         return ""
 
-    def __enter__(self) -> "_ModuleSpans":
+    def __enter__(self) -> _ModuleSpans:
         self._handles = [register_module_forward_pre_hook(self.pre), register_module_forward_hook(self.post)]
         return self
 

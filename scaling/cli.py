@@ -20,8 +20,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
-from scaling.report import format_analysis, format_plan
+from scaling.record import Definition
+from scaling.report import Provenance, format_analysis, format_plan
 from serve.cli import add_engine_arguments
 
 def _cpu_threads() -> None:
@@ -77,6 +79,7 @@ def _sweep(args) -> int:
 
 
 def _status(args) -> int:
+    from scaling.record import RunRecord
     from scaling.runs import log_tail, state
     from scaling.slurm import task_states
 
@@ -90,8 +93,8 @@ def _status(args) -> int:
     for run in runs:
         run_dir, status = sweep_dir / run["dir"], state(sweep_dir, run)
         if status == "finished":
-            r = json.loads((run_dir / "result.json").read_text())
-            detail = f"loss {r['loss']:.4f} ± {r['loss_se']:.4f}, {r['wall_s']:.0f} s"
+            r = RunRecord.from_json(json.loads((run_dir / "result.json").read_text()), run_dir / "result.json")
+            detail = f"loss {r.loss:.4f} ± {r.loss_se:.4f}, {r.wall_s:.0f} s"
         elif status == "failed":
             f = json.loads((run_dir / "failed.json").read_text())
             detail = f"exit {f['returncode']}:\n" + "\n".join("      " + x for x in f["tail"].splitlines())
@@ -110,26 +113,26 @@ def _status(args) -> int:
     return 0
 
 
-def _provenance(args, plot: Path | None, report: Path) -> dict:
+def _provenance(args, plot: Path | None, report: Path) -> Provenance:
     """Where the fitted data came from and the commands, for the markdown report."""
     import shlex
     import subprocess
 
-    out = {"source": args.csv or args.sweep_dir, "command": "ministack scaling " + shlex.join(args.argv)}
+    out = Provenance(source=args.csv or args.sweep_dir, command="ministack scaling " + shlex.join(args.argv))
     if plot is not None:
-        out["plot"] = str(Path(plot).resolve().relative_to(report.parent.resolve())) if Path(plot).resolve().is_relative_to(report.parent.resolve()) else str(plot)
+        out.plot = str(Path(plot).resolve().relative_to(report.parent.resolve())) if Path(plot).resolve().is_relative_to(report.parent.resolve()) else str(plot)
     plan_path = Path(args.sweep_dir or "") / "plan.json"
     if args.sweep_dir and plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         sweep, data = plan["sweep"], plan["sweep"]["train"]["data"]
-        out["sweep"] = {"command": f"ministack scaling sweep {sweep['name']} --out {args.sweep_dir}",
-                        "data": f"data {data.get('kind', 'procedural')}, {plan['data_clips']:,} clips of latent "
-                                f"{'x'.join(map(str, plan['latent']))}, global batch {sweep['hparams']['batch_size']}"}
+        out.sweep_command = f"ministack scaling sweep {sweep['name']} --out {args.sweep_dir}"
+        out.sweep_data = (f"data {data.get('kind', 'procedural')}, {plan['data_clips']:,} clips of latent "
+                          f"{'x'.join(map(str, plan['latent']))}, global batch {sweep['hparams']['batch_size']}")
     here = Path(__file__).resolve().parent.parent
     git = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     if git.returncode == 0:
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        out["code"] = f"ministack at commit {git.stdout.strip()}" + (" with uncommitted changes" if dirty.strip() else "")
+        out.code = f"ministack at commit {git.stdout.strip()}" + (" with uncommitted changes" if dirty.strip() else "")
     return out
 
 
@@ -152,7 +155,7 @@ def _fit(args) -> int:
     results = read_csv(args.csv) if args.csv else load_results(Path(args.sweep_dir))
     result = analyze(results, primary=args.definition, bootstrap=args.bootstrap, at=args.at,
                      inference_tokens=args.inference_tokens or 0.0, sampling_steps=args.sampling_steps, starts=args.starts)
-    print(json.dumps(result, indent=1) if args.json else format_analysis(result))
+    print(json.dumps(result.to_json(), indent=1) if args.json else format_analysis(result))
     side = sys.stderr if args.json else sys.stdout
     plot = args.plot or (Path(args.sweep_dir) / "fits.png" if args.sweep_dir else None)
     if plot is not None:
@@ -160,7 +163,7 @@ def _fit(args) -> int:
 
         print(f"plots: {plot_fits(results, result, plot)}", file=side)
     if args.sweep_dir:
-        (Path(args.sweep_dir) / "fit.json").write_text(json.dumps(result, indent=1))
+        (Path(args.sweep_dir) / "fit.json").write_text(json.dumps(result.to_json(), indent=1))
     report = args.report or (Path(args.sweep_dir) / "report.md" if args.sweep_dir else None)
     if report is not None:
         report = Path(report)
@@ -171,7 +174,8 @@ def _fit(args) -> int:
 
 
 def _context(args) -> int:
-    from scaling.context import analyze_context, context_report, measure_context, weight_bytes
+    from profiling.hardware import device_peak
+    from scaling.context import ContextReport, DevicePeak, analyze_context, measure_context, weight_bytes
     from scaling.plots import plot_context
     from scaling.report import format_context
     from serve.cli import engine_config
@@ -186,18 +190,16 @@ def _context(args) -> int:
         points = measure_context(engine, contexts, batch=args.batch, decode_tokens=args.decode_tokens)
     except ValueError as err:
         raise ValueError(f"{err} (--contexts, --batch, --decode-tokens, --kv-cache-gb)") from None
-    report = context_report(points, analyze_context(points, weight_bytes(engine.model)))
-    report["model"], report["device"], report["dtype"] = engine.model_name, str(engine.device), str(engine.dtype).removeprefix("torch.")
-    report["kv_cache_dtype"] = str(engine.kv_dtype).removeprefix("torch.")
-    from profiling.hardware import device_peak
-
     peak = device_peak(engine.device, engine.dtype)
-    report["peak"] = {"flops": peak.flops, "source": f"{peak.device} {peak.dtype} peak ({peak.source})"}
-    print(json.dumps(report, indent=1) if args.json else format_context(report))
+    report = ContextReport(points, analyze_context(points, weight_bytes(engine.model)), model=engine.model_name,
+                           device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+                           kv_cache_dtype=str(engine.kv_dtype).removeprefix("torch."),
+                           peak=DevicePeak(flops=peak.flops, source=f"{peak.device} {peak.dtype} peak ({peak.source})"))
+    print(json.dumps(report.to_json(), indent=1) if args.json else format_context(report))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "context.json").write_text(json.dumps(report, indent=1))
+        (out / "context.json").write_text(json.dumps(report.to_json(), indent=1))
         print(f"plots: {plot_context(report, out / 'context.png')}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="approach 3: L-BFGS from this many of Chinchilla's 4,500 grid points, those starting lowest, "
                         "or 'all' as Epoch did (default 100)")
     f.add_argument("--at", type=parse_number, default=None, help="budget (FLOPs) for N_opt, D_opt, tokens/param")
-    f.add_argument("--definition", default=None, help="compute definition of the main fit (default measured)")
+    f.add_argument("--definition", choices=get_args(Definition), default=None,
+                   help="compute definition of the main fit (default measured; a CSV's is given)")
     f.add_argument("--inference-tokens", type=parse_number, default=None,
                    help="lifetime generated tokens: add the size minimising training + inference compute")
     f.add_argument("--sampling-steps", type=int, default=50, help="denoising steps per generated sample (default 50)")

@@ -17,8 +17,9 @@ One YAML file (or a preset name: `cpu`, `gpu-1`, `gpu-8` are configs/scaling/NAM
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -26,6 +27,7 @@ from model.dit import DiTConfig
 from train.config import apply_overrides, build_config
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "scaling"
+Attention = Literal["full", "factorized"]  # model.dit.DiTConfig.attention
 
 
 @dataclass
@@ -37,7 +39,7 @@ class FamilyConfig:
     patch_size: list = field(default_factory=lambda: [1, 4, 4])
     mlp_ratio: float = 4.0
     text_dim: int = 0  # 0: unconditional; 384: cross-attention to the shipped text encoder
-    attention: str = "full"
+    attention: Attention = "full"
 
     def width(self, depth: int) -> int:
         """aspect · depth, rounded to the nearest multiple of head_dim (at least one head)."""
@@ -134,10 +136,23 @@ class SweepConfig:
         return asdict(self)
 
 
+def _check_choices(cfg, prefix: str = "") -> None:
+    """Every `Literal` field of a config dataclass (nested ones too) holds one of its values;
+    a ValueError naming the field and the values allowed otherwise."""
+    hints = get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif get_origin(hint) is Literal and value not in get_args(hint):
+            allowed = ", ".join(repr(choice) for choice in get_args(hint))
+            raise ValueError(f"{prefix}{f.name} must be one of {allowed}, got {value!r}")
+
+
 def load_sweep_config(name_or_path: str, overrides: list[str] = ()) -> SweepConfig:
     """A SweepConfig from a preset name (configs/scaling/NAME.yaml) or a YAML path, then
     `key=value` overrides (dotted keys, as `ministack train --set`). Raises ValueError naming
-    an unknown key, a bad budget, or a missing file."""
+    an unknown key, a value out of its field's choices, a bad budget, or a missing file."""
     path = Path(name_or_path)
     if not path.is_file():
         preset = PRESET_DIR / f"{name_or_path}.yaml"
@@ -147,6 +162,7 @@ def load_sweep_config(name_or_path: str, overrides: list[str] = ()) -> SweepConf
         path = preset
     cfg = build_config(SweepConfig, yaml.safe_load(path.read_text()) or {})
     apply_overrides(cfg, overrides)
+    _check_choices(cfg)
     cfg.budget_list()
     positive = {"family.head_dim": cfg.family.head_dim, "family.aspect": cfg.family.aspect, "hparams.lr": cfg.hparams.lr,
                 "hparams.base_width": cfg.hparams.base_width, "hparams.batch_size": cfg.hparams.batch_size,

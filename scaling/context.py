@@ -175,7 +175,53 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(read.values())
 
 
-def analyze_context(points: list[ContextPoint], weights_bytes: int) -> dict:
+@dataclass
+class TpotFit:
+    """TPOT = fixed_s + per_context_token_s · context, by least squares."""
+
+    fixed_s: float
+    per_context_token_s: float
+
+
+@dataclass
+class ContextAnalysis:
+    """What the points say, the crossovers in context tokens (None where the data cannot place one)."""
+
+    batch: int
+    law_flops_per_token: float  # 2N
+    weight_flops_per_token: int  # the formula's dense + lm-head
+    weight_bytes: int  # read once per decode step
+    kv_bytes_per_key: float  # one sequence's, as stored
+    attention_equals_weights_flops: float | None
+    kv_equals_weight_bytes: float
+    measured_vs_formula_max_gap: float  # the largest relative gap in FLOPs per token, over the points
+    tpot_fit: TpotFit | None = None  # with at least 3 points
+    tpot_turn: float | None = None  # fixed_s / per_context_token_s where both are > 0
+
+
+@dataclass
+class DevicePeak:
+    flops: float  # FLOP/s
+    source: str  # the device, dtype and where the peak comes from, in words
+
+
+@dataclass
+class ContextReport:
+    """`scaling context`'s measurements, what they say, and what they ran on (context.json)."""
+
+    points: list[ContextPoint]
+    analysis: ContextAnalysis
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    kv_cache_dtype: str | None = None
+    peak: DevicePeak | None = None  # the device's peak at dtype, for TTFT's bound
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def analyze_context(points: list[ContextPoint], weights_bytes: int) -> ContextAnalysis:
     """The crossovers, in context tokens (None where the data cannot place one):
 
     - `attention_equals_weights_flops`: from the formula (attention FLOPs are linear in the
@@ -192,25 +238,15 @@ def analyze_context(points: list[ContextPoint], weights_bytes: int) -> dict:
     per_key_attention = p.formula_flops.get(ATTENTION, 0) / (p.context + 1)
     weights = sum(p.formula_flops.get(k, 0) for k in WEIGHT_PARTS)
     per_key_bytes = p.kv_bytes / (p.batch * (p.context + 1))
-    out = {
-        "batch": p.batch,
-        "law_flops_per_token": p.law_flops,
-        "weight_flops_per_token": weights,
-        "weight_bytes": weights_bytes,
-        "kv_bytes_per_key": per_key_bytes,
-        "attention_equals_weights_flops": weights / per_key_attention - 1 if per_key_attention else None,
-        "kv_equals_weight_bytes": weights_bytes / (p.batch * per_key_bytes) - 1,
-        "measured_vs_formula_max_gap": max(abs(sum(q.decode_flops.values()) / sum(q.formula_flops.values()) - 1) for q in points),
-        "tpot_fit": None,
-        "tpot_turn": None,
-    }
+    out = ContextAnalysis(
+        batch=p.batch, law_flops_per_token=p.law_flops, weight_flops_per_token=weights, weight_bytes=weights_bytes,
+        kv_bytes_per_key=per_key_bytes,
+        attention_equals_weights_flops=weights / per_key_attention - 1 if per_key_attention else None,
+        kv_equals_weight_bytes=weights_bytes / (p.batch * per_key_bytes) - 1,
+        measured_vs_formula_max_gap=max(abs(sum(q.decode_flops.values()) / sum(q.formula_flops.values()) - 1) for q in points),
+    )
     if len(points) >= 3:
         t1, t0 = np.polyfit([q.context for q in points], [q.tpot_s for q in points], 1)
-        out["tpot_fit"] = {"fixed_s": float(t0), "per_context_token_s": float(t1)}
-        out["tpot_turn"] = float(t0 / t1) if t1 > 0 and t0 > 0 else None
+        out.tpot_fit = TpotFit(fixed_s=float(t0), per_context_token_s=float(t1))
+        out.tpot_turn = float(t0 / t1) if t1 > 0 and t0 > 0 else None
     return out
-
-
-def context_report(points: list[ContextPoint], analysis: dict) -> dict:
-    """Points and analysis as one JSON-ready object."""
-    return {"points": [asdict(q) for q in points], "analysis": analysis}

@@ -70,12 +70,6 @@ class ParametricFit:
         """Predicted loss at N parameters and D tokens (any broadcastable shapes)."""
         return self.E + self.A / np.asarray(n, float) ** self.alpha + self.B / np.asarray(d, float) ** self.beta
 
-    @classmethod
-    def from_values(cls, values: dict) -> ParametricFit:
-        """The law back from `values()` (or scaling.analysis's approach3 dict)."""
-        return cls(E=values["E"], A=values["A"], B=values["B"], alpha=values["alpha"], beta=values["beta"],
-                   objective=values.get("objective", 0.0), runs=values.get("runs", 0))
-
     def optimum(self, flops: float) -> tuple[float, float]:
         """(N_opt, D_opt) minimising the law at C = 6·N·D = `flops` (Hoffmann et al. 2022, eq. 4):
         N_opt = G·(C/6)^a, D_opt = (C/6)^b / G, G = (αA / (βB))^(1/(α+β)). NaN unless α, β > 0."""

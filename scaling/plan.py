@@ -7,7 +7,7 @@ ledger, so the budget is met in the compute the ledger will report), and sets
     steps = round(budget / measured FLOPs per step)         |error| <= 0.5 / steps of the budget
 
 beside the 6ND plan (steps that 6 · N_non-embedding · tokens would give) and the exact formula
-(profiling.formulas.dit). A run shorter than `hparams.min_steps` is refused: its compute could
+(model.flops.formula). A run shorter than `hparams.min_steps` is refused: its compute could
 not hit the budget within 1 %, and its schedule would be all warm-up. Generated data
 (procedural clips, moving digits or Fashion-MNIST items) is sized to the longest run, so no run
 sees a clip twice (epochs <= 1; the digits' scans and the items' images do repeat, each in new
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from model.dit import DiT, DiTConfig
-from profiling.formulas.dit import dit_flops
+from model.flops.formula import dit_flops
 from profiling.parts import law_params, param_parts
 from scaling.config import SweepConfig
 from train.config import TrainConfig, build_config
@@ -46,7 +46,7 @@ class SizeProfile:
     model: DiTConfig
     params: dict[str, int]  # by part (profiling.parts)
     flops_per_step: dict[str, int]  # measured forward + backward, by part
-    exact_per_step: int  # profiling.formulas.dit
+    exact_per_step: int  # model.flops.formula
     tokens_per_step: int
     s_per_step: float | None = None  # timed on this device (None until timed)
 
@@ -121,10 +121,10 @@ def _latent(base: TrainConfig, patch) -> tuple[int, ...]:
 
 def profile_size(depth: int, sweep: SweepConfig, latent: tuple[int, ...], micro: int, micro_steps: int) -> SizeProfile:
     """Parameters and per-step FLOPs of the family's DiT at `depth`, counted on a shape-only twin
-    (train.loop.StepMeter, the training loop's own counter) for `micro` samples per micro-step,
+    (train.meter.StepMeter, the training loop's own counter) for `micro` samples per micro-step,
     `micro_steps` micro-steps per optimizer step (processes x grad_accum)."""
     from model.text_encoder import MAX_LENGTH
-    from train.loop import StepMeter
+    from train.meter import StepMeter
 
     model_cfg = sweep.family.model(depth, latent[0])
     meter = StepMeter(model_cfg, None, None, torch.device("cpu"))
@@ -213,7 +213,7 @@ def time_sizes(plan: Plan, trials: int = 3) -> None:
     real model with AdamW in the runs' precision on this device, plus rendering one batch."""
     from model.diffusion import training_loss
     from train.data.loader import make_dataset
-    from train.loop import mixed_precision
+    from train.accelerator import mixed_precision
     from train.speed import adamw
 
     base = base_train_config(plan.sweep)

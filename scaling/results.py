@@ -3,7 +3,7 @@
 A record holds what a fit needs under every compute definition:
 
     measured        the ledger's FLOPs: ops that ran, forward + backward (profiling.measure)
-    exact           the analytic count of the same ops (profiling.formulas.dit)
+    exact           the analytic count of the same ops (model.flops.formula)
     6N·D            6 x non-embedding trained parameters x tokens (Kaplan's N; the project's law)
     6N_total·D      6 x all trained parameters x tokens
     6N_per_token·D  6 x the parameters every token passes through (non-embedding minus the
@@ -25,10 +25,10 @@ from pathlib import Path
 
 from profiling.ledger import read_ledgers
 from profiling.parts import CONTEXT, EMBEDDING, FROZEN, PER_SAMPLE, law_params
+from scaling.record import Convention, RunRecord
 from train.data.loader import GENERATED_KINDS
 
 RESULTS = "results.jsonl"
-DEFINITIONS = ("measured", "exact", "6N·D", "6N_total·D", "6N_per_token·D")
 
 
 def _last_line(path: Path) -> dict:
@@ -38,7 +38,7 @@ def _last_line(path: Path) -> dict:
     return json.loads(lines[-1])
 
 
-def param_counts(params: dict[str, int]) -> dict[str, int]:
+def param_counts(params: dict[str, int]) -> dict[Convention, int]:
     """N under each parameter convention, from parameters by part."""
     n = law_params(params)
     return {"total": sum(v for k, v in params.items() if k != FROZEN), "non_embedding": n,
@@ -58,7 +58,7 @@ def _train_scans(data: dict) -> int:
     return len(split_scans(scans()[1])[0])
 
 
-def collect_result(plan, run, run_dir: Path) -> dict:
+def collect_result(plan, run, run_dir: Path) -> RunRecord:
     """The record of a finished run, read from its ledger, log and eval.jsonl: parameters by part,
     tokens, compute under every definition, held-out loss and its standard error, wall time, MFU.
     Raises ValueError if the run has not finished."""
@@ -80,34 +80,35 @@ def collect_result(plan, run, run_dir: Path) -> dict:
     peak_time = sum(r.wall_s * r.peak_flops for r in records)
     samples = steps * plan.sweep.hparams.batch_size
     kind = run.train["data"]["kind"]
-    return {
-        "id": run.id, "hash": run.hash, "dir": run.dir, "budget": run.budget, "depth": run.depth,
-        "width": size.model.hidden_size, "heads": size.model.num_heads, "lr": run.lr,
-        "lr_multiplier": run.lr_multiplier, "warmup_steps": run.warmup_steps, "steps": steps,
-        "law_steps": run.law_steps, "params": size.params, "n": counts, "tokens": tokens, "samples": samples,
-        "epochs": samples / plan.data_clips if kind in GENERATED_KINDS else None,
-        "scan_epochs": samples / _train_scans(run.train["data"]) if kind in ("digits", "fashion") else None,
-        "flops": {"measured": measured, "exact": size.exact_per_step * steps, "6N·D": 6 * counts["non_embedding"] * tokens,
-                  "6N_total·D": 6 * counts["total"] * tokens, "6N_per_token·D": 6 * counts["per_token"] * tokens},
-        "measured_by_part": by_part, "budget_error": measured / run.budget - 1,
-        "loss": evaluation["val_loss"], "loss_se": evaluation.get("val_loss_se"), "val_clips": evaluation.get("val_clips"),
-        "train_loss": last["loss"], "wall_s": sum(r.wall_s for r in records if not r.rank),
-        "mfu": measured / peak_time if peak_time else None, "config_hash": run.hash,
-    }
+    return RunRecord(
+        id=run.id, hash=run.hash, dir=run.dir, budget=run.budget, depth=run.depth,
+        width=size.model.hidden_size, heads=size.model.num_heads, lr=run.lr,
+        lr_multiplier=run.lr_multiplier, warmup_steps=run.warmup_steps, steps=steps,
+        law_steps=run.law_steps, params=size.params, n=counts, tokens=tokens, samples=samples,
+        epochs=samples / plan.data_clips if kind in GENERATED_KINDS else None,
+        scan_epochs=samples / _train_scans(run.train["data"]) if kind in ("digits", "fashion") else None,
+        flops={"measured": measured, "exact": size.exact_per_step * steps, "6N·D": 6 * counts["non_embedding"] * tokens,
+               "6N_total·D": 6 * counts["total"] * tokens, "6N_per_token·D": 6 * counts["per_token"] * tokens},
+        measured_by_part=by_part, budget_error=measured / run.budget - 1,
+        loss=evaluation["val_loss"], loss_se=evaluation.get("val_loss_se"), val_clips=evaluation.get("val_clips"),
+        train_loss=last["loss"], wall_s=sum(r.wall_s for r in records if not r.rank),
+        mfu=measured / peak_time if peak_time else None, config_hash=run.hash,
+    )
 
 
-def write_results(plan, sweep_dir: Path) -> list[dict]:
+def write_results(plan, sweep_dir: Path) -> list[RunRecord]:
     """Collate the plan's finished runs into SWEEP_DIR/results.jsonl (atomically) and return them."""
     results = load_results(sweep_dir, plan=[r.dir for r in plan.runs])
     tmp = sweep_dir / f".{RESULTS}.tmp{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
+    tmp.write_text("".join(json.dumps(r.to_json()) + "\n" for r in results))
     os.replace(tmp, sweep_dir / RESULTS)
     return results
 
 
-def load_results(sweep_dir: Path, plan: list[str] | None = None) -> list[dict]:
+def load_results(sweep_dir: Path, plan: list[str] | None = None) -> list[RunRecord]:
     """The result.json of every finished run of the sweep's plan (plan.json unless `plan` lists
-    the run directories), in plan order. Raises ValueError when there is no plan."""
+    the run directories), in plan order. Raises ValueError when there is no plan or a
+    result.json is not a run record."""
     sweep_dir = Path(sweep_dir)
     if plan is None:
         path = sweep_dir / "plan.json"
@@ -118,11 +119,11 @@ def load_results(sweep_dir: Path, plan: list[str] | None = None) -> list[dict]:
     for run_dir in plan:
         path = sweep_dir / run_dir / "result.json"
         if path.is_file():
-            out.append(json.loads(path.read_text()))
+            out.append(RunRecord.from_json(json.loads(path.read_text()), path))
     return out
 
 
-def read_csv(path: str | Path) -> list[dict]:
+def read_csv(path: str | Path) -> list[RunRecord]:
     """Runs from a CSV with columns params, tokens, loss and optionally flops (else 6 · params ·
     tokens) and budget (the isoFLOP group; else flops rounded to 2 significant digits). Records
     carry one compute definition, "given". Without a budget column, runs are grouped into isoFLOP
@@ -144,21 +145,20 @@ def read_csv(path: str | Path) -> list[dict]:
             budget = float(row["budget"]) if row.get("budget") not in (None, "") else None
         except ValueError as err:
             raise ValueError(f"{path}, line {i}: {err}") from None
-        out.append({"id": f"row{i}", "budget": budget, "n": {"given": n}, "tokens": d, "loss": loss,
-                    "loss_se": None, "lr_multiplier": 1.0, "flops": {"given": c}})
-    _group_budgets([r for r in out if r["budget"] is None])
+        out.append(RunRecord(id=f"row{i}", budget=budget, n={"given": n}, tokens=d, loss=loss, flops={"given": c}))
+    _group_budgets([r for r in out if r.budget is None])
     return out
 
 
-def _group_budgets(runs: list[dict], decades: float = 0.1) -> None:
+def _group_budgets(runs: list[RunRecord], decades: float = 0.1) -> None:
     """Set each run's budget to the geometric mean compute of its cluster in log C."""
-    runs = sorted(runs, key=lambda r: r["flops"]["given"])
-    group: list[dict] = []
+    runs = sorted(runs, key=lambda r: r.flops["given"])
+    group: list[RunRecord] = []
     for r in runs + [None]:
-        if r is None or (group and math.log10(r["flops"]["given"] / group[0]["flops"]["given"]) > decades):
-            budget = math.exp(sum(math.log(g["flops"]["given"]) for g in group) / len(group)) if group else 0.0
+        if r is None or (group and math.log10(r.flops["given"] / group[0].flops["given"]) > decades):
+            budget = math.exp(sum(math.log(g.flops["given"]) for g in group) / len(group)) if group else 0.0
             for g in group:
-                g["budget"] = budget
+                g.budget = budget
             group = []
         if r is not None:
             group.append(r)

@@ -24,11 +24,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal, get_args
 
 import yaml
 
 from scaling.plan import Plan, PlannedRun
+from scaling.record import RunRecord
 from scaling.results import RESULTS, collect_result, write_results
+
+RunState = Literal["finished", "failed", "started", "pending"]
 
 
 def _atomic_json(path: Path, data) -> None:
@@ -53,7 +57,7 @@ def prepare_run(sweep_dir: Path, run: PlannedRun) -> Path:
     return run_dir / "train.yaml"
 
 
-def state(sweep_dir: Path, run: PlannedRun | dict) -> str:
+def state(sweep_dir: Path, run: PlannedRun | dict) -> RunState:
     """"finished", "failed", "started" (a directory with a log but no result) or "pending"
     (`run`: a PlannedRun or its plan.json record)."""
     run_dir = sweep_dir / (run["dir"] if isinstance(run, dict) else run.dir)
@@ -79,7 +83,7 @@ def _ignore_usr2() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> dict | None:
+def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> RunRecord | None:
     """Train one run to its end (resuming it if it had started), check it and write its
     result.json; None and a failed.json (exit status, log tail) if training failed; None alone
     if it stopped on request (RUN_DIR/slurm/stop: a SLURM time limit) after a checkpoint."""
@@ -101,9 +105,9 @@ def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> dict | 
              + "\n".join("    " + line for line in tail.splitlines()))
         return None
     result = collect_result(plan, run, run_dir)
-    _atomic_json(run_dir / "result.json", result)
-    echo(f"  {run.id}: loss {result['loss']:.4f} ± {result['loss_se']:.4f}, measured C {result['flops']['measured']:.3e} "
-         f"({result['budget_error']:+.2%} of budget), {result['wall_s']:.0f} s")
+    _atomic_json(run_dir / "result.json", result.to_json())
+    echo(f"  {run.id}: loss {result.loss:.4f} ± {result.loss_se:.4f}, measured C {result.flops['measured']:.3e} "
+         f"({result.budget_error:+.2%} of budget), {result.wall_s:.0f} s")
     return result
 
 
@@ -113,7 +117,7 @@ def write_plan(plan: Plan, sweep_dir: Path) -> None:
     _atomic_json(sweep_dir / "plan.json", plan.to_dict())
 
 
-def run_sweep(plan: Plan, sweep_dir: Path, echo=print) -> dict[str, int]:
+def run_sweep(plan: Plan, sweep_dir: Path, echo=print) -> dict[RunState, int]:
     """Every unfinished run of `plan` in turn (local executor), then results.jsonl. Returns the
     count of runs by final state."""
     write_plan(plan, sweep_dir)
@@ -123,7 +127,7 @@ def run_sweep(plan: Plan, sweep_dir: Path, echo=print) -> dict[str, int]:
         echo(f"[{i}/{len(todo)}] {run.id}: depth {run.depth}, {run.steps} steps, lr {run.lr:.3g}")
         run_one(plan, sweep_dir, run, echo)
     results = write_results(plan, sweep_dir)
-    counts = {s: 0 for s in ("finished", "failed", "started", "pending")}
+    counts: dict[RunState, int] = {s: 0 for s in get_args(RunState)}
     for run in plan.runs:
         counts[state(sweep_dir, run)] += 1
     echo(f"sweep {sweep_dir}: {counts['finished']} finished, {counts['failed']} failed; {len(results)} results in "

@@ -110,11 +110,11 @@ class EngineConfig:
         would run ~100x slower than float32 on some CPUs, which looks like a hang."""
         device = torch.device(self.device)
         if self.dtype == "auto":
-            if device.type == "cuda":
-                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            from profiling.cpu import preferred_cpu_dtype
+            if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                return torch.float16  # a GPU before bf16 (pre-Ampere): half precision all the same
+            from profiling.hardware import auto_dtype
 
-            return torch.bfloat16 if preferred_cpu_dtype() == "bf16" else torch.float32
+            return torch.bfloat16 if auto_dtype(device) == "bf16" else torch.float32
         if device.type == "cpu" and self.dtype == "bfloat16":
             from profiling.cpu import preferred_cpu_dtype
 

@@ -84,7 +84,7 @@ def test_report_end_to_end(tmp_path):
 
 def test_count_yaml_config_matches_exact_formula():
     from model.configs import load_config
-    from profiling.formulas.dit import dit_flops
+    from model.flops.formula import dit_flops
 
     path = ROOT / "configs" / "models" / "video-s-factorized.yaml"
     cfg = load_config(str(path))

@@ -142,16 +142,18 @@ def test_a_short_training_run_on_digits(tmp_path):
     assert final["judge"]["class"] >= 0.9 and final["fd"] > final["fd_floor"] > 0
     assert any("the digit" in p for p in final["prompts"])
     # the saved pipeline evaluated again with other settings: one more record, as at the end of training
-    again = subprocess.run(args[:3] + ["evaluate"] + args[3:] + ["--set", "eval_prompts=8", "--set", "eval_guidance=1.5"],
+    again = subprocess.run(args[:3] + ["evaluate"] + args[3:] + ["--set", "eval_prompts=8", "--set", "eval_guidance=1.5",
+                                                                 "--set", "eval_guidance_interval=[0.1,0.8]"],
                            cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[-1]["step"] == 2 and records[-1]["guidance"] == 1.5 and records[-1]["again"]
+    assert records[-1]["guidance_interval"] == [0.1, 0.8] and "guidance_interval" not in records[0]
     assert records[-1]["n"]["class"] == 8 and "class:" in again.stdout and "judge on held-out real clips" in again.stdout
-    assert "evaluated again" in again.stdout and "guidance 1.5, 2 sampling steps" in again.stdout
+    assert "evaluated again" in again.stdout and "guidance 1.5 over noise levels 0.1-0.8, 2 sampling steps" in again.stdout
     assert "fewer than the judge's 128 features" in again.stdout  # 8 clips x 3 frames: the FD is said to be unreliable
     samples = tmp_path / "run" / "samples"  # training's sheet is kept beside the new one
-    assert (samples / "step-0000002.png").is_file() and (samples / "step-0000002-again-n8-g1.5-s2.png").is_file()
+    assert (samples / "step-0000002.png").is_file() and (samples / "step-0000002-again-n8-g1.5-i0.1-0.8-s2.png").is_file()
     assert "score" not in records[-1]  # never one blended number
     # a run that saved no pipeline is refused by name, before anything loads
     missing = subprocess.run(args[:3] + ["evaluate", "--set", f"run_dir={tmp_path / 'none'}"], cwd=ROOT, env=env,
@@ -160,3 +162,6 @@ def test_a_short_training_run_on_digits(tmp_path):
     negative = subprocess.run(args[:3] + ["evaluate"] + args[3:] + ["--set", "eval_guidance=-1"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
     assert negative.returncode == 2 and "eval_guidance" in negative.stderr
+    backwards = subprocess.run(args[:3] + ["evaluate"] + args[3:] + ["--set", "eval_guidance_interval=[0.8,0.1]"], cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=120)
+    assert backwards.returncode == 2 and "eval_guidance_interval" in backwards.stderr

@@ -170,7 +170,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_pooled_text_steers_the_modulation_and_ignores_padding():
     torch.manual_seed(0)
     model = DiT.from_dit_config(DiTConfig(hidden_size=32, depth=1, num_heads=2, text_dim=8, pooled_text=True))
-    x, t = torch.randn(2, 4, 1, 4, 4), torch.tensor([500.0, 500.0])
+    t = torch.tensor([500.0, 500.0])
     ctx, mask = torch.randn(2, 3, 8), torch.tensor([[True, True, False], [True, True, True]])
     c = model.t_embedder(t) + model.text_pool(torch.stack([ctx[0, :2].mean(0), ctx[1].mean(0)]))
     ctx_padded = ctx.clone()

@@ -27,7 +27,7 @@ def plan(*argv: str) -> dict:
 
 
 def cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "profiling", "estimate", *argv],
+    return subprocess.run([sys.executable, "-m", "model.flops", "estimate", *argv],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from model.pipeline import MiniStackPipeline
 from train.data.procedural import ProceduralVideos
-from train.evaluate import alignment_prompts, text_alignment, validation_loss, validation_losses
+from train.evaluate import Sampler, alignment_prompts, text_alignment, validation_loss, validation_losses
 from train.probe import alignment_score
 
 
@@ -41,7 +41,7 @@ def test_alignment_prompts_and_scoring(pipe, tmp_path):
     attrs = alignment_prompts(6, frames=5, seed=1)
     assert len(attrs) == 6 and all(a["motion"] in ("left", "right", "up", "down") for a in attrs)
     assert all(a["motion"] == "static" for a in alignment_prompts(3, frames=1))
-    result = text_alignment(pipe, n=4, frames=5, height=16, width=16, steps=2, grid_path=tmp_path / "grid.png")
+    result = text_alignment(pipe, n=4, frames=5, height=16, width=16, sampler=Sampler(steps=2), grid_path=tmp_path / "grid.png")
     assert (tmp_path / "grid.png").is_file() and len(result["prompts"]) == 4
     assert 0 <= result["score"] <= 1 and 0 < result["score_chance"] < 1
     # the scorer itself: real clips of the prompts score far above chance

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -204,10 +203,18 @@ def test_no_record_carries_an_mfu_above_100_percent(capsys):
 
 def test_flops_peak_command_shows_the_cache(cache):
     _fake_entry(cache, 123.4e9)
-    proc = subprocess.run([sys.executable, "-m", "profiling", "peak"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "model.flops", "peak"], capture_output=True, text=True,
                           env=dict(os.environ), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "123.4 GFLOP/s" in proc.stdout and "quiet (others 0.00 cores)" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "profiling", "peak", "--json"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "model.flops", "peak", "--json"], capture_output=True, text=True,
                           env=dict(os.environ), timeout=120)
     assert json.loads(proc.stdout)["cpu"]["fp32"] == 123.4e9
+
+
+def test_auto_dtype_is_bf16_on_a_gpu_and_the_measured_choice_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(cpu, "preferred_cpu_dtype", lambda: "fp32")
+    assert hardware.auto_dtype("cuda") == hardware.auto_dtype("cuda:1") == "bf16"
+    assert hardware.auto_dtype("cpu") == hardware.auto_dtype(torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(cpu, "preferred_cpu_dtype", lambda: "bf16")
+    assert hardware.auto_dtype("cpu") == "bf16"

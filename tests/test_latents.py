@@ -12,9 +12,10 @@ import torch
 from model.text_encoder import TextEncoder
 from model.vae import load_codec
 from train.config import load_train_config
-from train.data.latents import LatentCache, build_cache, build_cache_for
+from train.data.latent_cache import LatentCache
+from train.data.latents import build_cache, build_cache_for
 from train.data.loader import make_dataset
-from train.loop import dropped_captions
+from train.step import dropped_captions
 
 from test_train import ROOT, SMALL, _env, _losses, _model_yaml
 

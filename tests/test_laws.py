@@ -4,7 +4,7 @@ import pytest
 
 from model.dit import DiTConfig
 from profiling import laws
-from profiling.formulas.dit import dit_flops
+from model.flops.formula import dit_flops
 from profiling.formulas.llama import DecoderShape, causal_pairs, decoder_flops
 from profiling.measure import attention_flops, attention_pairs
 

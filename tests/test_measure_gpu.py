@@ -6,7 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.dit import DiT, DiTConfig
-from profiling.formulas.dit import dit_flops
+from model.flops.formula import dit_flops
 from profiling.formulas.llama import DECODER_PARTS, DecoderShape, decoder_flops
 from profiling.measure import count_flops, forward_backward
 

@@ -64,10 +64,19 @@ def test_seeded_sampling_is_reproducible_and_guidance_matters(encoder):
     with torch.no_grad():  # give the zero-initialised output layers weights, so conditioning shows
         for p in pipe.transformer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    run = lambda scale: pipe("a red square", frames=1, height=16, width=16, num_inference_steps=3,  # noqa: E731
-                             guidance_scale=scale, generator=torch.Generator().manual_seed(7)).latents
+    def run(scale: float, interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+        return pipe("a red square", frames=1, height=16, width=16, num_inference_steps=3, guidance_scale=scale,
+                    guidance_interval=interval, generator=torch.Generator().manual_seed(7)).latents
+
     assert torch.equal(run(4.0), run(4.0))
     assert not torch.allclose(run(4.0), run(1.0))
+    # the guidance interval: the 3 steps sit at noise levels 1, 2/3 and 1/3
+    assert torch.allclose(run(4.0, (0.0, 0.2)), run(1.0), atol=1e-3)  # no step inside: unguided (masked padding aside)
+    assert torch.allclose(run(4.0, (0.0, 1.0)), run(4.0))
+    partly = run(4.0, (0.5, 1.0))  # guided at the first two steps only
+    assert not torch.allclose(partly, run(4.0)) and not torch.allclose(partly, run(1.0))
+    with pytest.raises(ValueError, match="guidance_interval must be"):
+        run(4.0, (0.8, 0.2))
 
 
 def test_bad_requests_are_clear_errors(encoder):

@@ -32,7 +32,7 @@ def ledger_path(tmp_path, tiny_llama):
     for n in (16, 128, 480):
         ids = torch.randint(0, 300, (1, n))
         with torch.no_grad():
-            count = count_flops(lambda: tiny_llama(ids, logits_to_keep=1), DECODER_PARTS, fake=True)
+            count = count_flops(lambda: tiny_llama(ids, logits_to_keep=1), DECODER_PARTS, fake=True)  # noqa: B023 (called at once, inside the iteration)
         ledger.append(make_record("infer", count, llama_params, n, 0.1, PEAK, f"prompt={n}", request_id=f"r{n}"))
     return ledger.path
 
@@ -101,3 +101,21 @@ def test_a_peak_raised_step_after_step_is_summarized_lowest_to_highest():
     text = report.format_report(kinds, shapes, skipped=0)
     assert ("MFU against peaks from 100 FLOP/s (probe (test); 1 record) to 200 FLOP/s (raised to 200 FLOP/s by "
             "train step 5 (was 100 FLOP/s, probe (test)); 1 record), 2 more between") in text
+
+
+def test_flops_demo_reports_its_ledger_with_the_reports_own_flags(ledger_path, tmp_path, monkeypatch, capsys):
+    """The demo hands its ledger to `flops report` through report's own parser: every flag the
+    report reads has its default (it crashed when --bandwidth was added and the demo not told)."""
+    import argparse
+
+    from model.flops import demo
+
+    def record(ledger: Ledger, *_) -> None:  # the demo's measuring stands in as the fixture's records
+        for r in read_ledgers([ledger_path]).records:
+            ledger.append(r)
+
+    monkeypatch.setattr(demo, "train_steps", record)
+    monkeypatch.setattr(demo, "prefills", lambda *_: None)
+    out = tmp_path / "demo"
+    assert demo.run(argparse.Namespace(out=str(out), steps=1, contexts="16", device="cpu")) == 0
+    assert "== train: 3 records" in capsys.readouterr().out and (out / "flops.png").is_file()

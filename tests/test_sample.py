@@ -36,6 +36,9 @@ def test_sample_writes_mp4_gif_and_grid(tmp_path):
 def test_sample_bad_input_is_a_clear_error(tmp_path):
     proc = sample("--pipeline", str(tmp_path), "--prompt", "x")
     assert proc.returncode == 2 and "not a saved ministack pipeline" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"--pipeline {tmp_path} is not a saved" in proc.stderr  # the flag named
+    missing = sample("--pipeline", str(tmp_path / "none"), "--prompt", "x")
+    assert missing.returncode == 2 and f"--pipeline {tmp_path / 'none'}: no such directory" in missing.stderr
 
 
 def test_tiny_vae_trains_from_scratch():

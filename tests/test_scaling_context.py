@@ -11,7 +11,7 @@ from test_serve_model import make_engine
 
 from profiling.formulas.llama import decoder_flops
 from scaling.cli import main
-from scaling.context import WEIGHT_PARTS, analyze_context, context_report, measure_context, measure_contexts, weight_bytes
+from scaling.context import WEIGHT_PARTS, ContextReport, analyze_context, measure_context, measure_contexts, weight_bytes
 from scaling.plots import plot_context
 from scaling.report import format_context
 
@@ -32,19 +32,19 @@ def test_measured_decode_flops_equal_the_formula_and_the_crossovers_hold(tiny_ll
     assert points[-1].attention_flops > points[0].attention_flops and points[-1].weight_flops == points[0].weight_flops
 
     analysis = analyze_context(points, weight_bytes(engine.model))
-    assert analysis["measured_vs_formula_max_gap"] == 0
-    at = analysis["attention_equals_weights_flops"]  # attention a*(L+1) = weights there
+    assert analysis.measured_vs_formula_max_gap == 0
+    at = analysis.attention_equals_weights_flops  # attention a*(L+1) = weights there
     weights = sum(decoder_flops(shape, q_len=1, past_len=0, logits=1)[k] for k in WEIGHT_PARTS)
     assert decoder_flops(shape, q_len=1, past_len=int(at) + 1, logits=1)["attention"] >= weights
     assert decoder_flops(shape, q_len=1, past_len=int(at) - 1, logits=1)["attention"] < weights
     params = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    assert analysis["weight_bytes"] == params  # float32, tied embeddings: each storage once
-    kv = analysis["kv_equals_weight_bytes"]
-    assert batch * (kv + 1) * analysis["kv_bytes_per_key"] == pytest.approx(params)
-    fit = analysis["tpot_fit"]
-    assert fit is not None and fit["fixed_s"] > 0
+    assert analysis.weight_bytes == params  # float32, tied embeddings: each storage once
+    kv = analysis.kv_equals_weight_bytes
+    assert batch * (kv + 1) * analysis.kv_bytes_per_key == pytest.approx(params)
+    fit = analysis.tpot_fit
+    assert fit is not None and fit.fixed_s > 0
 
-    report = context_report(points, analysis)
+    report = ContextReport(points, analysis)
     text = format_context(report)
     assert f"batch {batch}" in text and "within 0.00% of the formula" in text
     assert plot_context(report, tmp_path / "context.png").stat().st_size > 10_000
@@ -90,9 +90,11 @@ def test_cli_json_and_its_errors(tiny_llama, tmp_path, capsys):
     assert main([*base, "--contexts", "8,24,48", "--decode-tokens", "2", "--json", "--out", str(tmp_path / "ctx")]) == 0
     report = json.loads(capsys.readouterr().out.split("\n", 1)[1])  # after the engine's KV-cache line
     assert [p["context"] for p in report["points"]] == [8, 24, 48] and report["dtype"] == "float32"
-    assert report["peak"]["flops"] > 0 and "x bound: TTFT / (the prefill's measured FLOPs at" in format_context(report)
+    assert report["peak"]["flops"] > 0
     assert json.loads((tmp_path / "ctx" / "context.json").read_text())["analysis"] == report["analysis"]
     assert (tmp_path / "ctx" / "context.png").is_file()
+    assert main([*base, "--contexts", "8,24,48", "--decode-tokens", "2"]) == 0  # the table, TTFT against its bound
+    assert "x bound: TTFT / (the prefill's measured FLOPs at" in capsys.readouterr().out
     assert main([*base, "--contexts", "8,lots"]) == 2
     assert "--contexts" in capsys.readouterr().err
     assert main([*base, "--contexts", "5000"]) == 2

@@ -5,14 +5,16 @@ import json
 import re
 import stat
 import sys
+from dataclasses import replace
 
 import pytest
 
-from profiling.formulas.dit import dit_flops
+from model.flops.formula import dit_flops
 from scaling.analysis import analyze
 from scaling.cli import main as scaling_main
 from scaling.config import SweepConfig, build_config, load_sweep_config
 from scaling.plan import BUDGET_TOLERANCE, plan_sweep
+from scaling.record import RunRecord
 from scaling.report import data_hash
 from scaling.results import load_results, read_csv
 from scaling.runs import run_sweep, state
@@ -66,7 +68,8 @@ def test_plan_refuses_runs_off_their_budget():
     for bad, match in (("family.head_dim=0", "family.head_dim must be > 0"), ("hparams.lr=-1", "hparams.lr must be > 0"),
                        ("hparams.batch_size=0", "hparams.batch_size must be > 0"), ("hparams.lr_multipliers=[0]", "lr_multipliers"),
                        ("budgets=[{flops: 1.0e+11, sizes: [2.5]}]", "whole numbers"), ("budgets=[{flops: lots, sizes: [2]}]", "flops"),
-                       ("slurm.sbatch=[x]", "slurm.sbatch")):
+                       ("slurm.sbatch=[x]", "slurm.sbatch"),
+                       ("family.attention=causal", "family.attention must be one of 'full', 'factorized', got 'causal'")):
         with pytest.raises(ValueError, match=re.escape(match)):
             load_sweep_config("cpu", [bad])
 
@@ -174,7 +177,7 @@ def test_fit_reads_a_sweep_and_answers_every_definition(sweep, capsys):
     assert "L-BFGS from the 10 best of Chinchilla's 4,500-point grid" in report and a3["starts"] == 10
     assert "ministack scaling sweep" in report and "![fits](fits.png)" in report
     for run in results:
-        assert f"| {run['id']} |" in report
+        assert f"| {run.id} |" in report
     assert f"{a3['alpha']:.4g}" in report and "| 6N_per_token·D |" in report
 
 
@@ -219,10 +222,10 @@ def test_fit_from_csv_recovers_a_known_law(tmp_path, capsys):
 
 
 def test_analysis_flags_an_lr_at_the_edge():
-    base = [{"id": f"r{i}", "budget": 1e12, "depth": i, "lr_multiplier": 1.0, "loss": 1.0 + 0.01 * i,
-             "tokens": 1e6 * (i + 1), "flops": {"given": 1e12}} for i in range(5)]
-    check = [dict(base[2], id="lo", lr_multiplier=0.5, loss=1.5), dict(base[2], id="hi", lr_multiplier=2.0, loss=0.9)]
+    base = [RunRecord(id=f"r{i}", budget=1e12, depth=i, lr_multiplier=1.0, loss=1.0 + 0.01 * i, n={"given": 1e12 / (6e6 * (i + 1))},
+                      tokens=1e6 * (i + 1), flops={"given": 1e12}) for i in range(5)]
+    check = [replace(base[2], id="lo", lr_multiplier=0.5, loss=1.5), replace(base[2], id="hi", lr_multiplier=2.0, loss=0.9)]
     out = analyze(base + check, bootstrap=0)
-    key = next(iter(out["lr_check"]))
-    assert out["lr_check"][key]["best"] == 2.0 and out["lr_check"][key]["edge"]
-    assert out["runs"] == 5  # LR-check runs stay out of the fits
+    key = next(iter(out.lr_check))
+    assert out.lr_check[key].best == 2.0 and out.lr_check[key].edge
+    assert out.runs == 5  # LR-check runs stay out of the fits

@@ -291,8 +291,6 @@ def test_a_duplicate_request_id_is_refused_and_the_first_request_still_finishes(
 def test_request_metrics_count_every_request_once(tiny_model):
     """On a fresh server: 4 requests (one with n = 2, a batch of 2 prompts, one streamed) give
     4 TTFTs, 4 end-to-end latencies, 4 of each phase, and token histograms summing to the totals."""
-    import httpx
-
     live = serve(tiny_model, max_model_len=256, kv_cache_bytes=4 << 20)
     try:
         c, name = live.client(), live.backend.model_name

@@ -46,6 +46,6 @@ def test_cache_key_follows_the_content_and_a_failed_conversion_leaves_nothing(tm
     assert _cache_dir(bad) == _cache_dir(copy) == key  # a reinstall (new path, new mtime) reuses the cache
     bad.write_bytes(b"not a gguf file" * 999 + b"NOT A GGUF FILE")
     assert _cache_dir(bad) != key  # new content, new key
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not a GGUF file"):
         gguf_to_dir(bad)
     assert list((tmp_path / "cache" / "models").iterdir()) == []

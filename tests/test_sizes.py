@@ -191,7 +191,7 @@ def test_a_per_bucket_batch_size_for_a_bucket_not_trained_is_refused_at_config_l
 
 
 def _count_args(*argv: str) -> argparse.Namespace:
-    from profiling import count
+    from model.flops import count
 
     parser = argparse.ArgumentParser()
     count.add_arguments(parser)
@@ -201,7 +201,7 @@ def _count_args(*argv: str) -> argparse.Namespace:
 def test_flops_count_refuses_with_a_suggestion_that_counts(capsys):
     """`flops count` maps pixels to the latent as the codec does (1 + (frames-1)/ct) and takes only
     what the DiT tiles: the model it counts runs on exactly that latent."""
-    from profiling.count import run
+    from model.flops.count import run
 
     with pytest.raises(SizeError, match=r"^--frames 16, --height 120 do not fit codec compression 4,8,8 × patch 1,2,2") as err:
         run(_count_args("--frames", "16", "--height", "120", "--width", "128", "--latent-compression", "4,8,8"))

@@ -130,7 +130,9 @@ def test_sigkilled_three_times_one_mid_checkpoint_resumes_to_the_uninterrupted_r
 
     pause = {checkpoint.PAUSE_BEFORE_PUBLISH: "120"}  # 2: killed while writing a checkpoint
     second, started = _train(run, *model, env=pause), time.time()
-    written = lambda: [p for p in run.glob("checkpoints/.tmp-step-*/manifest.json") if p.stat().st_mtime >= started - 1]
+    def written() -> list[Path]:
+        return [p for p in run.glob("checkpoints/.tmp-step-*/manifest.json") if p.stat().st_mtime >= started - 1]
+
     deadline = time.time() + 600
     while not written():
         assert second.poll() is None and time.time() < deadline, second.communicate()[0]

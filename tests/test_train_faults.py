@@ -250,7 +250,8 @@ def test_non_finite_weights_are_never_saved(run):
 # --- non-finite steps ----------------------------------------------------------------------------
 
 def test_a_non_finite_step_is_skipped_without_any_update(run):
-    from train.loop import StepWindow, apply_update
+    from train.meter import StepWindow
+    from train.step import apply_update
 
     guard = NonfiniteGuard("skip", 2, log=lambda _: None)
     model, optimizer, schedule = run.model, None, run.states["schedule"]
@@ -286,7 +287,7 @@ def test_under_deepspeed_skip_becomes_stop_and_says_so():
     from accelerate.utils import DistributedType
 
     from train.config import TrainConfig
-    from train.loop import nonfinite_policy
+    from train.step import nonfinite_policy
 
     class Engine:
         distributed_type, said = DistributedType.DEEPSPEED, []

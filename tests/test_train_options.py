@@ -5,7 +5,7 @@ import json
 import pytest
 
 import profiling.cpu
-from train.loop import mixed_precision
+from train.accelerator import mixed_precision
 
 from test_train import _losses, _model_yaml, _train
 
@@ -65,7 +65,7 @@ class _Ranks:
 
 
 def test_a_batch_empty_on_one_rank_is_skipped_by_all():
-    from train.loop import any_rank_empty
+    from train.step import any_rank_empty
 
     full, empty = {"captions": ["a clip"]}, {"captions": []}
     assert any_rank_empty(_Ranks(other_empty=True), full)  # the other rank's clips all failed: skip here too
@@ -87,7 +87,7 @@ def test_grad_accum_logs_the_step_it_ran(tmp_path):
 def test_the_logged_loss_is_the_mean_over_the_accumulation_window():
     import torch
 
-    from train.loop import StepWindow
+    from train.meter import StepWindow
 
     window = StepWindow()
     for loss, batch in ((1.0, 2), (3.0, 3)):
@@ -113,7 +113,7 @@ def test_deepspeed_from_both_the_accelerate_config_and_the_run_is_refused(monkey
     """`accelerate launch` with a ZeRO config sets ACCELERATE_USE_DEEPSPEED; a run's own
     `deepspeed:` JSON on top would leave which one applies to accelerate's internals."""
     from train.config import TrainConfig
-    from train.loop import make_accelerator
+    from train.accelerator import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ValueError, match="accelerate config already sets up DeepSpeed"):

@@ -96,6 +96,8 @@ class TrainConfig:
     eval_prompts: int = 8  # text-alignment prompts sampled per evaluation (more: a less noisy score)
     eval_sampling_steps: int = 20
     eval_guidance: float = 4.0  # classifier-free guidance scale of the evaluation's samples (1 = off)
+    # noise levels [lo, hi] (0 clean, 1 pure noise) at which that guidance applies; the rest unguided
+    eval_guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     nonfinite: str = "skip"  # a step with a non-finite loss or gradient norm: "skip" it (no update) or "stop" the run
     max_nonfinite_steps: int = 3  # with "skip": this many consecutive skipped steps, then the run stops
     deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.) for launchers without an accelerate config (torchrun)
@@ -160,6 +162,8 @@ RULES = {
     "eval_prompts": _at_least(1),
     "eval_sampling_steps": _at_least(1),
     "eval_guidance": (lambda v: v >= 0, ">= 0 (1: no guidance)"),
+    "eval_guidance_interval": (lambda v: len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and 0 <= v[0] <= v[1] <= 1,
+                               "[lo, hi] with 0 <= lo <= hi <= 1"),
     "diffusion": _one_of("flow", "ddpm"),
     "sigma_sampling": _one_of("logit_normal", "uniform"),
     "sigma_shift": (lambda v: v > 0, "> 0"),

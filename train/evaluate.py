@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,31 @@ from train.data.procedural import ProceduralVideos, caption
 from train.probe import alignment_score
 
 VAL_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How the evaluation samples: Euler steps, the guidance scale and the noise levels it applies
+    at (model.pipeline's guidance_interval)."""
+
+    steps: int = 20
+    guidance: float = 4.0
+    interval: tuple[float, float] = (0.0, 1.0)
+
+    @classmethod
+    def of(cls, cfg) -> Sampler:
+        """The run config's eval_sampling_steps, eval_guidance and eval_guidance_interval."""
+        return cls(cfg.eval_sampling_steps, cfg.eval_guidance, tuple(cfg.eval_guidance_interval))
+
+    def record(self) -> dict:
+        """Its fields for the eval log (the interval only where it is not every step)."""
+        interval = {"guidance_interval": list(self.interval)} if self.interval != (0.0, 1.0) else {}
+        return {"guidance": self.guidance, "sampling_steps": self.steps} | interval
+
+    def suffix(self) -> str:
+        """A file-name part that tells re-evaluations apart."""
+        interval = f"-i{self.interval[0]:g}-{self.interval[1]:g}" if self.interval != (0.0, 1.0) else ""
+        return f"-g{self.guidance:g}{interval}-s{self.steps}"
 
 
 @torch.no_grad()
@@ -69,8 +95,8 @@ def alignment_prompts(n: int, frames: int, seed: int = 0, data_kind: str = "proc
              "frames": frames} for _ in range(n)]
 
 
-def _sample(pipeline, prompts: list[str], frames: int, height: int, width: int, steps: int, seed: int,
-            grid_path: str | Path | None, guidance: float = 4.0, batch: int = 16) -> np.ndarray:
+def _sample(pipeline, prompts: list[str], frames: int, height: int, width: int, sampler: Sampler, seed: int,
+            grid_path: str | Path | None, batch: int = 16) -> np.ndarray:
     """The pipeline's videos for `prompts` ([n, T, H, W, 3] uint8, what a user gets; `batch`
     prompts at a time: a sampling step's memory grows with the batch); with `grid_path`, their
     contact sheet there (PNG: each clip's frames side by side) and beside it the clips as one
@@ -80,8 +106,8 @@ def _sample(pipeline, prompts: list[str], frames: int, height: int, width: int, 
     generator = torch.Generator().manual_seed(seed)
     pipeline.set_progress_bar_config(disable=True)  # one bar per batch of prompts would bury the run's console
     videos = np.concatenate([
-        pipeline(prompts[s:s + batch], frames=frames, height=height, width=width, num_inference_steps=steps,
-                 guidance_scale=guidance, generator=generator).videos
+        pipeline(prompts[s:s + batch], frames=frames, height=height, width=width, num_inference_steps=sampler.steps,
+                 guidance_scale=sampler.guidance, guidance_interval=sampler.interval, generator=generator).videos
         for s in range(0, len(prompts), batch)])
     if grid_path is not None:
         write_image(grid_path, contact_sheet(videos))
@@ -90,17 +116,17 @@ def _sample(pipeline, prompts: list[str], frames: int, height: int, width: int, 
 
 
 @torch.no_grad()
-def text_alignment(pipeline, n: int = 8, frames: int = 5, height: int = 32, width: int = 32, steps: int = 20,
-                   seed: int = 0, grid_path: str | Path | None = None, data_kind: str = "procedural",
-                   source: str = "", guidance: float = 4.0) -> dict:
+def text_alignment(pipeline, n: int = 8, frames: int = 5, height: int = 32, width: int = 32,
+                   sampler: Sampler = Sampler(), seed: int = 0, grid_path: str | Path | None = None,
+                   data_kind: str = "procedural", source: str = "") -> dict:
     """Sample prompts built from attributes and score what the samples show against them, with
     chance levels: by train.judge for the glyph kinds (`glyph_alignment`), else by the probe."""
     if data_kind in judges.GLYPH_KINDS:
         judge = cached_judge(data_kind, (frames, height, width), source)
-        return glyph_alignment(pipeline, judge, n, steps, seed, grid_path, guidance)
+        return glyph_alignment(pipeline, judge, n, sampler, seed, grid_path)
     attrs = alignment_prompts(n, frames, seed, data_kind)
     prompts = [caption(a) for a in attrs]
-    videos = _sample(pipeline, prompts, frames, height, width, steps, seed, grid_path, guidance)
+    videos = _sample(pipeline, prompts, frames, height, width, sampler, seed, grid_path)
     result = alignment_score(list(videos), attrs)
     return {k: result[k] for k in ("score", "score_chance", "accuracy", "chance", "n")} | {"prompts": prompts}
 
@@ -116,15 +142,15 @@ def cached_judge(kind: str, size: tuple[int, int, int], source: str = "") -> jud
     return _judges[key]
 
 
-def glyph_alignment(pipeline, judge: judges.Judge, n: int, steps: int, seed: int = 0,
-                    grid_path: str | Path | None = None, guidance: float = 4.0) -> dict:
+def glyph_alignment(pipeline, judge: judges.Judge, n: int, sampler: Sampler = Sampler(), seed: int = 0,
+                    grid_path: str | Path | None = None) -> dict:
     """n prompts balanced over classes and directions, sampled and read by `judge`: accuracy per
     attribute with its 95 % interval and chance, the Frechet distance to real clips with its
     real-vs-real floor, and the judge's own accuracy on real clips (its validation)."""
     frames, height, width = judge.size
     attrs = judges.prompt_attrs(judge.kind, n, frames, seed)
     prompts = [judges.caption(judge.kind, a) for a in attrs]
-    videos = _sample(pipeline, prompts, frames, height, width, steps, seed, grid_path, guidance)
+    videos = _sample(pipeline, prompts, frames, height, width, sampler, seed, grid_path)
     reading = judges.read(judge.classifier, torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
     scored = judges.score(reading, attrs)
     fd, floor = judge.frechet(reading.features)
@@ -164,13 +190,13 @@ def evaluate_run(pipeline, cfg, step: int, run: Path, again: bool = False) -> di
     se = float(losses.std(ddof=1) / np.sqrt(len(losses))) if len(losses) > 1 else float("nan")
     result = {"step": step, "val_loss": float(losses.mean()), "val_loss_se": se, "val_clips": len(losses)}
     result |= {"again": True} if again else {}
-    suffix = f"-again-n{cfg.eval_prompts}-g{cfg.eval_guidance:g}-s{cfg.eval_sampling_steps}" if again else ""
+    sampler = Sampler.of(cfg)
+    suffix = f"-again-n{cfg.eval_prompts}{sampler.suffix()}" if again else ""
     if pipeline.text_encoder is not None:
-        result |= {"guidance": cfg.eval_guidance, "sampling_steps": cfg.eval_sampling_steps}
+        result |= sampler.record()
         grid = run / "samples" / f"step-{step:07d}{suffix}.png"
         result |= text_alignment(pipeline, n=cfg.eval_prompts, frames=frames, height=height, width=width,
-                                 steps=cfg.eval_sampling_steps, grid_path=grid, data_kind=cfg.data.kind,
-                                 source=cfg.data.source, guidance=cfg.eval_guidance)
+                                 sampler=sampler, grid_path=grid, data_kind=cfg.data.kind, source=cfg.data.source)
         result["samples"] = str(grid)
     with (run / "eval.jsonl").open("a") as f:
         f.write(json.dumps(result) + "\n")
@@ -224,7 +250,8 @@ def format_eval(result: dict) -> str:
     if "judge" in result:
         lines.append("  judge on held-out real clips: " + ", ".join(f"{k} {v:.1%}" for k, v in result["judge"].items()))
     if "samples" in result:
-        how = f" (guidance {result['guidance']:g}, {result['sampling_steps']} sampling steps)" if "guidance" in result else ""
+        interval = " over noise levels {:g}-{:g}".format(*result["guidance_interval"]) if "guidance_interval" in result else ""
+        how = f" (guidance {result['guidance']:g}{interval}, {result['sampling_steps']} sampling steps)" if "guidance" in result else ""
         lines.append(f"  samples: {result['samples']} and {Path(result['samples']).with_suffix('.gif')}{how}")
     return "\n".join(lines)
 

@@ -71,7 +71,7 @@ def prompt_attrs(kind: str, n: int, frames: int, seed: int = 0) -> list[dict]:
     order = np.random.default_rng(seed).permutation(len(pairs))
     key = "digits" if kind == "digits" else "items"
     out = []
-    for i in sorted((order[i % len(pairs)] for i in range(n))):
+    for i in sorted(order[i % len(pairs)] for i in range(n)):
         label, motion = pairs[i]
         out.append({"frames": frames, "label": label, "motion": motion, key: [{"label": label, "motion": motion}]})
     return out

@@ -8,252 +8,113 @@ are counted once per distinct shape (profiling.measure on fake tensors: the DiT'
 backward by part, the frozen encoders' forwards as "frozen" when they ran in the loop) and
 appended to the run's ledger by every rank, with wall time and MFU. Checkpoints are atomic and
 resume exactly (model, optimizer, schedule, EMA, RNG states, data position).
+
+A run is its phases in order: `setup` (encoders, accelerator, model, data), `resume` (the newest
+checkpoint, the attempt), `open_channels` (ledger, log, TensorBoard, bar, stop request), then per
+micro-batch `step` and per optimizer step `close_step`, `checkpoint_if_due`, `evaluate_if_due`;
+`finish` last. What they share is a `Run` (set up once) and its `Progress` (what moves).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import random
 import time
 import zlib
-from dataclasses import replace
-from datetime import timedelta
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DeepSpeedPlugin, broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from model.configs import load_config
 from model.diffusion import per_sample_noise, training_loss
-from model.dit import DiT
+from model.dit import DiT, DiTConfig
 from model.text_encoder import TextEncoder
-from model.vae import load_codec
-from profiling.threads import ThreadWatch, apply_thread_policy
-from profiling.hardware import device_peak, format_rate
-from profiling.ledger import Ledger, make_record, read_ledgers
-from profiling.measure import FlopMeter, forward_backward
-from profiling.parts import FROZEN, param_parts
+from model.vae import VideoCodec, load_codec
+from profiling.hardware import DevicePeak, device_peak, format_rate
+from profiling.ledger import Ledger, Record, make_record, read_ledgers
+from profiling.parts import param_parts
 from profiling.report import Group, format_report, summarize
+from profiling.threads import ThreadWatch, apply_thread_policy
 from train import checkpoint
+from train.accelerator import gathered, make_accelerator
 from train.config import TrainConfig, validate
 from train.data.latents import build_cache
 from train.data.loader import make_loader
 from train.ema import EMA
 from train.faults import NonfiniteGuard, RunLock, die_with_parent
+from train.meter import StepMeter, StepWindow
 from train.preempt import StopRequest
 from train.quiet import quiet_deepspeed_on_cpu
 from train.runlog import start_attempt, superseded_summary
+from train.schedule import lr_lambda
 from train.speed import adamw
+from train.step import any_rank_empty, apply_update, dropped_captions, encode_batch, nonfinite_policy
 
 
-def mixed_precision(setting: str, cuda: bool) -> str:
-    """accelerate's mixed_precision for a config's setting: "auto" is bf16 where it pays (GPUs;
-    CPUs whose bf16 matmul is safe and clearly faster than fp32, measured by profiling.cpu), else
-    "no". An explicit "bf16" is honoured anywhere (prepare_cpu has made it safe)."""
-    if setting not in ("auto", "no", "bf16"):
-        raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {setting!r}")
-    if setting != "auto":
-        return setting
-    if cuda:
-        return "bf16"
-    from profiling.cpu import preferred_cpu_dtype
+@dataclass
+class Run:
+    """What a run sets up once and every phase reads."""
 
-    return "bf16" if preferred_cpu_dtype() == "bf16" else "no"
+    cfg: TrainConfig
+    dir: Path
+    accelerator: Accelerator
+    threads: ThreadWatch  # the CPU's intra-op team, resized to the load between steps
+    model_cfg: DiTConfig  # the DiT as trained: the codec's channels, the text encoder's width
+    model: torch.nn.Module  # as accelerate prepared it (and compiled, with compile: true)
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    codec: VideoCodec
+    text_encoder: TextEncoder | None
+    loader: DataLoader
+    null: tuple[torch.Tensor, torch.Tensor] | None  # the cached empty caption that caption dropout swaps in
+    meter: StepMeter
+    params: dict[str, int]  # by part, for the ledger's law
+    param_dtype: torch.dtype  # DeepSpeed bf16 converts the model but not its inputs
+    states: dict  # saved with each checkpoint as data, not pickled (train.checkpoint)
+    deepspeed: DeepSpeedPlugin | None
 
-
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """The run's precision (mixed_precision), gloo where there is no CUDA (DeepSpeed would
-    otherwise ask for NCCL), and a short collective timeout so hangs fail fast. DeepSpeed comes
-    from the accelerate config (`accelerate launch`) or from the run's own `deepspeed:` JSON
-    (any launcher: torchrun reads no accelerate config); both at once is refused."""
-    precision = mixed_precision(cfg.mixed_precision, torch.cuda.is_available())
-    kwargs = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = {} if torch.cuda.is_available() else {"backend": "gloo"}
-        kwargs.append(InitProcessGroupKwargs(timeout=timedelta(minutes=10), **backend))
-    plugin = None
-    if cfg.deepspeed:
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            raise ValueError("deepspeed: the accelerate config already sets up DeepSpeed; give one of the two")
-        plugin = DeepSpeedPlugin(hf_ds_config=str(Path(cfg.deepspeed).resolve()))
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=kwargs,
-                       deepspeed_plugin=plugin)
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
 
 
-def gathered(model, deepspeed):
-    """ZeRO-3 keeps 1/N of each parameter per rank: gather them whole (for the EMA) where needed."""
-    if deepspeed is None or deepspeed.zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed as ds
+@dataclass
+class Progress:
+    """What moves as the run trains: the step, the open accumulation window and its clock."""
 
-    return ds.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-
-def lr_lambda(warmup_steps: int, max_steps: int):
-    """Linear warm-up, then cosine to zero at max_steps: the LR multiplier at each step."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
+    step: int
+    attempt: int  # this start of the run (train.runlog)
+    dtype: str  # the peak's: "bf16" or "fp32"
+    peak: DevicePeak
+    guard: NonfiniteGuard
+    window: StepWindow = field(default_factory=StepWindow)
+    step_start: float = 0.0  # perf_counter when the window's step began, counting excluded
+    lr: float | None = None  # the LR the last update used; None: the guard skipped it
+    dropped: int = 0  # clips that failed to decode during training
+    losses: list[float] = field(default_factory=list)
+    preempted: bool = False
 
 
-class StepWindow:
-    """One optimizer step's micro-batches on this rank (grad_accum of them): FLOPs, tokens, the
-    latent shapes they had and their losses."""
+@dataclass
+class Channels:
+    """What the run talks through as it trains: the ledger (every rank); the log, TensorBoard and
+    the progress bar (main process only, else None and a disabled bar); the stop request in."""
 
-    def __init__(self) -> None:
-        self.flops, self.tokens, self.shapes, self.losses = None, 0, [], []
-        self.sources, self.seeds = [], []  # the batch's identity, for a non-finite step's message
-
-    def add(self, flops, tokens: int, latent_shape: tuple[int, ...]) -> None:
-        self.flops = flops if self.flops is None else self.flops + flops
-        self.tokens += tokens
-        self.shapes.append(latent_shape)
-
-    def totals(self, device, stop: bool = False) -> torch.Tensor:
-        """[sum of micro-batch losses, micro-batches, samples, stop requested] on this rank, to be
-        summed over ranks (a stop request rides along: every rank learns of it at the same step)."""
-        return torch.stack([torch.stack(self.losses).sum(),
-                            torch.tensor(float(len(self.losses)), device=device),
-                            torch.tensor(float(sum(s[0] for s in self.shapes)), device=device),
-                            torch.tensor(float(stop), device=device)])
-
-    def shape(self, grad_accum: int, samples_per_step: int) -> str:
-        """The ledger's shape label: micro-batch size, samples per optimizer step (all ranks) and
-        latent size, e.g. 'B=2 x2 accum, 8 samples/step, latent=1x16x16'."""
-        sizes = sorted({s[0] for s in self.shapes})
-        latents = "+".join(sorted({"x".join(map(str, s[2:])) for s in self.shapes}))
-        accum = f" x{grad_accum} accum" if grad_accum > 1 else ""
-        return f"B={'/'.join(map(str, sizes))}{accum}, {samples_per_step} samples/step, latent={latents}"
-
-
-class StepMeter:
-    """FLOPs of one micro-step, counted once per (batch, latent, text) shape on fake tensors."""
-
-    def __init__(self, model_cfg, codec, text_encoder, device: torch.device) -> None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        # A shape-only twin on the training device: counting never touches the (wrapped, sharded) trained model.
-        # ("cpu:0", which accelerate reports for CPU ranks, and "cpu" must not count as two devices)
-        with FakeTensorMode(), torch.device("cpu" if device.type == "cpu" else device):
-            self.model = DiT.from_dit_config(model_cfg)
-        self.codec, self.text_encoder = codec, text_encoder
-        self.dit = FlopMeter(DiT.flop_parts)
-        self.frozen = FlopMeter()
-
-    def count(self, video: torch.Tensor | None, latents: torch.Tensor, captions: list[str], context, mask):
-        """The DiT's forward + backward, plus the frozen encoders' forwards when they ran on `video`
-        (None: the batch came from the latent cache, whose stage counted them once)."""
-        key = (None if video is None else tuple(video.shape), tuple(latents.shape), None if context is None else tuple(context.shape))
-        kwargs = {} if context is None else {"context": context, "context_mask": mask}
-        t = torch.zeros(latents.shape[0], device=latents.device)
-        dit = self.dit.count(key, forward_backward(self.model, latents, t, **kwargs))
-        if video is None:
-            return dit
-
-        def frozen() -> None:
-            with torch.no_grad():
-                self.codec.encode(video)
-                if self.text_encoder is not None:
-                    self.text_encoder(captions, pad_to_max_length=True)
-
-        return dit + self.frozen.count(key, frozen).relabel(FROZEN)
-
-
-def any_rank_empty(accelerator, batch: dict) -> bool:
-    """Whether any rank's batch came out empty (all its clips failed to decode after the scan).
-    All ranks must skip such a step together: a rank that skipped alone would leave the others
-    waiting in the gradient all-reduce until the collective timeout."""
-    empty = not batch["captions"]
-    if accelerator.num_processes == 1:
-        return empty
-    flag = torch.tensor([float(empty)], device=accelerator.device)
-    return accelerator.reduce(flag, "sum").item() > 0
-
-
-def dropped_captions(seeds: list[int], rate: float) -> list[bool]:
-    """Which samples train unconditioned (caption ""), from each sample's own seed: the same
-    samples whatever the batch split across ranks, and again after a resume."""
-    return [rate > 0 and random.Random(seed).random() < rate for seed in seeds]
-
-
-@torch.no_grad()
-def encode_batch(batch: dict, codec, text_encoder, null, drop: list[bool], device):
-    """(video or None, latents, context, mask) of a batch of clips (encoded here by the frozen
-    codec and text encoder) or of cached latents (`null`: the cached empty caption's embedding)."""
-    if "latents" in batch:
-        latents, context, mask = batch["latents"].to(device), batch["context"], batch["context_mask"]
-        if context is not None:
-            context, mask = context.to(device), mask.to(device)
-            if any(drop):
-                rows = torch.tensor(drop, device=device)
-                context = torch.where(rows[:, None, None], null[0], context)
-                mask = torch.where(rows[:, None], null[1], mask)
-        return None, latents, context, mask
-    video = batch["video"].to(device)
-    captions = ["" if d else c for c, d in zip(batch["captions"], drop)]
-    context, mask = text_encoder(captions, pad_to_max_length=True) if text_encoder else (None, None)
-    return video, codec.encode(video), context, mask
-
-
-def nonfinite_policy(cfg: TrainConfig, accelerator) -> str:
-    """The policy for non-finite steps this run can honour. Under DeepSpeed the engine applies the
-    update inside backward, before the loop sees the gradient norm: a bad step cannot be skipped
-    there, only stopped after (its weights are never checkpointed), so "skip" becomes "stop", said
-    once at the start."""
-    if cfg.nonfinite == "skip" and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.print("nonfinite=skip: under DeepSpeed the engine updates the weights inside backward, before the "
-                          "gradient norm is known, so a non-finite step stops the run instead (as nonfinite=stop)")
-        return "stop"
-    return cfg.nonfinite
-
-
-def apply_update(accelerator, model, optimizer, scheduler, grad_clip: float, guard: NonfiniteGuard,
-                 window: StepWindow, step: int) -> float | None:
-    """The optimizer step that ends an accumulation window: clip, check the window's loss and the
-    gradient norm are finite on every rank, then step the optimizer and the LR schedule. Returns the
-    LR the step used, or None when the guard skipped it (no update at all); RunError when the guard
-    stops the run."""
-    norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # DeepSpeed: the engine's norm
-    loss = torch.stack(window.losses).sum().float()
-    finite = bool(torch.isfinite(loss)) and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
-    if accelerator.num_processes > 1:  # every rank takes the same decision
-        finite = accelerator.reduce(torch.tensor([float(not finite)], device=accelerator.device), "sum").item() == 0
-    detail = (f"loss {loss.item() / len(window.losses)} / gradient norm {None if norm is None else float(norm)} "
-              f"(rank {accelerator.process_index}) on the batch of sources {window.sources} (noise seeds {window.seeds})")
-    if guard.skip(step, finite, detail):
-        optimizer.zero_grad(set_to_none=True)
-        return None
-    optimizer.step()
-    lr = scheduler.get_last_lr()[0]  # the LR this step used; stepping the schedule moves it on
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return lr
-
-
-def resume_attempt(accelerator, run: Path, states: dict) -> tuple[int, int]:
-    """(step, attempt number) of this start of `run`: its newest intact checkpoint restored into the
-    accelerator's objects and `states` (step 0 without one), and the attempt recorded."""
-    resume, meta = checkpoint.resume(accelerator, run / "checkpoints", states)
-    step = meta.get("step", 0)
-    if resume is not None:
-        accelerator.print(f"resumed from {resume} at step {step}")
-    # Steps past the checkpoint that an earlier attempt logged are about to be redone: move them aside
-    # before anyone writes, so every file holds each optimizer step once (train.runlog).
-    attempt = [start_attempt(run, step, accelerator.num_processes) if accelerator.is_main_process else 0]
-    broadcast_object_list(attempt)
-    attempt = attempt[0]
-    return step, attempt
+    ledger: Ledger
+    so_far: Group  # this rank's train records so far, earlier attempts' included: the bar's MFU and tokens/s
+    log: TextIO | None
+    board: SummaryWriter | None
+    bar: tqdm
+    stop: StopRequest
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -270,6 +131,28 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig) -> dict:
+    run = setup(cfg)
+    state = resume(run)
+    channels = open_channels(run, state.step)
+    state.step_start = time.perf_counter()
+    while state.step < cfg.max_steps and not state.preempted:
+        for batch in run.loader:
+            if not step(run, state, batch):  # mid-window, an empty batch or a skipped update: no step to close
+                continue
+            stop = close_step(run, state, channels)
+            checkpoint_if_due(run, state, stop)
+            if stop and state.step < cfg.max_steps:  # the job is about to lose the machine: resume later
+                state.preempted = True
+                break
+            evaluate_if_due(run, state, channels)
+            if state.step >= cfg.max_steps:
+                break
+    return finish(run, state, channels)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """The run's thread team, frozen encoders, accelerator, DiT with its EMA, optimizer and LR
+    schedule, and data, in the order the RNG and ZeRO-3 need them."""
     threads = ThreadWatch(None if torch.cuda.is_available() else apply_thread_policy())  # CPU: a team sized to the free cores (profiling.threads)
     # Frozen encoders load before the Accelerator exists: under ZeRO-3 accelerate makes transformers
     # partition every model it loads afterwards, and these must stay whole on every rank.
@@ -278,10 +161,10 @@ def _train(cfg: TrainConfig) -> dict:
     text_encoder = TextEncoder(cfg.text_encoder) if model_cfg.text_dim else None
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed, device_specific=True)
-    run = Path(cfg.run_dir)
+    run_dir = Path(cfg.run_dir)
     if accelerator.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     device = accelerator.device
 
     deepspeed = accelerator.state.deepspeed_plugin
@@ -295,155 +178,221 @@ def _train(cfg: TrainConfig) -> dict:
     ema = EMA(model, cfg.ema_decay)
     optimizer = adamw(model.parameters(), cfg.lr, cfg.weight_decay, deepspeed=deepspeed is not None)  # fused (train.speed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
-    null = None  # the empty caption's embedding, which caption dropout swaps in on the cached path
-    if cfg.latent_cache:
-        with accelerator.main_process_first():  # the main process builds (or resumes) it, the others read it
-            manifest = build_cache(cfg, cfg.latent_cache, codec, text_encoder, log=accelerator.print)
-        accelerator.print(f"data: latent cache {cfg.latent_cache}: {manifest['clips']} clips "
-                          f"({manifest['skipped']} skipped), encoders' {manifest['frozen_flops']:.3e} FLOPs spent once there")
-    loader, sampler, dataset = make_loader(cfg.data, accelerator.process_index, accelerator.num_processes, cfg.latent_cache)
-    if cfg.latent_cache and manifest["text"]:
-        null = tuple(t.to(device) for t in dataset.null_context())
-    if hasattr(dataset, "report"):  # real data: what was usable, what was skipped and why
-        accelerator.print(f"data: {dataset.report()}")
+    loader, sampler, null = load_data(cfg, accelerator, codec, text_encoder)
     if deepspeed is not None:  # no dataloader goes through prepare(): tell DeepSpeed the batch and clipping
         deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
         deepspeed.deepspeed_config["gradient_clipping"] = cfg.grad_clip
     # The LR schedule is stepped by us once per optimizer step: accelerate's wrapper would step it
     # once per process (it assumes each rank sees 1/N of the steps), running the schedule N x fast.
     model, optimizer = accelerator.prepare(model, optimizer)
-    param_dtype = next(model.parameters()).dtype  # DeepSpeed bf16 converts the model but not its inputs
-    states = {"ema": ema, "sampler": sampler, "schedule": scheduler}  # saved as data by train.checkpoint, not pickled
+    param_dtype = next(model.parameters()).dtype
+    states = {"ema": ema, "sampler": sampler, "schedule": scheduler}
     if cfg.compile:
         model = torch.compile(model)
     meter = StepMeter(model_cfg, codec, text_encoder, device)
+    return Run(cfg, run_dir, accelerator, threads, model_cfg, model, ema, optimizer, scheduler, codec, text_encoder,
+               loader, null, meter, params, param_dtype, states, deepspeed)
 
-    step, attempt = resume_attempt(accelerator, run, states)
 
+def load_data(cfg: TrainConfig, accelerator: Accelerator, codec, text_encoder):
+    """(loader, sampler, null) of this rank: batches of clips, or of cached latents when
+    `latent_cache` is set (the cache built, or resumed, first by the main process); null is the
+    cached empty caption's embedding (None without a cache or text)."""
+    if cfg.latent_cache:
+        with accelerator.main_process_first():  # the main process builds (or resumes) it, the others read it
+            manifest = build_cache(cfg, cfg.latent_cache, codec, text_encoder, log=accelerator.print)
+        accelerator.print(f"data: latent cache {cfg.latent_cache}: {manifest['clips']} clips "
+                          f"({manifest['skipped']} skipped), encoders' {manifest['frozen_flops']:.3e} FLOPs spent once there")
+    loader, sampler, dataset = make_loader(cfg.data, accelerator.process_index, accelerator.num_processes, cfg.latent_cache)
+    null = None
+    if cfg.latent_cache and manifest["text"]:
+        null = tuple(t.to(accelerator.device) for t in dataset.null_context())
+    if hasattr(dataset, "report"):  # real data: what was usable, what was skipped and why
+        accelerator.print(f"data: {dataset.report()}")
+    return loader, sampler, null
+
+
+def resume(run: Run) -> Progress:
+    """Where this start of the run begins: its newest intact checkpoint restored into the run's
+    objects (step 0 without one), the attempt recorded, the peak its MFU is measured against."""
+    accelerator = run.accelerator
+    resumed, meta = checkpoint.resume(accelerator, run.dir / "checkpoints", run.states)
+    step = meta.get("step", 0)
+    if resumed is not None:
+        accelerator.print(f"resumed from {resumed} at step {step}")
+    # Steps past the checkpoint that an earlier attempt logged are about to be redone: move them aside
+    # before anyone writes, so every file holds each optimizer step once (train.runlog).
+    attempt = [start_attempt(run.dir, step, accelerator.num_processes) if accelerator.is_main_process else 0]
+    broadcast_object_list(attempt)
     dtype = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"
-    peak = device_peak(device, dtype)
+    peak = device_peak(run.device, dtype)
     accelerator.print(f"peak: {peak.device} {peak.dtype} {format_rate(peak.flops)} ({peak.source})")
-    ledger = Ledger(run / "ledger.jsonl")
+    guard = NonfiniteGuard(nonfinite_policy(run.cfg, accelerator), run.cfg.max_nonfinite_steps, log=accelerator.print)
+    return Progress(step, attempt[0], dtype, peak, guard)
+
+
+def open_channels(run: Run, step: int) -> Channels:
+    """The ledger, and on the main process the log, TensorBoard and the bar, opened at `step`; the
+    stop request (SIGUSR1 or the stop file) watched from here on."""
+    main = run.accelerator.is_main_process
+    ledger = Ledger(run.dir / "ledger.jsonl")
     # The bar's MFU and tokens/s are the run's so far, as the closing report computes them (profiling.report.Group:
     # counted FLOPs / (wall time x peak), tokens / wall time), not the last step's: over this rank's records,
     # those of earlier attempts included.
     so_far = Group("train")
-    if accelerator.is_main_process and ledger.path.is_file():
+    if main and ledger.path.is_file():
         for r in read_ledgers([ledger.path]).records:
-            if r.kind == "train" and r.rank == accelerator.process_index:
+            if r.kind == "train" and r.rank == run.accelerator.process_index:
                 so_far.add(r)
-    log = (run / "log.jsonl").open("a") if accelerator.is_main_process else None
+    log = (run.dir / "log.jsonl").open("a") if main else None
     # purge_step: TensorBoard drops the events a killed attempt wrote past the checkpoint
-    board = SummaryWriter(str(run / "tensorboard"), purge_step=step + 1) if accelerator.is_main_process else None
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    stop, preempted = StopRequest(run, accelerator.is_main_process), False
-    window = StepWindow()
-    guard = NonfiniteGuard(nonfinite_policy(cfg, accelerator), cfg.max_nonfinite_steps, log=accelerator.print)
-    step_start, dropped = time.perf_counter(), 0
-    losses: list[float] = []
-    while step < cfg.max_steps and not preempted:
-        for batch in loader:
-            dropped += batch["dropped"]
-            if any_rank_empty(accelerator, batch):  # every clip of a batch failed to decode: all ranks skip it
-                continue
-            with accelerator.accumulate(model):
-                seeds = [zlib.crc32(f"{cfg.seed}|{step}|{source}".encode()) for source in batch["sources"]]
-                video, latents, context, mask = encode_batch(batch, codec, text_encoder, null, dropped_captions(seeds, cfg.cond_drop), device)
-                counting = time.perf_counter()  # counting is bookkeeping, not the step: keep it off the clock
-                # (counted in the encoders' dtype, the fp32 twin's: FLOPs do not depend on it)
-                window.add(meter.count(video, latents, batch["captions"], context, mask),
-                           latents.shape[0] * model_cfg.num_tokens(*latents.shape[2:]), tuple(latents.shape))
-                step_start += time.perf_counter() - counting
-                latents = latents.to(param_dtype)
-                kwargs = {} if context is None else {"context": context.to(param_dtype), "context_mask": mask}
-                timestep, noise = per_sample_noise(latents.shape, cfg.diffusion, seeds, device, cfg.sigma_sampling, cfg.sigma_shift)
-                with accelerator.autocast():
-                    loss = training_loss(model, latents, cfg.diffusion, timestep=timestep, noise=noise.to(latents.dtype), **kwargs)
-                window.losses.append(loss.detach().float())
-                window.sources += list(batch["sources"])
-                window.seeds += seeds
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    lr = apply_update(accelerator, model, optimizer, scheduler, cfg.grad_clip, guard, window, step + 1)
-            if not accelerator.sync_gradients:
-                continue
-            if lr is None:  # a non-finite step, skipped: no update, no EMA, not counted
-                window, step_start = StepWindow(), time.perf_counter()
-                continue
-            step += 1
-            with gathered(model, deepspeed):
-                ema.update(accelerator.unwrap_model(model))
-            # The global batch's loss (the mean over every micro-batch of every rank) and its size. The
-            # reduction also waits for the device, so the wall time below is the step's, not its launch's.
-            loss_sum, micro, samples, stops = accelerator.reduce(window.totals(device, stop.requested()), "sum").tolist()
-            losses.append(loss_sum / micro)
-            wall = time.perf_counter() - step_start
-            record = make_record("train", window.flops, params, window.tokens, wall, peak,
-                                 window.shape(cfg.grad_accum, round(samples)), run=str(run), step=step,
-                                 rank=accelerator.process_index, world_size=accelerator.num_processes, attempt=attempt)
-            ledger.append(record)
-            if log is not None:
-                entry = {"step": step, "loss": losses[-1], "lr": lr, "samples": round(samples), "step_s": wall,
-                         "tokens_per_s": window.tokens * accelerator.num_processes / wall, "mfu": record.mfu,
-                         "dropped": dropped, "attempt": attempt}
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
-                for key in ("loss", "lr", "tokens_per_s", "mfu"):
-                    board.add_scalar(f"train/{key}", entry[key], step)
-                so_far.add(record)
-                bar.set_postfix({"loss": f"{losses[-1]:.4f}", "mfu(run)": f"{so_far.mfu:.1%}",
-                                 "tok_s(run)": f"{so_far.tokens * accelerator.num_processes / so_far.wall_s:.0f}"})
-            bar.update()
-            peak = device_peak(device, dtype) if threads.step() else peak  # threads resized to the load: the peak is per count
-            window, step_start = StepWindow(), time.perf_counter()
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stops:
-                checkpoint.save(accelerator, run / "checkpoints", step, {"loss": losses[-1]}, cfg.keep_checkpoints,
-                                states, model)
-                step_start = time.perf_counter()
-            if stops and step < cfg.max_steps:  # the job is about to lose the machine: resume later
-                preempted = True
-                break
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                evaluate(accelerator, ema_pipeline(accelerator, model, ema, codec, text_encoder, cfg), cfg, run, step, board)
-                step_start = time.perf_counter()
-            if step >= cfg.max_steps:
-                break
-    bar.close()
-    if log is not None:
-        log.close()
-    if dropped:
-        accelerator.print(f"data: {dropped} clips failed to decode during training and were skipped")
-    if preempted:
+    board = SummaryWriter(str(run.dir / "tensorboard"), purge_step=step + 1) if main else None
+    bar = tqdm(total=run.cfg.max_steps, initial=step, disable=not main, dynamic_ncols=True)
+    return Channels(ledger, so_far, log, board, bar, StopRequest(run.dir, main))
+
+
+def step(run: Run, state: Progress, batch: dict) -> bool:
+    """One micro-batch forward and backward; at the end of an accumulation window, the update.
+    True when an optimizer step was taken (the window ended and its update was finite)."""
+    accelerator = run.accelerator
+    state.dropped += batch["dropped"]
+    if any_rank_empty(accelerator, batch):  # every clip of a batch failed to decode: all ranks skip it
+        return False
+    with accelerator.accumulate(run.model):
+        micro_batch(run, state, batch)
+        if accelerator.sync_gradients:
+            state.lr = apply_update(accelerator, run.model, run.optimizer, run.scheduler, run.cfg.grad_clip, state.guard,
+                                    state.window, state.step + 1)
+    if not accelerator.sync_gradients:
+        return False
+    if state.lr is None:  # a non-finite step, skipped: no update, no EMA, not counted
+        state.window, state.step_start = StepWindow(), time.perf_counter()
+        return False
+    return True
+
+
+def micro_batch(run: Run, state: Progress, batch: dict) -> None:
+    """Encode the batch (or read its cached latents), count its FLOPs into the window, and run the
+    loss's forward and backward on noise seeded per sample (the same after a resume)."""
+    cfg = run.cfg
+    seeds = [zlib.crc32(f"{cfg.seed}|{state.step}|{source}".encode()) for source in batch["sources"]]
+    video, latents, context, mask = encode_batch(batch, run.codec, run.text_encoder, run.null,
+                                                 dropped_captions(seeds, cfg.cond_drop), run.device)
+    counting = time.perf_counter()  # counting is bookkeeping, not the step: keep it off the clock
+    # (counted in the encoders' dtype, the fp32 twin's: FLOPs do not depend on it)
+    state.window.add(run.meter.count(video, latents, batch["captions"], context, mask),
+                     latents.shape[0] * run.model_cfg.num_tokens(*latents.shape[2:]), tuple(latents.shape))
+    state.step_start += time.perf_counter() - counting
+    latents = latents.to(run.param_dtype)
+    kwargs = {} if context is None else {"context": context.to(run.param_dtype), "context_mask": mask}
+    timestep, noise = per_sample_noise(latents.shape, cfg.diffusion, seeds, run.device, cfg.sigma_sampling, cfg.sigma_shift)
+    with run.accelerator.autocast():
+        loss = training_loss(run.model, latents, cfg.diffusion, timestep=timestep, noise=noise.to(latents.dtype), **kwargs)
+    state.window.losses.append(loss.detach().float())
+    state.window.sources += list(batch["sources"])
+    state.window.seeds += seeds
+    run.accelerator.backward(loss)
+
+
+def close_step(run: Run, state: Progress, channels: Channels) -> bool:
+    """After an optimizer step: the EMA, the global batch's loss, the ledger record, the log, a new
+    window. Returns whether any rank was asked to stop (all learn it at the same step)."""
+    accelerator = run.accelerator
+    state.step += 1
+    with gathered(run.model, run.deepspeed):
+        run.ema.update(accelerator.unwrap_model(run.model))
+    # The global batch's loss (the mean over every micro-batch of every rank) and its size. The
+    # reduction also waits for the device, so the wall time below is the step's, not its launch's.
+    totals = state.window.totals(run.device, channels.stop.requested())
+    loss_sum, micro, samples, stops = accelerator.reduce(totals, "sum").tolist()
+    state.losses.append(loss_sum / micro)
+    wall = time.perf_counter() - state.step_start
+    record = make_record("train", state.window.flops, run.params, state.window.tokens, wall, state.peak,
+                         state.window.shape(run.cfg.grad_accum, round(samples)), run=str(run.dir), step=state.step,
+                         rank=accelerator.process_index, world_size=accelerator.num_processes, attempt=state.attempt)
+    channels.ledger.append(record)
+    if channels.log is not None:
+        log_step(run, state, channels, record, round(samples), wall)
+    channels.bar.update()
+    state.peak = device_peak(run.device, state.dtype) if run.threads.step() else state.peak  # threads resized to the load: the peak is per count
+    state.window, state.step_start = StepWindow(), time.perf_counter()
+    return bool(stops)
+
+
+def log_step(run: Run, state: Progress, channels: Channels, record: Record, samples: int, wall: float) -> None:
+    """The step on the main process: a line of log.jsonl, TensorBoard's scalars, the bar's postfix."""
+    world = run.accelerator.num_processes
+    entry = {"step": state.step, "loss": state.losses[-1], "lr": state.lr, "samples": samples, "step_s": wall,
+             "tokens_per_s": state.window.tokens * world / wall, "mfu": record.mfu,
+             "dropped": state.dropped, "attempt": state.attempt}
+    channels.log.write(json.dumps(entry) + "\n")
+    channels.log.flush()
+    for key in ("loss", "lr", "tokens_per_s", "mfu"):
+        channels.board.add_scalar(f"train/{key}", entry[key], state.step)
+    channels.so_far.add(record)
+    channels.bar.set_postfix({"loss": f"{state.losses[-1]:.4f}", "mfu(run)": f"{channels.so_far.mfu:.1%}",
+                              "tok_s(run)": f"{channels.so_far.tokens * world / channels.so_far.wall_s:.0f}"})
+
+
+def checkpoint_if_due(run: Run, state: Progress, stop: bool) -> None:
+    """A checkpoint every checkpoint_every steps, at the last step, and when a stop is requested."""
+    cfg = run.cfg
+    if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps or stop:
+        checkpoint.save(run.accelerator, run.dir / "checkpoints", state.step, {"loss": state.losses[-1]},
+                        cfg.keep_checkpoints, run.states, run.model)
+        state.step_start = time.perf_counter()
+
+
+def evaluate_if_due(run: Run, state: Progress, channels: Channels) -> None:
+    """The EMA pipeline evaluated every eval_every steps before the last (the last is `finish`'s)."""
+    cfg = run.cfg
+    if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
+        evaluate(run.accelerator, ema_pipeline(run), cfg, run.dir, state.step, channels.board)
+        state.step_start = time.perf_counter()
+
+
+def finish(run: Run, state: Progress, channels: Channels) -> dict:
+    """Close the channels; a preempted run leaves its marker for the requeue, a finished one saves
+    its EMA pipeline, evaluates it and reports its measured compute against 6ND."""
+    accelerator = run.accelerator
+    channels.bar.close()
+    if channels.log is not None:
+        channels.log.close()
+    if state.dropped:
+        accelerator.print(f"data: {state.dropped} clips failed to decode during training and were skipped")
+    result = {"step": state.step, "losses": state.losses, "dropped": state.dropped, "run": str(run.dir)}
+    if state.preempted:
         if accelerator.is_main_process:
-            stop.mark(step)
-        accelerator.print(f"stop requested: checkpointed at step {step}; the job can be requeued")
-        return {"step": step, "losses": losses, "dropped": dropped, "run": str(run), "preempted": True}
-    pipeline = ema_pipeline(accelerator, model, ema, codec, text_encoder, cfg)
+            channels.stop.mark(state.step)
+        accelerator.print(f"stop requested: checkpointed at step {state.step}; the job can be requeued")
+        return result | {"preempted": True}
+    pipeline = ema_pipeline(run)
     if pipeline is not None:
-        pipeline.save_pretrained(run / "pipeline")
-    evaluate(accelerator, pipeline, cfg, run, step, board)
-    if board is not None:
-        board.close()
+        pipeline.save_pretrained(run.dir / "pipeline")
+    evaluate(accelerator, pipeline, run.cfg, run.dir, state.step, channels.board)
+    if channels.board is not None:
+        channels.board.close()
     if accelerator.is_main_process:  # the run's measured compute against 6ND, the gap by part
-        data = read_ledgers([ledger.path])
+        data = read_ledgers([channels.ledger.path])
         accelerator.print(format_report(*summarize(data.records), data.skipped))
-        if superseded := superseded_summary(run):
+        if superseded := superseded_summary(run.dir):
             accelerator.print(superseded)
-    accelerator.print(f"trained {step} steps; run in {run}")
-    return {"step": step, "losses": losses, "dropped": dropped, "run": str(run)}
+    accelerator.print(f"trained {state.step} steps; run in {run.dir}")
+    return result
 
 
-def ema_pipeline(accelerator, model, ema: EMA, codec, text_encoder, cfg: TrainConfig):
+def ema_pipeline(run: Run):
     """The EMA weights as a sampling pipeline (main process only; None elsewhere)."""
     from model.diffusion import make_scheduler
     from model.pipeline import MiniStackPipeline
 
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
-    sampler_model = DiT.from_dit_config(accelerator.unwrap_model(model).cfg).to(accelerator.device)
-    ema.copy_to(sampler_model)
-    return MiniStackPipeline(sampler_model.eval(), make_scheduler(cfg.diffusion), codec, text_encoder)
+    sampler_model = DiT.from_dit_config(accelerator.unwrap_model(run.model).cfg).to(accelerator.device)
+    run.ema.copy_to(sampler_model)
+    return MiniStackPipeline(sampler_model.eval(), make_scheduler(run.cfg.diffusion), run.codec, run.text_encoder)
 
 
 def evaluate(accelerator, pipeline, cfg: TrainConfig, run: Path, step: int, board: SummaryWriter | None = None) -> None:

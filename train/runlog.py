@@ -40,7 +40,7 @@ def start_attempt(run: Path, resumed_from: int, world_size: int) -> int:
     previous = len(path.read_text().splitlines()) if path.is_file() else 0
     moved = {}
     for name, in_sequence in STEP_FILES.items():
-        n = supersede_lines(run / name, lambda r: in_sequence(r) and (r.get("step") or 0) > resumed_from)
+        n = supersede_lines(run / name, lambda r: in_sequence(r) and (r.get("step") or 0) > resumed_from)  # noqa: B023 (called at once, inside the iteration)
         if n:
             moved[name] = n
     attempt = previous + 1

@@ -34,7 +34,7 @@ from train.config import TrainConfig, validate
 from train.faults import RunLock, die_with_parent
 from train.quiet import quiet_deepspeed_on_cpu
 from train.data.loader import make_loader
-from train.loop import lr_lambda
+from train.schedule import lr_lambda
 
 
 class ReconstructionLoss(nn.Module):

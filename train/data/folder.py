@@ -90,7 +90,7 @@ def probe(path: Path) -> tuple[int, int, int, float]:
                     seconds = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
                     frames = int(seconds * fps)
                 width, height = stream.codec_context.width, stream.codec_context.height
-    except Exception as err:  # noqa: BLE001: any unreadable file is skipped, never fatal
+    except Exception as err:  # noqa: BLE001 (any unreadable file is skipped, never fatal)
         if isinstance(err, _Skip):
             raise
         raise _Skip("corrupt", _short(err, path)) from err
@@ -236,7 +236,7 @@ class VideoFolder(Dataset):
             frames = self._decode(entry)
             if len(frames) < expected:
                 raise ValueError(f"decoded {len(frames)} of {expected} frames")
-        except Exception as err:  # noqa: BLE001: a bad file costs one item, never the run
+        except Exception as err:  # noqa: BLE001 (a bad file costs one item, never the run)
             self.failed.append((self._display(entry.path), _short(err, entry.path)))
             log.warning("dropping %s: %s", entry.path, self.failed[-1][1])
             return None

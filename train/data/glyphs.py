@@ -33,7 +33,7 @@ item, `motion` (the probe's ground truth).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -1,4 +1,5 @@
 """The latent cache: clips encoded once by the frozen codec and text encoder, stored as safetensors shards.
+This module builds it; train.data.latent_cache reads it back.
 
 Training on pixels runs both frozen encoders on every clip of every epoch; their outputs never
 change, so the cache stage computes them once and the DiT stage reads them back. On a CPU the text
@@ -39,29 +40,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import Dataset
 
+from profiling.measure import count_flops
 from train.data.buckets import Bucket, assign_bucket, fit_to_bucket, parse_bucket
+from train.data.latent_cache import MANIFEST, NULL
+from train.data.loader import make_dataset
 
-MANIFEST = "cache.json"
 SOURCE = "source.json"
-NULL = "null.safetensors"
 SHARD = re.compile(r"\d+_\d+_\d+-\d{5}\.(safetensors|json)")  # the shards' file names (_bucket_name-k)
 SKIPPED_LISTED = 100  # skipped files named in cache.json (all are counted, by reason)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class CachedClip:
-    """What the DiT stage needs of one clip; the cache's unit as Clip is the pixel datasets'."""
-
-    latents: torch.Tensor  # [C, t, h, w]
-    context: torch.Tensor | None  # [L, D]
-    context_mask: torch.Tensor | None  # [L]
-    caption: str
-    source: str
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -154,18 +143,47 @@ def _skipped_files(dataset, failed: list[tuple[str, str]], unfit: list[int]) -> 
     return entries, dataset.report(dropped={"without a bucket": dropped})
 
 
-@torch.no_grad()
-def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int = 32, shard_size: int = 256,
-                log=print) -> dict:
-    """Encode cfg's data with cfg's codec and text encoder (loaded by the caller, as the run's
-    own) into `directory` in cfg.cache_dtype; returns the manifest. Resumes a partial build;
-    refuses a directory cached for a different configuration."""
-    from profiling.measure import count_flops
-    from train.data.loader import make_dataset
+@dataclass
+class Shard:
+    """What one shard adds to the manifest, whether this build wrote it or an earlier one did."""
 
-    directory = Path(directory)
-    key = cache_key(cfg)
-    fingerprint, files = source_fingerprint(cfg)  # before the data is read: a change during the build shows next time
+    clips: int
+    failed: list[tuple[str, str]]  # (file, why) of its clips that failed to decode
+    frozen_flops: int  # the encoders' FLOPs on its clips
+
+
+class FrozenEncoders:
+    """The run's frozen codec and text encoder over a shard's clips, in batches, their FLOPs
+    counted as they run."""
+
+    def __init__(self, codec, text_encoder, batch_size: int, store: torch.dtype) -> None:
+        self.codec, self.text_encoder, self.batch_size, self.store = codec, text_encoder, batch_size, store
+        self.flops = 0
+
+    def encode(self, clips: list) -> dict[str, torch.Tensor]:
+        """latents (and context, context_mask) of `clips`: floats in the cache's dtype, masks as uint8."""
+        parts = [self._batch(clips[s : s + self.batch_size]) for s in range(0, len(clips), self.batch_size)]
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        return {k: v.to(self.store) if v.is_floating_point() else v.to(torch.uint8) for k, v in tensors.items()}
+
+    def _batch(self, clips: list) -> dict[str, torch.Tensor]:
+        video = torch.stack([c.video for c in clips])
+        out: dict[str, torch.Tensor] = {}
+
+        def run() -> None:
+            out["latents"] = self.codec.encode(video)
+            if self.text_encoder is not None:
+                out["context"], out["context_mask"] = self.text_encoder([c.caption for c in clips], pad_to_max_length=True)
+
+        self.flops += count_flops(run).total  # counting runs the encoders: their real FLOPs, once per clip
+        return out
+
+
+def _reusable(cfg, directory: Path, key: dict, fingerprint: dict, files: dict | None, log) -> dict | None:
+    """The manifest of a cache in `directory` to use as it is: of this configuration and source, or
+    of a source that no longer exists. Otherwise None, the directory ready to build in: a stale
+    cache or a partial build of another source cleared, a partial build of this one kept to resume.
+    A cache or partial build of another configuration is refused."""
 
     def recorded() -> dict | None:  # what source.json holds (read only when needed: one entry per file)
         return json.loads((directory / SOURCE).read_text()) if (directory / SOURCE).is_file() else None
@@ -203,6 +221,55 @@ def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int
     elif files is not None and directory.is_dir() and any(SHARD.fullmatch(p.name) for p in directory.iterdir()):
         log(f"cache: {directory}: a partial build records no fingerprint of its source: starting over")
         _clear(directory)
+    return None
+
+
+def _written_shard(directory: Path, name: str, name_of) -> Shard | None:
+    """The shard `name` as an earlier build completed it; None where it is not on disk."""
+    path = directory / f"{name}.json"
+    if not path.is_file():  # written last: with it, the shard is complete
+        return None
+    meta = json.loads(path.read_text())
+    failed = [tuple(f) for f in meta.get("failed", [(name_of(i), "") for i in meta["skipped"]])]
+    return Shard(len(meta["captions"]), failed, meta["frozen_flops"])
+
+
+def _write_shard(directory: Path, name: str, dataset, bucket: Bucket, indices: list[int], encoders: FrozenEncoders) -> Shard:
+    """Encode the clips of `indices`, fitted to `bucket`, into the shard `name`: its tensors, then
+    its captions and sources. A clip that fails to decode is left out, with why."""
+    name_of = getattr(dataset, "name_of", lambda i: f"index {i}")
+    clips, kept, missing, why = [], [], [], []
+    for i in indices:
+        seen = len(getattr(dataset, "failed", ()))
+        clip = dataset[i]
+        if clip is None:  # a file that failed to decode: the folder dataset recorded why in `failed`
+            missing.append(i)
+            new = getattr(dataset, "failed", ())[seen:]
+            why.append((name_of(i), new[-1][1] if new else ""))
+            continue
+        clips.append(fit_to_bucket(clip, bucket))
+        kept.append(i)
+    before = encoders.flops
+    tensors = encoders.encode(clips)
+    tensors["index"] = torch.tensor(kept, dtype=torch.int64)
+    _atomic_write(directory / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
+    meta = {"captions": [c.caption for c in clips], "sources": [c.source for c in clips],
+            "skipped": missing, "failed": why, "frozen_flops": encoders.flops - before}
+    _atomic_write(directory / f"{name}.json", lambda p: p.write_text(json.dumps(meta)))
+    return Shard(len(clips), why, meta["frozen_flops"])
+
+
+@torch.no_grad()
+def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int = 32, shard_size: int = 256,
+                log=print) -> dict:
+    """Encode cfg's data with cfg's codec and text encoder (loaded by the caller, as the run's
+    own) into `directory` in cfg.cache_dtype; returns the manifest. Resumes a partial build;
+    refuses a directory cached for a different configuration."""
+    directory = Path(directory)
+    key = cache_key(cfg)
+    fingerprint, files = source_fingerprint(cfg)  # before the data is read: a change during the build shows next time
+    if (manifest := _reusable(cfg, directory, key, fingerprint, files, log)) is not None:
+        return manifest
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".*.tmp*"):  # a build killed mid-write
         stale.unlink()
@@ -210,55 +277,19 @@ def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int
     dataset = make_dataset(cfg.data)
     buckets = sorted({parse_bucket(b) for b in cfg.data.buckets})
     store = DTYPES[cfg.cache_dtype]
-    frozen_flops, failed, shards = 0, [], []
-
-    def encode(clips: list) -> dict[str, torch.Tensor]:
-        nonlocal frozen_flops
-        video = torch.stack([c.video for c in clips])
-        out: dict[str, torch.Tensor] = {}
-
-        def run() -> None:
-            out["latents"] = codec.encode(video)
-            if text_encoder is not None:
-                out["context"], out["context_mask"] = text_encoder([c.caption for c in clips], pad_to_max_length=True)
-
-        frozen_flops += count_flops(run).total  # counting runs the encoders: their real FLOPs, once per clip
-        return out
-
+    encoders = FrozenEncoders(codec, text_encoder, batch_size, store)
     name_of = getattr(dataset, "name_of", lambda i: f"index {i}")
+    frozen_flops, failed, shards = 0, [], []
     plan, unfit = _plan(dataset, buckets, shard_size)
     for bucket, shard_lists in plan.items():
         for k, indices in enumerate(shard_lists):
             name = f"{_bucket_name(bucket)}-{k:05d}"
-            shards.append({"file": f"{name}.safetensors", "bucket": list(bucket), "count": None})
-            if (directory / f"{name}.json").is_file():  # written last: the shard is complete
-                meta = json.loads((directory / f"{name}.json").read_text())
-                shards[-1]["count"], frozen_flops = len(meta["captions"]), frozen_flops + meta["frozen_flops"]
-                failed += [tuple(f) for f in meta.get("failed", [(name_of(i), "") for i in meta["skipped"]])]
-                continue
-            clips, kept, missing, why = [], [], [], []
-            for i in indices:
-                seen = len(getattr(dataset, "failed", ()))
-                clip = dataset[i]
-                if clip is None:  # a file that failed to decode: the folder dataset recorded why in `failed`
-                    missing.append(i)
-                    new = getattr(dataset, "failed", ())[seen:]
-                    why.append((name_of(i), new[-1][1] if new else ""))
-                    continue
-                clips.append(fit_to_bucket(clip, bucket))
-                kept.append(i)
-            before = frozen_flops
-            parts = [encode(clips[s : s + batch_size]) for s in range(0, len(clips), batch_size)]
-            tensors = {k2: torch.cat([p[k2] for p in parts]) for k2 in parts[0]} if parts else {}
-            tensors = {k2: v.to(store) if v.is_floating_point() else v.to(torch.uint8) for k2, v in tensors.items()}
-            tensors["index"] = torch.tensor(kept, dtype=torch.int64)
-            _atomic_write(directory / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
-            meta = {"captions": [c.caption for c in clips], "sources": [c.source for c in clips],
-                    "skipped": missing, "failed": why, "frozen_flops": frozen_flops - before}
-            failed += why
-            _atomic_write(directory / f"{name}.json", lambda p: p.write_text(json.dumps(meta)))
-            shards[-1]["count"] = len(clips)
-            log(f"cache: {name}: {len(clips)} clips ({sum(s['count'] or 0 for s in shards)} so far)")
+            written = _written_shard(directory, name, name_of)
+            shard = written or _write_shard(directory, name, dataset, bucket, indices, encoders)
+            shards.append({"file": f"{name}.safetensors", "bucket": list(bucket), "count": shard.clips})
+            frozen_flops, failed = frozen_flops + shard.frozen_flops, failed + shard.failed
+            if written is None:
+                log(f"cache: {name}: {shard.clips} clips ({sum(s['count'] for s in shards)} so far)")
     if text_encoder is not None:
         context, mask = text_encoder([""], pad_to_max_length=True)
         _atomic_write(directory / NULL, lambda p: save_file({"context": context[0].to(store),
@@ -286,64 +317,3 @@ def build_cache_for(cfg) -> dict:
 
     text_encoder = TextEncoder(cfg.text_encoder) if load_config(cfg.model).text_dim else None
     return build_cache(cfg, cfg.latent_cache, load_codec(cfg.codec), text_encoder)
-
-
-class LatentCache(Dataset):
-    """The cached clips as a dataset the bucketing sampler can batch: `size_of(i)` is the clip's
-    bucket (video size), items are CachedClip. Shards are opened lazily and memory-mapped."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        path = self.directory / MANIFEST
-        if not path.is_file():
-            raise ValueError(f"{self.directory} is not a latent cache (no {MANIFEST}): build it with `ministack train cache`")
-        self.manifest = json.loads(path.read_text())
-        self.items: list[tuple[int, int]] = []  # (shard, row)
-        self.meta: list[dict] = []
-        for s, shard in enumerate(self.manifest["shards"]):
-            self.meta.append(json.loads((self.directory / shard["file"]).with_suffix(".json").read_text()))
-            self.items += [(s, row) for row in range(shard["count"])]
-        self._open: dict[int, object] = {}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def size_of(self, i: int) -> tuple[int, int, int]:
-        return tuple(self.manifest["shards"][self.items[i][0]]["bucket"])
-
-    def _shard(self, s: int):
-        if s not in self._open:
-            self._open[s] = safe_open(str(self.directory / self.manifest["shards"][s]["file"]), "pt")
-        return self._open[s]
-
-    def __getitem__(self, i: int) -> CachedClip:
-        s, row = self.items[i]
-        f = self._shard(s)
-
-        def get(key: str) -> torch.Tensor:
-            return f.get_slice(key)[row : row + 1][0]
-
-        text = self.manifest["text"]
-        return CachedClip(get("latents").float(), get("context").float() if text else None,
-                          get("context_mask").bool() if text else None, self.meta[s]["captions"][row], self.meta[s]["sources"][row])
-
-    def null_context(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The empty caption's (context [L, D], mask [L])."""
-        with safe_open(str(self.directory / NULL), "pt") as f:
-            return f.get_tensor("context").float(), f.get_tensor("context_mask").bool()
-
-    def __getstate__(self) -> dict:  # DataLoader workers reopen the shards themselves
-        return self.__dict__ | {"_open": {}}
-
-
-def collate_cached(items: list[CachedClip]) -> dict:
-    """A batch of cached clips: {"latents", "context", "context_mask", "captions", "sources", "dropped"}."""
-    text = items[0].context is not None
-    return {
-        "latents": torch.stack([c.latents for c in items]),
-        "context": torch.stack([c.context for c in items]) if text else None,
-        "context_mask": torch.stack([c.context_mask for c in items]) if text else None,
-        "captions": [c.caption for c in items],
-        "sources": [c.source for c in items],
-        "dropped": 0,
-    }

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from train.config import DataConfig
 from train.data.buckets import BucketBatchSampler, BucketedDataset, collate_clips, parse_bucket
-from train.data.latents import LatentCache, collate_cached
+from train.data.latent_cache import LatentCache, collate_cached
 
 # Kinds whose clips are made on the fly, each a pure function of (seed, index): any `size` is
 # valid, and a sweep sizes it so that no run sees a clip twice.
@@ -47,7 +47,7 @@ def make_dataset(cfg: DataConfig):
 def make_loader(cfg: DataConfig, rank: int = 0, world: int = 1, cache: str | None = None
                 ) -> tuple[DataLoader, BucketBatchSampler, object]:
     """Batches for this rank: of clips, or of cached latents when `cache` names a latent cache
-    (train.data.latents). Every rank gets the same bucket at every step (shapes match across
+    (train.data.latent_cache). Every rank gets the same bucket at every step (shapes match across
     ranks), and the sampler's state_dict resumes at the next batch."""
     dataset = LatentCache(cache) if cache else make_dataset(cfg)
     sampler = BucketBatchSampler(

@@ -1,5 +1,8 @@
 """Exact FLOPs of `model.dit.DiT`, by part, from its config and input size.
 
+It lives beside the DiT because it mirrors the DiT's code layer by layer: a change to one is a
+change to the other.
+
 Counts matmuls and attention only (2 FLOPs per multiply-add), the same ops the measured
 counter sees, so the two agree to rounding. Backward of a linear layer is 2x its forward
 (input gradient + weight gradient) except where its input needs no gradient: the patch

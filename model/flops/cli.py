@@ -1,7 +1,9 @@
-"""`ministack flops {count,estimate,report,peak,demo}` (also `python -m profiling ...`).
+"""`ministack flops {count,estimate,report,peak,demo}` (also `python -m model.flops ...`).
 
-Each subcommand's flags and output live beside its logic (count.py, estimate.py, report.py);
-this file only wires them together.
+Each subcommand's flags and output live beside its logic (model.flops.count and .demo, which
+build the DiT; profiling.estimate, .report and .peak, which know no model); this file only wires
+them together. It sits here, above profiling, because counting a DiT preset needs the model:
+profiling imports nothing from the packages it accounts for.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from profiling import count, demo, estimate, peak, report
+from model.flops import count, demo
+from profiling import estimate, peak, report
 
 
 def main(argv: list[str] | None = None) -> int:
