@@ -36,8 +36,12 @@ demo: setup
 flops-demo: setup
 	$(VENV)/bin/ministack flops demo
 
+# pytest-xdist: one worker per core, whole files per worker (a file's module-scoped servers and
+# SLURM's one cluster stay in one process). Most tests are one thread waiting on a subprocess or
+# a socket, so two workers on CI's two cores halve the wall time. TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # ruff's linter (rules and line length in pyproject.toml); .ci/run calls it before the tests
 lint: setup
