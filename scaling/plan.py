@@ -19,6 +19,7 @@ precision, AdamW) plus rendering one batch of clips, times the planned steps.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -123,10 +124,19 @@ def profile_size(depth: int, sweep: SweepConfig, latent: tuple[int, ...], micro:
     """Parameters and per-step FLOPs of the family's DiT at `depth`, counted on a shape-only twin
     (train.meter.StepMeter, the training loop's own counter) for `micro` samples per micro-step,
     `micro_steps` micro-steps per optimizer step (processes x grad_accum)."""
+    model_cfg = sweep.family.model(depth, latent[0])
+    counted = _profile(json.dumps(asdict(model_cfg), sort_keys=True), depth, latent, micro, micro_steps)
+    return replace(counted, params=dict(counted.params), flops_per_step=dict(counted.flops_per_step))  # timing fills in the copy
+
+
+@functools.lru_cache(maxsize=64)
+def _profile(model_json: str, depth: int, latent: tuple[int, ...], micro: int, micro_steps: int) -> SizeProfile:
+    """profile_size's count, kept per model and shape: counting one size takes seconds, and a dry
+    run, a rerun's plan and the sweep itself plan the same sizes in one process."""
     from model.text_encoder import MAX_LENGTH
     from train.meter import StepMeter
 
-    model_cfg = sweep.family.model(depth, latent[0])
+    model_cfg = DiTConfig(**json.loads(model_json))
     meter = StepMeter(model_cfg, None, None, torch.device("cpu"))
     context = mask = None
     if model_cfg.text_dim:
