@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from scaling.record import Definition
+from scaling.record import Definition, PlannedRun
 from scaling.report import Provenance, format_analysis, format_plan
 from serve.cli import add_engine_arguments
 
@@ -79,38 +79,41 @@ def _sweep(args) -> int:
 
 
 def _status(args) -> int:
-    from scaling.record import RunRecord
-    from scaling.runs import log_tail, state
+    from scaling.record import read_planned_runs
     from scaling.slurm import task_states
 
     sweep_dir = Path(args.sweep_dir)
-    plan_path = sweep_dir / "plan.json"
-    if not plan_path.is_file():
-        raise ValueError(f"{args.sweep_dir} holds no plan.json: not a sweep directory")
-    runs = json.loads(plan_path.read_text())["runs"]
+    runs = read_planned_runs(sweep_dir)
     tasks = task_states(sweep_dir)  # run id -> (SLURM task id, its state) for a sweep submitted with --executor slurm
     counts: dict[str, int] = {}
     for run in runs:
-        run_dir, status = sweep_dir / run["dir"], state(sweep_dir, run)
-        if status == "finished":
-            r = RunRecord.from_json(json.loads((run_dir / "result.json").read_text()), run_dir / "result.json")
-            detail = f"loss {r.loss:.4f} ± {r.loss_se:.4f}, {r.wall_s:.0f} s"
-        elif status == "failed":
-            f = json.loads((run_dir / "failed.json").read_text())
-            detail = f"exit {f['returncode']}:\n" + "\n".join("      " + x for x in f["tail"].splitlines())
-        elif status == "started":
-            last = log_tail(run_dir / "log.jsonl", 1)
-            detail = f"step {json.loads(last)['step'] if last else 0} of {run['steps']}"
-        else:
-            detail = f"{run['steps']} steps"
-        if run["id"] in tasks and status not in ("finished", "failed"):
-            task, slurm_state = tasks[run["id"]]
+        status, detail = _run_status(sweep_dir, run)
+        if run.id in tasks and status not in ("finished", "failed"):
+            task, slurm_state = tasks[run.id]
             status = {"RUNNING": "running", "PENDING": "queued"}.get(slurm_state or "", status)
             detail += f" (SLURM {task}: {slurm_state or 'not in the queue'})"
         counts[status] = counts.get(status, 0) + 1
-        print(f"{run['id']:<22} {status:<9} {detail}")
+        print(f"{run.id:<22} {status:<9} {detail}")
     print(", ".join(f"{n} {s}" for s, n in counts.items()))
     return 0
+
+
+def _run_status(sweep_dir: Path, run: PlannedRun) -> tuple[str, str]:
+    """A run's state on disk and the line `status` prints after it."""
+    from scaling.record import Failure, RunRecord
+    from scaling.runs import log_tail, state
+
+    run_dir, status = sweep_dir / run.dir, state(sweep_dir, run)
+    if status == "finished":
+        r = RunRecord.from_json(json.loads((run_dir / "result.json").read_text()), run_dir / "result.json")
+        return status, f"loss {r.loss:.4f} ± {r.loss_se:.4f}, {r.wall_s:.0f} s"
+    if status == "failed":
+        f = Failure.read(run_dir)
+        return status, f"exit {f.returncode}:\n" + "\n".join("      " + x for x in f.tail.splitlines())
+    if status == "started":
+        last = log_tail(run_dir / "log.jsonl", 1)
+        return status, f"step {json.loads(last)['step'] if last else 0} of {run.steps}"
+    return status, f"{run.steps} steps"
 
 
 def _provenance(args, plot: Path | None, report: Path) -> Provenance:

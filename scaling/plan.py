@@ -32,6 +32,7 @@ from model.dit import DiT, DiTConfig
 from model.flops.formula import dit_flops
 from profiling.parts import law_params, param_parts
 from scaling.config import SweepConfig
+from scaling.record import PlannedRun
 from train.config import TrainConfig, build_config
 from train.data.loader import GENERATED_KINDS
 
@@ -62,25 +63,6 @@ class SizeProfile:
 
 
 @dataclass
-class PlannedRun:
-    id: str  # "C1e12-d4" (+ "-lr2" for an LR-check run)
-    budget: float  # FLOPs
-    depth: int
-    lr_multiplier: float  # 1 for the runs the laws are fitted on
-    steps: int
-    law_steps: int  # what 6ND would have planned
-    warmup_steps: int
-    lr: float
-    flops: float  # measured FLOPs per step x steps
-    hash: str  # of the run's training config: a changed rule makes a new run
-    train: dict  # the TrainConfig of the run (run_dir relative to the sweep directory)
-
-    @property
-    def dir(self) -> str:
-        return f"runs/{self.id}-{self.hash}"
-
-
-@dataclass
 class Plan:
     sweep: SweepConfig
     sizes: dict[int, SizeProfile]
@@ -95,7 +77,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {"sweep": self.sweep.to_dict(), "data_clips": self.data_clips, "latent": list(self.latent),
                 "sizes": {d: asdict(p) | {"n": p.n} for d, p in self.sizes.items()},
-                "runs": [asdict(r) | {"dir": r.dir} for r in self.runs]}
+                "runs": [r.to_json() for r in self.runs]}
 
 
 def base_train_config(sweep: SweepConfig) -> TrainConfig:

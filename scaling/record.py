@@ -1,4 +1,5 @@
-"""One finished run as the fits read it, and its JSON form (result.json, a line of results.jsonl).
+"""The records a sweep writes and reads back: one planned run (a plan.json entry), one failed
+run (failed.json), and one finished run as the fits read it (result.json, a line of results.jsonl).
 
 A sweep's record (scaling.results.collect_result) fills every field. A CSV row
 (scaling.results.read_csv) holds only what a fit needs: its id, budget, N, tokens, compute and
@@ -8,13 +9,66 @@ order, so a record reads back from any result.json a sweep wrote.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Literal
 
 # How a run's training compute is counted (scaling.results' docstring); a CSV's given compute is "given".
 Definition = Literal["measured", "exact", "6N·D", "6N_total·D", "6N_per_token·D", "given"]
 # How its parameters are counted (scaling.results.param_counts); a CSV's given N is "given".
 Convention = Literal["total", "non_embedding", "per_token", "embedding", "given"]
+
+
+@dataclass
+class PlannedRun:
+    """One run of the plan (scaling.plan.plan_sweep): its size, budget, length and config."""
+
+    id: str  # "C1e12-d4" (+ "-lr2" for an LR-check run)
+    budget: float  # FLOPs
+    depth: int
+    lr_multiplier: float  # 1 for the runs the laws are fitted on
+    steps: int
+    law_steps: int  # what 6ND would have planned
+    warmup_steps: int
+    lr: float
+    flops: float  # measured FLOPs per step x steps
+    hash: str  # of the run's training config: a changed rule makes a new run
+    train: dict  # the TrainConfig of the run (run_dir relative to the sweep directory)
+
+    @property
+    def dir(self) -> str:
+        return f"runs/{self.id}-{self.hash}"
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"dir": self.dir}
+
+    @classmethod
+    def from_json(cls, data: dict) -> PlannedRun:
+        """A plan.json entry (its "dir" is derived from id and hash, so it is not read)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+def read_planned_runs(sweep_dir: Path) -> list[PlannedRun]:
+    """The runs of the sweep directory's plan.json, in plan order; ValueError where there is none."""
+    path = Path(sweep_dir) / "plan.json"
+    if not path.is_file():
+        raise ValueError(f"{sweep_dir} holds no plan.json: not a sweep directory")
+    return [PlannedRun.from_json(r) for r in json.loads(path.read_text())["runs"]]
+
+
+@dataclass
+class Failure:
+    """A run's failed.json: how its training ended and the last lines it printed."""
+
+    returncode: int
+    tail: str
+    time: float  # when the failure was recorded (Unix seconds)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> Failure:
+        data = json.loads((Path(run_dir) / "failed.json").read_text())
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
 @dataclass(kw_only=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from profiling.ledger import read_ledgers
 from profiling.parts import CONTEXT, EMBEDDING, FROZEN, PER_SAMPLE, law_params
-from scaling.record import Convention, RunRecord
+from scaling.record import Convention, RunRecord, read_planned_runs
 from train.data.loader import GENERATED_KINDS
 
 RESULTS = "results.jsonl"
@@ -111,10 +111,7 @@ def load_results(sweep_dir: Path, plan: list[str] | None = None) -> list[RunReco
     result.json is not a run record."""
     sweep_dir = Path(sweep_dir)
     if plan is None:
-        path = sweep_dir / "plan.json"
-        if not path.is_file():
-            raise ValueError(f"{sweep_dir} holds no plan.json: not a sweep directory")
-        plan = [r["dir"] for r in json.loads(path.read_text())["runs"]]
+        plan = [r.dir for r in read_planned_runs(sweep_dir)]
     out = []
     for run_dir in plan:
         path = sweep_dir / run_dir / "result.json"

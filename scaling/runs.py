@@ -17,6 +17,7 @@ on with the others.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import os
 import shlex
 import signal
@@ -28,8 +29,8 @@ from typing import Literal, get_args
 
 import yaml
 
-from scaling.plan import Plan, PlannedRun
-from scaling.record import RunRecord
+from scaling.plan import Plan
+from scaling.record import Failure, PlannedRun, RunRecord
 from scaling.results import RESULTS, collect_result, write_results
 
 RunState = Literal["finished", "failed", "started", "pending"]
@@ -57,10 +58,9 @@ def prepare_run(sweep_dir: Path, run: PlannedRun) -> Path:
     return run_dir / "train.yaml"
 
 
-def state(sweep_dir: Path, run: PlannedRun | dict) -> RunState:
-    """"finished", "failed", "started" (a directory with a log but no result) or "pending"
-    (`run`: a PlannedRun or its plan.json record)."""
-    run_dir = sweep_dir / (run["dir"] if isinstance(run, dict) else run.dir)
+def state(sweep_dir: Path, run: PlannedRun) -> RunState:
+    """"finished", "failed", "started" (a directory with a log but no result) or "pending"."""
+    run_dir = sweep_dir / run.dir
     if (run_dir / "result.json").is_file():
         return "finished"
     if (run_dir / "failed.json").is_file():
@@ -100,7 +100,7 @@ def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> RunReco
         return None
     if code != 0:
         tail = log_tail(run_dir / "train.log")
-        _atomic_json(run_dir / "failed.json", {"returncode": code, "tail": tail, "time": time.time()})
+        _atomic_json(run_dir / "failed.json", asdict(Failure(returncode=code, tail=tail, time=time.time())))
         echo(f"  {run.id}: FAILED (exit {code}) after {time.time() - start:.0f} s; log {run_dir / 'train.log'}:\n"
              + "\n".join("    " + line for line in tail.splitlines()))
         return None

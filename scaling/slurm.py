@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from scaling.config import SlurmExecutorConfig
-from scaling.plan import Plan, PlannedRun
+from scaling.plan import Plan
+from scaling.record import PlannedRun
 from scaling.runs import run_one, state
 from train.slurm import explain_sbatch_error
 

@@ -16,6 +16,11 @@ from scaling.results import load_results, read_csv, write_results
 # A line of results.jsonl as the untyped code wrote it (the miniature sweep's C1e09-d2; 1.0 = x1 LR).
 OLD_LINE = r'''{"id": "C1e09-d2", "hash": "b35bc3e5", "dir": "runs/C1e09-d2-b35bc3e5", "budget": 1000000000.0, "depth": 2, "width": 16, "heads": 2, "lr": 0.002, "lr_multiplier": 1.0, "warmup_steps": 10, "steps": 41, "law_steps": 27, "params": {"dense": 8032, "attention": 0, "per_sample": 8192, "context": 0, "embedding": 0, "lm_head": 0, "frozen": 0}, "n": {"total": 16224, "non_embedding": 16224, "per_token": 8032, "embedding": 0}, "tokens": 15744, "samples": 328, "epochs": 0.10459183673469388, "scan_epochs": null, "flops": {"measured": 1004425216, "exact": 1004425216, "6N\u00b7D": 1532583936, "6N_total\u00b7D": 1532583936, "6N_per_token\u00b7D": 758734848}, "measured_by_part": {"dense": 701300736, "per_sample": 12931072, "attention": 290193408}, "budget_error": 0.00442521600000001, "loss": 1.156476080417633, "loss_se": 0.0167043899435596, "val_clips": 16, "train_loss": 1.1358217000961304, "wall_s": 4.043042069992225, "mfu": 0.0027308762153520714, "config_hash": "b35bc3e5"}'''
 
+# A plan.json run entry as the untyped code wrote it (the miniature sweep's C1e09-d2, its config cut short).
+OLD_PLAN_RUN = {"id": "C1e09-d2", "budget": 1e9, "depth": 2, "lr_multiplier": 1.0, "steps": 41, "law_steps": 27,
+                "warmup_steps": 10, "lr": 0.002, "flops": 1004425216.0, "hash": "b35bc3e5",
+                "train": {"max_steps": 41, "run_dir": "runs/C1e09-d2-b35bc3e5"}, "dir": "runs/C1e09-d2-b35bc3e5"}
+
 # fit.json's keys in the order the untyped code wrote them ("*": every key of a mapping, "[]": every item of a list).
 FIT_LAYOUT = {
     "": "definition runs budgets at fit holdout ablation lr_check inference",
@@ -59,7 +64,7 @@ def _old_sweep(tmp_path, line: str = OLD_LINE):
     old = json.loads(line)
     (tmp_path / old["dir"]).mkdir(parents=True)
     (tmp_path / old["dir"] / "result.json").write_text(json.dumps(old, indent=1))
-    (tmp_path / "plan.json").write_text(json.dumps({"runs": [{"dir": old["dir"]}]}))
+    (tmp_path / "plan.json").write_text(json.dumps({"runs": [OLD_PLAN_RUN]}))
     return old
 
 
@@ -123,3 +128,22 @@ def test_fit_refuses_a_definition_by_its_flag(tmp_path, capsys):
     assert "--definition: invalid choice: '6ND'" in capsys.readouterr().err
     assert scaling_main(["fit", "--csv", str(path), "--bootstrap", "0", "--definition", "measured"]) == 2
     assert "compute definition 'measured' is not in the runs (have: given)" in capsys.readouterr().err
+
+
+def test_plan_and_failure_files_read_back_as_records(tmp_path, capsys):
+    """plan.json's runs and failed.json read as PlannedRun and Failure: an entry written before
+    the types reads back and writes the same JSON; `scaling status` reads both."""
+    from scaling.record import Failure, PlannedRun, read_planned_runs
+
+    run = PlannedRun.from_json(OLD_PLAN_RUN)
+    assert run.dir == OLD_PLAN_RUN["dir"] and json.dumps(run.to_json()) == json.dumps(OLD_PLAN_RUN)
+    with pytest.raises(ValueError, match="holds no plan.json"):
+        read_planned_runs(tmp_path)
+    (tmp_path / "plan.json").write_text(json.dumps({"runs": [OLD_PLAN_RUN]}))
+    assert read_planned_runs(tmp_path) == [run]
+    run_dir = tmp_path / run.dir
+    run_dir.mkdir(parents=True)
+    (run_dir / "failed.json").write_text(json.dumps({"returncode": 3, "tail": "no GPU for you", "time": 1.0}))
+    assert Failure.read(run_dir) == Failure(returncode=3, tail="no GPU for you", time=1.0)
+    assert scaling_main(["status", str(tmp_path)]) == 0
+    assert "C1e09-d2" in (out := capsys.readouterr().out) and "exit 3:" in out and "no GPU for you" in out and "1 failed" in out
