@@ -29,6 +29,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from serve.api.protocol_score import RerankResponse, ScoreResponse
 from serve.api.request_id import VALID as REQUEST_ID
 from serve.api.responses import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse
 
@@ -133,6 +134,10 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("get", "/metrics"): Route("Prometheus text exposition, vLLM's metric names", text="text/plain"),
     ("get", "/v1/models"): Route("The served models", ModelList),
     ("post", "/v1/embeddings"): Route("Embeddings of texts or token ids", EmbeddingResponse, errors=(404,)),
+    ("post", "/v1/score"): Route("Cosine similarity of text pairs' embeddings (vLLM's; also at /score)", ScoreResponse,
+                                 errors=(404,)),
+    ("post", "/v1/rerank"): Route("Documents ordered by their embeddings' cosine similarity to a query (also at /rerank, "
+                                  "/v2/rerank)", RerankResponse, errors=(404,)),
     ("post", "/tokenize"): Route("A prompt or chat messages as the model's token ids", TokenizeResponse, errors=(404,)),
     ("post", "/detokenize"): Route("Token ids as text", DetokenizeResponse, errors=(404,)),
     ("post", "/v1/completions"): Route("Text completions; `stream: true` answers server-sent events", CompletionResponse,
@@ -140,8 +145,8 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("post", "/v1/chat/completions"): Route("Chat completions; `stream: true` answers server-sent events", ChatCompletionResponse,
                                             stream=ChatCompletionChunk, errors=(404, 429, 503)),
 }
-MODELS: tuple[type[BaseModel], ...] = (ErrorResponse, ModelList, EmbeddingResponse, TokenizeResponse, DetokenizeResponse,
-                                       CompletionResponse, ChatCompletionResponse, ChatCompletionChunk)
+MODELS: tuple[type[BaseModel], ...] = (ErrorResponse, ModelList, EmbeddingResponse, ScoreResponse, RerankResponse, TokenizeResponse,
+                                       DetokenizeResponse, CompletionResponse, ChatCompletionResponse, ChatCompletionChunk)
 
 
 def ref(model: type[BaseModel]) -> dict[str, str]:

@@ -10,10 +10,12 @@ from fastapi.responses import Response
 from serve.api import chat as chat_api
 from serve.api import completions as completions_api
 from serve.api import embeddings as embeddings_api
+from serve.api import score as score_api
 from serve.api import status as status_api
 from serve.api import tokenize as tokenize_api
 from serve.api.context import ApiContext
 from serve.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
+from serve.api.protocol_score import RerankRequest, ScoreRequest
 
 
 def add_routes(app: FastAPI, ctx: ApiContext, guard, public_metrics: bool) -> None:
@@ -35,6 +37,19 @@ def add_routes(app: FastAPI, ctx: ApiContext, guard, public_metrics: bool) -> No
     @app.post("/v1/embeddings", dependencies=guarded)
     async def embeddings(body: EmbeddingRequest) -> dict:
         return await embeddings_api.embeddings(ctx, body)
+
+    @app.post("/v1/score", dependencies=guarded)
+    async def score(body: ScoreRequest, request: Request) -> dict:
+        return await score_api.score(ctx, body, request.state.request_id)
+
+    @app.post("/v1/rerank", dependencies=guarded)
+    async def rerank(body: RerankRequest, request: Request) -> dict:
+        return await score_api.rerank(ctx, body, request.state.request_id)
+
+    # the other paths vLLM serves them at (clients of vLLM, SGLang, Jina and Cohere post to one of
+    # these); documented once, under /v1
+    for path, endpoint in (("/score", score), ("/rerank", rerank), ("/v2/rerank", rerank)):
+        app.add_api_route(path, endpoint, methods=["POST"], dependencies=guarded, include_in_schema=False)
 
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(body: TokenizeRequest) -> dict:
