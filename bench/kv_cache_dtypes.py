@@ -25,6 +25,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,10 +35,13 @@ from serve.config import KV_DTYPES as KV_CACHE_DTYPES, EngineConfig  # noqa: E40
 from serve.engine.llm_engine import LLMEngine  # noqa: E402
 from serve.engine.model_runner import kv_bytes_per_block  # noqa: E402
 
+if TYPE_CHECKING:
+    from profiling.formulas.llama import DecoderShape
+
 KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -47,12 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--kv-cache-gb", type=float, default=4.0)
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def _engines(args: argparse.Namespace, contexts: list[int], shape: DecoderShape) -> tuple[dict[str, LLMEngine], dict | None]:
+    """One engine per KV cache dtype, each with room for the longest context, and the RoPE
+    scaling that reach needs beyond the model's native length (None within it)."""
     from transformers import AutoConfig
 
     from serve.weights import resolve_model
 
-    contexts = sorted(int(c) for c in args.contexts.split(","))
     native = AutoConfig.from_pretrained(resolve_model(args.model)).max_position_embeddings
     # room for the timed decodes and, with a batch, the tokens the first sequences decode while
     # the later ones still prefill (scaling.context measures that way)
@@ -60,29 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     rope = None
     if longest > native:
         rope = {"rope_type": "yarn", "factor": float(2 ** math.ceil(math.log2(longest / native))), "original_max_position_embeddings": native}
-    from profiling.formulas.llama import DecoderShape
-
-    shape = DecoderShape.from_hf(AutoConfig.from_pretrained(resolve_model(args.model)))
-    budget = int(args.kv_cache_gb * 2**30)
-    block = EngineConfig().block_size
+    budget, block = int(args.kv_cache_gb * 2**30), EngineConfig().block_size
     engines = {}
     for kv in args.kv_cache_dtypes.split(","):
         per_block = kv_bytes_per_block(shape, block, KV_CACHE_DTYPES[kv])
         need = (args.batch * (longest + 2 * block) // block + 8) * per_block  # every sequence's blocks, a few spare
         engines[kv] = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_dtype=kv, kv_cache_bytes=min(budget, need),
                                              enable_prefix_caching=False, rope_scaling=rope, max_model_len=longest, max_num_seqs=args.batch))
-    rows = []
-    for kv, points in measure_contexts(engines, contexts, batch=args.batch, decode_tokens=args.decode_tokens).items():
-        per_token = kv_bytes_per_block(shape, 1, engines[kv].kv_dtype)
-        capacity = budget // kv_bytes_per_block(shape, block, engines[kv].kv_dtype) * block
-        for point in points:
-            rows.append({"kv_cache_dtype": kv, "context": point.context, "tpot_s": point.tpot_s, "tokens_per_s": args.batch / point.tpot_s,
-                         "tpot_spread_s": point.tpot_spread_s, "ttft_s": point.ttft_s, "kv_bytes_per_token": per_token, "capacity_tokens": capacity})
-            print(f"  {kv:<9} context {point.context:>6}: TPOT {point.tpot_s * 1e3:7.1f} ms (fastest {point.tpot_spread_s[0] * 1e3:.1f}, "
-                  f"slowest {point.tpot_spread_s[1] * 1e3:.1f})  TTFT {point.ttft_s:6.1f} s", flush=True)
+    return engines, rope
+
+
+def _table(rows: list[dict], contexts: list[int], decode_tokens: int, block: int) -> None:
+    """The markdown table: bytes and capacity per KV dtype, tokens/s per context against float32's."""
     base = {r["context"]: r["tokens_per_s"] for r in rows if r["kv_cache_dtype"] == "float32"}
-    print(f"\nmodel dtype {args.dtype}, batch {args.batch}, rope {rope or 'native'}, KV budget {args.kv_cache_gb} GiB\n")
-    per_sequence = -(-(contexts[-1] + args.decode_tokens) // block) * block  # the longest context's blocks, its decodes included
+    per_sequence = -(-(contexts[-1] + decode_tokens) // block) * block  # the longest context's blocks, its decodes included
     print(f"| KV cache | bytes / token | capacity (tokens) | sequences of {contexts[-1]} at once | "
           + " | ".join(f"{c} tok/s (vs float32)" for c in contexts) + " |")
     print("|---|---|---|---|" + "---|" * len(contexts))
@@ -92,6 +91,30 @@ def main(argv: list[str] | None = None) -> int:
         first = next(iter(mine.values()))
         print(f"| {kv} | {first['kv_bytes_per_token']:,} | {first['capacity_tokens']:,} | {first['capacity_tokens'] // per_sequence} | "
               + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoConfig
+
+    from profiling.formulas.llama import DecoderShape
+    from serve.weights import resolve_model
+
+    args = _args(argv)
+    contexts = sorted(int(c) for c in args.contexts.split(","))
+    shape = DecoderShape.from_hf(AutoConfig.from_pretrained(resolve_model(args.model)))
+    engines, rope = _engines(args, contexts, shape)
+    budget, block = int(args.kv_cache_gb * 2**30), EngineConfig().block_size
+    rows = []
+    for kv, points in measure_contexts(engines, contexts, batch=args.batch, decode_tokens=args.decode_tokens).items():
+        per_token = kv_bytes_per_block(shape, 1, engines[kv].kv_dtype)
+        capacity = budget // kv_bytes_per_block(shape, block, engines[kv].kv_dtype) * block
+        for point in points:
+            rows.append({"kv_cache_dtype": kv, "context": point.context, "tpot_s": point.tpot_s, "tokens_per_s": args.batch / point.tpot_s,
+                         "tpot_spread_s": point.tpot_spread_s, "ttft_s": point.ttft_s, "kv_bytes_per_token": per_token, "capacity_tokens": capacity})
+            print(f"  {kv:<9} context {point.context:>6}: TPOT {point.tpot_s * 1e3:7.1f} ms (fastest {point.tpot_spread_s[0] * 1e3:.1f}, "
+                  f"slowest {point.tpot_spread_s[1] * 1e3:.1f})  TTFT {point.ttft_s:6.1f} s", flush=True)
+    print(f"\nmodel dtype {args.dtype}, batch {args.batch}, rope {rope or 'native'}, KV budget {args.kv_cache_gb} GiB\n")
+    _table(rows, contexts, args.decode_tokens, block)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rope": rope, "rows": rows}, indent=1))
     return 0

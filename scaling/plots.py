@@ -11,7 +11,7 @@ import numpy as np
 
 from scaling.context import ContextReport
 from scaling.findings import Analysis
-from scaling.record import RunRecord
+from scaling.record import Definition, RunRecord
 
 
 def _pyplot():
@@ -41,60 +41,78 @@ def _size_key(run: RunRecord, n: float) -> float:
 def plot_fits(results: list[RunRecord], analysis: Analysis, path: str | Path) -> Path:
     """Write the four panels for `analysis` (scaling.analysis.analyze of `results`) to `path`."""
     plt = _pyplot()
-    definition = analysis.definition
-    runs = [r for r in results if r.lr_multiplier == 1]
-    a3, a2, a1 = analysis.approach3, analysis.approach2, analysis.approach1
-    law = a3.law()
-    n_of = {id(r): r.n_eff(definition) for r in runs}
-    c_of = {id(r): r.flops[definition] for r in runs}
+    runs = _FittedRuns([r for r in results if r.lr_multiplier == 1], analysis.definition)
     fig, ((ax_c, ax_iso), (ax_opt, ax_res)) = plt.subplots(2, 2, figsize=(12, 9))
-    cmap = plt.get_cmap("viridis")
-
-    sizes = sorted({_size_key(r, n_of[id(r)]) for r in runs})
-    for i, size in enumerate(sizes):
-        mine = sorted((r for r in runs if _size_key(r, n_of[id(r)]) == size), key=lambda r: c_of[id(r)])
-        ax_c.plot([c_of[id(r)] for r in mine], [r.loss for r in mine], "o-", color=cmap(i / max(1, len(sizes) - 1)),
-                  label=f"depth {size}" if mine[0].depth is not None else f"log10 N {size}")
-    cs = np.geomspace(min(c_of.values()) / 1.5, max(c_of.values()) * 1.5, 50)
-    ax_c.plot(cs, [law.loss(*law.optimum(c)) for c in cs], "k--", label="approach 3 frontier")
-    ax_c.set(xscale="log", xlabel=f"training compute C ({definition}, FLOPs)", ylabel="held-out loss",
-             title="loss vs compute per size")
-    ax_c.legend(fontsize=7)
-
-    budgets = sorted({r.budget for r in runs})
-    for i, budget in enumerate(budgets):
-        mine = sorted((r for r in runs if r.budget == budget), key=lambda r: n_of[id(r)])
-        colour = cmap(i / max(1, len(budgets) - 1))
-        ax_iso.errorbar([n_of[id(r)] for r in mine], [r.loss for r in mine], yerr=[r.loss_se or 0 for r in mine],
-                        fmt="o", color=colour, label=f"C {budget:.2g}")
-        if len(mine) >= 3:
-            x = np.log([n_of[id(r)] for r in mine])
-            curve = np.polyfit(x, [r.loss for r in mine], 2)
-            xs = np.linspace(x.min(), x.max(), 40)
-            ax_iso.plot(np.exp(xs), np.polyval(curve, xs), "-", color=colour, lw=1)
-    for p in a2.profiles:
-        if p.n_opt:
-            ax_iso.plot(p.n_opt, p.loss_opt, "x" if p.flag else "*", color="red", ms=10)
-    ax_iso.set(xscale="log", xlabel="N (C / 6D)", ylabel="held-out loss", title="isoFLOP profiles (x: left out)")
-    ax_iso.legend(fontsize=7)
-
-    ax_opt.plot(cs, [law.optimum(c)[0] for c in cs], "k-", label=f"approach 3: a = {a3.a:.2f}")
-    if "n_opt" in a3.intervals:
-        lo, hi = a3.intervals["n_opt"]
-        ax_opt.errorbar([a3.at], [a3.n_opt], yerr=[[a3.n_opt - lo], [hi - a3.n_opt]], fmt="ks", capsize=4)
-    used = [p for p in a2.profiles if p.n_opt and not p.flag]
-    ax_opt.plot([p.budget for p in used], [p.n_opt for p in used], "r*", ms=10,
-                label=f"approach 2: a = {a2.a:.2f}" if a2.a is not None else "approach 2")
-    ax_opt.plot([b.budget for b in a1.best], [b.n for b in a1.best], "bo",
-                label=f"approach 1: a = {a1.a:.2f}" if a1.a is not None else "approach 1")
-    ax_opt.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel="N_opt", title="compute-optimal size")
-    ax_opt.legend(fontsize=8)
-
-    residuals = [math.log(law.loss(n_of[id(r)], r.tokens)) - math.log(r.loss) for r in runs]
-    ax_res.scatter([c_of[id(r)] for r in runs], residuals, c=[math.log(n_of[id(r)]) for r in runs], cmap="viridis")
+    cs = np.geomspace(min(runs.c.values()) / 1.5, max(runs.c.values()) * 1.5, 50)
+    _compute_panel(ax_c, runs, analysis, cs, plt.get_cmap("viridis"))
+    _isoflop_panel(ax_iso, runs, analysis, plt.get_cmap("viridis"))
+    _optimum_panel(ax_opt, analysis, cs)
+    law = analysis.approach3.law()
+    residuals = [math.log(law.loss(runs.n[id(r)], r.tokens)) - math.log(r.loss) for r in runs.runs]
+    ax_res.scatter([runs.c[id(r)] for r in runs.runs], residuals, c=[math.log(runs.n[id(r)]) for r in runs.runs], cmap="viridis")
     ax_res.axhline(0, color="black", lw=1)
     ax_res.set(xscale="log", xlabel="C (FLOPs)", ylabel="log predicted - log measured", title="approach 3 residuals")
     return _save(fig, path)
+
+
+class _FittedRuns:
+    """The runs the laws were fitted on, with each one's N and compute under the fit's definition."""
+
+    def __init__(self, runs: list[RunRecord], definition: Definition) -> None:
+        self.runs = runs
+        self.n = {id(r): r.n_eff(definition) for r in runs}
+        self.c = {id(r): r.flops[definition] for r in runs}
+
+
+def _compute_panel(ax, runs: _FittedRuns, analysis: Analysis, cs: np.ndarray, cmap) -> None:
+    """Loss against compute, one line per size, and approach 3's frontier."""
+    sizes = sorted({_size_key(r, runs.n[id(r)]) for r in runs.runs})
+    for i, size in enumerate(sizes):
+        mine = sorted((r for r in runs.runs if _size_key(r, runs.n[id(r)]) == size), key=lambda r: runs.c[id(r)])
+        ax.plot([runs.c[id(r)] for r in mine], [r.loss for r in mine], "o-", color=cmap(i / max(1, len(sizes) - 1)),
+                label=f"depth {size}" if mine[0].depth is not None else f"log10 N {size}")
+    law = analysis.approach3.law()
+    ax.plot(cs, [law.loss(*law.optimum(c)) for c in cs], "k--", label="approach 3 frontier")
+    ax.set(xscale="log", xlabel=f"training compute C ({analysis.definition}, FLOPs)", ylabel="held-out loss",
+           title="loss vs compute per size")
+    ax.legend(fontsize=7)
+
+
+def _isoflop_panel(ax, runs: _FittedRuns, analysis: Analysis, cmap) -> None:
+    """Loss against N per budget, each budget's parabola, and approach 2's vertices (x: left out)."""
+    budgets = sorted({r.budget for r in runs.runs})
+    for i, budget in enumerate(budgets):
+        mine = sorted((r for r in runs.runs if r.budget == budget), key=lambda r: runs.n[id(r)])
+        colour = cmap(i / max(1, len(budgets) - 1))
+        ax.errorbar([runs.n[id(r)] for r in mine], [r.loss for r in mine], yerr=[r.loss_se or 0 for r in mine],
+                    fmt="o", color=colour, label=f"C {budget:.2g}")
+        if len(mine) >= 3:
+            x = np.log([runs.n[id(r)] for r in mine])
+            curve = np.polyfit(x, [r.loss for r in mine], 2)
+            xs = np.linspace(x.min(), x.max(), 40)
+            ax.plot(np.exp(xs), np.polyval(curve, xs), "-", color=colour, lw=1)
+    for p in analysis.approach2.profiles:
+        if p.n_opt:
+            ax.plot(p.n_opt, p.loss_opt, "x" if p.flag else "*", color="red", ms=10)
+    ax.set(xscale="log", xlabel="N (C / 6D)", ylabel="held-out loss", title="isoFLOP profiles (x: left out)")
+    ax.legend(fontsize=7)
+
+
+def _optimum_panel(ax, analysis: Analysis, cs: np.ndarray) -> None:
+    """The compute-optimal N by each approach, approach 3's with its interval."""
+    a3, a2, a1 = analysis.approach3, analysis.approach2, analysis.approach1
+    law = a3.law()
+    ax.plot(cs, [law.optimum(c)[0] for c in cs], "k-", label=f"approach 3: a = {a3.a:.2f}")
+    if "n_opt" in a3.intervals:
+        lo, hi = a3.intervals["n_opt"]
+        ax.errorbar([a3.at], [a3.n_opt], yerr=[[a3.n_opt - lo], [hi - a3.n_opt]], fmt="ks", capsize=4)
+    used = [p for p in a2.profiles if p.n_opt and not p.flag]
+    ax.plot([p.budget for p in used], [p.n_opt for p in used], "r*", ms=10,
+            label=f"approach 2: a = {a2.a:.2f}" if a2.a is not None else "approach 2")
+    ax.plot([b.budget for b in a1.best], [b.n for b in a1.best], "bo",
+            label=f"approach 1: a = {a1.a:.2f}" if a1.a is not None else "approach 1")
+    ax.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel="N_opt", title="compute-optimal size")
+    ax.legend(fontsize=8)
 
 
 def plot_context(report: ContextReport, path: str | Path) -> Path:
