@@ -93,8 +93,10 @@ def test_save_and_load_give_identical_samples(tmp_path, encoder):
     pipe = _pipe("tiny", "flow", encoder)
     pipe.save_pretrained(tmp_path / "pipe")
     back = MiniStackPipeline.from_pretrained(tmp_path / "pipe")
-    sample = lambda p: p("a red square", frames=3, height=16, width=16, num_inference_steps=2,  # noqa: E731
-                         generator=torch.Generator().manual_seed(3)).latents
+    def sample(p: MiniStackPipeline) -> torch.Tensor:
+        return p("a red square", frames=3, height=16, width=16, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(3)).latents
+
     assert torch.equal(sample(pipe), sample(back))
     with pytest.raises(ValueError, match="not a saved ministack pipeline"):
         MiniStackPipeline.from_pretrained(tmp_path)
