@@ -200,6 +200,18 @@ def test_echo_with_logprobs_scores_the_prompt_too(client, model_name, server):
     assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), [])[1:] == pytest.approx(lp.token_logprobs[1:])
 
 
+def test_completions_without_max_tokens_or_with_null_get_openais_16(client, model_name):
+    """OpenAI's default for /v1/completions: null (what clients send for "not set") is 16 too,
+    never a completion that fills the context; streamed and not."""
+    for unset in ({}, {"max_tokens": None}):
+        kw = dict(model=model_name, prompt="Once upon a time", temperature=0, extra_body={"ignore_eos": True}, **unset)
+        r = client.completions.create(**kw)
+        assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        assert chunks[-1].usage.completion_tokens == 16
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+
+
 def test_greedy_stop_string_trims_the_text(client, model_name):
     full = client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text

@@ -89,7 +89,7 @@ async def completions(ctx: ApiContext, body: CompletionRequest, request_id: str,
     check_model(ctx, body.model)
     request_id, want_logprobs = f"cmpl-{request_id}", body.logprobs is not None  # the response's id, as vLLM names it
     prompt_logprobs = body.logprobs if body.echo and want_logprobs else None
-    streams = await admit(ctx, request_id, await prompts_of(ctx, body), body.max_tokens, structured_field=body.structured_field(),
+    streams = await admit(ctx, request_id, await prompts_of(ctx, body), body.requested_max_tokens, structured_field=body.structured_field(),
                           sampling=lambda m: body.sampling_params(m, body.logprobs, prompt_logprobs, ctx.backend.sampling_defaults))
     echoed = [p if isinstance(p, str) else ctx.tokenizer.decode(p) for p in body.prompts] if body.echo else None
     choices = CompletionChoices(request_id, ctx.backend.model_name, body.n, ctx.token_bytes, want_logprobs, echoed, prompt_logprobs)
