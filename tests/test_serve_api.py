@@ -125,6 +125,21 @@ def test_health_and_models(server, client, model_name):
     assert [m.id for m in models.data] == [model_name]
 
 
+def test_a_served_model_is_retrieved_and_any_other_name_is_openais_404(server, client, model_name):
+    """GET /v1/models/{model}, the client's `models.retrieve`: the served name's card (the one
+    the list holds), OpenAI's error body for any other name, a name with a slash included."""
+    card = client.models.retrieve(model_name)
+    assert card.id == model_name and card.object == "model" and card.owned_by == "ministack"
+    assert card.model_dump() | {"created": 0} == client.models.list().data[0].model_dump() | {"created": 0}
+    for name in ("gpt-9", "org/gpt-9"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve(name)
+        error = missing.value.body
+        assert error["param"] == "model" and error["code"] == "model_not_found" and error["type"] == "invalid_request_error"
+        assert name in error["message"] and set(error) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{server.url}/v1/models/{model_name}").status_code == 401  # guarded like the list
+
+
 def test_chat_completion_reports_usage_and_flops(client, model_name):
     r = client.chat.completions.create(
         model=model_name, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0,

@@ -132,6 +132,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("get", "/health"): Route("200 while the engine serves, 503 (no body) once it has died"),
     ("get", "/metrics"): Route("Prometheus text exposition, vLLM's metric names", text="text/plain"),
     ("get", "/v1/models"): Route("The served models", ModelList),
+    ("get", "/v1/models/{model}"): Route("One served model; 404 for a name this server does not serve", ModelCard, errors=(404,)),
     ("post", "/v1/embeddings"): Route("Embeddings of texts or token ids", EmbeddingResponse, errors=(404,)),
     ("post", "/tokenize"): Route("A prompt or chat messages as the model's token ids", TokenizeResponse, errors=(404,)),
     ("post", "/detokenize"): Route("Token ids as text", DetokenizeResponse, errors=(404,)),
@@ -140,7 +141,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("post", "/v1/chat/completions"): Route("Chat completions; `stream: true` answers server-sent events", ChatCompletionResponse,
                                             stream=ChatCompletionChunk, errors=(404, 429, 503)),
 }
-MODELS: tuple[type[BaseModel], ...] = (ErrorResponse, ModelList, EmbeddingResponse, TokenizeResponse, DetokenizeResponse,
+MODELS: tuple[type[BaseModel], ...] = (ErrorResponse, ModelList, ModelCard, EmbeddingResponse, TokenizeResponse, DetokenizeResponse,
                                        CompletionResponse, ChatCompletionResponse, ChatCompletionChunk)
 
 
