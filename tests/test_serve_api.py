@@ -394,7 +394,36 @@ def test_metrics_use_vllm_names_with_sane_values(server, client, model_name):
     ttft = values[f"vllm:time_to_first_token_seconds_count{label}"]
     assert ttft >= 1 and values[f'vllm:time_to_first_token_seconds_bucket{{model_name="{model_name}",le="+Inf"}}'] == ttft
     assert values[f"vllm:inter_token_latency_seconds_count{label}"] >= 2
+    tpot = values[f"vllm:request_time_per_output_token_seconds_count{label}"]  # one per finished request, as vLLM's
+    assert tpot == values[f"vllm:e2e_request_latency_seconds_count{label}"] >= 1
+    assert values[f"vllm:request_time_per_output_token_seconds_sum{label}"] > 0
     assert metric("ministack:measured_flops_total") > 0
+    assert "gpu_cache_usage_perc" not in text and "vllm:time_per_output_token_seconds" not in text  # retired by vLLM: hidden
+
+
+@pytest.mark.parametrize("version, shown", [
+    ((0, 10), {"vllm:gpu_cache_usage_perc", "vllm:time_per_output_token_seconds"}),  # vLLM 0.10 served both
+    ((0, 11), {"vllm:time_per_output_token_seconds"}),  # hidden in 0.12; the cache's old name already in 0.11
+])
+def test_retired_metric_names_come_back_only_behind_vllms_flag(server, version, shown):
+    """--show-hidden-metrics-for-version: the names vLLM retired after `version`, beside their
+    successors and with their values."""
+    live = LiveServer(server.backend, api_key=API_KEY, hidden_metrics_version=version)  # a second app over the same engine
+    try:
+        live.client().completions.create(model=server.backend.model_name, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
+        lines = [line for line in http(live).get("/metrics").text.splitlines() if not line.startswith("#")]
+    finally:
+        live.server.should_exit = True
+        live.thread.join(timeout=10)
+    names = {line.split("{")[0].removesuffix("_count").removesuffix("_sum").removesuffix("_bucket") for line in lines}
+    assert names & {"vllm:gpu_cache_usage_perc", "vllm:time_per_output_token_seconds"} == shown
+    assert {"vllm:kv_cache_usage_perc", "vllm:inter_token_latency_seconds", "vllm:request_time_per_output_token_seconds"} <= names
+    value = {line.rpartition(" ")[0]: line.rpartition(" ")[2] for line in lines}
+    label = f'{{model_name="{server.backend.model_name}"}}'
+    for old, new in (("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+                     ("vllm:time_per_output_token_seconds_count", "vllm:inter_token_latency_seconds_count")):
+        if old.removesuffix("_count") in shown:
+            assert value[old + label] == value[new + label]
 
 
 def test_full_queue_answers_429_with_retry_after(tiny_model):

@@ -49,8 +49,15 @@ def test_each_flag_reaches_its_field():
     ["--scheduling-policy", "lifo"],
     ["--max-num-seqs", "many"],
     ["--rope-scaling", "[1, 2]"],  # not a JSON object
+    ["--show-hidden-metrics-for-version", "latest"],  # vLLM's flag takes a version
 ])
 def test_a_bad_flag_is_refused_naming_it(argv, capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(argv)
     assert f"argument {argv[-2]}:" in capsys.readouterr().err
+
+
+def test_the_hidden_metrics_flag_takes_a_vllm_version():
+    assert parser().parse_args([]).show_hidden_metrics_for_version is None
+    for text in ("0.10", "0.10.2"):
+        assert parser().parse_args(["--show-hidden-metrics-for-version", text]).show_hidden_metrics_for_version == (0, 10)
