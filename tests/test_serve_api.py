@@ -250,6 +250,25 @@ def test_streaming_chat_matches_non_streaming_and_ends_with_usage(client, model_
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_the_chat_streams_role_rides_on_each_choices_first_token(client, model_name):
+    """No chunk before prefill (a client stamps time-to-first-token on the first chunk): each
+    choice's first chunk carries the role with its first content, as vLLM sends it; an answer
+    with no content at all gets the role with its finish."""
+    kw = dict(model=model_name, messages=[{"role": "user", "content": "Hi"}], temperature=1.0, seed=1)
+    chunks = list(client.chat.completions.create(stream=True, n=2, max_tokens=6, **kw))
+    firsts = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            firsts.setdefault(c.index, c)
+            assert (c.delta.role == "assistant") == (c is firsts[c.index]), chunk
+    assert chunks[0].choices[0] is firsts[chunks[0].choices[0].index] and set(firsts) == {0, 1}
+    assert all(c.delta.content for c in firsts.values())
+    first_text = client.chat.completions.create(max_tokens=1, **kw).choices[0].message.content
+    assert first_text
+    (only,) = [c for chunk in client.chat.completions.create(stream=True, max_tokens=4, stop=[first_text], **kw) for c in chunk.choices]
+    assert (only.delta.role, only.delta.content, only.finish_reason) == ("assistant", "", "stop")
+
+
 def test_chat_logprobs_one_entry_per_token_streamed_or_not(client, model_name):
     kwargs = dict(model=model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
                   logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})

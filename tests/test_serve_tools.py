@@ -130,6 +130,8 @@ def test_streamed_tool_calls_match_and_the_clients_helper_reassembles_them(clien
         assert [(g["name"], g["arguments"]) for g in got] == [(t.function.name, t.function.arguments) for t in choice.message.tool_calls]
         assert all(g["id"].startswith("call_") for g in got) and reasons[choice.index] == choice.finish_reason
     assert max(i for _, i in calls) >= 1  # several calls in one choice: deltas of more than one index
+    (first,) = next(iter(forced(client, model_name, "required", seed=3, stream=True))).choices
+    assert first.delta.role == "assistant" and first.delta.tool_calls and first.delta.content is None  # the role rides on the first call
     assert sorted(finishes) == [0, 1]
     with client.beta.chat.completions.stream(model=model_name, messages=CHAT, tools=[WEATHER, TIME], tool_choice="required",
                                              parallel_tool_calls=False, seed=3, temperature=1.0, max_tokens=160) as stream:
