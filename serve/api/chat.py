@@ -51,17 +51,24 @@ class ChatChoices:
         lp = chat_logprobs(c, True, self.token_bytes) if self.want_logprobs else None
         if self.streams is None:
             return [ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.new_text or None), finish_reason=c.finish_reason, logprobs=lp)]
-        text = self.streams[c.index].content(c.new_text)
+        text = "" if self.forced else self.streams[c.index].content(c.new_text)
         if not c.finish_reason:
-            return [ChatChunkChoice(index=c.index, delta=ChatDelta(content=text), logprobs=lp)] if text or lp else []
-        rest, found = self.streams[c.index].finish()
+            return [ChatChunkChoice(index=c.index, delta=ChatDelta(content=text or None), logprobs=lp)] if text or lp else []
+        rest, found = ("", self.forced_calls(c)) if self.forced else self.streams[c.index].finish()
         calls, reason = self.calls_in(found, c)
-        out = [ChatChunkChoice(index=c.index, delta=ChatDelta(content=text + rest), logprobs=lp)] if text + rest or lp else []
+        out = [ChatChunkChoice(index=c.index, delta=ChatDelta(content=text + rest or None), logprobs=lp)] if text + rest or lp else []
         for i, call in enumerate(calls):  # OpenAI's shape: id, type and name first, then the arguments
             opening = {"index": i, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
             out += [ChatChunkChoice(index=c.index, delta=ChatDelta(tool_calls=[opening])),
                     ChatChunkChoice(index=c.index, delta=ChatDelta(tool_calls=[{"index": i, "function": {"arguments": call["function"]["arguments"]}}]))]
         return out + [ChatChunkChoice(index=c.index, delta=ChatDelta(), finish_reason=reason)]
+
+    @staticmethod
+    def forced_calls(c: CompletionOutput) -> list[dict]:
+        """A forced choice's complete calls. Its grammar writes nothing but calls, so the text
+        outside them is at most a call that `max_tokens` cut: dropped (the finish reason says
+        "length"), never handed back as content markup or as a call whose arguments do not parse."""
+        return parse_tool_calls(c.text)[1]
 
     def chunks(self, cs: list[CompletionOutput]) -> list[ChatCompletionChunk]:
         """One chunk of this step's changed choices; with tools, one chunk per delta."""
@@ -91,7 +98,7 @@ class ChatChoices:
         lp = chat_logprobs(c, False, self.token_bytes) if self.want_logprobs else None
         if self.streams is None:
             return ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason, logprobs=lp)
-        content, found = parse_tool_calls(c.text)
+        content, found = (None, self.forced_calls(c)) if self.forced else parse_tool_calls(c.text)
         calls, reason = self.calls_in(found, c)
         message = ChatResponseMessage(content=content, tool_calls=[ResponseToolCall(**call) for call in calls] or None)
         return ChatChoice(index=c.index, message=message, finish_reason=reason, logprobs=lp)
