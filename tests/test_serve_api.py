@@ -8,6 +8,7 @@ text is gibberish, so they check structure, not content. One test serves the rea
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -278,6 +279,35 @@ def test_chat_logprobs_one_entry_per_token_streamed_or_not(client, model_name):
     assert len(whole) == len(streamed) == 6
     assert [e.token for e in whole] == [e.token for e in streamed]
     assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in whole)
+
+
+def spelled(tokens: list[str]) -> bytes:
+    """Legacy logprobs' tokens joined as bytes (a token holding part of a character is named by
+    its escaped bytes, "\\xf0\\x9f")."""
+    return b"".join(bytes.fromhex(t.replace("\\x", "")) if re.fullmatch(r"(\\x[0-9a-f]{2})+", t) else t.encode() for t in tokens)
+
+
+def test_logprobs_leave_out_the_tokens_of_a_character_max_tokens_cut(client, model_name):
+    """An emoji is two or more of SmolLM2's byte tokens (the grammar writes only emojis, however
+    it splits them); max_tokens ending inside one drops the character from the text, and its
+    tokens from the logprobs: their joined bytes are the text's, streamed and not."""
+    cut = 0
+    for max_tokens in range(1, 7):
+        kw = dict(model=model_name, max_tokens=max_tokens, temperature=1.0, seed=0, extra_body={"guided_regex": "(🙂){8}"})
+        whole = client.chat.completions.create(messages=[{"role": "user", "content": "Smile"}], logprobs=True, **kw)
+        content, entries = whole.choices[0].message.content, whole.choices[0].logprobs.content
+        assert b"".join(bytes(e.bytes) for e in entries) == content.encode() and set(content) <= {"🙂"}
+        cut += whole.usage.completion_tokens > len(entries)
+        chunks = [c for chunk in client.chat.completions.create(messages=[{"role": "user", "content": "Smile"}], logprobs=True,
+                                                                stream=True, **kw) for c in chunk.choices]
+        assert "".join(c.delta.content or "" for c in chunks) == content
+        assert [(e.token, e.bytes) for c in chunks if c.logprobs for e in c.logprobs.content] == [(e.token, e.bytes) for e in entries]
+        legacy = client.completions.create(prompt="Smile:", logprobs=1, **kw).choices[0]
+        assert spelled(legacy.logprobs.tokens) == legacy.text.encode() and len(legacy.logprobs.text_offset) == len(legacy.logprobs.tokens)
+        streamed = [c for chunk in client.completions.create(prompt="Smile:", logprobs=1, stream=True, **kw) for c in chunk.choices]
+        assert "".join(c.text for c in streamed) == legacy.text
+        assert sum((c.logprobs.tokens for c in streamed), []) == legacy.logprobs.tokens
+    assert cut  # max_tokens ended inside a character at least once
 
 
 def test_streaming_completion_is_sse_ending_in_done(server, model_name):

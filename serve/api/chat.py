@@ -49,7 +49,10 @@ class ChatChoices:
     def deltas(self, c: CompletionOutput) -> list[ChatChunkChoice]:
         """This step's share of choice `c`: its new content, and when it finishes, its tool calls."""
         lp = chat_logprobs(c, True, self.token_bytes) if self.want_logprobs else None
+        lp = lp if lp is not None and lp.content else None  # tokens of a character not yet whole wait with its text
         if self.streams is None:
+            if not (c.new_text or c.finish_reason or lp):
+                return []
             return [ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.new_text or None), finish_reason=c.finish_reason, logprobs=lp)]
         text = "" if self.forced else self.streams[c.index].content(c.new_text)
         if not c.finish_reason:
@@ -73,8 +76,8 @@ class ChatChoices:
     def chunks(self, cs: list[CompletionOutput]) -> list[ChatCompletionChunk]:
         """One chunk of this step's changed choices; with tools, one chunk per delta."""
         deltas = self.with_role([d for c in cs for d in self.deltas(c)])
-        if self.streams is None or not cs:
-            return [ChatCompletionChunk(id=self.request_id, model=self.model, choices=deltas)]
+        if self.streams is None or not cs:  # no cs: the closing chunk that carries the usage
+            return [ChatCompletionChunk(id=self.request_id, model=self.model, choices=deltas)] if deltas or not cs else []
         return [ChatCompletionChunk(id=self.request_id, model=self.model, choices=[d]) for d in deltas]
 
     def with_role(self, deltas: list[ChatChunkChoice]) -> list[ChatChunkChoice]:

@@ -51,8 +51,11 @@ class CompletionChoices:
             lp = completion_logprobs(c, streamed, self.token_bytes, prompt, echo_len)
         return CompletionChoice(index=c.index, text=prefix + (c.new_text if streamed else c.text), finish_reason=c.finish_reason, logprobs=lp)
 
-    def chunk(self, cs: list[CompletionOutput]) -> CompletionResponse:
-        return CompletionResponse(id=self.request_id, model=self.model, choices=[self.choice(c, True) for c in cs])
+    def chunk(self, cs: list[CompletionOutput]) -> list[CompletionResponse]:
+        """This step's share of the changed choices; none for a step whose tokens all wait on a
+        character not yet whole (text and logprobs alike). No `cs`: the closing usage chunk."""
+        choices = [ch for ch in (self.choice(c, True) for c in cs) if ch.text or ch.finish_reason or (ch.logprobs and ch.logprobs.tokens)]
+        return [CompletionResponse(id=self.request_id, model=self.model, choices=choices)] if choices or not cs else []
 
     def whole(self, cs: list[CompletionOutput], usage: Usage) -> CompletionResponse:
         return CompletionResponse(id=self.request_id, model=self.model, choices=[self.choice(c, False) for c in cs], usage=usage)
