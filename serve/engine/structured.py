@@ -13,9 +13,9 @@ Compilation time grows faster than linearly with some constraints (xgrammar on t
 limits before it is compiled (`check_limits`): its text, its nesting, the values of its enums
 and choices, and the bounds of its regex repetitions; each refusal names the limit.
 
-JSON schemas are checked against the keywords this engine enforces (`check_schema`): one it
-would silently ignore (`uniqueItems`, `not`, `if`/`then`, `contains`, `dependentRequired`, ...,
-found by sampling random token walks under each keyword and validating them) is refused by name.
+JSON schemas are made exact first (serve.engine.json_schema): a keyword xgrammar would
+silently ignore is refused by name, types left implicit and required keys left unlisted are
+written out, and a schema no value can match is refused naming where.
 """
 
 from __future__ import annotations
@@ -27,23 +27,10 @@ from typing import Any
 
 import torch
 
+from serve.engine.json_schema import enforceable
+
 KINDS = ("json", "regex", "choice", "grammar", "tool_calls")
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-# keywords whose constraint xgrammar enforces (each checked by sampling, tests/test_serve_structured.py)
-ENFORCED = {
-    "type", "properties", "required", "additionalProperties", "patternProperties", "propertyNames",
-    "enum", "const", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-    "minLength", "maxLength", "pattern", "format", "items", "prefixItems", "minItems", "maxItems",
-    "anyOf", "allOf", "$ref", "$defs", "definitions",
-}
-ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly", "writeOnly"}
-FORMATS = {"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri", "uri-reference",
-           "uri-template", "json-pointer", "relative-json-pointer"}
-SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
-SUBSCHEMAS = ("items", "additionalProperties", "propertyNames")
-SUBSCHEMA_LISTS = ("anyOf", "allOf", "prefixItems")
-
 
 MAX_SPEC_CHARS = 32_768  # the constraint's text: a schema's JSON, a regex, a grammar
 MAX_DEPTH = 32  # a schema's JSON nesting (objects and arrays: an object property is two levels, its "properties" and itself)
@@ -94,13 +81,10 @@ class StructuredOutput:
 
     @classmethod
     def json_schema(cls, schema: dict | None) -> StructuredOutput:
-        """Any JSON object (None), or JSON valid under `schema` (checked by `check_limits`, then
-        `check_schema`)."""
-        spec = json.dumps(schema if schema is not None else {"type": "object"})  # key order: output order
-        check_limits("json", spec, schema)
-        if schema is not None:
-            check_schema(schema)
-        return cls("json", spec)
+        """Any JSON object (None), or JSON valid under `schema` (held to `check_limits`, then
+        made exact by serve.engine.json_schema.enforceable; ValueError naming what is refused)."""
+        check_limits("json", json.dumps(schema), schema)
+        return cls("json", json.dumps(enforceable(schema) if schema is not None else {"type": "object"}))  # key order: output order
 
     @classmethod
     def choice(cls, choices: list[str]) -> StructuredOutput:
@@ -109,30 +93,6 @@ class StructuredOutput:
         spec = json.dumps(choices)
         check_limits("choice", spec)
         return cls("choice", spec)
-
-
-def check_schema(schema: Any, path: str = "schema") -> None:
-    """ValueError naming the first keyword (and where) this engine would not enforce."""
-    if isinstance(schema, bool):
-        return
-    if not isinstance(schema, dict):
-        raise ValueError(f"{path} must be a JSON schema object, got {type(schema).__name__}")
-    for key, value in schema.items():
-        where = f"{path}.{key}"
-        if key not in ENFORCED | ANNOTATIONS:
-            raise ValueError(f"{where}: the JSON-schema keyword {key!r} is not enforced by this server's grammar engine")
-        if key == "format" and value not in FORMATS:
-            raise ValueError(f"{where}: format {value!r} is not enforced (supported: {', '.join(sorted(FORMATS))})")
-        if key == "allOf" and len(value) != 1:
-            raise ValueError(f"{where}: allOf is enforced with one subschema only (merge them)")
-        if key in SUBSCHEMA_MAPS:
-            for name, sub in value.items():
-                check_schema(sub, f"{where}.{name}")
-        elif key in SUBSCHEMAS:
-            check_schema(value, where)
-        elif key in SUBSCHEMA_LISTS:
-            for i, sub in enumerate(value):
-                check_schema(sub, f"{where}.{i}")
 
 
 def _rename_rule(ebnf: str, old: str, new: str) -> str:
