@@ -114,6 +114,8 @@ def check_limits(args: argparse.Namespace) -> None:
         raise SystemExit(f"ministack serve: --kv-cache-fraction must be in (0, 1], got {args.kv_cache_fraction:g}")
     if args.shutdown_timeout < 0:
         raise SystemExit(f"ministack serve: --shutdown-timeout must be >= 0, got {args.shutdown_timeout:g}")
+    if args.json_max_digits < 2:
+        raise SystemExit(f"ministack serve: --json-max-digits must be >= 2, got {args.json_max_digits}")
 
 
 def minor_version(text: str) -> tuple[int, int]:
@@ -165,6 +167,7 @@ def build_backend(args: argparse.Namespace):
     if args.engine == "vllm":
         for flag, value in (("--kv-cache-dtype", args.kv_cache_dtype != "auto"), ("--kv-cache-disk", args.kv_cache_disk),
                             ("--rope-scaling", args.rope_scaling),
+                            ("--json-max-digits", args.json_max_digits != parser().get_default("json_max_digits")),
                             ("--max-num-queued-tokens", args.max_num_queued_tokens),
                             ("--max-queue-time", args.max_queue_time)):
             if value:

@@ -13,7 +13,7 @@ from test_serve_api import client, http, model_name, server, smollm2, tiny_model
 from test_serve_api_fields import CHAT, chat
 
 from serve.engine.json_schema import check_schema, explicit
-from serve.engine.structured import StructuredOutput
+from serve.engine.structured import DEFAULT_JSON_MAX_DIGITS, Grammars, StructuredOutput
 
 PERSON = {
     "type": "object",
@@ -195,6 +195,42 @@ def test_a_schema_no_value_can_match_is_a_400_before_any_prefill(server, schema,
         named = where.replace("schema", "tools.f.parameters", 1) if param == "tools" else where
         assert error["param"] == param and named in error["message"] and "can satisfy it" in error["message"], error
     assert server.backend.stats().prefix_cache_queries == before  # nothing was scheduled
+
+
+UNBOUNDED = {"type": "object", "properties": {  # numbers a schema bounds on no side, or on one; a string of digits
+    "i": {"type": "integer"}, "x": {"type": "number"}, "low": {"type": "integer", "minimum": -5},
+    "frac": {"type": "number", "exclusiveMinimum": 0}, "code": {"type": "string", "pattern": "^[0-9]*$"}},
+    "required": ["i", "x", "low", "frac", "code"]}
+
+
+@pytest.mark.parametrize("digits", [DEFAULT_JSON_MAX_DIGITS, 4])
+def test_numbers_a_schema_leaves_unbounded_get_at_most_the_engines_digits(server, digits):
+    """--json-max-digits: that many digits before a number's point and after it, 3 in an exponent,
+    one-sided bounds included; a string's pattern is not a number and keeps its own rule."""
+    engine = server.backend.engine
+    grammars = engine.grammars() if digits == engine.config.json_max_digits else Grammars(
+        engine.tokenizer, engine.model.lm_head.out_features, engine.token_bytes, digits)
+    so, n = StructuredOutput.json_schema(UNBOUNDED), "9" * digits
+
+    def accepted(i="1", x="1.5", low="1", frac="0.5", code="1") -> bool:
+        return grammars.matcher(so).accept_string(f'{{"i": {i}, "x": {x}, "low": {low}, "frac": {frac}, "code": "{code}"}}')
+
+    assert accepted(i=f"-{n}", x=f"-{n}.{n}e-999", low=n, frac=f"{n}.5", code="1" * 40)
+    for field in (dict(i=n + "9"), dict(x=n + "9"), dict(x=f"1.{n}9"), dict(x="1e1000"), dict(low=n + "9"), dict(frac=n + "9.5")):
+        assert not accepted(**field), field
+
+
+def test_greedy_decoding_ends_an_unbounded_number(client, model_name):
+    """The tiny model's greedy choice under an integer or number is a digit again and again: it
+    wrote `-1111...` to max_tokens; now the number ends at 15 digits and the JSON with it."""
+    for schema in ({"type": "integer"}, {"type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"]}):
+        kw = dict(temperature=0, max_tokens=60, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        whole = chat(client, model_name, **kw).choices[0]
+        assert whole.finish_reason == "stop", whole
+        jsonschema.validate(json.loads(whole.message.content), schema)
+        assert max(len(run) for run in re.findall(r"[0-9]+", whole.message.content)) <= DEFAULT_JSON_MAX_DIGITS
+        assert "".join(c.choices[0].delta.content or "" for c in chat(client, model_name, stream=True, **kw) if c.choices) == \
+            whole.message.content
 
 
 def test_json_object_on_the_real_model(smollm2):

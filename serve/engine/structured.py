@@ -95,6 +95,48 @@ class StructuredOutput:
         return cls("choice", spec)
 
 
+DEFAULT_JSON_MAX_DIGITS = 15  # integers up to 10^15 - 1 stay exact as float64 (JavaScript's numbers)
+EXPONENT_DIGITS = 3  # float64's exponents run to 308
+JSON_EBNF_CACHE = 256  # schemas whose converted grammar is kept
+EBNF_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|[^"\[]+')  # a string literal, a character class, the rest
+DIGIT_RULE = re.compile(r"^(\w+) ::= \(\(\[0-9\]\)\)$", re.M)  # a rule that is one digit, as xgrammar writes it
+
+
+def capped_digits(ebnf: str, digits: int) -> str:
+    """xgrammar's JSON grammar `ebnf` with every unbounded run of digits bounded: `digits`
+    digits at most before a number's point (and after it), EXPONENT_DIGITS in its exponent.
+    Where a schema sets no bound (or one), the grammar lets a number run on, and greedy
+    decoding of a model that likes a digit writes `1111...` to max_tokens (llama.cpp caps
+    integer digits for the same reason). Runs are `[0-9]*`, `[0-9]+` or `D{m, -1}` with D a
+    one-digit rule; one after a leading `[1-9] ` gets one digit fewer. String literals (a
+    `pattern`'s Regex("...") among them) are left alone, and so is an integer under
+    `multipleOf`: a remainder automaton, not a run."""
+    literals: list[str] = []
+
+    def hide(m: re.Match) -> str:
+        if not m.group().startswith('"'):
+            return m.group()
+        literals.append(m.group())
+        return f"\x00{len(literals) - 1}\x00"
+
+    masked = EBNF_TOKEN.sub(hide, ebnf)
+    names = [rf"(?<!\w){re.escape(name)}" for name in DIGIT_RULE.findall(masked)]
+    run = re.compile(rf"(?P<lead>\[1-9\] )?(?P<atom>\[0-9\]|{'|'.join(names) or '(?!)'})"
+                     rf"(?:(?P<star>\*)|(?P<plus>\+)|\{{(?P<low>\d+), -1\}})")
+
+    def bounded(line: str) -> str:
+        cap = EXPONENT_DIGITS if "[eE]" in line else digits
+
+        def one(m: re.Match) -> str:
+            low = 0 if m["star"] else 1 if m["plus"] else int(m["low"])
+            return f"{m['lead'] or ''}{m['atom']}{{{low}, {max(low, cap - (1 if m['lead'] else 0))}}}"
+
+        return run.sub(one, line)
+
+    capped = "\n".join(bounded(line) for line in masked.split("\n"))
+    return re.sub(r"\x00(\d+)\x00", lambda m: literals[int(m[1])], capped)
+
+
 def _rename_rule(ebnf: str, old: str, new: str) -> str:
     """`ebnf` with the rule `old` renamed wherever it is an identifier (not inside a "string"
     or a [character class])."""
@@ -119,7 +161,9 @@ def _rename_rule(ebnf: str, old: str, new: str) -> str:
 class Grammars:
     """xgrammar over one tokenizer: compiles constraints (cached) and makes matchers."""
 
-    def __init__(self, tokenizer, vocab_size: int, token_bytes) -> None:
+    def __init__(self, tokenizer, vocab_size: int, token_bytes, max_digits: int = DEFAULT_JSON_MAX_DIGITS) -> None:
+        """`max_digits`: the most digits a JSON number's integer part (and fraction) may have
+        where its schema leaves it unbounded (`capped_digits`)."""
         try:
             import xgrammar as xgr
         except ImportError:
@@ -129,6 +173,8 @@ class Grammars:
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiler = xgr.GrammarCompiler(self.info, cache_enabled=True)
         self.vocab_size = vocab_size
+        self.max_digits = max_digits
+        self._json_ebnf: dict[str, str] = {}  # schema text -> its capped grammar (json_ebnf)
         size = min(vocab_size, len(tokenizer))
         control = [any(b < 0x20 for b in token_bytes.bytes(i)) for i in range(size)] + [False] * (vocab_size - size)
         self.control_tokens = torch.tensor(control)  # raw control bytes: never legal in JSON text
@@ -140,7 +186,7 @@ class Grammars:
             check_limits(so.kind, so.spec, json.loads(so.spec)["schema"] if so.kind == "tool_calls" else None)
         try:
             if so.kind == "json":
-                return self.compiler.compile_json_schema(so.spec, any_whitespace=False, strict_mode=True)
+                return self.compiler.compile_grammar(self.json_ebnf(so.spec))
             if so.kind == "regex":
                 return self.compiler.compile_regex(so.spec)
             if so.kind == "choice":
@@ -157,10 +203,19 @@ class Grammars:
     def _tool_calls_ebnf(self, spec: dict) -> str:
         """`<tool_call>\n{payload}\n</tool_call>`, once or (spec["parallel"]) one or more times
         separated by newlines, the payload JSON under spec["schema"] (serve.api.tools)."""
-        payload = str(self.xgr.Grammar.from_json_schema(json.dumps(spec["schema"]), any_whitespace=False, strict_mode=True))
+        payload = self.json_ebnf(json.dumps(spec["schema"]))
         repeat = ' ("\\n" call)*' if spec["parallel"] else ""
         return (f'root ::= call{repeat}\ncall ::= "<tool_call>\\n" tool_payload "\\n</tool_call>"\n'
                 + _rename_rule(payload, "root", "tool_payload"))
+
+    def json_ebnf(self, schema: str) -> str:
+        """The grammar of JSON valid under `schema` (its text), compact, numbers' digits capped."""
+        if schema not in self._json_ebnf:  # converted once per schema: every sequence's matcher compiles it again
+            if len(self._json_ebnf) >= JSON_EBNF_CACHE:
+                self._json_ebnf.clear()
+            ebnf = str(self.xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
+            self._json_ebnf[schema] = capped_digits(ebnf, self.max_digits)
+        return self._json_ebnf[schema]
 
     def matcher(self, so: StructuredOutput):
         return self.xgr.GrammarMatcher(self.compile(so))
