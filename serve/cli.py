@@ -114,6 +114,17 @@ def check_limits(args: argparse.Namespace) -> None:
         raise SystemExit(f"ministack serve: --kv-cache-fraction must be in (0, 1], got {args.kv_cache_fraction:g}")
     if args.shutdown_timeout < 0:
         raise SystemExit(f"ministack serve: --shutdown-timeout must be >= 0, got {args.shutdown_timeout:g}")
+    if args.json_max_digits < 2:
+        raise SystemExit(f"ministack serve: --json-max-digits must be >= 2, got {args.json_max_digits}")
+
+
+def minor_version(text: str) -> tuple[int, int]:
+    """A vLLM version as (major, minor): '0.10' or '0.10.2'; anything else is refused (argparse
+    names the flag), never read as "show nothing"."""
+    parts = text.split(".")
+    if not 2 <= len(parts) <= 3 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"not a version such as 0.10: {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -126,6 +137,9 @@ def parser() -> argparse.ArgumentParser:
                         "--api-key-file or $MINISTACK_API_KEY)")
     p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from this file")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
+    p.add_argument("--show-hidden-metrics-for-version", type=minor_version, default=None, metavar="VERSION",
+                   help="vLLM's flag: also serve the metric names vLLM retired after VERSION (e.g. 0.10: "
+                        "vllm:gpu_cache_usage_perc, vllm:time_per_output_token_seconds), while dashboards migrate")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="larger request bodies get 413 before they are read")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -153,6 +167,7 @@ def build_backend(args: argparse.Namespace):
     if args.engine == "vllm":
         for flag, value in (("--kv-cache-dtype", args.kv_cache_dtype != "auto"), ("--kv-cache-disk", args.kv_cache_disk),
                             ("--rope-scaling", args.rope_scaling),
+                            ("--json-max-digits", args.json_max_digits != parser().get_default("json_max_digits")),
                             ("--max-num-queued-tokens", args.max_num_queued_tokens),
                             ("--max-queue-time", args.max_queue_time)):
             if value:
@@ -283,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     backend = build_backend(args)
     app = build_app(backend, api_key=api_key, chat_template=template,
                     trust_request_chat_template=args.trust_request_chat_template, embedder=embedder,
-                    max_request_bytes=args.max_request_bytes, public_metrics=args.public_metrics)
+                    max_request_bytes=args.max_request_bytes, public_metrics=args.public_metrics,
+                    hidden_metrics_version=args.show_hidden_metrics_for_version)
     print(f"ministack serve: {backend.model_name} (max_model_len {backend.max_model_len}, engine {args.engine}) "
           f"on http://{args.host}:{args.port}/v1; {access_line(api_key, args.host, args.public_metrics)}", flush=True)
     return serve_http(app, backend, args.host, args.port, args.log_level, args.shutdown_timeout)

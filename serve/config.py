@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from serve.engine.structured import DEFAULT_JSON_MAX_DIGITS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_DTYPES = {**DTYPES, "int8": torch.int8}  # int8: a float32 scale per token and head beside the codes
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -63,6 +65,12 @@ class EngineConfig:
     rope_scaling: dict | None = flag(None, 'RoPE scaling replacing the model\'s, e.g. \'{"rope_type": "yarn", "factor": 2.0, '
                                            '"original_max_position_embeddings": 8192}\' to serve 16k from an 8k model', metavar="JSON")
     ledger: str | None = None  # JSONL compute ledger path; None = off
+    # under a JSON schema, the most digits of a number's integer part (and of its fraction) where
+    # the schema sets no bound: greedy decoding otherwise writes 1111... to max_tokens
+    # (serve.engine.structured.capped_digits)
+    json_max_digits: int = flag(DEFAULT_JSON_MAX_DIGITS, "under a JSON schema (response_format, guided_json, forced tool calls): "
+                                "the most digits a number may have before its point (and after it) where the schema sets no "
+                                "bound; 15 keeps integers exact in float64", metavar="N")
 
     def validate(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -91,6 +99,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.json_max_digits < 2:
+            raise ValueError(f"json_max_digits must be >= 2 (a number's digits before its point), got {self.json_max_digits}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

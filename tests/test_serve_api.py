@@ -8,6 +8,7 @@ text is gibberish, so they check structure, not content. One test serves the rea
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -125,6 +126,21 @@ def test_health_and_models(server, client, model_name):
     assert [m.id for m in models.data] == [model_name]
 
 
+def test_a_served_model_is_retrieved_and_any_other_name_is_openais_404(server, client, model_name):
+    """GET /v1/models/{model}, the client's `models.retrieve`: the served name's card (the one
+    the list holds), OpenAI's error body for any other name, a name with a slash included."""
+    card = client.models.retrieve(model_name)
+    assert card.id == model_name and card.object == "model" and card.owned_by == "ministack"
+    assert card.model_dump() | {"created": 0} == client.models.list().data[0].model_dump() | {"created": 0}
+    for name in ("gpt-9", "org/gpt-9"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve(name)
+        error = missing.value.body
+        assert error["param"] == "model" and error["code"] == "model_not_found" and error["type"] == "invalid_request_error"
+        assert name in error["message"] and set(error) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{server.url}/v1/models/{model_name}").status_code == 401  # guarded like the list
+
+
 def test_chat_completion_reports_usage_and_flops(client, model_name):
     r = client.chat.completions.create(
         model=model_name, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0,
@@ -200,6 +216,18 @@ def test_echo_with_logprobs_scores_the_prompt_too(client, model_name, server):
     assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), [])[1:] == pytest.approx(lp.token_logprobs[1:])
 
 
+def test_completions_without_max_tokens_or_with_null_get_openais_16(client, model_name):
+    """OpenAI's default for /v1/completions: null (what clients send for "not set") is 16 too,
+    never a completion that fills the context; streamed and not."""
+    for unset in ({}, {"max_tokens": None}):
+        kw = dict(model=model_name, prompt="Once upon a time", temperature=0, extra_body={"ignore_eos": True}, **unset)
+        r = client.completions.create(**kw)
+        assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        assert chunks[-1].usage.completion_tokens == 16
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+
+
 def test_greedy_stop_string_trims_the_text(client, model_name):
     full = client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
@@ -223,6 +251,25 @@ def test_streaming_chat_matches_non_streaming_and_ends_with_usage(client, model_
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_the_chat_streams_role_rides_on_each_choices_first_token(client, model_name):
+    """No chunk before prefill (a client stamps time-to-first-token on the first chunk): each
+    choice's first chunk carries the role with its first content, as vLLM sends it; an answer
+    with no content at all gets the role with its finish."""
+    kw = dict(model=model_name, messages=[{"role": "user", "content": "Hi"}], temperature=1.0, seed=1)
+    chunks = list(client.chat.completions.create(stream=True, n=2, max_tokens=6, **kw))
+    firsts = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            firsts.setdefault(c.index, c)
+            assert (c.delta.role == "assistant") == (c is firsts[c.index]), chunk
+    assert chunks[0].choices[0] is firsts[chunks[0].choices[0].index] and set(firsts) == {0, 1}
+    assert all(c.delta.content for c in firsts.values())
+    first_text = client.chat.completions.create(max_tokens=1, **kw).choices[0].message.content
+    assert first_text
+    (only,) = [c for chunk in client.chat.completions.create(stream=True, max_tokens=4, stop=[first_text], **kw) for c in chunk.choices]
+    assert (only.delta.role, only.delta.content, only.finish_reason) == ("assistant", "", "stop")
+
+
 def test_chat_logprobs_one_entry_per_token_streamed_or_not(client, model_name):
     kwargs = dict(model=model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
                   logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
@@ -232,6 +279,35 @@ def test_chat_logprobs_one_entry_per_token_streamed_or_not(client, model_name):
     assert len(whole) == len(streamed) == 6
     assert [e.token for e in whole] == [e.token for e in streamed]
     assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in whole)
+
+
+def spelled(tokens: list[str]) -> bytes:
+    """Legacy logprobs' tokens joined as bytes (a token holding part of a character is named by
+    its escaped bytes, "\\xf0\\x9f")."""
+    return b"".join(bytes.fromhex(t.replace("\\x", "")) if re.fullmatch(r"(\\x[0-9a-f]{2})+", t) else t.encode() for t in tokens)
+
+
+def test_logprobs_leave_out_the_tokens_of_a_character_max_tokens_cut(client, model_name):
+    """An emoji is two or more of SmolLM2's byte tokens (the grammar writes only emojis, however
+    it splits them); max_tokens ending inside one drops the character from the text, and its
+    tokens from the logprobs: their joined bytes are the text's, streamed and not."""
+    cut = 0
+    for max_tokens in range(1, 7):
+        kw = dict(model=model_name, max_tokens=max_tokens, temperature=1.0, seed=0, extra_body={"guided_regex": "(🙂){8}"})
+        whole = client.chat.completions.create(messages=[{"role": "user", "content": "Smile"}], logprobs=True, **kw)
+        content, entries = whole.choices[0].message.content, whole.choices[0].logprobs.content
+        assert b"".join(bytes(e.bytes) for e in entries) == content.encode() and set(content) <= {"🙂"}
+        cut += whole.usage.completion_tokens > len(entries)
+        chunks = [c for chunk in client.chat.completions.create(messages=[{"role": "user", "content": "Smile"}], logprobs=True,
+                                                                stream=True, **kw) for c in chunk.choices]
+        assert "".join(c.delta.content or "" for c in chunks) == content
+        assert [(e.token, e.bytes) for c in chunks if c.logprobs for e in c.logprobs.content] == [(e.token, e.bytes) for e in entries]
+        legacy = client.completions.create(prompt="Smile:", logprobs=1, **kw).choices[0]
+        assert spelled(legacy.logprobs.tokens) == legacy.text.encode() and len(legacy.logprobs.text_offset) == len(legacy.logprobs.tokens)
+        streamed = [c for chunk in client.completions.create(prompt="Smile:", logprobs=1, stream=True, **kw) for c in chunk.choices]
+        assert "".join(c.text for c in streamed) == legacy.text
+        assert sum((c.logprobs.tokens for c in streamed), []) == legacy.logprobs.tokens
+    assert cut  # max_tokens ended inside a character at least once
 
 
 def test_streaming_completion_is_sse_ending_in_done(server, model_name):
@@ -367,7 +443,36 @@ def test_metrics_use_vllm_names_with_sane_values(server, client, model_name):
     ttft = values[f"vllm:time_to_first_token_seconds_count{label}"]
     assert ttft >= 1 and values[f'vllm:time_to_first_token_seconds_bucket{{model_name="{model_name}",le="+Inf"}}'] == ttft
     assert values[f"vllm:inter_token_latency_seconds_count{label}"] >= 2
+    tpot = values[f"vllm:request_time_per_output_token_seconds_count{label}"]  # one per finished request, as vLLM's
+    assert tpot == values[f"vllm:e2e_request_latency_seconds_count{label}"] >= 1
+    assert values[f"vllm:request_time_per_output_token_seconds_sum{label}"] > 0
     assert metric("ministack:measured_flops_total") > 0
+    assert "gpu_cache_usage_perc" not in text and "vllm:time_per_output_token_seconds" not in text  # retired by vLLM: hidden
+
+
+@pytest.mark.parametrize("version, shown", [
+    ((0, 10), {"vllm:gpu_cache_usage_perc", "vllm:time_per_output_token_seconds"}),  # vLLM 0.10 served both
+    ((0, 11), {"vllm:time_per_output_token_seconds"}),  # hidden in 0.12; the cache's old name already in 0.11
+])
+def test_retired_metric_names_come_back_only_behind_vllms_flag(server, version, shown):
+    """--show-hidden-metrics-for-version: the names vLLM retired after `version`, beside their
+    successors and with their values."""
+    live = LiveServer(server.backend, api_key=API_KEY, hidden_metrics_version=version)  # a second app over the same engine
+    try:
+        live.client().completions.create(model=server.backend.model_name, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
+        lines = [line for line in http(live).get("/metrics").text.splitlines() if not line.startswith("#")]
+    finally:
+        live.server.should_exit = True
+        live.thread.join(timeout=10)
+    names = {line.split("{")[0].removesuffix("_count").removesuffix("_sum").removesuffix("_bucket") for line in lines}
+    assert names & {"vllm:gpu_cache_usage_perc", "vllm:time_per_output_token_seconds"} == shown
+    assert {"vllm:kv_cache_usage_perc", "vllm:inter_token_latency_seconds", "vllm:request_time_per_output_token_seconds"} <= names
+    value = {line.rpartition(" ")[0]: line.rpartition(" ")[2] for line in lines}
+    label = f'{{model_name="{server.backend.model_name}"}}'
+    for old, new in (("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+                     ("vllm:time_per_output_token_seconds_count", "vllm:inter_token_latency_seconds_count")):
+        if old.removesuffix("_count") in shown:
+            assert value[old + label] == value[new + label]
 
 
 def test_full_queue_answers_429_with_retry_after(tiny_model):

@@ -14,7 +14,7 @@ from serve.config import EngineConfig, flag_fields
 ENGINE_FLAGS = {  # the flags users and scripts rely on; generated or not, none may go missing
     "--model", "--device", "--dtype", "--half-weights", "--max-model-len", "--rope-scaling", "--kv-cache-dtype",
     "--kv-cache-gb", "--kv-cache-fraction", "--kv-cache-disk", "--kv-cache-disk-gb", "--max-num-seqs",
-    "--max-num-batched-tokens", "--speculative-config", "--scheduling-policy",
+    "--max-num-batched-tokens", "--speculative-config", "--scheduling-policy", "--json-max-digits",
 }
 
 
@@ -33,14 +33,14 @@ def test_each_flag_reaches_its_field():
         "--max-model-len", "99", "--max-num-seqs", "3", "--max-num-batched-tokens", "77", "--scheduling-policy", "priority",
         "--kv-cache-disk", "/tmp/kv", "--kv-cache-disk-gb", "2", "--half-weights", "off",
         "--rope-scaling", '{"rope_type": "yarn", "factor": 2.0}',
-        "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
+        "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}', "--json-max-digits", "9",
     ])
     config = engine_config(args, ledger="x.jsonl")
     assert (config.model, config.device, config.dtype, config.kv_cache_dtype, config.kv_cache_fraction) == ("m", "cuda", "float16", "int8", 0.5)
     assert (config.max_model_len, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy) == (99, 3, 77, "priority")
     assert (config.kv_cache_disk, config.kv_cache_disk_bytes, config.half_weights) == ("/tmp/kv", 2 << 30, False)
     assert config.rope_scaling == {"rope_type": "yarn", "factor": 2.0} and config.num_speculative_tokens == 3
-    assert config.ledger == "x.jsonl" and config.kv_cache_bytes is None
+    assert config.ledger == "x.jsonl" and config.kv_cache_bytes is None and config.json_max_digits == 9
 
 
 @pytest.mark.parametrize("argv", [
@@ -49,8 +49,15 @@ def test_each_flag_reaches_its_field():
     ["--scheduling-policy", "lifo"],
     ["--max-num-seqs", "many"],
     ["--rope-scaling", "[1, 2]"],  # not a JSON object
+    ["--show-hidden-metrics-for-version", "latest"],  # vLLM's flag takes a version
 ])
 def test_a_bad_flag_is_refused_naming_it(argv, capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(argv)
     assert f"argument {argv[-2]}:" in capsys.readouterr().err
+
+
+def test_the_hidden_metrics_flag_takes_a_vllm_version():
+    assert parser().parse_args([]).show_hidden_metrics_for_version is None
+    for text in ("0.10", "0.10.2"):
+        assert parser().parse_args(["--show-hidden-metrics-for-version", text]).show_hidden_metrics_for_version == (0, 10)

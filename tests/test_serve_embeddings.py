@@ -42,6 +42,7 @@ def reference(texts: list[str]) -> np.ndarray:
 def test_embeddings_match_the_reference_alone_and_batched(server):
     client = server.client()
     assert "all-MiniLM-L6-v2" in [m.id for m in client.models.list().data]
+    assert client.models.retrieve("all-MiniLM-L6-v2").max_model_len == 256  # retrievable by name, as listed
     r = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS)
     got = np.array([d.embedding for d in sorted(r.data, key=lambda d: d.index)])
     assert got.shape == (5, 384) and r.model == "all-MiniLM-L6-v2"

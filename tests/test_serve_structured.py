@@ -12,7 +12,8 @@ import pytest
 from test_serve_api import client, http, model_name, server, smollm2, tiny_model  # noqa: F401 (fixtures)
 from test_serve_api_fields import CHAT, chat
 
-from serve.engine.structured import StructuredOutput, check_schema
+from serve.engine.json_schema import check_schema, explicit
+from serve.engine.structured import DEFAULT_JSON_MAX_DIGITS, Grammars, StructuredOutput
 
 PERSON = {
     "type": "object",
@@ -117,6 +118,119 @@ def test_bad_structured_requests_are_400s(server, extra, param, message):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and message in error["message"], error
+
+
+UNTYPED = {  # subschemas without `type`: each keyword applies to the type it constrains, as JSON Schema reads it
+    "type": "object",
+    "properties": {"code": {"pattern": "^[a-c]{3}$"}, "n": {"minimum": 1, "maximum": 9}, "word": {"minLength": 2, "maxLength": 4}},
+    "required": ["code", "n", "word"],
+}
+REQUIRED_ONLY = {  # required keys properties does not list: each under the subschema that governs it (a pattern's here)
+    "type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a", "b"],
+    "patternProperties": {"^b$": {"type": "integer", "minimum": 0, "maximum": 99}},
+}
+
+
+def test_a_required_key_properties_does_not_list_is_listed_under_its_governing_subschema():
+    small = {"type": "integer", "minimum": 0, "maximum": 9}
+    schema = {"type": "object", "properties": {"a": {}}, "required": ["a", "x_1", "b"], "patternProperties": {"^x_": {"enum": ["p"]}},
+              "additionalProperties": small}
+    assert explicit(schema)["properties"] == {"a": {}, "x_1": {"enum": ["p"]}, "b": small}  # listed last, in required's order
+    assert explicit({"type": "object", "required": ["b"]})["properties"] == {"b": {}}  # no additionalProperties: any value
+    assert explicit({"required": ["b"], "additionalProperties": False})["properties"] == {"b": False}  # refused as unsatisfiable
+    assert explicit({"items": {"maxLength": 2}})["items"] == {"maxLength": 2, "type": "string"}  # inferred at every depth
+    assert explicit({"minimum": 0, "maxLength": 3})["type"] == ["string", "number"]  # keywords of two types: either
+    assert "type" not in explicit({"enum": [1, "a"], "maxLength": 3})  # enum, const, $ref, anyOf define the values themselves
+
+
+def test_a_required_key_alone_is_written(client, model_name):
+    """`{"type": "object", "required": ["b"]}` gave `{}`: b is now in the grammar, with any value
+    (greedy: sampled, the random model's value of any type can run on as a string to max_tokens)."""
+    kw = dict(temperature=0, max_tokens=60, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "required": ["b"]}}})
+    whole = chat(client, model_name, **kw).choices[0]
+    assert whole.finish_reason == "stop" and list(json.loads(whole.message.content)) == ["b"], whole
+    assert "".join(c.choices[0].delta.content or "" for c in chat(client, model_name, stream=True, **kw) if c.choices) == whole.message.content
+
+
+@pytest.mark.parametrize("schema", [UNTYPED, REQUIRED_ONLY], ids=["untyped", "required"])
+def test_what_a_schema_leaves_implicit_is_enforced_streamed_and_not(client, model_name, schema):
+    """Types inferred from the keywords (a pattern makes a string, a minimum a number) and every
+    required key present, even one `properties` does not list."""
+    kw = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    whole = structured_texts(client, model_name, False, range(4), max_tokens=60, **kw)
+    for text, finish in whole:
+        assert finish == "stop", (text, finish)
+        value = json.loads(text)
+        jsonschema.validate(value, schema)
+        assert set(schema["required"]) <= set(value)
+        if schema is UNTYPED:
+            assert isinstance(value["code"], str) and isinstance(value["n"], (int, float)) and isinstance(value["word"], str)
+        if schema is REQUIRED_ONLY:
+            assert isinstance(value["b"], int) and 0 <= value["b"] <= 99
+    assert structured_texts(client, model_name, True, range(4), max_tokens=60, **kw) == whole
+
+
+@pytest.mark.parametrize("schema, where", [
+    ({"type": "object", "properties": {"b": False}, "required": ["b"]}, "schema.required"),
+    ({"type": "object", "required": ["b"], "additionalProperties": False}, "schema.required"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 3}}}, "schema.properties.n"),
+    ({"type": "object", "properties": {"n": {"exclusiveMinimum": 1, "exclusiveMaximum": 1}}}, "schema.properties.n"),
+    ({"type": "integer", "exclusiveMinimum": 3, "exclusiveMaximum": 4}, "schema"),
+    ({"type": "object", "properties": {"s": {"minLength": 5, "maxLength": 3}}}, "schema.properties.s"),
+    ({"type": "array", "minItems": 3, "maxItems": 1}, "schema"),
+    ({"type": "object", "properties": {"c": {"enum": []}}}, "schema.properties.c.enum"),
+])
+def test_a_schema_no_value_can_match_is_a_400_before_any_prefill(server, schema, where):
+    """Refused by the request's own field, naming where the contradiction is, before the engine
+    sees the prompt; the same through guided_json and a forced tool's parameters."""
+    before = server.backend.stats().prefix_cache_queries
+    for extra, param in (({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}, "response_format"),
+                         ({"guided_json": schema}, "guided_json"),
+                         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}], "tool_choice": "required"},
+                          "tools")):
+        r = http(server).post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, "stream": True} | extra)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        named = where.replace("schema", "tools.f.parameters", 1) if param == "tools" else where
+        assert error["param"] == param and named in error["message"] and "can satisfy it" in error["message"], error
+    assert server.backend.stats().prefix_cache_queries == before  # nothing was scheduled
+
+
+UNBOUNDED = {"type": "object", "properties": {  # numbers a schema bounds on no side, or on one; a string of digits
+    "i": {"type": "integer"}, "x": {"type": "number"}, "low": {"type": "integer", "minimum": -5},
+    "frac": {"type": "number", "exclusiveMinimum": 0}, "code": {"type": "string", "pattern": "^[0-9]*$"}},
+    "required": ["i", "x", "low", "frac", "code"]}
+
+
+@pytest.mark.parametrize("digits", [DEFAULT_JSON_MAX_DIGITS, 4])
+def test_numbers_a_schema_leaves_unbounded_get_at_most_the_engines_digits(server, digits):
+    """--json-max-digits: that many digits before a number's point and after it, 3 in an exponent,
+    one-sided bounds included; a string's pattern is not a number and keeps its own rule."""
+    engine = server.backend.engine
+    grammars = engine.grammars() if digits == engine.config.json_max_digits else Grammars(
+        engine.tokenizer, engine.model.lm_head.out_features, engine.token_bytes, digits)
+    so, n = StructuredOutput.json_schema(UNBOUNDED), "9" * digits
+
+    def accepted(i="1", x="1.5", low="1", frac="0.5", code="1") -> bool:
+        return grammars.matcher(so).accept_string(f'{{"i": {i}, "x": {x}, "low": {low}, "frac": {frac}, "code": "{code}"}}')
+
+    assert accepted(i=f"-{n}", x=f"-{n}.{n}e-999", low=n, frac=f"{n}.5", code="1" * 40)
+    for field in (dict(i=n + "9"), dict(x=n + "9"), dict(x=f"1.{n}9"), dict(x="1e1000"), dict(low=n + "9"), dict(frac=n + "9.5")):
+        assert not accepted(**field), field
+
+
+def test_greedy_decoding_ends_an_unbounded_number(client, model_name):
+    """The tiny model's greedy choice under an integer or number is a digit again and again: it
+    wrote `-1111...` to max_tokens; now the number ends at 15 digits and the JSON with it."""
+    for schema in ({"type": "integer"}, {"type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"]}):
+        kw = dict(temperature=0, max_tokens=60, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        whole = chat(client, model_name, **kw).choices[0]
+        assert whole.finish_reason == "stop", whole
+        jsonschema.validate(json.loads(whole.message.content), schema)
+        assert max(len(run) for run in re.findall(r"[0-9]+", whole.message.content)) <= DEFAULT_JSON_MAX_DIGITS
+        assert "".join(c.choices[0].delta.content or "" for c in chat(client, model_name, stream=True, **kw) if c.choices) == \
+            whole.message.content
 
 
 def test_json_object_on_the_real_model(smollm2):

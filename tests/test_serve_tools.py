@@ -98,15 +98,31 @@ def test_forced_calls_always_parse_and_validate(client, model_name, tool_choice)
 
 def test_parallel_calls_each_validate(client, model_name):
     """Parallel: the grammar allows another call after each; every complete one validates
-    (the random model may keep calling until max_tokens, then finish_reason is length)."""
+    (the random model may keep calling until max_tokens, then finish_reason is length and the
+    call it cut is dropped, never left as markup in the content)."""
     names = set()
     for seed in range(4):
         choice = forced(client, model_name, "required", seed=seed).choices[0]
         assert choice.message.tool_calls and choice.finish_reason in ("tool_calls", "length")
+        assert choice.message.content is None
         for call in choice.message.tool_calls:
             jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
             names.add(call.function.name)
     assert names == {"get_weather", "get_time"}
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_cut_by_max_tokens_is_a_length_finish_with_no_markup(client, model_name, tool_choice):
+    """max_tokens ends the call mid-way: finish_reason length, no content (the grammar writes only
+    calls, so the cut text is markup), no call with arguments that do not parse; streamed the same."""
+    for max_tokens in (3, 12):
+        kw = dict(tools=[WEATHER, TIME], tool_choice=tool_choice, parallel_tool_calls=False, seed=0, temperature=1.0,
+                  max_tokens=max_tokens)
+        choice = chat(client, model_name, **kw).choices[0]
+        assert (choice.finish_reason, choice.message.content, choice.message.tool_calls) == ("length", None, None), choice
+        deltas = [c for chunk in chat(client, model_name, stream=True, **kw) for c in chunk.choices]
+        assert not any(d.delta.content or d.delta.tool_calls for d in deltas), deltas
+        assert deltas[0].delta.role == "assistant" and [d.finish_reason for d in deltas if d.finish_reason] == ["length"]
 
 
 def test_streamed_tool_calls_match_and_the_clients_helper_reassembles_them(client, model_name):
@@ -130,6 +146,8 @@ def test_streamed_tool_calls_match_and_the_clients_helper_reassembles_them(clien
         assert [(g["name"], g["arguments"]) for g in got] == [(t.function.name, t.function.arguments) for t in choice.message.tool_calls]
         assert all(g["id"].startswith("call_") for g in got) and reasons[choice.index] == choice.finish_reason
     assert max(i for _, i in calls) >= 1  # several calls in one choice: deltas of more than one index
+    (first,) = next(iter(forced(client, model_name, "required", seed=3, stream=True))).choices
+    assert first.delta.role == "assistant" and first.delta.tool_calls and first.delta.content is None  # the role rides on the first call
     assert sorted(finishes) == [0, 1]
     with client.beta.chat.completions.stream(model=model_name, messages=CHAT, tools=[WEATHER, TIME], tool_choice="required",
                                              parallel_tool_calls=False, seed=3, temperature=1.0, max_tokens=160) as stream:

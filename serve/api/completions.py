@@ -51,8 +51,11 @@ class CompletionChoices:
             lp = completion_logprobs(c, streamed, self.token_bytes, prompt, echo_len)
         return CompletionChoice(index=c.index, text=prefix + (c.new_text if streamed else c.text), finish_reason=c.finish_reason, logprobs=lp)
 
-    def chunk(self, cs: list[CompletionOutput]) -> CompletionResponse:
-        return CompletionResponse(id=self.request_id, model=self.model, choices=[self.choice(c, True) for c in cs])
+    def chunk(self, cs: list[CompletionOutput]) -> list[CompletionResponse]:
+        """This step's share of the changed choices; none for a step whose tokens all wait on a
+        character not yet whole (text and logprobs alike). No `cs`: the closing usage chunk."""
+        choices = [ch for ch in (self.choice(c, True) for c in cs) if ch.text or ch.finish_reason or (ch.logprobs and ch.logprobs.tokens)]
+        return [CompletionResponse(id=self.request_id, model=self.model, choices=choices)] if choices or not cs else []
 
     def whole(self, cs: list[CompletionOutput], usage: Usage) -> CompletionResponse:
         return CompletionResponse(id=self.request_id, model=self.model, choices=[self.choice(c, False) for c in cs], usage=usage)
@@ -89,7 +92,7 @@ async def completions(ctx: ApiContext, body: CompletionRequest, request_id: str,
     check_model(ctx, body.model)
     request_id, want_logprobs = f"cmpl-{request_id}", body.logprobs is not None  # the response's id, as vLLM names it
     prompt_logprobs = body.logprobs if body.echo and want_logprobs else None
-    streams = await admit(ctx, request_id, await prompts_of(ctx, body), body.max_tokens, structured_field=body.structured_field(),
+    streams = await admit(ctx, request_id, await prompts_of(ctx, body), body.requested_max_tokens, structured_field=body.structured_field(),
                           sampling=lambda m: body.sampling_params(m, body.logprobs, prompt_logprobs, ctx.backend.sampling_defaults))
     echoed = [p if isinstance(p, str) else ctx.tokenizer.decode(p) for p in body.prompts] if body.echo else None
     choices = CompletionChoices(request_id, ctx.backend.model_name, body.n, ctx.token_bytes, want_logprobs, echoed, prompt_logprobs)

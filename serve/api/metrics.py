@@ -1,13 +1,18 @@
 """Prometheus metrics under the names vLLM exports, in the text exposition format.
 
 Dashboards and alerts written for vLLM (`vllm:num_requests_running`, `vllm:kv_cache_usage_perc`,
-`vllm:time_to_first_token_seconds`, ...) work against ministack unchanged. The exposition
-format is a few lines of text, so it is written here rather than pulling in prometheus_client.
+`vllm:time_to_first_token_seconds`, `vllm:request_time_per_output_token_seconds`, ...) work
+against ministack unchanged. The exposition format is a few lines of text, so it is written
+here rather than pulling in prometheus_client.
 
 Two sources: the engine's own state and counters (running/waiting, KV usage, prefix-cache
 and preemption counts) are read from `Backend.stats()` at scrape time; per-request latencies
 and token counts are observed by the server as outputs stream out, the same way for every
 backend. ministack adds its own compute counters: measured FLOPs and the 2NT law's.
+
+Names vLLM has retired (`RETIRED`) are served only as vLLM serves them: behind
+`--show-hidden-metrics-for-version` set to a vLLM version that still had them, so a dashboard
+reading a retired name fails visibly rather than reading a name that may go at any time.
 """
 
 from __future__ import annotations
@@ -26,6 +31,19 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 # request phases (queue, prefill, decode, inference) share vLLM's request-latency buckets
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+# vLLM's retired names: name -> (the vLLM minor version that hid it, the name that replaced it).
+RETIRED: dict[str, tuple[tuple[int, int], str]] = {
+    "vllm:gpu_cache_usage_perc": ((0, 11), "vllm:kv_cache_usage_perc"),  # deprecated in 0.9.2
+    "vllm:time_per_output_token_seconds": ((0, 12), "vllm:inter_token_latency_seconds"),  # deprecated in 0.11
+}
+
+
+def retired_names(version: tuple[int, int] | None) -> frozenset[str]:
+    """The retired names served again for `--show-hidden-metrics-for-version` (None: none): those
+    vLLM `version` still served (hidden only in a later version)."""
+    return frozenset(name for name, (hidden_in, _) in RETIRED.items() if version is not None and version < hidden_in)
 
 
 def token_buckets(max_model_len: int) -> tuple[int, ...]:
@@ -72,11 +90,13 @@ PHASES = {  # vLLM's request phases: name -> help
 class ServingMetrics:
     """Request-level metrics of one served model; thread-safe observers, `render` for /metrics."""
 
-    def __init__(self, model_name: str, max_model_len: int) -> None:
+    def __init__(self, model_name: str, max_model_len: int, hidden_metrics_version: tuple[int, int] | None = None) -> None:
         self.labels = f'model_name="{model_name}"'
+        self.retired = retired_names(hidden_metrics_version)  # retired names served again (RETIRED)
         self._lock = threading.Lock()
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
+        self.tpot = Histogram(ITL_BUCKETS)  # per request: its decode time over its tokens after the first (vLLM's)
         self.e2e = Histogram(E2E_BUCKETS)
         self.phases = {name: Histogram(E2E_BUCKETS) for name in PHASES}
         self.request_tokens = {name: Histogram(token_buckets(max_model_len)) for name in ("prompt", "generation")}
@@ -98,11 +118,13 @@ class ServingMetrics:
 
     def observe_finished(
         self, e2e_s: float, prompt_tokens: int, generation_tokens: int, finish_reason: str,
-        measured_flops: int, law_flops: float, phases: dict[str, float] | None = None,
+        measured_flops: int, law_flops: float, phases: dict[str, float] | None = None, tpot_s: float = 0.0,
     ) -> None:
-        """A finished request; `phases`: seconds by PHASES name, those the backend timed."""
+        """A finished request; `phases`: seconds by PHASES name, those the backend timed; `tpot_s`:
+        its mean time per output token after the first (0 for one token, as vLLM observes it)."""
         with self._lock:
             self.e2e.observe(e2e_s)
+            self.tpot.observe(tpot_s)
             for name, seconds in (phases or {}).items():
                 self.phases[name].observe(seconds)
             self.request_tokens["prompt"].observe(prompt_tokens)
@@ -132,8 +154,9 @@ class ServingMetrics:
 
         single("vllm:num_requests_running", "gauge", "Requests in model execution batches.", stats.num_running)
         single("vllm:num_requests_waiting", "gauge", "Requests waiting to be processed.", stats.num_waiting)
-        for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):  # the second: vLLM's older name
-            single(name, "gauge", "KV-cache usage. 1 means 100 percent usage.", stats.kv_usage)
+        single("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", stats.kv_usage)
+        if "vllm:gpu_cache_usage_perc" in self.retired:
+            single("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage. DEPRECATED: use vllm:kv_cache_usage_perc.", stats.kv_usage)
         info = f'{lb},cache_dtype="{stats.kv_cache_dtype}",block_size="{stats.block_size}",num_blocks="{stats.max_tokens_in_cache // stats.block_size}"'
         metric("vllm:cache_config_info", "gauge", "Information of the KV cache's configuration.", [f"vllm:cache_config_info{{{info}}} 1"])
         single("ministack:kv_cache_capacity_tokens", "gauge", "Tokens the KV cache holds (its capacity, whatever its usage).",
@@ -157,8 +180,13 @@ class ServingMetrics:
                    [f'vllm:request_success_total{{{lb},finished_reason="{r}"}} {n}' for r, n in sorted(self.success.items())])
             metric("vllm:time_to_first_token_seconds", "histogram", "Histogram of time to first token in seconds.",
                    self.ttft.lines("vllm:time_to_first_token_seconds", lb))
-            for name in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"):  # vLLM keeps both names
-                metric(name, "histogram", "Histogram of inter-token latency in seconds.", self.itl.lines(name, lb))
+            metric("vllm:inter_token_latency_seconds", "histogram", "Histogram of inter-token latency in seconds.",
+                   self.itl.lines("vllm:inter_token_latency_seconds", lb))
+            if "vllm:time_per_output_token_seconds" in self.retired:
+                metric("vllm:time_per_output_token_seconds", "histogram", "Histogram of inter-token latency in seconds. "
+                       "DEPRECATED: use vllm:inter_token_latency_seconds.", self.itl.lines("vllm:time_per_output_token_seconds", lb))
+            metric("vllm:request_time_per_output_token_seconds", "histogram", "Histogram of time_per_output_token_seconds per request.",
+                   self.tpot.lines("vllm:request_time_per_output_token_seconds", lb))
             metric("vllm:e2e_request_latency_seconds", "histogram", "Histogram of end to end request latency in seconds.",
                    self.e2e.lines("vllm:e2e_request_latency_seconds", lb))
             for name, help_ in PHASES.items():
@@ -186,7 +214,8 @@ async def observed(metrics: ServingMetrics, outputs: AsyncGenerator[RequestOutpu
     """A backend's stream, timing its tokens into `metrics` (`arrival`: when it was submitted,
     time.perf_counter); closed with it. A stream closed before its end (the client left) is
     counted as aborted."""
-    last, finished = None, False
+    first = last = None
+    finished = False
     async with aclosing(outputs):
         try:
             async for output in outputs:
@@ -194,6 +223,7 @@ async def observed(metrics: ServingMetrics, outputs: AsyncGenerator[RequestOutpu
                 new = max(len(c.new_token_ids) for c in output.outputs)
                 if new:
                     if last is None:
+                        first = now
                         metrics.observe_first_token(now - arrival)
                     else:
                         metrics.observe_inter_token(now - last, new)
@@ -201,9 +231,11 @@ async def observed(metrics: ServingMetrics, outputs: AsyncGenerator[RequestOutpu
                 if output.finished:
                     finished, m = True, output.metrics
                     reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
+                    longest = max(len(c.token_ids) for c in output.outputs)  # n sequences decode side by side
+                    tpot = (last - first) / (longest - 1) if first is not None and longest > 1 else 0.0
                     metrics.observe_finished(now - arrival, len(output.prompt_token_ids),
                                              sum(len(c.token_ids) for c in output.outputs), reason, m.measured_flops, m.law_flops,
-                                             request_phases(m))
+                                             request_phases(m), tpot)
                 yield output
         except (GeneratorExit, asyncio.CancelledError):  # the client left; closing the backend's stream aborts the request
             if not finished:

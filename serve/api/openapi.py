@@ -133,6 +133,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("get", "/health"): Route("200 while the engine serves, 503 (no body) once it has died"),
     ("get", "/metrics"): Route("Prometheus text exposition, vLLM's metric names", text="text/plain"),
     ("get", "/v1/models"): Route("The served models", ModelList),
+    ("get", "/v1/models/{model}"): Route("One served model; 404 for a name this server does not serve", ModelCard, errors=(404,)),
     ("post", "/v1/embeddings"): Route("Embeddings of texts or token ids", EmbeddingResponse, errors=(404,)),
     ("post", "/v1/score"): Route("Cosine similarity of text pairs' embeddings (vLLM's; also at /score)", ScoreResponse,
                                  errors=(404,)),
@@ -145,8 +146,9 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("post", "/v1/chat/completions"): Route("Chat completions; `stream: true` answers server-sent events", ChatCompletionResponse,
                                             stream=ChatCompletionChunk, errors=(404, 429, 503)),
 }
-MODELS: tuple[type[BaseModel], ...] = (ErrorResponse, ModelList, EmbeddingResponse, ScoreResponse, RerankResponse, TokenizeResponse,
-                                       DetokenizeResponse, CompletionResponse, ChatCompletionResponse, ChatCompletionChunk)
+MODELS: tuple[type[BaseModel], ...] = (ErrorResponse, ModelList, ModelCard, EmbeddingResponse, ScoreResponse, RerankResponse,
+                                       TokenizeResponse, DetokenizeResponse, CompletionResponse, ChatCompletionResponse,
+                                       ChatCompletionChunk)
 
 
 def ref(model: type[BaseModel]) -> dict[str, str]:

@@ -47,17 +47,46 @@ def _char_offsets(entries: list[dict], tokens: TokenBytes) -> list[int]:
     return offsets
 
 
+def whole_characters(entries: list[dict], tokens: TokenBytes) -> int:
+    """How many of `entries`, from the first, end on a whole UTF-8 character: the text holds a
+    token only once the character it ends in is complete (serve.engine.detokenizer waits while
+    the decoded text ends in U+FFFD), so the logprobs hold back the same tokens while a stream
+    runs, and drop them when `max_tokens` cut that character, as the text does; the joined
+    bytes of the logprobs are then always the text's. Only a character's last four bytes
+    decide, so each step looks at the tail, not the whole output."""
+    k = len(entries)
+    while k > 0:
+        tail, i = b"", k
+        while i > 0 and len(tail) < 4:
+            i -= 1
+            tail = tokens.bytes(entries[i]["token_id"]) + tail
+        if not tail.decode("utf-8", "replace").endswith("\ufffd"):
+            return k
+        k -= 1
+    return 0
+
+
+def released(c: CompletionOutput, streamed: bool, tokens: TokenBytes) -> list[dict]:
+    """The generated tokens' logprob entries the answer carries: all whose text it holds (whole
+    characters), or, in a stream chunk, those released since the previous chunk."""
+    entries = c.logprobs or []
+    end = whole_characters(entries, tokens)
+    start = whole_characters(entries[: len(entries) - len(c.new_token_ids)], tokens) if streamed else 0
+    return entries[start:end]
+
+
 def completion_logprobs(c: CompletionOutput, streamed: bool, tokens: TokenBytes, prompt: list[dict] | None = None,
                         echo_len: int = 0) -> CompletionLogprobs:
     """The legacy completions format, for this step's tokens (`streamed`) or all of them,
     after the echoed prompt's tokens when given; text offsets count the echoed text (`echo_len`,
     or the prompt entries' own bytes). Tokens that hold part of a character are named by their
-    escaped bytes (serve.engine.token_bytes)."""
+    escaped bytes (serve.engine.token_bytes); those of a character the text does not hold (yet)
+    are left out (`released`)."""
     generated = c.logprobs or []
-    entries = (prompt or []) + generated
+    entries = (prompt or []) + generated[: whole_characters(generated, tokens)]
     offsets = [(0 if prompt else echo_len) + o for o in _char_offsets(entries, tokens)]
-    if streamed:  # this chunk: the prompt's entries (first chunk only) and this step's tokens
-        keep = len(prompt or []), len(entries) - len(c.new_token_ids)
+    if streamed:  # this chunk: the prompt's entries (first chunk only) and the tokens released in this step
+        keep = len(prompt or []), len(entries) - len(released(c, True, tokens))
         entries = entries[: keep[0]] + entries[keep[1] :]
         offsets = offsets[: keep[0]] + offsets[keep[1] :]
     return CompletionLogprobs(
@@ -70,8 +99,9 @@ def completion_logprobs(c: CompletionOutput, streamed: bool, tokens: TokenBytes,
 
 def chat_logprobs(c: CompletionOutput, streamed: bool, tokens: TokenBytes) -> ChatLogprobs:
     """The chat format, for this step's tokens (`streamed`) or all of them: each token's own
-    bytes, so the joined bytes are the content's UTF-8 even where a token splits a character."""
-    entries = logprob_entries(c, streamed)
+    bytes, so the joined bytes are the content's UTF-8 even where a token splits a character
+    (and a character the content does not hold is not in them either: `released`)."""
+    entries = released(c, streamed, tokens)
 
     def top(t: dict) -> TopLogprob:
         return TopLogprob(token=tokens.text(t["token_id"]), logprob=t["logprob"], bytes=list(tokens.bytes(t["token_id"])))
@@ -82,8 +112,3 @@ def chat_logprobs(c: CompletionOutput, streamed: bool, tokens: TokenBytes) -> Ch
         for e in entries
     ])
 
-
-def logprob_entries(c: CompletionOutput, streamed: bool) -> list[dict]:
-    """c.logprobs holds one entry per generated token so far; a stream chunk carries this step's."""
-    entries = c.logprobs or []
-    return entries[len(entries) - len(c.new_token_ids):] if streamed else entries

@@ -24,6 +24,7 @@ from serve.engine.sampling_params import SEED_RANGE, SamplingParams
 from serve.engine.structured import StructuredOutput
 
 MAX_LOGPROBS = 20  # OpenAI's cap on alternatives per token
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's max_tokens for /v1/completions when it is not set
 # Sizes the engine pays for per step or per request, capped so that no one request is expensive to
 # refuse or to carry (each refusal names its field): OpenAI's 4 stops; then generous bounds.
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
@@ -232,9 +233,15 @@ class CompletionRequest(_SamplingRequest):
     `n` choices, indexed prompt * n + choice as OpenAI does."""
 
     prompt: Batch
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(DEFAULT_COMPLETION_TOKENS, ge=1)  # null: the default too (requested_max_tokens)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+
+    @property
+    def requested_max_tokens(self) -> int:
+        """OpenAI's default of 16 when max_tokens is left out or null: clients that send null for
+        "not set" must not get a completion that fills the context."""
+        return self.max_tokens if self.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
 
     @field_validator("prompt")
     @classmethod

@@ -34,6 +34,10 @@ def add_routes(app: FastAPI, ctx: ApiContext, guard, public_metrics: bool) -> No
     async def models() -> dict:
         return await status_api.models(ctx)
 
+    @app.get("/v1/models/{model:path}", dependencies=guarded)  # :path: a served name may hold a slash (org/name)
+    async def retrieve_model(model: str) -> dict:
+        return await status_api.model(ctx, model)
+
     @app.post("/v1/embeddings", dependencies=guarded)
     async def embeddings(body: EmbeddingRequest) -> dict:
         return await embeddings_api.embeddings(ctx, body)

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server: `build_app(backend)` -> a FastAPI app.
 
-Endpoints: /v1/models, /v1/completions, /v1/chat/completions (both streaming as server-sent
+Endpoints: /v1/models (and /v1/models/{model}), /v1/completions, /v1/chat/completions (both streaming as server-sent
 events), /v1/embeddings, /tokenize, /detokenize (vLLM's), /health, /metrics (Prometheus,
 vLLM's names). Each is a plain function over the app's ApiContext (serve.api.context), in a
 module of its own (chat, completions, embeddings, tokenize, status); serve.api.routes maps
@@ -38,17 +38,20 @@ from serve.embeddings import Embedder
 
 def build_app(backend: Backend, api_key: str | None = None, chat_template: str | None = None,
               trust_request_chat_template: bool = False, embedder: Embedder | None = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, public_metrics: bool = False) -> FastAPI:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, public_metrics: bool = False,
+              hidden_metrics_version: tuple[int, int] | None = None) -> FastAPI:
     """The server for one backend. With `api_key`, every route but /health (and /metrics with
     `public_metrics`) needs `Authorization: Bearer <key>` (serve.api.auth).
     `chat_template` (Jinja text) replaces the tokenizer's; a request's own `chat_template` runs
     only with `trust_request_chat_template` (a template is code the server executes, sandboxed).
-    `embedder` serves /v1/embeddings (serve.embeddings)."""
+    `embedder` serves /v1/embeddings (serve.embeddings). `hidden_metrics_version` (vLLM's
+    --show-hidden-metrics-for-version, as (major, minor)) serves the metric names vLLM had
+    retired after that version (serve.api.metrics.RETIRED)."""
     app = FastAPI(title="ministack", version="0.1.0", openapi_url=None, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
-    ctx = ApiContext.create(backend, chat_template, trust_request_chat_template, embedder)
+    ctx = ApiContext.create(backend, chat_template, trust_request_chat_template, embedder, hidden_metrics_version)
     app.state.backend, app.state.metrics, app.state.context = backend, ctx.metrics, ctx
     guard = authorizer(api_key)
     add_docs(app, guard)

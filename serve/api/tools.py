@@ -21,7 +21,8 @@ import re
 import uuid
 from typing import Any
 
-from serve.engine.structured import StructuredOutput, check_schema
+from serve.engine.json_schema import enforceable
+from serve.engine.structured import StructuredOutput
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -73,12 +74,11 @@ def render_messages(messages: list[dict], tools: list[dict] | None, template: st
 def tool_grammar(tools: list[dict], name: str | None, parallel: bool) -> StructuredOutput:
     """The grammar forcing `required` (any of `tools`; one or more calls when `parallel`) or the
     function `name` (exactly one call). Raises ValueError naming a parameters keyword the
-    engine would not enforce."""
+    engine would not enforce, or a parameters schema no arguments can match."""
     chosen = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     payloads = []
     for f in chosen:
-        parameters = f.get("parameters") or {"type": "object", "properties": {}}
-        check_schema(parameters, f"tools.{f['name']}.parameters")
+        parameters = enforceable(f.get("parameters") or {"type": "object", "properties": {}}, f"tools.{f['name']}.parameters")
         payloads.append({"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": parameters},
                          "required": ["name", "arguments"], "additionalProperties": False})
     schema = payloads[0] if len(payloads) == 1 else {"anyOf": payloads}

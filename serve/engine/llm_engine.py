@@ -199,7 +199,7 @@ class LLMEngine:
         if self.tokenizer is None:
             raise ValueError("structured outputs need a tokenizer; this model has none")
         if self._grammars is None:
-            self._grammars = Grammars(self.tokenizer, self.model.lm_head.out_features, self.token_bytes)
+            self._grammars = Grammars(self.tokenizer, self.model.lm_head.out_features, self.token_bytes, self.config.json_max_digits)
         return self._grammars
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:

@@ -13,9 +13,9 @@ Compilation time grows faster than linearly with some constraints (xgrammar on t
 limits before it is compiled (`check_limits`): its text, its nesting, the values of its enums
 and choices, and the bounds of its regex repetitions; each refusal names the limit.
 
-JSON schemas are checked against the keywords this engine enforces (`check_schema`): one it
-would silently ignore (`uniqueItems`, `not`, `if`/`then`, `contains`, `dependentRequired`, ...,
-found by sampling random token walks under each keyword and validating them) is refused by name.
+JSON schemas are made exact first (serve.engine.json_schema): a keyword xgrammar would
+silently ignore is refused by name, types left implicit and required keys left unlisted are
+written out, and a schema no value can match is refused naming where.
 """
 
 from __future__ import annotations
@@ -27,23 +27,10 @@ from typing import Any
 
 import torch
 
+from serve.engine.json_schema import enforceable
+
 KINDS = ("json", "regex", "choice", "grammar", "tool_calls")
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-# keywords whose constraint xgrammar enforces (each checked by sampling, tests/test_serve_structured.py)
-ENFORCED = {
-    "type", "properties", "required", "additionalProperties", "patternProperties", "propertyNames",
-    "enum", "const", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-    "minLength", "maxLength", "pattern", "format", "items", "prefixItems", "minItems", "maxItems",
-    "anyOf", "allOf", "$ref", "$defs", "definitions",
-}
-ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly", "writeOnly"}
-FORMATS = {"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri", "uri-reference",
-           "uri-template", "json-pointer", "relative-json-pointer"}
-SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
-SUBSCHEMAS = ("items", "additionalProperties", "propertyNames")
-SUBSCHEMA_LISTS = ("anyOf", "allOf", "prefixItems")
-
 
 MAX_SPEC_CHARS = 32_768  # the constraint's text: a schema's JSON, a regex, a grammar
 MAX_DEPTH = 32  # a schema's JSON nesting (objects and arrays: an object property is two levels, its "properties" and itself)
@@ -94,13 +81,10 @@ class StructuredOutput:
 
     @classmethod
     def json_schema(cls, schema: dict | None) -> StructuredOutput:
-        """Any JSON object (None), or JSON valid under `schema` (checked by `check_limits`, then
-        `check_schema`)."""
-        spec = json.dumps(schema if schema is not None else {"type": "object"})  # key order: output order
-        check_limits("json", spec, schema)
-        if schema is not None:
-            check_schema(schema)
-        return cls("json", spec)
+        """Any JSON object (None), or JSON valid under `schema` (held to `check_limits`, then
+        made exact by serve.engine.json_schema.enforceable; ValueError naming what is refused)."""
+        check_limits("json", json.dumps(schema), schema)
+        return cls("json", json.dumps(enforceable(schema) if schema is not None else {"type": "object"}))  # key order: output order
 
     @classmethod
     def choice(cls, choices: list[str]) -> StructuredOutput:
@@ -111,28 +95,46 @@ class StructuredOutput:
         return cls("choice", spec)
 
 
-def check_schema(schema: Any, path: str = "schema") -> None:
-    """ValueError naming the first keyword (and where) this engine would not enforce."""
-    if isinstance(schema, bool):
-        return
-    if not isinstance(schema, dict):
-        raise ValueError(f"{path} must be a JSON schema object, got {type(schema).__name__}")
-    for key, value in schema.items():
-        where = f"{path}.{key}"
-        if key not in ENFORCED | ANNOTATIONS:
-            raise ValueError(f"{where}: the JSON-schema keyword {key!r} is not enforced by this server's grammar engine")
-        if key == "format" and value not in FORMATS:
-            raise ValueError(f"{where}: format {value!r} is not enforced (supported: {', '.join(sorted(FORMATS))})")
-        if key == "allOf" and len(value) != 1:
-            raise ValueError(f"{where}: allOf is enforced with one subschema only (merge them)")
-        if key in SUBSCHEMA_MAPS:
-            for name, sub in value.items():
-                check_schema(sub, f"{where}.{name}")
-        elif key in SUBSCHEMAS:
-            check_schema(value, where)
-        elif key in SUBSCHEMA_LISTS:
-            for i, sub in enumerate(value):
-                check_schema(sub, f"{where}.{i}")
+DEFAULT_JSON_MAX_DIGITS = 15  # integers up to 10^15 - 1 stay exact as float64 (JavaScript's numbers)
+EXPONENT_DIGITS = 3  # float64's exponents run to 308
+JSON_EBNF_CACHE = 256  # schemas whose converted grammar is kept
+EBNF_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|[^"\[]+')  # a string literal, a character class, the rest
+DIGIT_RULE = re.compile(r"^(\w+) ::= \(\(\[0-9\]\)\)$", re.M)  # a rule that is one digit, as xgrammar writes it
+
+
+def capped_digits(ebnf: str, digits: int) -> str:
+    """xgrammar's JSON grammar `ebnf` with every unbounded run of digits bounded: `digits`
+    digits at most before a number's point (and after it), EXPONENT_DIGITS in its exponent.
+    Where a schema sets no bound (or one), the grammar lets a number run on, and greedy
+    decoding of a model that likes a digit writes `1111...` to max_tokens (llama.cpp caps
+    integer digits for the same reason). Runs are `[0-9]*`, `[0-9]+` or `D{m, -1}` with D a
+    one-digit rule; one after a leading `[1-9] ` gets one digit fewer. String literals (a
+    `pattern`'s Regex("...") among them) are left alone, and so is an integer under
+    `multipleOf`: a remainder automaton, not a run."""
+    literals: list[str] = []
+
+    def hide(m: re.Match) -> str:
+        if not m.group().startswith('"'):
+            return m.group()
+        literals.append(m.group())
+        return f"\x00{len(literals) - 1}\x00"
+
+    masked = EBNF_TOKEN.sub(hide, ebnf)
+    names = [rf"(?<!\w){re.escape(name)}" for name in DIGIT_RULE.findall(masked)]
+    run = re.compile(rf"(?P<lead>\[1-9\] )?(?P<atom>\[0-9\]|{'|'.join(names) or '(?!)'})"
+                     rf"(?:(?P<star>\*)|(?P<plus>\+)|\{{(?P<low>\d+), -1\}})")
+
+    def bounded(line: str) -> str:
+        cap = EXPONENT_DIGITS if "[eE]" in line else digits
+
+        def one(m: re.Match) -> str:
+            low = 0 if m["star"] else 1 if m["plus"] else int(m["low"])
+            return f"{m['lead'] or ''}{m['atom']}{{{low}, {max(low, cap - (1 if m['lead'] else 0))}}}"
+
+        return run.sub(one, line)
+
+    capped = "\n".join(bounded(line) for line in masked.split("\n"))
+    return re.sub(r"\x00(\d+)\x00", lambda m: literals[int(m[1])], capped)
 
 
 def _rename_rule(ebnf: str, old: str, new: str) -> str:
@@ -159,7 +161,9 @@ def _rename_rule(ebnf: str, old: str, new: str) -> str:
 class Grammars:
     """xgrammar over one tokenizer: compiles constraints (cached) and makes matchers."""
 
-    def __init__(self, tokenizer, vocab_size: int, token_bytes) -> None:
+    def __init__(self, tokenizer, vocab_size: int, token_bytes, max_digits: int = DEFAULT_JSON_MAX_DIGITS) -> None:
+        """`max_digits`: the most digits a JSON number's integer part (and fraction) may have
+        where its schema leaves it unbounded (`capped_digits`)."""
         try:
             import xgrammar as xgr
         except ImportError:
@@ -169,6 +173,8 @@ class Grammars:
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiler = xgr.GrammarCompiler(self.info, cache_enabled=True)
         self.vocab_size = vocab_size
+        self.max_digits = max_digits
+        self._json_ebnf: dict[str, str] = {}  # schema text -> its capped grammar (json_ebnf)
         size = min(vocab_size, len(tokenizer))
         control = [any(b < 0x20 for b in token_bytes.bytes(i)) for i in range(size)] + [False] * (vocab_size - size)
         self.control_tokens = torch.tensor(control)  # raw control bytes: never legal in JSON text
@@ -180,7 +186,7 @@ class Grammars:
             check_limits(so.kind, so.spec, json.loads(so.spec)["schema"] if so.kind == "tool_calls" else None)
         try:
             if so.kind == "json":
-                return self.compiler.compile_json_schema(so.spec, any_whitespace=False, strict_mode=True)
+                return self.compiler.compile_grammar(self.json_ebnf(so.spec))
             if so.kind == "regex":
                 return self.compiler.compile_regex(so.spec)
             if so.kind == "choice":
@@ -197,10 +203,19 @@ class Grammars:
     def _tool_calls_ebnf(self, spec: dict) -> str:
         """`<tool_call>\n{payload}\n</tool_call>`, once or (spec["parallel"]) one or more times
         separated by newlines, the payload JSON under spec["schema"] (serve.api.tools)."""
-        payload = str(self.xgr.Grammar.from_json_schema(json.dumps(spec["schema"]), any_whitespace=False, strict_mode=True))
+        payload = self.json_ebnf(json.dumps(spec["schema"]))
         repeat = ' ("\\n" call)*' if spec["parallel"] else ""
         return (f'root ::= call{repeat}\ncall ::= "<tool_call>\\n" tool_payload "\\n</tool_call>"\n'
                 + _rename_rule(payload, "root", "tool_payload"))
+
+    def json_ebnf(self, schema: str) -> str:
+        """The grammar of JSON valid under `schema` (its text), compact, numbers' digits capped."""
+        if schema not in self._json_ebnf:  # converted once per schema: every sequence's matcher compiles it again
+            if len(self._json_ebnf) >= JSON_EBNF_CACHE:
+                self._json_ebnf.clear()
+            ebnf = str(self.xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
+            self._json_ebnf[schema] = capped_digits(ebnf, self.max_digits)
+        return self._json_ebnf[schema]
 
     def matcher(self, so: StructuredOutput):
         return self.xgr.GrammarMatcher(self.compile(so))
