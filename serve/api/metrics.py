@@ -14,7 +14,8 @@ Bytes beside FLOPs, under the names vLLM's `--enable-mfu-metrics` exports
 `vllm:estimated_write_bytes_per_gpu_total`), so its MFU and MBU queries work unchanged: fed from
 each finished request's traffic ledger (serve.engine.traffic; reads are weights and K/V read,
 writes K/V written), one device, so per GPU is the whole. Both are modelled from what ran, not
-read from hardware counters; the FLOPs are ministack's exact count.
+read from hardware counters; the FLOPs are ministack's exact count. They grow when a request
+finishes (vLLM's grow every step), so a rate over a window shorter than a request comes in lumps.
 """
 
 from __future__ import annotations
