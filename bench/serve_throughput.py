@@ -6,7 +6,11 @@ for its own number of new tokens (--output-tokens: one length, or a mix such as 
 way real requests differ), greedy with ignore_eos so exactly that many come back. Each level
 gets requests of its own, so no level is served from an earlier one's prefix cache. Reported:
 output tokens/s (the tokens requested and delivered), time to first token and inter-token
-latency (p50, p99). Peers on the same requests:
+latency (p50, p99), and, for servers that export vLLM's MFU counters
+(`vllm:estimated_flops_per_gpu_total`, `..._read_bytes_...`, `..._write_bytes_...`: ministack
+always, vLLM with --enable-mfu-metrics), MFU and MBU over the level: the counters' growth over
+its wall time against the device's peak and its probed memory bandwidth (profiling.bandwidth).
+The bytes are the server's model of what its steps moved, prefill included. Peers on the same requests:
   * transformers' batched `generate`: left-padded batches of `concurrency` requests, each
     batch generating as many tokens as its longest request asks (a static batch ends when
     its last member does; only the requested tokens count), in this process;
@@ -83,6 +87,8 @@ class Level:
     ttft: list[float]
     itl: list[float]
     repeat: int = 0  # which round of --repeats measured it
+    wall_s: float = 0.0
+    counted: dict[str, float] = field(default_factory=dict)  # the server's MFU counters' growth over the level: flops, bytes
 
 
 def pct(values: list[float], q: float) -> float:
@@ -162,13 +168,42 @@ async def closed_loop(url: str, requests: list[Request], concurrency: int) -> tu
     return samples, wall
 
 
+MFU_COUNTERS = {"flops": ("vllm:estimated_flops_per_gpu_total",),
+                "bytes": ("vllm:estimated_read_bytes_per_gpu_total", "vllm:estimated_write_bytes_per_gpu_total")}
+
+
+def mfu_counters(url: str) -> dict[str, float]:
+    """The server's vLLM MFU counters now, summed over labels: {"flops", "bytes"} (read + write);
+    empty where it exports none (vLLM without --enable-mfu-metrics)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        for key, names in MFU_COUNTERS.items():
+            if name in names:
+                values[key] = values.get(key, 0.0) + float(line.rpartition(" ")[2])
+    return values
+
+
+def utilisation(level: Level, peak_flops: float, bandwidth: float) -> tuple[float, float]:
+    """(MFU, MBU) of a level from its server's counters' growth over its wall time; nan where
+    the server exports no such counters or the peak or bandwidth is unknown."""
+    def rate(key: str, over: float) -> float:
+        return level.counted[key] / level.wall_s / over if key in level.counted and level.wall_s > 0 and over > 0 else float("nan")
+
+    return rate("flops", peak_flops), rate("bytes", bandwidth)
+
+
 def measure_server(engine: str, url: str, work: dict[int, list[Request]], repeat: int = 0) -> list[Level]:
     out = []
     for c, requests in work.items():
+        before = mfu_counters(url)
         samples, wall = asyncio.run(closed_loop(url, requests, c))
+        after = mfu_counters(url)
         tokens = sum(s.tokens for s in samples)
         itl = [b - a for s in samples for a, b in zip(s.token_times, s.token_times[1:])]
-        out.append(Level(engine, c, tokens / wall, [s.ttft for s in samples], itl, repeat))
+        counted = {k: after[k] - before.get(k, 0.0) for k in after}
+        out.append(Level(engine, c, tokens / wall, [s.ttft for s in samples], itl, repeat, wall, counted))
         print(f"  {engine:<12} c={c:<3} {tokens / wall:8.1f} tok/s  TTFT p50 {pct(out[-1].ttft, .5) * 1e3:7.0f} ms  "
               f"ITL p50 {pct(itl, .5) * 1e3:6.0f} ms", flush=True)
     return out
@@ -357,16 +392,19 @@ def measure_rounds(engines: dict[str, Engine], rounds: list[Work]) -> list[Level
     return results
 
 
-def print_levels(args: argparse.Namespace, shape, dtype: str, load: Workload, results: list[Level], names: list[str]) -> None:
+def print_levels(args: argparse.Namespace, shape, dtype: str, load: Workload, results: list[Level], names: list[str],
+                 peak_flops: float, bandwidth: float) -> None:
     """The throughput table: per engine and concurrency, the median tok/s, its ratio to each peer
-    round by round, and the TTFT and ITL percentiles over every round's requests."""
+    round by round, the TTFT and ITL percentiles over every round's requests, and the median MFU
+    and MBU where the server counts its FLOPs and bytes."""
     half_note = "; ministack-half: float16-stored weights, float32 math" if args.half_weights in ("on", "both") else ""
     mixed = " (mixed)" if len(load.prompt_lengths) > 1 or len(load.output_lengths) > 1 else ""
     print(f"\n{shape}, {args.dtype} on {args.device} (peers: {dtype}{half_note})\nprompts of {args.prompt_lengths} tokens, outputs of {args.output_tokens} tokens{mixed}, greedy, ignore_eos"
           + (f"; {args.repeats} rounds, each engine once a round, in turn (median tok/s; the ratios to each peer within a round: worst, median, best; "
              "TTFT and ITL percentiles over every round's requests)" if args.repeats > 1 else "") + "\n")
     peers = [name for name in ("transformers", "vllm") if name in names]  # the ratio columns: each engine against each peer, round by round
-    columns = ["engine", "concurrency", "output tok/s", *(f"vs {peer}" for peer in peers), "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"]
+    columns = ["engine", "concurrency", "output tok/s", *(f"vs {peer}" for peer in peers), "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
+               "MFU", "MBU"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     rate = {(r.engine, r.concurrency, r.repeat): r.tokens_per_s for r in results}
@@ -380,8 +418,10 @@ def print_levels(args: argparse.Namespace, shape, dtype: str, load: Workload, re
         ttft = [t for r in rows for t in r.ttft]
         itl = [t for r in rows for t in r.itl]
         itl_cells = f"{pct(itl, .5) * 1e3:.0f} ms | {pct(itl, .99) * 1e3:.0f} ms" if itl else "- | -"
+        used = [statistics.median(u) for u in zip(*(utilisation(r, peak_flops, bandwidth) for r in rows))]
+        used_cells = ["-" if u != u else f"{u:.1%}" for u in used]  # nan: the server counts none
         print("| " + " | ".join([engine, str(c), f"{statistics.median(r.tokens_per_s for r in rows):.1f}", *cells,
-                                 f"{pct(ttft, .5) * 1e3:.0f} ms", f"{pct(ttft, .99) * 1e3:.0f} ms", itl_cells]) + " |")
+                                 f"{pct(ttft, .5) * 1e3:.0f} ms", f"{pct(ttft, .99) * 1e3:.0f} ms", itl_cells, *used_cells]) + " |")
 
 
 def print_long_context(long: dict[str, dict], shape, load: Workload, peak) -> None:
@@ -407,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from profiling.formulas.llama import DecoderShape
+    from profiling.bandwidth import device_bandwidth, format_bandwidth
     from profiling.hardware import device_peak, format_rate
 
     model_dir = resolve_model(args.model)
@@ -419,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu_peaks(reprobe=True)
     peak = device_peak(args.device, dtype)
     print(f"peak: {peak.device} {peak.dtype} {format_rate(peak.flops)} ({peak.source})", flush=True)
+    bw = device_bandwidth(args.device, reprobe=args.device == "cpu")  # the CPU's, like its peak, probed now
+    print(f"memory bandwidth: {bw.device} {format_bandwidth(bw.bytes_per_s)} ({bw.source})", flush=True)
     # every engine started (and warmed up) before the first round and kept until the last; the
     # idle ones wait on a socket (measured: 0.02 s of CPU time in 10 s idle for ministack's server,
     # 0.17 s for vLLM's), so each measurement has the cores to itself
@@ -427,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         engines = warm_engines(servers, args, model_dir, load, dtype)
         results = measure_rounds(engines, load.rounds)
         long = {name: long_prefix(url, load.long_tokens, load.tail) for name, url in servers.items()} if args.long_prompt else {}
-    print_levels(args, shape, dtype, load, results, list(engines))
+    print_levels(args, shape, dtype, load, results, list(engines), peak.flops, bw.bytes_per_s)
     if long:
         print_long_context(long, shape, load, peak)
     return 0

@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from profiling.bandwidth import cached_bandwidth, format_bandwidth, mbu
 from profiling.hardware import format_rate
 from profiling.inputs import parse_number
 from profiling.laws import law_multiplier
@@ -31,6 +32,7 @@ class Group:
     records: int = 0
     units: set = field(default_factory=set)  # optimizer steps (train: all ranks' records of one step) or requests
     ranks: int = 1  # the most data-parallel ranks any record was shared with
+    devices: set = field(default_factory=set)  # the devices its records ran on
     peaks: dict[tuple[float, str], int] = field(default_factory=lambda: defaultdict(int))  # (FLOP/s, source) -> records
     tokens: int = 0
     measured: float = 0.0
@@ -45,6 +47,7 @@ class Group:
         self.records += 1
         self.units.add((r.run, r.step) if r.kind == "train" and r.step is not None else id(r))
         self.ranks = max(self.ranks, r.world_size or 1)
+        self.devices.add(r.device)
         self.peaks[(r.peak_flops, r.peak_source)] += 1
         self.tokens += r.tokens
         self.measured += r.measured_flops
@@ -92,6 +95,12 @@ class Group:
         if not bandwidth or not self.bytes or not self.peak_s or not self.wall_s:
             return ""
         return "compute" if self.intensity >= self.peak_s / self.wall_s / bandwidth else "bandwidth"
+
+    def mbu(self, bandwidth: float | None) -> float:
+        """Model bandwidth utilisation: the bytes moved over the records' wall time, against
+        `bandwidth` bytes/s (nan where either is unknown). Like the MFU beside it, concurrent
+        requests' wall times add up, so a busy server's MBU reads low."""
+        return mbu(self.bytes, self.wall_s, bandwidth or 0.0) if self.bytes else math.nan
 
     def share(self, part: str) -> float:
         return self.measured_by_part.get(part, 0.0) / self.measured if self.measured else 0.0
@@ -158,17 +167,37 @@ def _peaks(g: Group) -> str:
     return f"peaks from {one(peaks[0])} to {one(peaks[-1])}, {len(peaks) - 2} more between"
 
 
-def _traffic(g: Group, bandwidth: float | None) -> str:
-    """The group's bytes moved by part, its FLOPs per byte, and (given the bandwidth) its roofline side."""
+def _traffic(g: Group, bandwidth: float | None, source: str) -> str:
+    """The group's bytes moved by part, its FLOPs per byte, and (given the bandwidth) its MBU and
+    roofline side, with where the bandwidth came from."""
     parts = ", ".join(f"{part} {n / g.bytes:.0%}" for part, n in sorted(g.bytes_by_part.items(), key=lambda kv: -kv[1]))
     line = f"bytes moved {_e(float(g.bytes))} ({parts}); {g.intensity:.1f} FLOPs per byte"
     if not bandwidth:
-        return line + " (--bandwidth BYTES/S says whether that is compute- or bandwidth-bound)"
+        return line + (f" ({source}; " if source else " (") + "--bandwidth BYTES/S gives MBU and whether that is compute- or bandwidth-bound)"
     balance = g.peak_s / g.wall_s / bandwidth if g.wall_s and g.peak_s else math.nan
-    return line + f"; machine balance {balance:.1f} FLOPs per byte ({bandwidth / 1e9:.4g} GB/s): {g.bound(bandwidth) or 'unknown'}-bound"
+    return (line + f"; machine balance {balance:.1f} FLOPs per byte: {g.bound(bandwidth) or 'unknown'}-bound\n"
+            f"MBU {g.mbu(bandwidth):.1%} ({format_bandwidth(g.bytes / g.wall_s)} moved, modelled) against "
+            f"{format_bandwidth(bandwidth)} ({source or 'source not given'})")
 
 
-def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipped: int, bandwidth: float | None = None) -> str:
+def resolve_bandwidth(given: float | None, records: list[Record]) -> tuple[float | None, str]:
+    """The bandwidth MBU is computed against and where it came from: `--bandwidth` where given,
+    else the cached probe (profiling.bandwidth) of the device the records moved their bytes on;
+    (None, why not) where there is neither. Probes nothing: a report reads, it does not measure."""
+    if given:
+        return given, "--bandwidth"
+    devices = {r.device for r in records if r.bytes_parts}
+    if len(devices) != 1:
+        return None, "records from several devices" if devices else ""
+    device = devices.pop()
+    bw = cached_bandwidth(device)
+    if bw is None:
+        return None, f"no probed bandwidth of {device}: `ministack flops peak` on it probes one"
+    return bw.bytes_per_s, f"{bw.source}, {device}"
+
+
+def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipped: int, bandwidth: float | None = None,
+                  bandwidth_source: str = "") -> str:
     law_name = {"train": "6ND", "infer": "2NT"}
     out = []
     for kind, g in kinds.items():
@@ -179,15 +208,15 @@ def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipp
         out.append(f"measured {_e(g.measured)} FLOPs   law {_e(g.law)}   measured/law {g.ratio:.3f}   MFU {mfu}")
         out.append(f"MFU against {_peaks(g)}")
         if g.bytes:
-            out.append(_traffic(g, bandwidth))
+            out.append(_traffic(g, bandwidth, bandwidth_source))
         out.append("")
         unit = g.unit
         width = max([34] + [len(s.shape) for s in shapes[kind]])  # shape labels are never cut
-        traffic = f" {'FLOP/B':>7}" + (f" {'bound':>9}" if bandwidth else "") if g.bytes else ""
+        traffic = f" {'FLOP/B':>7}" + (f" {'MBU':>6} {'bound':>9}" if bandwidth else "") if g.bytes else ""
         out.append(f"{'shape':<{width}} {unit + 's':>8} {'tokens/' + unit:>14} {'measured/' + unit:>16} "
                    f"{'law/' + unit:>12} {'ratio':>7} {'attn':>6}{traffic}")
         for s in shapes[kind]:
-            traffic = f" {s.intensity:>7.1f}" + (f" {s.bound(bandwidth):>9}" if bandwidth else "") if g.bytes else ""
+            traffic = f" {s.intensity:>7.1f}" + (f" {s.mbu(bandwidth):>6.1%} {s.bound(bandwidth):>9}" if bandwidth else "") if g.bytes else ""
             out.append(
                 f"{s.shape:<{width}} {s.n:>8} {s.tokens / s.n:>14.0f} {_e(s.measured / s.n):>16} "
                 f"{_e(s.law / s.n):>12} {s.ratio:>7.3f} {s.share(ATTENTION):>6.1%}{traffic}"
@@ -252,8 +281,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="re-derive every MFU against this peak (e.g. a corrected one from `flops peak`) "
                         "instead of the peak each record kept")
     p.add_argument("--bandwidth", type=parse_number, metavar="BYTES/S",
-                   help="the device's memory bandwidth: with the peak, says whether each shape's steps were "
-                        "compute- or bandwidth-bound (serving records carry the bytes they moved)")
+                   help="the device's memory bandwidth, for MBU and, with the peak, whether each shape's steps were "
+                        "compute- or bandwidth-bound (serving records carry the bytes they moved); default: the "
+                        "records' device's probe cached by `ministack flops peak`")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -264,14 +294,19 @@ def run(args: argparse.Namespace) -> int:
     if not data.records:
         raise ValueError(f"no valid records in {', '.join(args.ledgers)} ({data.skipped} unreadable lines)")
     kinds, shapes = summarize(data.records, args.peak_flops)
+    bandwidth, source = resolve_bandwidth(args.bandwidth, data.records)
     png = plot(shapes, args.plot or Path(args.ledgers[0]).with_suffix(".png"))
     if args.json:
+        def traffic(g: Group) -> dict:
+            return g.to_dict() | {"bound": g.bound(bandwidth), "mbu": g.mbu(bandwidth)}
+
         print(json.dumps({
-            "kinds": {k: g.to_dict() | {"bound": g.bound(args.bandwidth)} for k, g in kinds.items()},
-            "shapes": {k: [g.to_dict() | {"bound": g.bound(args.bandwidth)} for g in gs] for k, gs in shapes.items()},
+            "kinds": {k: traffic(g) for k, g in kinds.items()},
+            "shapes": {k: [traffic(g) for g in gs] for k, gs in shapes.items()},
+            "bandwidth": {"bytes_per_s": bandwidth, "source": source},
             "skipped": data.skipped, "plot": str(png),
         }, indent=1))
     else:
-        print(format_report(kinds, shapes, data.skipped, args.bandwidth))
+        print(format_report(kinds, shapes, data.skipped, bandwidth, source))
         print(f"plot: {png}")
     return 0

@@ -178,7 +178,8 @@ def _fit(args) -> int:
 
 def _context(args) -> int:
     from profiling.hardware import device_peak
-    from scaling.context import ContextReport, DevicePeak, analyze_context, measure_context, weight_bytes
+    from profiling.bandwidth import device_bandwidth
+    from scaling.context import ContextReport, DeviceBandwidth, DevicePeak, analyze_context, measure_context, weight_bytes
     from scaling.plots import plot_context
     from scaling.report import format_context
     from serve.cli import engine_config
@@ -194,10 +195,12 @@ def _context(args) -> int:
     except ValueError as err:
         raise ValueError(f"{err} (--contexts, --batch, --decode-tokens, --kv-cache-gb)") from None
     peak = device_peak(engine.device, engine.dtype)
+    bw = device_bandwidth(engine.device)  # cached per device; a first run probes it (seconds)
     report = ContextReport(points, analyze_context(points, weight_bytes(engine.model)), model=engine.model_name,
                            device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
                            kv_cache_dtype=str(engine.kv_dtype).removeprefix("torch."),
-                           peak=DevicePeak(flops=peak.flops, source=f"{peak.device} {peak.dtype} peak ({peak.source})"))
+                           peak=DevicePeak(flops=peak.flops, source=f"{peak.device} {peak.dtype} peak ({peak.source})"),
+                           bandwidth=DeviceBandwidth(bytes_per_s=bw.bytes_per_s, source=f"{bw.device}, {bw.source}"))
     print(json.dumps(report.to_json(), indent=1) if args.json else format_context(report))
     if args.out:
         out = Path(args.out)

@@ -206,6 +206,19 @@ class DevicePeak:
 
 
 @dataclass
+class DeviceBandwidth:
+    bytes_per_s: float  # the device's probed memory bandwidth (profiling.bandwidth)
+    source: str  # the device and when and under what load it was probed, in words
+
+
+def decode_mbu(point: ContextPoint, weights_bytes: int, bandwidth: float) -> float:
+    """A decode step's model bandwidth utilisation: the bytes it reads (every weight once, each
+    sequence's K/V) over its TPOT, over the memory's bandwidth. The bytes are modelled, as
+    serve.engine.traffic models them; a step's activations and its K/V write are left out."""
+    return (weights_bytes + point.kv_bytes) / point.tpot_s / bandwidth if point.tpot_s > 0 and bandwidth > 0 else float("nan")
+
+
+@dataclass
 class ContextReport:
     """`scaling context`'s measurements, what they say, and what they ran on (context.json)."""
 
@@ -216,6 +229,7 @@ class ContextReport:
     dtype: str | None = None
     kv_cache_dtype: str | None = None
     peak: DevicePeak | None = None  # the device's peak at dtype, for TTFT's bound
+    bandwidth: DeviceBandwidth | None = None  # the device's memory bandwidth, for TPOT's MBU
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaling.context import ContextReport
+from scaling.context import ContextReport, decode_mbu
 from scaling.findings import AblationRow, Analysis, Approach1, Approach2, Approach3, Holdout, Interval
 from scaling.plan import Plan
 from scaling.record import Definition, RunRecord
@@ -122,7 +122,8 @@ def format_context(report: ContextReport) -> str:
              f"(law 2N = {a.law_flops_per_token:.4g}; weights {a.weight_bytes / 2**20:.1f} MiB, "
              f"K/V {a.kv_bytes_per_key / 1024:.1f} KiB per key)", "",
              f"{'context':>8} {'weights':>10} {'attention':>10} {'measured':>10} {'formula':>10} {'/ 2N':>6} "
-             f"{'attn share':>10} {'TTFT s':>8} {'x bound':>7} {'TPOT ms':>8} {'min-max ms':>13} {'K/V MiB':>8}"]
+             f"{'attn share':>10} {'TTFT s':>8} {'x bound':>7} {'TPOT ms':>8} {'min-max ms':>13} {'K/V MiB':>8}"
+             + (f" {'MBU':>6}" if report.bandwidth else "")]
     peak = report.peak.flops if report.peak else None
     for p in report.points:
         measured, formula = sum(p.decode_flops.values()), sum(p.formula_flops.values())
@@ -132,10 +133,14 @@ def format_context(report: ContextReport) -> str:
         bound = f"{p.ttft_s / (p.prefill_flops / peak):>7.2f}" if peak else f"{'-':>7}"
         lines.append(f"{p.context:>8} {measured - attention:>10.4g} {attention:>10.4g} {measured:>10.4g} {formula:>10.4g} "
                      f"{measured / p.law_flops:>6.2f} {attention / measured:>10.1%} {p.ttft_s:>8.2f} {bound} "
-                     f"{p.tpot_s * 1e3:>8.2f} {f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>13} {p.kv_bytes / 2**20:>8.1f}")
+                     f"{p.tpot_s * 1e3:>8.2f} {f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>13} {p.kv_bytes / 2**20:>8.1f}"
+                     + (f" {decode_mbu(p, a.weight_bytes, report.bandwidth.bytes_per_s):>6.1%}" if report.bandwidth else ""))
     fit, turn = a.tpot_fit, a.tpot_turn
     if peak:
         lines += ["", f"x bound: TTFT / (the prefill's measured FLOPs at {report.peak.source}, {peak / 1e9:.1f} GFLOP/s)"]
+    if report.bandwidth:
+        lines.append(f"MBU: (weights + K/V bytes a step reads, modelled) / TPOT / {report.bandwidth.bytes_per_s / 1e9:.4g} GB/s "
+                     f"({report.bandwidth.source})")
     lines += ["", f"measured FLOPs within {a.measured_vs_formula_max_gap:.2%} of the formula at every context",
               f"attention's FLOPs equal the weights' at context {a.attention_equals_weights_flops:,.0f}",
               f"one step's K/V bytes equal the weights' at context {a.kv_equals_weight_bytes:,.0f}"]

@@ -203,10 +203,14 @@ def test_no_record_carries_an_mfu_above_100_percent(capsys):
 
 def test_flops_peak_command_shows_the_cache(cache):
     _fake_entry(cache, 123.4e9)
+    from profiling.bandwidth import Bandwidth, _store, device_name
+
+    _store(Bandwidth(device_name("cpu"), 12.5e9, {"copy": 12.5e9}, 1 << 26, 1.8e9, Load(1.0, (0.0, 0.0, 0.0), 0.0)))
     proc = subprocess.run([sys.executable, "-m", "model.flops", "peak"], capture_output=True, text=True,
                           env=dict(os.environ), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "123.4 GFLOP/s" in proc.stdout and "quiet (others 0.00 cores)" in proc.stdout
+    assert "memory bandwidth 12.5 GB/s (STREAM copy 12.5 GB/s; 64 MiB arrays)" in proc.stdout  # cached: not probed
     proc = subprocess.run([sys.executable, "-m", "model.flops", "peak", "--json"], capture_output=True, text=True,
                           env=dict(os.environ), timeout=120)
     assert json.loads(proc.stdout)["cpu"]["fp32"] == 123.4e9

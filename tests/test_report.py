@@ -1,5 +1,6 @@
 """`flops report`: validation against the law and the gap's attribution, from real counts."""
 
+import json
 import math
 
 import pytest
@@ -119,3 +120,37 @@ def test_flops_demo_reports_its_ledger_with_the_reports_own_flags(ledger_path, t
     out = tmp_path / "demo"
     assert demo.run(argparse.Namespace(out=str(out), steps=1, contexts="16", device="cpu")) == 0
     assert "== train: 3 records" in capsys.readouterr().out and (out / "flops.png").is_file()
+
+
+def _served(ledger: Ledger, request: str, bytes_parts: dict[str, int], wall_s: float) -> None:
+    peak = DevicePeak("test-device", "fp32", 1e12, "probe (test)")
+    ledger.append(make_record("infer", FlopCount({"dense": 1000}), {"dense": 10}, 10, wall_s, peak, "prompt=8,gen=2",
+                              bytes_parts, request_id=request))
+
+
+def test_mbu_is_bytes_over_time_over_the_bandwidth_given_or_probed(tmp_path, monkeypatch, capsys):
+    """MBU from a written ledger: 6 GB moved in 2 s against 10 GB/s is 30%; without --bandwidth the
+    records' device's cached probe is the denominator, and the report says so."""
+    import argparse
+
+    from profiling.bandwidth import Bandwidth, _store
+    from profiling.load import Load
+
+    monkeypatch.setenv("MINISTACK_CACHE", str(tmp_path))
+    ledger = Ledger(tmp_path / "served.jsonl")
+    _served(ledger, "a", {"weights": 3_000_000_000, "kv_read": 1_000_000_000}, 1.0)
+    _served(ledger, "b", {"weights": 1_500_000_000, "kv_read": 400_000_000, "kv_write": 100_000_000}, 1.0)
+    records = read_ledgers([ledger.path]).records
+    kinds, shapes = report.summarize(records)
+    assert kinds["infer"].mbu(10e9) == pytest.approx(0.3) and math.isnan(kinds["infer"].mbu(None))
+    args = argparse.Namespace(ledgers=[str(ledger.path)], plot=str(tmp_path / "p.png"), json=False, peak_flops=None, bandwidth=None)
+    report.run(args)
+    assert "no probed bandwidth of test-device: `ministack flops peak` on it probes one" in capsys.readouterr().out
+    _store(Bandwidth("test-device", 10e9, {"copy": 10e9}, 1 << 26, 1.8e9, Load(1.0, (0.0, 0.0, 0.0), 0.0)))
+    report.run(args)
+    text = capsys.readouterr().out
+    assert "MBU 30.0% (3 GB/s moved, modelled) against 10 GB/s (probe 2027-01-15 08:00 UTC, quiet" in text
+    assert "test-device" in text and " 30.0% " in text  # the shape's row too
+    report.run(argparse.Namespace(**{**vars(args), "bandwidth": 20e9, "json": True}))
+    out = json.loads(capsys.readouterr().out)
+    assert out["kinds"]["infer"]["mbu"] == pytest.approx(0.15) and out["bandwidth"] == {"bytes_per_s": 20e9, "source": "--bandwidth"}

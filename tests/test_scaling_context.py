@@ -11,7 +11,9 @@ from test_serve_model import make_engine
 
 from profiling.formulas.llama import decoder_flops
 from scaling.cli import main
-from scaling.context import WEIGHT_PARTS, ContextReport, analyze_context, measure_context, measure_contexts, weight_bytes
+from scaling.context import (
+    WEIGHT_PARTS, ContextReport, DeviceBandwidth, analyze_context, decode_mbu, measure_context, measure_contexts, weight_bytes,
+)
 from scaling.plots import plot_context
 from scaling.report import format_context
 
@@ -44,9 +46,12 @@ def test_measured_decode_flops_equal_the_formula_and_the_crossovers_hold(tiny_ll
     fit = analysis.tpot_fit
     assert fit is not None and fit.fixed_s > 0
 
-    report = ContextReport(points, analysis)
+    report = ContextReport(points, analysis, bandwidth=DeviceBandwidth(1e9, "test"))
     text = format_context(report)
     assert f"batch {batch}" in text and "within 0.00% of the formula" in text
+    for p in points:  # MBU: the bytes a decode step reads over its TPOT over the bandwidth
+        assert decode_mbu(p, analysis.weight_bytes, 1e9) == pytest.approx((params + p.kv_bytes) / p.tpot_s / 1e9)
+    assert f" {decode_mbu(points[-1], params, 1e9):>6.1%}" in text and "/ TPOT / 1 GB/s (test)" in text
     assert plot_context(report, tmp_path / "context.png").stat().st_size > 10_000
     assert not engine.has_unfinished_requests()
 

@@ -475,6 +475,25 @@ def test_retired_metric_names_come_back_only_behind_vllms_flag(server, version, 
             assert value[old + label] == value[new + label]
 
 
+def _counters(server: LiveServer, prefix: str) -> dict[str, float]:
+    """The /metrics samples whose name starts with `prefix`, by name and labels."""
+    lines = http(server).get("/metrics").text.splitlines()
+    return {k: float(v) for k, _, v in (line.rpartition(" ") for line in lines if line.startswith(prefix))}
+
+
+def test_metrics_count_bytes_beside_flops_under_vllms_mfu_names(server, client, model_name):
+    before = _counters(server, "vllm:estimated_") | _counters(server, "ministack:bytes_moved_total")
+    client.completions.create(model=model_name, prompt="Hi there", max_tokens=3, extra_body={"ignore_eos": True})
+    after = _counters(server, "vllm:estimated_") | _counters(server, "ministack:bytes_moved_total")
+    label = f'{{model_name="{model_name}"}}'
+    for name in ("flops", "read_bytes", "write_bytes"):
+        key = f"vllm:estimated_{name}_per_gpu_total{label}"
+        assert after[key] > before.get(key, 0.0), key
+    parts = {p: after[f'ministack:bytes_moved_total{{model_name="{model_name}",part="{p}"}}'] for p in ("weights", "kv_read", "kv_write")}
+    assert after[f"vllm:estimated_read_bytes_per_gpu_total{label}"] == parts["weights"] + parts["kv_read"]
+    assert after[f"vllm:estimated_write_bytes_per_gpu_total{label}"] == parts["kv_write"]
+
+
 def test_full_queue_answers_429_with_retry_after(tiny_model):
     """One running slot and room for one waiting request: a third request is refused."""
     live = serve(tiny_model, max_queue=1, max_model_len=512, max_num_seqs=1, kv_cache_bytes=8 << 20)

@@ -13,6 +13,14 @@ backend. ministack adds its own compute counters: measured FLOPs and the 2NT law
 Names vLLM has retired (`RETIRED`) are served only as vLLM serves them: behind
 `--show-hidden-metrics-for-version` set to a vLLM version that still had them, so a dashboard
 reading a retired name fails visibly rather than reading a name that may go at any time.
+
+Bytes beside FLOPs, under the names vLLM's `--enable-mfu-metrics` exports
+(`vllm:estimated_flops_per_gpu_total`, `vllm:estimated_read_bytes_per_gpu_total`,
+`vllm:estimated_write_bytes_per_gpu_total`), so its MFU and MBU queries work unchanged: fed from
+each finished request's traffic ledger (serve.engine.traffic; reads are weights and K/V read,
+writes K/V written), one device, so per GPU is the whole. Both are modelled from what ran, not
+read from hardware counters; the FLOPs are ministack's exact count. They grow when a request
+finishes (vLLM's grow every step), so a rate over a window shorter than a request comes in lumps.
 """
 
 from __future__ import annotations
@@ -105,6 +113,7 @@ class ServingMetrics:
         self.measured_flops = 0
         self.law_flops = 0.0
         self.success: dict[str, int] = {}  # finish reason -> finished requests
+        self.bytes_by_part: dict[str, int] = {}  # bytes moved (serve.engine.traffic's parts) by finished requests
 
     def observe_first_token(self, seconds: float) -> None:
         with self._lock:
@@ -134,6 +143,26 @@ class ServingMetrics:
             self.measured_flops += measured_flops
             self.law_flops += law_flops
             self.success[finish_reason] = self.success.get(finish_reason, 0) + 1
+
+    def observe_traffic(self, bytes_by_part: dict[str, int]) -> None:
+        """A finished request's bytes moved, by traffic part (its FLOPs come with observe_finished)."""
+        with self._lock:
+            for part, n in bytes_by_part.items():
+                self.bytes_by_part[part] = self.bytes_by_part.get(part, 0) + n
+
+    def _traffic_lines(self, metric) -> None:
+        """vLLM's MFU counters and ministack's bytes by part (the caller holds the lock)."""
+        from serve.engine.traffic import KV_READ, KV_WRITE, WEIGHTS
+
+        lb, moved = self.labels, self.bytes_by_part
+        for name, help_, value in (
+            ("flops", "Estimated number of floating point operations per GPU (ministack: counted exactly).", self.measured_flops),
+            ("read_bytes", "Estimated number of bytes read from memory per GPU.", moved.get(WEIGHTS, 0) + moved.get(KV_READ, 0)),
+            ("write_bytes", "Estimated number of bytes written to memory per GPU.", moved.get(KV_WRITE, 0)),
+        ):
+            metric(f"vllm:estimated_{name}_per_gpu_total", "counter", help_, [f"vllm:estimated_{name}_per_gpu_total{{{lb}}} {value}"])
+        metric("ministack:bytes_moved_total", "counter", "Bytes the served requests moved to and from memory, modelled, by part.",
+               [f'ministack:bytes_moved_total{{{lb},part="{p}"}} {moved.get(p, 0)}' for p in (WEIGHTS, KV_READ, KV_WRITE)])
 
     def observe_aborted(self) -> None:
         """A request whose client left before its end: aborted and freed (vLLM counts these as
@@ -198,6 +227,7 @@ class ServingMetrics:
                    [f"ministack:measured_flops_total{{{lb}}} {self.measured_flops}"])
             metric("ministack:law_flops_total", "counter", "FLOPs the 2NT law charges the served requests.",
                    [f"ministack:law_flops_total{{{lb}}} {self.law_flops}"])
+            self._traffic_lines(metric)
         return "\n".join(out) + "\n"
 
 
@@ -236,6 +266,7 @@ async def observed(metrics: ServingMetrics, outputs: AsyncGenerator[RequestOutpu
                     metrics.observe_finished(now - arrival, len(output.prompt_token_ids),
                                              sum(len(c.token_ids) for c in output.outputs), reason, m.measured_flops, m.law_flops,
                                              request_phases(m), tpot)
+                    metrics.observe_traffic(m.bytes_by_part)
                 yield output
         except (GeneratorExit, asyncio.CancelledError):  # the client left; closing the backend's stream aborts the request
             if not finished:

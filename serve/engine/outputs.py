@@ -3,7 +3,7 @@ and the engine-wide counters the server's /metrics reads; and how a request's st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from profiling.laws import infer_flops
 from serve.engine.sequence import Request
@@ -33,6 +33,7 @@ class RequestMetrics:
     flops_by_part: dict[str, int]
     first_scheduled_time: float | None = None  # first step that computed any of it (queue time ends)
     disk_cached_prompt_tokens: int = 0  # of cached_prompt_tokens, those the disk tier loaded
+    bytes_by_part: dict[str, int] = field(default_factory=dict)  # bytes its steps moved (serve.engine.traffic), modelled
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def request_metrics(request: Request, law_params: int) -> RequestMetrics:
         measured_flops=sum(by_part.values()),
         law_flops=infer_flops(law_params, law_tokens(request)),
         flops_by_part=by_part,
+        bytes_by_part=request.bytes_by_part(),
     )
 
 
