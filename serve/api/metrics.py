@@ -150,7 +150,7 @@ class ServingMetrics:
             for part, n in bytes_by_part.items():
                 self.bytes_by_part[part] = self.bytes_by_part.get(part, 0) + n
 
-    def _traffic_lines(self, metric) -> None:
+    def _traffic_lines(self, out: _Exposition) -> None:
         """vLLM's MFU counters and ministack's bytes by part (the caller holds the lock)."""
         from serve.engine.traffic import KV_READ, KV_WRITE, WEIGHTS
 
@@ -160,9 +160,9 @@ class ServingMetrics:
             ("read_bytes", "Estimated number of bytes read from memory per GPU.", moved.get(WEIGHTS, 0) + moved.get(KV_READ, 0)),
             ("write_bytes", "Estimated number of bytes written to memory per GPU.", moved.get(KV_WRITE, 0)),
         ):
-            metric(f"vllm:estimated_{name}_per_gpu_total", "counter", help_, [f"vllm:estimated_{name}_per_gpu_total{{{lb}}} {value}"])
-        metric("ministack:bytes_moved_total", "counter", "Bytes the served requests moved to and from memory, modelled, by part.",
-               [f'ministack:bytes_moved_total{{{lb},part="{p}"}} {moved.get(p, 0)}' for p in (WEIGHTS, KV_READ, KV_WRITE)])
+            out.metric(f"vllm:estimated_{name}_per_gpu_total", "counter", help_, [f"vllm:estimated_{name}_per_gpu_total{{{lb}}} {value}"])
+        out.metric("ministack:bytes_moved_total", "counter", "Bytes the served requests moved to and from memory, modelled, by part.",
+                   [f'ministack:bytes_moved_total{{{lb},part="{p}"}} {moved.get(p, 0)}' for p in (WEIGHTS, KV_READ, KV_WRITE)])
 
     def observe_aborted(self) -> None:
         """A request whose client left before its end: aborted and freed (vLLM counts these as
@@ -172,63 +172,77 @@ class ServingMetrics:
 
     def render(self, stats: EngineStats) -> str:
         """The text exposition of every metric, engine gauges from `stats`."""
-        lb = self.labels
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help_: str, samples: list[str]) -> None:
-            out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples])
-
-        def single(name: str, kind: str, help_: str, value: object) -> None:  # one sample, the model's labels
-            metric(name, kind, help_, [f"{name}{{{lb}}} {value}"])
-
-        single("vllm:num_requests_running", "gauge", "Requests in model execution batches.", stats.num_running)
-        single("vllm:num_requests_waiting", "gauge", "Requests waiting to be processed.", stats.num_waiting)
-        single("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", stats.kv_usage)
-        if "vllm:gpu_cache_usage_perc" in self.retired:
-            single("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage. DEPRECATED: use vllm:kv_cache_usage_perc.", stats.kv_usage)
-        info = f'{lb},cache_dtype="{stats.kv_cache_dtype}",block_size="{stats.block_size}",num_blocks="{stats.max_tokens_in_cache // stats.block_size}"'
-        metric("vllm:cache_config_info", "gauge", "Information of the KV cache's configuration.", [f"vllm:cache_config_info{{{info}}} 1"])
-        single("ministack:kv_cache_capacity_tokens", "gauge", "Tokens the KV cache holds (its capacity, whatever its usage).",
-               stats.max_tokens_in_cache)
-        single("ministack:prefix_cache_disk_hits_total", "counter", "Prefix tokens loaded from the KV cache's disk tier.", stats.disk_hit_tokens)
-        single("ministack:prefix_cache_disk_rejected_total", "counter", "Disk-tier block files that failed verification (never served).",
-               stats.disk_rejected_files)
-        single("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.",
-               stats.prefix_cache_queries)
-        single("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_cache_hits)
-        single("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions from the engine.", stats.num_preemptions)
-        single("vllm:spec_decode_num_drafts_total", "counter", "Number of n-gram speculative proposals verified.", stats.spec_drafts)
-        single("vllm:spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens verified.", stats.spec_draft_tokens)
-        single("vllm:spec_decode_num_accepted_tokens_total", "counter", "Number of draft tokens the model accepted.", stats.spec_accepted_tokens)
-        single("ministack:spec_decode_acceptance_rate", "gauge", "Accepted over verified draft tokens (0 before any).",
-               stats.spec_accepted_tokens / stats.spec_draft_tokens if stats.spec_draft_tokens else 0.0)
+        out = _Exposition(self.labels)
+        self._engine_lines(out, stats)
         with self._lock:
-            single("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", self.prompt_tokens)
-            single("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", self.generation_tokens)
-            metric("vllm:request_success_total", "counter", "Count of successfully processed requests.",
+            self._request_lines(out)
+            self._traffic_lines(out)
+        return "\n".join(out.lines) + "\n"
+
+    def _engine_lines(self, out: _Exposition, stats: EngineStats) -> None:
+        """The engine's state and counters, read at scrape time (Backend.stats)."""
+        out.single("vllm:num_requests_running", "gauge", "Requests in model execution batches.", stats.num_running)
+        out.single("vllm:num_requests_waiting", "gauge", "Requests waiting to be processed.", stats.num_waiting)
+        out.single("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", stats.kv_usage)
+        if "vllm:gpu_cache_usage_perc" in self.retired:
+            out.single("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage. DEPRECATED: use vllm:kv_cache_usage_perc.", stats.kv_usage)
+        info = f'{self.labels},cache_dtype="{stats.kv_cache_dtype}",block_size="{stats.block_size}",num_blocks="{stats.max_tokens_in_cache // stats.block_size}"'
+        out.metric("vllm:cache_config_info", "gauge", "Information of the KV cache's configuration.", [f"vllm:cache_config_info{{{info}}} 1"])
+        out.single("ministack:kv_cache_capacity_tokens", "gauge", "Tokens the KV cache holds (its capacity, whatever its usage).",
+                   stats.max_tokens_in_cache)
+        out.single("ministack:prefix_cache_disk_hits_total", "counter", "Prefix tokens loaded from the KV cache's disk tier.", stats.disk_hit_tokens)
+        out.single("ministack:prefix_cache_disk_rejected_total", "counter", "Disk-tier block files that failed verification (never served).",
+                   stats.disk_rejected_files)
+        out.single("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.",
+                   stats.prefix_cache_queries)
+        out.single("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_cache_hits)
+        out.single("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions from the engine.", stats.num_preemptions)
+        out.single("vllm:spec_decode_num_drafts_total", "counter", "Number of n-gram speculative proposals verified.", stats.spec_drafts)
+        out.single("vllm:spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens verified.", stats.spec_draft_tokens)
+        out.single("vllm:spec_decode_num_accepted_tokens_total", "counter", "Number of draft tokens the model accepted.", stats.spec_accepted_tokens)
+        out.single("ministack:spec_decode_acceptance_rate", "gauge", "Accepted over verified draft tokens (0 before any).",
+                   stats.spec_accepted_tokens / stats.spec_draft_tokens if stats.spec_draft_tokens else 0.0)
+
+    def _request_lines(self, out: _Exposition) -> None:
+        """What the server observed of finished requests: tokens, outcomes, latencies, FLOPs (the caller holds the lock)."""
+        lb = self.labels
+        out.single("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", self.prompt_tokens)
+        out.single("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", self.generation_tokens)
+        out.metric("vllm:request_success_total", "counter", "Count of successfully processed requests.",
                    [f'vllm:request_success_total{{{lb},finished_reason="{r}"}} {n}' for r, n in sorted(self.success.items())])
-            metric("vllm:time_to_first_token_seconds", "histogram", "Histogram of time to first token in seconds.",
+        out.metric("vllm:time_to_first_token_seconds", "histogram", "Histogram of time to first token in seconds.",
                    self.ttft.lines("vllm:time_to_first_token_seconds", lb))
-            metric("vllm:inter_token_latency_seconds", "histogram", "Histogram of inter-token latency in seconds.",
+        out.metric("vllm:inter_token_latency_seconds", "histogram", "Histogram of inter-token latency in seconds.",
                    self.itl.lines("vllm:inter_token_latency_seconds", lb))
-            if "vllm:time_per_output_token_seconds" in self.retired:
-                metric("vllm:time_per_output_token_seconds", "histogram", "Histogram of inter-token latency in seconds. "
+        if "vllm:time_per_output_token_seconds" in self.retired:
+            out.metric("vllm:time_per_output_token_seconds", "histogram", "Histogram of inter-token latency in seconds. "
                        "DEPRECATED: use vllm:inter_token_latency_seconds.", self.itl.lines("vllm:time_per_output_token_seconds", lb))
-            metric("vllm:request_time_per_output_token_seconds", "histogram", "Histogram of time_per_output_token_seconds per request.",
+        out.metric("vllm:request_time_per_output_token_seconds", "histogram", "Histogram of time_per_output_token_seconds per request.",
                    self.tpot.lines("vllm:request_time_per_output_token_seconds", lb))
-            metric("vllm:e2e_request_latency_seconds", "histogram", "Histogram of end to end request latency in seconds.",
+        out.metric("vllm:e2e_request_latency_seconds", "histogram", "Histogram of end to end request latency in seconds.",
                    self.e2e.lines("vllm:e2e_request_latency_seconds", lb))
-            for name, help_ in PHASES.items():
-                metric(f"vllm:request_{name}_time_seconds", "histogram", help_, self.phases[name].lines(f"vllm:request_{name}_time_seconds", lb))
-            for name in ("prompt", "generation"):
-                metric(f"vllm:request_{name}_tokens", "histogram", f"Number of {name} tokens processed.",
+        for name, help_ in PHASES.items():
+            out.metric(f"vllm:request_{name}_time_seconds", "histogram", help_, self.phases[name].lines(f"vllm:request_{name}_time_seconds", lb))
+        for name in ("prompt", "generation"):
+            out.metric(f"vllm:request_{name}_tokens", "histogram", f"Number of {name} tokens processed.",
                        self.request_tokens[name].lines(f"vllm:request_{name}_tokens", lb))
-            metric("ministack:measured_flops_total", "counter", "FLOPs the served requests cost, counted exactly.",
-                   [f"ministack:measured_flops_total{{{lb}}} {self.measured_flops}"])
-            metric("ministack:law_flops_total", "counter", "FLOPs the 2NT law charges the served requests.",
-                   [f"ministack:law_flops_total{{{lb}}} {self.law_flops}"])
-            self._traffic_lines(metric)
-        return "\n".join(out) + "\n"
+        out.single("ministack:measured_flops_total", "counter", "FLOPs the served requests cost, counted exactly.", self.measured_flops)
+        out.single("ministack:law_flops_total", "counter", "FLOPs the 2NT law charges the served requests.", self.law_flops)
+
+
+class _Exposition:
+    """Prometheus text lines being written: each metric's HELP and TYPE, then its samples."""
+
+    def __init__(self, labels: str) -> None:
+        self.labels = labels
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_: str, samples: list[str]) -> None:
+        self.lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples])
+
+    def single(self, name: str, kind: str, help_: str, value: object) -> None:
+        """One sample with the model's labels."""
+        self.metric(name, kind, help_, [f"{name}{{{self.labels}}} {value}"])
 
 
 def request_phases(m: RequestMetrics) -> dict[str, float]:
