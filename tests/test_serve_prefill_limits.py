@@ -53,6 +53,19 @@ def test_the_fit_recovers_known_coefficients_from_step_times():
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=0.05), name
 
 
+def test_decode_only_steps_do_not_push_the_prefill_steps_out_of_the_fit():
+    truth = StepCoefficients(base=0.004, decode=0.0007, prefill=0.00015, attention=0.0)
+    model = StepCostModel(window=64)
+    rng = random.Random(1)
+    for _ in range(32):
+        shape = StepShape(rng.randrange(0, 32), rng.randrange(1, 512), 0.0)
+        model.observe(shape, truth.predict(shape))
+    for _ in range(500):
+        shape = StepShape(rng.randrange(0, 32), 0, 0.0)
+        model.observe(shape, truth.predict(shape))
+    assert model.coefficients.prefill == pytest.approx(truth.prefill, rel=0.05)
+
+
 def test_before_any_step_the_conservative_prior_predicts():
     model = StepCostModel()
     shape = StepShape(8, 256, chunk_attention(0, 256))

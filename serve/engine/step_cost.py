@@ -12,9 +12,11 @@ from its own steps:
 (the sequence's computed past plus half the chunk, causal), in thousands of tokens. It matters
 for a chunk deep into a long prompt, where attention, not the linear layers, grows.
 
-The fit is least squares over a window of recent steps, pulled toward a prior: before enough
-steps are seen, or where the steps seen do not separate two terms (every step with the same
-number of decodes), the prior holds. The prior is conservative (it overestimates a CPU's step
+The fit is least squares over the recent steps, the last `window` / 2 that prefilled and the
+last `window` / 2 that did not (a long run of decode-only steps does not push the prefill
+steps, the only ones that tell the prefill terms, out of the window), pulled toward a prior:
+before enough steps are seen, or where the steps seen do not separate two terms (every step
+with the same number of decodes), the prior holds. The prior is conservative (it overestimates a CPU's step
 time), so the first prefill chunks beside decodes are small rather than too large.
 """
 
@@ -92,12 +94,13 @@ class StepCostModel:
 
     def __init__(self, prior: StepCoefficients = CONSERVATIVE_PRIOR, window: int = 64) -> None:
         self.prior = prior
-        self.steps: deque[tuple[StepShape, float]] = deque(maxlen=window)
+        self.prefill_steps: deque[tuple[StepShape, float]] = deque(maxlen=window // 2)
+        self.decode_steps: deque[tuple[StepShape, float]] = deque(maxlen=window - window // 2)
         self.coefficients = prior
 
     def observe(self, shape: StepShape, seconds: float) -> None:
         """Add a measured step and refit (a 4-column least squares over the window: microseconds)."""
-        self.steps.append((shape, seconds))
+        (self.prefill_steps if shape.prefill_tokens else self.decode_steps).append((shape, seconds))
         self.coefficients = self.fit()
 
     def fit(self) -> StepCoefficients:
@@ -105,11 +108,12 @@ class StepCostModel:
         the prior as PRIOR_WEIGHT pseudo-steps per coefficient (each feature at its typical
         size), which settles what the steps do not. A coefficient fitted below zero is clamped
         to zero: a step never gets faster for carrying more."""
-        if len(self.steps) < MIN_STEPS:
+        steps = [*self.prefill_steps, *self.decode_steps]
+        if len(steps) < MIN_STEPS:
             return self.prior
         scale = np.array(FEATURE_SCALE)
-        rows = np.array([shape.features() for shape, _ in self.steps]) / scale  # columns of like size
-        targets = np.array([seconds for _, seconds in self.steps])
+        rows = np.array([shape.features() for shape, _ in steps]) / scale  # columns of like size
+        targets = np.array([seconds for _, seconds in steps])
         prior_rows = np.eye(4) * math.sqrt(PRIOR_WEIGHT)
         prior_targets = prior_rows @ (np.array(astuple(self.prior)) * scale)
         solution, *_ = np.linalg.lstsq(np.vstack([rows, prior_rows]), np.concatenate([targets, prior_targets]), rcond=None)
