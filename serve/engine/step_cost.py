@@ -26,8 +26,6 @@ import math
 from collections import deque
 from dataclasses import astuple, dataclass
 
-import numpy as np
-
 from serve.engine.sequence import Sequence
 
 
@@ -66,6 +64,22 @@ PRIOR_WEIGHT = 0.01
 FEATURE_SCALE = (1.0, 8.0, 256.0, 256.0)
 
 
+def solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """x with a @ x = b, for a small positive definite a (Gaussian elimination, partial pivoting)."""
+    n = len(b)
+    rows = [[*a[i], b[i]] for i in range(n)]
+    for k in range(n):
+        pivot = max(range(k, n), key=lambda r: abs(rows[r][k]))
+        rows[k], rows[pivot] = rows[pivot], rows[k]
+        for r in range(k + 1, n):
+            factor = rows[r][k] / rows[k][k]
+            rows[r] = [v - factor * w for v, w in zip(rows[r], rows[k])]
+    x = [0.0] * n
+    for k in reversed(range(n)):
+        x[k] = (rows[k][n] - sum(rows[k][j] * x[j] for j in range(k + 1, n))) / rows[k][k]
+    return x
+
+
 def chunk_attention(past: int, tokens: int) -> float:
     """A prefill chunk's attention work: `tokens` queries over `past` + about half the chunk, /1000."""
     return tokens * (past + tokens / 2) / 1000
@@ -99,25 +113,30 @@ class StepCostModel:
         self.coefficients = prior
 
     def observe(self, shape: StepShape, seconds: float) -> None:
-        """Add a measured step and refit (a 4-column least squares over the window: microseconds)."""
+        """Add a measured step and refit (4 unknowns over at most `window` steps: ~0.1 ms)."""
         (self.prefill_steps if shape.prefill_tokens else self.decode_steps).append((shape, seconds))
         self.coefficients = self.fit()
 
     def fit(self) -> StepCoefficients:
-        """The prior until MIN_STEPS steps are seen; then least squares over the window, with
+        """The prior until MIN_STEPS steps are seen; then least squares over the kept steps, with
         the prior as PRIOR_WEIGHT pseudo-steps per coefficient (each feature at its typical
         size), which settles what the steps do not. A coefficient fitted below zero is clamped
-        to zero: a step never gets faster for carrying more."""
+        to zero: a step never gets faster for carrying more. Plain Python normal equations (4x4,
+        well conditioned by the scaling and the prior): a BLAS call here would start threads
+        that compete with the model's for the same cores, every step."""
         steps = [*self.prefill_steps, *self.decode_steps]
         if len(steps) < MIN_STEPS:
             return self.prior
-        scale = np.array(FEATURE_SCALE)
-        rows = np.array([shape.features() for shape, _ in steps]) / scale  # columns of like size
-        targets = np.array([seconds for _, seconds in steps])
-        prior_rows = np.eye(4) * math.sqrt(PRIOR_WEIGHT)
-        prior_targets = prior_rows @ (np.array(astuple(self.prior)) * scale)
-        solution, *_ = np.linalg.lstsq(np.vstack([rows, prior_rows]), np.concatenate([targets, prior_targets]), rcond=None)
-        return StepCoefficients(*(max(0.0, float(c)) for c in solution / scale))
+        gram = [[PRIOR_WEIGHT * (i == j) for j in range(4)] for i in range(4)]
+        rhs = [PRIOR_WEIGHT * c * scale for c, scale in zip(astuple(self.prior), FEATURE_SCALE)]
+        for shape, seconds in steps:
+            x = [f / scale for f, scale in zip(shape.features(), FEATURE_SCALE)]  # columns of like size
+            for i in range(4):
+                rhs[i] += x[i] * seconds
+                for j in range(4):
+                    gram[i][j] += x[i] * x[j]
+        solution = solve(gram, rhs)
+        return StepCoefficients(*(max(0.0, c / scale) for c, scale in zip(solution, FEATURE_SCALE)))
 
     def predict(self, shape: StepShape) -> float:
         return self.coefficients.predict(shape)
