@@ -12,13 +12,18 @@ mean 1/rate and shape --burstiness (1: Poisson; below 1: burstier), seeded. Work
   random   prompts of --input-len tokens and --output-len new tokens (+-10 %), filler text;
   chat     a chat-like length mix: prompt and output lengths log-normal (medians 256 and 128);
   prefix   every prompt shares one --prefix-len-token document, then its own 32-token question
-           (the prefix cache's case: report its hit rate from /metrics).
+           (the prefix cache's case: report its hit rate from /metrics);
+  mixed    --streams requests (64-token prompts, --stream-len new tokens) sent at once, then
+           --num-prompts long prompts (--long-min..--long-max tokens, seeded) arriving at the rate
+           while they decode: the inter-token latency a long prefill costs the streams
+           (ministack's --max-itl-ms, passed with --max-itl-ms here, bounds it).
 Each rate gets prompts of its own (no rate is served from an earlier one's prefix cache, except
 the shared document of `prefix`, which is the point); --warmup requests run first, unmeasured.
 Greedy with ignore_eos, so each request gets exactly the tokens it asked for.
 
     python bench/serve_load.py --rates 0.5,1,2,inf --workload chat --num-prompts 32 --out runs/load.json
     python bench/serve_load.py --url http://127.0.0.1:8000 ...          # a server already running
+    python bench/serve_load.py --workload mixed --rates 0.2 --num-prompts 8 --max-itl-ms 80 --out runs/mixed.json
 
 Without --url it starts `ministack serve` (and, with --vllm-python, vLLM's server after it, on
 the same requests), one at a time, so no two engines share the cores.
@@ -75,7 +80,7 @@ def stats(values: list[float]) -> dict[str, float]:
 
 def workload(name: str, tokenizer, count: int, rng: random.Random, args) -> list[Request]:
     """`count` requests of the named workload, prompts cut from offline filler text."""
-    text = tokenizer.encode(" ".join(haystack(rng, 4000)), add_special_tokens=False)
+    text = tokenizer.encode(" ".join(haystack(rng, 4000 if name != "mixed" else 12000)), add_special_tokens=False)
 
     def cut(n: int) -> list[int]:
         at = rng.randrange(0, len(text) - n)
@@ -90,7 +95,10 @@ def workload(name: str, tokenizer, count: int, rng: random.Random, args) -> list
     if name == "prefix":
         document = args.shared_document
         return [Request(document + cut(32), args.output_len) for _ in range(count)]
-    raise ValueError(f"--workload must be random, chat or prefix, got {name!r}")
+    if name == "mixed":  # the streams first (open_loop sends them at once), then the long prompts
+        return ([Request(cut(64), args.stream_len) for _ in range(args.streams)]
+                + [Request(cut(rng.randint(args.long_min, args.long_max)), args.output_len) for _ in range(count)])
+    raise ValueError(f"--workload must be random, chat, prefix or mixed, got {name!r}")
 
 
 async def send(client: httpx.AsyncClient, model: str, request: Request) -> Outcome:
@@ -120,8 +128,9 @@ async def send(client: httpx.AsyncClient, model: str, request: Request) -> Outco
 
 
 async def open_loop(url: str, model: str, requests: list[Request], rate: float, burstiness: float,
-                    rng: random.Random, max_concurrency: int | None) -> tuple[list[Outcome], float]:
-    """Send each request at its arrival time (gamma gaps of mean 1/rate), not waiting for others."""
+                    rng: random.Random, max_concurrency: int | None, at_once: int = 0) -> tuple[list[Outcome], float]:
+    """Send each request at its arrival time (gamma gaps of mean 1/rate), not waiting for others;
+    the first `at_once` all at the start."""
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     limits = httpx.Limits(max_connections=max_concurrency or len(requests) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
@@ -133,9 +142,9 @@ async def open_loop(url: str, model: str, requests: list[Request], rate: float, 
                 return await send(client, model, request)
 
         tasks, start = [], time.perf_counter()
-        for request in requests:
+        for i, request in enumerate(requests):
             tasks.append(asyncio.create_task(one(request)))
-            if math.isfinite(rate):
+            if math.isfinite(rate) and i + 1 >= at_once:
                 await asyncio.sleep(rng.gammavariate(burstiness, 1.0 / (rate * burstiness)))
         outcomes = await asyncio.gather(*tasks)
     return list(outcomes), time.perf_counter() - start
@@ -169,12 +178,15 @@ def sweep(engine: str, url: str, tokenizer, args) -> list[dict]:
     rows = []
     for rate in args.rates:
         requests = workload(args.workload, tokenizer, args.num_prompts, random.Random(f"{args.seed}-{rate}"), args)
-        outcomes, wall = asyncio.run(open_loop(url, model, requests, rate, args.burstiness, random.Random(args.seed), args.max_concurrency))
+        at_once = args.streams if args.workload == "mixed" else 0
+        outcomes, wall = asyncio.run(open_loop(url, model, requests, rate, args.burstiness, random.Random(args.seed),
+                                               args.max_concurrency, at_once))
         row = {"engine": engine, "rate": rate, **summarize(outcomes, wall, args)}
         rows.append(row)
         print(f"  {engine:<10} rate {rate:>5}/s: {row['completed']:>3} ok, {row['rejected_429']} 429, {row['errors']} errors; "
               f"{row['output_throughput']:7.1f} out tok/s, goodput {row['goodput']:.2f} req/s; TTFT p50 {row['ttft_ms']['p50']:7.0f} "
-              f"p99 {row['ttft_ms']['p99']:7.0f} ms; TPOT p50 {row['tpot_ms']['p50']:5.0f} ms; ITL p99 {row['itl_ms']['p99']:5.0f} ms",
+              f"p99 {row['ttft_ms']['p99']:7.0f} ms; TPOT p50 {row['tpot_ms']['p50']:5.0f} ms; "
+              f"ITL p50 {row['itl_ms']['p50']:5.0f} p99 {row['itl_ms']['p99']:5.0f} ms",
               flush=True)
     return rows
 
@@ -186,10 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="0.5,1,2,inf", help="request rates per second, comma-separated; inf: all at once")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps (1: Poisson)")
     p.add_argument("--num-prompts", type=int, default=32, help="requests per rate")
-    p.add_argument("--workload", default="chat", choices=("random", "chat", "prefix"))
+    p.add_argument("--workload", default="chat", choices=("random", "chat", "prefix", "mixed"))
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--prefix-len", type=int, default=2048, help="the shared document of --workload prefix, tokens")
+    p.add_argument("--streams", type=int, default=8, help="--workload mixed: requests decoding when the long prompts arrive")
+    p.add_argument("--stream-len", type=int, default=1024, help="--workload mixed: the streams' new tokens")
+    p.add_argument("--long-min", type=int, default=2048, help="--workload mixed: the long prompts' shortest, tokens")
+    p.add_argument("--long-max", type=int, default=7936, help="--workload mixed: their longest (+ --output-len within the context)")
+    p.add_argument("--max-itl-ms", type=float, default=None, help="start ministack serve with --max-itl-ms this")
     p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (default none)")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
@@ -202,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     args.rates = [math.inf if r.strip() == "inf" else float(r) for r in args.rates.split(",")]
     if args.burstiness <= 0:
         p.error("--burstiness must be > 0")
+    if args.workload == "mixed" and not 1 <= args.long_min <= args.long_max:
+        p.error("--workload mixed needs 1 <= --long-min <= --long-max")
 
     from transformers import AutoTokenizer
 
@@ -209,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rng = random.Random(args.seed)
     args.shared_document = tokenizer.encode(" ".join(haystack(rng, args.prefix_len)), add_special_tokens=False)[: args.prefix_len]
-    print(f"{args.workload} workload, {args.num_prompts} requests per rate, burstiness {args.burstiness}, seed {args.seed}; "
+    print(f"{args.workload} workload, {args.num_prompts} requests per rate, burstiness {args.burstiness}, seed {args.seed}, "
+          f"max-itl-ms {args.max_itl_ms}; "
           f"SLOs TTFT {args.slo_ttft_ms:.0f} ms, TPOT {args.slo_tpot_ms:.0f} ms", flush=True)
     rows: list[dict] = []
     if args.url:
@@ -218,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--embedding-model", "none",
                "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--log-level", "warning"]
+        if args.max_itl_ms is not None:
+            cmd += ["--max-itl-ms", str(args.max_itl_ms)]
         with server(cmd, port) as url:
             rows += sweep("ministack", url, tokenizer, args)
         if args.vllm_python:

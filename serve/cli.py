@@ -168,6 +168,9 @@ def build_backend(args: argparse.Namespace):
         for flag, value in (("--kv-cache-dtype", args.kv_cache_dtype != "auto"), ("--kv-cache-disk", args.kv_cache_disk),
                             ("--rope-scaling", args.rope_scaling),
                             ("--json-max-digits", args.json_max_digits != parser().get_default("json_max_digits")),
+                            ("--max-itl-ms", args.max_itl_ms),
+                            ("--long-prefill-token-threshold", args.long_prefill_token_threshold),
+                            ("--max-num-partial-prefills", args.max_num_partial_prefills != 1),
                             ("--max-num-queued-tokens", args.max_num_queued_tokens),
                             ("--max-queue-time", args.max_queue_time)):
             if value:

@@ -47,6 +47,11 @@ class EngineConfig:
     max_model_len: int | None = flag(None, "default: the model's context length")
     max_num_seqs: int = flag(64, "sequences batched at once")
     max_num_batched_tokens: int = flag(512, "tokens per engine step")  # decodes + prefill chunks
+    # prefill beside running decodes (serve.engine.scheduler, PrefillLimits): None/0/1 as today
+    max_itl_ms: float | None = flag(None, "while sequences decode, cap each step's prefill so its predicted time (fitted from "
+                                          "measured steps) stays under this many ms; default: no cap", metavar="MS")
+    long_prefill_token_threshold: int = flag(0, "a prompt longer than this takes at most this many tokens a step (vLLM's); 0: off")
+    max_num_partial_prefills: int = flag(1, "prompts part-way prefilled at once, sharing a step's prefill budget (vLLM's)")
     enable_prefix_caching: bool = True
     # fcfs: waiting requests in arrival order; priority: by each request's `priority` (lower
     # first, then arrival), and preemption takes the lowest-priority running sequence (vLLM's policies)
@@ -101,6 +106,13 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.json_max_digits < 2:
             raise ValueError(f"json_max_digits must be >= 2 (a number's digits before its point), got {self.json_max_digits}")
+        if self.max_itl_ms is not None and not 0 < self.max_itl_ms < float("inf"):
+            raise ValueError(f"max_itl_ms (--max-itl-ms) must be a number of milliseconds > 0, got {self.max_itl_ms}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold (--long-prefill-token-threshold) must be >= 0 (0: off), "
+                             f"got {self.long_prefill_token_threshold}")
+        if self.max_num_partial_prefills < 1:
+            raise ValueError(f"max_num_partial_prefills (--max-num-partial-prefills) must be >= 1, got {self.max_num_partial_prefills}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -15,6 +15,7 @@ ENGINE_FLAGS = {  # the flags users and scripts rely on; generated or not, none 
     "--model", "--device", "--dtype", "--half-weights", "--max-model-len", "--rope-scaling", "--kv-cache-dtype",
     "--kv-cache-gb", "--kv-cache-fraction", "--kv-cache-disk", "--kv-cache-disk-gb", "--max-num-seqs",
     "--max-num-batched-tokens", "--speculative-config", "--scheduling-policy", "--json-max-digits",
+    "--max-itl-ms", "--long-prefill-token-threshold", "--max-num-partial-prefills",
 }
 
 
@@ -34,6 +35,7 @@ def test_each_flag_reaches_its_field():
         "--kv-cache-disk", "/tmp/kv", "--kv-cache-disk-gb", "2", "--half-weights", "off",
         "--rope-scaling", '{"rope_type": "yarn", "factor": 2.0}',
         "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}', "--json-max-digits", "9",
+        "--max-itl-ms", "80", "--long-prefill-token-threshold", "256", "--max-num-partial-prefills", "2",
     ])
     config = engine_config(args, ledger="x.jsonl")
     assert (config.model, config.device, config.dtype, config.kv_cache_dtype, config.kv_cache_fraction) == ("m", "cuda", "float16", "int8", 0.5)
@@ -41,6 +43,7 @@ def test_each_flag_reaches_its_field():
     assert (config.kv_cache_disk, config.kv_cache_disk_bytes, config.half_weights) == ("/tmp/kv", 2 << 30, False)
     assert config.rope_scaling == {"rope_type": "yarn", "factor": 2.0} and config.num_speculative_tokens == 3
     assert config.ledger == "x.jsonl" and config.kv_cache_bytes is None and config.json_max_digits == 9
+    assert (config.max_itl_ms, config.long_prefill_token_threshold, config.max_num_partial_prefills) == (80.0, 256, 2)
 
 
 @pytest.mark.parametrize("argv", [

@@ -32,9 +32,10 @@ from serve.engine.sampler import Sampler
 from serve.engine.structured import Grammars
 from serve.engine.token_bytes import TokenBytes
 from serve.engine.sampling_params import ParamError, SamplingParams
-from serve.engine.scheduler import Scheduler
+from serve.engine.scheduler import PrefillLimits, Scheduler
 from serve.engine.sequence import Request, Sequence
 from serve.engine.speculative import NgramProposer, NgramSpeculator
+from serve.engine.step_cost import StepCostModel, shape_of
 from serve.models import load_model
 from serve.models.llama import layer_windows
 from serve.weights import eos_ids, generation_defaults, model_name, resolve_model
@@ -96,7 +97,11 @@ class LLMEngine:
             f"weights {'float16 storage, float32 math' if self.half_weights else str(self.dtype).removeprefix('torch.')}"
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.kv_window)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy)
+        self.step_cost = StepCostModel()  # under max_itl_ms: fitted from every step, it sizes prefill chunks
+        limits = PrefillLimits(None if config.max_itl_ms is None else config.max_itl_ms / 1e3, self.step_cost,
+                               long_prefill_token_threshold=config.long_prefill_token_threshold,
+                               max_num_partial_prefills=config.max_num_partial_prefills)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy, limits)
         self.speculator = (NgramSpeculator(NgramProposer(config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min))
                            if config.num_speculative_tokens else None)
         self.runner = ModelRunner(self.model, shape, num_blocks, config.block_size, self.dtype, self.device, self.kv_dtype)
@@ -243,6 +248,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; an output for every request that got tokens or finished."""
+        began = time.perf_counter()
         if self.speculator is not None:
             self.speculator.draft(self.scheduler.running)
         batch = self.scheduler.schedule()
@@ -250,6 +256,7 @@ class LLMEngine:
             self.speculator.undraft_unscheduled(batch)
         if not batch:
             return []
+        shape = shape_of(batch)
         scheduled = time.time()
         for seq, _ in batch:
             seq.request.first_scheduled_time = seq.request.first_scheduled_time or scheduled
@@ -294,6 +301,8 @@ class LLMEngine:
         outputs = [request_output(r, new_tokens, self.law_params) for r in touched.values()]
         for request in finished:
             self._retire(request)
+        if self.config.max_itl_ms is not None:  # the whole step: what a stream waits between tokens
+            self.step_cost.observe(shape, time.perf_counter() - began)
         return outputs
 
     def _commit(self, seq: Sequence) -> None:
