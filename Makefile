@@ -43,8 +43,10 @@ TEST_WORKERS ?= auto
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# ruff's linter (rules and line length in pyproject.toml); .ci/run calls it before the tests
+# ruff: the formatter's check (run `ruff format` to fix) and the linter (rules and line length in
+# pyproject.toml); .ci/run calls it before the tests
 lint: setup
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
 clean:

@@ -47,8 +47,15 @@ def spinner(cpu: int | None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", SPIN, *([] if cpu is None else [str(cpu)])])
 
 
-def child(arm: str, steps: int, batch: int, latent: tuple[int, int, int], late_spin: bool, pin: int | None,
-          model_config: str = "configs/models/tiny-p4.yaml") -> dict:
+def child(
+    arm: str,
+    steps: int,
+    batch: int,
+    latent: tuple[int, int, int],
+    late_spin: bool,
+    pin: int | None,
+    model_config: str = "configs/models/tiny-p4.yaml",
+) -> dict:
     """One arm in this (fresh) process: build, warm up one step, time `steps` steps."""
     sys.path.insert(0, str(ROOT))
     from profiling import threads as cpu
@@ -101,14 +108,37 @@ def child(arm: str, steps: int, batch: int, latent: tuple[int, int, int], late_s
         if spin is not None:
             spin.kill()
             spin.wait()
-    return {"arm": arm, "threads": threads, "step_s": times, "cpu_s": cpu_s, "said": said,
-            "wait": cpu.wait_policy() if arm != "today" else "runtime default", "median_s": statistics.median(times)}
+    return {
+        "arm": arm,
+        "threads": threads,
+        "step_s": times,
+        "cpu_s": cpu_s,
+        "said": said,
+        "wait": cpu.wait_policy() if arm != "today" else "runtime default",
+        "median_s": statistics.median(times),
+    }
 
 
 def run_arm(arm: str, args, busy: bool, late: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _OMP_VARS}
-    cmd = [sys.executable, __file__, "--child", arm, "--steps", str(args.steps), "--batch", str(args.batch),
-           "--latent", args.latent, "--model", args.model] + (["--late-spin"] if late else []) + ([] if args.pin is None else ["--pin", str(args.pin)])
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            arm,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--latent",
+            args.latent,
+            "--model",
+            args.model,
+        ]
+        + (["--late-spin"] if late else [])
+        + ([] if args.pin is None else ["--pin", str(args.pin)])
+    )
     spin = spinner(args.pin) if busy else None
     try:
         if spin is not None:
@@ -125,7 +155,10 @@ def run_arm(arm: str, args, busy: bool, late: bool) -> dict:
 
 def scenario(name: str, pairs: int, args, arms: list[str]) -> None:
     busy, late = name == "busy", name == "late"
-    print(f"\n== {name}: {pairs} interleaved pairs, {args.steps} timed steps per arm (median), ratio = today / arm", flush=True)
+    print(
+        f"\n== {name}: {pairs} interleaved pairs, {args.steps} timed steps per arm (median), ratio = today / arm",
+        flush=True,
+    )
     medians: dict[str, list[float]] = {a: [] for a in arms}
     for i in range(pairs):
         order = arms if i % 2 == 0 else arms[::-1]
@@ -136,16 +169,21 @@ def scenario(name: str, pairs: int, args, arms: list[str]) -> None:
         for a in arms:
             r = got[a]
             extra = "" if a == "today" else f" ({medians['today'][-1] / r['median_s']:.2f}x)"
-            cells.append(f"{a} {r['median_s']:.2f} s/step{extra}, threads {'/'.join(map(str, sorted(set(r['threads']))))}")
+            cells.append(
+                f"{a} {r['median_s']:.2f} s/step{extra}, threads {'/'.join(map(str, sorted(set(r['threads']))))}"
+            )
         print(f"pair {i + 1}: " + " | ".join(cells), flush=True)
         for a in arms:
             for line in got[a]["said"]:
                 print(f"    {a}: {line}", flush=True)
     for a in arms[1:]:
         ratios = [t / p for t, p in zip(medians["today"], medians[a])]
-        print(f"{name}: {a} vs today: median step {statistics.median(medians[a]):.2f} s vs "
-              f"{statistics.median(medians['today']):.2f} s; speedup median {statistics.median(ratios):.2f}x, "
-              f"worst pair {min(ratios):.2f}x", flush=True)
+        print(
+            f"{name}: {a} vs today: median step {statistics.median(medians[a]):.2f} s vs "
+            f"{statistics.median(medians['today']):.2f} s; speedup median {statistics.median(ratios):.2f}x, "
+            f"worst pair {min(ratios):.2f}x",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -155,8 +193,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per arm (after one warm-up step)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--latent", default="5,32,32", help="latent T,H,W")
-    p.add_argument("--model", default="configs/models/tiny-p4.yaml", help="model config (the demo's: configs/models/digits.yaml)")
-    p.add_argument("--pin", type=int, default=None, help="pin the busy loop to this CPU (default: the scheduler places it)")
+    p.add_argument(
+        "--model", default="configs/models/tiny-p4.yaml", help="model config (the demo's: configs/models/digits.yaml)"
+    )
+    p.add_argument(
+        "--pin", type=int, default=None, help="pin the busy loop to this CPU (default: the scheduler places it)"
+    )
     p.add_argument("--passive-arm", action="store_true", help="also run torch's default threads with passive waits")
     p.add_argument("--scenarios", default="busy,quiet", help="comma-separated: busy, quiet (late: --late-pairs)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -169,8 +211,10 @@ def main() -> None:
     from profiling.cpu import _cpuinfo
     from profiling.threads import affinity
 
-    print(f"CPU {_cpuinfo()[0]}, affinity {affinity()}, torch default threads = {len(affinity())}; "
-          f"step: the DiT of {args.model}, batch {args.batch}, latent {args.latent}, fp32")
+    print(
+        f"CPU {_cpuinfo()[0]}, affinity {affinity()}, torch default threads = {len(affinity())}; "
+        f"step: the DiT of {args.model}, batch {args.batch}, latent {args.latent}, fp32"
+    )
     arms = ["today", "policy"] + (["passive"] if args.passive_arm else [])
     for name in args.scenarios.split(","):
         scenario(name, args.pairs, args, arms)

@@ -47,26 +47,51 @@ def main(argv: list[str] | None = None) -> int:
 
     model = resolve_model(None)
     tok = AutoTokenizer.from_pretrained(model)
-    document = tok.encode(" ".join(haystack(random.Random(0), args.tokens // 4)), add_special_tokens=False)[: args.tokens]
+    document = tok.encode(" ".join(haystack(random.Random(0), args.tokens // 4)), add_special_tokens=False)[
+        : args.tokens
+    ]
     questions = [tok.encode(f" Question {i}: what happened at the end?", add_special_tokens=False) for i in range(3)]
     results = {}
     with tempfile.TemporaryDirectory() as disk:
         port = free_port()
-        cmd = [sys.executable, "-m", "serve", "--port", str(port), "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype,
-               "--max-model-len", str(args.tokens + 64), "--kv-cache-gb", "2", "--kv-cache-disk", disk, "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "serve",
+            "--port",
+            str(port),
+            "--dtype",
+            args.dtype,
+            "--kv-cache-dtype",
+            args.kv_cache_dtype,
+            "--max-model-len",
+            str(args.tokens + 64),
+            "--kv-cache-gb",
+            "2",
+            "--kv-cache-disk",
+            disk,
+            "--log-level",
+            "warning",
+        ]
         with server(cmd, port) as url:
             results["cold"] = ttft(url, document + questions[0])
             results["memory"] = ttft(url, document + questions[1])
         with server(cmd, port) as url:  # a new process: nothing in memory
             results["disk"] = ttft(url, document + questions[2])
     cold = results["cold"][0]
-    print(f"\n{len(document):,}-token document + a question; --dtype {args.dtype}, --kv-cache-dtype {args.kv_cache_dtype}\n")
+    print(
+        f"\n{len(document):,}-token document + a question; --dtype {args.dtype}, --kv-cache-dtype {args.kv_cache_dtype}\n"
+    )
     print("| send | TTFT | of cold | cached tokens (disk) |")
     print("|---|---|---|---|")
     for name, (seconds, details) in results.items():
-        print(f"| {name} | {seconds * 1e3:,.0f} ms | {seconds / cold:.1%} | {details.get('cached_tokens', 0):,} ({details.get('disk_cached_tokens', 0):,}) |")
+        print(
+            f"| {name} | {seconds * 1e3:,.0f} ms | {seconds / cold:.1%} | {details.get('cached_tokens', 0):,} ({details.get('disk_cached_tokens', 0):,}) |"
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps({k: {"ttft_s": v[0], "details": v[1]} for k, v in results.items()}, indent=1))
+        Path(args.out).write_text(
+            json.dumps({k: {"ttft_s": v[0], "details": v[1]} for k, v in results.items()}, indent=1)
+        )
     return 0
 
 

@@ -61,15 +61,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
-                   help="cosine: warm-up then cosine to zero at --steps, as `ministack train` does")
+    p.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=("cosine", "constant"),
+        help="cosine: warm-up then cosine to zero at --steps, as `ministack train` does",
+    )
     p.add_argument("--ema", type=float, default=0.99)
     p.add_argument("--cond-drop", type=float, default=0.1)
     p.add_argument("--sigma-sampling", default="logit_normal", choices=("logit_normal", "uniform"))
     p.add_argument("--sigma-shift", type=float, default=1.0)
     p.add_argument("--target", default="native", choices=("native", "data"))
-    p.add_argument("--loss-space", default="velocity", choices=("velocity", "data"),
-                   help="the loss on the velocity (unweighted) or on the clean frame (sigma^2-weighted): needs --target data")
+    p.add_argument(
+        "--loss-space",
+        default="velocity",
+        choices=("velocity", "data"),
+        help="the loss on the velocity (unweighted) or on the clean frame (sigma^2-weighted): needs --target data",
+    )
     p.add_argument("--norm", default="layer", choices=("layer", "rms"), help="the blocks' and final layer's norm")
     p.add_argument("--no-pooled-text", action="store_true")
     p.add_argument("--qk-norm", action="store_true", help="RMSNorm on each head's queries and keys")
@@ -77,8 +85,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attention", default="full", choices=("full", "factorized"))
     p.add_argument("--class-labels", action="store_true", help="condition on the digit's label, not the caption")
     p.add_argument("--canonical", action="store_true", help="train on the canonical caption wording only")
-    p.add_argument("--guidance", default="4", help="classifier-free guidance scale; a comma list: each is read at the last step")
-    p.add_argument("--sampling-steps", default="20", help="Euler steps of the sampler; a comma list: each is read at the last step")
+    p.add_argument(
+        "--guidance", default="4", help="classifier-free guidance scale; a comma list: each is read at the last step"
+    )
+    p.add_argument(
+        "--sampling-steps", default="20", help="Euler steps of the sampler; a comma list: each is read at the last step"
+    )
     p.add_argument("--prompts", type=int, default=80)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     p.add_argument("--out", default="/tmp/digits-recipe", help="sample sheets and the JSON lines of each evaluation")
@@ -99,25 +111,44 @@ def render(args: argparse.Namespace, encoder: TextEncoder) -> dict:
         clips = MovingDigits(args.clips, seed=seed, sizes=((frames, args.size, args.size),))
         items = [clips[i] for i in range(len(clips))]
         captions = [canonical_caption(c.attrs) if args.canonical else c.caption for c in items]
-        states, masks = zip(*(encoder(captions[s:s + 256], pad_to_max_length=True) for s in range(0, len(captions), 256)))
-        data[frames] = (torch.stack([c.video[0] for c in items]).half(), torch.cat(states).half(), torch.cat(masks),
-                        torch.tensor([c.attrs["label"] for c in items]))
+        states, masks = zip(
+            *(encoder(captions[s : s + 256], pad_to_max_length=True) for s in range(0, len(captions), 256))
+        )
+        data[frames] = (
+            torch.stack([c.video[0] for c in items]).half(),
+            torch.cat(states).half(),
+            torch.cat(masks),
+            torch.tensor([c.attrs["label"] for c in items]),
+        )
     data["null"] = tuple(encoder([""], pad_to_max_length=True))
     torch.save(data, path)
     return data
 
 
 def build_model(args: argparse.Namespace, text_dim: int) -> DiT:
-    model = DiT.from_dit_config(DiTConfig(
-        in_channels=3, patch_size=(1, args.patch, args.patch), hidden_size=args.hidden, depth=args.depth,
-        num_heads=args.heads, text_dim=0 if args.class_labels else text_dim, num_classes=10 if args.class_labels else 0,
-        pooled_text=not (args.no_pooled_text or args.class_labels), target=args.target, qk_norm=args.qk_norm,
-        positions=args.positions, attention=args.attention))
+    model = DiT.from_dit_config(
+        DiTConfig(
+            in_channels=3,
+            patch_size=(1, args.patch, args.patch),
+            hidden_size=args.hidden,
+            depth=args.depth,
+            num_heads=args.heads,
+            text_dim=0 if args.class_labels else text_dim,
+            num_classes=10 if args.class_labels else 0,
+            pooled_text=not (args.no_pooled_text or args.class_labels),
+            target=args.target,
+            qk_norm=args.qk_norm,
+            positions=args.positions,
+            attention=args.attention,
+        )
+    )
     if args.norm == "rms":  # the lever tried here only: the model keeps LayerNorm unless RMSNorm wins
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, torch.nn.LayerNorm):
-                    setattr(module, name, torch.nn.RMSNorm(child.normalized_shape, eps=child.eps, elementwise_affine=False))
+                    setattr(
+                        module, name, torch.nn.RMSNorm(child.normalized_shape, eps=child.eps, elementwise_affine=False)
+                    )
     return model
 
 
@@ -144,27 +175,52 @@ def batch(data: dict, frames: int, n: int, args: argparse.Namespace, g: torch.Ge
 
 
 @torch.no_grad()
-def evaluate(model: DiT, ema: EMA, encoder: TextEncoder, judge: judges.Judge, args: argparse.Namespace, step: int,
-             guidance: float, sampling_steps: int) -> dict:
+def evaluate(
+    model: DiT,
+    ema: EMA,
+    encoder: TextEncoder,
+    judge: judges.Judge,
+    args: argparse.Namespace,
+    step: int,
+    guidance: float,
+    sampling_steps: int,
+) -> dict:
     sampler = copy.deepcopy(model).eval()
     ema.copy_to(sampler)
-    pipe = MiniStackPipeline(sampler, make_scheduler("flow"), load_codec("identity"), None if args.class_labels else encoder)
+    pipe = MiniStackPipeline(
+        sampler, make_scheduler("flow"), load_codec("identity"), None if args.class_labels else encoder
+    )
     pipe.set_progress_bar_config(disable=True)
     attrs = judges.prompt_attrs("digits", args.prompts, args.frames, 0)
     prompts = [judges.caption("digits", a) for a in attrs]
     generator, videos = torch.Generator().manual_seed(0), []
     for s in range(0, len(prompts), 40):
-        labels = {"class_labels": [a["label"] for a in attrs[s:s + 40]]} if args.class_labels else {}
-        videos.append(pipe(prompts[s:s + 40], frames=args.frames, height=args.size, width=args.size, generator=generator,
-                           num_inference_steps=sampling_steps, guidance_scale=guidance, **labels).videos)
+        labels = {"class_labels": [a["label"] for a in attrs[s : s + 40]]} if args.class_labels else {}
+        videos.append(
+            pipe(
+                prompts[s : s + 40],
+                frames=args.frames,
+                height=args.size,
+                width=args.size,
+                generator=generator,
+                num_inference_steps=sampling_steps,
+                guidance_scale=guidance,
+                **labels,
+            ).videos
+        )
     videos = np.concatenate(videos)
     write_image(Path(args.out) / f"step-{step:06d}-g{guidance:g}-s{sampling_steps}.png", contact_sheet(videos))
     reading = judges.read(judge.classifier, torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
     scored = judges.score(reading, attrs)
     fd, floor = judge.frechet(reading.features)
-    return {"step": step, **{k: round(a.value, 4) for k, a in scored.items()},
-            **{f"{k}_95": [round(x, 3) for x in a.interval] for k, a in scored.items()}, "fd": round(fd, 2), "fd_floor": round(floor, 2),
-            "judge": {k: a.value for k, a in judge.validity.items()}}
+    return {
+        "step": step,
+        **{k: round(a.value, 4) for k, a in scored.items()},
+        **{f"{k}_95": [round(x, 3) for x in a.interval] for k, a in scored.items()},
+        "fd": round(fd, 2),
+        "fd_floor": round(floor, 2),
+        "judge": {k: a.value for k, a in judge.validity.items()},
+    }
 
 
 def sampler_settings(args: argparse.Namespace) -> list[tuple[float, int]]:
@@ -186,7 +242,11 @@ def main() -> None:
     model = build_model(args, encoder.dim)
     ema = EMA(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
-    decay = lr_lambda(args.warmup, args.steps) if args.schedule == "cosine" else lambda s: min(1.0, (s + 1) / max(1, args.warmup))
+    decay = (
+        lr_lambda(args.warmup, args.steps)
+        if args.schedule == "cosine"
+        else lambda s: min(1.0, (s + 1) / max(1, args.warmup))
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     g = torch.Generator().manual_seed(0)
     evals = {int(s) for s in args.eval_at.split(",") if s} | {args.steps}
@@ -194,10 +254,13 @@ def main() -> None:
     train_s, losses = 0.0, []
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
-        x, cond = batch(data, 1 if step % 2 == 0 else args.frames, args.image_batch if step % 2 == 0 else args.video_batch, args, g)
+        x, cond = batch(
+            data, 1 if step % 2 == 0 else args.frames, args.image_batch if step % 2 == 0 else args.video_batch, args, g
+        )
         timestep = flow_sigmas(len(x), g, args.sigma_sampling, args.sigma_shift) * TRAIN_STEPS
-        per_sample = training_loss(model, x, "flow", timestep=timestep, noise=torch.randn(x.shape, generator=g),
-                                   per_sample=True, **cond)
+        per_sample = training_loss(
+            model, x, "flow", timestep=timestep, noise=torch.randn(x.shape, generator=g), per_sample=True, **cond
+        )
         loss = (per_sample * loss_weights(timestep, args.loss_space)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

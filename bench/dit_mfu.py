@@ -57,7 +57,9 @@ def main() -> None:
     p.add_argument("--latent", default="8,16,16", help="latent T,H,W")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--text-len", type=int, default=32)
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or both: fp32,bf16 (default: bf16 on GPU, this CPU's preferred dtype)")
+    p.add_argument(
+        "--dtype", default=None, help="fp32, bf16 or both: fp32,bf16 (default: bf16 on GPU, this CPU's preferred dtype)"
+    )
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -69,12 +71,21 @@ def main() -> None:
         prepare_cpu()
     dtypes = args.dtype.split(",") if args.dtype else [auto_dtype(device)]
     for dtype in dtypes:
-        result = bench(args.config, tuple(int(v) for v in args.latent.split(",")), args.batch, args.text_len,
-                       normalize_dtype(dtype), device, args.steps)
+        result = bench(
+            args.config,
+            tuple(int(v) for v in args.latent.split(",")),
+            args.batch,
+            args.text_len,
+            normalize_dtype(dtype),
+            device,
+            args.steps,
+        )
         print(json.dumps(result, indent=1) if args.json else report(result))
 
 
-def bench(config: str, latent: tuple[int, int, int], b: int, text_len: int, dtype_name: str, device: str, steps: int) -> dict:
+def bench(
+    config: str, latent: tuple[int, int, int], b: int, text_len: int, dtype_name: str, device: str, steps: int
+) -> dict:
     """One config, shape and dtype: counted FLOPs, timed AdamW steps, both peaks."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     cfg = load_config(config)
@@ -118,11 +129,21 @@ def bench(config: str, latent: tuple[int, int, int], b: int, text_len: int, dtyp
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     table = accelerator(name).peak(dtype_name) if device == "cuda" else float("nan")
     return {
-        "device": name, "dtype": dtype_name, "config": config, "batch": b, "latent": latent,
-        "tokens_per_step": b * cfg.num_tokens(*latent), "measured_flops_per_step": counted.total,
-        "exact_flops_per_step": exact, "count_s": count_s, "step_s": step_s, "achieved_flops_per_s": achieved,
-        "matmul_peak_measured": peak_measured, "table_peak": table,
-        "mfu_vs_measured_matmul": achieved / peak_measured, "mfu_vs_table": achieved / table,
+        "device": name,
+        "dtype": dtype_name,
+        "config": config,
+        "batch": b,
+        "latent": latent,
+        "tokens_per_step": b * cfg.num_tokens(*latent),
+        "measured_flops_per_step": counted.total,
+        "exact_flops_per_step": exact,
+        "count_s": count_s,
+        "step_s": step_s,
+        "achieved_flops_per_s": achieved,
+        "matmul_peak_measured": peak_measured,
+        "table_peak": table,
+        "mfu_vs_measured_matmul": achieved / peak_measured,
+        "mfu_vs_table": achieved / table,
         "matmul_peak_vs_table": peak_measured / table,
     }
 
@@ -137,8 +158,10 @@ def report(r: dict) -> str:
         f"matmul peak measured here {r['matmul_peak_measured'] / 1e12:.3f} TFLOP/s  ->  MFU {r['mfu_vs_measured_matmul']:.1%}",
     ]
     if r["device"] != "cpu":
-        lines.append(f"table dense peak {r['table_peak'] / 1e12:.1f} TFLOP/s  ->  MFU {r['mfu_vs_table']:.1%}  "
-                     f"(matmul reaches {r['matmul_peak_vs_table']:.1%} of it)")
+        lines.append(
+            f"table dense peak {r['table_peak'] / 1e12:.1f} TFLOP/s  ->  MFU {r['mfu_vs_table']:.1%}  "
+            f"(matmul reaches {r['matmul_peak_vs_table']:.1%} of it)"
+        )
     return "\n".join(lines)
 
 

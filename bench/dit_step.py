@@ -82,14 +82,25 @@ def reference_arm(batch: int, latent: tuple[int, int, int]) -> Arm:
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12,
-                                  sample_size=latent[1], patch_size=2, num_embeds_ada_norm=1000)
+    model = DiTTransformer2DModel(
+        num_attention_heads=6,
+        attention_head_dim=64,
+        in_channels=4,
+        out_channels=8,
+        num_layers=12,
+        sample_size=latent[1],
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
     labels = torch.randint(0, 1000, (batch,))
     x0 = torch.randn(batch, 4, *latent[1:])
     forward = lambda xt, t: model(xt, timestep=(t * 999).long(), class_labels=labels).sample  # noqa: E731
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    return Arm("reference", flow_step(forward, list(model.parameters()), opt, x0, torch.autocast("cpu", enabled=False)),
-               batch * (latent[1] // 2) * (latent[2] // 2))
+    return Arm(
+        "reference",
+        flow_step(forward, list(model.parameters()), opt, x0, torch.autocast("cpu", enabled=False)),
+        batch * (latent[1] // 2) * (latent[2] // 2),
+    )
 
 
 def ours_arm(config: str, batch: int, latent: tuple[int, int, int], dtype: str, compiled: bool) -> tuple[Arm, DiT]:
@@ -110,7 +121,9 @@ def ours_arm(config: str, batch: int, latent: tuple[int, int, int], dtype: str, 
     opt = adamw(model.parameters(), 1e-4, 0.0)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     name = f"ministack {'compiled' if compiled else 'eager'} {dtype}"
-    return Arm(name, flow_step(forward, list(model.parameters()), opt, x0, autocast), batch * cfg.num_tokens(*latent)), model
+    return Arm(
+        name, flow_step(forward, list(model.parameters()), opt, x0, autocast), batch * cfg.num_tokens(*latent)
+    ), model
 
 
 def matmul_floor(model: DiT, batch: int, latent: tuple[int, int, int], dtype: str) -> tuple[float, float]:
@@ -123,8 +136,11 @@ def matmul_floor(model: DiT, batch: int, latent: tuple[int, int, int], dtype: st
     kw = {"y": torch.zeros(batch, dtype=torch.long)} if cfg.num_classes else {}
     if cfg.text_dim:
         kw.update(context=torch.randn(batch, 32, cfg.text_dim), context_mask=torch.ones(batch, 32, dtype=torch.bool))
-    counted = count_flops(forward_backward(model, torch.randn(batch, cfg.in_channels, *latent), torch.rand(batch), **kw),
-                          model.flop_parts, fake=True)
+    counted = count_flops(
+        forward_backward(model, torch.randn(batch, cfg.in_channels, *latent), torch.rand(batch), **kw),
+        model.flop_parts,
+        fake=True,
+    )
     return counted.total, matmul_peak("cpu", {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], seconds=1.0)
 
 
@@ -149,8 +165,11 @@ def main() -> None:
         from train.accelerator import mixed_precision
 
         dtype = "bf16" if mixed_precision("auto", cuda=False) == "bf16" else "fp32"
-    print(f"CPU {_cpuinfo()[0]}, {torch.get_num_threads()} threads, torch {torch.__version__}; ours {args.config} in {dtype}, "
-          f"batch {args.batch}, latent {args.latent}", flush=True)
+    print(
+        f"CPU {_cpuinfo()[0]}, {torch.get_num_threads()} threads, torch {torch.__version__}; ours {args.config} in {dtype}, "
+        f"batch {args.batch}, latent {args.latent}",
+        flush=True,
+    )
     arms = [] if args.no_reference else [reference_arm(args.batch, latent)]
     eager, model = ours_arm(args.config, args.batch, latent, dtype, compiled=False)
     arms.append(eager)
@@ -163,31 +182,42 @@ def main() -> None:
     for i in range(args.pairs):
         for arm in arms if i % 2 == 0 else arms[::-1]:
             arm.time(args.steps)
-        print(f"pair {i + 1}: " + " | ".join(
-            f"{a.name} {a.tokens / a.wall[-1]:.0f} tok/s ({a.wall[-1]:.2f} s, cpu {a.cpu[-1]:.2f} s)"
-            + ("" if a is base else f" {(a.tokens / a.wall[-1]) / (base.tokens / base.wall[-1]):.2f}x")
-            for a in arms), flush=True)
+        print(
+            f"pair {i + 1}: "
+            + " | ".join(
+                f"{a.name} {a.tokens / a.wall[-1]:.0f} tok/s ({a.wall[-1]:.2f} s, cpu {a.cpu[-1]:.2f} s)"
+                + ("" if a is base else f" {(a.tokens / a.wall[-1]) / (base.tokens / base.wall[-1]):.2f}x")
+                for a in arms
+            ),
+            flush=True,
+        )
     print()
     for arm in arms[1:]:
         ratios = [(arm.tokens / w) / (base.tokens / b) for w, b in zip(arm.wall, base.wall)]
         cpu_ratios = [(arm.tokens / w) / (base.tokens / b) for w, b in zip(arm.cpu, base.cpu)]
-        print(f"{arm.name} vs {base.name}: tokens/s ratio median {statistics.median(ratios):.2f}x, worst pair {min(ratios):.2f}x "
-              f"(CPU-time ratio median {statistics.median(cpu_ratios):.2f}x, worst {min(cpu_ratios):.2f}x); "
-              f"median {arm.tokens / statistics.median(arm.wall):.0f} vs {base.tokens / statistics.median(base.wall):.0f} tok/s")
+        print(
+            f"{arm.name} vs {base.name}: tokens/s ratio median {statistics.median(ratios):.2f}x, worst pair {min(ratios):.2f}x "
+            f"(CPU-time ratio median {statistics.median(cpu_ratios):.2f}x, worst {min(cpu_ratios):.2f}x); "
+            f"median {arm.tokens / statistics.median(arm.wall):.0f} vs {base.tokens / statistics.median(base.wall):.0f} tok/s"
+        )
     if not args.no_compile:
         compiled = arms[-1]
         extra = compiled.first_s - statistics.median(eager.wall)
         saved = statistics.median(eager.wall) - statistics.median(compiled.wall)
         payback = f"pays back after {extra / saved:.0f} steps" if saved > 0 else "never pays back (no step saved)"
-        print(f"compile: the first compiled step took {compiled.first_s:.1f} s ({extra:.1f} s over an eager step); "
-              f"{saved * 1e3:.0f} ms saved per step: {payback}")
+        print(
+            f"compile: the first compiled step took {compiled.first_s:.1f} s ({extra:.1f} s over an eager step); "
+            f"{saved * 1e3:.0f} ms saved per step: {payback}"
+        )
     flops, peak = matmul_floor(model, args.batch, latent, dtype)
     floor = flops / peak
     line = f"floor: {flops:.3e} matmul+attention FLOPs per step at {peak / 1e9:.1f} GFLOP/s (measured now) = {floor:.2f} s/step"
     if not args.no_reference:
         wall, cpu = statistics.median(base.wall), statistics.median(base.cpu)
-        line += (f"; the reference's median {wall:.2f} s/step (cpu {cpu:.2f} s): a step at the floor would be "
-                 f"{wall / floor:.2f}x it ({cpu / floor:.2f}x in CPU time)")
+        line += (
+            f"; the reference's median {wall:.2f} s/step (cpu {cpu:.2f} s): a step at the floor would be "
+            f"{wall / floor:.2f}x it ({cpu / floor:.2f}x in CPU time)"
+        )
     print(line)
 
 

@@ -35,13 +35,23 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.core.failures import Failure, FailureGroup  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
-    content_type_conformance, negative_data_rejection, response_headers_conformance, response_schema_conformance,
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
     status_code_conformance,
 )
 
-CONFIG = schemathesis.Config.from_dict({"output": {"sanitization": {"enabled": False}}})  # reproducers show the real body
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
-          response_schema_conformance]
+CONFIG = schemathesis.Config.from_dict(
+    {"output": {"sanitization": {"enabled": False}}}
+)  # reproducers show the real body
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
 
 
 def repaired(case):
@@ -104,8 +114,9 @@ class Survey:
         self.findings[key] = Finding(case.operation.label, check, status, message[:600], case.as_curl_command())
 
 
-def fuzz_operation(operation, mode: GenerationMode, examples: int, seconds: float, timeout: float,
-                   survey: Survey, call: Callable) -> None:
+def fuzz_operation(
+    operation, mode: GenerationMode, examples: int, seconds: float, timeout: float, survey: Survey, call: Callable
+) -> None:
     """Up to `examples` requests for one operation and mode, stopping at `seconds`."""
     checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
     strategy = operation.as_strategy(generation_mode=mode)
@@ -113,8 +124,14 @@ def fuzz_operation(operation, mode: GenerationMode, examples: int, seconds: floa
         strategy = strategy.map(repaired)
     deadline = time.monotonic() + seconds
 
-    @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=strategy)
     def run(case) -> None:
         if time.monotonic() > deadline:
@@ -149,8 +166,11 @@ def report(survey: Survey) -> str:
         return "\n".join(lines + ["", "failures: none"])
     lines += ["", f"failures: {len(survey.findings)} distinct (check / operation / status x times seen)"]
     for f in sorted(survey.findings.values(), key=lambda f: (f.check, f.operation)):
-        lines += [f"- {f.check} / {f.operation} / {f.status} x{f.count}", f"    {f.curl}",
-                  *("    | " + line for line in f.message.splitlines()[:12])]
+        lines += [
+            f"- {f.check} / {f.operation} / {f.status} x{f.count}",
+            f"    {f.curl}",
+            *("    | " + line for line in f.message.splitlines()[:12]),
+        ]
     return "\n".join(lines)
 
 
@@ -162,7 +182,9 @@ def in_process(model: str | None, max_model_len: int):
     from serve.config import EngineConfig
     from serve.engine.llm_engine import LLMEngine
 
-    backend = AsyncEngine(LLMEngine(EngineConfig(model=model, max_model_len=max_model_len, max_num_seqs=16)), max_queue=256)
+    backend = AsyncEngine(
+        LLMEngine(EngineConfig(model=model, max_model_len=max_model_len, max_num_seqs=16)), max_queue=256
+    )
     app = build_app(backend)
     install_openapi(app, api_key=False)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG)
@@ -181,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=None, help="a running server (default: build the app in process)")
     p.add_argument("--api-key", default=None, help="the running server's key")
     p.add_argument("--model", default=None, help="in process: the model (default: SmolLM2-135M)")
-    p.add_argument("--max-model-len", type=int, default=256, help="in process: the served context (bounds each generation)")
+    p.add_argument(
+        "--max-model-len", type=int, default=256, help="in process: the served context (bounds each generation)"
+    )
     p.add_argument("--examples", type=int, default=100, help="generated requests per operation and mode")
     p.add_argument("--seconds", type=float, default=600.0, help="time budget for the whole run")
     p.add_argument("--timeout", type=float, default=60.0, help="an answer slower than this is a hang")

@@ -54,7 +54,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _engines(args: argparse.Namespace, contexts: list[int], shape: DecoderShape) -> tuple[dict[str, LLMEngine], dict | None]:
+def _engines(
+    args: argparse.Namespace, contexts: list[int], shape: DecoderShape
+) -> tuple[dict[str, LLMEngine], dict | None]:
     """One engine per KV cache dtype, each with room for the longest context, and the RoPE
     scaling that reach needs beyond the model's native length (None within it)."""
     from transformers import AutoConfig
@@ -67,30 +69,57 @@ def _engines(args: argparse.Namespace, contexts: list[int], shape: DecoderShape)
     longest = contexts[-1] + args.decode_tokens + args.batch * (contexts[-1] // 256 + 2) + 64
     rope = None
     if longest > native:
-        rope = {"rope_type": "yarn", "factor": float(2 ** math.ceil(math.log2(longest / native))), "original_max_position_embeddings": native}
+        rope = {
+            "rope_type": "yarn",
+            "factor": float(2 ** math.ceil(math.log2(longest / native))),
+            "original_max_position_embeddings": native,
+        }
     budget, block = int(args.kv_cache_gb * 2**30), EngineConfig().block_size
     engines = {}
     for kv in args.kv_cache_dtypes.split(","):
         per_block = kv_bytes_per_block(shape, block, KV_CACHE_DTYPES[kv])
         need = (args.batch * (longest + 2 * block) // block + 8) * per_block  # every sequence's blocks, a few spare
-        engines[kv] = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, kv_cache_dtype=kv, kv_cache_bytes=min(budget, need),
-                                             enable_prefix_caching=False, rope_scaling=rope, max_model_len=longest, max_num_seqs=args.batch))
+        engines[kv] = LLMEngine(
+            EngineConfig(
+                model=args.model,
+                dtype=args.dtype,
+                kv_cache_dtype=kv,
+                kv_cache_bytes=min(budget, need),
+                enable_prefix_caching=False,
+                rope_scaling=rope,
+                max_model_len=longest,
+                max_num_seqs=args.batch,
+            )
+        )
     return engines, rope
 
 
 def _table(rows: list[dict], contexts: list[int], decode_tokens: int, block: int) -> None:
     """The markdown table: bytes and capacity per KV dtype, tokens/s per context against float32's."""
     base = {r["context"]: r["tokens_per_s"] for r in rows if r["kv_cache_dtype"] == "float32"}
-    per_sequence = -(-(contexts[-1] + decode_tokens) // block) * block  # the longest context's blocks, its decodes included
-    print(f"| KV cache | bytes / token | capacity (tokens) | sequences of {contexts[-1]} at once | "
-          + " | ".join(f"{c} tok/s (vs float32)" for c in contexts) + " |")
+    per_sequence = (
+        -(-(contexts[-1] + decode_tokens) // block) * block
+    )  # the longest context's blocks, its decodes included
+    print(
+        f"| KV cache | bytes / token | capacity (tokens) | sequences of {contexts[-1]} at once | "
+        + " | ".join(f"{c} tok/s (vs float32)" for c in contexts)
+        + " |"
+    )
     print("|---|---|---|---|" + "---|" * len(contexts))
     for kv in dict.fromkeys(r["kv_cache_dtype"] for r in rows):
         mine = {r["context"]: r for r in rows if r["kv_cache_dtype"] == kv}
-        cells = [f"{mine[c]['tokens_per_s']:.2f} ({mine[c]['tokens_per_s'] / base[c]:.2f}x)" if c in base else f"{mine[c]['tokens_per_s']:.2f}" for c in contexts]
+        cells = [
+            f"{mine[c]['tokens_per_s']:.2f} ({mine[c]['tokens_per_s'] / base[c]:.2f}x)"
+            if c in base
+            else f"{mine[c]['tokens_per_s']:.2f}"
+            for c in contexts
+        ]
         first = next(iter(mine.values()))
-        print(f"| {kv} | {first['kv_bytes_per_token']:,} | {first['capacity_tokens']:,} | {first['capacity_tokens'] // per_sequence} | "
-              + " | ".join(cells) + " |")
+        print(
+            f"| {kv} | {first['kv_bytes_per_token']:,} | {first['capacity_tokens']:,} | {first['capacity_tokens'] // per_sequence} | "
+            + " | ".join(cells)
+            + " |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,11 +138,26 @@ def main(argv: list[str] | None = None) -> int:
         per_token = kv_bytes_per_block(shape, 1, engines[kv].kv_dtype)
         capacity = budget // kv_bytes_per_block(shape, block, engines[kv].kv_dtype) * block
         for point in points:
-            rows.append({"kv_cache_dtype": kv, "context": point.context, "tpot_s": point.tpot_s, "tokens_per_s": args.batch / point.tpot_s,
-                         "tpot_spread_s": point.tpot_spread_s, "ttft_s": point.ttft_s, "kv_bytes_per_token": per_token, "capacity_tokens": capacity})
-            print(f"  {kv:<9} context {point.context:>6}: TPOT {point.tpot_s * 1e3:7.1f} ms (fastest {point.tpot_spread_s[0] * 1e3:.1f}, "
-                  f"slowest {point.tpot_spread_s[1] * 1e3:.1f})  TTFT {point.ttft_s:6.1f} s", flush=True)
-    print(f"\nmodel dtype {args.dtype}, batch {args.batch}, rope {rope or 'native'}, KV budget {args.kv_cache_gb} GiB\n")
+            rows.append(
+                {
+                    "kv_cache_dtype": kv,
+                    "context": point.context,
+                    "tpot_s": point.tpot_s,
+                    "tokens_per_s": args.batch / point.tpot_s,
+                    "tpot_spread_s": point.tpot_spread_s,
+                    "ttft_s": point.ttft_s,
+                    "kv_bytes_per_token": per_token,
+                    "capacity_tokens": capacity,
+                }
+            )
+            print(
+                f"  {kv:<9} context {point.context:>6}: TPOT {point.tpot_s * 1e3:7.1f} ms (fastest {point.tpot_spread_s[0] * 1e3:.1f}, "
+                f"slowest {point.tpot_spread_s[1] * 1e3:.1f})  TTFT {point.ttft_s:6.1f} s",
+                flush=True,
+            )
+    print(
+        f"\nmodel dtype {args.dtype}, batch {args.batch}, rope {rope or 'native'}, KV budget {args.kv_cache_gb} GiB\n"
+    )
     _table(rows, contexts, args.decode_tokens, block)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rope": rope, "rows": rows}, indent=1))

@@ -61,14 +61,18 @@ def main() -> None:
                         torch.ops.mkldnn._linear_pointwise(x, reordered, None, "none", [], "")
                 if round_:
                     times.setdefault((m, name), []).append(time.perf_counter() - start)
-    print(f"{len(weights)} matmuls, {weight_bytes / 2**20:.0f} MiB of bf16 weights; medians (minimum) of {args.rounds - 1} rounds\n")
+    print(
+        f"{len(weights)} matmuls, {weight_bytes / 2**20:.0f} MiB of bf16 weights; medians (minimum) of {args.rounds - 1} rounds\n"
+    )
     print("| rows | pairs kernel | oneDNN packed | speed-up | pairs: weights GB/s, GFLOP/s |")
     print("|---|---|---|---|---|")
     for m in rows:
         a, d = (statistics.median(times[(m, n)]) for n in ("pairs", "onednn"))
         lo_a, lo_d = (min(times[(m, n)]) for n in ("pairs", "onednn"))
-        print(f"| {m} | {a * 1e3:.1f} ms ({lo_a * 1e3:.1f}) | {d * 1e3:.1f} ms ({lo_d * 1e3:.1f}) | {d / a:.2f}x | "
-              f"{weight_bytes / a / 1e9:.1f}, {m * weight_bytes / a / 1e9:.0f} |")
+        print(
+            f"| {m} | {a * 1e3:.1f} ms ({lo_a * 1e3:.1f}) | {d * 1e3:.1f} ms ({lo_d * 1e3:.1f}) | {d / a:.2f}x | "
+            f"{weight_bytes / a / 1e9:.1f}, {m * weight_bytes / a / 1e9:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def run_arm(config: str, arm: Arm, common: list[str], out: Path) -> dict:
     ledger = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines() if line.strip()]
     flops = sum(r.get("measured_flops", 0) for r in ledger)
     return {"arm": arm.name, "overrides": arm.overrides, "wall_s": wall, "flops": flops} | {
-        k: final.get(k) for k in ("step", "val_loss", "accuracy", "interval", "chance", "fd", "fd_floor", "judge", "samples")}
+        k: final.get(k)
+        for k in ("step", "val_loss", "accuracy", "interval", "chance", "fd", "fd_floor", "judge", "samples")
+    }
 
 
 def format_row(r: dict) -> str:

@@ -74,7 +74,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     engine = LLMEngine(EngineConfig(dtype="float32", max_num_batched_tokens=512))
-    hf = AutoModelForCausalLM.from_pretrained(resolve_model(None), dtype=torch.float32, attn_implementation="sdpa").eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        resolve_model(None), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     print(f"torch threads {torch.get_num_threads()}")
     engine_run(engine, prompts(1, 16, seed=9), 4)  # warm-up
     for n in () if args.skip_short else (1, args.concurrent):
@@ -86,7 +88,9 @@ def main() -> None:
             h_times.append(hf_run(hf, batch, args.gen)[1])
         e_total, h_total = min(e_times), min(h_times)
         tokens = n * args.gen
-        print(f"{n:>3} x ({args.prompt} prompt + {args.gen} gen): engine {tokens / e_total:7.1f} tok/s   transformers {tokens / h_total:7.1f} tok/s")
+        print(
+            f"{n:>3} x ({args.prompt} prompt + {args.gen} gen): engine {tokens / e_total:7.1f} tok/s   transformers {tokens / h_total:7.1f} tok/s"
+        )
     if args.long:
         batch = prompts(1, args.long, seed=1)
         e_first, e_total = engine_run(engine, batch, 16)

@@ -84,26 +84,44 @@ def workload(name: str, tokenizer, count: int, rng: random.Random, args) -> list
 
     def cut(n: int) -> list[int]:
         at = rng.randrange(0, len(text) - n)
-        return text[at: at + n]
+        return text[at : at + n]
 
     if name == "random":
-        return [Request(cut(max(1, round(args.input_len * rng.uniform(0.9, 1.1)))),
-                        max(1, round(args.output_len * rng.uniform(0.9, 1.1)))) for _ in range(count)]
+        return [
+            Request(
+                cut(max(1, round(args.input_len * rng.uniform(0.9, 1.1)))),
+                max(1, round(args.output_len * rng.uniform(0.9, 1.1))),
+            )
+            for _ in range(count)
+        ]
     if name == "chat":
-        return [Request(cut(min(2048, max(8, round(rng.lognormvariate(math.log(256), 0.8))))),
-                        min(512, max(4, round(rng.lognormvariate(math.log(128), 0.7))))) for _ in range(count)]
+        return [
+            Request(
+                cut(min(2048, max(8, round(rng.lognormvariate(math.log(256), 0.8))))),
+                min(512, max(4, round(rng.lognormvariate(math.log(128), 0.7)))),
+            )
+            for _ in range(count)
+        ]
     if name == "prefix":
         document = args.shared_document
         return [Request(document + cut(32), args.output_len) for _ in range(count)]
     if name == "mixed":  # the streams first (open_loop sends them at once), then the long prompts
-        return ([Request(cut(64), args.stream_len) for _ in range(args.streams)]
-                + [Request(cut(rng.randint(args.long_min, args.long_max)), args.output_len) for _ in range(count)])
+        return [Request(cut(64), args.stream_len) for _ in range(args.streams)] + [
+            Request(cut(rng.randint(args.long_min, args.long_max)), args.output_len) for _ in range(count)
+        ]
     raise ValueError(f"--workload must be random, chat, prefix or mixed, got {name!r}")
 
 
 async def send(client: httpx.AsyncClient, model: str, request: Request) -> Outcome:
-    body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": request.prompt,
+        "max_tokens": request.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     out = Outcome(time.perf_counter())
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -127,8 +145,16 @@ async def send(client: httpx.AsyncClient, model: str, request: Request) -> Outco
     return out
 
 
-async def open_loop(url: str, model: str, requests: list[Request], rate: float, burstiness: float,
-                    rng: random.Random, max_concurrency: int | None, at_once: int = 0) -> tuple[list[Outcome], float]:
+async def open_loop(
+    url: str,
+    model: str,
+    requests: list[Request],
+    rate: float,
+    burstiness: float,
+    rng: random.Random,
+    max_concurrency: int | None,
+    at_once: int = 0,
+) -> tuple[list[Outcome], float]:
     """Send each request at its arrival time (gamma gaps of mean 1/rate), not waiting for others;
     the first `at_once` all at the start."""
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -156,17 +182,32 @@ def summarize(outcomes: list[Outcome], wall: float, args) -> dict:
     e2e = [o.chunk_times[-1] - o.sent for o in good]
     tpot = [(o.chunk_times[-1] - o.chunk_times[0]) / (o.output_tokens - 1) for o in good if o.output_tokens > 1]
     itl = [b - a for o in good for a, b in zip(o.chunk_times, o.chunk_times[1:])]
-    meets = [o for o in good if (o.chunk_times[0] - o.sent) * 1e3 <= args.slo_ttft_ms
-             and (o.output_tokens <= 1 or (o.chunk_times[-1] - o.chunk_times[0]) / (o.output_tokens - 1) * 1e3 <= args.slo_tpot_ms)]
+    meets = [
+        o
+        for o in good
+        if (o.chunk_times[0] - o.sent) * 1e3 <= args.slo_ttft_ms
+        and (
+            o.output_tokens <= 1
+            or (o.chunk_times[-1] - o.chunk_times[0]) / (o.output_tokens - 1) * 1e3 <= args.slo_tpot_ms
+        )
+    ]
     output = sum(o.output_tokens for o in good)
     prompt = sum(o.prompt_tokens for o in good)
     return {
-        "completed": len(good), "rejected_429": sum(o.status == 429 for o in outcomes),
-        "errors": sum(not o.ok and o.status != 429 for o in outcomes), "wall_s": wall,
-        "request_throughput": len(good) / wall, "output_throughput": output / wall, "total_token_throughput": (output + prompt) / wall,
-        "goodput": len(meets) / wall, "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
+        "completed": len(good),
+        "rejected_429": sum(o.status == 429 for o in outcomes),
+        "errors": sum(not o.ok and o.status != 429 for o in outcomes),
+        "wall_s": wall,
+        "request_throughput": len(good) / wall,
+        "output_throughput": output / wall,
+        "total_token_throughput": (output + prompt) / wall,
+        "goodput": len(meets) / wall,
+        "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
         "prefix_cache_hit_rate": sum(o.cached_tokens for o in good) / prompt if prompt else 0.0,
-        "ttft_ms": stats(ttft), "tpot_ms": stats(tpot), "itl_ms": stats(itl), "e2e_ms": stats(e2e),
+        "ttft_ms": stats(ttft),
+        "tpot_ms": stats(tpot),
+        "itl_ms": stats(itl),
+        "e2e_ms": stats(e2e),
     }
 
 
@@ -174,26 +215,35 @@ def sweep(engine: str, url: str, tokenizer, args) -> list[dict]:
     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
     rng = random.Random(args.seed)
     if args.warmup:
-        asyncio.run(open_loop(url, model, workload("random", tokenizer, args.warmup, rng, args), math.inf, 1.0, rng, None))
+        asyncio.run(
+            open_loop(url, model, workload("random", tokenizer, args.warmup, rng, args), math.inf, 1.0, rng, None)
+        )
     rows = []
     for rate in args.rates:
         requests = workload(args.workload, tokenizer, args.num_prompts, random.Random(f"{args.seed}-{rate}"), args)
         at_once = args.streams if args.workload == "mixed" else 0
-        outcomes, wall = asyncio.run(open_loop(url, model, requests, rate, args.burstiness, random.Random(args.seed),
-                                               args.max_concurrency, at_once))
+        outcomes, wall = asyncio.run(
+            open_loop(
+                url, model, requests, rate, args.burstiness, random.Random(args.seed), args.max_concurrency, at_once
+            )
+        )
         row = {"engine": engine, "rate": rate, **summarize(outcomes, wall, args)}
         rows.append(row)
-        print(f"  {engine:<10} rate {rate:>5}/s: {row['completed']:>3} ok, {row['rejected_429']} 429, {row['errors']} errors; "
-              f"{row['output_throughput']:7.1f} out tok/s, goodput {row['goodput']:.2f} req/s; TTFT p50 {row['ttft_ms']['p50']:7.0f} "
-              f"p99 {row['ttft_ms']['p99']:7.0f} ms; TPOT p50 {row['tpot_ms']['p50']:5.0f} ms; "
-              f"ITL p50 {row['itl_ms']['p50']:5.0f} p99 {row['itl_ms']['p99']:5.0f} ms",
-              flush=True)
+        print(
+            f"  {engine:<10} rate {rate:>5}/s: {row['completed']:>3} ok, {row['rejected_429']} 429, {row['errors']} errors; "
+            f"{row['output_throughput']:7.1f} out tok/s, goodput {row['goodput']:.2f} req/s; TTFT p50 {row['ttft_ms']['p50']:7.0f} "
+            f"p99 {row['ttft_ms']['p99']:7.0f} ms; TPOT p50 {row['tpot_ms']['p50']:5.0f} ms; "
+            f"ITL p50 {row['itl_ms']['p50']:5.0f} p99 {row['itl_ms']['p99']:5.0f} ms",
+            flush=True,
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--url", default=None, help="a running server; default: start ministack serve (and vLLM with --vllm-python)")
+    p.add_argument(
+        "--url", default=None, help="a running server; default: start ministack serve (and vLLM with --vllm-python)"
+    )
     p.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
     p.add_argument("--rates", default="0.5,1,2,inf", help="request rates per second, comma-separated; inf: all at once")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps (1: Poisson)")
@@ -202,10 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--prefix-len", type=int, default=2048, help="the shared document of --workload prefix, tokens")
-    p.add_argument("--streams", type=int, default=8, help="--workload mixed: requests decoding when the long prompts arrive")
+    p.add_argument(
+        "--streams", type=int, default=8, help="--workload mixed: requests decoding when the long prompts arrive"
+    )
     p.add_argument("--stream-len", type=int, default=1024, help="--workload mixed: the streams' new tokens")
     p.add_argument("--long-min", type=int, default=2048, help="--workload mixed: the long prompts' shortest, tokens")
-    p.add_argument("--long-max", type=int, default=7936, help="--workload mixed: their longest (+ --output-len within the context)")
+    p.add_argument(
+        "--long-max", type=int, default=7936, help="--workload mixed: their longest (+ --output-len within the context)"
+    )
     p.add_argument("--max-itl-ms", type=float, default=None, help="start ministack serve with --max-itl-ms this")
     p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (default none)")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
@@ -227,31 +281,67 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rng = random.Random(args.seed)
-    args.shared_document = tokenizer.encode(" ".join(haystack(rng, args.prefix_len)), add_special_tokens=False)[: args.prefix_len]
-    print(f"{args.workload} workload, {args.num_prompts} requests per rate, burstiness {args.burstiness}, seed {args.seed}, "
-          f"max-itl-ms {args.max_itl_ms}; "
-          f"SLOs TTFT {args.slo_ttft_ms:.0f} ms, TPOT {args.slo_tpot_ms:.0f} ms", flush=True)
+    args.shared_document = tokenizer.encode(" ".join(haystack(rng, args.prefix_len)), add_special_tokens=False)[
+        : args.prefix_len
+    ]
+    print(
+        f"{args.workload} workload, {args.num_prompts} requests per rate, burstiness {args.burstiness}, seed {args.seed}, "
+        f"max-itl-ms {args.max_itl_ms}; "
+        f"SLOs TTFT {args.slo_ttft_ms:.0f} ms, TPOT {args.slo_tpot_ms:.0f} ms",
+        flush=True,
+    )
     rows: list[dict] = []
     if args.url:
         rows += sweep("server", args.url, tokenizer, args)
     else:
         port = free_port()
-        cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--embedding-model", "none",
-               "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--embedding-model",
+            "none",
+            "--max-num-batched-tokens",
+            str(args.max_num_batched_tokens),
+            "--log-level",
+            "warning",
+        ]
         if args.max_itl_ms is not None:
             cmd += ["--max-itl-ms", str(args.max_itl_ms)]
         with server(cmd, port) as url:
             rows += sweep("ministack", url, tokenizer, args)
         if args.vllm_python:
             port = free_port()
-            cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
-                   "--served-model-name", "vllm", "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-            with server(cmd, port, env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}, timeout=600) as url:
+            cmd = [
+                args.vllm_python,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--served-model-name",
+                "vllm",
+                "--max-num-batched-tokens",
+                str(args.max_num_batched_tokens),
+            ]
+            with server(
+                cmd, port, env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}, timeout=600
+            ) as url:
                 rows += sweep("vllm", url, tokenizer, args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "shared_document"},
-                                              "rows": rows}, indent=1, default=str))
+        Path(args.out).write_text(
+            json.dumps(
+                {"args": {k: v for k, v in vars(args).items() if k != "shared_document"}, "rows": rows},
+                indent=1,
+                default=str,
+            )
+        )
         print(f"results: {args.out}")
     return 0
 

@@ -88,7 +88,9 @@ class Level:
     itl: list[float]
     repeat: int = 0  # which round of --repeats measured it
     wall_s: float = 0.0
-    counted: dict[str, float] = field(default_factory=dict)  # the server's MFU counters' growth over the level: flops, bytes
+    counted: dict[str, float] = field(
+        default_factory=dict
+    )  # the server's MFU counters' growth over the level: flops, bytes
 
 
 def pct(values: list[float], q: float) -> float:
@@ -107,7 +109,9 @@ def free_port() -> int:
 @contextmanager
 def server(cmd: list[str], port: int, env: dict[str, str] | None = None, timeout: float = 400.0):
     """A server subprocess, up once /health answers; killed on exit."""
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -135,8 +139,15 @@ def model_id(url: str) -> str:
 
 
 async def stream_one(client: httpx.AsyncClient, model: str, request: Request) -> Sample:
-    body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": request.prompt,
+        "max_tokens": request.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     sample = Sample(time.perf_counter())
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
@@ -156,7 +167,9 @@ async def closed_loop(url: str, requests: list[Request], concurrency: int) -> tu
     model = model_id(url)
     queue = list(reversed(requests))
     samples: list[Sample] = []
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=None, limits=httpx.Limits(max_connections=concurrency + 4)
+    ) as client:
 
         async def worker() -> None:
             while queue:
@@ -168,8 +181,10 @@ async def closed_loop(url: str, requests: list[Request], concurrency: int) -> tu
     return samples, wall
 
 
-MFU_COUNTERS = {"flops": ("vllm:estimated_flops_per_gpu_total",),
-                "bytes": ("vllm:estimated_read_bytes_per_gpu_total", "vllm:estimated_write_bytes_per_gpu_total")}
+MFU_COUNTERS = {
+    "flops": ("vllm:estimated_flops_per_gpu_total",),
+    "bytes": ("vllm:estimated_read_bytes_per_gpu_total", "vllm:estimated_write_bytes_per_gpu_total"),
+}
 
 
 def mfu_counters(url: str) -> dict[str, float]:
@@ -188,8 +203,13 @@ def mfu_counters(url: str) -> dict[str, float]:
 def utilisation(level: Level, peak_flops: float, bandwidth: float) -> tuple[float, float]:
     """(MFU, MBU) of a level from its server's counters' growth over its wall time; nan where
     the server exports no such counters or the peak or bandwidth is unknown."""
+
     def rate(key: str, over: float) -> float:
-        return level.counted[key] / level.wall_s / over if key in level.counted and level.wall_s > 0 and over > 0 else float("nan")
+        return (
+            level.counted[key] / level.wall_s / over
+            if key in level.counted and level.wall_s > 0 and over > 0
+            else float("nan")
+        )
 
     return rate("flops", peak_flops), rate("bytes", bandwidth)
 
@@ -204,8 +224,11 @@ def measure_server(engine: str, url: str, work: dict[int, list[Request]], repeat
         itl = [b - a for s in samples for a, b in zip(s.token_times, s.token_times[1:])]
         counted = {k: after[k] - before.get(k, 0.0) for k in after}
         out.append(Level(engine, c, tokens / wall, [s.ttft for s in samples], itl, repeat, wall, counted))
-        print(f"  {engine:<12} c={c:<3} {tokens / wall:8.1f} tok/s  TTFT p50 {pct(out[-1].ttft, .5) * 1e3:7.0f} ms  "
-              f"ITL p50 {pct(itl, .5) * 1e3:6.0f} ms", flush=True)
+        print(
+            f"  {engine:<12} c={c:<3} {tokens / wall:8.1f} tok/s  TTFT p50 {pct(out[-1].ttft, 0.5) * 1e3:7.0f} ms  "
+            f"ITL p50 {pct(itl, 0.5) * 1e3:6.0f} ms",
+            flush=True,
+        )
     return out
 
 
@@ -232,7 +255,14 @@ class TransformersPeer:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
         start = time.perf_counter()
         with torch.no_grad():
-            self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=self.pad)
+            self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=self.pad,
+            )
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -242,13 +272,16 @@ class TransformersPeer:
         for c, requests in work.items():
             wall, ttft = 0.0, []
             for i in range(0, len(requests), c):
-                batch = requests[i: i + c]
+                batch = requests[i : i + c]
                 prompts = [r.prompt for r in batch]
                 first = self.run(prompts, 1)  # a batch's first token arrives after its whole prefill
                 ttft += [first] * len(batch)
                 wall += self.run(prompts, max(r.max_tokens for r in batch))
             out.append(Level("transformers", c, sum(r.max_tokens for r in requests) / wall, ttft, [], repeat))
-            print(f"  {'transformers':<12} c={c:<3} {out[-1].tokens_per_s:8.1f} tok/s  TTFT p50 {pct(ttft, .5) * 1e3:7.0f} ms", flush=True)
+            print(
+                f"  {'transformers':<12} c={c:<3} {out[-1].tokens_per_s:8.1f} tok/s  TTFT p50 {pct(ttft, 0.5) * 1e3:7.0f} ms",
+                flush=True,
+            )
         return out
 
 
@@ -260,7 +293,9 @@ def long_prefix(url: str, tokens: list[int], tail: list[int]) -> dict:
     return {"ttft_s": first.ttft, "shared_ttft_s": second.ttft, "usage": first.usage, "shared_usage": second.usage}
 
 
-def request_set(tokenizer, prompt_lengths: list[int], output_lengths: list[int], count: int, rng: random.Random) -> list[Request]:
+def request_set(
+    tokenizer, prompt_lengths: list[int], output_lengths: list[int], count: int, rng: random.Random
+) -> list[Request]:
     """`count` requests cycling through every (prompt length, output length) pairing, shuffled;
     prompts are slices of offline filler text."""
     text = tokenizer.encode(" ".join(haystack(rng, 2000)), add_special_tokens=False)
@@ -268,7 +303,7 @@ def request_set(tokenizer, prompt_lengths: list[int], output_lengths: list[int],
     for i in range(count):
         n = prompt_lengths[i % len(prompt_lengths)]
         at = rng.randrange(0, len(text) - n)
-        requests.append(Request(text[at: at + n], output_lengths[i // len(prompt_lengths) % len(output_lengths)]))
+        requests.append(Request(text[at : at + n], output_lengths[i // len(prompt_lengths) % len(output_lengths)]))
     rng.shuffle(requests)
     return requests
 
@@ -285,12 +320,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda (every engine runs there)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="ministack's per-step token budget")
-    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: bf16 where this device runs it fast (profiling.cpu), else float32; every engine runs it")
-    p.add_argument("--half-weights", default="off", choices=("auto", "on", "off", "both"),
-                   help="ministack's float16-stored weights on the CPU (float32 math); both: one server with, one without")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="rounds: every engine measures every level once a round, in turn (all kept running), so drift in the machine's speed hits each alike")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto: bf16 where this device runs it fast (profiling.cpu), else float32; every engine runs it",
+    )
+    p.add_argument(
+        "--half-weights",
+        default="off",
+        choices=("auto", "on", "off", "both"),
+        help="ministack's float16-stored weights on the CPU (float32 math); both: one server with, one without",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds: every engine measures every level once a round, in turn (all kept running), so drift in the machine's speed hits each alike",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -326,7 +373,9 @@ def make_workload(args: argparse.Namespace, tokenizer) -> Workload:
 
     first = work()
     warm_up = [Request(r.prompt[:8], 4) for r in request_set(tokenizer, [16], [4], 2, rng)]
-    long_tokens = tokenizer.encode(" ".join(haystack(rng, args.long_prompt // 8)), add_special_tokens=False)[: args.long_prompt]
+    long_tokens = tokenizer.encode(" ".join(haystack(rng, args.long_prompt // 8)), add_special_tokens=False)[
+        : args.long_prompt
+    ]
     tail = tokenizer.encode(" And then, at last, the story ended.", add_special_tokens=False)
     rounds = [first] + [work() for _ in range(args.repeats - 1)]
     max_len = max(args.long_prompt + len(tail) + 8, max(prompt_lengths) + max(output_lengths) + 8)
@@ -343,32 +392,75 @@ def peer_dtype(dtype: str, device: str) -> str:
     return {"bf16": "bfloat16", "fp32": "float32"}[auto_dtype(device)]
 
 
-def start_servers(stack: ExitStack, args: argparse.Namespace, model_dir: Path, load: Workload, dtype: str) -> dict[str, str]:
+def start_servers(
+    stack: ExitStack, args: argparse.Namespace, model_dir: Path, load: Workload, dtype: str
+) -> dict[str, str]:
     """ministack's server (with and without half weights, per --half-weights) and vLLM's, each up
     until `stack` closes: name -> URL."""
     servers: dict[str, str] = {}
     for half in ("off", "on") if args.half_weights == "both" else (args.half_weights,):
         name = "ministack-half" if half == "on" else "ministack"
         port = free_port()
-        cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--device", args.device, "--dtype", args.dtype,
-               "--half-weights", half, "--max-model-len", str(load.max_len), "--max-num-seqs", str(max(load.levels)), "--kv-cache-gb", "2",
-               "--log-level", "warning", "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--half-weights",
+            half,
+            "--max-model-len",
+            str(load.max_len),
+            "--max-num-seqs",
+            str(max(load.levels)),
+            "--kv-cache-gb",
+            "2",
+            "--log-level",
+            "warning",
+            "--max-num-batched-tokens",
+            str(args.max_num_batched_tokens),
+        ]
         print(f"{name}: {' '.join(cmd[1:])}", flush=True)
         servers[name] = stack.enter_context(server(cmd, port))
     if args.vllm_python:
         port = free_port()
-        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
-               "--dtype", dtype, "--max-model-len", str(load.max_len), "--max-num-seqs", str(max(load.levels)),
-               "--kv-cache-memory-bytes", str(2 << 30), "--disable-log-stats"]
+        cmd = [
+            args.vllm_python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--dtype",
+            dtype,
+            "--max-model-len",
+            str(load.max_len),
+            "--max-num-seqs",
+            str(max(load.levels)),
+            "--kv-cache-memory-bytes",
+            str(2 << 30),
+            "--disable-log-stats",
+        ]
         print(f"vLLM: {' '.join(cmd[1:])}", flush=True)
-        servers["vllm"] = stack.enter_context(server(cmd, port, env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}))
+        servers["vllm"] = stack.enter_context(
+            server(cmd, port, env={"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"})
+        )
     return servers
 
 
 Engine = Callable[[Work, int], list[Level]]  # (a round's requests, the round) -> its levels
 
 
-def warm_engines(servers: dict[str, str], args: argparse.Namespace, model_dir: Path, load: Workload, dtype: str) -> dict[str, Engine]:
+def warm_engines(
+    servers: dict[str, str], args: argparse.Namespace, model_dir: Path, load: Workload, dtype: str
+) -> dict[str, Engine]:
     """Every engine warmed up, the servers' and transformers' in this process (unless skipped)."""
     engines: dict[str, Engine] = {}
     for name, url in servers.items():
@@ -384,7 +476,7 @@ def measure_rounds(engines: dict[str, Engine], rounds: list[Work]) -> list[Level
     """Every engine on every round's requests, each round starting with the next engine."""
     names, results = list(engines), []
     for repeat, work in enumerate(rounds):
-        order = names[repeat % len(names):] + names[: repeat % len(names)]
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]
         if len(rounds) > 1:
             print(f"round {repeat + 1} of {len(rounds)}: {', '.join(order)}", flush=True)
         for name in order:
@@ -392,36 +484,84 @@ def measure_rounds(engines: dict[str, Engine], rounds: list[Work]) -> list[Level
     return results
 
 
-def print_levels(args: argparse.Namespace, shape, dtype: str, load: Workload, results: list[Level], names: list[str],
-                 peak_flops: float, bandwidth: float) -> None:
+def print_levels(
+    args: argparse.Namespace,
+    shape,
+    dtype: str,
+    load: Workload,
+    results: list[Level],
+    names: list[str],
+    peak_flops: float,
+    bandwidth: float,
+) -> None:
     """The throughput table: per engine and concurrency, the median tok/s, its ratio to each peer
     round by round, the TTFT and ITL percentiles over every round's requests, and the median MFU
     and MBU where the server counts its FLOPs and bytes."""
     half_note = "; ministack-half: float16-stored weights, float32 math" if args.half_weights in ("on", "both") else ""
     mixed = " (mixed)" if len(load.prompt_lengths) > 1 or len(load.output_lengths) > 1 else ""
-    print(f"\n{shape}, {args.dtype} on {args.device} (peers: {dtype}{half_note})\nprompts of {args.prompt_lengths} tokens, outputs of {args.output_tokens} tokens{mixed}, greedy, ignore_eos"
-          + (f"; {args.repeats} rounds, each engine once a round, in turn (median tok/s; the ratios to each peer within a round: worst, median, best; "
-             "TTFT and ITL percentiles over every round's requests)" if args.repeats > 1 else "") + "\n")
-    peers = [name for name in ("transformers", "vllm") if name in names]  # the ratio columns: each engine against each peer, round by round
-    columns = ["engine", "concurrency", "output tok/s", *(f"vs {peer}" for peer in peers), "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
-               "MFU", "MBU"]
+    print(
+        f"\n{shape}, {args.dtype} on {args.device} (peers: {dtype}{half_note})\nprompts of {args.prompt_lengths} tokens, outputs of {args.output_tokens} tokens{mixed}, greedy, ignore_eos"
+        + (
+            f"; {args.repeats} rounds, each engine once a round, in turn (median tok/s; the ratios to each peer within a round: worst, median, best; "
+            "TTFT and ITL percentiles over every round's requests)"
+            if args.repeats > 1
+            else ""
+        )
+        + "\n"
+    )
+    peers = [
+        name for name in ("transformers", "vllm") if name in names
+    ]  # the ratio columns: each engine against each peer, round by round
+    columns = [
+        "engine",
+        "concurrency",
+        "output tok/s",
+        *(f"vs {peer}" for peer in peers),
+        "TTFT p50",
+        "TTFT p99",
+        "ITL p50",
+        "ITL p99",
+        "MFU",
+        "MBU",
+    ]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     rate = {(r.engine, r.concurrency, r.repeat): r.tokens_per_s for r in results}
-    for (engine, c), rows in groupby(sorted(results, key=lambda r: (names.index(r.engine), r.concurrency)), key=lambda r: (r.engine, r.concurrency)):
+    for (engine, c), rows in groupby(
+        sorted(results, key=lambda r: (names.index(r.engine), r.concurrency)), key=lambda r: (r.engine, r.concurrency)
+    ):
         rows = list(rows)
         cells = []
         for peer in peers:
             ratios = sorted(r.tokens_per_s / rate[peer, c, r.repeat] for r in rows if (peer, c, r.repeat) in rate)
-            cells.append("-" if not ratios else f"{ratios[0]:.2f}x" if len(ratios) == 1 else
-                         f"{ratios[0]:.2f}x, {statistics.median(ratios):.2f}x, {ratios[-1]:.2f}x")
+            cells.append(
+                "-"
+                if not ratios
+                else f"{ratios[0]:.2f}x"
+                if len(ratios) == 1
+                else f"{ratios[0]:.2f}x, {statistics.median(ratios):.2f}x, {ratios[-1]:.2f}x"
+            )
         ttft = [t for r in rows for t in r.ttft]
         itl = [t for r in rows for t in r.itl]
-        itl_cells = f"{pct(itl, .5) * 1e3:.0f} ms | {pct(itl, .99) * 1e3:.0f} ms" if itl else "- | -"
+        itl_cells = f"{pct(itl, 0.5) * 1e3:.0f} ms | {pct(itl, 0.99) * 1e3:.0f} ms" if itl else "- | -"
         used = [statistics.median(u) for u in zip(*(utilisation(r, peak_flops, bandwidth) for r in rows))]
         used_cells = ["-" if u != u else f"{u:.1%}" for u in used]  # nan: the server counts none
-        print("| " + " | ".join([engine, str(c), f"{statistics.median(r.tokens_per_s for r in rows):.1f}", *cells,
-                                 f"{pct(ttft, .5) * 1e3:.0f} ms", f"{pct(ttft, .99) * 1e3:.0f} ms", itl_cells, *used_cells]) + " |")
+        print(
+            "| "
+            + " | ".join(
+                [
+                    engine,
+                    str(c),
+                    f"{statistics.median(r.tokens_per_s for r in rows):.1f}",
+                    *cells,
+                    f"{pct(ttft, 0.5) * 1e3:.0f} ms",
+                    f"{pct(ttft, 0.99) * 1e3:.0f} ms",
+                    itl_cells,
+                    *used_cells,
+                ]
+            )
+            + " |"
+        )
 
 
 def print_long_context(long: dict[str, dict], shape, load: Workload, peak) -> None:
@@ -430,16 +570,20 @@ def print_long_context(long: dict[str, dict], shape, load: Workload, peak) -> No
     from profiling.hardware import format_rate
 
     formula = sum(decoder_flops(shape, q_len=len(load.long_tokens), past_len=0, logits=1).values())
-    print(f"\nlong context: {len(load.long_tokens)}-token prompt, then the same prefix + {len(load.tail)} tokens; "
-          f"{peak.device} {peak.dtype} peak {format_rate(peak.flops)} ({peak.source})\n")
+    print(
+        f"\nlong context: {len(load.long_tokens)}-token prompt, then the same prefix + {len(load.tail)} tokens; "
+        f"{peak.device} {peak.dtype} peak {format_rate(peak.flops)} ({peak.source})\n"
+    )
     print("| engine | TTFT | prefill FLOPs | achieved | of peak | shared-prefix TTFT | speed-up | cached tokens |")
     print("|---|---|---|---|---|---|---|---|")
     for engine, m in long.items():
         flops = (m["usage"].get("flops") or {}).get("measured", formula)
         peak.observe(flops / m["ttft_s"], by=f"{engine}'s long prefill")  # a stale peak is raised, not exceeded
         cached = (m["shared_usage"].get("prompt_tokens_details") or {}).get("cached_tokens", "-")
-        print(f"| {engine} | {m['ttft_s']:.2f} s | {flops:.3e} | {flops / m['ttft_s'] / 1e9:.1f} GFLOP/s | "
-              f"{flops / m['ttft_s'] / peak.flops:.1%} | {m['shared_ttft_s'] * 1e3:.0f} ms | {m['ttft_s'] / m['shared_ttft_s']:.1f}x | {cached} |")
+        print(
+            f"| {engine} | {m['ttft_s']:.2f} s | {flops:.3e} | {flops / m['ttft_s'] / 1e9:.1f} GFLOP/s | "
+            f"{flops / m['ttft_s'] / peak.flops:.1%} | {m['shared_ttft_s'] * 1e3:.0f} ms | {m['ttft_s'] / m['shared_ttft_s']:.1f}x | {cached} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,7 +613,11 @@ def main(argv: list[str] | None = None) -> int:
         servers = start_servers(stack, args, model_dir, load, dtype)
         engines = warm_engines(servers, args, model_dir, load, dtype)
         results = measure_rounds(engines, load.rounds)
-        long = {name: long_prefix(url, load.long_tokens, load.tail) for name, url in servers.items()} if args.long_prompt else {}
+        long = (
+            {name: long_prefix(url, load.long_tokens, load.tail) for name, url in servers.items()}
+            if args.long_prompt
+            else {}
+        )
     print_levels(args, shape, dtype, load, results, list(engines), peak.flops, bw.bytes_per_s)
     if long:
         print_long_context(long, shape, load, peak)

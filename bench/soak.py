@@ -71,8 +71,12 @@ def kinds(max_model_len: int) -> list[Kind]:
     """The mix; `max_model_len` makes the over-long prompt one token too long."""
     chat = {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 16, "temperature": 0.7}
     prompt = {"prompt": "Once upon a time", "max_tokens": 16}
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
-              "required": ["name", "age"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
     usage = {"stream_options": {"include_usage": True}}
     return [
         Kind("chat", "/v1/chat/completions", chat, weight=3),
@@ -81,8 +85,15 @@ def kinds(max_model_len: int) -> list[Kind]:
         Kind("completion_stream", "/v1/completions", {**prompt, "stream": True}, stream=True, weight=2),
         Kind("n3", "/v1/completions", {**prompt, "n": 3, "seed": 1}),
         Kind("n2_stream", "/v1/chat/completions", {**chat, "n": 2, "stream": True}, stream=True),
-        Kind("json_schema", "/v1/chat/completions", {**chat, "max_tokens": 48, "response_format": {
-            "type": "json_schema", "json_schema": {"name": "person", "schema": schema}}}),
+        Kind(
+            "json_schema",
+            "/v1/chat/completions",
+            {
+                **chat,
+                "max_tokens": 48,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+            },
+        ),
         Kind("cancel", "/v1/completions", {**prompt, "max_tokens": 64, "stream": True}, stream=True, cancel=True),
         Kind("overlong", "/v1/completions", {"prompt": [11] * max_model_len, "max_tokens": 1}, expect=(400,)),
         Kind("malformed", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}', expect=(400,)),
@@ -145,7 +156,7 @@ async def exchange(client: httpx.AsyncClient, kind: Kind) -> tuple[int | str, bo
                 continue
             if kind.cancel:
                 return CANCELLED, False, ""  # leaving the block closes the connection mid-stream
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             done = done or data == "[DONE]"
             if data.startswith('{"error"'):
                 bad_event = bad_event or json.loads(data)["error"].get("type") == "server_error"
@@ -243,21 +254,30 @@ class Options:
     health_limit: float = 1.0
     rss_tolerance: float = 0.05
     idle_timeout: float = 60.0
-    settle_seconds: float = 10.0  # idle time before each RSS reading: the step loop trims its heap once idle (serve.async_engine)
+    settle_seconds: float = (
+        10.0  # idle time before each RSS reading: the step loop trims its heap once idle (serve.async_engine)
+    )
     pid: int | None = None
     api_key: str | None = None
     seed: int = 0
 
 
-async def client_loop(client: httpx.AsyncClient, mix: list[Kind], rng: random.Random, until: float,
-                      timeout: float, outcomes: list[Outcome]) -> None:
+async def client_loop(
+    client: httpx.AsyncClient,
+    mix: list[Kind],
+    rng: random.Random,
+    until: float,
+    timeout: float,
+    outcomes: list[Outcome],
+) -> None:
     weights = [k.weight for k in mix]
     while time.monotonic() < until:
         outcomes.append(await send(client, rng.choices(mix, weights)[0], timeout))
 
 
-async def burster(client: httpx.AsyncClient, size: int, every: float, until: float, timeout: float,
-                  outcomes: list[Outcome]) -> None:
+async def burster(
+    client: httpx.AsyncClient, size: int, every: float, until: float, timeout: float, outcomes: list[Outcome]
+) -> None:
     """`size` requests at once every `every` seconds (the first right away)."""
     while time.monotonic() < until:
         outcomes += await asyncio.gather(*(send(client, burst_kind(), timeout) for _ in range(size)))
@@ -270,8 +290,10 @@ async def load(client: httpx.AsyncClient, options: Options, seconds: float, seed
     mix = kinds(models[0]["max_model_len"])
     until = time.monotonic() + seconds
     outcomes: list[Outcome] = []
-    loops = [client_loop(client, mix, random.Random(seed * 1000 + i), until, options.request_timeout, outcomes)
-             for i in range(options.clients)]
+    loops = [
+        client_loop(client, mix, random.Random(seed * 1000 + i), until, options.request_timeout, outcomes)
+        for i in range(options.clients)
+    ]
     loops.append(burster(client, options.max_queue + 16, options.burst_every, until, options.request_timeout, outcomes))
     await asyncio.gather(*loops)
     return outcomes
@@ -304,7 +326,9 @@ async def soak(options: Options) -> SoakResult:
     with the watchers running, then idle again."""
     limits = httpx.Limits(max_connections=options.clients + options.max_queue + 64, max_keepalive_connections=32)
     headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
-    async with httpx.AsyncClient(base_url=options.url, limits=limits, headers=headers, timeout=options.request_timeout) as client:
+    async with httpx.AsyncClient(
+        base_url=options.url, limits=limits, headers=headers, timeout=options.request_timeout
+    ) as client:
         memory = Memory(start=rss_bytes(options.pid)) if options.pid else None
         await load(client, options, options.warmup_seconds, options.seed + 1)
         warm_gauges = await wait_idle(client, options.idle_timeout)
@@ -343,21 +367,40 @@ def goals(result: SoakResult) -> list[Goal]:
     wrong = [o for o in outcomes if not o.expected]
     leaked = {name: v for name, v in result.gauges.items() if v}
     out = [
-        Goal("no 5xx", not five, f"{len(five)} 5xx" + (f" (first: {five[0].kind.name} {five[0].status} {five[0].detail})" if five else "")),
-        Goal("answered", not wrong, f"{len(hung)} hung past {options.request_timeout:g} s, {len(wrong)} not as expected"
-             + (f" (first: {wrong[0].kind.name} -> {wrong[0].status} {wrong[0].detail})" if wrong else "")),
-        Goal("no leaks", not leaked and len(result.gauges) == len(IDLE_METRICS),
-             ", ".join(f"{k.split(':')[1]} {v:g}" for k, v in sorted(result.gauges.items())) + " after the load"),
-        Goal("health", watch.health_worst_s < options.health_limit and not watch.health_failures,
-             f"worst {watch.health_worst_s * 1000:.0f} ms over {watch.health_polls} polls (limit {options.health_limit * 1000:.0f} ms), "
-             f"{watch.health_failures} not 200"),
+        Goal(
+            "no 5xx",
+            not five,
+            f"{len(five)} 5xx" + (f" (first: {five[0].kind.name} {five[0].status} {five[0].detail})" if five else ""),
+        ),
+        Goal(
+            "answered",
+            not wrong,
+            f"{len(hung)} hung past {options.request_timeout:g} s, {len(wrong)} not as expected"
+            + (f" (first: {wrong[0].kind.name} -> {wrong[0].status} {wrong[0].detail})" if wrong else ""),
+        ),
+        Goal(
+            "no leaks",
+            not leaked and len(result.gauges) == len(IDLE_METRICS),
+            ", ".join(f"{k.split(':')[1]} {v:g}" for k, v in sorted(result.gauges.items())) + " after the load",
+        ),
+        Goal(
+            "health",
+            watch.health_worst_s < options.health_limit and not watch.health_failures,
+            f"worst {watch.health_worst_s * 1000:.0f} ms over {watch.health_polls} polls (limit {options.health_limit * 1000:.0f} ms), "
+            f"{watch.health_failures} not 200",
+        ),
     ]
     if memory is None:
         out.append(Goal("memory", None, "not measured: --url without --pid"))
     else:
         growth = memory.end / memory.warm - 1
-        out.append(Goal("memory", growth <= options.rss_tolerance,
-                        f"end {growth * 100:+.1f} % vs after warm-up (limit +{options.rss_tolerance * 100:g} %)"))
+        out.append(
+            Goal(
+                "memory",
+                growth <= options.rss_tolerance,
+                f"end {growth * 100:+.1f} % vs after warm-up (limit +{options.rss_tolerance * 100:g} %)",
+            )
+        )
     return out
 
 
@@ -371,22 +414,30 @@ def report(result: SoakResult) -> str:
     by_kind: dict[str, list[Outcome]] = {}
     for o in result.outcomes:
         by_kind.setdefault(o.kind.name, []).append(o)
-    lines = [f"{len(result.outcomes)} requests in {result.seconds:.0f} s ({result.options.clients} clients + bursts of "
-             f"{result.options.max_queue + 16})",
-             f"{'kind':<18}{'total':>7}{'200':>7}{'400':>7}{'429':>7}{'cancel':>7}{'other':>7}{'5xx':>6}  {'p50 s':>7}{'p99 s':>7}"]
+    lines = [
+        f"{len(result.outcomes)} requests in {result.seconds:.0f} s ({result.options.clients} clients + bursts of "
+        f"{result.options.max_queue + 16})",
+        f"{'kind':<18}{'total':>7}{'200':>7}{'400':>7}{'429':>7}{'cancel':>7}{'other':>7}{'5xx':>6}  {'p50 s':>7}{'p99 s':>7}",
+    ]
     for name, rows in sorted(by_kind.items()):
         n = {s: sum(o.status == s for o in rows) for s in (200, 400, 429, CANCELLED)}
         other = len(rows) - sum(n.values())
         answered = [o.seconds for o in rows if o.expected and o.status != 429]  # 429s answer at once: not latency
-        lines.append(f"{name:<18}{len(rows):>7}{n[200]:>7}{n[400]:>7}{n[429]:>7}{n[CANCELLED]:>7}{other:>7}{sum(o.five_xx for o in rows):>6}  "
-                     f"{percentile(answered, 0.5):>7.2f}{percentile(answered, 0.99):>7.2f}")
+        lines.append(
+            f"{name:<18}{len(rows):>7}{n[200]:>7}{n[400]:>7}{n[429]:>7}{n[CANCELLED]:>7}{other:>7}{sum(o.five_xx for o in rows):>6}  "
+            f"{percentile(answered, 0.5):>7.2f}{percentile(answered, 0.99):>7.2f}"
+        )
     if not result.drained:
-        lines.append(f"note: the warm-up's requests were still in flight after {result.options.idle_timeout:g} s: the "
-                     "measured load began on a backlog, and the after-warm-up RSS was not taken idle")
+        lines.append(
+            f"note: the warm-up's requests were still in flight after {result.options.idle_timeout:g} s: the "
+            "measured load began on a backlog, and the after-warm-up RSS was not taken idle"
+        )
     if result.memory is not None:
         m = result.memory
         lines.append("server RSS MiB: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in vars(m).items()))
-    lines += [f"{'PASS' if g.passed else 'SKIP' if g.passed is None else 'FAIL'}  {g.name}: {g.detail}" for g in goals(result)]
+    lines += [
+        f"{'PASS' if g.passed else 'SKIP' if g.passed is None else 'FAIL'}  {g.name}: {g.detail}" for g in goals(result)
+    ]
     return "\n".join(lines)
 
 
@@ -394,13 +445,30 @@ def report(result: SoakResult) -> str:
 
 
 @contextmanager
-def started_server(port: int, max_queue: int, model: str | None, extra: list[str], timeout: float = 600.0) -> Iterator[subprocess.Popen]:
+def started_server(
+    port: int, max_queue: int, model: str | None, extra: list[str], timeout: float = 600.0
+) -> Iterator[subprocess.Popen]:
     """`ministack serve` on 127.0.0.1:`port`, up once /health answers; stopped (SIGTERM, then
     killed) on exit. Its log goes to a temporary file, printed in part if it dies."""
-    cmd = [sys.executable, "-m", "serve", "--port", str(port), "--max-queue", str(max_queue), "--embedding-model", "none",
-           "--log-level", "warning", *(["--model", model] if model else []), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "serve",
+        "--port",
+        str(port),
+        "--max-queue",
+        str(max_queue),
+        "--embedding-model",
+        "none",
+        "--log-level",
+        "warning",
+        *(["--model", model] if model else []),
+        *extra,
+    ]
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
         try:
             deadline = time.monotonic() + timeout
             while not answers(f"http://127.0.0.1:{port}/health"):
@@ -435,7 +503,7 @@ def free_port() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", default=None, help="a running server (default: start ministack serve)")
     p.add_argument("--pid", type=int, default=None, help="with --url: the server's process id, to watch its memory")
@@ -446,9 +514,18 @@ def main(argv: list[str] | None = None) -> int:
     duration.add_argument("--minutes", type=float, default=None)
     duration.add_argument("--seconds", type=float, default=None, help="default: 5 minutes")
     p.add_argument("--warmup-seconds", type=float, default=20.0)
-    p.add_argument("--settle-seconds", type=float, default=10.0,
-                   help="idle seconds before each RSS reading (the server gives freed heap back once idle)")
-    p.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue (passed to the one started here); bursts exceed it by 16")
+    p.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=10.0,
+        help="idle seconds before each RSS reading (the server gives freed heap back once idle)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="the server's --max-queue (passed to the one started here); bursts exceed it by 16",
+    )
     p.add_argument("--burst-every", type=float, default=30.0)
     p.add_argument("--request-timeout", type=float, default=120.0, help="a request unanswered this long counts as hung")
     p.add_argument("--health-limit", type=float, default=1.0, help="seconds /health may take under load")
@@ -456,10 +533,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     seconds = args.seconds if args.seconds is not None else 60 * (args.minutes if args.minutes is not None else 5)
-    options = Options(url=args.url or "", clients=args.clients, seconds=seconds, warmup_seconds=args.warmup_seconds,
-                      max_queue=args.max_queue, burst_every=args.burst_every, request_timeout=args.request_timeout,
-                      health_limit=args.health_limit, rss_tolerance=args.rss_tolerance, pid=args.pid, api_key=args.api_key,
-                      seed=args.seed, settle_seconds=args.settle_seconds)
+    options = Options(
+        url=args.url or "",
+        clients=args.clients,
+        seconds=seconds,
+        warmup_seconds=args.warmup_seconds,
+        max_queue=args.max_queue,
+        burst_every=args.burst_every,
+        request_timeout=args.request_timeout,
+        health_limit=args.health_limit,
+        rss_tolerance=args.rss_tolerance,
+        pid=args.pid,
+        api_key=args.api_key,
+        seed=args.seed,
+        settle_seconds=args.settle_seconds,
+    )
     if args.url:
         result = asyncio.run(soak(options))
     else:

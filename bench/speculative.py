@@ -58,8 +58,15 @@ def main() -> None:
     prepare_cpu()
     results = {}
     for label, k in (("plain", 0), ("ngram", args.tokens)):
-        engine = LLMEngine(EngineConfig(dtype=args.dtype, num_speculative_tokens=k, prompt_lookup_max=args.lookup_max,
-                                        prompt_lookup_min=args.lookup_min, max_model_len=4096))
+        engine = LLMEngine(
+            EngineConfig(
+                dtype=args.dtype,
+                num_speculative_tokens=k,
+                prompt_lookup_max=args.lookup_max,
+                prompt_lookup_min=args.lookup_min,
+                max_model_len=4096,
+            )
+        )
         prompts = [copy_prompt(engine, args.words)] * args.batch
         tokens, seconds = run(engine, prompts, args.max_tokens)
         results[label] = (tokens, seconds, engine.stats())
@@ -67,10 +74,14 @@ def main() -> None:
     generated = sum(map(len, plain))
     rate = stats.spec_accepted_tokens / stats.spec_draft_tokens if stats.spec_draft_tokens else 0.0
     print(f"\ncopying {args.words} words, {args.batch} request(s), {generated} tokens generated in all, greedy")
-    print(f"plain: {sum(map(len, plain)) / t0:.1f} tok/s   ngram k={args.tokens}: {sum(map(len, spec)) / t1:.1f} tok/s   "
-          f"speed-up {t0 / t1 * sum(map(len, spec)) / max(1, generated):.2f}x")
-    print(f"acceptance {rate:.1%} ({stats.spec_accepted_tokens} of {stats.spec_draft_tokens} draft tokens, {stats.spec_drafts} proposals); "
-          f"outputs identical: {spec == plain}")
+    print(
+        f"plain: {sum(map(len, plain)) / t0:.1f} tok/s   ngram k={args.tokens}: {sum(map(len, spec)) / t1:.1f} tok/s   "
+        f"speed-up {t0 / t1 * sum(map(len, spec)) / max(1, generated):.2f}x"
+    )
+    print(
+        f"acceptance {rate:.1%} ({stats.spec_accepted_tokens} of {stats.spec_draft_tokens} draft tokens, {stats.spec_drafts} proposals); "
+        f"outputs identical: {spec == plain}"
+    )
 
 
 if __name__ == "__main__":

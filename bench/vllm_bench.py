@@ -27,22 +27,73 @@ sys.path.insert(0, str(ROOT))
 from serve.weights import resolve_model  # noqa: E402
 from serve_throughput import free_port, server  # noqa: E402
 
-CLIENT = ("import argparse, sys\nfrom vllm.benchmarks.serve import add_cli_args, main\n"
-          "p = argparse.ArgumentParser()\nadd_cli_args(p)\nmain(p.parse_args())\n")
-SHOWN = ("completed", "failed", "request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
-         "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_e2el_ms", "request_goodput")
+CLIENT = (
+    "import argparse, sys\nfrom vllm.benchmarks.serve import add_cli_args, main\n"
+    "p = argparse.ArgumentParser()\nadd_cli_args(p)\nmain(p.parse_args())\n"
+)
+SHOWN = (
+    "completed",
+    "failed",
+    "request_throughput",
+    "output_throughput",
+    "mean_ttft_ms",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "mean_tpot_ms",
+    "median_tpot_ms",
+    "p99_tpot_ms",
+    "median_itl_ms",
+    "p99_itl_ms",
+    "median_e2el_ms",
+    "request_goodput",
+)
 
 
 def bench(vllm_python: str, url: str, tokenizer: Path, args, result: Path) -> dict:
     """Run vLLM's benchmark client against `url` (the model it serves); its saved result."""
     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-    cmd = [vllm_python, "-c", CLIENT, "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
-           "--model", model, "--tokenizer", str(tokenizer), "--dataset-name", "random",
-           "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-           "--num-prompts", str(args.num_prompts), "--request-rate", str(args.request_rate), "--burstiness", str(args.burstiness),
-           "--seed", str(args.seed), "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-           "--goodput", f"ttft:{args.slo_ttft_ms}", f"tpot:{args.slo_tpot_ms}",
-           "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name]
+    cmd = [
+        vllm_python,
+        "-c",
+        CLIENT,
+        "--backend",
+        "openai",
+        "--base-url",
+        url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        model,
+        "--tokenizer",
+        str(tokenizer),
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--num-prompts",
+        str(args.num_prompts),
+        "--request-rate",
+        str(args.request_rate),
+        "--burstiness",
+        str(args.burstiness),
+        "--seed",
+        str(args.seed),
+        "--ignore-eos",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,90,99",
+        "--goodput",
+        f"ttft:{args.slo_ttft_ms}",
+        f"tpot:{args.slo_tpot_ms}",
+        "--save-result",
+        "--result-dir",
+        str(result.parent),
+        "--result-filename",
+        result.name,
+    ]
     print("$ " + " ".join(cmd[:2] + ["<vllm.benchmarks.serve>"] + cmd[3:]), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
     return json.loads(result.read_text())
@@ -68,15 +119,41 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port), "--embedding-model", "none",
-               "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--embedding-model",
+            "none",
+            "--max-num-batched-tokens",
+            str(args.max_num_batched_tokens),
+            "--log-level",
+            "warning",
+        ]
         with server(cmd, port) as url:
             results["ministack"] = bench(args.vllm_python, url, model_dir, args, Path(tmp) / "ministack.json")
         if not args.skip_vllm_server:
             port = free_port()
-            cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
-                   "--served-model-name", "smollm2", "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-            with server(cmd, port, env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}, timeout=600) as url:
+            cmd = [
+                args.vllm_python,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--served-model-name",
+                "smollm2",
+                "--max-num-batched-tokens",
+                str(args.max_num_batched_tokens),
+            ]
+            with server(
+                cmd, port, env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}, timeout=600
+            ) as url:
                 results["vllm"] = bench(args.vllm_python, url, model_dir, args, Path(tmp) / "vllm.json")
     print(f"\n{'metric':<22}" + "".join(f"{name:>14}" for name in results))
     for key in SHOWN:

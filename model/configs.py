@@ -21,8 +21,13 @@ _PAPER_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl"
 
 PRESETS: dict[str, DiTConfig] = {
     f"dit-{size}-{p}": DiTConfig(
-        in_channels=4, patch_size=(1, p, p), hidden_size=d, depth=depth, num_heads=heads,
-        num_classes=1000, learn_sigma=True,
+        in_channels=4,
+        patch_size=(1, p, p),
+        hidden_size=d,
+        depth=depth,
+        num_heads=heads,
+        num_classes=1000,
+        learn_sigma=True,
     )
     for size, (d, depth, heads) in _PAPER_SIZES.items()
     for p in (2, 4, 8)
@@ -31,8 +36,12 @@ PRESETS.update(
     tiny=DiTConfig(in_channels=4, patch_size=(1, 2, 2), hidden_size=192, depth=6, num_heads=3, text_dim=384),
     small=DiTConfig(in_channels=4, patch_size=(1, 2, 2), hidden_size=384, depth=12, num_heads=6, text_dim=384),
     **{
-        "video-b": DiTConfig(in_channels=4, patch_size=(1, 2, 2), hidden_size=768, depth=12, num_heads=12, text_dim=384),
-        "video-l": DiTConfig(in_channels=4, patch_size=(1, 2, 2), hidden_size=1024, depth=24, num_heads=16, text_dim=384),
+        "video-b": DiTConfig(
+            in_channels=4, patch_size=(1, 2, 2), hidden_size=768, depth=12, num_heads=12, text_dim=384
+        ),
+        "video-l": DiTConfig(
+            in_channels=4, patch_size=(1, 2, 2), hidden_size=1024, depth=24, num_heads=16, text_dim=384
+        ),
     },
 )
 

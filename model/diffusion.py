@@ -38,7 +38,9 @@ def make_scheduler(kind: str = "flow"):
     if kind == "flow":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=TRAIN_STEPS, shift=1.0)
     if kind == "ddpm":
-        return DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_schedule="linear", clip_sample=False, set_alpha_to_one=False)
+        return DDIMScheduler(
+            num_train_timesteps=TRAIN_STEPS, beta_schedule="linear", clip_sample=False, set_alpha_to_one=False
+        )
     raise ValueError(f"unknown diffusion kind {kind!r} (expected one of {KINDS})")
 
 
@@ -76,8 +78,9 @@ def native_output(model_out: torch.Tensor, xt: torch.Tensor, timestep: torch.Ten
     return (xt - model_out) / sigma
 
 
-def flow_sigmas(n: int, generator: torch.Generator | None = None, sampling: str = "logit_normal", shift: float = 1.0,
-                device=None) -> torch.Tensor:
+def flow_sigmas(
+    n: int, generator: torch.Generator | None = None, sampling: str = "logit_normal", shift: float = 1.0, device=None
+) -> torch.Tensor:
     """n training sigmas in (0, 1): logit-normal (sigmoid of a standard normal) or uniform, then
     time-shifted by `shift` (1: unchanged; > 1: towards noise)."""
     if sampling == "logit_normal":
@@ -89,8 +92,9 @@ def flow_sigmas(n: int, generator: torch.Generator | None = None, sampling: str 
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def per_sample_noise(shape: tuple[int, ...], kind: str, seeds: list[int], device=None, sampling: str = "logit_normal",
-                     shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def per_sample_noise(
+    shape: tuple[int, ...], kind: str, seeds: list[int], device=None, sampling: str = "logit_normal", shift: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(timestep [B], noise [B, ...]) drawn per sample from its own seed (flow sigmas as
     `flow_sigmas` draws them). A sample's noise then depends on nothing but its seed: not on how
     the batch is split across data-parallel ranks, nor on the RNG state a resumed run starts from."""

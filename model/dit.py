@@ -60,7 +60,9 @@ class DiTConfig:
         if self.positions not in ("sincos", "rope"):
             raise ValueError(f"positions must be 'sincos' or 'rope', got {self.positions!r}")
         if self.positions == "rope" and (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"positions 'rope' rotates channel pairs: the head width {self.hidden_size // self.num_heads} must be even")
+            raise ValueError(
+                f"positions 'rope' rotates channel pairs: the head width {self.hidden_size // self.num_heads} must be even"
+            )
 
     @property
     def out_channels(self) -> int:
@@ -95,8 +97,13 @@ class Attention(nn.Module):
     def _split(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, heads, L, D/heads]
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                rope: Rope | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        rope: Rope | None = None,
+    ) -> torch.Tensor:
         if kv is None:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         else:
@@ -133,8 +140,11 @@ class DiTBlock(nn.Module):
         b, (t, hh, ww), d = h.shape[0], grid, h.shape[-1]
 
         def tables(order: tuple[int, ...]) -> Rope | None:  # the grid's tables in this attention's token order
-            return None if rope is None else tuple(
-                r.view(t, hh * ww, -1).permute(*order, 2).repeat(b, 1, 1)[:, None] for r in rope)
+            return (
+                None
+                if rope is None
+                else tuple(r.view(t, hh * ww, -1).permute(*order, 2).repeat(b, 1, 1)[:, None] for r in rope)
+            )
 
         spatial = self.attn(h.reshape(b * t, hh * ww, d), rope=tables((0, 1))).reshape(b, t, hh * ww, d)
         temporal = self.temporal_attn(spatial.transpose(1, 2).reshape(b * hh * ww, t, d), rope=tables((1, 0)))
@@ -225,13 +235,17 @@ class DiT(ModelMixin, ConfigMixin):
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
         self.caption_proj = (
-            nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)) if cfg.text_dim else None
+            nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+            if cfg.text_dim
+            else None
         )
         # The caption's mean token state steers every block's modulation directly (SD3 adds its pooled
         # text embedding to the timestep's the same way): a small model learns "which digit" from it
         # far sooner than from cross-attention alone, whose output projection starts at zero.
         self.text_pool = (
-            nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d)) if cfg.text_dim and cfg.pooled_text else None
+            nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
+            if cfg.text_dim and cfg.pooled_text
+            else None
         )
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.gradient_checkpointing = False
@@ -255,7 +269,10 @@ class DiT(ModelMixin, ConfigMixin):
             nn.init.normal_(m.weight, std=0.02)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
-        zero = [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        zero = [b.adaLN_modulation[-1] for b in self.blocks] + [
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
+        ]
         zero += [b.cross_attn.proj for b in self.blocks if b.cross_attn is not None]
         for m in zero:
             nn.init.zeros_(m.weight)

@@ -50,7 +50,9 @@ def to_tensor(frames: np.ndarray, size: tuple[int, int] | None = None) -> torch.
     """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1], resized to (H, W) if given."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
     if size is not None and tuple(x.shape[2:]) != tuple(size):
-        x = F.interpolate(x.transpose(0, 1), size=size, mode="bilinear", antialias=True, align_corners=False).transpose(0, 1)
+        x = F.interpolate(x.transpose(0, 1), size=size, mode="bilinear", antialias=True, align_corners=False).transpose(
+            0, 1
+        )
     return x.clamp(-1, 1)
 
 
@@ -86,7 +88,7 @@ def _tiles(images: np.ndarray, columns: int, gap: int) -> np.ndarray:
     sheet = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, c), 64, np.uint8)
     for i, image in enumerate(images):
         r, col = divmod(i, columns)
-        sheet[r * (h + gap):r * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = image
+        sheet[r * (h + gap) : r * (h + gap) + h, col * (w + gap) : col * (w + gap) + w] = image
     return sheet
 
 
@@ -107,4 +109,3 @@ def write_image(path: str | Path, image: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(path, image)
     return path
-

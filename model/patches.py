@@ -86,7 +86,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate x [..., L, head_dim] by the tables [..., L, head_dim] (per-axis rotate-half)."""
     parts, start = [], 0
     for d in axis_channels(x.shape[-1]):
-        a, b = x[..., start:start + d // 2], x[..., start + d // 2:start + d]
+        a, b = x[..., start : start + d // 2], x[..., start + d // 2 : start + d]
         parts += [-b, a]
         start += d
     return x * cos + torch.cat(parts, dim=-1) * sin

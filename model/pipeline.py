@@ -73,7 +73,9 @@ class MiniStackPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, scheduler=scheduler, codec=codec, text_encoder=text_encoder)
 
     @classmethod
-    def build(cls, config: str = "tiny", codec: str = "tiny", kind: str = "flow", text_encoder: str | None = None) -> MiniStackPipeline:
+    def build(
+        cls, config: str = "tiny", codec: str = "tiny", kind: str = "flow", text_encoder: str | None = None
+    ) -> MiniStackPipeline:
         """A fresh (untrained) pipeline: a DiT preset or YAML sized to the codec's latent channels
         and the text encoder's width (None = the shipped MiniLM), and a flow or ddpm scheduler."""
         from dataclasses import replace
@@ -201,7 +203,9 @@ class MiniStackPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = self.scheduler.timesteps
-        noise = torch.randn((b, c, t, h, w), generator=generator, device=generator.device if generator else "cpu").to(self.device)
+        noise = torch.randn((b, c, t, h, w), generator=generator, device=generator.device if generator else "cpu").to(
+            self.device
+        )
         x = noise if kind_of(self.scheduler) == "flow" else noise * self.scheduler.init_noise_sigma
         if strength is not None:  # SDEdit: skip the first (1 - strength) of the path
             timesteps = timesteps[int(len(timesteps) * (1 - strength)) :]
@@ -216,7 +220,9 @@ class MiniStackPipeline(DiffusionPipeline):
             x_in = torch.cat([x, x]) if guide_now else x
             t_in = step.repeat(x_in.shape[0])
             kwargs = cond if guide_now or not guided else _first_half(cond, b)
-            out = native_output(prediction(self.transformer(x_in, t_in, **kwargs), c), x_in, t_in, target_of(self.transformer))
+            out = native_output(
+                prediction(self.transformer(x_in, t_in, **kwargs), c), x_in, t_in, target_of(self.transformer)
+            )
             if guide_now:
                 out_cond, out_uncond = out.chunk(2)
                 out = out_uncond + guidance_scale * (out_cond - out_uncond)

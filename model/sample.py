@@ -33,7 +33,9 @@ def guidance_interval(text: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ministack sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ministack sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--pipeline", help="a saved pipeline directory (from training); default: untrained tiny")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
@@ -42,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--guidance-interval", type=guidance_interval, default=(0.0, 1.0), metavar="LO,HI",
-                   help="apply guidance only at noise levels in [LO, HI] (0 = clean, 1 = pure noise; default 0,1: every step)")
+    p.add_argument(
+        "--guidance-interval",
+        type=guidance_interval,
+        default=(0.0, 1.0),
+        metavar="LO,HI",
+        help="apply guidance only at noise levels in [LO, HI] (0 = clean, 1 = pure noise; default 0,1: every step)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=1, help="samples of the prompt")
     p.add_argument("--image", help="first frame (image -> video)")
@@ -51,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extend", choices=("forward", "backward"))
     p.add_argument("--strength", type=float, help="SDEdit: how much of the path to re-noise, in (0, 1]")
     p.add_argument("--fps", type=float, default=8.0)
-    p.add_argument("--out", default="out/sample", help="output path stem: STEM.png (a row per sample, a column per frame) and STEM.mp4 + STEM.gif "
-                   "(with --num N > 1: STEM-0.mp4 ... STEM-{N-1}.gif)")
+    p.add_argument(
+        "--out",
+        default="out/sample",
+        help="output path stem: STEM.png (a row per sample, a column per frame) and STEM.mp4 + STEM.gif "
+        "(with --num N > 1: STEM-0.mp4 ... STEM-{N-1}.gif)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -75,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     from model.pipeline import MiniStackPipeline
 
     try:
-        rule = MiniStackPipeline.saved_size_rule(args.pipeline) if args.pipeline else MiniStackPipeline.build_size_rule()
+        rule = (
+            MiniStackPipeline.saved_size_rule(args.pipeline) if args.pipeline else MiniStackPipeline.build_size_rule()
+        )
         clip = read_frames(args.video) if args.video else None  # uint8 [T, H, W, 3]
         check_size(args, rule, None if clip is None else len(clip))
         size, media = (args.height, args.width), {}
@@ -94,9 +107,18 @@ def main(argv: list[str] | None = None) -> int:
             pipe = MiniStackPipeline.build()
         pipe.to(args.device)
         out = pipe(
-            [args.prompt] * args.num, negative_prompt=args.negative_prompt, frames=args.frames, height=args.height,
-            width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-            guidance_interval=args.guidance_interval, generator=torch.Generator().manual_seed(args.seed), extend=args.extend, strength=args.strength, **media,
+            [args.prompt] * args.num,
+            negative_prompt=args.negative_prompt,
+            frames=args.frames,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            guidance_interval=args.guidance_interval,
+            generator=torch.Generator().manual_seed(args.seed),
+            extend=args.extend,
+            strength=args.strength,
+            **media,
         )
     except (ValueError, FileNotFoundError) as err:
         flag = "--pipeline " if args.pipeline and str(err).startswith(str(args.pipeline)) else ""
@@ -106,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     written = [write_image(stem.with_suffix(".png"), frame_grid(out.videos))]
     for i, video in enumerate(out.videos):
         name = stem if args.num == 1 else stem.with_name(f"{stem.name}-{i}")
-        written += [write_video(name.with_suffix(".mp4"), video, args.fps), write_video(name.with_suffix(".gif"), video, args.fps)]
+        written += [
+            write_video(name.with_suffix(".mp4"), video, args.fps),
+            write_video(name.with_suffix(".gif"), video, args.fps),
+        ]
     print("\n".join(str(p) for p in written))
     return 0

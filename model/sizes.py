@@ -80,7 +80,11 @@ class SizeRule:
         (f0, fs), (_, hs), (_, ws) = self.progressions()
         clauses = []
         if fs > 1:
-            clauses.append(f"frames a multiple of {fs}" if f0 == fs else f"frames {f0} + {fs}k ({f0}, {f0 + fs}, {f0 + 2 * fs}, ...)")
+            clauses.append(
+                f"frames a multiple of {fs}"
+                if f0 == fs
+                else f"frames {f0} + {fs}k ({f0}, {f0 + fs}, {f0 + 2 * fs}, ...)"
+            )
         if hs == ws > 1:
             clauses.append(f"height and width multiples of {hs}")
         else:
@@ -90,7 +94,10 @@ class SizeRule:
     def factors(self) -> str:
         """'codec compression 2,4,4 × patch 1,2,2', leaving out a factor of (1, 1, 1)."""
         named = [("codec compression", self.compression), ("patch", self.patch)]
-        return " × ".join(f"{name} {','.join(map(str, v))}" for name, v in named if v != (1, 1, 1)) or "the codec and patch"
+        return (
+            " × ".join(f"{name} {','.join(map(str, v))}" for name, v in named if v != (1, 1, 1))
+            or "the codec and patch"
+        )
 
     def latent(self, size: Size, names: tuple[str, str, str] = AXES) -> Size:
         """The latent (t, h, w) of a video of `size` (frames, height, width). If the size does not
@@ -98,7 +105,9 @@ class SizeRule:
         nearest sizes that fit."""
         if not self.fits(size):
             # one flag may set two axes (--image-size): name it once
-            bad = list(dict.fromkeys(f"{name} {v}" for name, v, p in zip(names, size, self.progressions()) if not _fits(v, *p)))
+            bad = list(
+                dict.fromkeys(f"{name} {v}" for name, v, p in zip(names, size, self.progressions()) if not _fits(v, *p))
+            )
             suggestions = self.nearest(size)
             raise SizeError(
                 f"{', '.join(bad)} {'does' if len(bad) == 1 else 'do'} not fit {self.factors()} "

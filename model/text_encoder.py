@@ -71,8 +71,11 @@ class TextEncoder(nn.Module):
         pad_to_max_length (training: one text shape, so FLOPs are counted once per bucket). "" (the unconditional prompt for
         classifier-free guidance) still has its special tokens, so its mask is never all False."""
         tokens = self.tokenizer(
-            list(prompts), padding="max_length" if pad_to_max_length else "longest", truncation=True,
-            max_length=self.max_length, return_tensors="pt",
+            list(prompts),
+            padding="max_length" if pad_to_max_length else "longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
         device = next(self.model.parameters()).device
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)

@@ -26,9 +26,16 @@ from model.sizes import SizeRule
 from profiling.parts import FROZEN, PartRules
 
 TINY_WAN = dict(
-    base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[False, True],
-    latents_mean=[0.0] * 4, latents_std=[1.0] * 4,  # diffusers' defaults are 16 long (the released z_dim)
-    scale_factor_temporal=2, scale_factor_spatial=4,  # read by diffusers' tiling; defaults are Wan 2.1's 4, 8
+    base_dim=16,
+    z_dim=4,
+    dim_mult=[1, 2, 2],
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True],
+    latents_mean=[0.0] * 4,
+    latents_std=[1.0] * 4,  # diffusers' defaults are 16 long (the released z_dim)
+    scale_factor_temporal=2,
+    scale_factor_spatial=4,  # read by diffusers' tiling; defaults are Wan 2.1's 4, 8
 )
 CODEC_CONFIG = "codec.json"
 
@@ -103,7 +110,9 @@ class VideoCodec(nn.Module):
     def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:  # [C] -> broadcastable over [B, C, t, h, w]
         return self.shift[:, None, None, None], self.scale[:, None, None, None]
 
-    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(
+        self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """video [B, 3, T, H, W] in [-1, 1] -> normalized latents [B, C, t, h, w]. sample=True draws
         from the VAE's posterior (training-time augmentation); False takes its mean."""
         shift, scale = self._stats()
@@ -156,7 +165,11 @@ class VideoCodec(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         if self.vae is not None:
             self.vae.save_pretrained(directory / "vae", safe_serialization=True)
-        meta = {"kind": "identity" if self.vae is None else "vae", "shift": self.shift.tolist(), "scale": self.scale.tolist()}
+        meta = {
+            "kind": "identity" if self.vae is None else "vae",
+            "shift": self.shift.tolist(),
+            "scale": self.scale.tolist(),
+        }
         (directory / CODEC_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod

@@ -194,6 +194,9 @@ def device_bandwidth(device: object = "cpu", reprobe: bool = False, array_bytes:
             _store(bw)
     if bw.load.contended and name not in _said:
         _said.add(name)
-        print(f"ministack: the memory bandwidth of {name} was probed while the machine was {bw.load.describe()}: "
-              "MBU against it may read high; `ministack flops peak --reprobe` on a quiet machine fixes it", file=sys.stderr)
+        print(
+            f"ministack: the memory bandwidth of {name} was probed while the machine was {bw.load.describe()}: "
+            "MBU against it may read high; `ministack flops peak --reprobe` on a quiet machine fixes it",
+            file=sys.stderr,
+        )
     return bw

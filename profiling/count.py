@@ -33,7 +33,9 @@ def decoder_config(spec: str):
     return None
 
 
-def summary(params: dict[str, int], tokens: int, fwd: FlopCount, train: FlopCount, exact_fwd: dict, exact_train: dict) -> dict:
+def summary(
+    params: dict[str, int], tokens: int, fwd: FlopCount, train: FlopCount, exact_fwd: dict, exact_train: dict
+) -> dict:
     """One count as `flops count --json` prints it: parameters, measured, exact and law FLOPs."""
     n_law = law_params(params)
     return {
@@ -89,4 +91,10 @@ def count_decoder(config, batch: int, prompt: int, past: int, logits: int) -> di
     exact_fwd = {k: batch * v for k, v in decoder_flops(shape, prompt, past, logits).items()}
     exact_trn = {k: batch * v for k, v in decoder_flops(shape, prompt, past, backward=True).items()}
     out = summary(param_parts(model, DECODER_PARTS), batch * prompt, fwd, trn, exact_fwd, exact_trn)
-    return out | {"model": config.model_type, "batch": batch, "prompt_tokens": prompt, "past_tokens": past, "logits": logits}
+    return out | {
+        "model": config.model_type,
+        "batch": batch,
+        "prompt_tokens": prompt,
+        "past_tokens": past,
+        "logits": logits,
+    }

@@ -246,8 +246,11 @@ def cpu_peak_entry(reprobe: bool = False) -> dict:
     _peaks[memo] = entry
     if entry.get("load", {}).get("contended", True):
         load = Load.from_dict(entry["load"])
-        _say_once("contended", f"this CPU's matmul peak was measured while the machine was {load.describe()}: "
-                               "MFU against it may read high; `ministack flops peak --reprobe` on a quiet machine fixes it")
+        _say_once(
+            "contended",
+            f"this CPU's matmul peak was measured while the machine was {load.describe()}: "
+            "MFU against it may read high; `ministack flops peak --reprobe` on a quiet machine fixes it",
+        )
     return entry
 
 
@@ -270,8 +273,16 @@ def raise_peak(dtype: str, achieved: float, by: str) -> float:
         if achieved > old:
             entry[dtype] = achieved
             first = entry.get("raised", {}).get(dtype, {"from": old, "raises": 0})  # `from`: the probe's figure
-            entry["raised"] = {**entry.get("raised", {}), dtype: {"from": first["from"], "to": achieved, "at": time.time(),
-                                                                 "by": by, "raises": first.get("raises", 0) + 1}}
+            entry["raised"] = {
+                **entry.get("raised", {}),
+                dtype: {
+                    "from": first["from"],
+                    "to": achieved,
+                    "at": time.time(),
+                    "by": by,
+                    "raises": first.get("raises", 0) + 1,
+                },
+            }
             _store_cache({key: entry})
     _peaks[memo] = entry
     return entry.get(dtype, entry["fp32"])

@@ -33,8 +33,15 @@ import math
 from profiling import laws
 from profiling.estimate_table import LABELS, format_plan
 from profiling.hardware import accelerator, auto_dtype, normalize_dtype
-from profiling.inputs import (dataset_tokens, parse_compression, parse_count, parse_count_or_zero, parse_number,
-                              parse_patch, parse_resolution)
+from profiling.inputs import (
+    dataset_tokens,
+    parse_compression,
+    parse_count,
+    parse_count_or_zero,
+    parse_number,
+    parse_patch,
+    parse_resolution,
+)
 
 SECONDS_PER_DAY = 86400.0
 HOURS_PER_DAY = 24.0  # the serving day when --hours-per-day is not given
@@ -43,7 +50,6 @@ _TRAIN_FLAGS = ("tokens", "seq_len", "images", "videos", *_SHAPE_FLAGS, "epochs"
 _SERVE_FLAGS = ("prompt_tokens", "answer_tokens", "requests_per_day", "hours_per_day", "utilization")
 _INPUTS = ("params", "layers", "d_attn", *_TRAIN_FLAGS, *_SERVE_FLAGS, "gpu", "dtype")
 _SERVE_FIGURES = ("flops_per_request", "seconds_per_request", "gpus_needed")
-
 
 
 def peak_flops(gpu: str, dtype: str | None = None) -> dict:
@@ -92,8 +98,14 @@ def request_attention_flops(layers: int, d_attn: int, tokens: int) -> tuple[floa
     return 4.0 * layers * d_attn * pairs, pairs
 
 
-def training(params: float, tokens: float, peak: float | None = None, mfu: float | None = None,
-             num_gpus: int | None = None, attention_flops: float | None = None) -> dict:
+def training(
+    params: float,
+    tokens: float,
+    peak: float | None = None,
+    mfu: float | None = None,
+    num_gpus: int | None = None,
+    attention_flops: float | None = None,
+) -> dict:
     """Training compute of N = `params` on D = `tokens`: 6·N·D FLOPs (Kaplan et al. 2020), and with
     `attention_flops` also 6ND + attention, which the times then use. With a `peak` (FLOP/s) and an
     `mfu` (fraction), the GPU time: gpu_seconds = FLOPs / (peak x mfu), gpu_days = that / 86400;
@@ -113,17 +125,28 @@ def training(params: float, tokens: float, peak: float | None = None, mfu: float
     return out
 
 
-def serving(params: float, prompt_tokens: int, answer_tokens: int, requests_per_day: float | None = None,
-            peak: float | None = None, utilization: float | None = None,
-            hours_per_day: float = HOURS_PER_DAY, attention: tuple[int, int] | None = None) -> dict:
+def serving(
+    params: float,
+    prompt_tokens: int,
+    answer_tokens: int,
+    requests_per_day: float | None = None,
+    peak: float | None = None,
+    utilization: float | None = None,
+    hours_per_day: float = HOURS_PER_DAY,
+    attention: tuple[int, int] | None = None,
+) -> dict:
     """FLOPs per request: 2·N·(prompt + answer) (Kaplan et al. 2020), and with `attention` =
     (layers, d_attn) also that plus the causal attention of prompt + answer, which the times then
     use. With a `peak` (FLOP/s) and a `utilization` (fraction), seconds per request on one GPU;
     with `requests_per_day` too, the GPUs that serve them within `hours_per_day` (ceil of busy
     GPU-seconds / (hours x 3600))."""
     flops = law = laws.infer_flops(params, prompt_tokens + answer_tokens)
-    out: dict = {"params": params, "prompt_tokens": prompt_tokens, "answer_tokens": answer_tokens,
-                 "flops_per_request": law}
+    out: dict = {
+        "params": params,
+        "prompt_tokens": prompt_tokens,
+        "answer_tokens": answer_tokens,
+        "flops_per_request": law,
+    }
     if attention is not None:
         extra, pairs = request_attention_flops(*attention, prompt_tokens + answer_tokens)
         flops = law + extra
@@ -137,9 +160,13 @@ def serving(params: float, prompt_tokens: int, answer_tokens: int, requests_per_
         return out
     _hours(hours_per_day)
     busy = requests_per_day * seconds / (hours_per_day * 3600)
-    return {**out, "requests_per_day": requests_per_day, "hours_per_day": hours_per_day,
-            # round first: float noise must not turn exactly 8.0 GPUs into 9
-            "gpus_needed": math.ceil(round(busy, 9))}
+    return {
+        **out,
+        "requests_per_day": requests_per_day,
+        "hours_per_day": hours_per_day,
+        # round first: float noise must not turn exactly 8.0 GPUs into 9
+        "gpus_needed": math.ceil(round(busy, 9)),
+    }
 
 
 def _flag(dest: str) -> str:
@@ -157,8 +184,10 @@ def _check(a: argparse.Namespace) -> None:
     if a.tokens is not None and dataset:
         raise ValueError("give --tokens or a dataset (--images/--videos), not both")
     if a.seq_len is not None and (dataset or a.layers is None):
-        raise ValueError("--seq-len (attention length) goes with --tokens, --layers and --d-attn; "
-                         "a dataset's is its tokens per sample")
+        raise ValueError(
+            "--seq-len (attention length) goes with --tokens, --layers and --d-attn; "
+            "a dataset's is its tokens per sample"
+        )
     if shape and not dataset:
         raise ValueError(f"dataset flags {', '.join(map(_flag, shape))} need --images or --videos")
     if video and a.videos is None:
@@ -173,6 +202,7 @@ def _check(a: argparse.Namespace) -> None:
 def _needs(a: argparse.Namespace) -> dict[str, tuple[str | None, list[str]]]:
     """Each figure the flags can lead to -> (the figure it builds on, the flags it adds to that one
     that are not given). A figure is computed when it and everything below it lack nothing."""
+
     def absent(*dests: str) -> list[str]:
         return [_flag(d) for d in dests if getattr(a, d) is None]
 
@@ -190,7 +220,9 @@ def _needs(a: argparse.Namespace) -> dict[str, tuple[str | None, list[str]]]:
     if a.layers is not None:
         seq_len = a.tokens is not None and a.seq_len is None
         needs["train_flops_with_attention"] = (
-            timed, ["--seq-len (tokens each token attends over, for --layers/--d-attn)"] if seq_len else [])
+            timed,
+            ["--seq-len (tokens each token attends over, for --layers/--d-attn)"] if seq_len else [],
+        )
         timed = "train_flops_with_attention"
     needs["gpu_days"] = (timed, absent("gpu", "mfu"))
     needs["wall_days"] = ("gpu_days", absent("num_gpus"))
@@ -235,12 +267,16 @@ def _spans(a: argparse.Namespace, out: dict) -> list[tuple[float, int | None]]:
     if a.tokens is not None:
         return [(a.tokens, a.seq_len)]
     frames = a.frames if a.frames is not None else (a.fps or 0) * (a.duration or 0)
-    counted = dataset_tokens(a.resolution, a.patch, a.latent_compression or (1, 1, 1), a.images, a.videos,
-                             max(1, round(frames)))
+    counted = dataset_tokens(
+        a.resolution, a.patch, a.latent_compression or (1, 1, 1), a.images, a.videos, max(1, round(frames))
+    )
     del counted["tokens_per_epoch"]
     out.update(counted)
-    return [(out[kind + "s"] * out[f"tokens_per_{kind}"], out[f"tokens_per_{kind}"])
-            for kind in ("image", "video") if f"tokens_per_{kind}" in out]
+    return [
+        (out[kind + "s"] * out[f"tokens_per_{kind}"], out[f"tokens_per_{kind}"])
+        for kind in ("image", "video")
+        if f"tokens_per_{kind}" in out
+    ]
 
 
 def plan(a: argparse.Namespace) -> dict:
@@ -252,8 +288,12 @@ def plan(a: argparse.Namespace) -> dict:
     asked = _asked(a, list(gaps))
     if all(gaps.values()):
         raise _nothing_to_estimate(a, asked)
-    out: dict = {"params": a.params, **(peak_flops(a.gpu, a.dtype) if a.gpu is not None else {}),
-                 "layers": a.layers, "d_attn": a.d_attn}
+    out: dict = {
+        "params": a.params,
+        **(peak_flops(a.gpu, a.dtype) if a.gpu is not None else {}),
+        "layers": a.layers,
+        "d_attn": a.d_attn,
+    }
     peak = out.get("peak_flops")
     attn = (a.layers, a.d_attn) if a.layers is not None else None
     if a.tokens is not None or gaps.get("tokens") == []:
@@ -262,19 +302,34 @@ def plan(a: argparse.Namespace) -> dict:
         # tokens seen is a whole count (a fraction of an epoch still sees whole tokens)
         out.update(tokens=round(sum(n for n, _ in spans) * epochs), epochs=epochs, seq_len=a.seq_len)
         if not gaps["train_flops"]:
-            attention = (train_attention_flops(*attn, [(n * epochs, s) for n, s in spans])
-                         if attn and not gaps["train_flops_with_attention"] else None)
-            out.update(training(a.params, out["tokens"], None if gaps["gpu_days"] else peak, a.mfu,
-                                a.num_gpus, attention))
+            attention = (
+                train_attention_flops(*attn, [(n * epochs, s) for n, s in spans])
+                if attn and not gaps["train_flops_with_attention"]
+                else None
+            )
+            out.update(
+                training(a.params, out["tokens"], None if gaps["gpu_days"] else peak, a.mfu, a.num_gpus, attention)
+            )
     if not gaps["flops_per_request"]:
-        out.update(serving(a.params, a.prompt_tokens, a.answer_tokens, a.requests_per_day, peak,
-                           a.utilization, a.hours_per_day or HOURS_PER_DAY, attn))
+        out.update(
+            serving(
+                a.params,
+                a.prompt_tokens,
+                a.answer_tokens,
+                a.requests_per_day,
+                peak,
+                a.utilization,
+                a.hours_per_day or HOURS_PER_DAY,
+                attn,
+            )
+        )
     out["missing"] = {f: gaps[f] for f in asked if gaps[f]}
     return {k: v for k, v in out.items() if v is not None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The estimate flags; names are stable so scripts can drive them."""
+
     def number(group: argparse._ActionsContainer, flag: str, help: str, parse=parse_number, **kw: object) -> None:
         group.add_argument(flag, type=parse, metavar="N", help=help, **kw)
 
@@ -294,20 +349,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     number(train, "--fps", "video frames per second")
     number(train, "--duration", "video length in seconds")
     train.add_argument("--patch", type=parse_patch, metavar="P|pt,ph,pw", help="patch size; P means 1,P,P")
-    train.add_argument("--latent-compression", type=parse_compression, metavar="t,h,w",
-                       help="latent encoder downsampling (default 1,1,1: patches of pixels)")
+    train.add_argument(
+        "--latent-compression",
+        type=parse_compression,
+        metavar="t,h,w",
+        help="latent encoder downsampling (default 1,1,1: patches of pixels)",
+    )
     number(train, "--epochs", "passes over the data (default 1)")
     number(train, "--mfu", "model FLOPs utilisation, a fraction (e.g. 0.4); gives GPU-days")
     count(train, "--num-gpus", "GPUs training in parallel; gives wall-clock days")
     serve = parser.add_argument_group("serving (2·N·T per request)")
     count(serve, "--prompt-tokens", "input tokens per request")
-    number(serve, "--answer-tokens", "generated tokens per request (0: prefill only, e.g. scoring)", parse_count_or_zero)
+    number(
+        serve, "--answer-tokens", "generated tokens per request (0: prefill only, e.g. scoring)", parse_count_or_zero
+    )
     count(serve, "--requests-per-day", "requests to serve per day; gives GPUs needed")
     number(serve, "--hours-per-day", f"hours a day the fleet serves (default {HOURS_PER_DAY:g})")
     number(serve, "--utilization", "fraction of the dense peak achieved (e.g. 0.3); gives seconds per request")
     parser.add_argument("--gpu", help="H100, h100-sxm, A100, L4, V100, T4, ... or 'cpu' (measured here)")
-    parser.add_argument("--dtype", help="compute dtype for the peak (default bf16, or the GPU's 16-bit "
-                                        "tensor format where it has no bf16: fp16 on T4, V100)")
+    parser.add_argument(
+        "--dtype",
+        help="compute dtype for the peak (default bf16, or the GPU's 16-bit "
+        "tensor format where it has no bf16: fp16 on T4, V100)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 

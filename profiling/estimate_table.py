@@ -5,10 +5,16 @@ makes the plan; this module only prints it)."""
 from __future__ import annotations
 
 # each figure (its --json key) -> its name in the text and in errors
-LABELS = {"tokens": "tokens", "train_flops": "training FLOPs",
-          "train_flops_with_attention": "training FLOPs with attention", "gpu_days": "GPU-days",
-          "wall_days": "wall-clock days", "flops_per_request": "FLOPs per request",
-          "seconds_per_request": "seconds per request", "gpus_needed": "GPUs needed"}
+LABELS = {
+    "tokens": "tokens",
+    "train_flops": "training FLOPs",
+    "train_flops_with_attention": "training FLOPs with attention",
+    "gpu_days": "GPU-days",
+    "wall_days": "wall-clock days",
+    "flops_per_request": "FLOPs per request",
+    "seconds_per_request": "seconds per request",
+    "gpus_needed": "GPUs needed",
+}
 
 
 def _count(x: float) -> str:
@@ -32,9 +38,13 @@ def _with_attention(law_label: str, law: float, total: float | None, per: str, a
     marked as the figure the times below use."""
     rows = [(f"compute ({law_label})", f"{law:.3e} FLOPs{per}")]
     if total is not None:
-        rows += [("attention", f"{total - law:.3e} FLOPs{per}: {attention}"),
-                 (f"compute ({law_label} + attention)", f"{total:.3e} FLOPs{per} "
-                  f"({(total - law) / total:.1%} attention), used below")]
+        rows += [
+            ("attention", f"{total - law:.3e} FLOPs{per}: {attention}"),
+            (
+                f"compute ({law_label} + attention)",
+                f"{total:.3e} FLOPs{per} ({(total - law) / total:.1%} attention), used below",
+            ),
+        ]
     return rows
 
 
@@ -57,35 +67,63 @@ def format_plan(p: dict) -> str:
         for kind in ("image", "video"):
             if f"tokens_per_{kind}" in p:
                 frames = f", {p['frames']} frames" if kind == "video" else ""
-                rows.append((f"tokens per {kind}", f"{p[f'tokens_per_{kind}']:,} ({p['resolution']}{frames}, "
-                             f"patch {_ints(p['patch'])}, latent compression {_ints(p['latent_compression'])}) "
-                             f"x {_count(p[kind + 's'])} {kind}s"))
+                rows.append(
+                    (
+                        f"tokens per {kind}",
+                        f"{p[f'tokens_per_{kind}']:,} ({p['resolution']}{frames}, "
+                        f"patch {_ints(p['patch'])}, latent compression {_ints(p['latent_compression'])}) "
+                        f"x {_count(p[kind + 's'])} {kind}s",
+                    )
+                )
         epochs = f" ({_num(p['epochs'])} epochs)" if p["epochs"] != 1 else ""
         rows += [("parameters", _count(p["params"]))] if "train_flops" in p else []
         rows.append(("tokens", _count(p["tokens"]) + epochs))
         if "train_flops" in p:
-            rows += _with_attention("6ND", p["train_flops"], p.get("train_flops_with_attention"), "",
-                                    f"12 x {arch} x S per token (PaLM, bidirectional), S = "
-                                    + (f"{p['seq_len']:,}" if "seq_len" in p else "tokens per sample"))
+            rows += _with_attention(
+                "6ND",
+                p["train_flops"],
+                p.get("train_flops_with_attention"),
+                "",
+                f"12 x {arch} x S per token (PaLM, bidirectional), S = "
+                + (f"{p['seq_len']:,}" if "seq_len" in p else "tokens per sample"),
+            )
         rows += _accelerator(p, "mfu", "MFU")
         if "gpu_days" in p:
             rows.append(("GPU time", f"{_num(p['gpu_days'])} GPU-days ({p['gpu_seconds']:.3e} GPU-seconds)"))
         if "wall_days" in p:
-            rows.append(("wall clock", f"{_num(p['wall_days'])} days on {_count(p['num_gpus'])} "
-                                       f"GPU{'s' if p['num_gpus'] != 1 else ''}"))
+            rows.append(
+                (
+                    "wall clock",
+                    f"{_num(p['wall_days'])} days on {_count(p['num_gpus'])} GPU{'s' if p['num_gpus'] != 1 else ''}",
+                )
+            )
     if "flops_per_request" in p:
-        rows += [("SERVING", ""), ("parameters", _count(p["params"])),
-                 ("tokens per request", f"{_count(p['prompt_tokens'])} prompt + {_count(p['answer_tokens'])} answer"),
-                 *_with_attention("2NT", p["flops_per_request"], p.get("flops_per_request_with_attention"),
-                                  " per request", f"4 x {arch} x "
-                                  f"{p.get('attention_pairs_per_request', 0):,} causal (query, key) pairs"),
-                 *_accelerator(p, "utilization", "utilization")]
+        rows += [
+            ("SERVING", ""),
+            ("parameters", _count(p["params"])),
+            ("tokens per request", f"{_count(p['prompt_tokens'])} prompt + {_count(p['answer_tokens'])} answer"),
+            *_with_attention(
+                "2NT",
+                p["flops_per_request"],
+                p.get("flops_per_request_with_attention"),
+                " per request",
+                f"4 x {arch} x {p.get('attention_pairs_per_request', 0):,} causal (query, key) pairs",
+            ),
+            *_accelerator(p, "utilization", "utilization"),
+        ]
         if "seconds_per_request" in p:
-            rows.append(("time per request", f"{_num(p['seconds_per_request'])} s on one GPU "
-                         f"({_num(p['requests_per_second_per_gpu'])} requests/s per GPU)"))
+            rows.append(
+                (
+                    "time per request",
+                    f"{_num(p['seconds_per_request'])} s on one GPU "
+                    f"({_num(p['requests_per_second_per_gpu'])} requests/s per GPU)",
+                )
+            )
         if "gpus_needed" in p:
-            rows += [("load", f"{_count(p['requests_per_day'])} requests/day over {_num(p['hours_per_day'])} h/day"),
-                     ("GPUs needed", f"{p['gpus_needed']:,}")]
+            rows += [
+                ("load", f"{_count(p['requests_per_day'])} requests/day over {_num(p['hours_per_day'])} h/day"),
+                ("GPUs needed", f"{p['gpus_needed']:,}"),
+            ]
     if p["missing"]:
         rows.append(("NOT COMPUTED", ""))
         rows += [(LABELS[f], "add " + ", ".join(flags)) for f, flags in p["missing"].items()]

@@ -48,7 +48,12 @@ class Accelerator:
 ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("B200", r"B200", 180, {"fp32": 80, "tf32": 1100, "bf16": 2250, "fp16": 2250, "fp8": 4500}),
     Accelerator("H200", r"H200", 141, {"fp32": 67, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9}),
-    Accelerator("H100-SXM", r"H100(?!.*PCIe)(?!.*NVL)", 80, {"fp32": 67, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9}),
+    Accelerator(
+        "H100-SXM",
+        r"H100(?!.*PCIe)(?!.*NVL)",
+        80,
+        {"fp32": 67, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9},
+    ),
     Accelerator("H100-NVL", r"H100.*NVL", 94, {"fp32": 60, "tf32": 417.5, "bf16": 835, "fp16": 835, "fp8": 1670.5}),
     Accelerator("H100-PCIe", r"H100.*PCIe", 80, {"fp32": 51, "tf32": 378, "bf16": 756, "fp16": 756, "fp8": 1513}),
     Accelerator("A100", r"A100", 80, {"fp32": 19.5, "tf32": 156, "bf16": 312, "fp16": 312}),
@@ -59,16 +64,27 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     # Volta, no bf16; the SXM2 32GB data sheet (V100 PCIe: fp32 14, fp16 112)
     Accelerator("V100", r"V100", 32, {"fp32": 15.7, "fp16": 125}),
     Accelerator("RTX-4090", r"4090", 24, {"fp32": 82.6, "tf32": 82.6, "bf16": 165.2, "fp16": 165.2}),
-    Accelerator("MI300X", r"MI300X", 192, {"fp32": 163.4, "tf32": 653.7, "bf16": 1307.4, "fp16": 1307.4, "fp8": 2614.9}),
+    Accelerator(
+        "MI300X", r"MI300X", 192, {"fp32": 163.4, "tf32": 653.7, "bf16": 1307.4, "fp16": 1307.4, "fp8": 2614.9}
+    ),
     Accelerator("MI250X", r"MI250X", 128, {"fp32": 95.7, "bf16": 383, "fp16": 383}),
 )
 
 _DTYPE_ALIASES = {
-    "float32": "fp32", "float": "fp32", "fp32": "fp32", "32": "fp32",
+    "float32": "fp32",
+    "float": "fp32",
+    "fp32": "fp32",
+    "32": "fp32",
     "tf32": "tf32",
-    "bfloat16": "bf16", "bf16": "bf16",
-    "float16": "fp16", "half": "fp16", "fp16": "fp16", "16": "fp16",
-    "fp8": "fp8", "float8": "fp8", "float8_e4m3fn": "fp8",
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    "fp16": "fp16",
+    "16": "fp16",
+    "fp8": "fp8",
+    "float8": "fp8",
+    "float8_e4m3fn": "fp8",
 }
 
 
@@ -129,10 +145,13 @@ class DevicePeak:
         self.raises += 1
         self.source = raised_source(self.flops, by, self.origin)
         if self.raises == 1:
-            print(f"ministack: {by} achieved {format_rate(achieved)}, above the {self.dtype} peak of {self.device} "
-                  f"({format_rate(old)}): that peak was stale; raised to {format_rate(self.flops)}"
-                  f"{' (cached)' if self.cpu else ''}, and again whenever a record beats it (each record keeps "
-                  "the peak it was computed against)", file=sys.stderr)
+            print(
+                f"ministack: {by} achieved {format_rate(achieved)}, above the {self.dtype} peak of {self.device} "
+                f"({format_rate(old)}): that peak was stale; raised to {format_rate(self.flops)}"
+                f"{' (cached)' if self.cpu else ''}, and again whenever a record beats it (each record keeps "
+                "the peak it was computed against)",
+                file=sys.stderr,
+            )
         return self.flops
 
 
@@ -176,7 +195,9 @@ def device_peak(device: object, dtype: object) -> DevicePeak:
     source = f"probe {utc_time(entry['measured_at'])}, {load.describe()}"
     if dtype in entry.get("raised", {}):
         raised = entry["raised"][dtype]
-        source = raised_source(raised["to"], f"{raised['by']} at {utc_time(raised['at'])}", f"{format_rate(raised['from'])}, {source}")
+        source = raised_source(
+            raised["to"], f"{raised['by']} at {utc_time(raised['at'])}", f"{format_rate(raised['from'])}, {source}"
+        )
     return DevicePeak(cpu_name(), dtype, peak, source, cpu=True)
 
 

@@ -70,9 +70,13 @@ def parse_compression(text: str) -> tuple[int, int, int]:
     return _positive_ints(text, ",", (3,), "a latent compression t,h,w like 4,8,8")  # type: ignore[return-value]
 
 
-def tokens_per_sample(frames: int, height: int, width: int,
-                      patch: tuple[int, int, int] = (1, 1, 1),
-                      compression: tuple[int, int, int] = (1, 1, 1)) -> int:
+def tokens_per_sample(
+    frames: int,
+    height: int,
+    width: int,
+    patch: tuple[int, int, int] = (1, 1, 1),
+    compression: tuple[int, int, int] = (1, 1, 1),
+) -> int:
     """Tokens one sample becomes: ceil(T/ct/pt) · ceil(H/ch/ph) · ceil(W/cw/pw).
 
     Each axis is compressed by the latent encoder, then cut into patches. Sizes that do not
@@ -85,15 +89,26 @@ def tokens_per_sample(frames: int, height: int, width: int,
     return math.prod(-(-size // (c * p)) for size, c, p in zip(sizes, compression, patch))
 
 
-def dataset_tokens(resolution: tuple[int, int], patch: tuple[int, int, int],
-                   compression: tuple[int, int, int] = (1, 1, 1), images: float | None = None,
-                   videos: float | None = None, frames: int = 1) -> dict:
+def dataset_tokens(
+    resolution: tuple[int, int],
+    patch: tuple[int, int, int],
+    compression: tuple[int, int, int] = (1, 1, 1),
+    images: float | None = None,
+    videos: float | None = None,
+    frames: int = 1,
+) -> dict:
     """Tokens in one pass over `images` and `videos` of one resolution, with the per-sample
     counts behind the total so a planner can check them."""
     h, w = resolution
-    out: dict = {"resolution": f"{h}x{w}", "patch": list(patch), "latent_compression": list(compression),
-                 "images": images, "videos": videos, "frames": None if videos is None else frames,
-                 "tokens_per_epoch": 0}
+    out: dict = {
+        "resolution": f"{h}x{w}",
+        "patch": list(patch),
+        "latent_compression": list(compression),
+        "images": images,
+        "videos": videos,
+        "frames": None if videos is None else frames,
+        "tokens_per_epoch": 0,
+    }
     for kind, count, length in (("image", images, 1), ("video", videos, frames)):
         if count is not None:
             out[f"tokens_per_{kind}"] = tokens_per_sample(length, h, w, patch, compression)

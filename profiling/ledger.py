@@ -67,7 +67,12 @@ class Record:
         return mfu(self.measured_flops, self.wall_s, self.peak_flops)
 
     def to_json(self) -> str:
-        data = asdict(self) | {"ratio": self.ratio, "flops_per_s": self.flops_per_s, "mfu": self.mfu, "bytes_moved": self.bytes_moved}
+        data = asdict(self) | {
+            "ratio": self.ratio,
+            "flops_per_s": self.flops_per_s,
+            "mfu": self.mfu,
+            "bytes_moved": self.bytes_moved,
+        }
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod

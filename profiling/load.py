@@ -43,8 +43,8 @@ def _process_times() -> dict[int, tuple[str, float]]:
             text = (entry / "stat").read_text()
         except OSError:
             continue
-        name = text[text.find("(") + 1:text.rfind(")")]
-        rest = text[text.rfind(")") + 2:].split()
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        rest = text[text.rfind(")") + 2 :].split()
         try:  # fields 14 and 15 of stat(5), utime and stime; `rest` starts at field 3
             out[int(entry.name)] = (name, (int(rest[11]) + int(rest[12])) / _TICK)
         except (IndexError, ValueError):

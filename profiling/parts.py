@@ -37,7 +37,10 @@ WHY: dict[str, str] = {
 }
 PARTS: tuple[str, ...] = tuple(WHY)
 # the same for an inference ledger (2NT): forward only, so nothing to say about backward
-WHY_INFER: dict[str, str] = {**WHY, DENSE: "weights every token passes through: the law's 2 FLOPs/param/token (forward only)"}
+WHY_INFER: dict[str, str] = {
+    **WHY,
+    DENSE: "weights every token passes through: the law's 2 FLOPs/param/token (forward only)",
+}
 
 # Parts whose parameters the law's N counts (Kaplan: non-embedding, trained parameters).
 LAW_PARTS: frozenset[str] = frozenset({DENSE, PER_SAMPLE, CONTEXT, LM_HEAD})

@@ -29,10 +29,14 @@ def _cpu_rows(entry: dict) -> list[str]:
         if dtype in entry.get("raised", {}):
             r = entry["raised"][dtype]
             times = f" ({r['raises']} raises)" if r.get("raises", 1) > 1 else ""
-            rows[-1] += f"   raised from the probe's {format_rate(r['from'])}{times}, last {utc_time(r['at'])} by {r['by']}"
+            rows[-1] += (
+                f"   raised from the probe's {format_rate(r['from'])}{times}, last {utc_time(r['at'])} by {r['by']}"
+            )
     if load.contended:
-        rows.append("  warning: measured under load, so MFU against it reads high: run `ministack flops peak "
-                    "--reprobe` on a quiet machine")
+        rows.append(
+            "  warning: measured under load, so MFU against it reads high: run `ministack flops peak "
+            "--reprobe` on a quiet machine"
+        )
     return rows
 
 
@@ -54,7 +58,11 @@ def _bandwidths(devices: list[str], reprobe: bool) -> dict[str, dict]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reprobe", action="store_true", help="measure this CPU's peaks and the memory bandwidths again now (takes seconds)")
+    p.add_argument(
+        "--reprobe",
+        action="store_true",
+        help="measure this CPU's peaks and the memory bandwidths again now (takes seconds)",
+    )
     p.add_argument("--no-bandwidth", action="store_true", help="leave the memory bandwidth probe out")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 

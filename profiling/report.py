@@ -107,10 +107,19 @@ class Group:
 
     def to_dict(self) -> dict:
         return {
-            "kind": self.kind, "shape": self.shape, "records": self.records, f"{self.unit}s": self.n,
-            "ranks": self.ranks, "tokens": self.tokens, "measured_flops": self.measured, "law_flops": self.law,
-            "ratio": self.ratio, "mfu": self.mfu,
-            "bytes_moved": self.bytes, "bytes_by_part": dict(self.bytes_by_part), "flops_per_byte": self.intensity,
+            "kind": self.kind,
+            "shape": self.shape,
+            "records": self.records,
+            f"{self.unit}s": self.n,
+            "ranks": self.ranks,
+            "tokens": self.tokens,
+            "measured_flops": self.measured,
+            "law_flops": self.law,
+            "ratio": self.ratio,
+            "mfu": self.mfu,
+            "bytes_moved": self.bytes,
+            "bytes_by_part": dict(self.bytes_by_part),
+            "flops_per_byte": self.intensity,
             "peaks": [{"flops": f, "source": s, "records": n} for (f, s), n in self.peaks.items()],
             "parts": {
                 p: {"measured": self.measured_by_part.get(p, 0.0), "law": self.law_by_part.get(p, 0.0)}
@@ -120,7 +129,9 @@ class Group:
         }
 
 
-def summarize(records: list[Record], peak_flops: float | None = None) -> tuple[dict[str, Group], dict[str, list[Group]]]:
+def summarize(
+    records: list[Record], peak_flops: float | None = None
+) -> tuple[dict[str, Group], dict[str, list[Group]]]:
     """Totals per kind, and per (kind, shape) ordered by tokens per step or request.
 
     `peak_flops` re-derives every MFU against that peak instead of the one each record kept (a
@@ -130,8 +141,10 @@ def summarize(records: list[Record], peak_flops: float | None = None) -> tuple[d
         fastest = max(records, key=lambda r: r.flops_per_s)
         if fastest.flops_per_s > peak_flops:
             which = f"step {fastest.step}" if fastest.step is not None else f"request {fastest.request_id}"
-            raise ValueError(f"--peak-flops {format_rate(peak_flops)} is below what a record achieved "
-                             f"({format_rate(fastest.flops_per_s)}, {fastest.kind} {which}): not a peak")
+            raise ValueError(
+                f"--peak-flops {format_rate(peak_flops)} is below what a record achieved "
+                f"({format_rate(fastest.flops_per_s)}, {fastest.kind} {which}): not a peak"
+            )
         records = [replace(r, peak_flops=peak_flops, peak_source="--peak-flops") for r in records]
     kinds: dict[str, Group] = {}
     shapes: dict[tuple[str, str], Group] = {}
@@ -173,11 +186,17 @@ def _traffic(g: Group, bandwidth: float | None, source: str) -> str:
     parts = ", ".join(f"{part} {n / g.bytes:.0%}" for part, n in sorted(g.bytes_by_part.items(), key=lambda kv: -kv[1]))
     line = f"bytes moved {_e(float(g.bytes))} ({parts}); {g.intensity:.1f} FLOPs per byte"
     if not bandwidth:
-        return line + (f" ({source}; " if source else " (") + "--bandwidth BYTES/S gives MBU and whether that is compute- or bandwidth-bound)"
+        return (
+            line
+            + (f" ({source}; " if source else " (")
+            + "--bandwidth BYTES/S gives MBU and whether that is compute- or bandwidth-bound)"
+        )
     balance = g.peak_s / g.wall_s / bandwidth if g.wall_s and g.peak_s else math.nan
-    return (line + f"; machine balance {balance:.1f} FLOPs per byte: {g.bound(bandwidth) or 'unknown'}-bound\n"
-            f"MBU {g.mbu(bandwidth):.1%} ({format_bandwidth(g.bytes / g.wall_s)} moved, modelled) against "
-            f"{format_bandwidth(bandwidth)} ({source or 'source not given'})")
+    return (
+        line + f"; machine balance {balance:.1f} FLOPs per byte: {g.bound(bandwidth) or 'unknown'}-bound\n"
+        f"MBU {g.mbu(bandwidth):.1%} ({format_bandwidth(g.bytes / g.wall_s)} moved, modelled) against "
+        f"{format_bandwidth(bandwidth)} ({source or 'source not given'})"
+    )
 
 
 def resolve_bandwidth(given: float | None, records: list[Record]) -> tuple[float | None, str]:
@@ -196,14 +215,21 @@ def resolve_bandwidth(given: float | None, records: list[Record]) -> tuple[float
     return bw.bytes_per_s, f"{bw.source}, {device}"
 
 
-def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipped: int, bandwidth: float | None = None,
-                  bandwidth_source: str = "") -> str:
+def format_report(
+    kinds: dict[str, Group],
+    shapes: dict[str, list[Group]],
+    skipped: int,
+    bandwidth: float | None = None,
+    bandwidth_source: str = "",
+) -> str:
     law_name = {"train": "6ND", "infer": "2NT"}
     out = []
     for kind, g in kinds.items():
         ranks = f" = {g.n} optimizer steps x {g.ranks} ranks" if g.ranks > 1 else ""
         totals = " (all ranks)" if g.ranks > 1 else ""
-        out.append(f"== {kind}: {g.records} records{ranks}, {g.tokens} tokens{totals}, law {law_name.get(kind, '?')} ==")
+        out.append(
+            f"== {kind}: {g.records} records{ranks}, {g.tokens} tokens{totals}, law {law_name.get(kind, '?')} =="
+        )
         mfu = "-" if math.isnan(g.mfu) else f"{g.mfu:.1%}"
         out.append(f"measured {_e(g.measured)} FLOPs   law {_e(g.law)}   measured/law {g.ratio:.3f}   MFU {mfu}")
         out.append(f"MFU against {_peaks(g)}")
@@ -213,10 +239,16 @@ def format_report(kinds: dict[str, Group], shapes: dict[str, list[Group]], skipp
         unit = g.unit
         width = max([34] + [len(s.shape) for s in shapes[kind]])  # shape labels are never cut
         traffic = f" {'FLOP/B':>7}" + (f" {'MBU':>6} {'bound':>9}" if bandwidth else "") if g.bytes else ""
-        out.append(f"{'shape':<{width}} {unit + 's':>8} {'tokens/' + unit:>14} {'measured/' + unit:>16} "
-                   f"{'law/' + unit:>12} {'ratio':>7} {'attn':>6}{traffic}")
+        out.append(
+            f"{'shape':<{width}} {unit + 's':>8} {'tokens/' + unit:>14} {'measured/' + unit:>16} "
+            f"{'law/' + unit:>12} {'ratio':>7} {'attn':>6}{traffic}"
+        )
         for s in shapes[kind]:
-            traffic = f" {s.intensity:>7.1f}" + (f" {s.mbu(bandwidth):>6.1%} {s.bound(bandwidth):>9}" if bandwidth else "") if g.bytes else ""
+            traffic = (
+                f" {s.intensity:>7.1f}" + (f" {s.mbu(bandwidth):>6.1%} {s.bound(bandwidth):>9}" if bandwidth else "")
+                if g.bytes
+                else ""
+            )
             out.append(
                 f"{s.shape:<{width}} {s.n:>8} {s.tokens / s.n:>14.0f} {_e(s.measured / s.n):>16} "
                 f"{_e(s.law / s.n):>12} {s.ratio:>7.3f} {s.share(ATTENTION):>6.1%}{traffic}"
@@ -277,13 +309,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ledgers", nargs="+", help="ledger JSONL files")
     p.add_argument("--plot", help="PNG path (default: the first ledger's name with .png)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--peak-flops", type=parse_number, metavar="FLOP/S",
-                   help="re-derive every MFU against this peak (e.g. a corrected one from `flops peak`) "
-                        "instead of the peak each record kept")
-    p.add_argument("--bandwidth", type=parse_number, metavar="BYTES/S",
-                   help="the device's memory bandwidth, for MBU and, with the peak, whether each shape's steps were "
-                        "compute- or bandwidth-bound (serving records carry the bytes they moved); default: the "
-                        "records' device's probe cached by `ministack flops peak`")
+    p.add_argument(
+        "--peak-flops",
+        type=parse_number,
+        metavar="FLOP/S",
+        help="re-derive every MFU against this peak (e.g. a corrected one from `flops peak`) "
+        "instead of the peak each record kept",
+    )
+    p.add_argument(
+        "--bandwidth",
+        type=parse_number,
+        metavar="BYTES/S",
+        help="the device's memory bandwidth, for MBU and, with the peak, whether each shape's steps were "
+        "compute- or bandwidth-bound (serving records carry the bytes they moved); default: the "
+        "records' device's probe cached by `ministack flops peak`",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -297,15 +337,22 @@ def run(args: argparse.Namespace) -> int:
     bandwidth, source = resolve_bandwidth(args.bandwidth, data.records)
     png = plot(shapes, args.plot or Path(args.ledgers[0]).with_suffix(".png"))
     if args.json:
+
         def traffic(g: Group) -> dict:
             return g.to_dict() | {"bound": g.bound(bandwidth), "mbu": g.mbu(bandwidth)}
 
-        print(json.dumps({
-            "kinds": {k: traffic(g) for k, g in kinds.items()},
-            "shapes": {k: [traffic(g) for g in gs] for k, gs in shapes.items()},
-            "bandwidth": {"bytes_per_s": bandwidth, "source": source},
-            "skipped": data.skipped, "plot": str(png),
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "kinds": {k: traffic(g) for k, g in kinds.items()},
+                    "shapes": {k: [traffic(g) for g in gs] for k, gs in shapes.items()},
+                    "bandwidth": {"bytes_per_s": bandwidth, "source": source},
+                    "skipped": data.skipped,
+                    "plot": str(png),
+                },
+                indent=1,
+            )
+        )
     else:
         print(format_report(kinds, shapes, data.skipped, bandwidth, source))
         print(f"plot: {png}")

@@ -137,8 +137,10 @@ class FreeCores:
             return f"{n} of {n} CPUs taken as free: load unknown (no /proc/stat)"
         floor = " (at least 1)" if n - self.taken < 1 else ""
         per_cpu = ", ".join(f"cpu{c} {f:.0%}" for c, f in sorted(self.busy.items()))
-        return (f"{self.free} of {n} CPUs free{floor}: others used {self.others:.2f} cores over {self.seconds:.1f} s "
-                f"({per_cpu}; this process {self.own:.2f})")
+        return (
+            f"{self.free} of {n} CPUs free{floor}: others used {self.others:.2f} cores over {self.seconds:.1f} s "
+            f"({per_cpu}; this process {self.own:.2f})"
+        )
 
 
 class CoreWindow:
@@ -149,7 +151,9 @@ class CoreWindow:
     `reader` returns /proc/stat's text (or None), `own` this process's CPU-seconds, `clock`
     seconds: injectable, for tests."""
 
-    def __init__(self, cpus: list[int] | None = None, reader=_read_proc_stat, own=_own_cpu_s, clock=time.monotonic) -> None:
+    def __init__(
+        self, cpus: list[int] | None = None, reader=_read_proc_stat, own=_own_cpu_s, clock=time.monotonic
+    ) -> None:
         self.cpus = affinity() if cpus is None else list(cpus)
         self.reader, self.own, self.clock = reader, own, clock
 
@@ -213,8 +217,9 @@ def user_threads(environ: dict | None = None, cpus: list[int] | None = None, cur
     return None
 
 
-def choose_threads(seconds: float = 0.3, ranks: int = 1, environ: dict | None = None, current: int | None = None,
-                   **window) -> ThreadChoice:
+def choose_threads(
+    seconds: float = 0.3, ranks: int = 1, environ: dict | None = None, current: int | None = None, **window
+) -> ThreadChoice:
     """The intra-op thread count for this process: the user's where given (`current`: torch's
     count now, read when None), else the cores of our affinity mask that other work leaves free
     (measured over `seconds`; `window`: CoreWindow's arguments), shared by the `ranks` processes
@@ -265,8 +270,16 @@ class ThreadWatch:
     Call `step()` once per training step: True when it changed the count (the MFU's peak, cached
     per thread count, must then be read again)."""
 
-    def __init__(self, choice: ThreadChoice | None, window_s: float = 5.0, log=None, ranks: int | None = None,
-                 set_threads=None, get_threads=None, **window) -> None:
+    def __init__(
+        self,
+        choice: ThreadChoice | None,
+        window_s: float = 5.0,
+        log=None,
+        ranks: int | None = None,
+        set_threads=None,
+        get_threads=None,
+        **window,
+    ) -> None:
         import torch
 
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ranks is None else ranks
@@ -285,7 +298,9 @@ class ThreadWatch:
             return False
         if self.get_threads() != self.threads:  # someone else set it: theirs from now on
             self.active = False
-            self.log(f"ministack: intra-op threads set to {self.get_threads()} elsewhere: no longer adapted to the load")
+            self.log(
+                f"ministack: intra-op threads set to {self.get_threads()} elsewhere: no longer adapted to the load"
+            )
             return False
         free = self.window.stop()
         self.window.start()

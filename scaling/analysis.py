@@ -24,8 +24,17 @@ import math
 
 import numpy as np
 
-from scaling.findings import (AblationRow, Analysis, Approach1, Approach2, Approach3, EnvelopePoint, Holdout,
-                              InferenceOptimum, LrCheck)
+from scaling.findings import (
+    AblationRow,
+    Analysis,
+    Approach1,
+    Approach2,
+    Approach3,
+    EnvelopePoint,
+    Holdout,
+    InferenceOptimum,
+    LrCheck,
+)
 from scaling.fit import fit_isoflop, fit_parametric
 from scaling.record import Definition, RunRecord
 
@@ -68,31 +77,60 @@ def approach2(runs: list[RunRecord], definition: Definition, bootstrap: int = 0,
     grid; with `bootstrap`, residual-bootstrap intervals of a, b, and N_opt and tokens per
     parameter at the largest usable budget (scaling.fit.fit_isoflop)."""
     budget_of = {key: _compute(g, definition) for key, g in _groups(runs).items()}
-    iso = fit_isoflop([budget_of[r.budget] for r in runs], [r.n_eff(definition) for r in runs], [r.loss for r in runs],
-                      bootstrap=bootstrap, level=LEVEL, seed=seed)
-    out = Approach2(a=iso.a, b=None if iso.a is None else 1 - iso.a, k=iso.k, profiles=iso.profiles, intervals={},
-                    level=LEVEL, bootstrap=iso.bootstrap, bootstrap_failed=iso.bootstrap_failed)
+    iso = fit_isoflop(
+        [budget_of[r.budget] for r in runs],
+        [r.n_eff(definition) for r in runs],
+        [r.loss for r in runs],
+        bootstrap=bootstrap,
+        level=LEVEL,
+        seed=seed,
+    )
+    out = Approach2(
+        a=iso.a,
+        b=None if iso.a is None else 1 - iso.a,
+        k=iso.k,
+        profiles=iso.profiles,
+        intervals={},
+        level=LEVEL,
+        bootstrap=iso.bootstrap,
+        bootstrap_failed=iso.bootstrap_failed,
+    )
     used = [p for p in iso.profiles if not p.flag]
     if used:
         top = max(used, key=lambda p: p.budget)
         out.n_opt, out.tokens_per_param, out.at = top.n_opt, top.budget / (6 * top.n_opt**2), top.budget
     if iso.intervals:
         (a_lo, a_hi), (n_lo, n_hi) = iso.intervals["a"], iso.intervals["n_opt"]
-        out.intervals = {"a": (a_lo, a_hi), "b": (1 - a_hi, 1 - a_lo), "n_opt": (n_lo, n_hi),
-                         "tokens_per_param": (out.at / (6 * n_hi**2), out.at / (6 * n_lo**2))}
+        out.intervals = {
+            "a": (a_lo, a_hi),
+            "b": (1 - a_hi, 1 - a_lo),
+            "n_opt": (n_lo, n_hi),
+            "tokens_per_param": (out.at / (6 * n_hi**2), out.at / (6 * n_lo**2)),
+        }
     return out
 
 
-def approach3(runs: list[RunRecord], definition: Definition, at: float, bootstrap: int, seed: int = 0,
-              starts: int | None = STARTS) -> Approach3:
+def approach3(
+    runs: list[RunRecord], definition: Definition, at: float, bootstrap: int, seed: int = 0, starts: int | None = STARTS
+) -> Approach3:
     """The parametric law on (N_C, D, loss), Epoch's recipe, with bootstrap intervals; L-BFGS
     from the `starts` best points of Chinchilla's grid (None: all 4,500)."""
-    fit = fit_parametric([r.n_eff(definition) for r in runs], [r.tokens for r in runs], [r.loss for r in runs],
-                         bootstrap=bootstrap, seed=seed, level=LEVEL, at=at, starts=starts)
+    fit = fit_parametric(
+        [r.n_eff(definition) for r in runs],
+        [r.tokens for r in runs],
+        [r.loss for r in runs],
+        bootstrap=bootstrap,
+        seed=seed,
+        level=LEVEL,
+        at=at,
+        starts=starts,
+    )
     return Approach3.of(fit, LEVEL, starts)
 
 
-def holdout(runs: list[RunRecord], definition: Definition, seed: int = 0, starts: int | None = STARTS) -> Holdout | None:
+def holdout(
+    runs: list[RunRecord], definition: Definition, seed: int = 0, starts: int | None = STARTS
+) -> Holdout | None:
     """Leave the largest budget out, fit approach 3 on the rest, predict the held-out budget: its
     compute-optimal loss (against the best run measured there) and each of its runs' loss.
     None when fewer than 5 runs or 2 budgets remain."""
@@ -105,14 +143,27 @@ def holdout(runs: list[RunRecord], definition: Definition, seed: int = 0, starts
         return None
     held = groups[top]
     c = _compute(held, definition)
-    fit = fit_parametric([r.n_eff(definition) for r in rest], [r.tokens for r in rest], [r.loss for r in rest],
-                         seed=seed, at=c, starts=starts)
+    fit = fit_parametric(
+        [r.n_eff(definition) for r in rest],
+        [r.tokens for r in rest],
+        [r.loss for r in rest],
+        seed=seed,
+        at=c,
+        starts=starts,
+    )
     best = min(held, key=lambda r: r.loss)
     errors = [float(fit.loss(r.n_eff(definition), r.tokens) / r.loss - 1) for r in held]
     predicted = fit.values()["loss_opt"]
-    return Holdout(budget=c, runs_fitted=len(rest), predicted_loss_opt=predicted, best_measured=best.loss,
-                   best_id=best.id, error=predicted / best.loss - 1, run_errors={r.id: e for r, e in zip(held, errors)},
-                   mean_abs_run_error=float(np.mean(np.abs(errors))))
+    return Holdout(
+        budget=c,
+        runs_fitted=len(rest),
+        predicted_loss_opt=predicted,
+        best_measured=best.loss,
+        best_id=best.id,
+        error=predicted / best.loss - 1,
+        run_errors={r.id: e for r, e in zip(held, errors)},
+        mean_abs_run_error=float(np.mean(np.abs(errors))),
+    )
 
 
 def inference_optimum(a3: Approach3, at: float, tokens: float, sampling_steps: int) -> InferenceOptimum:
@@ -136,9 +187,18 @@ def inference_optimum(a3: Approach3, at: float, tokens: float, sampling_steps: i
         total = 6 * n * d + infer * n
         if total < best_total:
             best_n, best_d, best_total = float(n), float(d), float(total)
-    return InferenceOptimum(loss=target, inference_tokens=tokens, sampling_steps=sampling_steps, n=best_n, d=best_d,
-                            tokens_per_param=best_d / best_n, total_flops=best_total, compute_optimal_n=n_opt,
-                            compute_optimal_total_flops=chinchilla, saving=1 - best_total / chinchilla)
+    return InferenceOptimum(
+        loss=target,
+        inference_tokens=tokens,
+        sampling_steps=sampling_steps,
+        n=best_n,
+        d=best_d,
+        tokens_per_param=best_d / best_n,
+        total_flops=best_total,
+        compute_optimal_n=n_opt,
+        compute_optimal_total_flops=chinchilla,
+        saving=1 - best_total / chinchilla,
+    )
 
 
 def lr_check(results: list[RunRecord]) -> dict[str, LrCheck]:
@@ -153,8 +213,16 @@ def lr_check(results: list[RunRecord]) -> dict[str, LrCheck]:
     return out
 
 
-def analyze(results: list[RunRecord], primary: Definition | None = None, bootstrap: int = 1000, at: float | None = None,
-            seed: int = 0, inference_tokens: float = 0.0, sampling_steps: int = 50, starts: int | None = STARTS) -> Analysis:
+def analyze(
+    results: list[RunRecord],
+    primary: Definition | None = None,
+    bootstrap: int = 1000,
+    at: float | None = None,
+    seed: int = 0,
+    inference_tokens: float = 0.0,
+    sampling_steps: int = 50,
+    starts: int | None = STARTS,
+) -> Analysis:
     """Approaches 1-3 under the primary definition (default: measured, or the CSV's "given"),
     and the compute-definition ablation. `at`: the budget (FLOPs) at which N_opt, D_opt and
     tokens per parameter are given (default: the largest budget); `starts`: approach 3's L-BFGS
@@ -167,17 +235,29 @@ def analyze(results: list[RunRecord], primary: Definition | None = None, bootstr
     primary = primary or ("measured" if "measured" in definitions else definitions[0])
     if primary not in definitions:
         raise ValueError(f"compute definition {primary!r} is not in the runs (have: {', '.join(definitions)})")
+
     def at_for(definition: Definition) -> float:
         return at or max(r.flops[definition] for r in runs)
 
     a3 = approach3(runs, primary, at_for(primary), bootstrap, seed, starts)
-    out = Analysis(definition=primary, runs=len(runs), budgets=len(_groups(runs)), at=at_for(primary), approach3=a3,
-                   approach2=approach2(runs, primary, bootstrap, seed), approach1=approach1(runs, primary),
-                   holdout=holdout(runs, primary, seed, starts), ablation={}, lr_check=lr_check(results))
+    out = Analysis(
+        definition=primary,
+        runs=len(runs),
+        budgets=len(_groups(runs)),
+        at=at_for(primary),
+        approach3=a3,
+        approach2=approach2(runs, primary, bootstrap, seed),
+        approach1=approach1(runs, primary),
+        holdout=holdout(runs, primary, seed, starts),
+        ablation={},
+        lr_check=lr_check(results),
+    )
     if inference_tokens:
         out.inference = inference_optimum(a3, out.at, inference_tokens, sampling_steps)
     for definition in definitions:
         out.ablation[definition] = AblationRow(
             approach3=a3 if definition == primary else approach3(runs, definition, at_for(definition), 0, seed, starts),
-            approach2=approach2(runs, definition), approach1=approach1(runs, definition))
+            approach2=approach2(runs, definition),
+            approach1=approach1(runs, definition),
+        )
     return out

@@ -26,6 +26,7 @@ from scaling.record import Definition, PlannedRun
 from scaling.report import Provenance, format_analysis, format_plan
 from serve.cli import add_engine_arguments
 
+
 def _cpu_threads() -> None:
     """Size torch's thread team to the cores other work leaves free (profiling.threads), on a CPU."""
     import torch
@@ -54,15 +55,21 @@ def _sweep(args) -> int:
     print(format_plan(plan, sweep_dir))
     if args.executor == "slurm":
         c = sweep.slurm
-        print(f"SLURM: one job array, a task per unfinished run, at most {c.array_parallelism} at once; each task "
-              f"{c.time_min} min, {c.gpus_per_node} GPU(s), {c.cpus_per_task} CPU(s)"
-              + (f", {c.mem_gb:g} GB" if c.mem_gb else "") + (f", partition {c.partition}" if c.partition else "")
-              + (f", account {c.account}" if c.account else "") + f"; SIGUSR2 {c.signal_delay_s} s before the limit"
-              + "".join(f", --{k}={v}" for k, v in c.sbatch.items()))
+        print(
+            f"SLURM: one job array, a task per unfinished run, at most {c.array_parallelism} at once; each task "
+            f"{c.time_min} min, {c.gpus_per_node} GPU(s), {c.cpus_per_task} CPU(s)"
+            + (f", {c.mem_gb:g} GB" if c.mem_gb else "")
+            + (f", partition {c.partition}" if c.partition else "")
+            + (f", account {c.account}" if c.account else "")
+            + f"; SIGUSR2 {c.signal_delay_s} s before the limit"
+            + "".join(f", --{k}={v}" for k, v in c.sbatch.items())
+        )
     hours = sum(plan.estimate_s(r) for r in plan.runs) / 3600 if timed else 0.0
     if max_hours and hours > max_hours:
-        print(f"ministack scaling: error: the plan is estimated at {hours:.2f} h, over --max-hours {max_hours:g}",
-              file=sys.stderr)
+        print(
+            f"ministack scaling: error: the plan is estimated at {hours:.2f} h, over --max-hours {max_hours:g}",
+            file=sys.stderr,
+        )
         return 2
     if args.dry_run:
         return 0
@@ -123,18 +130,26 @@ def _provenance(args, plot: Path | None, report: Path) -> Provenance:
 
     out = Provenance(source=args.csv or args.sweep_dir, command="ministack scaling " + shlex.join(args.argv))
     if plot is not None:
-        out.plot = str(Path(plot).resolve().relative_to(report.parent.resolve())) if Path(plot).resolve().is_relative_to(report.parent.resolve()) else str(plot)
+        out.plot = (
+            str(Path(plot).resolve().relative_to(report.parent.resolve()))
+            if Path(plot).resolve().is_relative_to(report.parent.resolve())
+            else str(plot)
+        )
     plan_path = Path(args.sweep_dir or "") / "plan.json"
     if args.sweep_dir and plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         sweep, data = plan["sweep"], plan["sweep"]["train"]["data"]
         out.sweep_command = f"ministack scaling sweep {sweep['name']} --out {args.sweep_dir}"
-        out.sweep_data = (f"data {data.get('kind', 'procedural')}, {plan['data_clips']:,} clips of latent "
-                          f"{'x'.join(map(str, plan['latent']))}, global batch {sweep['hparams']['batch_size']}")
+        out.sweep_data = (
+            f"data {data.get('kind', 'procedural')}, {plan['data_clips']:,} clips of latent "
+            f"{'x'.join(map(str, plan['latent']))}, global batch {sweep['hparams']['batch_size']}"
+        )
     here = Path(__file__).resolve().parent.parent
     git = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     if git.returncode == 0:
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout
         out.code = f"ministack at commit {git.stdout.strip()}" + (" with uncommitted changes" if dirty.strip() else "")
     return out
 
@@ -156,8 +171,15 @@ def _fit(args) -> int:
     if (args.sweep_dir is None) == (args.csv is None):
         raise ValueError("give a SWEEP_DIR or --csv FILE (one of them)")
     results = read_csv(args.csv) if args.csv else load_results(Path(args.sweep_dir))
-    result = analyze(results, primary=args.definition, bootstrap=args.bootstrap, at=args.at,
-                     inference_tokens=args.inference_tokens or 0.0, sampling_steps=args.sampling_steps, starts=args.starts)
+    result = analyze(
+        results,
+        primary=args.definition,
+        bootstrap=args.bootstrap,
+        at=args.at,
+        inference_tokens=args.inference_tokens or 0.0,
+        sampling_steps=args.sampling_steps,
+        starts=args.starts,
+    )
     print(json.dumps(result.to_json(), indent=1) if args.json else format_analysis(result))
     side = sys.stderr if args.json else sys.stdout
     plot = args.plot or (Path(args.sweep_dir) / "fits.png" if args.sweep_dir else None)
@@ -179,7 +201,14 @@ def _fit(args) -> int:
 def _context(args) -> int:
     from profiling.hardware import device_peak
     from profiling.bandwidth import device_bandwidth
-    from scaling.context import ContextReport, DeviceBandwidth, DevicePeak, analyze_context, measure_context, weight_bytes
+    from scaling.context import (
+        ContextReport,
+        DeviceBandwidth,
+        DevicePeak,
+        analyze_context,
+        measure_context,
+        weight_bytes,
+    )
     from scaling.plots import plot_context
     from scaling.report import format_context
     from serve.cli import engine_config
@@ -196,11 +225,16 @@ def _context(args) -> int:
         raise ValueError(f"{err} (--contexts, --batch, --decode-tokens, --kv-cache-gb)") from None
     peak = device_peak(engine.device, engine.dtype)
     bw = device_bandwidth(engine.device)  # cached per device; a first run probes it (seconds)
-    report = ContextReport(points, analyze_context(points, weight_bytes(engine.model)), model=engine.model_name,
-                           device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
-                           kv_cache_dtype=str(engine.kv_dtype).removeprefix("torch."),
-                           peak=DevicePeak(flops=peak.flops, source=f"{peak.device} {peak.dtype} peak ({peak.source})"),
-                           bandwidth=DeviceBandwidth(bytes_per_s=bw.bytes_per_s, source=f"{bw.device}, {bw.source}"))
+    report = ContextReport(
+        points,
+        analyze_context(points, weight_bytes(engine.model)),
+        model=engine.model_name,
+        device=str(engine.device),
+        dtype=str(engine.dtype).removeprefix("torch."),
+        kv_cache_dtype=str(engine.kv_dtype).removeprefix("torch."),
+        peak=DevicePeak(flops=peak.flops, source=f"{peak.device} {peak.dtype} peak ({peak.source})"),
+        bandwidth=DeviceBandwidth(bytes_per_s=bw.bytes_per_s, source=f"{bw.device}, {bw.source}"),
+    )
     print(json.dumps(report.to_json(), indent=1) if args.json else format_context(report))
     if args.out:
         out = Path(args.out)
@@ -213,16 +247,25 @@ def _context(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from profiling.inputs import parse_number
 
-    p = argparse.ArgumentParser(prog="ministack scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ministack scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sweep", help="plan and run an isoFLOP sweep")
     s.add_argument("config", help="sweep YAML or preset name (cpu, cpu-digits, gpu-1, gpu-8)")
     s.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; train nothing")
     s.add_argument("--max-hours", type=float, default=None, help="refuse a plan estimated longer than this")
-    s.add_argument("--executor", choices=("local", "slurm"), default="local",
-                   help="local: each run in turn here (default); slurm: one job array, a task per unfinished run")
-    s.add_argument("--no-timing", action="store_true",
-                   help="with --dry-run: steps and FLOPs only, no timed steps (e.g. a GPU preset planned on a laptop)")
+    s.add_argument(
+        "--executor",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: each run in turn here (default); slurm: one job array, a task per unfinished run",
+    )
+    s.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="with --dry-run: steps and FLOPs only, no timed steps (e.g. a GPU preset planned on a laptop)",
+    )
     s.add_argument("--out", default=None, help="sweep directory (default: the config's out)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep field")
     s.set_defaults(func=_sweep)
@@ -234,21 +277,37 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--csv", help="runs as CSV: params,tokens,loss[,flops][,budget]")
     f.add_argument("--json", action="store_true", help="one JSON object instead of text")
     f.add_argument("--bootstrap", type=int, default=1000, help="bootstrap refits for the intervals (default 1000)")
-    f.add_argument("--starts", type=_starts, default=100,
-                   help="approach 3: L-BFGS from this many of Chinchilla's 4,500 grid points, those starting lowest, "
-                        "or 'all' as Epoch did (default 100)")
+    f.add_argument(
+        "--starts",
+        type=_starts,
+        default=100,
+        help="approach 3: L-BFGS from this many of Chinchilla's 4,500 grid points, those starting lowest, "
+        "or 'all' as Epoch did (default 100)",
+    )
     f.add_argument("--at", type=parse_number, default=None, help="budget (FLOPs) for N_opt, D_opt, tokens/param")
-    f.add_argument("--definition", choices=get_args(Definition), default=None,
-                   help="compute definition of the main fit (default measured; a CSV's is given)")
-    f.add_argument("--inference-tokens", type=parse_number, default=None,
-                   help="lifetime generated tokens: add the size minimising training + inference compute")
+    f.add_argument(
+        "--definition",
+        choices=get_args(Definition),
+        default=None,
+        help="compute definition of the main fit (default measured; a CSV's is given)",
+    )
+    f.add_argument(
+        "--inference-tokens",
+        type=parse_number,
+        default=None,
+        help="lifetime generated tokens: add the size minimising training + inference compute",
+    )
     f.add_argument("--sampling-steps", type=int, default=50, help="denoising steps per generated sample (default 50)")
     f.add_argument("--plot", default=None, help="PNG of the fits (default for a sweep: SWEEP_DIR/fits.png)")
-    f.add_argument("--report", default=None, help="markdown report with provenance (default for a sweep: SWEEP_DIR/report.md)")
+    f.add_argument(
+        "--report", default=None, help="markdown report with provenance (default for a sweep: SWEEP_DIR/report.md)"
+    )
     f.set_defaults(func=_fit)
     c = sub.add_parser("context", help="serving: measured FLOPs and time per generated token vs context length")
     add_engine_arguments(c)
-    c.add_argument("--contexts", default="128,512,1024,2048,4096,8000", help="prompt lengths in tokens, comma-separated")
+    c.add_argument(
+        "--contexts", default="128,512,1024,2048,4096,8000", help="prompt lengths in tokens, comma-separated"
+    )
     c.add_argument("--batch", type=int, default=1, help="sequences decoding together (default 1)")
     c.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per context (default 16)")
     c.add_argument("--json", action="store_true", help="one JSON object instead of the table")

@@ -50,9 +50,16 @@ class FamilyConfig:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         d = self.width(depth)
-        return DiTConfig(in_channels=in_channels, patch_size=tuple(self.patch_size), hidden_size=d, depth=depth,
-                         num_heads=d // self.head_dim, mlp_ratio=self.mlp_ratio, text_dim=self.text_dim,
-                         attention=self.attention)
+        return DiTConfig(
+            in_channels=in_channels,
+            patch_size=tuple(self.patch_size),
+            hidden_size=d,
+            depth=depth,
+            num_heads=d // self.head_dim,
+            mlp_ratio=self.mlp_ratio,
+            text_dim=self.text_dim,
+            attention=self.attention,
+        )
 
 
 @dataclass
@@ -164,10 +171,17 @@ def load_sweep_config(name_or_path: str, overrides: list[str] = ()) -> SweepConf
     apply_overrides(cfg, overrides)
     _check_choices(cfg)
     cfg.budget_list()
-    positive = {"family.head_dim": cfg.family.head_dim, "family.aspect": cfg.family.aspect, "hparams.lr": cfg.hparams.lr,
-                "hparams.base_width": cfg.hparams.base_width, "hparams.batch_size": cfg.hparams.batch_size,
-                "hparams.min_steps": cfg.hparams.min_steps, "processes": cfg.processes,
-                "slurm.time_min": cfg.slurm.time_min, "slurm.array_parallelism": cfg.slurm.array_parallelism}
+    positive = {
+        "family.head_dim": cfg.family.head_dim,
+        "family.aspect": cfg.family.aspect,
+        "hparams.lr": cfg.hparams.lr,
+        "hparams.base_width": cfg.hparams.base_width,
+        "hparams.batch_size": cfg.hparams.batch_size,
+        "hparams.min_steps": cfg.hparams.min_steps,
+        "processes": cfg.processes,
+        "slurm.time_min": cfg.slurm.time_min,
+        "slurm.array_parallelism": cfg.slurm.array_parallelism,
+    }
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
@@ -176,7 +190,9 @@ def load_sweep_config(name_or_path: str, overrides: list[str] = ()) -> SweepConf
     if cfg.hparams.batch_size % cfg.processes:
         raise ValueError(f"hparams.batch_size {cfg.hparams.batch_size} must be a multiple of processes {cfg.processes}")
     if not isinstance(cfg.slurm.sbatch, dict):
-        raise ValueError(f"slurm.sbatch: a mapping of sbatch options, e.g. {{constraint: h100}}, got {cfg.slurm.sbatch!r}")
+        raise ValueError(
+            f"slurm.sbatch: a mapping of sbatch options, e.g. {{constraint: h100}}, got {cfg.slurm.sbatch!r}"
+        )
     if isinstance(cfg.slurm.setup, str):
         cfg.slurm.setup = [cfg.slurm.setup]
     return cfg

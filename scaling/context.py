@@ -78,7 +78,9 @@ def _prefill(engine, context: int, batch: int, decode_tokens: int, seed: int) ->
     """Adds the point's prompts and steps until every one has its first token: (ids, TTFT in s)."""
     from serve.engine import SamplingParams
 
-    params = SamplingParams(max_tokens=_max_tokens(engine, context, batch, decode_tokens), temperature=0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=_max_tokens(engine, context, batch, decode_tokens), temperature=0, ignore_eos=True
+    )
     ids = [f"ctx{context}-{seed}-{i}" for i in range(batch)]
     for rid, prompt in zip(ids, _prompts(batch, context, engine.runner.flops.shape.vocab, seed * 1_000_003 + context)):
         engine.add_request(rid, prompt, params)
@@ -113,15 +115,23 @@ def _run_points(engines: dict, context: int, batch: int, decode_tokens: int, see
         formula = {k: v for k, v in decoder_flops(shape, q_len=1, past_len=context, logits=1).items() if v}
         kv_per_token = kv_bytes_per_block(shape, 1, engine.kv_dtype)  # as stored (int8: codes and scales)
         points[name] = ContextPoint(
-            context=context, batch=batch, ttft_s=ttft, prefill_flops=sum(prefill[name].values()),
-            decode_flops={k: v // batch for k, v in counted[name].by_part.items()}, formula_flops=formula,
-            law_flops=2.0 * engine.law_params, tpot_s=statistics.median(steps[name]), tpot_spread_s=(min(steps[name]), max(steps[name])),
+            context=context,
+            batch=batch,
+            ttft_s=ttft,
+            prefill_flops=sum(prefill[name].values()),
+            decode_flops={k: v // batch for k, v in counted[name].by_part.items()},
+            formula_flops=formula,
+            law_flops=2.0 * engine.law_params,
+            tpot_s=statistics.median(steps[name]),
+            tpot_spread_s=(min(steps[name]), max(steps[name])),
             kv_bytes=batch * (context + 1) * kv_per_token,
         )
     return points
 
 
-def measure_context(engine, contexts: list[int], batch: int = 1, decode_tokens: int = 16, seed: int = 0) -> list[ContextPoint]:
+def measure_context(
+    engine, contexts: list[int], batch: int = 1, decode_tokens: int = 16, seed: int = 0
+) -> list[ContextPoint]:
     """One ContextPoint per context length (ascending), after a short warm-up request. Every
     prompt is its own random tokens (no prefix-cache hits); run the engine with prefix caching
     off all the same where the cache may hold them from earlier requests.
@@ -131,7 +141,9 @@ def measure_context(engine, contexts: list[int], batch: int = 1, decode_tokens: 
     return measure_contexts({"engine": engine}, contexts, batch, decode_tokens, seed)["engine"]
 
 
-def measure_contexts(engines: dict, contexts: list[int], batch: int = 1, decode_tokens: int = 16, seed: int = 0) -> dict[str, list[ContextPoint]]:
+def measure_contexts(
+    engines: dict, contexts: list[int], batch: int = 1, decode_tokens: int = 16, seed: int = 0
+) -> dict[str, list[ContextPoint]]:
     """`measure_context` for several engines (by name) on the same prompts, their timed decode
     steps taken in turn (one step of each engine a round), so that a machine whose speed wanders
     during the run (a shared VM's does, by tens of percent over minutes) slows every engine
@@ -145,12 +157,18 @@ def measure_contexts(engines: dict, contexts: list[int], batch: int = 1, decode_
         for engine in engines.values():
             generated = _max_tokens(engine, c, batch, decode_tokens)
             if c + generated > engine.max_model_len:
-                raise ValueError(f"context {c} + up to {generated} generated tokens (the timed decodes and the batch's "
-                                 f"chunked-prefill margin) does not fit the model's {engine.max_model_len}")
+                raise ValueError(
+                    f"context {c} + up to {generated} generated tokens (the timed decodes and the batch's "
+                    f"chunked-prefill margin) does not fit the model's {engine.max_model_len}"
+                )
             need = batch * (c + generated + engine.config.block_size)
             if need > engine.max_tokens_in_cache:
-                raise ValueError(f"context {c} x batch {batch} needs ~{need:,} KV tokens; the cache holds {engine.max_tokens_in_cache:,}")
-    _run_points(engines, min(*contexts, WARM_UP_CONTEXT), batch, decode_tokens, seed=-1)  # kernels built, allocator warm
+                raise ValueError(
+                    f"context {c} x batch {batch} needs ~{need:,} KV tokens; the cache holds {engine.max_tokens_in_cache:,}"
+                )
+    _run_points(
+        engines, min(*contexts, WARM_UP_CONTEXT), batch, decode_tokens, seed=-1
+    )  # kernels built, allocator warm
     points: dict[str, list[ContextPoint]] = {name: [] for name in engines}
     for c in sorted(contexts):
         for name, point in _run_points(engines, c, batch, decode_tokens, seed).items():
@@ -168,7 +186,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
         if isinstance(module, torch.nn.Embedding):
             continue
         if hasattr(module, "stored_weight"):
-            tensors = [module.stored_weight(), *(t for name, t in module.named_parameters(recurse=False) if name != "weight")]
+            tensors = [
+                module.stored_weight(),
+                *(t for name, t in module.named_parameters(recurse=False) if name != "weight"),
+            ]
         else:
             tensors = list(module.parameters(recurse=False))
         read |= {t.data_ptr(): t.numel() * t.element_size() for t in tensors}  # a tied weight once
@@ -215,7 +236,11 @@ def decode_mbu(point: ContextPoint, weights_bytes: int, bandwidth: float) -> flo
     """A decode step's model bandwidth utilisation: the bytes it reads (every weight once, each
     sequence's K/V) over its TPOT, over the memory's bandwidth. The bytes are modelled, as
     serve.engine.traffic models them; a step's activations and its K/V write are left out."""
-    return (weights_bytes + point.kv_bytes) / point.tpot_s / bandwidth if point.tpot_s > 0 and bandwidth > 0 else float("nan")
+    return (
+        (weights_bytes + point.kv_bytes) / point.tpot_s / bandwidth
+        if point.tpot_s > 0 and bandwidth > 0
+        else float("nan")
+    )
 
 
 @dataclass
@@ -253,11 +278,16 @@ def analyze_context(points: list[ContextPoint], weights_bytes: int) -> ContextAn
     weights = sum(p.formula_flops.get(k, 0) for k in WEIGHT_PARTS)
     per_key_bytes = p.kv_bytes / (p.batch * (p.context + 1))
     out = ContextAnalysis(
-        batch=p.batch, law_flops_per_token=p.law_flops, weight_flops_per_token=weights, weight_bytes=weights_bytes,
+        batch=p.batch,
+        law_flops_per_token=p.law_flops,
+        weight_flops_per_token=weights,
+        weight_bytes=weights_bytes,
         kv_bytes_per_key=per_key_bytes,
         attention_equals_weights_flops=weights / per_key_attention - 1 if per_key_attention else None,
         kv_equals_weight_bytes=weights_bytes / (p.batch * per_key_bytes) - 1,
-        measured_vs_formula_max_gap=max(abs(sum(q.decode_flops.values()) / sum(q.formula_flops.values()) - 1) for q in points),
+        measured_vs_formula_max_gap=max(
+            abs(sum(q.decode_flops.values()) / sum(q.formula_flops.values()) - 1) for q in points
+        ),
     )
     if len(points) >= 3:
         t1, t0 = np.polyfit([q.context for q in points], [q.tpot_s for q in points], 1)

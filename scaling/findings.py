@@ -85,14 +85,25 @@ class Approach3:
     @classmethod
     def of(cls, fit: ParametricFit, level: float, starts: int | None) -> Approach3:
         """`fit` (fitted with its `at` set) as an Approach3."""
-        return cls(**fit.values(), intervals=fit.intervals, level=level, bootstrap=fit.bootstrap,
-                   bootstrap_failed=fit.bootstrap_failed, converged=fit.converged, status=fit.status,
-                   objective=fit.objective, runs=fit.runs, at=fit.at, starts=starts)
+        return cls(
+            **fit.values(),
+            intervals=fit.intervals,
+            level=level,
+            bootstrap=fit.bootstrap,
+            bootstrap_failed=fit.bootstrap_failed,
+            converged=fit.converged,
+            status=fit.status,
+            objective=fit.objective,
+            runs=fit.runs,
+            at=fit.at,
+            starts=starts,
+        )
 
     def law(self) -> ParametricFit:
         """The fitted law, to evaluate at other sizes and budgets."""
-        return ParametricFit(E=self.E, A=self.A, B=self.B, alpha=self.alpha, beta=self.beta,
-                             objective=self.objective, runs=self.runs)
+        return ParametricFit(
+            E=self.E, A=self.A, B=self.B, alpha=self.alpha, beta=self.beta, objective=self.objective, runs=self.runs
+        )
 
 
 @dataclass
@@ -135,8 +146,11 @@ class LrCheck:
 
 
 # The ablation's columns in fit.json: what each approach answers under each definition.
-ABLATION_FIELDS = {"approach3": ("a", "b", "tokens_per_param", "alpha", "beta", "E"),
-                   "approach2": ("a", "tokens_per_param"), "approach1": ("a",)}
+ABLATION_FIELDS = {
+    "approach3": ("a", "b", "tokens_per_param", "alpha", "beta", "E"),
+    "approach2": ("a", "tokens_per_param"),
+    "approach1": ("a",),
+}
 
 
 @dataclass
@@ -171,12 +185,20 @@ class Analysis:
     def to_json(self) -> dict:
         """The JSON form: the three fits under "fit", the ablation's rows as ABLATION_FIELDS,
         "inference" only when computed."""
-        out = {"definition": self.definition, "runs": self.runs, "budgets": self.budgets, "at": self.at,
-               "fit": {"approach3": asdict(self.approach3), "approach2": self.approach2.to_json(),
-                       "approach1": asdict(self.approach1)},
-               "holdout": None if self.holdout is None else asdict(self.holdout),
-               "ablation": {name: row.to_json() for name, row in self.ablation.items()},
-               "lr_check": {key: asdict(check) for key, check in self.lr_check.items()}}
+        out = {
+            "definition": self.definition,
+            "runs": self.runs,
+            "budgets": self.budgets,
+            "at": self.at,
+            "fit": {
+                "approach3": asdict(self.approach3),
+                "approach2": self.approach2.to_json(),
+                "approach1": asdict(self.approach1),
+            },
+            "holdout": None if self.holdout is None else asdict(self.holdout),
+            "ablation": {name: row.to_json() for name, row in self.ablation.items()},
+            "lr_check": {key: asdict(check) for key, check in self.lr_check.items()},
+        }
         if self.inference is not None:
             out["inference"] = asdict(self.inference)
         return out

@@ -29,8 +29,11 @@ from scipy.special import huber, logsumexp
 
 # Chinchilla's grid of starting points (appendix D.2): 5 x 5 x 5 x 6 x 6 = 4,500 starts.
 CHINCHILLA_GRID = {
-    "alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5), "e": np.arange(-1.0, 1.01, 0.5),
-    "a": np.arange(0.0, 25.1, 5.0), "b": np.arange(0.0, 25.1, 5.0),
+    "alpha": np.arange(0.0, 2.01, 0.5),
+    "beta": np.arange(0.0, 2.01, 0.5),
+    "e": np.arange(-1.0, 1.01, 0.5),
+    "a": np.arange(0.0, 25.1, 5.0),
+    "b": np.arange(0.0, 25.1, 5.0),
 }
 HUBER_DELTA = 1e-3
 # The summed Huber loss of log residuals is ~1e-4 per run and its gradient far smaller: scipy's
@@ -87,8 +90,12 @@ class ParametricFit:
         out = {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta, "a": self.a, "b": self.b}
         if self.at:
             n_opt, d_opt = self.optimum(self.at)
-            out |= {"n_opt": n_opt, "d_opt": d_opt, "tokens_per_param": d_opt / n_opt,
-                    "loss_opt": float(self.loss(n_opt, d_opt))}
+            out |= {
+                "n_opt": n_opt,
+                "d_opt": d_opt,
+                "tokens_per_param": d_opt / n_opt,
+                "loss_opt": float(self.loss(n_opt, d_opt)),
+            }
         return out
 
 
@@ -102,8 +109,15 @@ def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: n
     value = huber(HUBER_DELTA, r).sum()
     dr = np.clip(r, -HUBER_DELTA, HUBER_DELTA)  # d huber / d r
     w = np.exp(terms - pred)  # softmax weights: d pred / d (each term)
-    grad = np.array([(dr * w[0]).sum(), (dr * w[1]).sum(), (dr * w[2]).sum(),
-                     -(dr * w[0] * log_n).sum(), -(dr * w[1] * log_d).sum()])
+    grad = np.array(
+        [
+            (dr * w[0]).sum(),
+            (dr * w[1]).sum(),
+            (dr * w[2]).sum(),
+            -(dr * w[0] * log_n).sum(),
+            -(dr * w[1] * log_d).sum(),
+        ]
+    )
     return value, grad
 
 
@@ -111,8 +125,17 @@ def _minimize(start: np.ndarray, data: tuple[np.ndarray, ...]):
     return minimize(_objective, start, args=data, jac=True, method="L-BFGS-B", options=LBFGS_OPTIONS)
 
 
-def fit_parametric(n, d, loss, grid: dict | None = None, bootstrap: int = 0, seed: int = 0,
-                   level: float = 0.8, at: float | None = None, starts: int | None = 100) -> ParametricFit:
+def fit_parametric(
+    n,
+    d,
+    loss,
+    grid: dict | None = None,
+    bootstrap: int = 0,
+    seed: int = 0,
+    level: float = 0.8,
+    at: float | None = None,
+    starts: int | None = 100,
+) -> ParametricFit:
     """Approach 3 on runs of `n` parameters, `d` tokens and final `loss` (equal-length 1-D arrays,
     at least 5 runs: five parameters are fitted).
 
@@ -161,17 +184,28 @@ def fit_parametric(n, d, loss, grid: dict | None = None, bootstrap: int = 0, see
 def _percentiles(samples: list[dict[str, float]], level: float) -> dict[str, tuple[float, float]]:
     """Central `level` percentile interval of each key over the bootstrap samples."""
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    return {k: (float(np.percentile([s[k] for s in samples], lo)), float(np.percentile([s[k] for s in samples], hi)))
-            for k in (samples[0] if samples else {})}
+    return {
+        k: (float(np.percentile([s[k] for s in samples], lo)), float(np.percentile([s[k] for s in samples], hi)))
+        for k in (samples[0] if samples else {})
+    }
 
 
 def _to_fit(result, runs: int, at: float | None = None) -> ParametricFit:
     a, b, e, alpha, beta = result.x
     with np.errstate(over="ignore"):  # inf from a refit that ran away: the caller drops non-finite values
         E, A, B = np.exp([e, a, b])
-    return ParametricFit(E=float(E), A=float(A), B=float(B), alpha=float(alpha),
-                         beta=float(beta), objective=float(result.fun), runs=runs, converged=bool(result.success),
-                         status=str(result.message), at=at)
+    return ParametricFit(
+        E=float(E),
+        A=float(A),
+        B=float(B),
+        alpha=float(alpha),
+        beta=float(beta),
+        objective=float(result.fun),
+        runs=runs,
+        converged=bool(result.success),
+        status=str(result.message),
+        at=at,
+    )
 
 
 @dataclass
@@ -201,7 +235,7 @@ class IsoFlopFit:
         """Compute-optimal N at `budget` FLOPs from the fitted power law."""
         if self.a is None:
             raise ValueError("fewer than 2 budgets had an interior minimum: no power law was fitted")
-        return self.k * budget ** self.a
+        return self.k * budget**self.a
 
 
 def _profiles(budgets: np.ndarray, n: np.ndarray, loss: np.ndarray) -> list[IsoFlopProfile]:

@@ -75,9 +75,13 @@ class Plan:
         return None if s is None else run.steps * s + START_S
 
     def to_dict(self) -> dict:
-        return {"sweep": self.sweep.to_dict(), "data_clips": self.data_clips, "latent": list(self.latent),
-                "sizes": {d: asdict(p) | {"n": p.n} for d, p in self.sizes.items()},
-                "runs": [r.to_json() for r in self.runs]}
+        return {
+            "sweep": self.sweep.to_dict(),
+            "data_clips": self.data_clips,
+            "latent": list(self.latent),
+            "sizes": {d: asdict(p) | {"n": p.n} for d, p in self.sizes.items()},
+            "runs": [r.to_json() for r in self.runs],
+        }
 
 
 def base_train_config(sweep: SweepConfig) -> TrainConfig:
@@ -85,11 +89,15 @@ def base_train_config(sweep: SweepConfig) -> TrainConfig:
     step must be one number for its length to be solved), batch divisible over processes."""
     cfg = build_config(TrainConfig, sweep.train)
     if len(cfg.data.buckets) != 1:
-        raise ValueError(f"train.data.buckets: a sweep trains on one bucket (its FLOPs per step must be fixed), "
-                         f"got {len(cfg.data.buckets)}")
+        raise ValueError(
+            f"train.data.buckets: a sweep trains on one bucket (its FLOPs per step must be fixed), "
+            f"got {len(cfg.data.buckets)}"
+        )
     per_micro = sweep.processes * cfg.grad_accum
     if sweep.hparams.batch_size % per_micro:
-        raise ValueError(f"hparams.batch_size {sweep.hparams.batch_size} is not a multiple of processes x grad_accum ({per_micro})")
+        raise ValueError(
+            f"hparams.batch_size {sweep.hparams.batch_size} is not a multiple of processes x grad_accum ({per_micro})"
+        )
     return cfg
 
 
@@ -108,7 +116,9 @@ def profile_size(depth: int, sweep: SweepConfig, latent: tuple[int, ...], micro:
     `micro_steps` micro-steps per optimizer step (processes x grad_accum)."""
     model_cfg = sweep.family.model(depth, latent[0])
     counted = _profile(json.dumps(asdict(model_cfg), sort_keys=True), depth, latent, micro, micro_steps)
-    return replace(counted, params=dict(counted.params), flops_per_step=dict(counted.flops_per_step))  # timing fills in the copy
+    return replace(
+        counted, params=dict(counted.params), flops_per_step=dict(counted.flops_per_step)
+    )  # timing fills in the copy
 
 
 @functools.lru_cache(maxsize=64)
@@ -122,11 +132,16 @@ def _profile(model_json: str, depth: int, latent: tuple[int, ...], micro: int, m
     meter = StepMeter(model_cfg, None, None, torch.device("cpu"))
     context = mask = None
     if model_cfg.text_dim:
-        context, mask = torch.zeros(micro, MAX_LENGTH, model_cfg.text_dim), torch.ones(micro, MAX_LENGTH, dtype=torch.bool)
+        context, mask = (
+            torch.zeros(micro, MAX_LENGTH, model_cfg.text_dim),
+            torch.ones(micro, MAX_LENGTH, dtype=torch.bool),
+        )
     count = meter.count(None, torch.zeros(micro, *latent), [], context, mask)
     exact = dit_flops(model_cfg, micro, *latent[1:], text_len=MAX_LENGTH if model_cfg.text_dim else 0, backward=True)
     return SizeProfile(
-        depth=depth, model=model_cfg, params=param_parts(meter.model, DiT.flop_parts),
+        depth=depth,
+        model=model_cfg,
+        params=param_parts(meter.model, DiT.flop_parts),
         flops_per_step={k: v * micro_steps for k, v in count.by_part.items() if v},
         exact_per_step=sum(exact.values()) * micro_steps,
         tokens_per_step=micro * micro_steps * model_cfg.num_tokens(*latent[1:]),
@@ -169,18 +184,36 @@ def plan_sweep(sweep: SweepConfig) -> Plan:
             reason = f"C={_budget_name(budget)} depth {depth}: {steps} steps, {miss:+.1%} of the budget"
             short += [reason] if reason not in short else []  # the LR-check runs repeat a size's reason
             continue
-        warmup = max(1, min(math.ceil(hp.warmup_tokens_per_param * size.n / size.tokens_per_step),
-                            int(hp.max_warmup_fraction * steps)))
+        warmup = max(
+            1,
+            min(
+                math.ceil(hp.warmup_tokens_per_param * size.n / size.tokens_per_step),
+                int(hp.max_warmup_fraction * steps),
+            ),
+        )
         lr = hp.lr_at(size.model.hidden_size) * multiplier
         run_id = f"C{_budget_name(budget)}-d{depth}" + (f"-lr{multiplier:g}" if multiplier != 1 else "")
-        runs.append(PlannedRun(
-            id=run_id, budget=budget, depth=depth, lr_multiplier=multiplier, steps=steps,
-            law_steps=round(budget / (6 * size.n * size.tokens_per_step)), warmup_steps=warmup, lr=lr,
-            flops=float(steps * size.measured_per_step), hash="", train={}))
+        runs.append(
+            PlannedRun(
+                id=run_id,
+                budget=budget,
+                depth=depth,
+                lr_multiplier=multiplier,
+                steps=steps,
+                law_steps=round(budget / (6 * size.n * size.tokens_per_step)),
+                warmup_steps=warmup,
+                lr=lr,
+                flops=float(steps * size.measured_per_step),
+                hash="",
+                train={},
+            )
+        )
     if short:
-        raise ValueError(f"runs shorter than hparams.min_steps={hp.min_steps} or off their budget by more than "
-                         f"{BUDGET_TOLERANCE:.0%} (raise their budget, drop the size, or "
-                         f"lower hparams.batch_size): " + "; ".join(short))
+        raise ValueError(
+            f"runs shorter than hparams.min_steps={hp.min_steps} or off their budget by more than "
+            f"{BUDGET_TOLERANCE:.0%} (raise their budget, drop the size, or "
+            f"lower hparams.batch_size): " + "; ".join(short)
+        )
     data_clips = max(r.steps for r in runs) * hp.batch_size
     for run in runs:
         run.train = _run_config(base, sweep, sizes[run.depth], run, data_clips)
@@ -193,8 +226,14 @@ def _run_config(base: TrainConfig, sweep: SweepConfig, size: SizeProfile, run: P
     data = replace(base.data, batch_size=sweep.hparams.batch_size // (sweep.processes * base.grad_accum))
     if data.kind in GENERATED_KINDS:
         data = replace(data, size=max(data_clips, sweep.hparams.batch_size))
-    cfg = replace(base, data=data, max_steps=run.steps, warmup_steps=run.warmup_steps, lr=run.lr,
-                  checkpoint_every=min(base.checkpoint_every, max(1, run.steps // 4)))
+    cfg = replace(
+        base,
+        data=data,
+        max_steps=run.steps,
+        warmup_steps=run.warmup_steps,
+        lr=run.lr,
+        checkpoint_every=min(base.checkpoint_every, max(1, run.steps // 4)),
+    )
     out = cfg.to_dict()
     out["model"] = asdict(size.model)  # written to RUN/model.yaml when the run starts
     return out
@@ -227,8 +266,10 @@ def time_sizes(plan: Plan, trials: int = 3) -> None:
         if size.model.text_dim:
             from model.text_encoder import MAX_LENGTH
 
-            kwargs = {"context": torch.randn(micro, MAX_LENGTH, size.model.text_dim, device=device),
-                      "context_mask": torch.ones(micro, MAX_LENGTH, dtype=torch.bool, device=device)}
+            kwargs = {
+                "context": torch.randn(micro, MAX_LENGTH, size.model.text_dim, device=device),
+                "context_mask": torch.ones(micro, MAX_LENGTH, dtype=torch.bool, device=device),
+            }
         for i in range(2 + trials):
             if i == 2:
                 if cuda:

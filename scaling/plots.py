@@ -49,7 +49,9 @@ def plot_fits(results: list[RunRecord], analysis: Analysis, path: str | Path) ->
     _optimum_panel(ax_opt, analysis, cs)
     law = analysis.approach3.law()
     residuals = [math.log(law.loss(runs.n[id(r)], r.tokens)) - math.log(r.loss) for r in runs.runs]
-    ax_res.scatter([runs.c[id(r)] for r in runs.runs], residuals, c=[math.log(runs.n[id(r)]) for r in runs.runs], cmap="viridis")
+    ax_res.scatter(
+        [runs.c[id(r)] for r in runs.runs], residuals, c=[math.log(runs.n[id(r)]) for r in runs.runs], cmap="viridis"
+    )
     ax_res.axhline(0, color="black", lw=1)
     ax_res.set(xscale="log", xlabel="C (FLOPs)", ylabel="log predicted - log measured", title="approach 3 residuals")
     return _save(fig, path)
@@ -69,12 +71,21 @@ def _compute_panel(ax, runs: _FittedRuns, analysis: Analysis, cs: np.ndarray, cm
     sizes = sorted({_size_key(r, runs.n[id(r)]) for r in runs.runs})
     for i, size in enumerate(sizes):
         mine = sorted((r for r in runs.runs if _size_key(r, runs.n[id(r)]) == size), key=lambda r: runs.c[id(r)])
-        ax.plot([runs.c[id(r)] for r in mine], [r.loss for r in mine], "o-", color=cmap(i / max(1, len(sizes) - 1)),
-                label=f"depth {size}" if mine[0].depth is not None else f"log10 N {size}")
+        ax.plot(
+            [runs.c[id(r)] for r in mine],
+            [r.loss for r in mine],
+            "o-",
+            color=cmap(i / max(1, len(sizes) - 1)),
+            label=f"depth {size}" if mine[0].depth is not None else f"log10 N {size}",
+        )
     law = analysis.approach3.law()
     ax.plot(cs, [law.loss(*law.optimum(c)) for c in cs], "k--", label="approach 3 frontier")
-    ax.set(xscale="log", xlabel=f"training compute C ({analysis.definition}, FLOPs)", ylabel="held-out loss",
-           title="loss vs compute per size")
+    ax.set(
+        xscale="log",
+        xlabel=f"training compute C ({analysis.definition}, FLOPs)",
+        ylabel="held-out loss",
+        title="loss vs compute per size",
+    )
     ax.legend(fontsize=7)
 
 
@@ -84,8 +95,14 @@ def _isoflop_panel(ax, runs: _FittedRuns, analysis: Analysis, cmap) -> None:
     for i, budget in enumerate(budgets):
         mine = sorted((r for r in runs.runs if r.budget == budget), key=lambda r: runs.n[id(r)])
         colour = cmap(i / max(1, len(budgets) - 1))
-        ax.errorbar([runs.n[id(r)] for r in mine], [r.loss for r in mine], yerr=[r.loss_se or 0 for r in mine],
-                    fmt="o", color=colour, label=f"C {budget:.2g}")
+        ax.errorbar(
+            [runs.n[id(r)] for r in mine],
+            [r.loss for r in mine],
+            yerr=[r.loss_se or 0 for r in mine],
+            fmt="o",
+            color=colour,
+            label=f"C {budget:.2g}",
+        )
         if len(mine) >= 3:
             x = np.log([runs.n[id(r)] for r in mine])
             curve = np.polyfit(x, [r.loss for r in mine], 2)
@@ -107,10 +124,19 @@ def _optimum_panel(ax, analysis: Analysis, cs: np.ndarray) -> None:
         lo, hi = a3.intervals["n_opt"]
         ax.errorbar([a3.at], [a3.n_opt], yerr=[[a3.n_opt - lo], [hi - a3.n_opt]], fmt="ks", capsize=4)
     used = [p for p in a2.profiles if p.n_opt and not p.flag]
-    ax.plot([p.budget for p in used], [p.n_opt for p in used], "r*", ms=10,
-            label=f"approach 2: a = {a2.a:.2f}" if a2.a is not None else "approach 2")
-    ax.plot([b.budget for b in a1.best], [b.n for b in a1.best], "bo",
-            label=f"approach 1: a = {a1.a:.2f}" if a1.a is not None else "approach 1")
+    ax.plot(
+        [p.budget for p in used],
+        [p.n_opt for p in used],
+        "r*",
+        ms=10,
+        label=f"approach 2: a = {a2.a:.2f}" if a2.a is not None else "approach 2",
+    )
+    ax.plot(
+        [b.budget for b in a1.best],
+        [b.n for b in a1.best],
+        "bo",
+        label=f"approach 1: a = {a1.a:.2f}" if a1.a is not None else "approach 1",
+    )
     ax.set(xscale="log", yscale="log", xlabel="C (FLOPs)", ylabel="N_opt", title="compute-optimal size")
     ax.legend(fontsize=8)
 
@@ -133,19 +159,33 @@ def plot_context(report: ContextReport, path: str | Path) -> Path:
     if (x := a.attention_equals_weights_flops) is not None:
         ax_f.axvline(x, color="grey", lw=1)
         ax_f.text(x, 0.5, f" attention = weights\n at {x:,.0f}", transform=ax_f.get_xaxis_transform(), fontsize=8)
-    ax_f.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="FLOPs per generated token", title="decode FLOPs")
+    ax_f.set(
+        xscale="log", yscale="log", xlabel="context (tokens)", ylabel="FLOPs per generated token", title="decode FLOPs"
+    )
     ax_f.set_xticks(ctx, [f"{c:,}" for c in ctx], fontsize=7)
     ax_f.xaxis.set_minor_formatter("")
     ax_f.legend(fontsize=7)
     ax_t.plot(ctx, [p.tpot_s * 1e3 for p in points], "ko-", label="measured TPOT (median)")
-    ax_t.fill_between(ctx, [p.tpot_spread_s[0] * 1e3 for p in points], [p.tpot_spread_s[1] * 1e3 for p in points],
-                      color="grey", alpha=0.3, label="fastest-slowest step")
+    ax_t.fill_between(
+        ctx,
+        [p.tpot_spread_s[0] * 1e3 for p in points],
+        [p.tpot_spread_s[1] * 1e3 for p in points],
+        color="grey",
+        alpha=0.3,
+        label="fastest-slowest step",
+    )
     if (fit := a.tpot_fit) is not None:
         xs = np.linspace(0, ctx.max(), 50)
         ax_t.plot(xs, (fit.fixed_s + fit.per_context_token_s * xs) * 1e3, "b--", label="least-squares line")
     if (turn := a.tpot_turn) is not None:
         ax_t.axvline(turn, color="blue", lw=1, label=f"K/V time = fixed time at {turn:,.0f}")
-    ax_t.axvline(a.kv_equals_weight_bytes, color="grey", lw=1, ls=":", label=f"K/V bytes = weight bytes at {a.kv_equals_weight_bytes:,.0f}")
+    ax_t.axvline(
+        a.kv_equals_weight_bytes,
+        color="grey",
+        lw=1,
+        ls=":",
+        label=f"K/V bytes = weight bytes at {a.kv_equals_weight_bytes:,.0f}",
+    )
     ax_t.set(xlabel="context (tokens)", ylabel="ms per generated token", title=f"decode time, batch {a.batch}")
     ax_t.legend(fontsize=7)
     return _save(fig, path)

@@ -41,9 +41,12 @@ def _last_line(path: Path) -> dict:
 def param_counts(params: dict[str, int]) -> dict[Convention, int]:
     """N under each parameter convention, from parameters by part."""
     n = law_params(params)
-    return {"total": sum(v for k, v in params.items() if k != FROZEN), "non_embedding": n,
-            "per_token": n - params.get(PER_SAMPLE, 0) - params.get(CONTEXT, 0),
-            "embedding": params.get(EMBEDDING, 0)}
+    return {
+        "total": sum(v for k, v in params.items() if k != FROZEN),
+        "non_embedding": n,
+        "per_token": n - params.get(PER_SAMPLE, 0) - params.get(CONTEXT, 0),
+        "embedding": params.get(EMBEDDING, 0),
+    }
 
 
 def _train_scans(data: dict) -> int:
@@ -81,18 +84,40 @@ def collect_result(plan, run, run_dir: Path) -> RunRecord:
     samples = steps * plan.sweep.hparams.batch_size
     kind = run.train["data"]["kind"]
     return RunRecord(
-        id=run.id, hash=run.hash, dir=run.dir, budget=run.budget, depth=run.depth,
-        width=size.model.hidden_size, heads=size.model.num_heads, lr=run.lr,
-        lr_multiplier=run.lr_multiplier, warmup_steps=run.warmup_steps, steps=steps,
-        law_steps=run.law_steps, params=size.params, n=counts, tokens=tokens, samples=samples,
+        id=run.id,
+        hash=run.hash,
+        dir=run.dir,
+        budget=run.budget,
+        depth=run.depth,
+        width=size.model.hidden_size,
+        heads=size.model.num_heads,
+        lr=run.lr,
+        lr_multiplier=run.lr_multiplier,
+        warmup_steps=run.warmup_steps,
+        steps=steps,
+        law_steps=run.law_steps,
+        params=size.params,
+        n=counts,
+        tokens=tokens,
+        samples=samples,
         epochs=samples / plan.data_clips if kind in GENERATED_KINDS else None,
         scan_epochs=samples / _train_scans(run.train["data"]) if kind in ("digits", "fashion") else None,
-        flops={"measured": measured, "exact": size.exact_per_step * steps, "6N·D": 6 * counts["non_embedding"] * tokens,
-               "6N_total·D": 6 * counts["total"] * tokens, "6N_per_token·D": 6 * counts["per_token"] * tokens},
-        measured_by_part=by_part, budget_error=measured / run.budget - 1,
-        loss=evaluation["val_loss"], loss_se=evaluation.get("val_loss_se"), val_clips=evaluation.get("val_clips"),
-        train_loss=last["loss"], wall_s=sum(r.wall_s for r in records if not r.rank),
-        mfu=measured / peak_time if peak_time else None, config_hash=run.hash,
+        flops={
+            "measured": measured,
+            "exact": size.exact_per_step * steps,
+            "6N·D": 6 * counts["non_embedding"] * tokens,
+            "6N_total·D": 6 * counts["total"] * tokens,
+            "6N_per_token·D": 6 * counts["per_token"] * tokens,
+        },
+        measured_by_part=by_part,
+        budget_error=measured / run.budget - 1,
+        loss=evaluation["val_loss"],
+        loss_se=evaluation.get("val_loss_se"),
+        val_clips=evaluation.get("val_clips"),
+        train_loss=last["loss"],
+        wall_s=sum(r.wall_s for r in records if not r.rank),
+        mfu=measured / peak_time if peak_time else None,
+        config_hash=run.hash,
     )
 
 

@@ -59,7 +59,7 @@ def prepare_run(sweep_dir: Path, run: PlannedRun) -> Path:
 
 
 def state(sweep_dir: Path, run: PlannedRun) -> RunState:
-    """"finished", "failed", "started" (a directory with a log but no result) or "pending"."""
+    """ "finished", "failed", "started" (a directory with a log but no result) or "pending"."""
     run_dir = sweep_dir / run.dir
     if (run_dir / "result.json").is_file():
         return "finished"
@@ -96,18 +96,24 @@ def run_one(plan: Plan, sweep_dir: Path, run: PlannedRun, echo=print) -> RunReco
         log.flush()
         code = subprocess.call(command(plan, config), stdout=log, stderr=subprocess.STDOUT, preexec_fn=_ignore_usr2)
     if code == 0 and (run_dir / "slurm" / "preempted").is_file():  # checkpointed on request: to be resumed
-        echo(f"  {run.id}: stopped on request after {time.time() - start:.0f} s, checkpointed; it resumes when run again")
+        echo(
+            f"  {run.id}: stopped on request after {time.time() - start:.0f} s, checkpointed; it resumes when run again"
+        )
         return None
     if code != 0:
         tail = log_tail(run_dir / "train.log")
         _atomic_json(run_dir / "failed.json", asdict(Failure(returncode=code, tail=tail, time=time.time())))
-        echo(f"  {run.id}: FAILED (exit {code}) after {time.time() - start:.0f} s; log {run_dir / 'train.log'}:\n"
-             + "\n".join("    " + line for line in tail.splitlines()))
+        echo(
+            f"  {run.id}: FAILED (exit {code}) after {time.time() - start:.0f} s; log {run_dir / 'train.log'}:\n"
+            + "\n".join("    " + line for line in tail.splitlines())
+        )
         return None
     result = collect_result(plan, run, run_dir)
     _atomic_json(run_dir / "result.json", result.to_json())
-    echo(f"  {run.id}: loss {result.loss:.4f} ± {result.loss_se:.4f}, measured C {result.flops['measured']:.3e} "
-         f"({result.budget_error:+.2%} of budget), {result.wall_s:.0f} s")
+    echo(
+        f"  {run.id}: loss {result.loss:.4f} ± {result.loss_se:.4f}, measured C {result.flops['measured']:.3e} "
+        f"({result.budget_error:+.2%} of budget), {result.wall_s:.0f} s"
+    )
     return result
 
 
@@ -130,6 +136,8 @@ def run_sweep(plan: Plan, sweep_dir: Path, echo=print) -> dict[RunState, int]:
     counts: dict[RunState, int] = {s: 0 for s in get_args(RunState)}
     for run in plan.runs:
         counts[state(sweep_dir, run)] += 1
-    echo(f"sweep {sweep_dir}: {counts['finished']} finished, {counts['failed']} failed; {len(results)} results in "
-         f"{sweep_dir / RESULTS}")
+    echo(
+        f"sweep {sweep_dir}: {counts['finished']} finished, {counts['failed']} failed; {len(results)} results in "
+        f"{sweep_dir / RESULTS}"
+    )
     return counts

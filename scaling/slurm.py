@@ -85,10 +85,15 @@ def submit_sweep(plan: Plan, sweep_dir: Path, cfg: SlurmExecutorConfig, echo=pri
     executor = submitit.AutoExecutor(folder=private_folder(sweep_dir / "slurm") / "%j", cluster="slurm")
     options = {"slurm_partition": cfg.partition, "slurm_account": cfg.account, "mem_gb": cfg.mem_gb}
     executor.update_parameters(
-        name=f"sweep-{plan.sweep.name}", timeout_min=cfg.time_min, gpus_per_node=cfg.gpus_per_node,
-        cpus_per_task=cfg.cpus_per_task, slurm_array_parallelism=cfg.array_parallelism,
-        slurm_signal_delay_s=cfg.signal_delay_s, slurm_setup=list(cfg.setup),
-        slurm_additional_parameters=dict(cfg.sbatch), **{k: v for k, v in options.items() if v is not None},
+        name=f"sweep-{plan.sweep.name}",
+        timeout_min=cfg.time_min,
+        gpus_per_node=cfg.gpus_per_node,
+        cpus_per_task=cfg.cpus_per_task,
+        slurm_array_parallelism=cfg.array_parallelism,
+        slurm_signal_delay_s=cfg.signal_delay_s,
+        slurm_setup=list(cfg.setup),
+        slurm_additional_parameters=dict(cfg.sbatch),
+        **{k: v for k, v in options.items() if v is not None},
     )
     try:
         jobs = executor.submit_array([RunTask(plan, sweep_dir, r) for r in todo])
@@ -98,8 +103,10 @@ def submit_sweep(plan: Plan, sweep_dir: Path, cfg: SlurmExecutorConfig, echo=pri
     tasks = sweep_dir / "slurm" / "tasks.json"
     known = json.loads(tasks.read_text()) if tasks.is_file() else {}
     tasks.write_text(json.dumps(known | {run.id: job for run, job in zip(todo, ids)}, indent=1))
-    echo(f"sweep {sweep_dir}: submitted {len(todo)} run(s) as SLURM job array {ids[0].split('_')[0]} "
-         f"(at most {cfg.array_parallelism} at once); `ministack scaling status {sweep_dir}` shows each run")
+    echo(
+        f"sweep {sweep_dir}: submitted {len(todo)} run(s) as SLURM job array {ids[0].split('_')[0]} "
+        f"(at most {cfg.array_parallelism} at once); `ministack scaling status {sweep_dir}` shows each run"
+    )
     for run, job in zip(todo, ids):
         echo(f"  {job}: {run.id}")
     return ids
@@ -117,7 +124,10 @@ def task_states(sweep_dir: Path) -> dict[str, tuple[str, str | None]]:
     ids = json.loads(tasks.read_text())
     states: dict[str, str] = {}
     if shutil.which("squeue"):
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(sorted({t.split("_")[0] for t in ids.values()}))],
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(sorted({t.split("_")[0] for t in ids.values()}))],
+            capture_output=True,
+            text=True,
+        ).stdout
         states = dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
     return {run: (task, states.get(task)) for run, task in ids.items()}

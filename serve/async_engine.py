@@ -137,12 +137,22 @@ class _Pending:
 class AsyncEngine:
     """Runs an LLMEngine's step loop in one background thread; `generate` streams its outputs."""
 
-    def __init__(self, engine: LLMEngine, max_queue: int = 256, thread: bool = True, max_queued_tokens: int | None = None,
-                 max_queue_time: float | None = None) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_queue: int = 256,
+        thread: bool = True,
+        max_queued_tokens: int | None = None,
+        max_queue_time: float | None = None,
+    ) -> None:
         """`thread`: run the step loop on a background thread now; False: the caller runs `run()`
         on the thread it chooses (the one that loaded the model, for libgomp's sake).
         `max_queued_tokens` / `max_queue_time` (seconds): None for no limit."""
-        for name, value in (("max_queue", max_queue), ("max_queued_tokens", max_queued_tokens), ("max_queue_time", max_queue_time)):
+        for name, value in (
+            ("max_queue", max_queue),
+            ("max_queued_tokens", max_queued_tokens),
+            ("max_queue_time", max_queue_time),
+        ):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         self.max_queued_tokens, self.max_queue_time = max_queued_tokens, max_queue_time
@@ -183,8 +193,11 @@ class AsyncEngine:
                 raise Overloaded(f"{waiting} requests are already waiting (--max-queue {self.max_queue})", wait)
             # a queue with room for nothing else still takes one prompt, however long
             if self.max_queued_tokens is not None and queued and queued + len(prompt_ids) > self.max_queued_tokens:
-                raise Overloaded(f"{queued:,} prompt tokens are already waiting and this request brings {len(prompt_ids):,} "
-                                 f"(--max-num-queued-tokens {self.max_queued_tokens:,})", wait)
+                raise Overloaded(
+                    f"{queued:,} prompt tokens are already waiting and this request brings {len(prompt_ids):,} "
+                    f"(--max-num-queued-tokens {self.max_queued_tokens:,})",
+                    wait,
+                )
             pending = _Pending(request_id, prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
             self._inbox.append(pending)
             self._cond.notify()
@@ -322,13 +335,23 @@ class AsyncEngine:
         now = time.time()
         for request_id, pending in list(self._queues.items()):
             request = self.engine.requests.get(request_id)
-            if request is not None and request.first_scheduled_time is None and now - request.arrival_time > self.max_queue_time:
+            if (
+                request is not None
+                and request.first_scheduled_time is None
+                and now - request.arrival_time > self.max_queue_time
+            ):
                 del self._queues[request_id]
                 self.engine.abort_request(request_id)
                 stats = self.engine.stats()
                 wait = retry_after(stats.num_waiting_tokens, stats.prefill_tokens_per_s)
-                _deliver(pending, QueueTimeout(f"the request waited {now - request.arrival_time:.1f} s without being scheduled "
-                                               f"(--max-queue-time {self.max_queue_time:g} s)", wait))
+                _deliver(
+                    pending,
+                    QueueTimeout(
+                        f"the request waited {now - request.arrival_time:.1f} s without being scheduled "
+                        f"(--max-queue-time {self.max_queue_time:g} s)",
+                        wait,
+                    ),
+                )
 
     def _admit(self, pending: _Pending) -> None:
         """Hand a request to the engine; one it refuses (ValueError) or fails to take (anything
@@ -386,7 +409,9 @@ class RequestStream:
 def _snapshot(output: RequestOutput) -> RequestOutput:
     """A copy safe to read on another thread: the engine keeps appending to a sequence's
     logprobs list in later steps, while the consumer reads this step's view of it."""
-    outputs = [dataclasses.replace(c, logprobs=list(c.logprobs)) if c.logprobs is not None else c for c in output.outputs]
+    outputs = [
+        dataclasses.replace(c, logprobs=list(c.logprobs)) if c.logprobs is not None else c for c in output.outputs
+    ]
     return dataclasses.replace(output, outputs=outputs)
 
 

@@ -37,13 +37,25 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     for f in flag_fields():
         name, options = field_flag(f)
         (kv_budget if f.name == "kv_cache_fraction" else p).add_argument(name, **options)
-    p.add_argument("--half-weights", choices=("auto", "on", "off"), default="auto",
-                   help="CPU, float32: store linear weights in float16 (float32 math); auto: on with --dtype auto")
-    p.add_argument("--kv-cache-disk-gb", type=float, default=EngineConfig.kv_cache_disk_bytes / 2**30,
-                   help="the disk tier's size cap (least recently used files go first)")
-    p.add_argument("--speculative-config", type=speculative_json, default=None,
-                   help='n-gram speculative decoding (vLLM\'s flag): {"method": "ngram", "num_speculative_tokens": 4, '
-                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}; greedy requests only')
+    p.add_argument(
+        "--half-weights",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="CPU, float32: store linear weights in float16 (float32 math); auto: on with --dtype auto",
+    )
+    p.add_argument(
+        "--kv-cache-disk-gb",
+        type=float,
+        default=EngineConfig.kv_cache_disk_bytes / 2**30,
+        help="the disk tier's size cap (least recently used files go first)",
+    )
+    p.add_argument(
+        "--speculative-config",
+        type=speculative_json,
+        default=None,
+        help='n-gram speculative decoding (vLLM\'s flag): {"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}; greedy requests only',
+    )
 
 
 def field_flag(f: Field) -> tuple[str, dict[str, Any]]:
@@ -80,7 +92,7 @@ def speculative_json(text: str) -> dict:
     by name (argparse names the flag)."""
     value = json_object(text)
     if value.get("method") != "ngram":
-        raise argparse.ArgumentTypeError(f"method {value.get('method')!r}: only \"ngram\" (prompt lookup) is implemented")
+        raise argparse.ArgumentTypeError(f'method {value.get("method")!r}: only "ngram" (prompt lookup) is implemented')
     if unknown := set(value) - NGRAM_KEYS:
         raise argparse.ArgumentTypeError(f"unsupported keys {sorted(unknown)}; known: {sorted(NGRAM_KEYS)}")
     if not isinstance(value.get("num_speculative_tokens"), int) or value["num_speculative_tokens"] < 1:
@@ -103,10 +115,17 @@ def engine_config(args: argparse.Namespace, **overrides: object):
 
 def check_limits(args: argparse.Namespace) -> None:
     """Refuse a limit that cannot be right before anything is loaded, naming its flag."""
-    positive = {"--kv-cache-gb": args.kv_cache_gb, "--kv-cache-disk-gb": args.kv_cache_disk_gb, "--max-queue": args.max_queue,
-                "--max-num-queued-tokens": args.max_num_queued_tokens, "--max-queue-time": args.max_queue_time,
-                "--max-num-seqs": args.max_num_seqs, "--max-num-batched-tokens": args.max_num_batched_tokens, "--max-model-len": args.max_model_len,
-                "--max-request-bytes": args.max_request_bytes}
+    positive = {
+        "--kv-cache-gb": args.kv_cache_gb,
+        "--kv-cache-disk-gb": args.kv_cache_disk_gb,
+        "--max-queue": args.max_queue,
+        "--max-num-queued-tokens": args.max_num_queued_tokens,
+        "--max-queue-time": args.max_queue_time,
+        "--max-num-seqs": args.max_num_seqs,
+        "--max-num-batched-tokens": args.max_num_batched_tokens,
+        "--max-model-len": args.max_model_len,
+        "--max-request-bytes": args.max_request_bytes,
+    }
     for flag, value in positive.items():
         if value is not None and value <= 0:
             raise SystemExit(f"ministack serve: {flag} must be > 0, got {value:g}")
@@ -132,31 +151,62 @@ def parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but /health (visible in ps: prefer "
-                        "--api-key-file or $MINISTACK_API_KEY)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health (visible in ps: prefer "
+        "--api-key-file or $MINISTACK_API_KEY)",
+    )
     p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the API key from this file")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
-    p.add_argument("--show-hidden-metrics-for-version", type=minor_version, default=None, metavar="VERSION",
-                   help="vLLM's flag: also serve the metric names vLLM retired after VERSION (e.g. 0.10: "
-                        "vllm:gpu_cache_usage_perc, vllm:time_per_output_token_seconds), while dashboards migrate")
-    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                   help="larger request bodies get 413 before they are read")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="on SIGTERM, how long requests in flight may run before they are ended with an error")
+    p.add_argument(
+        "--show-hidden-metrics-for-version",
+        type=minor_version,
+        default=None,
+        metavar="VERSION",
+        help="vLLM's flag: also serve the metric names vLLM retired after VERSION (e.g. 0.10: "
+        "vllm:gpu_cache_usage_perc, vllm:time_per_output_token_seconds), while dashboards migrate",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="larger request bodies get 413 before they are read",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long requests in flight may run before they are ended with an error",
+    )
     p.add_argument("--engine", choices=("ministack", "vllm"), default="ministack")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 429")
-    p.add_argument("--max-num-queued-tokens", type=int, default=None,
-                   help="waiting prompt tokens beyond which new requests get 429 (default: no limit)")
-    p.add_argument("--max-queue-time", type=float, default=None,
-                   help="seconds a request may wait unscheduled before it is dropped with 503 (default: no limit)")
+    p.add_argument(
+        "--max-num-queued-tokens",
+        type=int,
+        default=None,
+        help="waiting prompt tokens beyond which new requests get 429 (default: no limit)",
+    )
+    p.add_argument(
+        "--max-queue-time",
+        type=float,
+        default=None,
+        help="seconds a request may wait unscheduled before it is dropped with 503 (default: no limit)",
+    )
     p.add_argument("--ledger", default=None, help="append one compute record per request to this JSONL file")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--chat-template", default=None, help="a Jinja chat template file replacing the tokenizer's")
-    p.add_argument("--embedding-model", default="minilm",
-                   help="/v1/embeddings: 'minilm' (the shipped all-MiniLM-L6-v2), a local encoder directory, or 'none'")
-    p.add_argument("--trust-request-chat-template", action="store_true",
-                   help="run the chat_template a request sends (refused by default)")
+    p.add_argument(
+        "--embedding-model",
+        default="minilm",
+        help="/v1/embeddings: 'minilm' (the shipped all-MiniLM-L6-v2), a local encoder directory, or 'none'",
+    )
+    p.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="run the chat_template a request sends (refused by default)",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -165,23 +215,33 @@ def build_backend(args: argparse.Namespace):
     """The backend the flags ask for (vLLM is imported only when chosen)."""
     kv_bytes = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
     if args.engine == "vllm":
-        for flag, value in (("--kv-cache-dtype", args.kv_cache_dtype != "auto"), ("--kv-cache-disk", args.kv_cache_disk),
-                            ("--rope-scaling", args.rope_scaling),
-                            ("--json-max-digits", args.json_max_digits != parser().get_default("json_max_digits")),
-                            ("--max-itl-ms", args.max_itl_ms),
-                            ("--long-prefill-token-threshold", args.long_prefill_token_threshold),
-                            ("--max-num-partial-prefills", args.max_num_partial_prefills != 1),
-                            ("--max-num-queued-tokens", args.max_num_queued_tokens),
-                            ("--max-queue-time", args.max_queue_time)):
+        for flag, value in (
+            ("--kv-cache-dtype", args.kv_cache_dtype != "auto"),
+            ("--kv-cache-disk", args.kv_cache_disk),
+            ("--rope-scaling", args.rope_scaling),
+            ("--json-max-digits", args.json_max_digits != parser().get_default("json_max_digits")),
+            ("--max-itl-ms", args.max_itl_ms),
+            ("--long-prefill-token-threshold", args.long_prefill_token_threshold),
+            ("--max-num-partial-prefills", args.max_num_partial_prefills != 1),
+            ("--max-num-queued-tokens", args.max_num_queued_tokens),
+            ("--max-queue-time", args.max_queue_time),
+        ):
             if value:
                 raise SystemExit(f"ministack serve: {flag} is ministack's engine's; --engine vllm does not take it")
         from serve.backends.vllm import VllmBackend
 
         return VllmBackend(
-            model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_bytes=kv_bytes,
-            kv_cache_fraction=args.kv_cache_fraction, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue, ledger=args.ledger,
-            tensor_parallel_size=args.tensor_parallel_size, scheduling_policy=args.scheduling_policy,
+            model=args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            kv_cache_bytes=kv_bytes,
+            kv_cache_fraction=args.kv_cache_fraction,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_queue=args.max_queue,
+            ledger=args.ledger,
+            tensor_parallel_size=args.tensor_parallel_size,
+            scheduling_policy=args.scheduling_policy,
             speculative_config=args.speculative_config,
         )
     if args.tensor_parallel_size != 1:
@@ -194,8 +254,13 @@ def build_backend(args: argparse.Namespace):
     except ValueError as exc:
         raise SystemExit(f"ministack serve: {exc}") from None
     # no thread: serve_http runs the step loop on this (the main) thread, see serve.async_engine
-    return AsyncEngine(engine, max_queue=args.max_queue, thread=False, max_queued_tokens=args.max_num_queued_tokens,
-                       max_queue_time=args.max_queue_time)
+    return AsyncEngine(
+        engine,
+        max_queue=args.max_queue,
+        thread=False,
+        max_queued_tokens=args.max_num_queued_tokens,
+        max_queue_time=args.max_queue_time,
+    )
 
 
 FORCE_AFTER_S = 2.0  # after a second signal: how long the connections get to carry their errors out
@@ -215,10 +280,16 @@ class Shutdown:
         self.signals += 1
         self.server.should_exit = True  # uvicorn stops accepting, then waits for the connections in flight
         if self.signals == 1:
-            print(f"ministack serve: shutting down; requests in flight have {self.grace:g} s (--shutdown-timeout), "
-                  "a second signal ends them now", flush=True)
-            self.timer = threading.Timer(self.grace, self.backend.fail_all,
-                                         [f"the server is shutting down (--shutdown-timeout {self.grace:g} s ran out)"])
+            print(
+                f"ministack serve: shutting down; requests in flight have {self.grace:g} s (--shutdown-timeout), "
+                "a second signal ends them now",
+                flush=True,
+            )
+            self.timer = threading.Timer(
+                self.grace,
+                self.backend.fail_all,
+                [f"the server is shutting down (--shutdown-timeout {self.grace:g} s ran out)"],
+            )
             self.timer.daemon = True
             self.timer.start()
             return
@@ -246,8 +317,9 @@ def serve_http(app, backend, host: str, port: int, log_level: str, grace: float 
     from serve.async_engine import AsyncEngine
 
     # uvicorn's own cap on waiting for connections: a backstop behind the engine's (fail_all)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5,
-                            lifespan="off")  # the app has no startup or shutdown hooks; a forced exit would log a traceback cancelling it
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5, lifespan="off"
+    )  # the app has no startup or shutdown hooks; a forced exit would log a traceback cancelling it
     server = uvicorn.Server(config)
     if not isinstance(backend, AsyncEngine):
         server.run()
@@ -273,7 +345,9 @@ def serve_http(app, backend, host: str, port: int, log_level: str, grace: float 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv  # `python -m serve needle ...` as well as `ministack serve needle ...`
+    argv = (
+        sys.argv[1:] if argv is None else argv
+    )  # `python -m serve needle ...` as well as `ministack serve needle ...`
     if argv and argv[0] == "needle":
         from serve.needle import main as needle_main
 
@@ -297,12 +371,25 @@ def main(argv: list[str] | None = None) -> int:
         template = Path(args.chat_template).read_text()
     from serve.embeddings import Embedder
 
-    embedder = None if args.embedding_model == "none" else Embedder(None if args.embedding_model == "minilm" else args.embedding_model)
+    embedder = (
+        None
+        if args.embedding_model == "none"
+        else Embedder(None if args.embedding_model == "minilm" else args.embedding_model)
+    )
     backend = build_backend(args)
-    app = build_app(backend, api_key=api_key, chat_template=template,
-                    trust_request_chat_template=args.trust_request_chat_template, embedder=embedder,
-                    max_request_bytes=args.max_request_bytes, public_metrics=args.public_metrics,
-                    hidden_metrics_version=args.show_hidden_metrics_for_version)
-    print(f"ministack serve: {backend.model_name} (max_model_len {backend.max_model_len}, engine {args.engine}) "
-          f"on http://{args.host}:{args.port}/v1; {access_line(api_key, args.host, args.public_metrics)}", flush=True)
+    app = build_app(
+        backend,
+        api_key=api_key,
+        chat_template=template,
+        trust_request_chat_template=args.trust_request_chat_template,
+        embedder=embedder,
+        max_request_bytes=args.max_request_bytes,
+        public_metrics=args.public_metrics,
+        hidden_metrics_version=args.show_hidden_metrics_for_version,
+    )
+    print(
+        f"ministack serve: {backend.model_name} (max_model_len {backend.max_model_len}, engine {args.engine}) "
+        f"on http://{args.host}:{args.port}/v1; {access_line(api_key, args.host, args.public_metrics)}",
+        flush=True,
+    )
     return serve_http(app, backend, args.host, args.port, args.log_level, args.shutdown_timeout)

@@ -38,8 +38,12 @@ class EngineConfig:
     # None: on when dtype is "auto" and resolves to float32 on the CPU with the C++ kernels built
     half_weights: bool | None = None
     # KV cache storage (serve.layers.attention)
-    kv_cache_dtype: str = flag("auto", "KV cache storage (int8: a scale per token and head); auto: the model's dtype, float16 "
-                                       "under a float32 model with --dtype auto on the CPU", choices=("auto", *KV_DTYPES))
+    kv_cache_dtype: str = flag(
+        "auto",
+        "KV cache storage (int8: a scale per token and head); auto: the model's dtype, float16 "
+        "under a float32 model with --dtype auto on the CPU",
+        choices=("auto", *KV_DTYPES),
+    )
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_bytes: int | None = None  # KV budget in bytes ...
     kv_cache_fraction: float | None = flag(None, "KV-cache budget as a fraction of free memory")
@@ -48,46 +52,74 @@ class EngineConfig:
     max_num_seqs: int = flag(64, "sequences batched at once")
     max_num_batched_tokens: int = flag(512, "tokens per engine step")  # decodes + prefill chunks
     # prefill beside running decodes (serve.engine.scheduler, PrefillLimits): None/0/1 as today
-    max_itl_ms: float | None = flag(None, "while sequences decode, cap each step's prefill so its predicted time (fitted from "
-                                          "measured steps) stays under this many ms; default: no cap", metavar="MS")
-    long_prefill_token_threshold: int = flag(0, "a prompt longer than this takes at most this many tokens a step (vLLM's); 0: off")
-    max_num_partial_prefills: int = flag(1, "prompts part-way prefilled at once, sharing a step's prefill budget (vLLM's)")
+    max_itl_ms: float | None = flag(
+        None,
+        "while sequences decode, cap each step's prefill so its predicted time (fitted from "
+        "measured steps) stays under this many ms; default: no cap",
+        metavar="MS",
+    )
+    long_prefill_token_threshold: int = flag(
+        0, "a prompt longer than this takes at most this many tokens a step (vLLM's); 0: off"
+    )
+    max_num_partial_prefills: int = flag(
+        1, "prompts part-way prefilled at once, sharing a step's prefill budget (vLLM's)"
+    )
     enable_prefix_caching: bool = True
     # fcfs: waiting requests in arrival order; priority: by each request's `priority` (lower
     # first, then arrival), and preemption takes the lowest-priority running sequence (vLLM's policies)
-    scheduling_policy: str = flag("fcfs", "fcfs: arrival order; priority: by each request's `priority` (lower first), then arrival",
-                                  choices=SCHEDULING_POLICIES)
+    scheduling_policy: str = flag(
+        "fcfs",
+        "fcfs: arrival order; priority: by each request's `priority` (lower first), then arrival",
+        choices=SCHEDULING_POLICIES,
+    )
     # n-gram (prompt-lookup) speculative decoding (serve.engine.speculative): drafts per step for
     # greedy sequences, 0: off; matched n-grams of prompt_lookup_min..prompt_lookup_max tokens
     num_speculative_tokens: int = 0
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     # the prefix cache's disk tier (serve.engine.disk_cache); None: off
-    kv_cache_disk: str | None = flag(None, "keep full KV blocks as files here too: a prefix reused after eviction or a restart "
-                                           "is loaded, not prefilled", metavar="DIR")
+    kv_cache_disk: str | None = flag(
+        None,
+        "keep full KV blocks as files here too: a prefix reused after eviction or a restart is loaded, not prefilled",
+        metavar="DIR",
+    )
     kv_cache_disk_bytes: int = 10 << 30  # its size cap
     # override of the model's rope_parameters
-    rope_scaling: dict | None = flag(None, 'RoPE scaling replacing the model\'s, e.g. \'{"rope_type": "yarn", "factor": 2.0, '
-                                           '"original_max_position_embeddings": 8192}\' to serve 16k from an 8k model', metavar="JSON")
+    rope_scaling: dict | None = flag(
+        None,
+        'RoPE scaling replacing the model\'s, e.g. \'{"rope_type": "yarn", "factor": 2.0, '
+        '"original_max_position_embeddings": 8192}\' to serve 16k from an 8k model',
+        metavar="JSON",
+    )
     ledger: str | None = None  # JSONL compute ledger path; None = off
     # under a JSON schema, the most digits of a number's integer part (and of its fraction) where
     # the schema sets no bound: greedy decoding otherwise writes 1111... to max_tokens
     # (serve.engine.structured.capped_digits)
-    json_max_digits: int = flag(DEFAULT_JSON_MAX_DIGITS, "under a JSON schema (response_format, guided_json, forced tool calls): "
-                                "the most digits a number may have before its point (and after it) where the schema sets no "
-                                "bound; 15 keeps integers exact in float64", metavar="N")
+    json_max_digits: int = flag(
+        DEFAULT_JSON_MAX_DIGITS,
+        "under a JSON schema (response_format, guided_json, forced tool calls): "
+        "the most digits a number may have before its point (and after it) where the schema sets no "
+        "bound; 15 keeps integers exact in float64",
+        metavar="N",
+    )
 
     def validate(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
+            raise ValueError(
+                f"kv_cache_dtype must be auto or one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
         if self.scheduling_policy not in SCHEDULING_POLICIES:
-            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
+            raise ValueError(
+                f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}"
+            )
         if self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
         if self.num_speculative_tokens and not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
-            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} and {self.prompt_lookup_max}")
+            raise ValueError(
+                f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} and {self.prompt_lookup_max}"
+            )
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:
@@ -105,14 +137,20 @@ class EngineConfig:
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.json_max_digits < 2:
-            raise ValueError(f"json_max_digits must be >= 2 (a number's digits before its point), got {self.json_max_digits}")
+            raise ValueError(
+                f"json_max_digits must be >= 2 (a number's digits before its point), got {self.json_max_digits}"
+            )
         if self.max_itl_ms is not None and not 0 < self.max_itl_ms < float("inf"):
             raise ValueError(f"max_itl_ms (--max-itl-ms) must be a number of milliseconds > 0, got {self.max_itl_ms}")
         if self.long_prefill_token_threshold < 0:
-            raise ValueError(f"long_prefill_token_threshold (--long-prefill-token-threshold) must be >= 0 (0: off), "
-                             f"got {self.long_prefill_token_threshold}")
+            raise ValueError(
+                f"long_prefill_token_threshold (--long-prefill-token-threshold) must be >= 0 (0: off), "
+                f"got {self.long_prefill_token_threshold}"
+            )
         if self.max_num_partial_prefills < 1:
-            raise ValueError(f"max_num_partial_prefills (--max-num-partial-prefills) must be >= 1, got {self.max_num_partial_prefills}")
+            raise ValueError(
+                f"max_num_partial_prefills (--max-num-partial-prefills) must be >= 1, got {self.max_num_partial_prefills}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
@@ -154,9 +192,10 @@ class EngineConfig:
         if self.half_weights is None:
             return self.dtype == "auto" and possible
         if self.half_weights and not possible:
-            raise ValueError("half_weights needs the CPU, dtype float32 and the C++ kernels (serve.kernels; see the log for why they are missing)")
+            raise ValueError(
+                "half_weights needs the CPU, dtype float32 and the C++ kernels (serve.kernels; see the log for why they are missing)"
+            )
         return self.half_weights
-
 
     def kv_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The KV cache's storage dtype for a model computing in `dtype`: as set, or by default

@@ -53,10 +53,15 @@ class Embedder:
         if pool is None:
             return "mean", normalize
         config = json.loads((self.path / pool["path"] / "config.json").read_text())
-        modes = [k.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens") for k, v in config.items()
-                 if k.startswith("pooling_mode_") and v]
+        modes = [
+            k.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens")
+            for k, v in config.items()
+            if k.startswith("pooling_mode_") and v
+        ]
         if len(modes) != 1 or modes[0] not in POOLINGS:
-            raise ValueError(f"embedding model pooling {modes} is not implemented (supported: one of {', '.join(POOLINGS)})")
+            raise ValueError(
+                f"embedding model pooling {modes} is not implemented (supported: one of {', '.join(POOLINGS)})"
+            )
         return modes[0], normalize
 
     @torch.no_grad()
@@ -77,7 +82,9 @@ class Embedder:
                 for row, i in enumerate(batch):
                     ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
                     mask[row, : len(inputs[i])] = 1
-                states = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state.float()
+                states = self.model(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                ).last_hidden_state.float()
                 out[batch] = self._pool(states, mask.to(self.device)).cpu()
         return torch.nn.functional.normalize(out, dim=-1) if self.normalize else out
 

@@ -20,15 +20,68 @@ from dataclasses import dataclass
 
 import httpx
 
-SUBJECTS = ("the farmer", "a tired engineer", "the old river", "my neighbour", "the committee", "a small bird", "the city",
-            "the night train", "an orchestra", "the librarian", "a quiet student", "the harbour master")
-VERBS = ("watched", "repaired", "forgot", "described", "carried", "painted", "measured", "followed", "ignored", "praised")
-OBJECTS = ("the northern fields", "a broken clock", "the morning fog", "seven wooden boxes", "the tall lighthouse",
-           "an unfinished letter", "the market square", "a map of the coast", "the winter harvest", "a brass compass")
-CODAS = ("before the rain began", "without saying a word", "for the third time that week", "as the bells rang",
-         "while the bread was baking", "long after midnight", "under a grey sky", "with great patience")
-PASSPHRASES = ("tangerine", "obsidian", "marzipan", "heliotrope", "quokka", "saxophone", "juniper", "zeppelin",
-               "labyrinth", "periwinkle", "kumquat", "sassafras")
+SUBJECTS = (
+    "the farmer",
+    "a tired engineer",
+    "the old river",
+    "my neighbour",
+    "the committee",
+    "a small bird",
+    "the city",
+    "the night train",
+    "an orchestra",
+    "the librarian",
+    "a quiet student",
+    "the harbour master",
+)
+VERBS = (
+    "watched",
+    "repaired",
+    "forgot",
+    "described",
+    "carried",
+    "painted",
+    "measured",
+    "followed",
+    "ignored",
+    "praised",
+)
+OBJECTS = (
+    "the northern fields",
+    "a broken clock",
+    "the morning fog",
+    "seven wooden boxes",
+    "the tall lighthouse",
+    "an unfinished letter",
+    "the market square",
+    "a map of the coast",
+    "the winter harvest",
+    "a brass compass",
+)
+CODAS = (
+    "before the rain began",
+    "without saying a word",
+    "for the third time that week",
+    "as the bells rang",
+    "while the bread was baking",
+    "long after midnight",
+    "under a grey sky",
+    "with great patience",
+)
+PASSPHRASES = (
+    "tangerine",
+    "obsidian",
+    "marzipan",
+    "heliotrope",
+    "quokka",
+    "saxophone",
+    "juniper",
+    "zeppelin",
+    "labyrinth",
+    "periwinkle",
+    "kumquat",
+    "sassafras",
+)
 QUESTION = "What is the secret passphrase mentioned in the text above? Answer with the passphrase only."
 
 
@@ -47,8 +100,10 @@ class Trial:
 
 
 def haystack(rng: random.Random, sentences: int) -> list[str]:
-    return [f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(CODAS)}."
-            for _ in range(sentences)]
+    return [
+        f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(CODAS)}."
+        for _ in range(sentences)
+    ]
 
 
 def messages(filler: list[str], depth: float, passphrase: str) -> list[dict[str, str]]:
@@ -65,7 +120,9 @@ class Client:
 
     def chat_tokens(self, msgs: list[dict[str, str]]) -> int:
         """Prompt length of these messages after the server's chat template (vLLM's /tokenize)."""
-        return self.http.post("/tokenize", json={"model": self.model, "messages": msgs}).raise_for_status().json()["count"]
+        return (
+            self.http.post("/tokenize", json={"model": self.model, "messages": msgs}).raise_for_status().json()["count"]
+        )
 
     def ask(self, msgs: list[dict[str, str]], max_tokens: int) -> tuple[str, bool]:
         """(the answer, whether it was cut off by max_tokens)."""
@@ -92,14 +149,15 @@ def fill(client: Client, length: int, render, rng: random.Random) -> tuple[list[
 
 def build(client: Client, trial: Trial, rng: random.Random) -> list[dict[str, str]]:
     """Messages whose templated prompt fills `trial.length` tokens (minus room for the answer)."""
-    msgs, trial.prompt_tokens = fill(client, trial.length, lambda filler: messages(filler, trial.depth, trial.passphrase), rng)
+    msgs, trial.prompt_tokens = fill(
+        client, trial.length, lambda filler: messages(filler, trial.depth, trial.passphrase), rng
+    )
     return msgs
 
 
 def table(trials: list[Trial], lengths: list[int], depths: list[float]) -> str:
     verdict = {(t.length, t.depth): "found" if t.found else "cut off" if t.cut else "missed" for t in trials}
-    lines = ["| context \\ depth | " + " | ".join(f"{d:.0%}" for d in depths) + " |",
-             "|---|" + "---|" * len(depths)]
+    lines = ["| context \\ depth | " + " | ".join(f"{d:.0%}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
     for n in lengths:
         lines.append(f"| {n} | " + " | ".join(verdict[n, d] for d in depths) + " |")
     total, cut = sum(t.found for t in trials), sum(t.cut and not t.found for t in trials)
@@ -107,7 +165,9 @@ def table(trials: list[Trial], lengths: list[int], depths: list[float]) -> str:
     return "\n".join(lines) + f"\n\n{total}/{len(trials)} found{note}"
 
 
-def heatmap(scores: dict[tuple[int, float], float], lengths: list[int], depths: list[float], title: str, path: str) -> None:
+def heatmap(
+    scores: dict[tuple[int, float], float], lengths: list[int], depths: list[float], title: str, path: str
+) -> None:
     """A (depth x length) grid of scores in [0, 1], red to green, as a PNG."""
     import matplotlib
 
@@ -134,7 +194,9 @@ def add_harness_arguments(p: argparse.ArgumentParser, lengths: str, depths: str,
     p.add_argument("--model", default=None, help="default: the server's first model")
     p.add_argument("--lengths", default=lengths, help="context lengths in tokens, comma-separated")
     p.add_argument("--depths", default=depths, help="depths in [0, 1], comma-separated")
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help="answer budget; an answer cut off by it is reported as such")
+    p.add_argument(
+        "--max-tokens", type=int, default=max_tokens, help="answer budget; an answer cut off by it is reported as such"
+    )
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -151,8 +213,9 @@ def harness_setup(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ministack serve needle", description=__doc__.split("\n")[0])
-    add_harness_arguments(p, lengths="512,1024,2048", depths="0,0.25,0.5,0.75,1",
-                          max_tokens=48)  # SmolLM2 answers a needle at depth 0 in a full sentence: 16 tokens cut it
+    add_harness_arguments(
+        p, lengths="512,1024,2048", depths="0,0.25,0.5,0.75,1", max_tokens=48
+    )  # SmolLM2 answers a needle at depth 0 in a full sentence: 16 tokens cut it
     p.add_argument("--out", default="needle.png", help="heatmap PNG")
     args = p.parse_args(argv)
     lengths, depths, client = harness_setup(p, args)
@@ -167,7 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         list(pool.map(run, range(len(trials))))
     print(f"model {client.model}, {args.url}\n")
     print(table(trials, lengths, depths))
-    heatmap({(t.length, t.depth): float(t.found) for t in trials}, lengths, depths, f"needle in a haystack: {client.model}", args.out)
+    heatmap(
+        {(t.length, t.depth): float(t.found) for t in trials},
+        lengths,
+        depths,
+        f"needle in a haystack: {client.model}",
+        args.out,
+    )
     print(f"heatmap: {args.out}")
     return 0
 

@@ -33,12 +33,51 @@ from pathlib import Path
 
 from serve.needle import Client, add_harness_arguments, fill, harness_setup, heatmap
 
-KEYS = ("amber-falcon", "silent-harbor", "copper-meadow", "velvet-summit", "hollow-birch", "crimson-tide", "lunar-orchard",
-        "granite-echo", "misty-canyon", "golden-thistle")
+KEYS = (
+    "amber-falcon",
+    "silent-harbor",
+    "copper-meadow",
+    "velvet-summit",
+    "hollow-birch",
+    "crimson-tide",
+    "lunar-orchard",
+    "granite-echo",
+    "misty-canyon",
+    "golden-thistle",
+)
 VARIABLES = ("QXR", "BLM", "ZTV", "KWP", "HND", "FJC", "YUE", "OGS")
-WORDS = ("apple", "river", "candle", "window", "garden", "pencil", "thunder", "marble", "violin", "ladder", "saddle", "copper",
-         "meadow", "lantern", "harbor", "falcon", "pepper", "cotton", "island", "rocket", "basket", "mirror", "walnut", "button",
-         "forest", "ticket", "velvet", "anchor", "bridge", "cactus")
+WORDS = (
+    "apple",
+    "river",
+    "candle",
+    "window",
+    "garden",
+    "pencil",
+    "thunder",
+    "marble",
+    "violin",
+    "ladder",
+    "saddle",
+    "copper",
+    "meadow",
+    "lantern",
+    "harbor",
+    "falcon",
+    "pepper",
+    "cotton",
+    "island",
+    "rocket",
+    "basket",
+    "mirror",
+    "walnut",
+    "button",
+    "forest",
+    "ticket",
+    "velvet",
+    "anchor",
+    "bridge",
+    "cactus",
+)
 TASKS = ("multikey", "multivalue", "vartrack", "commonwords")
 
 
@@ -80,18 +119,25 @@ def make_case(client: Client, task: str, length: int, depth: float, rng: random.
     if task == "multikey":
         keys, numbers = rng.sample(KEYS, 4), [str(rng.randrange(10**6, 10**7)) for _ in range(4)]
         target = rng.randrange(4)
-        items = [(spread[i] if i == target else rng.random(), f"The special magic number for {k} is {n}.") for i, (k, n) in enumerate(zip(keys, numbers))]
+        items = [
+            (spread[i] if i == target else rng.random(), f"The special magic number for {k} is {n}.")
+            for i, (k, n) in enumerate(zip(keys, numbers))
+        ]
         question = f"What is the special magic number for {keys[target]} mentioned in the text above? Answer with the number only."
         render, expected = (lambda filler: _user(_insert(filler, items), question)), [numbers[target]]
     elif task == "multivalue":
         key, numbers = rng.choice(KEYS), [str(rng.randrange(10**6, 10**7)) for _ in range(4)]
         items = [(d, f"One of the special magic numbers for {key} is {n}.") for d, n in zip(spread, numbers)]
-        question = f"What are all the special magic numbers for {key} mentioned in the text above? List the numbers only."
+        question = (
+            f"What are all the special magic numbers for {key} mentioned in the text above? List the numbers only."
+        )
         render, expected = (lambda filler: _user(_insert(filler, items), question)), numbers
     elif task == "vartrack":
         names, value = rng.sample(VARIABLES, 4), str(rng.randrange(10**4, 10**5))
         chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
-        question = f"Find all variables that are assigned the value {value} in the text above. List the variable names only."
+        question = (
+            f"Find all variables that are assigned the value {value} in the text above. List the variable names only."
+        )
         render, expected = (lambda filler: _user(_insert(filler, list(zip(spread, chain))), question)), names
     elif task == "commonwords":
         common = rng.sample(WORDS, 5)
@@ -100,9 +146,13 @@ def make_case(client: Client, task: str, length: int, depth: float, rng: random.
 
         def render(filler: list[str]) -> list[dict[str, str]]:  # the list grows with the filler it replaces
             n = len(filler)
-            words = [w for w in common for _ in range(max(3, n // 4))] + [w for w in rare[: max(3, n // 2)] for _ in range(2)]
+            words = [w for w in common for _ in range(max(3, n // 4))] + [
+                w for w in rare[: max(3, n // 2)] for _ in range(2)
+            ]
             random.Random(len(filler)).shuffle(words)
-            return _user("Below is a numbered list of words. " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(words)), question)
+            return _user(
+                "Below is a numbered list of words. " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(words)), question
+            )
 
         expected = common
     else:
@@ -117,8 +167,12 @@ def tables(cases: list[Case], lengths: list[int], depths: list[float]) -> str:
     for task in dict.fromkeys(c.task for c in cases):
         mine = {(c.length, c.depth): c for c in cases if c.task == task}
         cols = sorted({d for _, d in mine})
-        out += [f"### {task}", "", "| context \\ depth | " + " | ".join(f"{d:.0%}" for d in cols) + " | mean |",
-                "|---|" + "---|" * (len(cols) + 1)]
+        out += [
+            f"### {task}",
+            "",
+            "| context \\ depth | " + " | ".join(f"{d:.0%}" for d in cols) + " | mean |",
+            "|---|" + "---|" * (len(cols) + 1),
+        ]
         for n in lengths:
             row = [mine[n, d] for d in cols]
             cells = [f"{c.score:.2f}{' (cut off)' if c.cut and c.score < 1 else ''}" for c in row]

@@ -25,8 +25,14 @@ def tiny_llama():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=300, max_position_embeddings=512, tie_word_embeddings=True,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
     )
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg).eval()
@@ -50,6 +56,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Files with the most slow-marked tests run first: `make test`'s workers each take whole files
     in this order, so the long ones start at once and the short ones fill in around them instead
     of one long file starting last on an otherwise idle machine. Order within a file is kept."""
+
     def path(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0]
 

@@ -15,8 +15,14 @@ def source_files(skip: tuple[str, ...] = ()) -> list[Path]:
     files = []
     for folder, dirs, names in os.walk(ROOT):
         here = Path(folder)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__"
-                         and not (here / d / "pyvenv.cfg").exists() and not (here == ROOT and d in skip))
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and d != "__pycache__"
+            and not (here / d / "pyvenv.cfg").exists()
+            and not (here == ROOT and d in skip)
+        )
         files += [here / name for name in sorted(names) if name.endswith(".py")]
     return files
 

@@ -5,7 +5,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from train.data.buckets import (
-    BucketBatchSampler, BucketedDataset, assign_bucket, collate_clips, fit_to_bucket, frame_indices, parse_bucket,
+    BucketBatchSampler,
+    BucketedDataset,
+    assign_bucket,
+    collate_clips,
+    fit_to_bucket,
+    frame_indices,
+    parse_bucket,
 )
 from train.data.clip import Clip
 
@@ -16,8 +22,21 @@ def clip(t, h, w, fps=8.0):
     return Clip(torch.rand(3, t, h, w) * 2 - 1, f"{t}x{h}x{w}", fps=fps)
 
 
-@pytest.mark.parametrize("size", [(1, 20, 30), (1, 1, 500), (1, 500, 1), (1, 64, 64), (9, 24, 32), (33, 7, 300),
-                                  (17, 300, 7), (5, 32, 48), (2, 3, 3), (40, 100, 60)])
+@pytest.mark.parametrize(
+    "size",
+    [
+        (1, 20, 30),
+        (1, 1, 500),
+        (1, 500, 1),
+        (1, 64, 64),
+        (9, 24, 32),
+        (33, 7, 300),
+        (17, 300, 7),
+        (5, 32, 48),
+        (2, 3, 3),
+        (40, 100, 60),
+    ],
+)
 @pytest.mark.parametrize("bucket", [(1, 16, 16), (5, 32, 48), (9, 48, 16)])
 def test_fit_to_bucket_shapes(size, bucket):
     out = fit_to_bucket(clip(*size), bucket)
@@ -72,8 +91,9 @@ class Sizes:
         return None if i % 7 == 3 else clip(*self.sizes[i])
 
 
-SIZES = Sizes([(1, 30, 30)] * 50 + [(1, 30, 60)] * 23 + [(12, 30, 30)] * 31 + [(6, 32, 48)] * 17 + [(2, 5, 5)] * 3
-              + [(1, 9, 9)])
+SIZES = Sizes(
+    [(1, 30, 30)] * 50 + [(1, 30, 60)] * 23 + [(12, 30, 30)] * 31 + [(6, 32, 48)] * 17 + [(2, 5, 5)] * 3 + [(1, 9, 9)]
+)
 
 
 def make(**kw):

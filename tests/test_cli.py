@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ministack(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ministack", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "ministack", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_dispatcher_help_and_unknown_command():
@@ -32,7 +34,9 @@ def test_count_dit_xl_2_json():
 
 
 def test_count_video_config_human_output():
-    proc = ministack("flops", "count", "tiny", "--frames", "8", "--height", "64", "--width", "64", "--latent-compression", "1,4,4")
+    proc = ministack(
+        "flops", "count", "tiny", "--frames", "8", "--height", "64", "--width", "64", "--latent-compression", "1,4,4"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "forward+backward" in proc.stdout and "per_sample" in proc.stdout and "(6ND)" in proc.stdout
 
@@ -50,7 +54,9 @@ def test_count_without_a_size_gives_the_parameters_and_names_the_size_flags():
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["params"] == 674_834_720 and "forward_flops" not in r  # DiT-XL/2's count (the DiT paper: 675 M)
-    assert r["missing"] == {k: ["--image-size (or --height and --width, or --latent)"] for k in ("forward_flops", "train_flops")}
+    assert r["missing"] == {
+        k: ["--image-size (or --height and --width, or --latent)"] for k in ("forward_flops", "train_flops")
+    }
     text = ministack("flops", "count", "dit-xl-2").stdout
     assert "params 674,834,720" in text and "FLOPs not counted: give the input size (--image-size S" in text
 
@@ -70,7 +76,9 @@ def test_report_end_to_end(tmp_path):
     ledger = Ledger(tmp_path / "run.jsonl")
     for n in (100, 1000):
         count = FlopCount({"dense": 2 * 50 * n, "attention": 4 * n * n})
-        ledger.append(make_record("infer", count, {"dense": 50}, n, 0.01, DevicePeak("cpu", "fp32", 1e10, "test"), f"prompt={n}"))
+        ledger.append(
+            make_record("infer", count, {"dense": 50}, n, 0.01, DevicePeak("cpu", "fp32", 1e10, "test"), f"prompt={n}")
+        )
     proc = ministack("flops", "report", str(ledger.path))
     assert proc.returncode == 0, proc.stderr
     assert "== infer: 2 records" in proc.stdout and (tmp_path / "run.png").is_file()

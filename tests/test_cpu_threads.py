@@ -59,14 +59,17 @@ def test_per_cpu_ticks_skip_the_aggregate_line():
     assert cpu.cpu_ticks(None) == {} and cpu.cpu_ticks("garbage\ncpuX a b\n") == {}
 
 
-@pytest.mark.parametrize("load, own, free", [
-    ([1.0, 0.02], 0.0, 1),   # another process spins on cpu0: one core left
-    ([1.0, 1.0], 1.0, 1),    # we use one core, someone else the other
-    ([0.0, 1.0], 1.0, 2),    # the only busy core is ours: both free
-    ([0.3, 0.05], 0.0, 2),   # a light load (0.35 core) takes no core
-    ([0.6, 0.1], 0.0, 1),    # 0.7 core does
-    ([1.0, 1.0], 0.0, 1),    # both taken: still one thread, never zero
-])
+@pytest.mark.parametrize(
+    "load, own, free",
+    [
+        ([1.0, 0.02], 0.0, 1),  # another process spins on cpu0: one core left
+        ([1.0, 1.0], 1.0, 1),  # we use one core, someone else the other
+        ([0.0, 1.0], 1.0, 2),  # the only busy core is ours: both free
+        ([0.3, 0.05], 0.0, 2),  # a light load (0.35 core) takes no core
+        ([0.6, 0.1], 0.0, 1),  # 0.7 core does
+        ([1.0, 1.0], 0.0, 1),  # both taken: still one thread, never zero
+    ],
+)
 def test_free_cores_are_the_mask_less_what_others_use(load, own, free):
     m = Machine()
     w = m.window().start()
@@ -112,15 +115,27 @@ def test_torchs_default_is_replaced_by_the_measured_free_cores(monkeypatch):
     # two ranks of one node share what is free
     m2 = Machine(4)
     monkeypatch.setattr(cpu.time, "sleep", lambda s: m2.advance(s, [0.0, 0.0, 0.0, 0.0]))
-    choice = cpu.choose_threads(environ={}, current=4, ranks=2, cpus=[0, 1, 2, 3], reader=m2.reader, own=m2.own_s, clock=m2.clock)
+    choice = cpu.choose_threads(
+        environ={}, current=4, ranks=2, cpus=[0, 1, 2, 3], reader=m2.reader, own=m2.own_s, clock=m2.clock
+    )
     assert choice.threads == 2 and "shared by 2 processes" in choice.reason
 
 
 def test_the_watch_drops_a_thread_at_once_and_adds_it_back_after_two_quiet_windows():
     m, team, said = Machine(), [2], []
-    watch = cpu.ThreadWatch(cpu.ThreadChoice(2, "measured", "test"), window_s=5.0, log=said.append, ranks=1,
-                            set_threads=lambda n: team.append(n), get_threads=lambda: team[-1],
-                            cpus=[0, 1], reader=m.reader, own=m.own_s, clock=m.clock)
+    watch = cpu.ThreadWatch(
+        cpu.ThreadChoice(2, "measured", "test"),
+        window_s=5.0,
+        log=said.append,
+        ranks=1,
+        set_threads=lambda n: team.append(n),
+        get_threads=lambda: team[-1],
+        cpus=[0, 1],
+        reader=m.reader,
+        own=m.own_s,
+        clock=m.clock,
+    )
+
     def steps(n, load, own, seconds=1.0):
         changed = []
         for _ in range(n):
@@ -153,7 +168,9 @@ def test_the_watch_stays_off_for_a_users_count_several_ranks_or_cuda():
 
 
 def _load(others: float) -> cpu.FreeCores:
-    return cpu.FreeCores(cpus=[0, 1], seconds=0.3, busy={0: min(1.0, others), 1: max(0.0, others - 1)}, own=0.0, others=others)
+    return cpu.FreeCores(
+        cpus=[0, 1], seconds=0.3, busy={0: min(1.0, others), 1: max(0.0, others - 1)}, own=0.0, others=others
+    )
 
 
 def test_configure_openmp_sleeps_waiting_threads_only_where_a_core_is_taken_and_keeps_the_users():

@@ -48,7 +48,9 @@ def test_clips_have_their_bucket_size_and_the_value_range():
         v = clip.video
         assert v.dtype.is_floating_point and v.min() >= -1 and v.max() <= 1
         assert (v[0] == v[1]).all() and (v[0] == v[2]).all()  # grey
-        assert v.min() == -1 and v.max() > 0  # black background; ink over half-bright (a 16 px frame averages thin strokes)
+        assert (
+            v.min() == -1 and v.max() > 0
+        )  # black background; ink over half-bright (a 16 px frame averages thin strokes)
         if size[0] == 1:
             assert clip.attrs["motion"] == "static" and "moving" not in clip.caption and "bouncing" not in clip.caption
     assert seen == {tuple(b) for b in BUCKETS}
@@ -90,8 +92,9 @@ def test_digits_stay_inside_the_frame_and_bounce_after_halfway():
             assert (top + digit["side"]).max() <= h - 1 + 1e-9 and (left + digit["side"]).max() <= w - 1 + 1e-9
             for k in range(t):
                 ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
-                boxes[k] |= ((ys > top[k]) & (ys < top[k] + digit["side"]))[:, None] & \
-                            ((xs > left[k]) & (xs < left[k] + digit["side"]))[None, :]
+                boxes[k] |= ((ys > top[k]) & (ys < top[k] + digit["side"]))[:, None] & (
+                    (xs > left[k]) & (xs < left[k] + digit["side"])
+                )[None, :]
             # the path leaves the straight line (bounces) iff the attrs say so, never in the first half
             straight = np.array(digit["start"])[:, None] + np.array(digit["velocity"])[:, None] * np.arange(t)
             off = np.abs(np.stack([top, left]) - straight).max(0) > 1e-6
@@ -106,10 +109,14 @@ def test_digits_stay_inside_the_frame_and_bounce_after_halfway():
 
 
 def test_captions_and_the_probe_read_the_motion_back():
-    assert caption({"frames": 9, "digits": [{"label": 3, "motion": "up-left"}]}) == "the digit 3 moving up and to the left"
+    assert (
+        caption({"frames": 9, "digits": [{"label": 3, "motion": "up-left"}]}) == "the digit 3 moving up and to the left"
+    )
     assert caption({"frames": 1, "digits": [{"label": 7, "motion": "static"}]}) == "the digit 7"
     prompts = alignment_prompts(6, frames=9, data_kind="digits")
-    assert all(set(p) == {"motion", "frames", "label", "digits"} and p["digits"][0]["label"] == p["label"] for p in prompts)
+    assert all(
+        set(p) == {"motion", "frames", "label", "digits"} and p["digits"][0]["label"] == p["label"] for p in prompts
+    )
     assert len({p["motion"] for p in prompts}) > 1 and "static" not in {p["motion"] for p in prompts}
     ds = MovingDigits(24, seed=2, sizes=((9, 32, 32),))
     truth = [ds.describe(i)[0] for i in range(len(ds))]
@@ -126,12 +133,41 @@ def test_unknown_kind_is_a_clear_error():
 
 def test_a_short_training_run_on_digits(tmp_path):
     (tmp_path / "model.yaml").write_text("model: {preset: tiny, hidden_size: 32, depth: 2, num_heads: 2}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    args = [sys.executable, "-m", "train", "--set", f"run_dir={tmp_path / 'run'}", "--set", f"model={tmp_path / 'model.yaml'}",
-            "--set", "data.kind=digits", "--set", "data.size=48", "--set", "data.batch_size=2",
-            "--set", "data.buckets=[[1,16,16],[3,16,16]]", "--set", "max_steps=2", "--set", "warmup_steps=1",
-            "--set", "val_clips=4", "--set", "eval_prompts=4", "--set", "eval_sampling_steps=2"]
-    proc = subprocess.run(args, cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "train",
+        "--set",
+        f"run_dir={tmp_path / 'run'}",
+        "--set",
+        f"model={tmp_path / 'model.yaml'}",
+        "--set",
+        "data.kind=digits",
+        "--set",
+        "data.size=48",
+        "--set",
+        "data.batch_size=2",
+        "--set",
+        "data.buckets=[[1,16,16],[3,16,16]]",
+        "--set",
+        "max_steps=2",
+        "--set",
+        "warmup_steps=1",
+        "--set",
+        "val_clips=4",
+        "--set",
+        "eval_prompts=4",
+        "--set",
+        "eval_sampling_steps=2",
+    ]
+    proc = subprocess.run(
+        args, cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
@@ -142,26 +178,58 @@ def test_a_short_training_run_on_digits(tmp_path):
     assert final["judge"]["class"] >= 0.9 and final["fd"] > final["fd_floor"] > 0
     assert any("the digit" in p for p in final["prompts"])
     # the saved pipeline evaluated again with other settings: one more record, as at the end of training
-    again = subprocess.run(args[:3] + ["evaluate"] + args[3:] + ["--set", "eval_prompts=8", "--set", "eval_guidance=1.5",
-                                                                 "--set", "eval_guidance_interval=[0.1,0.8]"],
-                           cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        args[:3]
+        + ["evaluate"]
+        + args[3:]
+        + ["--set", "eval_prompts=8", "--set", "eval_guidance=1.5", "--set", "eval_guidance_interval=[0.1,0.8]"],
+        cwd=ROOT,
+        env=env | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[-1]["step"] == 2 and records[-1]["guidance"] == 1.5 and records[-1]["again"]
     assert records[-1]["guidance_interval"] == [0.1, 0.8] and "guidance_interval" not in records[0]
-    assert records[-1]["n"]["class"] == 8 and "class:" in again.stdout and "judge on held-out real clips" in again.stdout
-    assert "evaluated again" in again.stdout and "guidance 1.5 over noise levels 0.1-0.8, 2 sampling steps" in again.stdout
+    assert (
+        records[-1]["n"]["class"] == 8 and "class:" in again.stdout and "judge on held-out real clips" in again.stdout
+    )
+    assert (
+        "evaluated again" in again.stdout and "guidance 1.5 over noise levels 0.1-0.8, 2 sampling steps" in again.stdout
+    )
     assert "fewer than the judge's 128 features" in again.stdout  # 8 clips x 3 frames: the FD is said to be unreliable
     samples = tmp_path / "run" / "samples"  # training's sheet is kept beside the new one
-    assert (samples / "step-0000002.png").is_file() and (samples / "step-0000002-again-n8-g1.5-i0.1-0.8-s2.png").is_file()
+    assert (samples / "step-0000002.png").is_file() and (
+        samples / "step-0000002-again-n8-g1.5-i0.1-0.8-s2.png"
+    ).is_file()
     assert "score" not in records[-1]  # never one blended number
     # a run that saved no pipeline is refused by name, before anything loads
-    missing = subprocess.run(args[:3] + ["evaluate", "--set", f"run_dir={tmp_path / 'none'}"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        args[:3] + ["evaluate", "--set", f"run_dir={tmp_path / 'none'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "no saved pipeline in" in missing.stderr
-    negative = subprocess.run(args[:3] + ["evaluate"] + args[3:] + ["--set", "eval_guidance=-1"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+    negative = subprocess.run(
+        args[:3] + ["evaluate"] + args[3:] + ["--set", "eval_guidance=-1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert negative.returncode == 2 and "eval_guidance" in negative.stderr
-    backwards = subprocess.run(args[:3] + ["evaluate"] + args[3:] + ["--set", "eval_guidance_interval=[0.8,0.1]"], cwd=ROOT,
-                               env=env, capture_output=True, text=True, timeout=120)
+    backwards = subprocess.run(
+        args[:3] + ["evaluate"] + args[3:] + ["--set", "eval_guidance_interval=[0.8,0.1]"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert backwards.returncode == 2 and "eval_guidance_interval" in backwards.stderr

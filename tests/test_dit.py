@@ -37,11 +37,22 @@ def test_token_order_matches_the_patch_embedding():
     assert torch.allclose(conv, patchify(x, cfg.patch_size) @ w.T + model.x_embedder.bias, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention,positions", [("full", "sincos"), ("factorized", "sincos"), ("full", "rope"), ("factorized", "rope")])
+@pytest.mark.parametrize(
+    "attention,positions", [("full", "sincos"), ("factorized", "sincos"), ("full", "rope"), ("factorized", "rope")]
+)
 def test_any_grid_size_gives_the_same_size_back(attention, positions):
     torch.manual_seed(0)
-    cfg = DiTConfig(in_channels=4, patch_size=(1, 2, 2), hidden_size=32, depth=2, num_heads=2, text_dim=8, attention=attention,
-                    positions=positions, qk_norm=positions == "rope")
+    cfg = DiTConfig(
+        in_channels=4,
+        patch_size=(1, 2, 2),
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        text_dim=8,
+        attention=attention,
+        positions=positions,
+        qk_norm=positions == "rope",
+    )
     model = DiT.from_dit_config(cfg)
     for t, h, w in itertools.islice(((t, h, w) for t, h, w in SIZES if h % 2 == 0 and w % 2 == 0), 6):
         out = model(torch.randn(2, 4, t, h, w), torch.rand(2), context=torch.randn(2, 3, 8))
@@ -85,7 +96,9 @@ def test_factorized_rope_gives_each_frame_and_column_its_own_positions():
     """The spatial pass must rotate by (h, w) within each frame and the temporal pass by t within
     each column: compare the block's factorized attention with a loop over frames and columns."""
     torch.manual_seed(0)
-    cfg = DiTConfig(in_channels=4, hidden_size=32, depth=1, num_heads=2, attention="factorized", positions="rope", qk_norm=True)
+    cfg = DiTConfig(
+        in_channels=4, hidden_size=32, depth=1, num_heads=2, attention="factorized", positions="rope", qk_norm=True
+    )
     block = DiT.from_dit_config(cfg).blocks[0]
     b, grid = 2, (3, 2, 4)
     h = torch.randn(b, 3 * 2 * 4, 32)
@@ -99,8 +112,16 @@ def test_factorized_rope_gives_each_frame_and_column_its_own_positions():
 
 def test_save_and_load_give_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    cfg = DiTConfig(in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=8, attention="factorized", qk_norm=True,
-                    positions="rope")
+    cfg = DiTConfig(
+        in_channels=4,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        text_dim=8,
+        attention="factorized",
+        qk_norm=True,
+        positions="rope",
+    )
     model = DiT.from_dit_config(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -122,7 +143,10 @@ def test_overfits_one_clip():
     for f in range(4):  # a white square moving right
         clip[0, :, f, 4:8, 2 + 3 * f : 6 + 3 * f] = 1.0
     x0, ctx = clip.expand(8, -1, -1, -1, -1), torch.randn(1, 5, 16).expand(8, -1, -1)
-    fixed_t, fixed_noise = torch.linspace(100, 900, 8), torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    fixed_t, fixed_noise = (
+        torch.linspace(100, 900, 8),
+        torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)),
+    )
 
     def val() -> float:
         with torch.no_grad():
@@ -195,7 +219,9 @@ def test_data_target_is_trained_on_the_velocity_it_implies():
     expected = ((x0 - x0_hat) / sigma).square().flatten(1).mean(1)
     got = training_loss(model, x0, "flow", timestep=t, noise=noise, per_sample=True)
     assert torch.allclose(got, expected, rtol=1e-4)
-    assert torch.allclose(native_output(x0, xt, t, "data"), noise - x0, atol=1e-5)  # the true x0 gives the true velocity
+    assert torch.allclose(
+        native_output(x0, xt, t, "data"), noise - x0, atol=1e-5
+    )  # the true x0 gives the true velocity
     with pytest.raises(ValueError, match="flow"):
         training_loss(model, x0, "ddpm")
     with pytest.raises(ValueError, match="target"):

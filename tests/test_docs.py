@@ -103,7 +103,11 @@ def test_every_subcommand_is_mentioned_in_the_readme_or_the_docs():
     paths = command_paths()
     assert {"flops", "train", "serve", "scaling", "sample"} <= {p[0] for p in paths}
     assert any(len(p) > 1 for p in paths)  # the walk reached the sub-commands
-    missing = [" ".join(["ministack", *p]) for p in paths if not re.search(r"\bministack\s+" + r"\s+".join(map(re.escape, p)) + r"\b", text)]
+    missing = [
+        " ".join(["ministack", *p])
+        for p in paths
+        if not re.search(r"\bministack\s+" + r"\s+".join(map(re.escape, p)) + r"\b", text)
+    ]
     assert not missing, f"commands named nowhere in README.md or docs/*.md: {missing}"
 
 
@@ -120,7 +124,9 @@ def test_every_serve_flag_is_in_the_serving_flag_reference():
     for command, parser in serve_parsers().items():
         flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
         assert flags, command
-        missing += [f"{command} {flag}" for flag in flags if not re.search(r"(?<![\w-])" + re.escape(flag) + r"(?![\w-])", text)]
+        missing += [
+            f"{command} {flag}" for flag in flags if not re.search(r"(?<![\w-])" + re.escape(flag) + r"(?![\w-])", text)
+        ]
     assert not missing, f"flags missing from docs/serving.md: {missing}"
 
 

@@ -27,11 +27,13 @@ def plan(*argv: str) -> dict:
 
 
 def cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "model.flops", "estimate", *argv],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "model.flops", "estimate", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 # --- hand-computed plans -------------------------------------------------------------------
+
 
 def test_gpt3_training_by_hand():
     # 6 * 175e9 * 300e9 = 3.15e23 FLOPs; / (989.4e12 * 0.4) = 7.959e8 GPU-s = 9212 GPU-days;
@@ -111,8 +113,11 @@ def test_training_attention_with_tokens_needs_seq_len():
     p = plan(*TINY, "--tokens", "1000", "--mfu", "0.5")
     seq_len = "--seq-len (tokens each token attends over, for --layers/--d-attn)"
     assert p["train_flops"] == 6_000_000 and "train_flops_with_attention" not in p and "gpu_days" not in p
-    assert p["missing"] == {"train_flops_with_attention": [seq_len], "gpu_days": [seq_len],
-                            "wall_days": [seq_len, "--num-gpus"]}
+    assert p["missing"] == {
+        "train_flops_with_attention": [seq_len],
+        "gpu_days": [seq_len],
+        "wall_days": [seq_len, "--num-gpus"],
+    }
     with pytest.raises(ValueError, match="--seq-len .* goes with --tokens"):
         plan(*TINY_IMAGES, "--seq-len", "10")
     with pytest.raises(ValueError, match="--seq-len .* --layers and --d-attn"):
@@ -150,6 +155,7 @@ def test_layers_and_d_attn_come_together():
 
 # --- token counting ------------------------------------------------------------------------
 
+
 def test_image_tokens():
     assert inputs.tokens_per_sample(1, 256, 256, (1, 2, 2), (1, 8, 8)) == 256  # (256/8/2)^2
     assert inputs.tokens_per_sample(1, 224, 224, (1, 16, 16)) == 196  # H*W/P^2, no compression
@@ -173,20 +179,74 @@ def test_ceil_division_pads_partial_patches():
 
 
 def test_fps_times_duration_and_epochs():
-    p = plan("--params", "1B", "--videos", "1000", "--fps", "24", "--duration", "4", "--resolution", "256x256",
-             "--patch", "1,2,2", "--latent-compression", "4,8,8", "--epochs", "3", "--gpu", "A100", "--mfu", "0.5")
+    p = plan(
+        "--params",
+        "1B",
+        "--videos",
+        "1000",
+        "--fps",
+        "24",
+        "--duration",
+        "4",
+        "--resolution",
+        "256x256",
+        "--patch",
+        "1,2,2",
+        "--latent-compression",
+        "4,8,8",
+        "--epochs",
+        "3",
+        "--gpu",
+        "A100",
+        "--mfu",
+        "0.5",
+    )
     assert p["frames"] == 96 and p["tokens_per_video"] == 6144
     assert p["tokens"] == 3 * 1000 * 6144
     assert p["train_flops"] == pytest.approx(6 * 1e9 * 3 * 6144e3)
     # --frames wins over fps x duration
-    assert plan("--params", "1B", "--videos", "1", "--frames", "16", "--fps", "24", "--duration", "4",
-                "--resolution", "64x64", "--patch", "2", "--gpu", "A100", "--mfu", "0.5")["tokens"] == 16 * 32 * 32
+    assert (
+        plan(
+            "--params",
+            "1B",
+            "--videos",
+            "1",
+            "--frames",
+            "16",
+            "--fps",
+            "24",
+            "--duration",
+            "4",
+            "--resolution",
+            "64x64",
+            "--patch",
+            "2",
+            "--gpu",
+            "A100",
+            "--mfu",
+            "0.5",
+        )["tokens"]
+        == 16 * 32 * 32
+    )
 
 
 # --- parsing -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, value", [("175e9", 175e9), ("1.5e12", 1.5e12), ("7B", 7e9), ("135m", 135e6),
-                                         ("2T", 2e12), ("10k", 1e4), ("400G", 4e11), (" 0.4 ", 0.4), ("96", 96.0)])
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("175e9", 175e9),
+        ("1.5e12", 1.5e12),
+        ("7B", 7e9),
+        ("135m", 135e6),
+        ("2T", 2e12),
+        ("10k", 1e4),
+        ("400G", 4e11),
+        (" 0.4 ", 0.4),
+        ("96", 96.0),
+    ],
+)
 def test_parse_number(text, value):
     assert inputs.parse_number(text) == value
 
@@ -213,9 +273,13 @@ def test_parse_shapes():
     assert inputs.parse_patch("2") == (1, 2, 2)
     assert inputs.parse_patch("2,4,4") == (2, 4, 4)
     assert inputs.parse_compression("4,8,8") == (4, 8, 8)
-    for parse, bad in ((inputs.parse_resolution, "256"), (inputs.parse_resolution, "0x8"),
-                       (inputs.parse_patch, "1,2"), (inputs.parse_compression, "8"),
-                       (inputs.parse_compression, "4,a,8")):
+    for parse, bad in (
+        (inputs.parse_resolution, "256"),
+        (inputs.parse_resolution, "0x8"),
+        (inputs.parse_patch, "1,2"),
+        (inputs.parse_compression, "8"),
+        (inputs.parse_compression, "4,a,8"),
+    ):
         with pytest.raises(ValueError, match="expected"):
             parse(bad)
 
@@ -245,8 +309,11 @@ def test_tokens_from_a_dataset_alone():
     p = plan(*IMAGES)
     assert p["tokens_per_image"] == 7936 and p["tokens"] == 47_616_000_000_000
     assert p.keys() & FIGURES == {"tokens"} and "gpu" not in p and "params" not in p
-    assert p["missing"] == {"train_flops": ["--params"], "gpu_days": ["--params", "--gpu", "--mfu"],
-                            "wall_days": ["--params", "--gpu", "--mfu", "--num-gpus"]}
+    assert p["missing"] == {
+        "train_flops": ["--params"],
+        "gpu_days": ["--params", "--gpu", "--mfu"],
+        "wall_days": ["--params", "--gpu", "--mfu", "--num-gpus"],
+    }
 
 
 def test_train_flops_from_params_and_tokens_alone():
@@ -278,8 +345,10 @@ def test_flops_per_request_from_params_and_tokens_per_request_alone():
     p = plan(*GPT3_REQUEST)
     assert p["flops_per_request"] == pytest.approx(1.12e14)
     assert p.keys() & FIGURES == {"flops_per_request"} and "gpu" not in p and "hours_per_day" not in p
-    assert p["missing"] == {"seconds_per_request": ["--gpu", "--utilization"],
-                            "gpus_needed": ["--gpu", "--utilization", "--requests-per-day"]}
+    assert p["missing"] == {
+        "seconds_per_request": ["--gpu", "--utilization"],
+        "gpus_needed": ["--gpu", "--utilization", "--requests-per-day"],
+    }
 
 
 def test_seconds_per_request_add_a_gpu_and_a_utilization():
@@ -295,20 +364,28 @@ def test_gpus_needed_add_a_request_rate():
     # 1e6 requests x 0.717949 s = 717,949 GPU-s over 24 h = 86,400 s: 8.31 -> 9 GPUs; over 8 h: 24.9 -> 25
     p = plan(*GPT3_REQUEST, "--gpu", "a100", "--utilization", "0.5", "--requests-per-day", "1M")
     assert p["gpus_needed"] == 9 and p["hours_per_day"] == 24 and p["missing"] == {}
-    assert plan(*GPT3_REQUEST, "--gpu", "a100", "--utilization", "0.5", "--requests-per-day", "1M",
-                "--hours-per-day", "8")["gpus_needed"] == 25
+    assert (
+        plan(
+            *GPT3_REQUEST, "--gpu", "a100", "--utilization", "0.5", "--requests-per-day", "1M", "--hours-per-day", "8"
+        )["gpus_needed"]
+        == 25
+    )
 
 
 def test_training_and_serving_flags_together_list_both_sides():
     p = plan("--params", "7B", "--tokens", "1T", "--requests-per-day", "1M", "--gpu", "A100")
     assert p["train_flops"] == 6 * 7e9 * 1e12 and p.keys() & FIGURES == {"tokens", "train_flops"}
-    assert p["missing"] == {"gpu_days": ["--mfu"], "wall_days": ["--mfu", "--num-gpus"],
-                            "flops_per_request": ["--prompt-tokens", "--answer-tokens"],
-                            "seconds_per_request": ["--prompt-tokens", "--answer-tokens", "--utilization"],
-                            "gpus_needed": ["--prompt-tokens", "--answer-tokens", "--utilization"]}
+    assert p["missing"] == {
+        "gpu_days": ["--mfu"],
+        "wall_days": ["--mfu", "--num-gpus"],
+        "flops_per_request": ["--prompt-tokens", "--answer-tokens"],
+        "seconds_per_request": ["--prompt-tokens", "--answer-tokens", "--utilization"],
+        "gpus_needed": ["--prompt-tokens", "--answer-tokens", "--utilization"],
+    }
 
 
 # --- the dtype of the peak -----------------------------------------------------------------
+
 
 def test_gpus_without_bf16_use_their_fp16_and_say_so():
     # T4: fp16 65 TFLOP/s. 3.15e23 / (65e12 * 0.4) = 1.2115e10 GPU-s / 86,400 = 140,224 GPU-days
@@ -333,6 +410,7 @@ def test_a_named_dtype_the_gpu_lacks_is_an_error_listing_its_dtypes():
 
 # --- nothing computable, and contradictory inputs --------------------------------------------
 
+
 def test_nothing_computable_says_what_each_figure_needs():
     with pytest.raises(ValueError) as err:
         plan()
@@ -340,28 +418,38 @@ def test_nothing_computable_says_what_each_figure_needs():
         "nothing to estimate: training FLOPs need --params, --tokens (or --images/--videos, --resolution, "
         "--patch); GPU-days also --gpu, --mfu; wall-clock days also --num-gpus; FLOPs per request need "
         "--params, --prompt-tokens, --answer-tokens; seconds per request also --gpu, --utilization; "
-        "GPUs needed also --requests-per-day")
+        "GPUs needed also --requests-per-day"
+    )
 
 
 def test_nothing_computable_names_the_inputs_given():
     with pytest.raises(ValueError) as err:
         plan("--mfu", "0.4")
-    assert str(err.value) == ("nothing to estimate from --mfu: training FLOPs need --params, --tokens (or "
-                              "--images/--videos, --resolution, --patch); GPU-days also --gpu; "
-                              "wall-clock days also --num-gpus")
+    assert str(err.value) == (
+        "nothing to estimate from --mfu: training FLOPs need --params, --tokens (or "
+        "--images/--videos, --resolution, --patch); GPU-days also --gpu; "
+        "wall-clock days also --num-gpus"
+    )
     with pytest.raises(ValueError) as err:
         plan("--videos", "10", "--resolution", "256x256", "--fps", "24")
-    assert str(err.value) == ("nothing to estimate from --videos, --resolution, --fps: tokens need --patch, "
-                              "--duration; training FLOPs also --params; GPU-days also --gpu, --mfu; "
-                              "wall-clock days also --num-gpus")
-    with pytest.raises(ValueError, match=r"^nothing to estimate from --params, --videos.*: "
-                                         r"tokens need --frames \(or --fps and --duration\)"):
+    assert str(err.value) == (
+        "nothing to estimate from --videos, --resolution, --fps: tokens need --patch, "
+        "--duration; training FLOPs also --params; GPU-days also --gpu, --mfu; "
+        "wall-clock days also --num-gpus"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^nothing to estimate from --params, --videos.*: "
+        r"tokens need --frames \(or --fps and --duration\)",
+    ):
         plan("--params", "1B", "--videos", "10", "--resolution", "8x8", "--patch", "2", "--gpu", "L4", "--mfu", ".3")
     with pytest.raises(ValueError) as err:
         plan("--hours-per-day", "8", "--params", "7B", "--gpu", "H100")
-    assert str(err.value) == ("nothing to estimate from --params, --hours-per-day, --gpu: FLOPs per request "
-                              "need --prompt-tokens, --answer-tokens; seconds per request also --utilization; "
-                              "GPUs needed also --requests-per-day")
+    assert str(err.value) == (
+        "nothing to estimate from --params, --hours-per-day, --gpu: FLOPs per request "
+        "need --prompt-tokens, --answer-tokens; seconds per request also --utilization; "
+        "GPUs needed also --requests-per-day"
+    )
 
 
 def test_inputs_are_checked_even_when_no_figure_uses_them():
@@ -384,9 +472,22 @@ def test_contradictions():
 
 # --- the command line end to end -----------------------------------------------------------
 
+
 def test_cli_json_gpt3_and_serving():
-    out = cli(*GPT3, "--prompt-tokens", "1000", "--answer-tokens", "500", "--requests-per-day", "1M",
-              "--hours-per-day", "8", "--utilization", "0.3", "--json")
+    out = cli(
+        *GPT3,
+        "--prompt-tokens",
+        "1000",
+        "--answer-tokens",
+        "500",
+        "--requests-per-day",
+        "1M",
+        "--hours-per-day",
+        "8",
+        "--utilization",
+        "0.3",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     p = json.loads(out.stdout)
     assert p["gpu"] == "H100-SXM" and p["dtype"] == "bf16" and p["peak_flops"] == H100_BF16
@@ -409,8 +510,20 @@ def test_cli_json_gpt3_and_serving():
 def test_cli_json_with_attention():
     # Training as in test_training_attention_on_a_tiny_image_dataset, serving as in
     # test_serving_attention_by_hand (P = 3, A = 1: 10 pairs, 320 attention FLOPs), on an A100.
-    out = cli(*TINY_IMAGES, "--prompt-tokens", "3", "--answer-tokens", "1", "--requests-per-day", "52000",
-              "--utilization", "0.5", "--num-gpus", "4", "--json")
+    out = cli(
+        *TINY_IMAGES,
+        "--prompt-tokens",
+        "3",
+        "--answer-tokens",
+        "1",
+        "--requests-per-day",
+        "52000",
+        "--utilization",
+        "0.5",
+        "--num-gpus",
+        "4",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     p = json.loads(out.stdout)
     assert p["layers"] == 2 and p["d_attn"] == 4 and p["num_gpus"] == 4 and p["images"] == 10
@@ -423,8 +536,9 @@ def test_cli_json_with_attention():
 
 
 def test_cli_human_table_with_attention_says_which_figure_it_uses():
-    out = cli(*TINY_IMAGES, "--prompt-tokens", "3", "--answer-tokens", "1", "--requests-per-day", "1",
-              "--utilization", "0.5")
+    out = cli(
+        *TINY_IMAGES, "--prompt-tokens", "3", "--answer-tokens", "1", "--requests-per-day", "1", "--utilization", "0.5"
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert any(line.split() == ["compute", "(6ND)", "9.600e+05", "FLOPs"] for line in lines)
@@ -435,8 +549,23 @@ def test_cli_human_table_with_attention_says_which_figure_it_uses():
 
 
 def test_cli_json_image_dataset():
-    out = cli("--params", "675M", "--images", "1e6", "--resolution", "256x256", "--patch", "2",
-              "--latent-compression", "1,8,8", "--gpu", "A100", "--mfu", "0.5", "--json")
+    out = cli(
+        "--params",
+        "675M",
+        "--images",
+        "1e6",
+        "--resolution",
+        "256x256",
+        "--patch",
+        "2",
+        "--latent-compression",
+        "1,8,8",
+        "--gpu",
+        "A100",
+        "--mfu",
+        "0.5",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     p = json.loads(out.stdout)
     assert p["tokens_per_image"] == 256 and p["tokens"] == 2.56e8
@@ -456,8 +585,11 @@ def test_cli_single_figures_exit_0_and_list_what_is_missing():
     assert out.returncode == 0, out.stderr
     lines = [line.split() for line in out.stdout.splitlines()]
     assert ["compute", "(6ND)", "3.150e+23", "FLOPs"] in lines
-    assert lines[-3:] == [["NOT", "COMPUTED"], ["GPU-days", "add", "--gpu,", "--mfu"],
-                          ["wall-clock", "days", "add", "--gpu,", "--mfu,", "--num-gpus"]]
+    assert lines[-3:] == [
+        ["NOT", "COMPUTED"],
+        ["GPU-days", "add", "--gpu,", "--mfu"],
+        ["wall-clock", "days", "add", "--gpu,", "--mfu,", "--num-gpus"],
+    ]
     out = cli(*GPT3_REQUEST)
     assert out.returncode == 0, out.stderr
     lines = [line.split() for line in out.stdout.splitlines()]
@@ -476,9 +608,20 @@ def test_cli_json_single_figure_keys():
     assert set(p) == {"params", "tokens", "epochs", "train_flops", "missing"}
     assert p["missing"] == {"gpu_days": ["--gpu", "--mfu"], "wall_days": ["--gpu", "--mfu", "--num-gpus"]}
     p = json.loads(cli(*GPT3_REQUEST, "--gpu", "t4", "--utilization", "0.5", "--json").stdout)
-    assert set(p) == {"params", "gpu", "dtype", "dtype_note", "peak_flops", "prompt_tokens", "answer_tokens",
-                      "flops_per_request", "utilization", "seconds_per_request", "requests_per_second_per_gpu",
-                      "missing"}
+    assert set(p) == {
+        "params",
+        "gpu",
+        "dtype",
+        "dtype_note",
+        "peak_flops",
+        "prompt_tokens",
+        "answer_tokens",
+        "flops_per_request",
+        "utilization",
+        "seconds_per_request",
+        "requests_per_second_per_gpu",
+        "missing",
+    }
     assert p["dtype"] == "fp16" and p["missing"] == {"gpus_needed": ["--requests-per-day"]}
 
 

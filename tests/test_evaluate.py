@@ -34,14 +34,18 @@ def test_validation_losses_per_clip_do_not_depend_on_the_batching(pipe):
     split = validation_losses(pipe.transformer, pipe.codec, pipe.text_encoder, clips, "flow", batch=2)
     assert whole.shape == (5,) and len(set(whole.tolist())) == 5  # each clip its own loss
     assert torch.allclose(torch.from_numpy(whole), torch.from_numpy(split), rtol=1e-5)
-    assert whole.mean() == pytest.approx(validation_loss(pipe.transformer, pipe.codec, pipe.text_encoder, clips, "flow"))
+    assert whole.mean() == pytest.approx(
+        validation_loss(pipe.transformer, pipe.codec, pipe.text_encoder, clips, "flow")
+    )
 
 
 def test_alignment_prompts_and_scoring(pipe, tmp_path):
     attrs = alignment_prompts(6, frames=5, seed=1)
     assert len(attrs) == 6 and all(a["motion"] in ("left", "right", "up", "down") for a in attrs)
     assert all(a["motion"] == "static" for a in alignment_prompts(3, frames=1))
-    result = text_alignment(pipe, n=4, frames=5, height=16, width=16, sampler=Sampler(steps=2), grid_path=tmp_path / "grid.png")
+    result = text_alignment(
+        pipe, n=4, frames=5, height=16, width=16, sampler=Sampler(steps=2), grid_path=tmp_path / "grid.png"
+    )
     assert (tmp_path / "grid.png").is_file() and len(result["prompts"]) == 4
     assert 0 <= result["score"] <= 1 and 0 < result["score_chance"] < 1
     # the scorer itself: real clips of the prompts score far above chance

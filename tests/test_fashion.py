@@ -36,7 +36,7 @@ def tiny_split(ink: int) -> tuple[np.ndarray, np.ndarray]:
     labels = np.arange(N, dtype=np.uint8) % 10
     pictures = np.zeros((N, 28, 28), np.uint8)
     for i, label in enumerate(labels):
-        pictures[i, :, 10 - label // 2: 18 + label // 2] = ink
+        pictures[i, :, 10 - label // 2 : 18 + label // 2] = ink
     return pictures, labels
 
 
@@ -110,7 +110,12 @@ def test_items_stay_inside_the_frame(idx_dir):
         clip = ds[i]
         ink, items = clip.video[0].numpy() + 1, clip.attrs["items"]
         t, h, w = ink.shape
-        assert (ink[:, 0] == 0).all() and (ink[:, -1] == 0).all() and (ink[:, :, 0] == 0).all() and (ink[:, :, -1] == 0).all()
+        assert (
+            (ink[:, 0] == 0).all()
+            and (ink[:, -1] == 0).all()
+            and (ink[:, :, 0] == 0).all()
+            and (ink[:, :, -1] == 0).all()
+        )
         for item in items:
             top, left = track(item, t)
             assert top.min() >= 1 and left.min() >= 1 and (top + item["side"]).max() <= h - 1 + 1e-9
@@ -125,7 +130,10 @@ def test_items_stay_inside_the_frame(idx_dir):
 
 def test_captions_name_the_class_and_the_direction(idx_dir):
     assert caption({"frames": 9, "items": [{"label": 7, "motion": "left"}]}) == "a sneaker moving left"
-    assert caption({"frames": 9, "items": [{"label": 9, "motion": "up-right"}]}) == "an ankle boot moving up and to the right"
+    assert (
+        caption({"frames": 9, "items": [{"label": 9, "motion": "up-right"}]})
+        == "an ankle boot moving up and to the right"
+    )
     assert caption({"frames": 1, "items": [{"label": 1, "motion": "static"}]}) == "trousers"
     assert [caption({"frames": 1, "items": [{"label": k}]}) for k in range(10)] == [w[0] for w in CLASS_WORDS]
     assert len(CLASSES) == len(CLASS_WORDS) == 10
@@ -143,7 +151,10 @@ def test_captions_name_the_class_and_the_direction(idx_dir):
 
 def test_validation_clips_come_only_from_t10k(idx_dir, monkeypatch):
     monkeypatch.setenv(ENV, str(idx_dir))  # found through the variable, no root given
-    val, train = MovingFashion(30, seed=0, split="val", sizes=((3, 32, 32),)), MovingFashion(30, seed=0, sizes=((3, 32, 32),))
+    val, train = (
+        MovingFashion(30, seed=0, split="val", sizes=((3, 32, 32),)),
+        MovingFashion(30, seed=0, sizes=((3, 32, 32),)),
+    )
     assert val.split == "val" and val.source == "fashion:val" and len(val.pool) == len(train.pool) == N
     assert np.array_equal(val.images[:, 1:-1, 1:-1], tiny_split(VAL_INK)[0])
     for i in range(len(val)):
@@ -153,8 +164,10 @@ def test_validation_clips_come_only_from_t10k(idx_dir, monkeypatch):
 
 def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    for make in (lambda: MovingFashion(4, root=tmp_path / "nowhere"),
-                 lambda: make_dataset(DataConfig(kind="fashion", source=str(tmp_path / "nowhere")))):
+    for make in (
+        lambda: MovingFashion(4, root=tmp_path / "nowhere"),
+        lambda: make_dataset(DataConfig(kind="fashion", source=str(tmp_path / "nowhere"))),
+    ):
         with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist") as err:
             make()
         assert ENV in str(err.value) and "nowhere" in str(err.value) and "train-images-idx3-ubyte" in str(err.value)
@@ -179,8 +192,10 @@ def test_the_probe_reads_the_motion_and_digits_keep_a_label(idx_dir):
     assert all(a["label"] == a["digits"][0]["label"] for a in labels if len(a["digits"]) == 1)
 
 
-@pytest.mark.skipif(not Path(DEBIAN_DIR).is_dir(),
-                    reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_DIR} missing): apt-get install dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not Path(DEBIAN_DIR).is_dir(),
+    reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_DIR} missing): apt-get install dataset-fashion-mnist",
+)
 def test_the_real_data_of_debians_package():
     (train, train_labels), (val, val_labels) = images("train", DEBIAN_DIR), images("val", DEBIAN_DIR)
     assert train.shape == (60_000, 30, 30) and val.shape == (10_000, 30, 30) and train.dtype == np.uint8

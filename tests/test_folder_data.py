@@ -16,8 +16,10 @@ from train.data.folder import VideoFolder
 def frames(t, h, w, seed=0):
     """Smooth moving gradients (compress well, decode close to the source)."""
     y, x = np.mgrid[0:h, 0:w]
-    out = [np.stack([(x * 4 + k * 9) % 256, (y * 4 + k * 5) % 256, np.full_like(x, (seed * 40 + k * 3) % 256)], -1)
-           for k in range(t)]
+    out = [
+        np.stack([(x * 4 + k * 9) % 256, (y * 4 + k * 5) % 256, np.full_like(x, (seed * 40 + k * 3) % 256)], -1)
+        for k in range(t)
+    ]
     return np.stack(out).astype(np.uint8)
 
 
@@ -73,8 +75,17 @@ def check_usable(ds, captions):
 
 def test_csv_source(media, tmp_path):
     b_abs = (media / "sub" / "b.mp4").resolve()
-    rows = ["path,text", "a.mp4,a red ball", f"{b_abs},a wide clip", "c.png,\"an image, with a comma\"",
-            "garbage.mp4,noise", "half.mp4,cut", "missing.mp4,gone", "text.png,not really", "a.mp4,"]
+    rows = [
+        "path,text",
+        "a.mp4,a red ball",
+        f"{b_abs},a wide clip",
+        'c.png,"an image, with a comma"',
+        "garbage.mp4,noise",
+        "half.mp4,cut",
+        "missing.mp4,gone",
+        "text.png,not really",
+        "a.mp4,",
+    ]
     (media / "list.csv").write_text("\n".join(rows) + "\n")
     ds = VideoFolder(media / "list.csv")
     assert len(ds) == 3
@@ -87,16 +98,25 @@ def test_csv_source(media, tmp_path):
     assert reasons["missing"] == ["missing.mp4"] and reasons["no caption"] == ["a.mp4"]
     report = ds.report()
     assert report.startswith("3 usable, 5 skipped: 3 corrupt (")
-    assert "garbage.mp4: " in report and "1 missing (missing.mp4: no such file)" in report and "1 no caption (a.mp4)" in report
+    assert (
+        "garbage.mp4: " in report
+        and "1 missing (missing.mp4: no such file)" in report
+        and "1 no caption (a.mp4)" in report
+    )
 
 
 def test_csv_caption_column_and_jsonl(media):
     (media / "list.csv").write_text("path,caption,score\nc.png,from caption,0.5\n")
     ds = VideoFolder(media / "list.csv")
     assert [e.caption for e in ds.entries] == ["from caption"] and ds[0].attrs == {"score": "0.5"}
-    lines = [json.dumps({"path": "a.mp4", "text": "jsonl text", "score": 3}), "{not json",
-             json.dumps({"path": "sub/b.mp4", "caption": "jsonl caption"}), json.dumps({"text": "no path"}),
-             json.dumps({"path": "garbage.mp4", "text": "noise"}), ""]
+    lines = [
+        json.dumps({"path": "a.mp4", "text": "jsonl text", "score": 3}),
+        "{not json",
+        json.dumps({"path": "sub/b.mp4", "caption": "jsonl caption"}),
+        json.dumps({"text": "no path"}),
+        json.dumps({"path": "garbage.mp4", "text": "noise"}),
+        "",
+    ]
     (media / "list.jsonl").write_text("\n".join(lines) + "\n")
     ds = VideoFolder(media / "list.jsonl")
     check_usable(ds, ["jsonl text", "jsonl caption"])

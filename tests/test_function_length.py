@@ -33,8 +33,11 @@ def function_lengths(source: str) -> dict[str, int]:
 
 
 def project_lengths() -> dict[str, int]:
-    return {f"{path.relative_to(ROOT).as_posix()}:{name}": n for path in source_files(skip=("tests",))
-            for name, n in function_lengths(Path(path).read_text()).items()}
+    return {
+        f"{path.relative_to(ROOT).as_posix()}:{name}": n
+        for path in source_files(skip=("tests",))
+        for name, n in function_lengths(Path(path).read_text()).items()
+    }
 
 
 def test_no_function_is_longer_than_the_limit():

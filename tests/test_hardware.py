@@ -125,8 +125,12 @@ def test_a_probe_under_load_is_marked_said_and_replaced_when_quiet(cache, monkey
 
     # A later process probes again when it finds the machine quiet, or once the entry is old
     # enough; a quiet probe replaces it, even a lower one.
-    quiet = {"fp32": entry["fp32"] / 2, "bf16": entry["bf16"], "measured_at": time.time(),
-             "load": Load(1.0, (0.0, 0.0, 0.0), 0.0).to_dict()}
+    quiet = {
+        "fp32": entry["fp32"] / 2,
+        "bf16": entry["bf16"],
+        "measured_at": time.time(),
+        "load": Load(1.0, (0.0, 0.0, 0.0), 0.0).to_dict(),
+    }
     monkeypatch.setattr(cpu, "probe_peaks", lambda threads: quiet)
     monkeypatch.setattr(cpu, "_quiet_now", lambda: False)
     cpu._peaks.clear()
@@ -206,13 +210,19 @@ def test_flops_peak_command_shows_the_cache(cache):
     from profiling.bandwidth import Bandwidth, _store, device_name
 
     _store(Bandwidth(device_name("cpu"), 12.5e9, {"copy": 12.5e9}, 1 << 26, 1.8e9, Load(1.0, (0.0, 0.0, 0.0), 0.0)))
-    proc = subprocess.run([sys.executable, "-m", "model.flops", "peak"], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "model.flops", "peak"], capture_output=True, text=True, env=dict(os.environ), timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "123.4 GFLOP/s" in proc.stdout and "quiet (others 0.00 cores)" in proc.stdout
     assert "memory bandwidth 12.5 GB/s (STREAM copy 12.5 GB/s; 64 MiB arrays)" in proc.stdout  # cached: not probed
-    proc = subprocess.run([sys.executable, "-m", "model.flops", "peak", "--json"], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "model.flops", "peak", "--json"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=120,
+    )
     assert json.loads(proc.stdout)["cpu"]["fp32"] == 123.4e9
 
 

@@ -54,16 +54,19 @@ def imports_of(source: str, importer: str, is_package: bool, modules: set[str]) 
 def project_imports() -> list[Import]:
     files = [p for p in source_files() if module_name(p).split(".")[0] in PACKAGES]
     modules = {module_name(p) for p in files}
-    return [imp for p in files
-            for imp in imports_of(p.read_text(), module_name(p), p.name == "__init__.py", modules)]
+    return [imp for p in files for imp in imports_of(p.read_text(), module_name(p), p.name == "__init__.py", modules)]
 
 
 def against_the_flow(imports: list[Import]) -> list[str]:
     bad = []
     for imp in imports:
         source, target = imp.importer.split(".")[0], imp.target.split(".")[0]
-        if target in PACKAGES and target != source and target not in ALLOWED[source] \
-                and (imp.importer, target) not in EXCEPTIONS:
+        if (
+            target in PACKAGES
+            and target != source
+            and target not in ALLOWED[source]
+            and (imp.importer, target) not in EXCEPTIONS
+        ):
             bad.append(f"{imp.importer}:{imp.line}: {source} -> {imp.target}")
     return bad
 
@@ -103,7 +106,10 @@ def cycles(imports: list[Import], modules: set[str]) -> list[list[str]]:
 
 def test_every_import_follows_the_packages_direction():
     imports = project_imports()
-    assert {(i.importer.split(".")[0], i.target.split(".")[0]) for i in imports} >= {("train", "model"), ("model", "profiling")}
+    assert {(i.importer.split(".")[0], i.target.split(".")[0]) for i in imports} >= {
+        ("train", "model"),
+        ("model", "profiling"),
+    }
     assert against_the_flow(imports) == []
 
 
@@ -119,7 +125,9 @@ def test_the_checks_see_imports_inside_functions_and_relative_ones():
     assert [(i.target, i.line) for i in found] == [("profiling.laws", 1), ("train.loop", 4), ("model.sibling", 5)]
     assert against_the_flow(found) == ["model.mine:4: model -> train.loop"]
     loop = [Import("model.a", "model.b", 1), Import("model.b", "model.c", 1), Import("model.c", "model.a", 1)]
-    assert cycles(loop + [Import("model.d", "model.a", 1)], {"model.a", "model.b", "model.c", "model.d"}) == [["model.a", "model.b", "model.c"]]
+    assert cycles(loop + [Import("model.d", "model.a", 1)], {"model.a", "model.b", "model.c", "model.d"}) == [
+        ["model.a", "model.b", "model.c"]
+    ]
 
 
 def test_every_exception_is_still_taken():

@@ -49,7 +49,8 @@ def test_wilson_interval():
 def test_prompts_are_balanced_and_canonical():
     prompts = alignment_prompts(80, frames=5, data_kind="digits")
     assert sorted((p["label"], p["motion"]) for p in prompts) == sorted(
-        (c, m) for c in range(10) for m in judge.COMPASS)  # each (digit, direction) once
+        (c, m) for c in range(10) for m in judge.COMPASS
+    )  # each (digit, direction) once
     assert [p["label"] for p in prompts] == sorted(p["label"] for p in prompts)  # a row per digit
     assert judge.caption("digits", prompts[0]).startswith("the digit 0 moving")
     images = alignment_prompts(20, frames=1, data_kind="fashion")
@@ -71,10 +72,22 @@ def test_real_clips_score_high_and_shuffled_prompts_score_at_chance(digits_judge
 
 
 def test_format_eval_states_each_attribute_beside_chance():
-    text = format_eval({"step": 7, "val_loss": 0.1, "val_loss_se": 0.01, "val_clips": 8,
-                        "accuracy": {"class": 0.9, "motion": 0.85}, "interval": {"class": [0.81, 0.95], "motion": [0.75, 0.91]},
-                        "chance": {"class": 0.1, "motion": 0.125}, "n": {"class": 80, "motion": 80},
-                        "fd": 3.2, "fd_floor": 1.1, "judge": {"class": 0.975, "motion": 1.0}, "samples": "run/samples/s.png"})
+    text = format_eval(
+        {
+            "step": 7,
+            "val_loss": 0.1,
+            "val_loss_se": 0.01,
+            "val_clips": 8,
+            "accuracy": {"class": 0.9, "motion": 0.85},
+            "interval": {"class": [0.81, 0.95], "motion": [0.75, 0.91]},
+            "chance": {"class": 0.1, "motion": 0.125},
+            "n": {"class": 80, "motion": 80},
+            "fd": 3.2,
+            "fd_floor": 1.1,
+            "judge": {"class": 0.975, "motion": 1.0},
+            "samples": "run/samples/s.png",
+        }
+    )
     assert "class: 90.0% [81%, 95%] of 80 samples (chance 10.0%)" in text
     assert "Frechet distance to real clips: 3.20 (real vs real: 1.10)" in text
     assert "judge on held-out real clips: class 97.5%, motion 100.0%" in text and "run/samples/s.gif" in text

@@ -36,7 +36,9 @@ def test_cache_holds_exactly_what_the_encoders_give(tmp_path, text_encoder):
     manifest = build_cache(cfg, cfg.latent_cache, load_codec("identity"), text_encoder, shard_size=4)
     cache, data = LatentCache(cfg.latent_cache), make_dataset(cfg.data)
     assert len(cache) == manifest["clips"] == 20 and manifest["skipped"] == 0 and manifest["frozen_flops"] > 0
-    assert manifest["source"]["of"] == "config" and manifest["data_report"] is None  # a function of the config: no files
+    assert (
+        manifest["source"]["of"] == "config" and manifest["data_report"] is None
+    )  # a function of the config: no files
     position = {cache[i].source: i for i in range(len(cache))}
     for i in (0, 7, 19):
         clip, at = data[i], position[f"procedural:{i}"]
@@ -98,7 +100,9 @@ def test_folder_cache_reports_skipped_files_when_built_and_when_reused(tmp_path)
 
     data = tmp_path / "data"
     data.mkdir()
-    clip = np.stack([np.full((16, 16, 3), 60 * k, np.uint8) for k in range(3)])  # distinct frames (a GIF merges equal ones)
+    clip = np.stack(
+        [np.full((16, 16, 3), 60 * k, np.uint8) for k in range(3)]
+    )  # distinct frames (a GIF merges equal ones)
     for name in ("a", "b", "c"):  # 3-frame clips: the one bucket's size
         iio.imwrite(data / f"{name}.gif", clip, loop=0)
         (data / f"{name}.txt").write_text(f"a dark clip called {name}")
@@ -117,7 +121,10 @@ def test_folder_cache_reports_skipped_files_when_built_and_when_reused(tmp_path)
     skipped = manifest["skipped_files"]
     assert skipped["total"] == 3 and skipped["by_reason"] == {"corrupt": 1, "no caption": 1, "without a bucket": 1}
     assert {(e["path"], e["reason"]) for e in skipped["listed"]} == {
-        ("junk.png", "corrupt"), ("nocap.gif", "no caption"), ("still.png", "without a bucket")}
+        ("junk.png", "corrupt"),
+        ("nocap.gif", "no caption"),
+        ("still.png", "without a bucket"),
+    }
     on_disk = json.loads((Path(cfg.latent_cache) / "cache.json").read_text())
     assert on_disk["skipped_files"] == skipped and on_disk["data_report"] == report[0].removeprefix("data: ")
     assert on_disk["source"]["of"] == "files" and on_disk["source"]["files"] == 11  # 6 media, 5 captions
@@ -139,11 +146,18 @@ def test_folder_cache_is_rebuilt_when_its_source_changes(tmp_path):
     (data / "a.txt").unlink()
     (data / "b.txt").write_text("a flat picture, captioned again")  # 1 modified
     rebuilt, lines, _ = _build(cfg)
-    assert f"cache: {cfg.latent_cache}: 2 files added, 2 removed, 1 modified since the cache was built: rebuilding" in lines
+    assert (
+        f"cache: {cfg.latent_cache}: 2 files added, 2 removed, 1 modified since the cache was built: rebuilding"
+        in lines
+    )
     cache = LatentCache(cfg.latent_cache)
     captions = {Path(cache[i].source).name: cache[i].caption for i in range(len(cache))}
-    assert captions == {"b.png": "a flat picture, captioned again", "c.png": "a flat picture called c",
-                        "d.png": "a flat picture called d", "e.png": "a flat picture called e"}
+    assert captions == {
+        "b.png": "a flat picture, captioned again",
+        "c.png": "a flat picture called c",
+        "d.png": "a flat picture called d",
+        "e.png": "a flat picture called e",
+    }
     assert rebuilt["source"]["digest"] != manifest["source"]["digest"] and rebuilt["clips"] == 4
 
     _, lines, shards = _build(cfg)  # unchanged since: reused as it is
@@ -151,7 +165,10 @@ def test_folder_cache_is_rebuilt_when_its_source_changes(tmp_path):
     stamp = (data / "c.png").stat().st_mtime_ns
     os.utime(data / "c.png", ns=(stamp + 10**9, stamp + 10**9))  # touched, same bytes: mtime_ns tells
     _, lines, after = _build(cfg)
-    assert f"cache: {cfg.latent_cache}: 0 files added, 0 removed, 1 modified since the cache was built: rebuilding" in lines
+    assert (
+        f"cache: {cfg.latent_cache}: 0 files added, 0 removed, 1 modified since the cache was built: rebuilding"
+        in lines
+    )
     assert after.keys() == shards.keys() and all(after[k] != shards[k] for k in shards)  # every shard encoded again
 
     # a build killed part-way, then the source changed: the partial shards are not resumed
@@ -159,8 +176,10 @@ def test_folder_cache_is_rebuilt_when_its_source_changes(tmp_path):
     kept = sorted(Path(cfg.latent_cache).glob("*-*.safetensors"))[0]
     _images(data, ["f"])
     _, lines, resumed = _build(cfg)
-    assert any(line.endswith("2 files added, 0 removed, 0 modified since the partial build started: starting over")
-               for line in lines), lines
+    assert any(
+        line.endswith("2 files added, 0 removed, 0 modified since the partial build started: starting over")
+        for line in lines
+    ), lines
     assert len(LatentCache(cfg.latent_cache)) == 5 and resumed[kept.name] != after[kept.name]
 
     # a cache for another configuration is still refused, changed source or not
@@ -186,29 +205,43 @@ def test_csv_cache_notices_an_edited_index(tmp_path):
     iio.imwrite(cut, np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8))
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     index = tmp_path / "clips.csv"
-    index.write_text("path,text\nmedia/a.png,first caption\nmedia/b.png,second caption\nmedia/gone.png,not there\n"
-                     "media/cut.png,half a file\n")
+    index.write_text(
+        "path,text\nmedia/a.png,first caption\nmedia/b.png,second caption\nmedia/gone.png,not there\n"
+        "media/cut.png,half a file\n"
+    )
     cfg = _folder_cfg(tmp_path, index)
     manifest, lines, _ = _build(cfg)
     assert manifest["source"]["files"] == 4  # the index and the three files it names that exist
-    assert ("data: 3 usable, 1 skipped: 1 missing (media/gone.png: no such file); "
-            "1 failed to decode (media/cut.png: OSError: image file is truncated)") in lines, lines
+    assert (
+        "data: 3 usable, 1 skipped: 1 missing (media/gone.png: no such file); "
+        "1 failed to decode (media/cut.png: OSError: image file is truncated)"
+    ) in lines, lines
     assert manifest["skipped"] == 2 and manifest["skipped_files"]["by_reason"] == {"missing": 1, "failed to decode": 1}
     index.write_text(index.read_text().replace("first caption", "the first caption edited"))
     _, lines, _ = _build(cfg)
-    assert f"cache: {cfg.latent_cache}: 0 files added, 0 removed, 1 modified since the cache was built: rebuilding" in lines
+    assert (
+        f"cache: {cfg.latent_cache}: 0 files added, 0 removed, 1 modified since the cache was built: rebuilding"
+        in lines
+    )
     _images(tmp_path / "media", ["gone"])  # the listed file appears
     _, lines, _ = _build(cfg)
-    assert f"cache: {cfg.latent_cache}: 1 file added, 0 removed, 0 modified since the cache was built: rebuilding" in lines
+    assert (
+        f"cache: {cfg.latent_cache}: 1 file added, 0 removed, 0 modified since the cache was built: rebuilding" in lines
+    )
     assert "data: 4 usable, 0 skipped; 1 failed to decode (media/cut.png: OSError: image file is truncated)" in lines
     os.remove(Path(cfg.latent_cache) / "cache.json")  # killed before the end: resumed with every shard kept,
     resumed, lines, _ = _build(cfg)  # the failure an earlier process met is still reported
     assert not any(line.startswith("cache: ") for line in lines), lines
     assert "data: 4 usable, 0 skipped; 1 failed to decode (media/cut.png: OSError: image file is truncated)" in lines
     assert resumed["skipped_files"]["listed"] == [
-        {"path": "media/cut.png", "reason": "failed to decode", "detail": "OSError: image file is truncated"}]
+        {"path": "media/cut.png", "reason": "failed to decode", "detail": "OSError: image file is truncated"}
+    ]
     cache = LatentCache(cfg.latent_cache)
-    assert sorted(cache[i].caption for i in range(len(cache))) == ["not there", "second caption", "the first caption edited"]
+    assert sorted(cache[i].caption for i in range(len(cache))) == [
+        "not there",
+        "second caption",
+        "the first caption edited",
+    ]
 
 
 def test_caption_dropout_is_a_function_of_the_sample_seed():
@@ -223,8 +256,14 @@ def test_training_on_the_cache_matches_training_on_pixels(tmp_path):
     common = ["--set", f"model={_model_yaml(tmp_path)}", "--set", "max_steps=6", "--set", "cond_drop=0.3"]
 
     def run(name, *extra):
-        proc = subprocess.run([sys.executable, "-m", "train", "--set", f"run_dir={tmp_path / name}", *SMALL, *common, *extra],
-                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "train", "--set", f"run_dir={tmp_path / name}", *SMALL, *common, *extra],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout + proc.stderr
 
@@ -240,12 +279,20 @@ def test_training_on_the_cache_matches_training_on_pixels(tmp_path):
 def test_vae_stage_then_cache_stage_then_dit_on_its_latents(tmp_path):
     """The three stages as a user chains them: train the VAE, cache with it, train the DiT."""
     run = tmp_path / "run"
-    base = [*SMALL, "--set", f"run_dir={run}", "--set", "data.buckets=[[1,16,16],[5,16,16]]",
-            "--set", f"model={_model_yaml(tmp_path)}"]
+    base = [
+        *SMALL,
+        "--set",
+        f"run_dir={run}",
+        "--set",
+        "data.buckets=[[1,16,16],[5,16,16]]",
+        "--set",
+        f"model={_model_yaml(tmp_path)}",
+    ]
 
     def stage(*args):
-        proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=_env(), capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "train", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout + proc.stderr
 
@@ -268,7 +315,9 @@ def test_vae_stage_then_cache_stage_then_dit_on_its_latents(tmp_path):
 
 
 def test_cache_stage_without_a_directory_is_a_clear_error():
-    proc = subprocess.run([sys.executable, "-m", "train", "cache"], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "cache"], cwd=ROOT, env=_env(), capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "latent_cache" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -12,8 +12,14 @@ from profiling.measure import FlopCount
 
 def _record(i: int = 0, **kw) -> Record:
     base = dict(
-        kind="train", count=FlopCount({"dense": 600, "attention": 60 + i}), params={"dense": 10, "embedding": 5},
-        tokens=10, wall_s=2.0, peak=DevicePeak("cpu", "fp32", 1000.0, "test"), shape="B=1 T=1 H=4 W=4", step=i,
+        kind="train",
+        count=FlopCount({"dense": 600, "attention": 60 + i}),
+        params={"dense": 10, "embedding": 5},
+        tokens=10,
+        wall_s=2.0,
+        peak=DevicePeak("cpu", "fp32", 1000.0, "test"),
+        shape="B=1 T=1 H=4 W=4",
+        step=i,
     )
     return make_record(**(base | kw))
 
@@ -32,7 +38,18 @@ def test_round_trip_and_derived_fields(tmp_path):
     assert back.flops_per_s == 330 and back.mfu == pytest.approx(0.33)
     assert data.records[1].law_flops == 2 * 10 * 10 and data.records[1].request_id == "req-1"
     raw = json.loads(ledger.path.read_text().splitlines()[0])
-    assert {"measured_flops", "law_flops", "ratio", "tokens", "wall_s", "flops_per_s", "mfu", "device", "dtype", "shape"} <= raw.keys()
+    assert {
+        "measured_flops",
+        "law_flops",
+        "ratio",
+        "tokens",
+        "wall_s",
+        "flops_per_s",
+        "mfu",
+        "device",
+        "dtype",
+        "shape",
+    } <= raw.keys()
 
 
 def _writer(path: str, worker: int, n: int) -> None:

@@ -36,7 +36,14 @@ def _dit_inputs(cfg: DiTConfig, batch: int, latent: tuple, text_len: int) -> tup
 DIT_CASES = [
     (DiTConfig(hidden_size=64, depth=2, num_heads=4, text_dim=32), 2, (3, 8, 6), 5),
     (DiTConfig(hidden_size=64, depth=2, num_heads=4, text_dim=32, attention="factorized"), 2, (4, 6, 10), 7),
-    (DiTConfig(in_channels=3, patch_size=(2, 2, 2), hidden_size=48, depth=1, num_heads=3, num_classes=10, learn_sigma=True), 1, (4, 8, 8), 0),
+    (
+        DiTConfig(
+            in_channels=3, patch_size=(2, 2, 2), hidden_size=48, depth=1, num_heads=3, num_classes=10, learn_sigma=True
+        ),
+        1,
+        (4, 8, 8),
+        0,
+    ),
     (DiTConfig(hidden_size=32, depth=1, num_heads=2, text_dim=16), 3, (1, 16, 4), 3),  # image, 4:1 aspect
     (DiTConfig(hidden_size=32, depth=2, num_heads=2, text_dim=16, pooled_text=True), 2, (3, 8, 8), 4),  # pooled caption
 ]
@@ -141,9 +148,20 @@ def test_dit_paper_configs_params_and_gflops():
     """Peebles & Xie 2022, Table 4 (params in M; 'Gflops' are multiply-adds at 256x256)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    paper = {"dit-s-2": (33, 6.06), "dit-b-2": (130, 23.01), "dit-l-2": (458, 80.71), "dit-xl-2": (675, 118.64),
-             "dit-s-4": (33, 1.41), "dit-b-4": (130, 5.56), "dit-l-4": (458, 19.70), "dit-xl-4": (675, 29.05),
-             "dit-s-8": (33, 0.36), "dit-b-8": (130, 1.42), "dit-l-8": (458, 5.01), "dit-xl-8": (675, 7.39)}
+    paper = {
+        "dit-s-2": (33, 6.06),
+        "dit-b-2": (130, 23.01),
+        "dit-l-2": (458, 80.71),
+        "dit-xl-2": (675, 118.64),
+        "dit-s-4": (33, 1.41),
+        "dit-b-4": (130, 5.56),
+        "dit-l-4": (458, 19.70),
+        "dit-xl-4": (675, 29.05),
+        "dit-s-8": (33, 0.36),
+        "dit-b-8": (130, 1.42),
+        "dit-l-8": (458, 5.01),
+        "dit-xl-8": (675, 7.39),
+    }
     for name, (mparams, gflops) in paper.items():
         cfg = PRESETS[name]
         with FakeTensorMode():

@@ -13,7 +13,9 @@ from profiling.measure import count_flops, forward_backward
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("backend", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+@pytest.mark.parametrize(
+    "backend", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+)
 @pytest.mark.parametrize("fake", [False, True], ids=["real", "fake"])
 def test_dit_train_step_on_each_cuda_kernel(backend, fake):
     cfg = DiTConfig(hidden_size=256, depth=2, num_heads=4, num_classes=10, learn_sigma=True)

@@ -20,7 +20,9 @@ def encoder():
 def _pipe(codec: str, kind: str, encoder) -> MiniStackPipeline:
     torch.manual_seed(0)
     c = load_codec(codec)
-    cfg = DiTConfig(in_channels=c.latent_channels, patch_size=(1, 2, 2), hidden_size=32, depth=1, num_heads=2, text_dim=encoder.dim)
+    cfg = DiTConfig(
+        in_channels=c.latent_channels, patch_size=(1, 2, 2), hidden_size=32, depth=1, num_heads=2, text_dim=encoder.dim
+    )
     return MiniStackPipeline(DiT.from_dit_config(cfg), make_scheduler(kind), c, encoder)
 
 
@@ -64,9 +66,18 @@ def test_seeded_sampling_is_reproducible_and_guidance_matters(encoder):
     with torch.no_grad():  # give the zero-initialised output layers weights, so conditioning shows
         for p in pipe.transformer.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+
     def run(scale: float, interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
-        return pipe("a red square", frames=1, height=16, width=16, num_inference_steps=3, guidance_scale=scale,
-                    guidance_interval=interval, generator=torch.Generator().manual_seed(7)).latents
+        return pipe(
+            "a red square",
+            frames=1,
+            height=16,
+            width=16,
+            num_inference_steps=3,
+            guidance_scale=scale,
+            guidance_interval=interval,
+            generator=torch.Generator().manual_seed(7),
+        ).latents
 
     assert torch.equal(run(4.0), run(4.0))
     assert not torch.allclose(run(4.0), run(1.0))
@@ -93,9 +104,16 @@ def test_save_and_load_give_identical_samples(tmp_path, encoder):
     pipe = _pipe("tiny", "flow", encoder)
     pipe.save_pretrained(tmp_path / "pipe")
     back = MiniStackPipeline.from_pretrained(tmp_path / "pipe")
+
     def sample(p: MiniStackPipeline) -> torch.Tensor:
-        return p("a red square", frames=3, height=16, width=16, num_inference_steps=2,
-                 generator=torch.Generator().manual_seed(3)).latents
+        return p(
+            "a red square",
+            frames=3,
+            height=16,
+            width=16,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(3),
+        ).latents
 
     assert torch.equal(sample(pipe), sample(back))
     with pytest.raises(ValueError, match="not a saved ministack pipeline"):

@@ -13,8 +13,17 @@ import torch
 
 import train.data.procedural as procedural
 from train.data.procedural import (
-    COLOURS, COLOUR_WORDS, DIRECTION_WORDS, MOTIONS, SCALE_WORDS, SHAPE_WORDS, SHAPES, SPIN_WORDS, VERBS,
-    ProceduralVideos, caption,
+    COLOURS,
+    COLOUR_WORDS,
+    DIRECTION_WORDS,
+    MOTIONS,
+    SCALE_WORDS,
+    SHAPE_WORDS,
+    SHAPES,
+    SPIN_WORDS,
+    VERBS,
+    ProceduralVideos,
+    caption,
 )
 from train.probe import alignment_score, probe
 
@@ -66,7 +75,9 @@ def test_variety_of_sizes_durations_and_content():
         if a["frames"] == 1:  # images are still
             assert (a["motion"], a["bouncing"], a["rotating"], a["scaling"]) == ("static", False, False, "none")
         assert a["shape"] != "circle" or not a["rotating"]
-    four = ProceduralVideos(2, resolutions=((16, 16),), frames=(4,))  # any length: a run's buckets are checked against its codec
+    four = ProceduralVideos(
+        2, resolutions=((16, 16),), frames=(4,)
+    )  # any length: a run's buckets are checked against its codec
     assert four[0].video.shape[1:] == (4, 16, 16)
     assert len(list(ProceduralVideos(3))) == 3  # IndexError past the end stops iteration
 
@@ -128,8 +139,10 @@ def test_probe_reads_the_dataset_back(clips):
     motion = np.mean([p["motion"] == c.attrs["motion"] for p, c in moving])
     bouncing = np.mean([p["motion"] == c.attrs["motion"] for p, c in moving if c.attrs["bouncing"]])
     still = np.mean([p["motion"] == "static" for p, _ in still_videos])
-    print(f"probe on {len(clips)} clips: colour {colour:.3f}, shape {shape:.3f}, motion {motion:.3f} "
-          f"({len(moving)} moving; bouncing {bouncing:.3f}), static videos {still:.3f} ({len(still_videos)})")
+    print(
+        f"probe on {len(clips)} clips: colour {colour:.3f}, shape {shape:.3f}, motion {motion:.3f} "
+        f"({len(moving)} moving; bouncing {bouncing:.3f}), static videos {still:.3f} ({len(still_videos)})"
+    )
     assert colour >= 0.95 and motion >= 0.90 and bouncing >= 0.90 and shape >= 0.85 and still >= 0.9
     as_uint8 = [probe(((c.video.permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8)) for c in clips[:30]]
     read = [(p["colour"], p["motion"], p["shape"]) for p in as_uint8]
@@ -152,8 +165,10 @@ def test_alignment_score_against_ground_truth_and_shuffled_prompts(clips):
     order = list(range(len(clips)))
     random.Random(0).shuffle(order)
     shuffled = alignment_score(videos, [truth[j] for j in order])
-    print(f"ground truth: score {right['score']:.3f} vs chance {right['score_chance']:.3f}; "
-          f"shuffled prompts: score {shuffled['score']:.3f}, {shuffled['accuracy']} vs chance {shuffled['chance']}")
+    print(
+        f"ground truth: score {right['score']:.3f} vs chance {right['score_chance']:.3f}; "
+        f"shuffled prompts: score {shuffled['score']:.3f}, {shuffled['accuracy']} vs chance {shuffled['chance']}"
+    )
     assert shuffled["chance"] == right["chance"]  # chance depends on the two marginals only
     for a, acc in shuffled["accuracy"].items():
         assert abs(acc - shuffled["chance"][a]) < 0.07, a
@@ -166,7 +181,9 @@ def test_chance_is_the_exact_expectation_over_shuffles(clips):
     prompts = [c.attrs for c in reversed(sample)]
     result = alignment_score([c.video for c in sample], prompts)
     preds = result["predictions"]
-    scored = {a: [i for i, p in enumerate(preds) if a != "motion" or p["frames"] > 1] for a in ("colour", "motion", "shape")}
+    scored = {
+        a: [i for i, p in enumerate(preds) if a != "motion" or p["frames"] > 1] for a in ("colour", "motion", "shape")
+    }
     totals = {a: 0.0 for a in (*scored, "all")}
     perms = list(itertools.permutations(range(len(sample))))
     for perm in perms:

@@ -42,7 +42,9 @@ def test_report_totals_and_attribution(ledger_path, tmp_path):
     kinds, shapes = report.summarize(read_ledgers([ledger_path]).records)
     for g in kinds.values():
         # the per-part gaps add up to the whole gap
-        gap = sum(g.measured_by_part.get(p, 0) - g.law_by_part.get(p, 0) for p in set(g.measured_by_part) | set(g.law_by_part))
+        gap = sum(
+            g.measured_by_part.get(p, 0) - g.law_by_part.get(p, 0) for p in set(g.measured_by_part) | set(g.law_by_part)
+        )
         assert gap == pytest.approx(g.measured - g.law, rel=1e-9)
     train = kinds["train"]
     assert train.records == 3 and train.ratio < 1  # per-sample adaLN weights are charged per token by 6ND
@@ -56,7 +58,9 @@ def test_report_totals_and_attribution(ledger_path, tmp_path):
     for needle in ("== train", "== infer", "per_sample", "attention", "QK^T", "6ND", "2NT"):
         assert needle in text
     train_text, infer_text = text.split("== infer")
-    assert "backward" in train_text and "backward" not in infer_text and "forward only" in infer_text  # each ledger's own why
+    assert (
+        "backward" in train_text and "backward" not in infer_text and "forward only" in infer_text
+    )  # each ledger's own why
     png = report.plot(shapes, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(train.mfu)
@@ -64,8 +68,19 @@ def test_report_totals_and_attribution(ledger_path, tmp_path):
 
 def _step(step: int, rank: int, flops: int, world: int = 2):
     peak = DevicePeak("cpu", "fp32", 1e4, "probe (test)")
-    return make_record("train", FlopCount({"dense": flops}), {"dense": 10}, 5, 1.0, peak, "B=2, 4 samples/step, latent=1x4x4",
-                       run="r", step=step, rank=rank, world_size=world)
+    return make_record(
+        "train",
+        FlopCount({"dense": flops}),
+        {"dense": 10},
+        5,
+        1.0,
+        peak,
+        "B=2, 4 samples/step, latent=1x4x4",
+        run="r",
+        step=step,
+        rank=rank,
+        world_size=world,
+    )
 
 
 def test_ranks_records_sum_into_one_optimizer_step():
@@ -89,19 +104,25 @@ def test_a_corrected_peak_re_derives_mfu_and_a_peak_below_the_records_is_refused
     kinds, _ = report.summarize(records, peak_flops=1000.0)
     assert kinds["train"].mfu == pytest.approx(1500 / 2000)
     assert kinds["train"].to_dict()["peaks"] == [{"flops": 1000.0, "source": "--peak-flops", "records": 2}]
-    with pytest.raises(ValueError, match=r"--peak-flops 800 FLOP/s is below what a record achieved \(900 FLOP/s, train step 1\)"):
+    with pytest.raises(
+        ValueError, match=r"--peak-flops 800 FLOP/s is below what a record achieved \(900 FLOP/s, train step 1\)"
+    ):
         report.summarize(records, peak_flops=800.0)
 
 
 def test_a_peak_raised_step_after_step_is_summarized_lowest_to_highest():
     peak = DevicePeak("cpu", "fp32", 100.0, "probe (test)")
-    records = [make_record("train", FlopCount({"dense": f}), {"dense": 10}, 5, 1.0, peak, "s", run="r", step=i)
-               for i, f in enumerate((50, 120, 150, 90, 200), start=1)]
+    records = [
+        make_record("train", FlopCount({"dense": f}), {"dense": 10}, 5, 1.0, peak, "s", run="r", step=i)
+        for i, f in enumerate((50, 120, 150, 90, 200), start=1)
+    ]
     kinds, shapes = report.summarize(records)
     assert max(r.mfu for r in records) == 1.0
     text = report.format_report(kinds, shapes, skipped=0)
-    assert ("MFU against peaks from 100 FLOP/s (probe (test); 1 record) to 200 FLOP/s (raised to 200 FLOP/s by "
-            "train step 5 (was 100 FLOP/s, probe (test)); 1 record), 2 more between") in text
+    assert (
+        "MFU against peaks from 100 FLOP/s (probe (test); 1 record) to 200 FLOP/s (raised to 200 FLOP/s by "
+        "train step 5 (was 100 FLOP/s, probe (test)); 1 record), 2 more between"
+    ) in text
 
 
 def test_flops_demo_reports_its_ledger_with_the_reports_own_flags(ledger_path, tmp_path, monkeypatch, capsys):
@@ -124,8 +145,19 @@ def test_flops_demo_reports_its_ledger_with_the_reports_own_flags(ledger_path, t
 
 def _served(ledger: Ledger, request: str, bytes_parts: dict[str, int], wall_s: float) -> None:
     peak = DevicePeak("test-device", "fp32", 1e12, "probe (test)")
-    ledger.append(make_record("infer", FlopCount({"dense": 1000}), {"dense": 10}, 10, wall_s, peak, "prompt=8,gen=2",
-                              bytes_parts, request_id=request))
+    ledger.append(
+        make_record(
+            "infer",
+            FlopCount({"dense": 1000}),
+            {"dense": 10},
+            10,
+            wall_s,
+            peak,
+            "prompt=8,gen=2",
+            bytes_parts,
+            request_id=request,
+        )
+    )
 
 
 def test_mbu_is_bytes_over_time_over_the_bandwidth_given_or_probed(tmp_path, monkeypatch, capsys):
@@ -143,7 +175,9 @@ def test_mbu_is_bytes_over_time_over_the_bandwidth_given_or_probed(tmp_path, mon
     records = read_ledgers([ledger.path]).records
     kinds, shapes = report.summarize(records)
     assert kinds["infer"].mbu(10e9) == pytest.approx(0.3) and math.isnan(kinds["infer"].mbu(None))
-    args = argparse.Namespace(ledgers=[str(ledger.path)], plot=str(tmp_path / "p.png"), json=False, peak_flops=None, bandwidth=None)
+    args = argparse.Namespace(
+        ledgers=[str(ledger.path)], plot=str(tmp_path / "p.png"), json=False, peak_flops=None, bandwidth=None
+    )
     report.run(args)
     assert "no probed bandwidth of test-device: `ministack flops peak` on it probes one" in capsys.readouterr().out
     _store(Bandwidth("test-device", 10e9, {"copy": 10e9}, 1 << 26, 1.8e9, Load(1.0, (0.0, 0.0, 0.0), 0.0)))
@@ -153,4 +187,7 @@ def test_mbu_is_bytes_over_time_over_the_bandwidth_given_or_probed(tmp_path, mon
     assert "test-device" in text and " 30.0% " in text  # the shape's row too
     report.run(argparse.Namespace(**{**vars(args), "bandwidth": 20e9, "json": True}))
     out = json.loads(capsys.readouterr().out)
-    assert out["kinds"]["infer"]["mbu"] == pytest.approx(0.15) and out["bandwidth"] == {"bytes_per_s": 20e9, "source": "--bandwidth"}
+    assert out["kinds"]["infer"]["mbu"] == pytest.approx(0.15) and out["bandwidth"] == {
+        "bytes_per_s": 20e9,
+        "source": "--bandwidth",
+    }

@@ -14,21 +14,56 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sample(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ministack", "sample", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "ministack", "sample", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_sample_writes_mp4_gif_and_grid(tmp_path):
     MiniStackPipeline.build(config="tiny", codec="tiny").save_pretrained(tmp_path / "pipe")
     stem = tmp_path / "out" / "clip"
-    proc = sample("--pipeline", str(tmp_path / "pipe"), "--prompt", "a red square", "--frames", "5", "--height", "16",
-                  "--width", "24", "--steps", "2", "--out", str(stem))
+    proc = sample(
+        "--pipeline",
+        str(tmp_path / "pipe"),
+        "--prompt",
+        "a red square",
+        "--frames",
+        "5",
+        "--height",
+        "16",
+        "--width",
+        "24",
+        "--steps",
+        "2",
+        "--out",
+        str(stem),
+    )
     assert proc.returncode == 0, proc.stderr
     assert read_frames(stem.with_suffix(".mp4")).shape == (5, 16, 24, 3)
     assert read_frames(stem.with_suffix(".gif")).shape == (5, 16, 24, 3)
     assert read_frames(stem.with_suffix(".png")).shape == (1, 16, 5 * 24, 3)  # one row, every frame
-    proc = sample("--pipeline", str(tmp_path / "pipe"), "--prompt", "x", "--video", str(stem.with_suffix(".mp4")),
-                  "--extend", "forward", "--frames", "9", "--height", "16", "--width", "24", "--steps", "2",
-                  "--num", "2", "--out", str(tmp_path / "ext"))
+    proc = sample(
+        "--pipeline",
+        str(tmp_path / "pipe"),
+        "--prompt",
+        "x",
+        "--video",
+        str(stem.with_suffix(".mp4")),
+        "--extend",
+        "forward",
+        "--frames",
+        "9",
+        "--height",
+        "16",
+        "--width",
+        "24",
+        "--steps",
+        "2",
+        "--num",
+        "2",
+        "--out",
+        str(tmp_path / "ext"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert read_frames(tmp_path / "ext-1.mp4").shape == (9, 16, 24, 3)
 

@@ -12,7 +12,14 @@ from test_serve_model import make_engine
 from profiling.formulas.llama import decoder_flops
 from scaling.cli import main
 from scaling.context import (
-    WEIGHT_PARTS, ContextReport, DeviceBandwidth, analyze_context, decode_mbu, measure_context, measure_contexts, weight_bytes,
+    WEIGHT_PARTS,
+    ContextReport,
+    DeviceBandwidth,
+    analyze_context,
+    decode_mbu,
+    measure_context,
+    measure_contexts,
+    weight_bytes,
 )
 from scaling.plots import plot_context
 from scaling.report import format_context

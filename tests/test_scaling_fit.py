@@ -7,7 +7,13 @@ from scaling.fit import ParametricFit, fit_isoflop, fit_parametric
 
 # Epoch's refit of Chinchilla (Besiroglu et al. 2024, table 1): E 1.82, A 482.01, B 2085.43, alpha 0.3478, beta 0.3658
 TRUE = {"E": 1.82, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
-COARSE = {"alpha": [0.0, 0.5, 1.0], "beta": [0.0, 0.5, 1.0], "e": [0.0, 1.0], "a": [0.0, 5.0, 10.0], "b": [0.0, 5.0, 10.0]}
+COARSE = {
+    "alpha": [0.0, 0.5, 1.0],
+    "beta": [0.0, 0.5, 1.0],
+    "e": [0.0, 1.0],
+    "a": [0.0, 5.0, 10.0],
+    "b": [0.0, 5.0, 10.0],
+}
 
 
 def law(n, d):

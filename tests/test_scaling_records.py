@@ -14,19 +14,30 @@ from scaling.cli import main as scaling_main
 from scaling.results import load_results, read_csv, write_results
 
 # A line of results.jsonl as the untyped code wrote it (the miniature sweep's C1e09-d2; 1.0 = x1 LR).
-OLD_LINE = r'''{"id": "C1e09-d2", "hash": "b35bc3e5", "dir": "runs/C1e09-d2-b35bc3e5", "budget": 1000000000.0, "depth": 2, "width": 16, "heads": 2, "lr": 0.002, "lr_multiplier": 1.0, "warmup_steps": 10, "steps": 41, "law_steps": 27, "params": {"dense": 8032, "attention": 0, "per_sample": 8192, "context": 0, "embedding": 0, "lm_head": 0, "frozen": 0}, "n": {"total": 16224, "non_embedding": 16224, "per_token": 8032, "embedding": 0}, "tokens": 15744, "samples": 328, "epochs": 0.10459183673469388, "scan_epochs": null, "flops": {"measured": 1004425216, "exact": 1004425216, "6N\u00b7D": 1532583936, "6N_total\u00b7D": 1532583936, "6N_per_token\u00b7D": 758734848}, "measured_by_part": {"dense": 701300736, "per_sample": 12931072, "attention": 290193408}, "budget_error": 0.00442521600000001, "loss": 1.156476080417633, "loss_se": 0.0167043899435596, "val_clips": 16, "train_loss": 1.1358217000961304, "wall_s": 4.043042069992225, "mfu": 0.0027308762153520714, "config_hash": "b35bc3e5"}'''
+OLD_LINE = r"""{"id": "C1e09-d2", "hash": "b35bc3e5", "dir": "runs/C1e09-d2-b35bc3e5", "budget": 1000000000.0, "depth": 2, "width": 16, "heads": 2, "lr": 0.002, "lr_multiplier": 1.0, "warmup_steps": 10, "steps": 41, "law_steps": 27, "params": {"dense": 8032, "attention": 0, "per_sample": 8192, "context": 0, "embedding": 0, "lm_head": 0, "frozen": 0}, "n": {"total": 16224, "non_embedding": 16224, "per_token": 8032, "embedding": 0}, "tokens": 15744, "samples": 328, "epochs": 0.10459183673469388, "scan_epochs": null, "flops": {"measured": 1004425216, "exact": 1004425216, "6N\u00b7D": 1532583936, "6N_total\u00b7D": 1532583936, "6N_per_token\u00b7D": 758734848}, "measured_by_part": {"dense": 701300736, "per_sample": 12931072, "attention": 290193408}, "budget_error": 0.00442521600000001, "loss": 1.156476080417633, "loss_se": 0.0167043899435596, "val_clips": 16, "train_loss": 1.1358217000961304, "wall_s": 4.043042069992225, "mfu": 0.0027308762153520714, "config_hash": "b35bc3e5"}"""
 
 # A plan.json run entry as the untyped code wrote it (the miniature sweep's C1e09-d2, its config cut short).
-OLD_PLAN_RUN = {"id": "C1e09-d2", "budget": 1e9, "depth": 2, "lr_multiplier": 1.0, "steps": 41, "law_steps": 27,
-                "warmup_steps": 10, "lr": 0.002, "flops": 1004425216.0, "hash": "b35bc3e5",
-                "train": {"max_steps": 41, "run_dir": "runs/C1e09-d2-b35bc3e5"}, "dir": "runs/C1e09-d2-b35bc3e5"}
+OLD_PLAN_RUN = {
+    "id": "C1e09-d2",
+    "budget": 1e9,
+    "depth": 2,
+    "lr_multiplier": 1.0,
+    "steps": 41,
+    "law_steps": 27,
+    "warmup_steps": 10,
+    "lr": 0.002,
+    "flops": 1004425216.0,
+    "hash": "b35bc3e5",
+    "train": {"max_steps": 41, "run_dir": "runs/C1e09-d2-b35bc3e5"},
+    "dir": "runs/C1e09-d2-b35bc3e5",
+}
 
 # fit.json's keys in the order the untyped code wrote them ("*": every key of a mapping, "[]": every item of a list).
 FIT_LAYOUT = {
     "": "definition runs budgets at fit holdout ablation lr_check inference",
     "fit": "approach3 approach2 approach1",
     "fit.approach3": "E A B alpha beta a b n_opt d_opt tokens_per_param loss_opt intervals level bootstrap "
-                     "bootstrap_failed converged status objective runs at starts",
+    "bootstrap_failed converged status objective runs at starts",
     "fit.approach3.intervals": "E A B alpha beta a b n_opt d_opt tokens_per_param loss_opt loss_pred",
     "fit.approach2": "a b k profiles intervals level bootstrap bootstrap_failed n_opt tokens_per_param at",
     "fit.approach2.intervals": "a b n_opt tokens_per_param",
@@ -42,7 +53,7 @@ FIT_LAYOUT = {
     "lr_check": "C1e+18-d2",
     "lr_check.*": "losses best edge",
     "inference": "loss inference_tokens sampling_steps n d tokens_per_param total_flops compute_optimal_n "
-                 "compute_optimal_total_flops saving",
+    "compute_optimal_total_flops saving",
 }
 
 
@@ -71,8 +82,16 @@ def _old_sweep(tmp_path, line: str = OLD_LINE):
 def test_a_record_written_before_reads_and_writes_back_byte_for_byte(tmp_path):
     old = _old_sweep(tmp_path)
     [record] = load_results(tmp_path)
-    assert (record.id, record.depth, record.loss, record.loss_se) == (old["id"], old["depth"], old["loss"], old["loss_se"])
-    assert record.flops["6N·D"] == 6 * record.n["non_embedding"] * record.tokens and record.law_n == old["n"]["non_embedding"]
+    assert (record.id, record.depth, record.loss, record.loss_se) == (
+        old["id"],
+        old["depth"],
+        old["loss"],
+        old["loss_se"],
+    )
+    assert (
+        record.flops["6N·D"] == 6 * record.n["non_embedding"] * record.tokens
+        and record.law_n == old["n"]["non_embedding"]
+    )
     assert record.n_eff("measured") == old["flops"]["measured"] / (6 * old["tokens"])
     assert json.dumps(record.to_json()) == OLD_LINE
     write_results(SimpleNamespace(runs=[SimpleNamespace(dir=old["dir"])]), tmp_path)
@@ -113,8 +132,11 @@ def test_fit_json_keeps_its_layout(tmp_path):
     for path, keys in FIT_LAYOUT.items():
         for obj in _at(out, path):
             assert list(obj) == keys.split(), path
-    assert json.loads(json.dumps(out))["lr_check"]["C1e+18-d2"]["losses"] == {"0.5": checks[0].loss, "1.0": runs[7].loss,
-                                                                                  "2.0": checks[1].loss}
+    assert json.loads(json.dumps(out))["lr_check"]["C1e+18-d2"]["losses"] == {
+        "0.5": checks[0].loss,
+        "1.0": runs[7].loss,
+        "2.0": checks[1].loss,
+    }
     assert out["fit"]["approach3"]["a"] == analysis.approach3.a and out["at"] == analysis.approach3.at
     # approach 2 without a usable budget (two sizes each): its optimum's keys are left out, not null
     two = approach2([r for r in runs if r.depth < 2], "given").to_json()
@@ -146,4 +168,9 @@ def test_plan_and_failure_files_read_back_as_records(tmp_path, capsys):
     (run_dir / "failed.json").write_text(json.dumps({"returncode": 3, "tail": "no GPU for you", "time": 1.0}))
     assert Failure.read(run_dir) == Failure(returncode=3, tail="no GPU for you", time=1.0)
     assert scaling_main(["status", str(tmp_path)]) == 0
-    assert "C1e09-d2" in (out := capsys.readouterr().out) and "exit 3:" in out and "no GPU for you" in out and "1 failed" in out
+    assert (
+        "C1e09-d2" in (out := capsys.readouterr().out)
+        and "exit 3:" in out
+        and "no GPU for you" in out
+        and "1 failed" in out
+    )

@@ -24,8 +24,13 @@ MINI = {
     "family": {"head_dim": 8, "aspect": 8, "patch_size": [1, 4, 4], "text_dim": 0},
     "hparams": {"lr": 2.0e-3, "base_width": 16, "batch_size": 8, "min_steps": 10},
     "budgets": [{"flops": 1.0e9, "sizes": [1, 2]}, {"flops": 2.0e9, "sizes": [1, 2, 3]}],
-    "train": {"codec": "identity", "mixed_precision": "no", "ema_decay": 0.0, "val_clips": 16,
-              "data": {"kind": "procedural", "buckets": [[3, 16, 16]]}},
+    "train": {
+        "codec": "identity",
+        "mixed_precision": "no",
+        "ema_decay": 0.0,
+        "val_clips": 16,
+        "data": {"kind": "procedural", "buckets": [[3, 16, 16]]},
+    },
 }
 
 
@@ -55,7 +60,9 @@ def test_plan_solves_steps_from_measured_flops():
 
 def test_plan_refuses_runs_off_their_budget():
     with pytest.raises(ValueError, match=r"C=1e\+?08 depth 3: 1 steps") as refused:
-        plan_sweep(mini(budgets=[{"flops": 1.0e8, "sizes": [1, 3]}], hparams=MINI["hparams"] | {"lr_multipliers": [0.5, 2]}))
+        plan_sweep(
+            mini(budgets=[{"flops": 1.0e8, "sizes": [1, 3]}], hparams=MINI["hparams"] | {"lr_multipliers": [0.5, 2]})
+        )
     assert str(refused.value).count("depth 3:") == 1  # once, not again for each LR-check run
     two = json.loads(json.dumps(MINI["train"]))
     two["data"]["buckets"] = [[3, 16, 16], [1, 16, 16]]
@@ -65,11 +72,16 @@ def test_plan_refuses_runs_off_their_budget():
         plan_sweep(mini(budgets=[{"flops": 1e9}]))
     with pytest.raises(ValueError, match="not a file nor a preset"):
         load_sweep_config("no-such-sweep")
-    for bad, match in (("family.head_dim=0", "family.head_dim must be > 0"), ("hparams.lr=-1", "hparams.lr must be > 0"),
-                       ("hparams.batch_size=0", "hparams.batch_size must be > 0"), ("hparams.lr_multipliers=[0]", "lr_multipliers"),
-                       ("budgets=[{flops: 1.0e+11, sizes: [2.5]}]", "whole numbers"), ("budgets=[{flops: lots, sizes: [2]}]", "flops"),
-                       ("slurm.sbatch=[x]", "slurm.sbatch"),
-                       ("family.attention=causal", "family.attention must be one of 'full', 'factorized', got 'causal'")):
+    for bad, match in (
+        ("family.head_dim=0", "family.head_dim must be > 0"),
+        ("hparams.lr=-1", "hparams.lr must be > 0"),
+        ("hparams.batch_size=0", "hparams.batch_size must be > 0"),
+        ("hparams.lr_multipliers=[0]", "lr_multipliers"),
+        ("budgets=[{flops: 1.0e+11, sizes: [2.5]}]", "whole numbers"),
+        ("budgets=[{flops: lots, sizes: [2]}]", "flops"),
+        ("slurm.sbatch=[x]", "slurm.sbatch"),
+        ("family.attention=causal", "family.attention must be one of 'full', 'factorized', got 'causal'"),
+    ):
         with pytest.raises(ValueError, match=re.escape(match)):
             load_sweep_config("cpu", [bad])
 
@@ -81,7 +93,9 @@ def test_presets_plan_every_run_on_its_budget(preset, capsys):
     within tolerance of its budget and at least min_steps long, sizes over 1.5 decades."""
     sweep = load_sweep_config(preset)
     plan = plan_sweep(sweep)
-    assert all(abs(r.flops / r.budget - 1) <= BUDGET_TOLERANCE and r.steps >= sweep.hparams.min_steps for r in plan.runs)
+    assert all(
+        abs(r.flops / r.budget - 1) <= BUDGET_TOLERANCE and r.steps >= sweep.hparams.min_steps for r in plan.runs
+    )
     ns = [size.n for size in plan.sizes.values()]
     assert max(ns) / min(ns) >= 10**1.5
     assert scaling_main(["sweep", preset, "--dry-run", "--no-timing", "--out", "unused"]) == 0
@@ -102,8 +116,9 @@ def sweep(tmp_path_factory):
     launcher that exits 3 for run C1e09-d1 and runs the others with this Python."""
     root = tmp_path_factory.mktemp("sweep")
     launcher = root / "launch.sh"
-    launcher.write_text(f'#!/bin/sh\ncase "$*" in *C1e09-d1-*) echo "no GPU for you" >&2; exit 3;; esac\n'
-                        f'exec {sys.executable} "$@"\n')
+    launcher.write_text(
+        f'#!/bin/sh\ncase "$*" in *C1e09-d1-*) echo "no GPU for you" >&2; exit 3;; esac\nexec {sys.executable} "$@"\n'
+    )
     launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
     plan = plan_sweep(mini(launcher=str(launcher)))
     counts = run_sweep(plan, root / "sweep", echo=lambda *_: None)
@@ -195,8 +210,25 @@ def test_fit_from_csv_recovers_a_known_law(tmp_path, capsys):
     path = tmp_path / "runs.csv"
     path.write_text("\n".join(rows) + "\n")
     assert len(read_csv(path)) == 20
-    assert scaling_main(["fit", "--csv", str(path), "--json", "--bootstrap", "50", "--inference-tokens", "1e22",
-                         "--plot", str(tmp_path / "fits.png"), "--report", str(tmp_path / "r" / "report.md")]) == 0
+    assert (
+        scaling_main(
+            [
+                "fit",
+                "--csv",
+                str(path),
+                "--json",
+                "--bootstrap",
+                "50",
+                "--inference-tokens",
+                "1e22",
+                "--plot",
+                str(tmp_path / "fits.png"),
+                "--report",
+                str(tmp_path / "r" / "report.md"),
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     report = (tmp_path / "r" / "report.md").read_text()
     assert "## Inference-aware optimum" in report and f"data hash `{data_hash(read_csv(path))}`" in report
@@ -222,9 +254,23 @@ def test_fit_from_csv_recovers_a_known_law(tmp_path, capsys):
 
 
 def test_analysis_flags_an_lr_at_the_edge():
-    base = [RunRecord(id=f"r{i}", budget=1e12, depth=i, lr_multiplier=1.0, loss=1.0 + 0.01 * i, n={"given": 1e12 / (6e6 * (i + 1))},
-                      tokens=1e6 * (i + 1), flops={"given": 1e12}) for i in range(5)]
-    check = [replace(base[2], id="lo", lr_multiplier=0.5, loss=1.5), replace(base[2], id="hi", lr_multiplier=2.0, loss=0.9)]
+    base = [
+        RunRecord(
+            id=f"r{i}",
+            budget=1e12,
+            depth=i,
+            lr_multiplier=1.0,
+            loss=1.0 + 0.01 * i,
+            n={"given": 1e12 / (6e6 * (i + 1))},
+            tokens=1e6 * (i + 1),
+            flops={"given": 1e12},
+        )
+        for i in range(5)
+    ]
+    check = [
+        replace(base[2], id="lo", lr_multiplier=0.5, loss=1.5),
+        replace(base[2], id="hi", lr_multiplier=2.0, loss=0.9),
+    ]
     out = analyze(base + check, bootstrap=0)
     key = next(iter(out.lr_check))
     assert out.lr_check[key].best == 2.0 and out.lr_check[key].edge

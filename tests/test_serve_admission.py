@@ -19,7 +19,9 @@ from test_serve_api import LiveServer, smollm2, tiny_model  # noqa: F401  (fixtu
 
 
 def engine_for(model, **config) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(model), dtype="float32", max_model_len=256, kv_cache_bytes=8 << 20, **config))
+    return LLMEngine(
+        EngineConfig(model=str(model), dtype="float32", max_model_len=256, kv_cache_bytes=8 << 20, **config)
+    )
 
 
 def test_retry_after_divides_the_queued_tokens_by_the_measured_prefill_rate():
@@ -38,7 +40,10 @@ def test_queued_prompt_tokens_are_bounded_and_one_long_prompt_still_gets_in(tiny
         first = backend.generate("long", [5] * 150, params)  # longer than the limit: alone, it is admitted
         waiter = asyncio.ensure_future(anext(first))
         await asyncio.sleep(0.05)  # iterated: now in the inbox
-        with pytest.raises(Overloaded, match=r"150 prompt tokens are already waiting and this request brings 30 .*--max-num-queued-tokens 100") as err:
+        with pytest.raises(
+            Overloaded,
+            match=r"150 prompt tokens are already waiting and this request brings 30 .*--max-num-queued-tokens 100",
+        ) as err:
             backend.generate("next", [5] * 30, params)
         assert err.value.retry_after == 9  # (150 + 30) tokens at 20 tokens/s
         waiter.cancel()
@@ -76,7 +81,9 @@ def test_a_request_waiting_past_the_deadline_gets_503_streamed_or_not(tiny_model
             assert next(line for line in lines if line.startswith("data: "))  # the first one is running
             late = http.post("/v1/completions", json={**body, "max_tokens": 2})
             assert late.status_code == 503 and late.json()["error"]["code"] == "queue_timeout"
-            assert "(--max-queue-time 0.3 s)" in late.json()["error"]["message"] and int(late.headers["retry-after"]) >= 1
+            assert (
+                "(--max-queue-time 0.3 s)" in late.json()["error"]["message"] and int(late.headers["retry-after"]) >= 1
+            )
             with http.stream("POST", "/v1/completions", json={**body, "max_tokens": 2, "stream": True}) as streamed:
                 events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
             assert streamed.status_code == 200 and events[-1]["error"]["code"] == "queue_timeout"
@@ -86,17 +93,32 @@ def test_a_request_waiting_past_the_deadline_gets_503_streamed_or_not(tiny_model
         live.close()
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--max-queue-time", "0"], "--max-queue-time must be > 0, got 0"),
-    (["--kv-cache-gb", "-1"], "--kv-cache-gb must be > 0, got -1"),
-    (["--kv-cache-fraction", "2"], "--kv-cache-fraction must be in (0, 1], got 2"),
-    (["--engine", "vllm", "--kv-cache-dtype", "int8"], "--kv-cache-dtype is ministack's engine's; --engine vllm does not take it"),
-    (["--rope-scaling", "[2.0]"], "argument --rope-scaling: not a JSON object: '[2.0]'"),
-    (["--rope-scaling", "yarn"], "argument --rope-scaling: not JSON (Expecting value at character 0): 'yarn'"),
-    (["--speculative-config", "ngram"], "argument --speculative-config: not JSON"),
-    (["--kv-cache-gb", "0.02", "--max-model-len", "8192", "--embedding-model", "none"],  # refused once the model is read
-     "max_model_len 8192 does not fit the KV cache"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--max-queue-time", "0"], "--max-queue-time must be > 0, got 0"),
+        (["--kv-cache-gb", "-1"], "--kv-cache-gb must be > 0, got -1"),
+        (["--kv-cache-fraction", "2"], "--kv-cache-fraction must be in (0, 1], got 2"),
+        (
+            ["--engine", "vllm", "--kv-cache-dtype", "int8"],
+            "--kv-cache-dtype is ministack's engine's; --engine vllm does not take it",
+        ),
+        (["--rope-scaling", "[2.0]"], "argument --rope-scaling: not a JSON object: '[2.0]'"),
+        (["--rope-scaling", "yarn"], "argument --rope-scaling: not JSON (Expecting value at character 0): 'yarn'"),
+        (["--speculative-config", "ngram"], "argument --speculative-config: not JSON"),
+        (
+            [
+                "--kv-cache-gb",
+                "0.02",
+                "--max-model-len",
+                "8192",
+                "--embedding-model",
+                "none",
+            ],  # refused once the model is read
+            "max_model_len 8192 does not fit the KV cache",
+        ),
+    ],
+)
 def test_the_cli_refuses_impossible_limits_in_one_line_naming_the_flag(flags, message):
     import subprocess
     import sys
@@ -116,7 +138,10 @@ def test_priority_is_refused_under_fcfs_and_honoured_under_the_priority_policy(t
             r = httpx.post(f"{live.url}/v1/completions", json=body, timeout=60)
             assert r.status_code == status, r.text
             if status == 400:
-                assert r.json()["error"]["param"] == "priority" and "--scheduling-policy priority" in r.json()["error"]["message"]
+                assert (
+                    r.json()["error"]["param"] == "priority"
+                    and "--scheduling-policy priority" in r.json()["error"]["message"]
+                )
         finally:
             live.close()
     with pytest.raises(ValueError, match="scheduling_policy"):

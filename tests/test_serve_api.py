@@ -59,7 +59,9 @@ class LiveServer:
         self.backend.close()
 
 
-def serve(model: Path, api_key: str | None = API_KEY, max_queue: int = 64, app_options: dict | None = None, **config) -> LiveServer:
+def serve(
+    model: Path, api_key: str | None = API_KEY, max_queue: int = 64, app_options: dict | None = None, **config
+) -> LiveServer:
     engine = LLMEngine(EngineConfig(model=str(model), dtype="float32", **config))
     return LiveServer(AsyncEngine(engine, max_queue=max_queue), api_key=api_key, **(app_options or {}))
 
@@ -85,9 +87,16 @@ def tiny_model(tmp_path_factory, smollm2) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny-llama")
@@ -136,14 +145,21 @@ def test_a_served_model_is_retrieved_and_any_other_name_is_openais_404(server, c
         with pytest.raises(openai.NotFoundError) as missing:
             client.models.retrieve(name)
         error = missing.value.body
-        assert error["param"] == "model" and error["code"] == "model_not_found" and error["type"] == "invalid_request_error"
+        assert (
+            error["param"] == "model"
+            and error["code"] == "model_not_found"
+            and error["type"] == "invalid_request_error"
+        )
         assert name in error["message"] and set(error) == {"message", "type", "param", "code"}
     assert httpx.get(f"{server.url}/v1/models/{model_name}").status_code == 401  # guarded like the list
 
 
 def test_chat_completion_reports_usage_and_flops(client, model_name):
     r = client.chat.completions.create(
-        model=model_name, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0,
+        model=model_name,
+        messages=[{"role": "user", "content": "Hello!"}],
+        max_tokens=8,
+        temperature=0,
         extra_body={"ignore_eos": True},
     )
     choice = r.choices[0]
@@ -156,8 +172,16 @@ def test_chat_completion_reports_usage_and_flops(client, model_name):
 
 
 def test_completion_with_token_ids_logprobs_and_n(client, model_name):
-    r = client.completions.create(model=model_name, prompt=[1, 2, 3, 4], max_tokens=5, logprobs=2, n=2, temperature=1.0,
-                                  seed=7, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=model_name,
+        prompt=[1, 2, 3, 4],
+        max_tokens=5,
+        logprobs=2,
+        n=2,
+        temperature=1.0,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
     assert [c.index for c in r.choices] == [0, 1]
     for c in r.choices:
         assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == 5
@@ -174,11 +198,14 @@ def test_a_batch_of_prompts_gets_n_choices_each_indexed_prompt_times_n(client, m
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert [c.text for c in r.choices] == [alone[0], alone[0], alone[1], alone[1]]
     assert r.usage.completion_tokens == 16 and r.usage.prompt_tokens == sum(
-        client.completions.create(prompt=p, **greedy).usage.prompt_tokens for p in prompts)
+        client.completions.create(prompt=p, **greedy).usage.prompt_tokens for p in prompts
+    )
     ids = client.completions.create(prompt=[[1, 2, 3], [4, 5]], **greedy)
     assert [c.index for c in ids.choices] == [0, 1] and ids.usage.prompt_tokens == 5
     streamed = {}
-    chunks = list(client.completions.create(prompt=prompts, n=2, stream=True, stream_options={"include_usage": True}, **greedy))
+    chunks = list(
+        client.completions.create(prompt=prompts, n=2, stream=True, stream_options={"include_usage": True}, **greedy)
+    )
     for chunk in chunks[:-1]:
         for c in chunk.choices:
             streamed[c.index] = streamed.get(c.index, "") + c.text
@@ -188,7 +215,10 @@ def test_a_batch_of_prompts_gets_n_choices_each_indexed_prompt_times_n(client, m
 def test_echo_prepends_the_prompt_streamed_or_not(client, model_name):
     greedy = dict(model=model_name, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
     plain = client.completions.create(prompt="Once upon a time", **greedy).choices[0].text
-    assert client.completions.create(prompt="Once upon a time", echo=True, **greedy).choices[0].text == "Once upon a time" + plain
+    assert (
+        client.completions.create(prompt="Once upon a time", echo=True, **greedy).choices[0].text
+        == "Once upon a time" + plain
+    )
     chunks = list(client.completions.create(prompt="Once upon a time", echo=True, stream=True, **greedy))
     assert chunks[0].choices[0].text == "Once upon a time"
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "Once upon a time" + plain
@@ -207,9 +237,11 @@ def test_echo_with_logprobs_scores_the_prompt_too(client, model_name, server):
     assert lp.tokens == [tokenizer.decode([t]) for t in prompt_ids] + plain.logprobs.tokens
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(t) >= 1 for t in lp.top_logprobs[1:])
-    assert lp.token_logprobs[len(prompt_ids):] == pytest.approx(plain.logprobs.token_logprobs)
+    assert lp.token_logprobs[len(prompt_ids) :] == pytest.approx(plain.logprobs.token_logprobs)
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[len(prompt_ids)] == len("Once upon a time")
-    chunks = [c for c in client.completions.create(prompt="Once upon a time", echo=True, stream=True, **greedy) if c.choices]
+    chunks = [
+        c for c in client.completions.create(prompt="Once upon a time", echo=True, stream=True, **greedy) if c.choices
+    ]
     assert chunks[0].choices[0].text.startswith("Once upon a time")
     assert "".join(c.choices[0].text for c in chunks) == whole.text
     assert sum((c.choices[0].logprobs.tokens for c in chunks), []) == lp.tokens
@@ -229,18 +261,34 @@ def test_completions_without_max_tokens_or_with_null_get_openais_16(client, mode
 
 
 def test_greedy_stop_string_trims_the_text(client, model_name):
-    full = client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=12, temperature=0,
-                                     extra_body={"ignore_eos": True}).choices[0].text
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+    full = (
+        client.completions.create(
+            model=model_name, prompt="Once upon a time", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert stop.strip(), f"the greedy text {full!r} has no usable stop string"
-    cut = client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=12, temperature=0,
-                                    stop=stop, extra_body={"ignore_eos": True}).choices[0]
+    cut = client.completions.create(
+        model=model_name,
+        prompt="Once upon a time",
+        max_tokens=12,
+        temperature=0,
+        stop=stop,
+        extra_body={"ignore_eos": True},
+    ).choices[0]
     assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
 
 
 def test_streaming_chat_matches_non_streaming_and_ends_with_usage(client, model_name):
-    kwargs = dict(model=model_name, messages=[{"role": "user", "content": "Count to ten."}], max_tokens=10,
-                  temperature=0, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=model_name,
+        messages=[{"role": "user", "content": "Count to ten."}],
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     whole = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -266,16 +314,31 @@ def test_the_chat_streams_role_rides_on_each_choices_first_token(client, model_n
     assert all(c.delta.content for c in firsts.values())
     first_text = client.chat.completions.create(max_tokens=1, **kw).choices[0].message.content
     assert first_text
-    (only,) = [c for chunk in client.chat.completions.create(stream=True, max_tokens=4, stop=[first_text], **kw) for c in chunk.choices]
+    (only,) = [
+        c
+        for chunk in client.chat.completions.create(stream=True, max_tokens=4, stop=[first_text], **kw)
+        for c in chunk.choices
+    ]
     assert (only.delta.role, only.delta.content, only.finish_reason) == ("assistant", "", "stop")
 
 
 def test_chat_logprobs_one_entry_per_token_streamed_or_not(client, model_name):
-    kwargs = dict(model=model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
-                  logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=model_name,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
-    streamed = [e for c in client.chat.completions.create(**kwargs, stream=True) if c.choices and c.choices[0].logprobs
-                for e in c.choices[0].logprobs.content]
+    streamed = [
+        e
+        for c in client.chat.completions.create(**kwargs, stream=True)
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
     assert len(whole) == len(streamed) == 6
     assert [e.token for e in whole] == [e.token for e in streamed]
     assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in whole)
@@ -284,7 +347,9 @@ def test_chat_logprobs_one_entry_per_token_streamed_or_not(client, model_name):
 def spelled(tokens: list[str]) -> bytes:
     """Legacy logprobs' tokens joined as bytes (a token holding part of a character is named by
     its escaped bytes, "\\xf0\\x9f")."""
-    return b"".join(bytes.fromhex(t.replace("\\x", "")) if re.fullmatch(r"(\\x[0-9a-f]{2})+", t) else t.encode() for t in tokens)
+    return b"".join(
+        bytes.fromhex(t.replace("\\x", "")) if re.fullmatch(r"(\\x[0-9a-f]{2})+", t) else t.encode() for t in tokens
+    )
 
 
 def test_logprobs_leave_out_the_tokens_of_a_character_max_tokens_cut(client, model_name):
@@ -293,26 +358,44 @@ def test_logprobs_leave_out_the_tokens_of_a_character_max_tokens_cut(client, mod
     tokens from the logprobs: their joined bytes are the text's, streamed and not."""
     cut = 0
     for max_tokens in range(1, 7):
-        kw = dict(model=model_name, max_tokens=max_tokens, temperature=1.0, seed=0, extra_body={"guided_regex": "(🙂){8}"})
+        kw = dict(
+            model=model_name, max_tokens=max_tokens, temperature=1.0, seed=0, extra_body={"guided_regex": "(🙂){8}"}
+        )
         whole = client.chat.completions.create(messages=[{"role": "user", "content": "Smile"}], logprobs=True, **kw)
         content, entries = whole.choices[0].message.content, whole.choices[0].logprobs.content
         assert b"".join(bytes(e.bytes) for e in entries) == content.encode() and set(content) <= {"🙂"}
         cut += whole.usage.completion_tokens > len(entries)
-        chunks = [c for chunk in client.chat.completions.create(messages=[{"role": "user", "content": "Smile"}], logprobs=True,
-                                                                stream=True, **kw) for c in chunk.choices]
+        chunks = [
+            c
+            for chunk in client.chat.completions.create(
+                messages=[{"role": "user", "content": "Smile"}], logprobs=True, stream=True, **kw
+            )
+            for c in chunk.choices
+        ]
         assert "".join(c.delta.content or "" for c in chunks) == content
-        assert [(e.token, e.bytes) for c in chunks if c.logprobs for e in c.logprobs.content] == [(e.token, e.bytes) for e in entries]
+        assert [(e.token, e.bytes) for c in chunks if c.logprobs for e in c.logprobs.content] == [
+            (e.token, e.bytes) for e in entries
+        ]
         legacy = client.completions.create(prompt="Smile:", logprobs=1, **kw).choices[0]
-        assert spelled(legacy.logprobs.tokens) == legacy.text.encode() and len(legacy.logprobs.text_offset) == len(legacy.logprobs.tokens)
-        streamed = [c for chunk in client.completions.create(prompt="Smile:", logprobs=1, stream=True, **kw) for c in chunk.choices]
+        assert spelled(legacy.logprobs.tokens) == legacy.text.encode() and len(legacy.logprobs.text_offset) == len(
+            legacy.logprobs.tokens
+        )
+        streamed = [
+            c
+            for chunk in client.completions.create(prompt="Smile:", logprobs=1, stream=True, **kw)
+            for c in chunk.choices
+        ]
         assert "".join(c.text for c in streamed) == legacy.text
         assert sum((c.logprobs.tokens for c in streamed), []) == legacy.logprobs.tokens
     assert cut  # max_tokens ended inside a character at least once
 
 
 def test_streaming_completion_is_sse_ending_in_done(server, model_name):
-    with http(server).stream("POST", "/v1/completions", json={"model": model_name, "prompt": "Hi", "max_tokens": 4,
-                                                              "stream": True, "ignore_eos": True}) as r:
+    with http(server).stream(
+        "POST",
+        "/v1/completions",
+        json={"model": model_name, "prompt": "Hi", "max_tokens": 4, "stream": True, "ignore_eos": True},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -338,7 +421,12 @@ def test_tokenize_and_detokenize(server, model_name):
         ("/v1/completions", {"prompt": 3}, 400, "prompt"),
         ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt"),  # an empty prompt in a batch
         ("/v1/completions", {"prompt": [[5] * 10, [5] * 300]}, 400, "prompt.1"),  # the batch's second is too long
-        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 21}, 400, "logprobs"),  # past the top-20 OpenAI allows
+        (
+            "/v1/completions",
+            {"prompt": "x", "echo": True, "logprobs": 21},
+            400,
+            "logprobs",
+        ),  # past the top-20 OpenAI allows
         ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
         ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
         ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
@@ -347,13 +435,22 @@ def test_tokenize_and_detokenize(server, model_name):
         ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),  # not a token id
         ("/v1/chat/completions", {"messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            400,
+            "top_logprobs",
+        ),
         ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
     ],
 )
 def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, status, param):
     h = http(server)
-    r = h.post(path, content=body, headers={"content-type": "application/json"}) if isinstance(body, bytes) else h.post(path, json=body)
+    r = (
+        h.post(path, content=body, headers={"content-type": "application/json"})
+        if isinstance(body, bytes)
+        else h.post(path, json=body)
+    )
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
@@ -377,8 +474,17 @@ def test_api_key_is_required(server, model_name):
 
 def test_client_disconnect_mid_stream_frees_the_request(server, model_name):
     before = server.backend.stats()
-    with http(server).stream("POST", "/v1/completions", json={"model": model_name, "prompt": "Tell me a long story",
-                                                              "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
+    with http(server).stream(
+        "POST",
+        "/v1/completions",
+        json={
+            "model": model_name,
+            "prompt": "Tell me a long story",
+            "max_tokens": 200,
+            "stream": True,
+            "ignore_eos": True,
+        },
+    ) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         assert server.backend.stats().num_running == 1
@@ -405,8 +511,11 @@ def test_client_giving_up_on_a_non_streaming_request_aborts_it(server, model_nam
     try:
         before = server.app_metrics.success.copy()
         with pytest.raises(httpx.ReadTimeout):  # the client hangs up long before 250 tokens are ready
-            http(server).post("/v1/completions", json={"model": model_name, "prompt": "Hi", "max_tokens": 250, "ignore_eos": True},
-                              timeout=httpx.Timeout(60, read=0.3))
+            http(server).post(
+                "/v1/completions",
+                json={"model": model_name, "prompt": "Hi", "max_tokens": 250, "ignore_eos": True},
+                timeout=httpx.Timeout(60, read=0.3),
+            )
         assert wait_until(lambda: server.backend.stats().num_running == 0)
         assert wait_until(lambda: server.app_metrics.success.get("abort", 0) == before.get("abort", 0) + 1)
         after = server.app_metrics.success
@@ -441,36 +550,53 @@ def test_metrics_use_vllm_names_with_sane_values(server, client, model_name):
     assert metric("vllm:prefix_cache_queries_total") >= metric("vllm:prefix_cache_hits_total") >= 0
     assert "vllm:num_preemptions_total" + label in values
     ttft = values[f"vllm:time_to_first_token_seconds_count{label}"]
-    assert ttft >= 1 and values[f'vllm:time_to_first_token_seconds_bucket{{model_name="{model_name}",le="+Inf"}}'] == ttft
+    assert (
+        ttft >= 1 and values[f'vllm:time_to_first_token_seconds_bucket{{model_name="{model_name}",le="+Inf"}}'] == ttft
+    )
     assert values[f"vllm:inter_token_latency_seconds_count{label}"] >= 2
     tpot = values[f"vllm:request_time_per_output_token_seconds_count{label}"]  # one per finished request, as vLLM's
     assert tpot == values[f"vllm:e2e_request_latency_seconds_count{label}"] >= 1
     assert values[f"vllm:request_time_per_output_token_seconds_sum{label}"] > 0
     assert metric("ministack:measured_flops_total") > 0
-    assert "gpu_cache_usage_perc" not in text and "vllm:time_per_output_token_seconds" not in text  # retired by vLLM: hidden
+    assert (
+        "gpu_cache_usage_perc" not in text and "vllm:time_per_output_token_seconds" not in text
+    )  # retired by vLLM: hidden
 
 
-@pytest.mark.parametrize("version, shown", [
-    ((0, 10), {"vllm:gpu_cache_usage_perc", "vllm:time_per_output_token_seconds"}),  # vLLM 0.10 served both
-    ((0, 11), {"vllm:time_per_output_token_seconds"}),  # hidden in 0.12; the cache's old name already in 0.11
-])
+@pytest.mark.parametrize(
+    "version, shown",
+    [
+        ((0, 10), {"vllm:gpu_cache_usage_perc", "vllm:time_per_output_token_seconds"}),  # vLLM 0.10 served both
+        ((0, 11), {"vllm:time_per_output_token_seconds"}),  # hidden in 0.12; the cache's old name already in 0.11
+    ],
+)
 def test_retired_metric_names_come_back_only_behind_vllms_flag(server, version, shown):
     """--show-hidden-metrics-for-version: the names vLLM retired after `version`, beside their
     successors and with their values."""
-    live = LiveServer(server.backend, api_key=API_KEY, hidden_metrics_version=version)  # a second app over the same engine
+    live = LiveServer(
+        server.backend, api_key=API_KEY, hidden_metrics_version=version
+    )  # a second app over the same engine
     try:
-        live.client().completions.create(model=server.backend.model_name, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
+        live.client().completions.create(
+            model=server.backend.model_name, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True}
+        )
         lines = [line for line in http(live).get("/metrics").text.splitlines() if not line.startswith("#")]
     finally:
         live.server.should_exit = True
         live.thread.join(timeout=10)
     names = {line.split("{")[0].removesuffix("_count").removesuffix("_sum").removesuffix("_bucket") for line in lines}
     assert names & {"vllm:gpu_cache_usage_perc", "vllm:time_per_output_token_seconds"} == shown
-    assert {"vllm:kv_cache_usage_perc", "vllm:inter_token_latency_seconds", "vllm:request_time_per_output_token_seconds"} <= names
+    assert {
+        "vllm:kv_cache_usage_perc",
+        "vllm:inter_token_latency_seconds",
+        "vllm:request_time_per_output_token_seconds",
+    } <= names
     value = {line.rpartition(" ")[0]: line.rpartition(" ")[2] for line in lines}
     label = f'{{model_name="{server.backend.model_name}"}}'
-    for old, new in (("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"),
-                     ("vllm:time_per_output_token_seconds_count", "vllm:inter_token_latency_seconds_count")):
+    for old, new in (
+        ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+        ("vllm:time_per_output_token_seconds_count", "vllm:inter_token_latency_seconds_count"),
+    ):
         if old.removesuffix("_count") in shown:
             assert value[old + label] == value[new + label]
 
@@ -489,7 +615,10 @@ def test_metrics_count_bytes_beside_flops_under_vllms_mfu_names(server, client, 
     for name in ("flops", "read_bytes", "write_bytes"):
         key = f"vllm:estimated_{name}_per_gpu_total{label}"
         assert after[key] > before.get(key, 0.0), key
-    parts = {p: after[f'ministack:bytes_moved_total{{model_name="{model_name}",part="{p}"}}'] for p in ("weights", "kv_read", "kv_write")}
+    parts = {
+        p: after[f'ministack:bytes_moved_total{{model_name="{model_name}",part="{p}"}}']
+        for p in ("weights", "kv_read", "kv_write")
+    }
     assert after[f"vllm:estimated_read_bytes_per_gpu_total{label}"] == parts["weights"] + parts["kv_read"]
     assert after[f"vllm:estimated_write_bytes_per_gpu_total{label}"] == parts["kv_write"]
 
@@ -520,8 +649,10 @@ def test_real_smollm2_knows_the_capital_of_france(smollm2):
     live = serve(smollm2, api_key=None, max_model_len=512, kv_cache_bytes=64 << 20)
     try:
         r = live.client(api_key="unused").chat.completions.create(
-            model=live.backend.model_name, messages=[{"role": "user", "content": "What is the capital of France?"}],
-            max_tokens=24, temperature=0,
+            model=live.backend.model_name,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24,
+            temperature=0,
         )
         assert "Paris" in r.choices[0].message.content
     finally:
@@ -532,20 +663,41 @@ def test_needle_harness_fills_each_context_and_draws_the_heatmap(server, tmp_pat
     from serve.needle import main as needle
 
     png = tmp_path / "needle.png"
-    assert needle(["--url", server.url, "--api-key", API_KEY, "--lengths", "96,192", "--depths", "0,1",
-                   "--max-tokens", "4", "--out", str(png)]) == 0
+    assert (
+        needle(
+            [
+                "--url",
+                server.url,
+                "--api-key",
+                API_KEY,
+                "--lengths",
+                "96,192",
+                "--depths",
+                "0,1",
+                "--max-tokens",
+                "4",
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "| 96 |" in table and "| 192 |" in table and "/4 found" in table
-    assert "cut off" in table and "cut off by --max-tokens: raise it" in table  # a random model's 4 tokens end at the budget
+    assert (
+        "cut off" in table and "cut off by --max-tokens: raise it" in table
+    )  # a random model's 4 tokens end at the budget
     assert png.stat().st_size > 1000
 
 
 def test_needle_table_tells_a_cut_off_answer_from_a_miss():
     from serve.needle import Trial, table
 
-    trials = [Trial(512, 0.0, "quokka", answer='The passphrase is "quokka".'),
-              Trial(512, 0.5, "quokka", answer='The secret passphrase mentioned in the text is "quok', cut=True),
-              Trial(512, 1.0, "quokka", answer="I do not know.")]
+    trials = [
+        Trial(512, 0.0, "quokka", answer='The passphrase is "quokka".'),
+        Trial(512, 0.5, "quokka", answer='The secret passphrase mentioned in the text is "quok', cut=True),
+        Trial(512, 1.0, "quokka", answer="I do not know."),
+    ]
     text = table(trials, [512], [0.0, 0.5, 1.0])
     assert "| 512 | found | cut off | missed |" in text and "1/3 found (1 missed answers were cut off" in text
 
@@ -554,6 +706,7 @@ def test_needle_table_tells_a_cut_off_answer_from_a_miss():
 def test_a_dead_engine_fails_its_requests_and_its_health_check(tiny_model):
     live = serve(tiny_model, max_model_len=256)
     try:
+
         def broken_step():
             raise RuntimeError("simulated kernel fault")
 
@@ -564,7 +717,9 @@ def test_a_dead_engine_fails_its_requests_and_its_health_check(tiny_model):
         assert response.status_code == 503 and "simulated kernel fault" in error["message"]
         assert error["code"] == "engine_unavailable"
         assert wait_until(lambda: httpx.get(f"{live.url}/health").status_code == 503)
-        later = http(live).post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})  # refused at once, never hangs
+        later = http(live).post(
+            "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}
+        )  # refused at once, never hangs
         assert later.status_code == 503 and "simulated kernel fault" in later.json()["error"]["message"]
     finally:
         live.server.should_exit = True
@@ -582,20 +737,48 @@ def test_cli_server_steps_on_its_main_thread_and_drains_in_flight_streams_on_sig
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(tiny_model), "--port", str(port), "--max-model-len", "256",
-                             "--kv-cache-gb", "0.01", "--embedding-model", "none", "--log-level", "warning",
-                             "--kv-cache-disk", str(tmp_path / "disk")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serve",
+            "--model",
+            str(tiny_model),
+            "--port",
+            str(port),
+            "--max-model-len",
+            "256",
+            "--kv-cache-gb",
+            "0.01",
+            "--embedding-model",
+            "none",
+            "--log-level",
+            "warning",
+            "--kv-cache-disk",
+            str(tmp_path / "disk"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _answers(f"{url}/health"), timeout=180), "server did not start"
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
-        stream = client.completions.create(model=client.models.list().data[0].id, prompt="Once", max_tokens=200, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model=client.models.list().data[0].id,
+            prompt="Once",
+            max_tokens=200,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         chunks = [next(iter(stream))]
         proc.send_signal(signal.SIGTERM)
         chunks += list(stream)
-        assert "".join(c.choices[0].text for c in chunks if c.choices) and chunks[-1].choices[0].finish_reason == "length"
+        assert (
+            "".join(c.choices[0].text for c in chunks if c.choices) and chunks[-1].choices[0].finish_reason == "length"
+        )
         assert proc.wait(timeout=60) == 0, proc.stdout.read()
         assert len(list((tmp_path / "disk").glob("*.safetensors"))) == (1 + 200) // 16  # every full block of the answer
     finally:
@@ -614,7 +797,9 @@ def test_a_cache_smaller_than_the_context_caps_it_and_requests_without_max_token
     try:
         capacity = live.backend.engine.max_tokens_in_cache
         assert capacity < 512 and httpx.get(f"{live.url}/v1/models").json()["data"][0]["max_model_len"] == capacity
-        r = http(live).post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
+        r = http(live).post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
+        )
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["prompt_tokens"] + r.json()["usage"]["completion_tokens"] <= capacity
     finally:

@@ -34,36 +34,51 @@ def streamed(client, model_name, **kw) -> dict[int, dict]:
 
 def whole(client, model_name, **kw) -> dict:
     r = chat(client, model_name, **kw)
-    return {"choices": {c.index: {"text": c.message.content, "finish_reason": c.finish_reason} for c in r.choices},
-            "usage": (r.usage.prompt_tokens, r.usage.completion_tokens)}
+    return {
+        "choices": {c.index: {"text": c.message.content, "finish_reason": c.finish_reason} for c in r.choices},
+        "usage": (r.usage.prompt_tokens, r.usage.completion_tokens),
+    }
 
 
 # ---- fail closed ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path, extra, param", [
-    ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
-    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),  # OpenAI's deprecated form: use tools
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages.0.content.0.type"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "input_audio", "text": "x"}]}]},
-     "messages.0.content.0.type"),
-    ("/v1/completions", {"suffix": "end"}, "suffix"),
-    ("/v1/completions", {"best_of": 2}, "best_of"),
-    ("/v1/chat/completions", {"presence_penalty": 5.0}, "presence_penalty"),  # outside OpenAI's -2..2
-    ("/v1/chat/completions", {"frequency_penalty": -2.5}, "frequency_penalty"),
-    ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
-    ("/v1/chat/completions", {"stream": True, "stream_options": {"continuous": True}}, "stream_options.continuous"),
-    ("/v1/chat/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
-    ("/v1/chat/completions", {"logit_bias": {"abc": 1}}, "logit_bias"),
-    ("/v1/chat/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
-    ("/v1/chat/completions", {"logit_bias": {"99999999": 1}}, "logit_bias"),  # not a token id of this vocabulary
-    ("/v1/chat/completions", {"allowed_token_ids": []}, "allowed_token_ids"),
-    ("/v1/chat/completions", {"min_p": 1.5}, "min_p"),
-    ("/v1/chat/completions", {"repetition_penalty": 0}, "repetition_penalty"),
-    ("/v1/chat/completions", {"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
-    ("/v1/chat/completions", {"store": True}, "store"),
-])
+@pytest.mark.parametrize(
+    "path, extra, param",
+    [
+        ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
+        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),  # OpenAI's deprecated form: use tools
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content.0.type",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "input_audio", "text": "x"}]}]},
+            "messages.0.content.0.type",
+        ),
+        ("/v1/completions", {"suffix": "end"}, "suffix"),
+        ("/v1/completions", {"best_of": 2}, "best_of"),
+        ("/v1/chat/completions", {"presence_penalty": 5.0}, "presence_penalty"),  # outside OpenAI's -2..2
+        ("/v1/chat/completions", {"frequency_penalty": -2.5}, "frequency_penalty"),
+        ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+        ("/v1/chat/completions", {"stream": True, "stream_options": {"continuous": True}}, "stream_options.continuous"),
+        (
+            "/v1/chat/completions",
+            {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+            "stream_options",
+        ),
+        ("/v1/chat/completions", {"logit_bias": {"abc": 1}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+        ("/v1/chat/completions", {"logit_bias": {"99999999": 1}}, "logit_bias"),  # not a token id of this vocabulary
+        ("/v1/chat/completions", {"allowed_token_ids": []}, "allowed_token_ids"),
+        ("/v1/chat/completions", {"min_p": 1.5}, "min_p"),
+        ("/v1/chat/completions", {"repetition_penalty": 0}, "repetition_penalty"),
+        ("/v1/chat/completions", {"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+        ("/v1/chat/completions", {"store": True}, "store"),
+    ],
+)
 def test_what_is_not_implemented_or_out_of_range_is_a_400_naming_it(server, path, extra, param):
     body = ({"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}) | extra
     r = http(server).post(path, json={"max_tokens": 4} | body)
@@ -100,8 +115,13 @@ def http_tokenize(client, token: str) -> int:
 
 
 SAME_BOTH_WAYS = {
-    "penalties": {"temperature": 0.9, "seed": 3, "presence_penalty": 1.2, "frequency_penalty": 0.7,
-                  "extra_body": {"repetition_penalty": 1.3}},
+    "penalties": {
+        "temperature": 0.9,
+        "seed": 3,
+        "presence_penalty": 1.2,
+        "frequency_penalty": 0.7,
+        "extra_body": {"repetition_penalty": 1.3},
+    },
     "min_p": {"temperature": 1.2, "seed": 4, "extra_body": {"min_p": 0.2, "top_k": 50}},
     "bias_and_bad_words": {"temperature": 0, "logit_bias": {"30": 5.0}, "extra_body": {"bad_words": ["the", "sea"]}},
     "min_tokens": {**SEEDED, "stop": ["e"], "extra_body": {"min_tokens": 6}},
@@ -127,15 +147,20 @@ def test_include_stop_str_in_output(client, model_name):
     free = chat(client, model_name, max_tokens=12, **SEEDED).choices[0].message.content
     stop = free[3:5]
     cut = chat(client, model_name, max_tokens=12, **SEEDED, stop=[stop]).choices[0].message.content
-    kept = chat(client, model_name, max_tokens=12, **SEEDED, stop=[stop],
-                extra_body={"include_stop_str_in_output": True}).choices[0].message.content
+    kept = (
+        chat(client, model_name, max_tokens=12, **SEEDED, stop=[stop], extra_body={"include_stop_str_in_output": True})
+        .choices[0]
+        .message.content
+    )
     assert kept == cut + stop and free.startswith(kept)
 
 
 def test_bad_words_never_appear(client, model_name):
     free = chat(client, model_name, max_tokens=16, **SEEDED).choices[0].message.content
     word = max(free.split(), key=len)
-    banned = chat(client, model_name, max_tokens=16, **SEEDED, extra_body={"bad_words": [word]}).choices[0].message.content
+    banned = (
+        chat(client, model_name, max_tokens=16, **SEEDED, extra_body={"bad_words": [word]}).choices[0].message.content
+    )
     assert word not in banned.split() and banned != free
 
 
@@ -152,8 +177,12 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(client, model_name):
     full = chat(client, model_name, max_tokens=2)
     cut = chat(client, model_name, max_tokens=2, extra_body={"truncate_prompt_tokens": 5})
     assert full.usage.prompt_tokens > 5 and cut.usage.prompt_tokens == 5
-    r = client.completions.create(model=model_name, prompt="one two three four five six seven", max_tokens=2,
-                                  extra_body={"truncate_prompt_tokens": 3})
+    r = client.completions.create(
+        model=model_name,
+        prompt="one two three four five six seven",
+        max_tokens=2,
+        extra_body={"truncate_prompt_tokens": 3},
+    )
     assert r.usage.prompt_tokens == 3
 
 
@@ -181,8 +210,17 @@ def test_the_models_generation_config_supplies_defaults(tiny_model, tmp_path):
 
 
 def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, model_name):
-    chunks = list(chat(client, model_name, max_tokens=8, **SEEDED, stream=True, n=2,
-                       stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    chunks = list(
+        chat(
+            client,
+            model_name,
+            max_tokens=8,
+            **SEEDED,
+            stream=True,
+            n=2,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )
     counts = [c.usage.completion_tokens for c in chunks]  # the first (the role's) carries a token too
     assert all(c.usage is not None for c in chunks) and counts == sorted(counts) and counts[0] >= 1
     final = chunks[-1].usage
@@ -192,27 +230,44 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, mode
 # ---- chat templating -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt is still true
-    ({"continue_final_message": True, "add_generation_prompt": False}, "continue_final_message"),  # a user message last
-    ({"chat_template": "{{ messages[0]['content'] }}"}, "chat_template"),  # not trusted by this server
-    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt is still true
+        (
+            {"continue_final_message": True, "add_generation_prompt": False},
+            "continue_final_message",
+        ),  # a user message last
+        ({"chat_template": "{{ messages[0]['content'] }}"}, "chat_template"),  # not trusted by this server
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+    ],
+)
 def test_chat_templating_mistakes_are_400s(server, extra, param):
     r = http(server).post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2} | extra)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_request_chat_template_and_its_kwargs_on_a_trusting_server(tiny_model):
-    live = serve(tiny_model, max_model_len=256, kv_cache_bytes=4 << 20, app_options={"trust_request_chat_template": True})
+    live = serve(
+        tiny_model, max_model_len=256, kv_cache_bytes=4 << 20, app_options={"trust_request_chat_template": True}
+    )
     try:
         template = "{% for m in messages %}{{ greeting }}{{ m['content'] }}{% endfor %}"
-        body = {"messages": [{"role": "user", "content": "x"}], "chat_template": template,
-                "chat_template_kwargs": {"greeting": "Hello there! "}}
+        body = {
+            "messages": [{"role": "user", "content": "x"}],
+            "chat_template": template,
+            "chat_template_kwargs": {"greeting": "Hello there! "},
+        }
         rendered = http(live).post("/tokenize", json=body).json()
         assert rendered["tokens"] == live.backend.tokenizer.encode("Hello there! x", add_special_tokens=False)
-        r = chat(live.client(), live.backend.model_name, max_tokens=2, **SEEDED, messages=body["messages"],
-                 extra_body={k: body[k] for k in ("chat_template", "chat_template_kwargs")})
+        r = chat(
+            live.client(),
+            live.backend.model_name,
+            max_tokens=2,
+            **SEEDED,
+            messages=body["messages"],
+            extra_body={k: body[k] for k in ("chat_template", "chat_template_kwargs")},
+        )
         assert r.usage.prompt_tokens == rendered["count"]
     finally:
         live.close()
@@ -234,10 +289,14 @@ def test_a_tokenizer_without_a_template_is_a_400_until_one_is_given(tiny_model, 
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
     finally:
         bare.close()
-    given = serve(model, max_model_len=256, kv_cache_bytes=4 << 20, app_options={"chat_template": "{{ messages[0]['content'] }}"})
+    given = serve(
+        model, max_model_len=256, kv_cache_bytes=4 << 20, app_options={"chat_template": "{{ messages[0]['content'] }}"}
+    )
     try:
         r = chat(given.client(), given.backend.model_name, max_tokens=2, **SEEDED)
-        assert r.usage.prompt_tokens == len(given.backend.tokenizer.encode(CHAT[0]["content"], add_special_tokens=False))
+        assert r.usage.prompt_tokens == len(
+            given.backend.tokenizer.encode(CHAT[0]["content"], add_special_tokens=False)
+        )
     finally:
         given.close()
 
@@ -246,8 +305,12 @@ def test_cli_refuses_a_missing_chat_template_file_before_loading_anything():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "serve", "--chat-template", "/no/such/template.jinja"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "serve", "--chat-template", "/no/such/template.jinja"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "--chat-template '/no/such/template.jinja' is not a file" in proc.stderr
 
 
@@ -258,8 +321,12 @@ def test_x_request_id_in_and_out(server, model_name):
     h = http(server)
     r = h.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}, headers={"X-Request-Id": "trace-42"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42" and r.json()["id"] == "chatcmpl-trace-42"
-    with h.stream("POST", "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "stream": True},
-                  headers={"X-Request-Id": "trace-43"}) as s:
+    with h.stream(
+        "POST",
+        "/v1/completions",
+        json={"prompt": "Hi", "max_tokens": 2, "stream": True},
+        headers={"X-Request-Id": "trace-43"},
+    ) as s:
         first = json.loads(next(s.iter_lines()).removeprefix("data: "))
         assert s.headers["x-request-id"] == "trace-43" and first["id"] == "cmpl-trace-43"
     fresh = h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
@@ -276,9 +343,12 @@ def test_a_duplicate_request_id_is_refused_and_the_first_request_still_finishes(
     import httpx
 
     async def both() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": "Bearer test-key", "X-Request-Id": "twin"},
-                                     timeout=60) as h:
-            first = asyncio.create_task(h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 200, "ignore_eos": True}))
+        async with httpx.AsyncClient(
+            base_url=server.url, headers={"Authorization": "Bearer test-key", "X-Request-Id": "twin"}, timeout=60
+        ) as h:
+            first = asyncio.create_task(
+                h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 200, "ignore_eos": True})
+            )
             await asyncio.sleep(0.1)  # the first is running
             second = await h.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4})
             return [await first, second]
@@ -303,14 +373,28 @@ def test_request_metrics_count_every_request_once(tiny_model):
                 key, _, value = line.rpartition(" ")
                 values[key] = float(value)
         label = f'{{model_name="{name}"}}'
-        for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
-                          "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds",
-                          "request_prompt_tokens", "request_generation_tokens"):
+        for histogram in (
+            "time_to_first_token_seconds",
+            "e2e_request_latency_seconds",
+            "request_queue_time_seconds",
+            "request_prefill_time_seconds",
+            "request_decode_time_seconds",
+            "request_inference_time_seconds",
+            "request_prompt_tokens",
+            "request_generation_tokens",
+        ):
             assert values[f"vllm:{histogram}_count{label}"] == 4, histogram
         assert values[f"vllm:request_prompt_tokens_sum{label}"] == values[f"vllm:prompt_tokens_total{label}"]
-        assert values[f"vllm:request_generation_tokens_sum{label}"] == values[f"vllm:generation_tokens_total{label}"] == 6 + 8 + 2
+        assert (
+            values[f"vllm:request_generation_tokens_sum{label}"]
+            == values[f"vllm:generation_tokens_total{label}"]
+            == 6 + 8 + 2
+        )
         phases = sum(values[f"vllm:request_{p}_time_seconds_sum{label}"] for p in ("queue", "prefill", "decode"))
-        inference = values[f"vllm:request_inference_time_seconds_sum{label}"] + values[f"vllm:request_queue_time_seconds_sum{label}"]
+        inference = (
+            values[f"vllm:request_inference_time_seconds_sum{label}"]
+            + values[f"vllm:request_queue_time_seconds_sum{label}"]
+        )
         assert phases == pytest.approx(inference) and phases <= values[f"vllm:e2e_request_latency_seconds_sum{label}"]
     finally:
         live.close()

@@ -26,15 +26,23 @@ def test_logprob_bytes_of_split_characters_join_to_the_content(real):
     r = client.chat.completions.create(**kw)
     content, entries = r.choices[0].message.content, r.choices[0].logprobs.content
     assert any(ord(ch) > 0xFFFF for ch in content), content  # an emoji: split over tokens
-    joined = b"".join(bytes(e.bytes) for e in entries if e.token != "<|im_end|>")  # the stop token's text is not content
+    joined = b"".join(
+        bytes(e.bytes) for e in entries if e.token != "<|im_end|>"
+    )  # the stop token's text is not content
     assert joined.decode("utf-8", errors="ignore") == content  # ignore: a last character cut by max_tokens
     replacement = list("\ufffd".encode())
     for e in entries:
         assert e.bytes != replacement and all(t.bytes != replacement for t in e.top_logprobs)
-    streamed = [e for chunk in client.chat.completions.create(stream=True, **kw) for c in chunk.choices
-                for e in (c.logprobs.content if c.logprobs else [])]
+    streamed = [
+        e
+        for chunk in client.chat.completions.create(stream=True, **kw)
+        for c in chunk.choices
+        for e in (c.logprobs.content if c.logprobs else [])
+    ]
     assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in entries]
-    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-3)  # the prefix cache's rounding
+    assert [e.logprob for e in streamed] == pytest.approx(
+        [e.logprob for e in entries], abs=1e-3
+    )  # the prefix cache's rounding
 
 
 def test_legacy_completions_tokens_and_offsets_follow_the_text(real):
@@ -51,10 +59,17 @@ def test_legacy_completions_tokens_and_offsets_follow_the_text(real):
 def test_continue_final_message_continues_the_assistant_turn(real):
     """Assistant prefill: the partial answer is continued in place, not answered in a new turn."""
     client, name = real.client(api_key="x"), real.backend.model_name
-    messages = [{"role": "user", "content": "What is the capital of France?"},
-                {"role": "assistant", "content": "The capital of France is"}]
-    r = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
-                                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    messages = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is"},
+    ]
+    r = client.chat.completions.create(
+        model=name,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
     assert r.choices[0].message.content.startswith(" Paris"), r.choices[0].message.content
 
 
@@ -62,13 +77,28 @@ def test_a_forced_tool_call_carries_the_asked_city(real):
     """tool_choice names the function: the grammar writes the call's shape, the model fills in the city."""
     import json
 
-    weather = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
-               "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-                              "required": ["city"], "additionalProperties": False}}}
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
     client, name = real.client(api_key="x"), real.backend.model_name
-    r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "What is the weather like in Paris today?"}],
-                                       tools=[weather], tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                                       max_tokens=40, temperature=0)
+    r = client.chat.completions.create(
+        model=name,
+        messages=[{"role": "user", "content": "What is the weather like in Paris today?"}],
+        tools=[weather],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=40,
+        temperature=0,
+    )
     (call,) = r.choices[0].message.tool_calls
     assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
     assert "Paris" in json.loads(call.function.arguments)["city"], call.function.arguments

@@ -15,19 +15,35 @@ from serve.config import EngineConfig
 from serve.engine import SamplingParams
 from serve.engine.llm_engine import LLMEngine
 
-TEXTS = ["The history of the Roman Empire begins", "def fibonacci(n):", "Once upon a time, in a land far away, there lived " * 5,
-         "Paris is", "1, 2, 3, 4,"]
+TEXTS = [
+    "The history of the Roman Empire begins",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, there lived " * 5,
+    "Paris is",
+    "1, 2, 3, 4,",
+]
 
 
 @pytest.mark.parametrize("budget", [2048, 16])  # every prompt prefilled whole, or in chunks that differ
 def test_alone_equals_inside_a_mixed_batch_with_half_weights(budget):
-    engine = LLMEngine(EngineConfig(model=None, dtype="float32", half_weights=True, max_model_len=1024,
-                                    kv_cache_bytes=64 << 20, max_num_batched_tokens=budget, enable_prefix_caching=False))
+    engine = LLMEngine(
+        EngineConfig(
+            model=None,
+            dtype="float32",
+            half_weights=True,
+            max_model_len=1024,
+            kv_cache_bytes=64 << 20,
+            max_num_batched_tokens=budget,
+            enable_prefix_caching=False,
+        )
+    )
     prompts = [engine.tokenizer.encode(t) for t in TEXTS]
     watched = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=3)
     alone = engine.generate([prompts[0]], watched)[0].outputs[0]
     others = [SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in (7, 30, 3, 11)]
-    mixed = engine.generate(prompts[1:3] + [prompts[0]] + prompts[3:], others[:2] + [watched] + others[2:])[2].outputs[0]
+    mixed = engine.generate(prompts[1:3] + [prompts[0]] + prompts[3:], others[:2] + [watched] + others[2:])[2].outputs[
+        0
+    ]
     assert mixed.token_ids == alone.token_ids
 
     def entries(out):

@@ -71,7 +71,9 @@ def test_a_damaged_or_foreign_file_is_ignored_counted_and_replaced(tiny_llama, t
     assert warm.metrics.disk_cached_prompt_tokens == 4 * 16 and again.stats().disk_rejected_files == 1
     again.disk.cache.flush()  # the block prefilled again was written through again: the tier heals
     healed = engine_with_disk(tiny_llama, tmp_path).generate([PROMPT], PARAMS)[0]
-    assert healed.metrics.disk_cached_prompt_tokens == 18 * 16 and healed.outputs[0].token_ids == cold.outputs[0].token_ids
+    assert (
+        healed.metrics.disk_cached_prompt_tokens == 18 * 16 and healed.outputs[0].token_ids == cold.outputs[0].token_ids
+    )
 
 
 def test_the_disk_tier_is_capped_least_recently_used_first_and_cleans_up_partial_writes(tmp_path):
@@ -86,7 +88,11 @@ def test_the_disk_tier_is_capped_least_recently_used_first_and_cleans_up_partial
     for i in range(5):
         cache.store(f"k{i}", list(range(i, i + 16)), block)
         cache.flush()
-    assert cache.bytes <= 3 * size and sorted(p.stem for p in (tmp_path / "capped").glob("*.safetensors")) == ["k2", "k3", "k4"]
+    assert cache.bytes <= 3 * size and sorted(p.stem for p in (tmp_path / "capped").glob("*.safetensors")) == [
+        "k2",
+        "k3",
+        "k4",
+    ]
     assert cache.load("k3", list(range(3, 19)))["v"].equal(block["v"]) and cache.load("k0", list(range(16))) is None
     with pytest.raises(ValueError, match="size must be > 0"):
         DiskCache(tmp_path, 0, "fp", 16)
@@ -94,8 +100,15 @@ def test_the_disk_tier_is_capped_least_recently_used_first_and_cleans_up_partial
 
 def test_usage_and_metrics_say_how_many_tokens_came_from_disk(tiny_model, tmp_path):
     def engine() -> LLMEngine:  # test_serve_api's tiny model: it has a tokenizer, as a server needs
-        return LLMEngine(EngineConfig(model=str(tiny_model), dtype="float32", max_model_len=512, kv_cache_bytes=8 << 20,
-                                      kv_cache_disk=str(tmp_path / "disk")))
+        return LLMEngine(
+            EngineConfig(
+                model=str(tiny_model),
+                dtype="float32",
+                max_model_len=512,
+                kv_cache_bytes=8 << 20,
+                kv_cache_disk=str(tmp_path / "disk"),
+            )
+        )
 
     first = engine()
     first.generate([PROMPT], PARAMS)

@@ -15,8 +15,13 @@ from test_serve_api import LiveServer, http, serve, smollm2, tiny_model  # noqa:
 from profiling.shipped import minilm_dir
 from serve.embeddings import Embedder
 
-TEXTS = ["A cat sits on the mat.", "A kitten is resting on a rug.", "Quarterly revenue grew by four percent.",
-         "short", "a much longer sentence " * 10]
+TEXTS = [
+    "A cat sits on the mat.",
+    "A kitten is resting on a rug.",
+    "Quarterly revenue grew by four percent.",
+    "short",
+    "a much longer sentence " * 10,
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,9 @@ def test_embeddings_match_the_reference_alone_and_batched(server):
     alone = np.array(client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS[2]).data[0].embedding)
     np.testing.assert_allclose(alone, got[2], atol=2e-5)
     assert got[0] @ got[1] > got[0] @ got[2] + 0.3  # the two cat sentences are closer than the revenue one
-    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(Embedder().tokenizer(t)["input_ids"]) for t in TEXTS)
+    assert (
+        r.usage.prompt_tokens == r.usage.total_tokens == sum(len(Embedder().tokenizer(t)["input_ids"]) for t in TEXTS)
+    )
 
 
 def test_base64_and_token_ids(server):
@@ -58,21 +65,26 @@ def test_base64_and_token_ids(server):
     floats = h.post("/v1/embeddings", json={"input": TEXTS[:2]}).json()["data"]
     packed = h.post("/v1/embeddings", json={"input": TEXTS[:2], "encoding_format": "base64"}).json()["data"]
     for f, p in zip(floats, packed):
-        np.testing.assert_array_equal(np.frombuffer(base64.b64decode(p["embedding"]), dtype="<f4"), np.float32(f["embedding"]))
+        np.testing.assert_array_equal(
+            np.frombuffer(base64.b64decode(p["embedding"]), dtype="<f4"), np.float32(f["embedding"])
+        )
     ids = Embedder().tokenizer(TEXTS[0])["input_ids"]
     by_ids = h.post("/v1/embeddings", json={"input": [ids]}).json()["data"][0]["embedding"]
     np.testing.assert_allclose(by_ids, floats[0]["embedding"], atol=1e-6)
 
 
-@pytest.mark.parametrize("body, status, param", [
-    ({"input": ""}, 400, "input"),
-    ({"input": ["ok", ""]}, 400, "input"),
-    ({"input": "word " * 400}, 400, "input"),  # over the model's 256 tokens
-    ({"input": [[10**9]]}, 400, "input"),
-    ({"input": "x", "dimensions": 64}, 400, "dimensions"),
-    ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
-    ({"input": "x", "model": "text-embedding-3-small"}, 404, "model"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"input": ""}, 400, "input"),
+        ({"input": ["ok", ""]}, 400, "input"),
+        ({"input": "word " * 400}, 400, "input"),  # over the model's 256 tokens
+        ({"input": [[10**9]]}, 400, "input"),
+        ({"input": "x", "dimensions": 64}, 400, "dimensions"),
+        ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+        ({"input": "x", "model": "text-embedding-3-small"}, 404, "model"),
+    ],
+)
 def test_embedding_errors_name_the_field(server, body, status, param):
     r = http(server).post("/v1/embeddings", json=body)
     assert r.status_code == status and r.json()["error"]["param"] == param, r.text

@@ -30,7 +30,9 @@ def tokens(engine, prompt, **params) -> list[int]:
 def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
     a, b = prompts([12, 30], seed=7)
     first = tokens(engine, a, max_tokens=12, seed=3)
-    outs = engine.generate([b, a], [SamplingParams(max_tokens=5, ignore_eos=True), SamplingParams(max_tokens=12, seed=3, ignore_eos=True)])
+    outs = engine.generate(
+        [b, a], [SamplingParams(max_tokens=5, ignore_eos=True), SamplingParams(max_tokens=12, seed=3, ignore_eos=True)]
+    )
     assert outs[1].outputs[0].token_ids == first
     assert tokens(engine, a, max_tokens=12, seed=4) != first
 
@@ -138,7 +140,9 @@ def assert_step_flops_match_the_op_counter(engine, lengths: list[int], budget: i
     assert steps >= 5
 
 
-@pytest.mark.parametrize("decode_path", ["paged-kernel", "gathered-one-call", "gathered-call-per-length", "half-weights"])
+@pytest.mark.parametrize(
+    "decode_path", ["paged-kernel", "gathered-one-call", "gathered-call-per-length", "half-weights"]
+)
 def test_runtime_flops_equal_the_counted_ops_of_each_step(tiny_llama, tmp_path, decode_path):
     """Decodes (in the paged kernel: each over its own context; gathered: padded to their
     group's longest), a first chunk (causal), a later chunk over its cached past (masked), a
@@ -189,8 +193,11 @@ def test_single_stream_flops_equal_the_exact_formula_and_land_in_the_ledger(tiny
     # the decodes read their contexts 22..25 from the cache, and 21 + 4 tokens' K/V were written
     traffic = engine.runner.traffic
     per_token = kv_bytes_per_block(shape, engine.config.block_size, torch.float32) // engine.config.block_size
-    assert record.bytes_parts == {"weights": 5 * (traffic.dense_bytes + traffic.lm_head_bytes),
-                                  "kv_read": per_token * sum(range(22, 26)), "kv_write": per_token * 25}
+    assert record.bytes_parts == {
+        "weights": 5 * (traffic.dense_bytes + traffic.lm_head_bytes),
+        "kv_read": per_token * sum(range(22, 26)),
+        "kv_write": per_token * 25,
+    }
     from profiling.report import format_report, summarize
 
     kinds, shapes = summarize([record])
@@ -234,7 +241,9 @@ def test_start_up_reports_the_cache_capacity_and_caps_the_context_to_it(tiny_lla
     with pytest.raises(ValueError, match=r"at most 320 \(max_model_len\)"):
         engine.add_request("big", [5] * 300, SamplingParams(max_tokens=21))
     engine.add_request("fits", [5] * 300, SamplingParams(max_tokens=20))
-    with pytest.raises(ValueError, match="max_model_len 512 does not fit the KV cache .*--max-model-len.*--kv-cache-gb"):
+    with pytest.raises(
+        ValueError, match="max_model_len 512 does not fit the KV cache .*--max-model-len.*--kv-cache-gb"
+    ):
         make_engine(tiny_llama, tmp_path, kv_cache_bytes=20 * 8192, max_model_len=512)
 
 

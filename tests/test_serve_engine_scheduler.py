@@ -156,7 +156,11 @@ def test_priority_policy_admits_by_priority_and_preempts_the_lowest():
     arrival), running ones scheduled in that order, and the victim of a preemption is the
     lowest-priority sequence, even when it was admitted first; it requeues at its own rank."""
     sched = Scheduler(BlockManager(4, BS), max_num_seqs=2, max_num_batched_tokens=100, policy="priority")
-    low, high, mid = seq([1, 2, 3, 4, 5, 6], 0, priority=5), seq([9, 8, 7, 6, 5, 4], 1, priority=0), seq([3, 3, 3], 2, priority=1)
+    low, high, mid = (
+        seq([1, 2, 3, 4, 5, 6], 0, priority=5),
+        seq([9, 8, 7, 6, 5, 4], 1, priority=0),
+        seq([3, 3, 3], 2, priority=1),
+    )
     for s in (low, high, mid):
         sched.add(s)
     assert list(sched.waiting) == [high, mid, low]

@@ -48,7 +48,9 @@ TIMEOUT_S = 30.0  # an answer slower than this is a hang: the slowest legal one 
 def build(model, api_key: str | None = None) -> tuple[FastAPI, AsyncEngine]:
     """The server as `ministack serve` builds it, with its schema installed; a short context
     keeps the longest legal generation short."""
-    engine = LLMEngine(EngineConfig(model=str(model), dtype="float32", max_model_len=128, max_num_seqs=8, kv_cache_bytes=8 << 20))
+    engine = LLMEngine(
+        EngineConfig(model=str(model), dtype="float32", max_model_len=128, max_num_seqs=8, kv_cache_bytes=8 << 20)
+    )
     backend = AsyncEngine(engine, max_queue=64)
     return build_app(backend, api_key=api_key), backend
 
@@ -71,8 +73,12 @@ def client(app) -> TestClient:
 
 
 def test_every_route_is_documented_and_none_documents_422(app):
-    served = {(method.lower(), re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path))  # {model:path} is documented as {model}
-              for route in app.routes if getattr(route, "include_in_schema", False) for method in route.methods}
+    served = {
+        (method.lower(), re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path))  # {model:path} is documented as {model}
+        for route in app.routes
+        if getattr(route, "include_in_schema", False)
+        for method in route.methods
+    }
     assert served == set(ROUTES), "document each route in serve.api.openapi.ROUTES"
     doc = app.openapi()
     for path, operations in doc["paths"].items():
@@ -90,7 +96,9 @@ def test_every_route_is_documented_and_none_documents_422(app):
 def test_a_server_with_an_api_key_documents_401_and_answers_it_as_documented(tiny_model):  # noqa: F811
     app, backend = build(tiny_model, api_key="secret")
     try:
-        schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG, headers={"Authorization": "Bearer secret"})
+        schema = schemathesis.openapi.from_asgi(
+            "/openapi.json", app, config=CONFIG, headers={"Authorization": "Bearer secret"}
+        )
         doc = app.openapi()
         assert "401" in doc["paths"]["/v1/models"]["get"]["responses"]
         assert "401" in doc["paths"]["/metrics"]["get"]["responses"]  # behind the key unless --public-metrics
@@ -112,12 +120,20 @@ def test_fuzzed_requests_get_documented_answers(schema, method, path, mode):
     operation = schema[path][method]
     strategy = operation.as_strategy(generation_mode=mode)
 
-    @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True,
-              phases=[Phase.explicit, Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=strategy.map(repaired) if mode is GenerationMode.POSITIVE else strategy)
     def fuzz(case) -> None:
-        case.call_and_validate(checks=CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else []),
-                               timeout=TIMEOUT_S)
+        case.call_and_validate(
+            checks=CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else []), timeout=TIMEOUT_S
+        )
 
     fuzz()
 
@@ -142,21 +158,29 @@ def test_a_request_whose_constraints_leave_no_token_is_a_400(client, app, stream
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": "\ud800", "max_tokens": 2}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 2}),
-    ("/tokenize", {"prompt": "\ud800"}),
-], ids=["completions", "chat", "tokenize"])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"prompt": "\ud800", "max_tokens": 2}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 2}),
+        ("/tokenize", {"prompt": "\ud800"}),
+    ],
+    ids=["completions", "chat", "tokenize"],
+)
 def test_a_lone_surrogate_in_a_prompt_is_a_400(client, path, body):
     r = post(client, path, body)
     assert r.status_code == 400 and r.json()["error"]["param"] is not None, r.text
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/detokenize", {"tokens": [True]}),
-    ("/v1/completions", {"prompt": "Hi", "max_tokens": "4"}),
-    ("/v1/completions", {"prompt": "Hi", "max_tokens": True}),
-], ids=["bool-token", "string-max_tokens", "bool-max_tokens"])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/detokenize", {"tokens": [True]}),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": "4"}),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": True}),
+    ],
+    ids=["bool-token", "string-max_tokens", "bool-max_tokens"],
+)
 def test_integers_are_not_coerced_from_booleans_or_strings(client, path, body):
     r = post(client, path, body)
     assert r.status_code == 400, r.text

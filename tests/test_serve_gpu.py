@@ -33,7 +33,11 @@ def test_bf16_engine_on_cuda_tracks_fp32_transformers(tiny_llama, tmp_path):
     """bf16 weights and KV (the CUDA default) with chunked prefill over a cached past: every
     sampled token's logprob within bf16 noise of fp32 transformers fed the same tokens."""
     tiny_llama.save_pretrained(tmp_path)
-    engine = LLMEngine(EngineConfig(model=str(tmp_path), device="cuda", dtype="auto", kv_cache_fraction=0.01, max_num_batched_tokens=16))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tmp_path), device="cuda", dtype="auto", kv_cache_fraction=0.01, max_num_batched_tokens=16
+        )
+    )
     assert engine.runner.kv.dtype == torch.bfloat16 and engine.runner.kv.is_cuda
     g = torch.Generator().manual_seed(0)
     ps = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 40, 70)]

@@ -21,7 +21,11 @@ from serve.api.context import ApiContext
 from serve.api.embeddings import embeddings
 from serve.api.errors import ApiError, refused
 from serve.api.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
 )
 from serve.api.status import health, models, prometheus
 from serve.api.tokenize import detokenize, tokenize
@@ -38,8 +42,11 @@ CHAT = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def ctx(tiny_model) -> Iterator[ApiContext]:
-    engine = LLMEngine(EngineConfig(model=str(tiny_model), dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=8,
-                                    kv_cache_bytes=8 << 20))
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_model), dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=8, kv_cache_bytes=8 << 20
+        )
+    )
     backend = AsyncEngine(engine, max_queue=64)
     yield ApiContext.create(backend)
     backend.close()
@@ -75,7 +82,11 @@ def refusal(handler, *args) -> ApiError:
 
 
 def events(text: str) -> list[dict | str]:
-    return [json.loads(line[6:]) if line[6:].startswith("{") else line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    return [
+        json.loads(line[6:]) if line[6:].startswith("{") else line[6:]
+        for line in text.splitlines()
+        if line.startswith("data: ")
+    ]
 
 
 def idle(ctx: ApiContext) -> bool:
@@ -146,7 +157,9 @@ def test_a_completion_answers_whole_with_its_usage(ctx):
     response, text = answer(completions, ctx, body, "r1", connected)
     whole = json.loads(text)
     assert response.status_code == 200 and whole["id"] == "cmpl-r1" and whole["object"] == "text_completion"
-    assert [c["index"] for c in whole["choices"]] == [0, 1] and {c["finish_reason"] for c in whole["choices"]} == {"length"}
+    assert [c["index"] for c in whole["choices"]] == [0, 1] and {c["finish_reason"] for c in whole["choices"]} == {
+        "length"
+    }
     assert whole["usage"]["completion_tokens"] == 8 and whole["usage"]["flops"]["measured"] > 0
 
 
@@ -175,14 +188,19 @@ def test_a_client_gone_before_the_answer_gets_499_and_is_counted_aborted(ctx):
 
 
 def test_a_chat_stream_spells_what_the_whole_answer_says(ctx):
-    whole = json.loads(answer(chat_completions, ctx, ChatCompletionRequest.model_validate({"messages": CHAT, **GREEDY}), "c1",
-                              connected)[1])
+    whole = json.loads(
+        answer(
+            chat_completions, ctx, ChatCompletionRequest.model_validate({"messages": CHAT, **GREEDY}), "c1", connected
+        )[1]
+    )
     stream = ChatCompletionRequest.model_validate({"messages": CHAT, **GREEDY, "stream": True})
     response, text = answer(chat_completions, ctx, stream, "c2", connected)
     sent = events(text)
     assert response.media_type == "text/event-stream" and sent[-1] == "[DONE]"
     assert sent[0]["id"] == "chatcmpl-c2" and sent[0]["choices"][0]["delta"]["role"] == "assistant"
-    content = "".join(e["choices"][0]["delta"]["content"] or "" for e in sent[:-1] if e["choices"])  # the first holds a token too
+    content = "".join(
+        e["choices"][0]["delta"]["content"] or "" for e in sent[:-1] if e["choices"]
+    )  # the first holds a token too
     assert content == whole["choices"][0]["message"]["content"] and whole["id"] == "chatcmpl-c1"
 
 

@@ -68,9 +68,15 @@ def test_extreme_sampling_values_yield_tokens_and_the_engine_goes_on(engine, **f
     assert not engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("body", [
-    {"temperature": 1e-300}, {"top_p": 1e-300}, {"repetition_penalty": 1e-255}, {"min_p": 1.0, "temperature": 1e-300},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"temperature": 1e-300},
+        {"top_p": 1e-300},
+        {"repetition_penalty": 1e-255},
+        {"min_p": 1.0, "temperature": 1e-300},
+    ],
+)
 def test_sampling_values_that_killed_the_engine_now_answer(live, body):
     prompt = "the the the the the the"
     r = http(live).post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, **body})
@@ -85,20 +91,26 @@ def test_a_request_with_no_token_left_fails_alone(live, engine):
     eos = min(engine.eos_token_ids)
     banned = {"prompt": "Hi", "max_tokens": 4, "allowed_token_ids": [eos], "min_tokens": 2}
     h = http(live)
-    with h.stream("POST", "/v1/completions", json={"prompt": "Hello", "max_tokens": 40, "ignore_eos": True, "stream": True}) as other:
+    with h.stream(
+        "POST", "/v1/completions", json={"prompt": "Hello", "max_tokens": 40, "ignore_eos": True, "stream": True}
+    ) as other:
         failed = h.post("/v1/completions", json=banned)
         text = "".join(line for line in other.iter_lines())
     assert failed.status_code == 400 and failed.json()["error"]["type"] == "invalid_request_error"
     assert "no token can be sampled" in failed.json()["error"]["message"]
     assert '"finish_reason":"length"' in text
-    streamed = [json.loads(line[6:]) for line in h.post("/v1/completions", json={**banned, "stream": True}).text.splitlines()
-                if line.startswith("data: {")]
+    streamed = [
+        json.loads(line[6:])
+        for line in h.post("/v1/completions", json={**banned, "stream": True}).text.splitlines()
+        if line.startswith("data: {")
+    ]
     assert streamed[-1]["error"]["type"] == "invalid_request_error"  # in-band once the stream has started
     assert httpx.get(f"{live.url}/health").status_code == 200
     assert wait_until(lambda: idle(live))
 
 
 # ---- refused requests leave nothing behind; the queue cap is hard ----------------------------
+
 
 def test_the_largest_seed_with_n_above_one_runs_and_a_seed_past_64_bits_is_refused(live):
     h = http(live)
@@ -150,9 +162,14 @@ def test_max_queue_is_a_hard_cap_however_many_arrive_at_once(engine):
 
 # ---- limits decided before expensive work ----------------------------------------------------
 
+
 def test_a_body_over_the_limit_is_refused_before_it_is_read(live):
     h = http(live)
-    r = h.post("/v1/completions", content=b'{"prompt": "' + b"a" * (5 << 20) + b'"}', headers={"content-type": "application/json"})
+    r = h.post(
+        "/v1/completions",
+        content=b'{"prompt": "' + b"a" * (5 << 20) + b'"}',
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413 and "--max-request-bytes" in r.json()["error"]["message"]
 
     def chunks():
@@ -169,25 +186,65 @@ def test_a_prompt_too_long_to_fit_is_refused_without_tokenizing_it(live, monkeyp
     tokenizer = live.backend.tokenizer
     monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized a prompt that cannot fit"))
     r = http(live).post("/v1/completions", json={"prompt": "word " * 200_000, "max_tokens": 1})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "characters cannot fit" in r.json()["error"]["message"]
+    assert (
+        r.status_code == 400
+        and r.json()["error"]["param"] == "prompt"
+        and "characters cannot fit" in r.json()["error"]["message"]
+    )
     chat = http(live).post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 1_000_000}]})
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
 
 
-@pytest.mark.parametrize("field, body, says", [
-    ("logit_bias", {"logit_bias": {"²": 1}}, "token ids"),
-    ("logit_bias", {"logit_bias": {str(i): 1 for i in range(2000)}}, "1024"),
-    ("stop", {"stop": ["x" * 300]}, "256 characters"),
-    ("bad_words", {"bad_words": ["w"] * 2000}, "1024"),
-    ("response_format", {"response_format": {"type": "json_schema", "json_schema": {"name": "e", "schema": {
-        "type": "object", "properties": {"a": {"enum": list(range(2000))}}}}}}, "enum/const/choice values"),
-    ("response_format", {"response_format": {"type": "json_schema", "json_schema": {"name": "e", "schema": {
-        "type": "object", "properties": {"a": {"enum": [f"v{i}" for i in range(100_000)]}}}}}}, "characters"),
-    ("response_format", {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {
-        "type": "object", "properties": {"a": {"type": "string", "pattern": "a{1,10000}"}}}}}}, "repetition"),
-    ("guided_regex", {"guided_regex": "(ab){1,5000}"}, "repetition"),
-    ("guided_choice", {"guided_choice": [f"c{i}" for i in range(2000)]}, "choice values"),
-])
+@pytest.mark.parametrize(
+    "field, body, says",
+    [
+        ("logit_bias", {"logit_bias": {"²": 1}}, "token ids"),
+        ("logit_bias", {"logit_bias": {str(i): 1 for i in range(2000)}}, "1024"),
+        ("stop", {"stop": ["x" * 300]}, "256 characters"),
+        ("bad_words", {"bad_words": ["w"] * 2000}, "1024"),
+        (
+            "response_format",
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "e",
+                        "schema": {"type": "object", "properties": {"a": {"enum": list(range(2000))}}},
+                    },
+                }
+            },
+            "enum/const/choice values",
+        ),
+        (
+            "response_format",
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "e",
+                        "schema": {"type": "object", "properties": {"a": {"enum": [f"v{i}" for i in range(100_000)]}}},
+                    },
+                }
+            },
+            "characters",
+        ),
+        (
+            "response_format",
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "p",
+                        "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "a{1,10000}"}}},
+                    },
+                }
+            },
+            "repetition",
+        ),
+        ("guided_regex", {"guided_regex": "(ab){1,5000}"}, "repetition"),
+        ("guided_choice", {"guided_choice": [f"c{i}" for i in range(2000)]}, "choice values"),
+    ],
+)
 def test_each_size_limit_is_a_400_naming_its_field(live, field, body, says):
     started = time.perf_counter()
     r = http(live).post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, **body})
@@ -219,6 +276,7 @@ def test_grammar_compilation_does_not_stall_other_endpoints(live, monkeypatch):
 
 
 # ---- security: what the API key guards, where it comes from, docs without a CDN ---------------
+
 
 def test_the_key_guards_every_route_but_health(live):
     from test_serve_api import API_KEY
@@ -260,13 +318,17 @@ def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch,
     monkeypatch.delenv(ENV_VAR)
     assert resolve_api_key(None, None) is None
     (tmp_path / "empty").write_text("\n")
-    for flag, path, says in (("k", str(key_file), "one of"), (None, str(tmp_path / "empty"), "holds no key"),
-                             (None, str(tmp_path / "missing"), "--api-key-file")):
+    for flag, path, says in (
+        ("k", str(key_file), "one of"),
+        (None, str(tmp_path / "empty"), "holds no key"),
+        (None, str(tmp_path / "missing"), "--api-key-file"),
+    ):
         with pytest.raises(SystemExit, match=says):
             resolve_api_key(flag, path)
 
 
 # ---- shutdown: a grace period, then a clean error; a second signal forces ---------------------
+
 
 def start_cli(model, *flags: str):
     """`ministack serve` in a subprocess on a free port, once it answers /health."""
@@ -279,9 +341,29 @@ def start_cli(model, *flags: str):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(model), "--port", str(port), "--max-model-len", "512",
-                             "--kv-cache-gb", "0.01", "--embedding-model", "none", "--log-level", "warning", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--max-model-len",
+            "512",
+            "--kv-cache-gb",
+            "0.01",
+            "--embedding-model",
+            "none",
+            "--log-level",
+            "warning",
+            *flags,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     assert wait_until(lambda: _answers(f"{url}/health"), timeout=180), "server did not start"
     return proc, url

@@ -21,7 +21,9 @@ linear_half_weight = op("linear_half_weight")
 pytestmark = pytest.mark.skipif(attend is None, reason="the paged decode kernel could not be built here")
 
 
-def paged_case(lengths: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int, dtype=torch.float32, seed: int = 0):
+def paged_case(
+    lengths: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int, dtype=torch.float32, seed: int = 0
+):
     """A two-layer cache whose blocks are handed out in random order, queries, and the tables."""
     g = torch.Generator().manual_seed(seed)
     needed = [-(-n // block_size) for n in lengths]
@@ -38,7 +40,9 @@ def paged_case(lengths: list[int], heads: int, kv_heads: int, head_dim: int, blo
     return kv[:, 1], q, tables, padded  # layer 1: a strided view, as the engine passes it
 
 
-def reference(kv: torch.Tensor, q: torch.Tensor, tables: list[list[int]], lengths: list[int], block_size: int, window: int = 0) -> torch.Tensor:
+def reference(
+    kv: torch.Tensor, q: torch.Tensor, tables: list[list[int]], lengths: list[int], block_size: int, window: int = 0
+) -> torch.Tensor:
     """Each sequence's context (its last `window` tokens, if set) gathered from its blocks, then
     SDPA in float64."""
     rows = []
@@ -150,7 +154,9 @@ def test_the_kernels_can_be_switched_off(monkeypatch):
     assert load.__wrapped__() is False
 
 
-@pytest.mark.parametrize("rows,features,outputs", [(1, 576, 960), (2, 64, 7), (17, 1536, 576), (300, 64, 130), (3, 12, 5)])
+@pytest.mark.parametrize(
+    "rows,features,outputs", [(1, 576, 960), (2, 64, 7), (17, 1536, 576), (300, 64, 130), (3, 12, 5)]
+)
 def test_half_weight_linear_equals_float32_math_on_the_rounded_weight(rows, features, outputs):
     """Tiles of four outputs and pairs of rows with their tails, K % 8 != 0 (generic loops), bias."""
     g = torch.Generator().manual_seed(rows)
@@ -179,7 +185,11 @@ def test_fused_rms_norm_and_rotary_equal_their_torch_definitions(dtype):
     exact = dict(atol=0, rtol=0) if dtype != torch.float32 else dict(atol=1e-5, rtol=1e-5)
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(7, 576, generator=g).to(dtype), torch.randn(576, generator=g).to(dtype)
-    expected = F.rms_norm(x, (576,), w, 1e-5) if dtype == torch.float32 else w * F.rms_norm(x.float(), (576,), eps=1e-5).to(dtype)
+    expected = (
+        F.rms_norm(x, (576,), w, 1e-5)
+        if dtype == torch.float32
+        else w * F.rms_norm(x.float(), (576,), eps=1e-5).to(dtype)
+    )
     torch.testing.assert_close(op("rms_norm")(x, w, 1e-5), expected, **exact)
     norm = RMSNorm(576, 1e-5).to(dtype)
     norm.weight.data.copy_(w)
@@ -187,7 +197,11 @@ def test_fused_rms_norm_and_rotary_equal_their_torch_definitions(dtype):
     # the residual stream's add fused in: the sum rounded as `residual + x` rounds it, then normed
     residual = torch.randn(7, 576, generator=g).to(dtype)
     total = residual + x
-    expected = F.rms_norm(total, (576,), w, 1e-5) if dtype == torch.float32 else w * F.rms_norm(total.float(), (576,), eps=1e-5).to(dtype)
+    expected = (
+        F.rms_norm(total, (576,), w, 1e-5)
+        if dtype == torch.float32
+        else w * F.rms_norm(total.float(), (576,), eps=1e-5).to(dtype)
+    )
     for normed, new_residual in (op("add_rms_norm")(x, residual, w, 1e-5), norm(x, residual)):
         assert torch.equal(new_residual, total)
         torch.testing.assert_close(normed, expected, **exact)
@@ -198,7 +212,9 @@ def test_fused_rms_norm_and_rotary_equal_their_torch_definitions(dtype):
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         x1, x2, rest = k[..., : rot // 2], k[..., rot // 2 : rot], k[..., rot:]
         expected = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
-        torch.testing.assert_close(op("rotary")(k, cos, sin), expected, **(exact if dtype != torch.float32 else dict(atol=1e-6, rtol=1e-6)))
+        torch.testing.assert_close(
+            op("rotary")(k, cos, sin), expected, **(exact if dtype != torch.float32 else dict(atol=1e-6, rtol=1e-6))
+        )
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         op("rms_norm")(x.double(), w.double(), 1e-5)
     # SiLU-and-multiply of a stacked gate/up row (odd widths reach the scalar tails); silu's
@@ -241,15 +257,23 @@ def test_bf16_pairs_linear_is_float32_math_rounded_once_and_batch_invariant(rows
     if not torch.ops.ministack.bf16_linear_supported():
         pytest.skip("this CPU has no AVX-512 BF16")
     g = torch.Generator().manual_seed(rows)
-    x, w, b = torch.randn(rows, features, generator=g).bfloat16(), torch.randn(outputs, features, generator=g).bfloat16(), torch.randn(outputs, generator=g).bfloat16()
+    x, w, b = (
+        torch.randn(rows, features, generator=g).bfloat16(),
+        torch.randn(outputs, features, generator=g).bfloat16(),
+        torch.randn(outputs, generator=g).bfloat16(),
+    )
     packed = pack_pairs(w)
     got = op("linear_bf16")(x, packed, outputs, b)
     expected = F.linear(x.double(), w.double(), b.double())
     torch.testing.assert_close(got.double(), expected, atol=1e-2, rtol=2**-8)
-    torch.testing.assert_close(op("linear_bf16")(x, packed, outputs, None).double(), expected - b.double(), atol=2e-2, rtol=2**-8)
+    torch.testing.assert_close(
+        op("linear_bf16")(x, packed, outputs, None).double(), expected - b.double(), atol=2e-2, rtol=2**-8
+    )
     for r in range(rows):
         assert torch.equal(op("linear_bf16")(x[r : r + 1], packed, outputs, b), got[r : r + 1])
-    assert count_flops(lambda: op("linear_bf16")(x, packed, outputs, b)).by_part == {DENSE: 2 * rows * features * outputs}
+    assert count_flops(lambda: op("linear_bf16")(x, packed, outputs, b)).by_part == {
+        DENSE: 2 * rows * features * outputs
+    }
     with pytest.raises(ValueError, match="even"):
         pack_pairs(w[:, :-1])
     with pytest.raises(RuntimeError, match="bfloat16"):
@@ -269,8 +293,12 @@ def test_bf16_prefill_attention_equals_causal_sdpa_and_is_counted_as_attention()
         q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
         q, k, v = q.view(n, heads, dim), k.view(n, kv_heads, dim), v.view(n, kv_heads, dim)
         rep = heads // kv_heads
-        expected = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).repeat_interleave(rep, 0).float(),
-                                                  v.transpose(0, 1).repeat_interleave(rep, 0).float(), is_causal=True).transpose(0, 1)
+        expected = F.scaled_dot_product_attention(
+            q.transpose(0, 1).float(),
+            k.transpose(0, 1).repeat_interleave(rep, 0).float(),
+            v.transpose(0, 1).repeat_interleave(rep, 0).float(),
+            is_causal=True,
+        ).transpose(0, 1)
         got = op("prefill_attention")(q, k, v, dim**-0.5)
         torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
     counted = count_flops(lambda: op("prefill_attention")(q, k, v, dim**-0.5))
@@ -280,11 +308,17 @@ def test_bf16_prefill_attention_equals_causal_sdpa_and_is_counted_as_attention()
         k, v = (torch.randn(past + n, 3, 64, generator=g).bfloat16() for _ in range(2))
         q = torch.randn(n, 9, 64, generator=g).bfloat16()
         visible = torch.arange(past + n) <= past + torch.arange(n).unsqueeze(1)
-        expected = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).repeat_interleave(3, 0).float(),
-                                                  v.transpose(0, 1).repeat_interleave(3, 0).float(), attn_mask=visible).transpose(0, 1)
+        expected = F.scaled_dot_product_attention(
+            q.transpose(0, 1).float(),
+            k.transpose(0, 1).repeat_interleave(3, 0).float(),
+            v.transpose(0, 1).repeat_interleave(3, 0).float(),
+            attn_mask=visible,
+        ).transpose(0, 1)
         torch.testing.assert_close(op("prefill_attention")(q, k, v, 0.125).float(), expected, atol=2e-2, rtol=2e-2)
     counted = count_flops(lambda: op("prefill_attention")(q, k, v, 0.125))  # the last case: 16 past keys, 1 query
-    assert counted.by_part == {ATTENTION: attention_flops(1, 9, 1, 1, 64, 64, causal=True) + attention_flops(1, 9, 1, 16, 64, 64, causal=False)}
+    assert counted.by_part == {
+        ATTENTION: attention_flops(1, 9, 1, 1, 64, 64, causal=True) + attention_flops(1, 9, 1, 16, 64, 64, causal=False)
+    }
     with pytest.raises(RuntimeError, match="bfloat16 only"):
         op("prefill_attention")(q.float(), k.float(), v.float(), 1.0)
 
@@ -300,8 +334,8 @@ def test_store_kv_writes_the_bytes_the_torch_path_writes(x_dtype, cache_dtype, m
     g = torch.Generator().manual_seed(3)
     tokens, kv_heads, dim, slots_total = 7, 3, 64, 40
     qkv = (torch.randn(tokens, 5 * kv_heads * dim, generator=g) * 3).to(x_dtype)
-    k = qkv[:, 3 * kv_heads * dim: 4 * kv_heads * dim].view(tokens, kv_heads, dim)
-    v = qkv[:, 4 * kv_heads * dim:].view(tokens, kv_heads, dim)
+    k = qkv[:, 3 * kv_heads * dim : 4 * kv_heads * dim].view(tokens, kv_heads, dim)
+    v = qkv[:, 4 * kv_heads * dim :].view(tokens, kv_heads, dim)
     k[0, 1] = 0  # an all-zero row: the int8 scale's clamp
     slots = torch.tensor([5, 0, 39, 17, 18, 2, 30])
     layers = []
@@ -340,7 +374,7 @@ def test_argmax_rows_picks_what_torch_argmax_picks():
     for n in (1, 7, 33, 49152, 1001):
         x = torch.randn(6, n, generator=g)
         x[1] = torch.round(x[1])  # ties everywhere
-        x[2, n // 2:] = x[2].max() + 1  # a tie of the maximum from the middle on
+        x[2, n // 2 :] = x[2].max() + 1  # a tie of the maximum from the middle on
         x[3] = float("-inf")
         x[4, n // 3] = float("nan")
         if n > 5:

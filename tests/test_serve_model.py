@@ -83,7 +83,9 @@ def test_chunked_prefill_beside_running_decodes(tiny_llama, tmp_path):
         if step > 2 and not engine.has_unfinished_requests():
             break
     assert all(sum(n for _, n in batch) <= 8 for batch in batches)
-    mixed = [b for b in batches if any(s.request.request_id == "a" and n == 1 for s, n in b) and any(n > 1 for _, n in b)]
+    mixed = [
+        b for b in batches if any(s.request.request_id == "a" and n == 1 for s, n in b) and any(n > 1 for _, n in b)
+    ]
     assert len(mixed) >= 4  # b's five chunks and c's three ran beside a's decodes
     for rid, prompt in zip("abc", ps):
         assert_matches(tiny_llama, prompt, done[rid].outputs[0])
@@ -115,7 +117,9 @@ def test_half_weights_match_transformers_on_the_same_rounded_weights(tiny_llama,
         for name, module in rounded.named_modules():
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
                 module.weight.copy_(module.weight.half().float())
-        rounded.lm_head.weight = torch.nn.Parameter(rounded.model.embed_tokens.weight.half().float())  # untied: the embedding stays exact
+        rounded.lm_head.weight = torch.nn.Parameter(
+            rounded.model.embed_tokens.weight.half().float()
+        )  # untied: the embedding stays exact
     ps = prompts([1, 9, 33], seed=5)
     for prompt, out in zip(ps, engine.generate(ps, GREEDY)):
         assert_matches(rounded, prompt, out.outputs[0])
@@ -202,7 +206,9 @@ def test_preemption_loses_and_corrupts_nothing(tiny_llama, tmp_path):
         assert_matches(tiny_llama, prompt, out.outputs[0])
         with torch.no_grad():  # the prompt's logprobs survive the recompute unchanged
             rows = torch.log_softmax(tiny_llama(torch.tensor([prompt])).logits[0].float(), -1)
-        assert [e["logprob"] for e in out.prompt_logprobs[1:]] == pytest.approx([float(rows[p - 1, prompt[p]]) for p in range(1, len(prompt))], abs=2e-4)
+        assert [e["logprob"] for e in out.prompt_logprobs[1:]] == pytest.approx(
+            [float(rows[p - 1, prompt[p]]) for p in range(1, len(prompt))], abs=2e-4
+        )
 
 
 def test_long_context_in_chunks_matches_transformers(tmp_path):
@@ -210,8 +216,14 @@ def test_long_context_in_chunks_matches_transformers(tmp_path):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=300, max_position_embeddings=4096, initializer_range=0.1,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=4096,
+        initializer_range=0.1,
     )
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg).eval()
@@ -227,8 +239,14 @@ def test_qwen2_biases_and_untied_embeddings(tmp_path):
 
     torch.manual_seed(0)
     cfg = Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=300, max_position_embeddings=256, tie_word_embeddings=False,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     )
     cfg._attn_implementation = "sdpa"
     model = Qwen2ForCausalLM(cfg).eval()
@@ -248,11 +266,23 @@ def windowed_model(kind: str, window: int = 24):
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=300, max_position_embeddings=512)
+    shape = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=300,
+        max_position_embeddings=512,
+    )
     if kind == "mistral":
         cfg, cls = MistralConfig(num_key_value_heads=1, sliding_window=window, **shape), MistralForCausalLM
     else:
-        cfg, cls = Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=window, max_window_layers=1, **shape), Qwen2ForCausalLM
+        cfg, cls = (
+            Qwen2Config(
+                num_key_value_heads=2, use_sliding_window=True, sliding_window=window, max_window_layers=1, **shape
+            ),
+            Qwen2ForCausalLM,
+        )
     cfg._attn_implementation = "sdpa"
     return cls(cfg).eval()
 
@@ -289,7 +319,9 @@ def test_sliding_window_releases_blocks_behind_it(tmp_path, decode_kernel):
         pytest.skip("no paged decode kernel on this device")
     engine.runner.decode_kernel = decode_kernel
     ps = prompts([70, 50], seed=22)
-    outs = engine.generate(ps, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=1) for n in (60, 80)])
+    outs = engine.generate(
+        ps, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=1) for n in (60, 80)]
+    )
     for prompt, out in zip(ps, outs):
         assert_matches(model, prompt, out.outputs[0])
     assert engine.stats().num_preemptions == 0  # released blocks made the room, not preemption
@@ -315,8 +347,13 @@ def test_rope_scaling_matches_transformers(rope, tmp_path):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=300, max_position_embeddings=32 if rope["rope_type"] != "yarn" else 64,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=32 if rope["rope_type"] != "yarn" else 64,
         rope_parameters={"rope_theta": 10000.0, **rope},
     )
     cfg._attn_implementation = "sdpa"
@@ -334,7 +371,9 @@ def test_rope_scaling_override_extends_the_context(tiny_llama, tmp_path):
     rope = {"rope_type": "linear", "factor": 2.0}
     engine = make_engine(tiny_llama, tmp_path, rope_scaling=rope, max_model_len=1024)
     assert engine.max_model_len == 1024
-    scaled_cfg = tiny_llama.config.__class__(**(tiny_llama.config.to_dict() | {"rope_parameters": {"rope_theta": 10000.0, **rope}}))
+    scaled_cfg = tiny_llama.config.__class__(
+        **(tiny_llama.config.to_dict() | {"rope_parameters": {"rope_theta": 10000.0, **rope}})
+    )
     scaled_cfg._attn_implementation = "sdpa"
     scaled = LlamaForCausalLM(scaled_cfg).eval()
     scaled.load_state_dict(tiny_llama.state_dict())

@@ -37,7 +37,9 @@ def test_chat_greedy_matches_transformers_generate(engine):
 
     prompt = chat(engine, "What is the capital of France?")
     (out,) = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0))
-    hf = AutoModelForCausalLM.from_pretrained(resolve_model(None), dtype=torch.float32, attn_implementation="sdpa").eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        resolve_model(None), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt) :].tolist()
     completion = out.outputs[0]
     assert completion.token_ids == ref
@@ -87,7 +89,9 @@ def test_half_weights_keep_the_real_models_greedy_answers(engine):
     if not load():
         pytest.skip("half weights need the C++ kernels")
     half = LLMEngine(EngineConfig(dtype="float32", half_weights=True, kv_cache_bytes=64 << 20))
-    prompts = [chat(engine, q) for q in ("Write a haiku about the sea.", "Explain gravity to a child in two sentences.")]
+    prompts = [
+        chat(engine, q) for q in ("Write a haiku about the sea.", "Explain gravity to a child in two sentences.")
+    ]
     params = SamplingParams(max_tokens=32, temperature=0, logprobs=1)
     for exact, rounded in zip(engine.generate(prompts, params), half.generate(prompts, params)):
         a, b = exact.outputs[0], rounded.outputs[0]
@@ -106,7 +110,9 @@ def test_bf16_prefill_kernel_keeps_the_real_models_answers(engine, monkeypatch):
     if preferred_cpu_dtype() != "bf16" or attention.prefill_kernel() is None:
         pytest.skip("needs a CPU that runs bf16 fast and has AVX-512 BF16")
     bf16 = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_bytes=64 << 20, enable_prefix_caching=False))
-    text = " ".join(["The lighthouse keeper counted the ships that passed each night and wrote their names in a book."] * 20)
+    text = " ".join(
+        ["The lighthouse keeper counted the ships that passed each night and wrote their names in a book."] * 20
+    )
     prompts = [bf16.tokenizer.encode(text * 3)[:1200], chat(bf16, "Explain gravity to a child in two sentences.")]
     params = SamplingParams(max_tokens=24, temperature=0, logprobs=1, prompt_logprobs=0)
     exact = engine.generate(prompts, params)
@@ -115,7 +121,9 @@ def test_bf16_prefill_kernel_keeps_the_real_models_answers(engine, monkeypatch):
     sdpa = bf16.generate(prompts, params)
 
     def drift(out, ref) -> float:
-        return sum(abs(x["logprob"] - y["logprob"]) for x, y in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:])) / (len(ref.prompt_logprobs) - 1)
+        return sum(
+            abs(x["logprob"] - y["logprob"]) for x, y in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:])
+        ) / (len(ref.prompt_logprobs) - 1)
 
     for a, b, ref in zip(kernel, sdpa, exact):
         assert drift(a, ref) <= 1.25 * drift(b, ref) + 0.01, (drift(a, ref), drift(b, ref))
@@ -132,18 +140,28 @@ def kv_prompts_and_reference(engine):
     from serve.needle import haystack
 
     long_prompt = engine.tokenizer.encode(" ".join(haystack(random.Random(0), 400)))[:1200]
-    prompts = [long_prompt, chat(engine, "Write a haiku about the sea."), chat(engine, "What is the capital of France?")]
+    prompts = [
+        long_prompt,
+        chat(engine, "Write a haiku about the sea."),
+        chat(engine, "What is the capital of France?"),
+    ]
     return prompts, engine.generate(prompts, KV_PARAMS)
 
 
-@pytest.mark.parametrize("kv_dtype,mean_limit,max_limit", [("float16", 0.002, 0.03), ("bfloat16", 0.01, 0.15), ("int8", 0.02, 0.4)])
+@pytest.mark.parametrize(
+    "kv_dtype,mean_limit,max_limit", [("float16", 0.002, 0.03), ("bfloat16", 0.01, 0.15), ("int8", 0.02, 0.4)]
+)
 def test_compressed_kv_caches_keep_the_real_models_answers(kv_prompts_and_reference, kv_dtype, mean_limit, max_limit):
     """Each KV dtype against the float32 cache on SmolLM2 (float32 model): teacher-forced
     prompt logprobs (measured: mean / max drift 0.0003 / 0.006 float16, 0.0025 / 0.05 bfloat16,
     0.008 / 0.18 int8) and the same greedy answers."""
     prompts, reference = kv_prompts_and_reference
-    compressed = LLMEngine(EngineConfig(dtype="float32", kv_cache_dtype=kv_dtype, kv_cache_bytes=64 << 20, enable_prefix_caching=False))
+    compressed = LLMEngine(
+        EngineConfig(dtype="float32", kv_cache_dtype=kv_dtype, kv_cache_bytes=64 << 20, enable_prefix_caching=False)
+    )
     for exact, approx in zip(reference, compressed.generate(prompts, KV_PARAMS)):
-        drift = [abs(a["logprob"] - b["logprob"]) for a, b in zip(exact.prompt_logprobs[1:], approx.prompt_logprobs[1:])]
+        drift = [
+            abs(a["logprob"] - b["logprob"]) for a, b in zip(exact.prompt_logprobs[1:], approx.prompt_logprobs[1:])
+        ]
         assert sum(drift) / len(drift) < mean_limit and max(drift) < max_limit, (sum(drift) / len(drift), max(drift))
         assert approx.outputs[0].token_ids == exact.outputs[0].token_ids

@@ -123,7 +123,9 @@ def test_one_partial_prefill_at_a_time_lets_only_short_prompts_in_beside_it():
     first, second, short = seq(list(range(1000)), 0), seq(list(range(1000, 2000)), 1), seq(list(range(40)), 2)
     for s in (first, second, short):
         sched.add(s)
-    assert [(s.seq_id, n) for s, n in run(sched)] == [(0, 100)]  # second would be left part-way: it waits, short behind it
+    assert [(s.seq_id, n) for s, n in run(sched)] == [
+        (0, 100)
+    ]  # second would be left part-way: it waits, short behind it
     sched = scheduler(PrefillLimits(long_prefill_token_threshold=100))
     for s in (seq(list(range(1000)), 0), seq(list(range(40)), 2)):
         sched.add(s)
@@ -139,11 +141,16 @@ def test_partial_prefills_share_the_prefill_budget():
     assert [(s.seq_id, n) for s, n in run(sched)] == [(0, 256), (1, 256)]
 
 
-@pytest.mark.parametrize(("setting", "value", "flag"), [
-    ("max_itl_ms", 0.0, "--max-itl-ms"), ("max_itl_ms", -5.0, "--max-itl-ms"), ("max_itl_ms", float("nan"), "--max-itl-ms"),
-    ("long_prefill_token_threshold", -1, "--long-prefill-token-threshold"),
-    ("max_num_partial_prefills", 0, "--max-num-partial-prefills"),
-])
+@pytest.mark.parametrize(
+    ("setting", "value", "flag"),
+    [
+        ("max_itl_ms", 0.0, "--max-itl-ms"),
+        ("max_itl_ms", -5.0, "--max-itl-ms"),
+        ("max_itl_ms", float("nan"), "--max-itl-ms"),
+        ("long_prefill_token_threshold", -1, "--long-prefill-token-threshold"),
+        ("max_num_partial_prefills", 0, "--max-num-partial-prefills"),
+    ],
+)
 def test_invalid_settings_are_refused_naming_the_flag(setting, value, flag):
     with pytest.raises(ValueError, match=flag):
         EngineConfig(**{setting: value}).validate()

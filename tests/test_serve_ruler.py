@@ -38,8 +38,25 @@ def test_each_task_fills_its_length_and_holds_its_answer(server, task):
 
 
 def test_the_harness_runs_end_to_end_and_draws_a_heatmap_per_task(server, tmp_path, capsys):
-    assert main(["--url", server.url, "--api-key", API_KEY, "--lengths", "160,240", "--depths", "0,1",
-                 "--max-tokens", "4", "--out-dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "--url",
+                server.url,
+                "--api-key",
+                API_KEY,
+                "--lengths",
+                "160,240",
+                "--depths",
+                "0,1",
+                "--max-tokens",
+                "4",
+                "--out-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert all(f"### {t}" in out for t in TASKS) and "| 240 |" in out
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{t}.png" for t in TASKS)

@@ -11,7 +11,10 @@ import pytest
 import torch
 from test_serve_model import make_engine, prompts
 from transformers.generation.logits_process import (
-    MinNewTokensLengthLogitsProcessor, MinPLogitsWarper, NoBadWordsLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
     SequenceBiasLogitsProcessor,
 )
 
@@ -24,8 +27,12 @@ VOCAB = 300
 
 def fake_seq(prompt: list[int], output: list[int], bad_words_ids: list[list[int]] = (), **params) -> SimpleNamespace:
     """What process_logits reads of a Sequence."""
-    return SimpleNamespace(params=SamplingParams(**params), token_ids=prompt + output, output_token_ids=output,
-                           request=SimpleNamespace(bad_words_ids=list(bad_words_ids)))
+    return SimpleNamespace(
+        params=SamplingParams(**params),
+        token_ids=prompt + output,
+        output_token_ids=output,
+        request=SimpleNamespace(bad_words_ids=list(bad_words_ids)),
+    )
 
 
 def rows(n: int, seed: int = 0) -> torch.Tensor:
@@ -42,7 +49,9 @@ def test_repetition_penalty_is_transformers():
     seqs = [fake_seq(*history(i), repetition_penalty=p) for i, p in enumerate((1.3, 0.7, 1.0))]
     got = process_logits(logits, seqs, set())
     for i, seq in enumerate(seqs):
-        hf = RepetitionPenaltyLogitsProcessor(seq.params.repetition_penalty)(torch.tensor([seq.token_ids]), logits[i : i + 1].clone())
+        hf = RepetitionPenaltyLogitsProcessor(seq.params.repetition_penalty)(
+            torch.tensor([seq.token_ids]), logits[i : i + 1].clone()
+        )
         torch.testing.assert_close(got[i], hf[0], rtol=0, atol=0)
     assert torch.equal(got[2], logits[2])  # a row that asked for nothing is untouched
 
@@ -52,7 +61,9 @@ def test_logit_bias_is_transformers_sequence_bias():
     bias = {5: -100.0, 17: 3.5, 299: 0.25}
     seqs = [fake_seq(*history(3), logit_bias=bias), fake_seq(*history(4))]
     got = process_logits(logits, seqs, set())
-    hf = SequenceBiasLogitsProcessor({(t,): v for t, v in bias.items()})(torch.tensor([seqs[0].token_ids]), logits[:1].clone())
+    hf = SequenceBiasLogitsProcessor({(t,): v for t, v in bias.items()})(
+        torch.tensor([seqs[0].token_ids]), logits[:1].clone()
+    )
     torch.testing.assert_close(got[0], hf[0], rtol=0, atol=0)
     assert torch.equal(got[1], logits[1])
 
@@ -64,7 +75,9 @@ def test_min_tokens_is_transformers_min_new_tokens():
     for done in (3, 6):  # before and at min_tokens
         seqs = [fake_seq(prompt, output[:done], min_tokens=6, stop_token_ids=[7]), fake_seq(prompt, output[:done])]
         got = process_logits(logits, seqs, {2})
-        hf = MinNewTokensLengthLogitsProcessor(len(prompt), 6, sorted(eos))(torch.tensor([prompt + output[:done]]), logits[:1].clone())
+        hf = MinNewTokensLengthLogitsProcessor(len(prompt), 6, sorted(eos))(
+            torch.tensor([prompt + output[:done]]), logits[:1].clone()
+        )
         torch.testing.assert_close(got[0], hf[0], rtol=0, atol=0)
         assert torch.equal(got[1], logits[1])
 
@@ -86,7 +99,10 @@ def test_presence_and_frequency_penalties_are_openais_formula():
     count of token j in the output so far (the prompt does not count)."""
     logits = rows(2, seed=4)
     prompt, output = history(7)
-    seqs = [fake_seq(prompt, output, presence_penalty=0.8, frequency_penalty=-0.3), fake_seq(prompt, output, frequency_penalty=1.5)]
+    seqs = [
+        fake_seq(prompt, output, presence_penalty=0.8, frequency_penalty=-0.3),
+        fake_seq(prompt, output, frequency_penalty=1.5),
+    ]
     got = process_logits(logits, seqs, set())
     for i, seq in enumerate(seqs):
         want = logits[i].clone()
@@ -118,9 +134,15 @@ def test_min_p_is_transformers_min_p(temperature, min_p):
 
 @torch.no_grad()
 def hf_generate(model, prompt: list[int], max_new_tokens: int, eos: int, **kwargs) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                         pad_token_id=0, **kwargs)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=0,
+        **kwargs,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 CASES = {  # our SamplingParams -> transformers' generate kwargs
@@ -135,7 +157,9 @@ def test_greedy_matches_transformers_generate_alone_in_a_batch_and_with_n(tiny_l
     ours, theirs = CASES[case]
     engine = make_engine(tiny_llama, tmp_path)
     ps = prompts([9, 23, 14], seed=11)
-    plain = engine.generate(ps[:1], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
+    plain = (
+        engine.generate(ps[:1], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
+    )
     eos = plain[2]  # a token greedy decoding reaches early: min_tokens must hold it back
     engine.eos_token_ids = {eos}
     tiny_llama.generation_config.bos_token_id = None

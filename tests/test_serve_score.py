@@ -32,8 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.fuzz_api import CHECKS, CONFIG, negative_data_rejection, repaired  # noqa: E402
 
 QUERY = "Tell me about cats."
-DOCS = ["Income tax law sets the rates that companies pay.", "Cats are small furry pets that purr and chase mice.",
-        "The stock market closed lower on Friday.", "A kitten is a young cat."]
+DOCS = [
+    "Income tax law sets the rates that companies pay.",
+    "Cats are small furry pets that purr and chase mice.",
+    "The stock market closed lower on Friday.",
+    "A kitten is a young cat.",
+]
 CATS, TAX = {1, 3}, 0
 
 
@@ -74,7 +78,9 @@ def test_the_handlers_score_and_rank_without_http(ctx, embedder):
     np.testing.assert_allclose([r["relevance_score"] for r in ranked["results"]], np.sort(expected)[::-1], atol=1e-5)
     assert {r["index"] for r in ranked["results"][:2]} == CATS  # the cat sentences above tax law and the markets
     assert [r["document"]["text"] for r in ranked["results"]] == [DOCS[r["index"]] for r in ranked["results"]]
-    assert ranked["usage"]["prompt_tokens"] == ranked["meta"]["tokens"]["input_tokens"] == tokens(embedder, [QUERY, *DOCS])
+    assert (
+        ranked["usage"]["prompt_tokens"] == ranked["meta"]["tokens"]["input_tokens"] == tokens(embedder, [QUERY, *DOCS])
+    )
     scored = asyncio.run(score(ctx, ScoreRequest(text_1=QUERY, text_2=DOCS), "s1"))
     ScoreResponse.model_validate(scored)
     np.testing.assert_allclose([d["score"] for d in scored["data"]], expected, atol=1e-5)
@@ -90,8 +96,11 @@ def test_the_handlers_score_and_rank_without_http(ctx, embedder):
 def test_rerank_over_http_top_n_documents_and_every_path(server, embedder):
     h = http(server)
     objects = [{"text": d} for d in DOCS]
-    top = h.post("/v1/rerank", json={"model": "all-MiniLM-L6-v2", "query": QUERY, "documents": objects, "top_n": 2,
-                                     "return_documents": False}, headers={"X-Request-Id": "q-7"})
+    top = h.post(
+        "/v1/rerank",
+        json={"model": "all-MiniLM-L6-v2", "query": QUERY, "documents": objects, "top_n": 2, "return_documents": False},
+        headers={"X-Request-Id": "q-7"},
+    )
     assert top.status_code == 200, top.text
     body = top.json()
     assert body["id"] == "rerank-q-7" and len(body["results"]) == 2 and {r["index"] for r in body["results"]} == CATS
@@ -104,7 +113,9 @@ def test_rerank_over_http_top_n_documents_and_every_path(server, embedder):
     for path in ("/rerank", "/v2/rerank"):
         same = h.post(path, json={"query": QUERY, "documents": DOCS}).json()["results"]
         assert [r["index"] for r in same] == [r["index"] for r in full], path
-        np.testing.assert_allclose([r["relevance_score"] for r in same], [r["relevance_score"] for r in full], atol=1e-6)
+        np.testing.assert_allclose(
+            [r["relevance_score"] for r in same], [r["relevance_score"] for r in full], atol=1e-6
+        )
 
 
 def test_score_one_to_n_and_n_to_n_over_http(server, embedder):
@@ -135,24 +146,27 @@ def test_truncation_only_when_asked(server, embedder):
     assert eight["data"][0]["score"] == pytest.approx(1.0, abs=1e-5)  # the same first 8 tokens
 
 
-@pytest.mark.parametrize("path, body, status, param", [
-    ("/v1/score", {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, 400, "text_2"),
-    ("/v1/score", {"text_1": ["a", "b"], "text_2": "a"}, 400, "text_2"),
-    ("/v1/score", {"text_1": "", "text_2": "a"}, 400, "text_1"),
-    ("/v1/score", {"text_1": "a", "text_2": []}, 400, "text_2"),
-    ("/v1/score", {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": 2}, 400, "truncate_prompt_tokens"),
-    ("/v1/score", {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": 300}, 400, "truncate_prompt_tokens"),
-    ("/v1/score", {"text_1": "a", "text_2": "b", "model": "bge-reranker-v2-m3"}, 404, "model"),
-    ("/v1/rerank", {"query": QUERY, "documents": []}, 400, "documents"),
-    ("/v1/rerank", {"query": QUERY, "documents": ["a", ""]}, 400, "documents"),
-    ("/v1/rerank", {"query": "", "documents": ["a"]}, 400, "query"),
-    ("/v1/rerank", {"query": QUERY, "documents": ["a"], "top_n": 0}, 400, "top_n"),
-    ("/v1/rerank", {"query": QUERY, "documents": ["a"], "top_n": "2"}, 400, "top_n"),
-    ("/v1/rerank", {"query": QUERY, "documents": [{"text": "a", "title": "b"}]}, 400, "documents.0.title"),
-    ("/v1/rerank", {"query": QUERY, "documents": ["a"], "rank_fields": ["text"]}, 400, "rank_fields"),
-    ("/v1/rerank", {"query": "word " * 300, "documents": ["a"]}, 400, "query"),
-    ("/v2/rerank", {"query": QUERY, "documents": ["a"], "model": "rerank-v3.5"}, 404, "model"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, param",
+    [
+        ("/v1/score", {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, 400, "text_2"),
+        ("/v1/score", {"text_1": ["a", "b"], "text_2": "a"}, 400, "text_2"),
+        ("/v1/score", {"text_1": "", "text_2": "a"}, 400, "text_1"),
+        ("/v1/score", {"text_1": "a", "text_2": []}, 400, "text_2"),
+        ("/v1/score", {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": 2}, 400, "truncate_prompt_tokens"),
+        ("/v1/score", {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": 300}, 400, "truncate_prompt_tokens"),
+        ("/v1/score", {"text_1": "a", "text_2": "b", "model": "bge-reranker-v2-m3"}, 404, "model"),
+        ("/v1/rerank", {"query": QUERY, "documents": []}, 400, "documents"),
+        ("/v1/rerank", {"query": QUERY, "documents": ["a", ""]}, 400, "documents"),
+        ("/v1/rerank", {"query": "", "documents": ["a"]}, 400, "query"),
+        ("/v1/rerank", {"query": QUERY, "documents": ["a"], "top_n": 0}, 400, "top_n"),
+        ("/v1/rerank", {"query": QUERY, "documents": ["a"], "top_n": "2"}, 400, "top_n"),
+        ("/v1/rerank", {"query": QUERY, "documents": [{"text": "a", "title": "b"}]}, 400, "documents.0.title"),
+        ("/v1/rerank", {"query": QUERY, "documents": ["a"], "rank_fields": ["text"]}, 400, "rank_fields"),
+        ("/v1/rerank", {"query": "word " * 300, "documents": ["a"]}, 400, "query"),
+        ("/v2/rerank", {"query": QUERY, "documents": ["a"], "model": "rerank-v3.5"}, 404, "model"),
+    ],
+)
 def test_errors_name_the_field(server, path, body, status, param):
     r = http(server).post(path, json=body)
     assert r.status_code == status and r.json()["error"]["param"] == param, r.text
@@ -163,12 +177,21 @@ def test_errors_name_the_field(server, path, body, status, param):
 def test_fuzzed_requests_get_documented_answers(server, embedder, path, mode):
     """As tests/test_serve_fuzz.py does for every route, here with the encoder served, so that
     valid requests reach it and their 200 bodies are checked against /openapi.json."""
-    schema = schemathesis.openapi.from_asgi("/openapi.json", build_app(server.backend, embedder=embedder), config=CONFIG)
+    schema = schemathesis.openapi.from_asgi(
+        "/openapi.json", build_app(server.backend, embedder=embedder), config=CONFIG
+    )
     strategy = schema[path]["POST"].as_strategy(generation_mode=mode)
     checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
 
-    @settings(max_examples=20, derandomize=True, deadline=None, database=None, print_blob=True,
-              phases=[Phase.explicit, Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=20,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=strategy.map(repaired) if mode is GenerationMode.POSITIVE else strategy)
     def fuzz(case) -> None:
         case.call_and_validate(checks=checks, timeout=30.0)

@@ -29,9 +29,19 @@ def test_a_short_soak_meets_every_goal(tiny_model):  # noqa: F811
     port = free_port()
     flags = ["--max-model-len", "256", "--kv-cache-gb", "0.01", "--max-num-seqs", "8"]
     with started_server(port, max_queue=8, model=str(tiny_model), extra=flags) as proc:
-        options = Options(url=f"http://127.0.0.1:{port}", clients=4, seconds=20, warmup_seconds=4, max_queue=8,
-                          burst_every=5, request_timeout=60, idle_timeout=20, rss_tolerance=0.25, pid=proc.pid,
-                          settle_seconds=6)
+        options = Options(
+            url=f"http://127.0.0.1:{port}",
+            clients=4,
+            seconds=20,
+            warmup_seconds=4,
+            max_queue=8,
+            burst_every=5,
+            request_timeout=60,
+            idle_timeout=20,
+            rss_tolerance=0.25,
+            pid=proc.pid,
+            settle_seconds=6,
+        )
         result = asyncio.run(soak(options))
     print(report(result))
     kinds = {o.kind.name for o in result.outcomes}

@@ -17,7 +17,11 @@ def test_the_proposer_continues_the_most_recent_longest_match():
     assert proposer.propose([7, 8, 1, 2, 9, 9, 1, 2], limit=10) == [9, 9, 1]  # only the 2-gram 1 2 recurs
     assert proposer.propose([7, 8, 1, 2, 9, 9, 1, 2], limit=1) == [9]  # never past max_tokens
     assert proposer.propose([1, 2, 3, 4], limit=10) == []
-    assert accept([5, 6, 7], [5, 6, 8, 1]) == [5, 6, 8] and accept([5, 6], [5, 6, 4]) == [5, 6, 4] and accept([5], [2, 3]) == [2]
+    assert (
+        accept([5, 6, 7], [5, 6, 8, 1]) == [5, 6, 8]
+        and accept([5, 6], [5, 6, 4]) == [5, 6, 4]
+        and accept([5], [2, 3]) == [2]
+    )
     with pytest.raises(ValueError, match="prompt_lookup_min"):
         NgramProposer(3, lookup_max=2, lookup_min=3)
 
@@ -29,7 +33,8 @@ def test_greedy_output_is_unchanged_with_drafts_and_acceptance_is_counted(tiny_l
     repetitive = [5, 6, 7, 8] * 12
     batch = prompts([30, 7, 50], seed=3) + [repetitive]
     params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)] * 4 + [
-        SamplingParams(max_tokens=20, temperature=1.0, seed=11, ignore_eos=True)]
+        SamplingParams(max_tokens=20, temperature=1.0, seed=11, ignore_eos=True)
+    ]
     batch.append(prompts([12], seed=4)[0])
     plain = make_engine(tiny_llama, tmp_path / "model").generate(batch, params)
     engine = make_engine(tiny_llama, tmp_path / "model", num_speculative_tokens=3)
@@ -47,4 +52,7 @@ def test_greedy_output_is_unchanged_with_drafts_and_acceptance_is_counted(tiny_l
     assert engine.scheduler.running == [] and not engine.scheduler.waiting
     text = ServingMetrics("tiny", 512).render(stats)  # /metrics: vLLM's counters and the rate
     assert f'vllm:spec_decode_num_accepted_tokens_total{{model_name="tiny"}} {stats.spec_accepted_tokens}' in text
-    assert f"ministack:spec_decode_acceptance_rate{{model_name=\"tiny\"}} {stats.spec_accepted_tokens / stats.spec_draft_tokens}" in text
+    assert (
+        f'ministack:spec_decode_acceptance_rate{{model_name="tiny"}} {stats.spec_accepted_tokens / stats.spec_draft_tokens}'
+        in text
+    )

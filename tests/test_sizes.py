@@ -74,7 +74,9 @@ def test_suggested_sizes_run_through_codec_and_dit(codec_name, patch):
     codec = load_codec(codec_name)
     rule, rng = SizeRule(codec.compression, patch), random.Random(1)
     torch.manual_seed(0)
-    dit = DiT.from_dit_config(DiTConfig(in_channels=codec.latent_channels, patch_size=patch, hidden_size=16, depth=1, num_heads=2))
+    dit = DiT.from_dit_config(
+        DiTConfig(in_channels=codec.latent_channels, patch_size=patch, hidden_size=16, depth=1, num_heads=2)
+    )
     tried = 0
     while tried < 3:
         size = (rng.randint(1, 9), rng.randint(4, 36), rng.randint(4, 36))
@@ -87,7 +89,9 @@ def test_suggested_sizes_run_through_codec_and_dit(codec_name, patch):
             with torch.no_grad():
                 z = codec.encode(torch.zeros(1, 3, frames, height, width))
                 assert z.shape == (1, codec.latent_channels, *rule.latent((frames, height, width)))
-                assert torch.equal(unpatchify(patchify(z, patch), patch, [s // p for s, p in zip(z.shape[2:], patch)]), z)
+                assert torch.equal(
+                    unpatchify(patchify(z, patch), patch, [s // p for s, p in zip(z.shape[2:], patch)]), z
+                )
                 assert dit(z, torch.zeros(1)).shape == z.shape
                 assert codec.decode(z).shape == (1, 3, frames, height, width)
 
@@ -97,7 +101,9 @@ def test_pipeline_refuses_before_any_work_and_samples_the_suggestion():
     cfg = DiTConfig(in_channels=4, patch_size=(2, 2, 2), hidden_size=16, depth=1, num_heads=2, num_classes=2)
     pipe = MiniStackPipeline(DiT.from_dit_config(cfg), make_scheduler("flow"), codec)
     assert pipe.size_rule == SizeRule((2, 4, 4), (2, 2, 2))
-    with pytest.raises(SizeError, match=r"^frames 1, height 30, width 20 do not fit codec compression 2,4,4 × patch 2,2,2") as err:
+    with pytest.raises(
+        SizeError, match=r"^frames 1, height 30, width 20 do not fit codec compression 2,4,4 × patch 2,2,2"
+    ) as err:
         pipe(frames=1, height=30, width=20, class_labels=[0], num_inference_steps=1)
     for frames, height, width in err.value.suggestions:
         out = pipe(frames=frames, height=height, width=width, class_labels=[0], num_inference_steps=1)
@@ -117,6 +123,7 @@ def test_saved_pipeline_rule_is_read_from_its_configs(tmp_path):
 @contextmanager
 def nothing_loads():
     """Loading the pipeline or the text encoder fails the test: a size error must come first."""
+
     def refuse(*args, **kwargs):
         pytest.fail("the pipeline loaded before the size was checked")
 
@@ -135,15 +142,34 @@ def test_sample_command_refuses_up_front_with_a_suggestion_that_samples(height, 
     with nothing_loads():
         assert main(["--prompt", "x", "--height", str(height), "--width", str(width)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"ministack sample: error: --height {height}, --width {width} do not fit "
-                          "codec compression 2,4,4 × patch 1,2,2 (frames 1 + 2k (1, 3, 5, ...), height and width multiples of 8)")
+    assert err.startswith(
+        f"ministack sample: error: --height {height}, --width {width} do not fit "
+        "codec compression 2,4,4 × patch 1,2,2 (frames 1 + 2k (1, 3, 5, ...), height and width multiples of 8)"
+    )
     suggestions = _suggested(err)
     rule = MiniStackPipeline.build_size_rule()
     assert suggestions == rule.nearest((9, height, width)) and all(rule.fits(s) for s in suggestions)
     frames, height, width = suggestions[0]
     stem = tmp_path / "s"
-    assert main(["--prompt", "x", "--frames", str(frames), "--height", str(height), "--width", str(width),
-                 "--steps", "1", "--out", str(stem)]) == 0
+    assert (
+        main(
+            [
+                "--prompt",
+                "x",
+                "--frames",
+                str(frames),
+                "--height",
+                str(height),
+                "--width",
+                str(width),
+                "--steps",
+                "1",
+                "--out",
+                str(stem),
+            ]
+        )
+        == 0
+    )
     assert read_frames(stem.with_suffix(".mp4")).shape == (frames, height, width, 3)
 
 
@@ -167,7 +193,10 @@ def test_sample_command_checks_the_clip_to_extend_up_front(tmp_path, capsys):
 def test_training_buckets_are_refused_at_config_load():
     from train.config import load_train_config
 
-    with pytest.raises(SizeError, match=r"^data.buckets: bucket 4x30x32: frames 4, height 30 do not fit codec compression 2,4,4 × patch 1,2,2") as err:
+    with pytest.raises(
+        SizeError,
+        match=r"^data.buckets: bucket 4x30x32: frames 4, height 30 do not fit codec compression 2,4,4 × patch 1,2,2",
+    ) as err:
         load_train_config(None, ["codec=tiny", "data.buckets=[[1,32,32],[4,30,32]]"])
     assert err.value.suggestions == [(3, 24, 32), (5, 32, 32)]
     for frames, height, width in err.value.suggestions:
@@ -175,7 +204,9 @@ def test_training_buckets_are_refused_at_config_load():
     with pytest.raises(SizeError) as err:  # the VAE stage needs only its codec's factors
         load_train_config(None, ["codec=tiny", "data.buckets=[[4,30,32]]"], stage="vae")
     assert err.value.suggestions == [(3, 28, 32), (5, 32, 32)]
-    with pytest.raises(SizeError, match=r"height 18, width 18 do not fit patch 1,4,4 .* 1 frame at 16x16 or 1 frame at 20x20$"):
+    with pytest.raises(
+        SizeError, match=r"height 18, width 18 do not fit patch 1,4,4 .* 1 frame at 16x16 or 1 frame at 20x20$"
+    ):
         load_train_config(None, ["model=configs/models/tiny-p4.yaml", "data.buckets=[[1,18,18]]"])
 
 
@@ -183,10 +214,15 @@ def test_a_per_bucket_batch_size_for_a_bucket_not_trained_is_refused_at_config_l
     from train.config import load_train_config
 
     # configs/train/tiny.yaml sets a batch size for 5x32x32; overriding the buckets leaves it stray
-    with pytest.raises(ValueError, match=r"bucket_batch_size names buckets not in data.buckets: 5x32x32 "
-                                         r"\(buckets: 1x16x16, 3x16x16\); drop it with --set data.bucket_batch_size=\{\}"):
+    with pytest.raises(
+        ValueError,
+        match=r"bucket_batch_size names buckets not in data.buckets: 5x32x32 "
+        r"\(buckets: 1x16x16, 3x16x16\); drop it with --set data.bucket_batch_size=\{\}",
+    ):
         load_train_config("configs/train/tiny.yaml", ["data.buckets=[[1,16,16],[3,16,16]]"])
-    cfg = load_train_config("configs/train/tiny.yaml", ["data.buckets=[[1,16,16],[3,16,16]]", "data.bucket_batch_size={}"])
+    cfg = load_train_config(
+        "configs/train/tiny.yaml", ["data.buckets=[[1,16,16],[3,16,16]]", "data.bucket_batch_size={}"]
+    )
     assert cfg.data.bucket_batch_size == {}
 
 
@@ -203,22 +239,41 @@ def test_flops_count_refuses_with_a_suggestion_that_counts(capsys):
     what the DiT tiles: the model it counts runs on exactly that latent."""
     from model.flops.count import run
 
-    with pytest.raises(SizeError, match=r"^--frames 16, --height 120 do not fit codec compression 4,8,8 × patch 1,2,2") as err:
+    with pytest.raises(
+        SizeError, match=r"^--frames 16, --height 120 do not fit codec compression 4,8,8 × patch 1,2,2"
+    ) as err:
         run(_count_args("--frames", "16", "--height", "120", "--width", "128", "--latent-compression", "4,8,8"))
     assert err.value.suggestions == [(13, 112, 128), (17, 128, 128)]
     for frames, height, width in err.value.suggestions:
-        assert run(_count_args("--frames", str(frames), "--height", str(height), "--width", str(width),
-                               "--latent-compression", "4,8,8")) == 0
+        assert (
+            run(
+                _count_args(
+                    "--frames",
+                    str(frames),
+                    "--height",
+                    str(height),
+                    "--width",
+                    str(width),
+                    "--latent-compression",
+                    "4,8,8",
+                )
+            )
+            == 0
+        )
         r = json.loads(capsys.readouterr().out)
         assert r["latent"] == [1 + (frames - 1) // 4, height // 8, width // 8]
         assert r["tokens"] == DiTConfig(patch_size=(1, 2, 2)).num_tokens(*r["latent"])
-    with pytest.raises(SizeError, match=r"^--latent H 9 does not fit patch 1,2,2 .*: 3 frames at 8x8 or 3 frames at 10x8$"):
+    with pytest.raises(
+        SizeError, match=r"^--latent H 9 does not fit patch 1,2,2 .*: 3 frames at 8x8 or 3 frames at 10x8$"
+    ):
         run(_count_args("--latent", "3,9,8"))
     with pytest.raises(SizeError, match=r"^--image-size 100 does not fit codec compression 1,8,8 × patch 1,2,2"):
         run(_count_args("--image-size", "100"))
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml"))
+)
 def test_every_shipped_run_config_loads_and_its_buckets_fit_its_model(config):
     from model.configs import load_config
     from train.config import load_train_config

@@ -21,35 +21,73 @@ from train.slurm import batch_script, check
 
 
 def test_batch_script_asks_for_what_the_config_says(tmp_path):
-    cfg = SlurmConfig(nodes=2, gpus_per_node=8, cpus_per_task=32, mem="200G", time="2-00:00:00", partition="h100",
-                      account="lab", signal_s=300, setup=["source /opt/venv/bin/activate"], sbatch=["--exclusive"])
+    cfg = SlurmConfig(
+        nodes=2,
+        gpus_per_node=8,
+        cpus_per_task=32,
+        mem="200G",
+        time="2-00:00:00",
+        partition="h100",
+        account="lab",
+        signal_s=300,
+        setup=["source /opt/venv/bin/activate"],
+        sbatch=["--exclusive"],
+    )
     script = batch_script(cfg, tmp_path / "run", tmp_path / "run.yaml", ["max_steps=10"], "/opt/venv/bin/python")
-    for line in ("--nodes=2", "--ntasks=2", "--gpus-per-node=8", "--cpus-per-task=32", "--mem=200G", "--time=2-00:00:00",
-                 "--partition=h100", "--account=lab", "--signal=B:USR1@300", "--requeue", "--exclusive",
-                 f"--output={tmp_path}/run/slurm/%j.out"):
+    for line in (
+        "--nodes=2",
+        "--ntasks=2",
+        "--gpus-per-node=8",
+        "--cpus-per-task=32",
+        "--mem=200G",
+        "--time=2-00:00:00",
+        "--partition=h100",
+        "--account=lab",
+        "--signal=B:USR1@300",
+        "--requeue",
+        "--exclusive",
+        f"--output={tmp_path}/run/slurm/%j.out",
+    ):
         assert f"#SBATCH {line}\n" in script
     assert "source /opt/venv/bin/activate" in script and "ACCELERATE_USE_CPU" not in script  # GPUs: no CPU flag
     assert "#SBATCH --ntasks-per-node=1\n" in script and "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in script
-    one_line = batch_script(SlurmConfig(setup="module load cuda", sbatch="--exclusive"), tmp_path / "run", tmp_path / "r.yaml", [], "python")
+    one_line = batch_script(
+        SlurmConfig(setup="module load cuda", sbatch="--exclusive"), tmp_path / "run", tmp_path / "r.yaml", [], "python"
+    )
     assert "\nmodule load cuda\n" in one_line and "#SBATCH --exclusive\n" in one_line  # a string is one line
     assert "--num_machines $SLURM_NTASKS --machine_rank $SLURM_PROCID" in script
     assert "--num_processes $(( SLURM_NTASKS * 8 ))" in script and "--set max_steps=10" in script
     assert f"trap 'touch {tmp_path}/run/slurm/stop' USR1" in script and "scontrol requeue $SLURM_JOB_ID" in script
-    cpu = batch_script(SlurmConfig(ntasks=2, signal_s=0, requeue=False), tmp_path / "run", tmp_path / "r.yaml", [], "python")
+    cpu = batch_script(
+        SlurmConfig(ntasks=2, signal_s=0, requeue=False), tmp_path / "run", tmp_path / "r.yaml", [], "python"
+    )
     assert "ACCELERATE_USE_CPU=1" in cpu and "--signal" not in cpu and "--requeue" not in cpu
-    torchrun = batch_script(SlurmConfig(nodes=4, gpus_per_node=8, launcher="torchrun"), tmp_path / "run", tmp_path / "r.yaml", [], "python")
-    assert ("python -m torch.distributed.run --nnodes $SLURM_NTASKS --node_rank $SLURM_PROCID --nproc_per_node 8 "
-            "--master_addr $MASTER_ADDR --master_port $MASTER_PORT -m train") in torchrun and "accelerate" not in torchrun
+    torchrun = batch_script(
+        SlurmConfig(nodes=4, gpus_per_node=8, launcher="torchrun"), tmp_path / "run", tmp_path / "r.yaml", [], "python"
+    )
+    assert (
+        "python -m torch.distributed.run --nnodes $SLURM_NTASKS --node_rank $SLURM_PROCID --nproc_per_node 8 "
+        "--master_addr $MASTER_ADDR --master_port $MASTER_PORT -m train"
+    ) in torchrun and "accelerate" not in torchrun
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"ntasks": 1, "nodes": 2}, "slurm.ntasks"), ({"time": "forever"}, "slurm.time"),
-    ({"sbatch": ["exclusive"]}, "slurm.sbatch"), ({"nodes": 0}, "slurm.nodes"), ({"signal_s": -1}, "slurm.signal_s"),
-    ({"sbatch": "exclusive"}, "slurm.sbatch"), ({"nodes": 2, "ntasks": 3}, "multiple of slurm.nodes"),
-    ({"gpus_per_node": 8, "ntasks": 2}, "one task per node"), ({"cpus_per_task": 0}, "slurm.cpus_per_task"),
-    ({"accelerate_config": "no/such.yaml"}, "slurm.accelerate_config"), ({"launcher": "mpirun"}, "slurm.launcher"),
-    ({"launcher": "torchrun", "accelerate_config": "configs/accelerate/zero2.yaml"}, "run's `deepspeed:`"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"ntasks": 1, "nodes": 2}, "slurm.ntasks"),
+        ({"time": "forever"}, "slurm.time"),
+        ({"sbatch": ["exclusive"]}, "slurm.sbatch"),
+        ({"nodes": 0}, "slurm.nodes"),
+        ({"signal_s": -1}, "slurm.signal_s"),
+        ({"sbatch": "exclusive"}, "slurm.sbatch"),
+        ({"nodes": 2, "ntasks": 3}, "multiple of slurm.nodes"),
+        ({"gpus_per_node": 8, "ntasks": 2}, "one task per node"),
+        ({"cpus_per_task": 0}, "slurm.cpus_per_task"),
+        ({"accelerate_config": "no/such.yaml"}, "slurm.accelerate_config"),
+        ({"launcher": "mpirun"}, "slurm.launcher"),
+        ({"launcher": "torchrun", "accelerate_config": "configs/accelerate/zero2.yaml"}, "run's `deepspeed:`"),
+    ],
+)
 def test_bad_slurm_settings_are_refused_by_name(bad, match):
     with pytest.raises(ValueError, match=match):
         check(SlurmConfig(**bad))
@@ -57,16 +95,36 @@ def test_bad_slurm_settings_are_refused_by_name(bad, match):
 
 def test_cli_dry_run_writes_the_script_next_to_the_run(tmp_path):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "train", "configs/train/tiny.yaml", "--slurm", "--dry-run", "--set", f"run_dir={run}",
-            "--set", "slurm.time=30", "--set", "max_steps=7"]
+    args = [
+        sys.executable,
+        "-m",
+        "train",
+        "configs/train/tiny.yaml",
+        "--slurm",
+        "--dry-run",
+        "--set",
+        f"run_dir={run}",
+        "--set",
+        "slurm.time=30",
+        "--set",
+        "max_steps=7",
+    ]
     proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     script = (run / "slurm" / "train.sbatch").read_text()
     assert proc.stdout.strip() == script.strip() and "#SBATCH --time=30" in script
     assert f"--set run_dir={run} --set max_steps=7" in script and "slurm.time" not in script.split("#SBATCH")[-1]
-    for extra, message in ((["--dry-run"], "--dry-run goes with --slurm"), (["--slurm", "--set", "slurm.time=x"], "slurm.time")):
-        proc = subprocess.run([sys.executable, "-m", "train", "configs/train/tiny.yaml", *extra], cwd=ROOT, env=_env(),
-                              capture_output=True, text=True)
+    for extra, message in (
+        (["--dry-run"], "--dry-run goes with --slurm"),
+        (["--slurm", "--set", "slurm.time=x"], "slurm.time"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "train", "configs/train/tiny.yaml", *extra],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 2 and message in proc.stderr
 
 
@@ -76,8 +134,16 @@ def uninterrupted(tmp_path_factory) -> tuple[list[str], Path]:
     stop's is the only one) and the run directory of those settings trained without a stop,
     which each stopped run must equal. Trained once for both."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    settings = ["--set", f"model={_model_yaml(root)}", "--set", "max_steps=30", "--set", "checkpoint_every=100",
-                "--set", "mixed_precision=no"]
+    settings = [
+        "--set",
+        f"model={_model_yaml(root)}",
+        "--set",
+        "max_steps=30",
+        "--set",
+        "checkpoint_every=100",
+        "--set",
+        "mixed_precision=no",
+    ]
     full = _train(root / "full", *settings)
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out
@@ -115,8 +181,21 @@ def _submit(run: Path, env: dict, *settings: str) -> str:
     """Submit the defaults test_train's runs use (an empty YAML: the job reads a file) plus `settings`."""
     config = run.parent / f"{run.name}.yaml"
     config.write_text("{}\n")
-    args = [sys.executable, "-m", "train", str(config), "--slurm", "--set", f"run_dir={run}", *SMALL,
-            "--set", "mixed_precision=no", "--set", "slurm.time=15", *settings]
+    args = [
+        sys.executable,
+        "-m",
+        "train",
+        str(config),
+        "--slurm",
+        "--set",
+        f"run_dir={run}",
+        *SMALL,
+        "--set",
+        "mixed_precision=no",
+        "--set",
+        "slurm.time=15",
+        *settings,
+    ]
     env = _env() | {"SLURM_CONF": env["SLURM_CONF"], "TORCH_EXTENSIONS_DIR": EXTENSIONS}  # sbatch passes it on
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -124,18 +203,24 @@ def _submit(run: Path, env: dict, *settings: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", [
-    ["--set", "slurm.launcher=accelerate"],  # DDP over gloo
-    ["--set", "slurm.launcher=accelerate", "--set", "slurm.accelerate_config=configs/accelerate/zero2.yaml"],
-    ["--set", "slurm.launcher=torchrun", "--set", "deepspeed=configs/deepspeed/zero2.json"],
-], ids=["accelerate-ddp", "accelerate-zero2", "torchrun-zero2"])
+@pytest.mark.parametrize(
+    "launch",
+    [
+        ["--set", "slurm.launcher=accelerate"],  # DDP over gloo
+        ["--set", "slurm.launcher=accelerate", "--set", "slurm.accelerate_config=configs/accelerate/zero2.yaml"],
+        ["--set", "slurm.launcher=torchrun", "--set", "deepspeed=configs/deepspeed/zero2.json"],
+    ],
+    ids=["accelerate-ddp", "accelerate-zero2", "torchrun-zero2"],
+)
 def test_two_node_job_matches_the_single_process_run(slurm, tmp_path, launch, single_process_reference):
     """Two SLURM tasks on this host, each a node (machine rank SLURM_PROCID, gloo) of accelerate
     or torchrun, DDP or DeepSpeed ZeRO-2 from the same config as on one node, batch 2 each,
     against one process on batch 4: the same losses."""
     reference = _losses(single_process_reference)
     run = tmp_path / "two-node"
-    job = _submit(run, slurm, "--set", f"model={_model_yaml(tmp_path)}", *FOUR_FP32_STEPS, "--set", "slurm.ntasks=2", *launch)
+    job = _submit(
+        run, slurm, "--set", f"model={_model_yaml(tmp_path)}", *FOUR_FP32_STEPS, "--set", "slurm.ntasks=2", *launch
+    )
     state = wait_for_job(slurm, job)
     log = (run / "slurm" / f"{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
@@ -189,18 +274,32 @@ def test_sweep_as_a_job_array_completes_reports_a_failed_task_and_fits(slurm, tm
     from test_scaling_sweep import MINI
 
     launcher = tmp_path / "launch.sh"
-    launcher.write_text(f'#!/bin/sh\ncase "$*" in *C1e09-d1-*) echo "no GPU for you" >&2; exit 3;; esac\n'
-                        f'exec {sys.executable} "$@"\n')
+    launcher.write_text(
+        f'#!/bin/sh\ncase "$*" in *C1e09-d1-*) echo "no GPU for you" >&2; exit 3;; esac\nexec {sys.executable} "$@"\n'
+    )
     launcher.chmod(0o755)
     config = tmp_path / "mini.yaml"
-    config.write_text(yaml.safe_dump(MINI | {"launcher": str(launcher), "budgets": [
-        {"flops": 1.0e9, "sizes": [1, 2]}, {"flops": 2.0e9, "sizes": [1, 2, 3]}, {"flops": 4.0e9, "sizes": [2]}],
-        "slurm": {"time_min": 15, "array_parallelism": 2}}))
+    config.write_text(
+        yaml.safe_dump(
+            MINI
+            | {
+                "launcher": str(launcher),
+                "budgets": [
+                    {"flops": 1.0e9, "sizes": [1, 2]},
+                    {"flops": 2.0e9, "sizes": [1, 2, 3]},
+                    {"flops": 4.0e9, "sizes": [2]},
+                ],
+                "slurm": {"time_min": 15, "array_parallelism": 2},
+            }
+        )
+    )
     sweep_dir = tmp_path / "sweep"
     env = _env() | {"SLURM_CONF": slurm["SLURM_CONF"]}
 
     def scaling(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "scaling", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "-m", "scaling", *args], cwd=ROOT, env=env, capture_output=True, text=True
+        )
 
     out = scaling("sweep", str(config), "--executor", "slurm", "--out", str(sweep_dir))
     assert out.returncode == 0, out.stderr
@@ -215,7 +314,9 @@ def test_sweep_as_a_job_array_completes_reports_a_failed_task_and_fits(slurm, tm
     assert status.returncode == 0, status.stderr
     assert "5 finished" in status.stdout and "1 failed" in status.stdout
     assert "no GPU for you" in status.stdout and "exit 3" in status.stdout
-    fit = scaling("fit", str(sweep_dir), "--bootstrap", "10", "--starts", "10")  # reads the results (the optimum: test_scaling_sweep)
+    fit = scaling(
+        "fit", str(sweep_dir), "--bootstrap", "10", "--starts", "10"
+    )  # reads the results (the optimum: test_scaling_sweep)
     assert fit.returncode == 0, fit.stderr
     assert (sweep_dir / "fit.json").is_file() and "5 runs over 3 budgets" in fit.stdout
     again = scaling("sweep", str(config), "--executor", "slurm", "--out", str(sweep_dir))
@@ -234,8 +335,13 @@ def test_sweep_task_signalled_before_its_time_limit_checkpoints_requeues_and_fin
     config.write_text(yaml.safe_dump(MINI | {"budgets": [{"flops": 5.0e9, "sizes": [1]}], "slurm": {"time_min": 15}}))
     sweep_dir = tmp_path / "sweep"
     env = _env() | {"SLURM_CONF": slurm["SLURM_CONF"]}
-    out = subprocess.run([sys.executable, "-m", "scaling", "sweep", str(config), "--executor", "slurm", "--out", str(sweep_dir)],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "scaling", "sweep", str(config), "--executor", "slurm", "--out", str(sweep_dir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     (task,) = json.loads((sweep_dir / "slurm" / "tasks.json").read_text()).values()
     deadline = time.time() + 600
@@ -258,9 +364,13 @@ def test_sweep_task_signalled_before_its_time_limit_checkpoints_requeues_and_fin
 def test_sbatch_without_a_controller_names_the_likely_cause(tmp_path):
     """No slurmctld behind SLURM_CONF: the error says so and names the config file it read."""
     conf = tmp_path / "slurm.conf"  # MessageTimeout: sbatch retries the controller once a second that long (default 10)
-    conf.write_text("ClusterName=none\nSlurmctldHost=localhost\nSlurmctldPort=16999\nMessageTimeout=1\n"
-                    "NodeName=localhost CPUs=1\nPartitionName=p Nodes=localhost Default=YES\n")
+    conf.write_text(
+        "ClusterName=none\nSlurmctldHost=localhost\nSlurmctldPort=16999\nMessageTimeout=1\n"
+        "NodeName=localhost CPUs=1\nPartitionName=p Nodes=localhost Default=YES\n"
+    )
     args = [sys.executable, "-m", "train", "configs/train/tiny.yaml", "--slurm", "--set", f"run_dir={tmp_path / 'run'}"]
-    proc = subprocess.run(args, cwd=ROOT, env=_env() | {"SLURM_CONF": str(conf)}, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        args, cwd=ROOT, env=_env() | {"SLURM_CONF": str(conf)}, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "Unable to contact slurm controller" in proc.stderr
     assert f"is slurmctld running, and is {conf} (SLURM_CONF) its slurm.conf?" in proc.stderr

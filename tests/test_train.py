@@ -16,15 +16,29 @@ from model.media import write_video
 from profiling.ledger import read_ledgers
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--set", "data.size=48", "--set", "data.batch_size=2", "--set", "data.buckets=[[1,16,16],[3,16,16]]",
-         "--set", "warmup_steps=2", "--set", "lr=1e-3"]
+SMALL = [
+    "--set",
+    "data.size=48",
+    "--set",
+    "data.batch_size=2",
+    "--set",
+    "data.buckets=[[1,16,16],[3,16,16]]",
+    "--set",
+    "warmup_steps=2",
+    "--set",
+    "lr=1e-3",
+]
 # The 2-rank runs and their single-process reference (conftest.py's single_process_reference):
 # equal to 1e-4 needs fp32 ("auto": bf16 where fast)
 FOUR_FP32_STEPS = ["--set", "max_steps=4", "--set", "mixed_precision=no"]
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    }
     return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -36,7 +50,9 @@ def _model_yaml(tmp_path: Path) -> str:
 
 def _train(run: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "train", "--set", f"run_dir={run}", *SMALL, *extra]
-    return subprocess.Popen(args, cwd=ROOT, env=_env() | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        args, cwd=ROOT, env=_env() | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -57,9 +73,11 @@ def _accounting(run: Path) -> dict:
 
     records = read_ledgers([run / "ledger.jsonl"]).records
     kinds, shapes = report.summarize(records)
-    return {"steps": sorted(r.step for r in records),
-            "totals": {k: (g.n, g.tokens, g.measured, g.law, dict(g.measured_by_part)) for k, g in kinds.items()},
-            "shapes": {k: [(s.shape, s.n, s.tokens, s.measured, s.law) for s in gs] for k, gs in shapes.items()}}
+    return {
+        "steps": sorted(r.step for r in records),
+        "totals": {k: (g.n, g.tokens, g.measured, g.law, dict(g.measured_by_part)) for k, g in kinds.items()},
+        "shapes": {k: [(s.shape, s.n, s.tokens, s.measured, s.law) for s in gs] for k, gs in shapes.items()},
+    }
 
 
 def _logged_steps(run: Path) -> int:
@@ -90,8 +108,11 @@ def _weights(run: Path) -> dict:
     """Every tensor of a finished run: the last checkpoint's model and loop state, the EMA pipeline."""
     from safetensors.torch import load_file
 
-    files = ["checkpoints/step-0000030/model.safetensors", "checkpoints/step-0000030/train_state.safetensors",
-             "pipeline/transformer/diffusion_pytorch_model.safetensors"]
+    files = [
+        "checkpoints/step-0000030/model.safetensors",
+        "checkpoints/step-0000030/train_state.safetensors",
+        "pipeline/transformer/diffusion_pytorch_model.safetensors",
+    ]
     return {(f, k): v for f in files for k, v in load_file(run / f).items()}
 
 
@@ -130,6 +151,7 @@ def test_sigkilled_three_times_one_mid_checkpoint_resumes_to_the_uninterrupted_r
 
     pause = {checkpoint.PAUSE_BEFORE_PUBLISH: "120"}  # 2: killed while writing a checkpoint
     second, started = _train(run, *model, env=pause), time.time()
+
     def written() -> list[Path]:
         return [p for p in run.glob("checkpoints/.tmp-step-*/manifest.json") if p.stat().st_mtime >= started - 1]
 
@@ -137,9 +159,17 @@ def test_sigkilled_three_times_one_mid_checkpoint_resumes_to_the_uninterrupted_r
     while not written():
         assert second.poll() is None and time.time() < deadline, second.communicate()[0]
         time.sleep(0.02)
-    rival = subprocess.run([sys.executable, "-m", "train", "--set", f"run_dir={run}", *SMALL, *model], cwd=ROOT, env=_env(),
-                           capture_output=True, text=True, timeout=300)
-    assert rival.returncode == 1 and f"is in use by another trainer (pid {second.pid} on host" in rival.stderr, rival.stderr
+    rival = subprocess.run(
+        [sys.executable, "-m", "train", "--set", f"run_dir={run}", *SMALL, *model],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rival.returncode == 1 and f"is in use by another trainer (pid {second.pid} on host" in rival.stderr, (
+        rival.stderr
+    )
     assert "Traceback" not in rival.stderr
     _kill_when(second, lambda: True)
     unpublished = written()[0].parent
@@ -194,9 +224,19 @@ def test_real_data_with_corrupt_files_trains_and_reports(tmp_path):
     (tmp_path / "junk.mp4").write_bytes(os.urandom(2048))
     rows += ["junk.mp4,random bytes", "missing.mp4,not there"]
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
-    proc = _train(tmp_path / "run", "--set", f"model={_model_yaml(tmp_path)}", "--set", "max_steps=2",
-                  "--set", "data.kind=folder", "--set", f"data.source={tmp_path / 'data.csv'}",
-                  "--set", "data.buckets=[[3,16,16]]")
+    proc = _train(
+        tmp_path / "run",
+        "--set",
+        f"model={_model_yaml(tmp_path)}",
+        "--set",
+        "max_steps=2",
+        "--set",
+        "data.kind=folder",
+        "--set",
+        f"data.source={tmp_path / 'data.csv'}",
+        "--set",
+        "data.buckets=[[3,16,16]]",
+    )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert "6 usable, 2 skipped" in out and "junk.mp4" in out and "missing" in out
@@ -213,11 +253,23 @@ def test_real_data_with_corrupt_files_trains_and_reports(tmp_path):
 
 
 def test_bad_config_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "train", "--set", "no_such_field=1"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--set", "no_such_field=1"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "unknown config key 'no_such_field'" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "train", "--set", "deepspeed=no/such.json"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--set", "deepspeed=no/such.json"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "deepspeed: 'no/such.json' is not a file" in proc.stderr
 
 
@@ -226,9 +278,25 @@ EXTENSIONS = str(Path.home() / ".cache" / "ministack" / "torch_extensions")
 
 
 def _launch(tmp_path: Path, accelerate_config: str, run: str, *extra: str, cpu_env: bool = False) -> str:
-    args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / accelerate_config),
-            "--num_processes", "2", "--main_process_port", "0", "-m", "train", "--set", f"run_dir={tmp_path / run}",
-            "--set", f"model={_model_yaml(tmp_path)}", *SMALL, *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / accelerate_config),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+        "-m",
+        "train",
+        "--set",
+        f"run_dir={tmp_path / run}",
+        "--set",
+        f"model={_model_yaml(tmp_path)}",
+        *SMALL,
+        *extra,
+    ]
     env = _env() | {"TORCH_EXTENSIONS_DIR": EXTENSIONS} | ({"ACCELERATE_USE_CPU": "1"} if cpu_env else {})
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -251,7 +319,9 @@ def test_ddp_and_zero2_match_the_single_process_run(tmp_path, single_process_ref
         assert all(got[s] == pytest.approx(reference[s], rel=1e-4) for s in reference), (run, got, reference)
     ledger = _jsonl(tmp_path / "zero2" / "ledger.jsonl")
     assert sorted((r["step"], r["rank"]) for r in ledger) == [(s, r) for s in range(1, 5) for r in (0, 1)]
-    assert all(r["world_size"] == 2 and "B=2, 4 samples/step" in r["shape"] for r in ledger)  # every rank records its share
+    assert all(
+        r["world_size"] == 2 and "B=2, 4 samples/step" in r["shape"] for r in ledger
+    )  # every rank records its share
     ddp = _accounting(tmp_path / "ddp")["totals"]["train"]
     one = _accounting(single_process_reference)["totals"]["train"]
     assert ddp[:2] == one[:2]  # the same optimizer steps and tokens as one process on the global batch

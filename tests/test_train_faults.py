@@ -23,31 +23,38 @@ from test_train import ROOT, _jsonl, _model_yaml, _train
 
 # --- settings ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, message", [
-    ("lr=-1", "lr: must be > 0, got -1.0"),
-    ("lr=0", "lr: must be > 0, got 0.0"),
-    ("lr=nan", "lr: must be a finite number, got nan"),
-    ("lr=abc", "lr: expected a number, got 'abc'"),
-    ("data.batch_size=0", "data.batch_size: must be >= 1, got 0"),
-    ("grad_accum=0", "grad_accum: must be >= 1, got 0"),
-    ("max_steps=0", "max_steps: must be >= 1, got 0"),
-    ("checkpoint_every=0", "checkpoint_every: must be >= 1, got 0"),
-    ("keep_checkpoints=0", "keep_checkpoints: must be >= 1, got 0"),
-    ("ema_decay=1.5", "ema_decay: must be in [0, 1), got 1.5"),
-    ("ema_decay=1", "ema_decay: must be in [0, 1), got 1.0"),
-    ("cond_drop=2", "cond_drop: must be in [0, 1], got 2.0"),
-    ("cond_drop=-0.1", "cond_drop: must be in [0, 1], got -0.1"),
-    ("nonfinite=ignore", "nonfinite: must be one of 'skip', 'stop', got 'ignore'"),
-    ("diffusion=sde", "diffusion: must be one of 'flow', 'ddpm', got 'sde'"),
-    ("data.kind=webdataset", "data.kind: must be one of 'procedural', 'digits', 'folder'"),
-    ("max_steps=[10]", "max_steps: expected int, got list [10]"),
-    ("seed=1.5", "seed: expected int, got float 1.5"),
-    ("gradient_checkpointing=3", "gradient_checkpointing: expected bool, got int 3"),
-    ("vae.lr=-1", "vae.lr: must be > 0, got -1.0"),
-    ("no_such_key=1", "unknown config key 'no_such_key'"),
-    ("data.sizee=5", "unknown config key 'data.sizee'"),  # a nested key is named in full
-    ("data.buckets=[[1,31,31],[5,32,32]]", "data.buckets: bucket 1x31x31"),  # the tiny DiT's patch 2 does not divide it
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lr=-1", "lr: must be > 0, got -1.0"),
+        ("lr=0", "lr: must be > 0, got 0.0"),
+        ("lr=nan", "lr: must be a finite number, got nan"),
+        ("lr=abc", "lr: expected a number, got 'abc'"),
+        ("data.batch_size=0", "data.batch_size: must be >= 1, got 0"),
+        ("grad_accum=0", "grad_accum: must be >= 1, got 0"),
+        ("max_steps=0", "max_steps: must be >= 1, got 0"),
+        ("checkpoint_every=0", "checkpoint_every: must be >= 1, got 0"),
+        ("keep_checkpoints=0", "keep_checkpoints: must be >= 1, got 0"),
+        ("ema_decay=1.5", "ema_decay: must be in [0, 1), got 1.5"),
+        ("ema_decay=1", "ema_decay: must be in [0, 1), got 1.0"),
+        ("cond_drop=2", "cond_drop: must be in [0, 1], got 2.0"),
+        ("cond_drop=-0.1", "cond_drop: must be in [0, 1], got -0.1"),
+        ("nonfinite=ignore", "nonfinite: must be one of 'skip', 'stop', got 'ignore'"),
+        ("diffusion=sde", "diffusion: must be one of 'flow', 'ddpm', got 'sde'"),
+        ("data.kind=webdataset", "data.kind: must be one of 'procedural', 'digits', 'folder'"),
+        ("max_steps=[10]", "max_steps: expected int, got list [10]"),
+        ("seed=1.5", "seed: expected int, got float 1.5"),
+        ("gradient_checkpointing=3", "gradient_checkpointing: expected bool, got int 3"),
+        ("vae.lr=-1", "vae.lr: must be > 0, got -1.0"),
+        ("no_such_key=1", "unknown config key 'no_such_key'"),
+        ("data.sizee=5", "unknown config key 'data.sizee'"),  # a nested key is named in full
+        (
+            "data.buckets=[[1,31,31],[5,32,32]]",
+            "data.buckets: bucket 1x31x31",
+        ),  # the tiny DiT's patch 2 does not divide it
+    ],
+)
 def test_an_impossible_setting_is_refused_by_key(override, message):
     with pytest.raises(ValueError) as err:
         load_train_config("configs/train/tiny.yaml", [override])
@@ -69,7 +76,9 @@ def test_a_run_error_is_exit_1_with_its_message(monkeypatch, capsys, tmp_path):
     from train.cli import main
 
     def fails(cfg):
-        raise checkpoint.CheckpointError(f"writing the checkpoint of step 4 to {tmp_path} failed: No space left on device")
+        raise checkpoint.CheckpointError(
+            f"writing the checkpoint of step 4 to {tmp_path} failed: No space left on device"
+        )
 
     monkeypatch.setattr(train.loop, "train", fails)
     assert main(["configs/train/tiny.yaml"]) == 1
@@ -78,6 +87,7 @@ def test_a_run_error_is_exit_1_with_its_message(monkeypatch, capsys, tmp_path):
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
+
 
 class Counter:
     """A stateful object like the loop's sampler: plain numbers."""
@@ -106,8 +116,11 @@ def run(tmp_path):
     model = torch.nn.Linear(8, 8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
-    states = {"ema": EMA(model, 0.9), "schedule": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (s + 1)),
-              "sampler": Counter()}
+    states = {
+        "ema": EMA(model, 0.9),
+        "schedule": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (s + 1)),
+        "sampler": Counter(),
+    }
 
     class Run:
         root = tmp_path / "checkpoints"
@@ -135,15 +148,29 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["weights data byte", "safetensors header byte", "truncated optimizer",
-                                    "ema byte", "manifest missing", "file added"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "weights data byte",
+        "safetensors header byte",
+        "truncated optimizer",
+        "ema byte",
+        "manifest missing",
+        "file added",
+    ],
+)
 def test_a_damaged_checkpoint_is_named_and_the_one_before_is_used(run, damage, capsys):
     first = run.save(2)
     second = run.save(4)
     assert checkpoint.latest(run.root) == second
-    target = {"weights data byte": "model.safetensors", "safetensors header byte": "model.safetensors",
-              "truncated optimizer": "optimizer.bin", "ema byte": checkpoint.STATE_TENSORS,
-              "manifest missing": checkpoint.MANIFEST, "file added": "extra.bin"}[damage]
+    target = {
+        "weights data byte": "model.safetensors",
+        "safetensors header byte": "model.safetensors",
+        "truncated optimizer": "optimizer.bin",
+        "ema byte": checkpoint.STATE_TENSORS,
+        "manifest missing": checkpoint.MANIFEST,
+        "file added": "extra.bin",
+    }[damage]
     path = second / target
     if damage == "weights data byte":
         _flip(path, path.stat().st_size - 3)  # inside the last tensor's data
@@ -242,12 +269,15 @@ def test_non_finite_weights_are_never_saved(run):
     good = run.save(2)
     with torch.no_grad():
         next(run.model.parameters())[0, 0] = float("nan")
-    with pytest.raises(checkpoint.CheckpointError, match="refusing to save the checkpoint of step 4: non-finite weights"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match="refusing to save the checkpoint of step 4: non-finite weights"
+    ):
         checkpoint.save(run.accelerator, run.root, 4, {}, keep=1, states=run.states, model=run.model)
     assert checkpoint.latest(run.root) == good and not (run.root / "step-0000004").exists()
 
 
 # --- non-finite steps ----------------------------------------------------------------------------
+
 
 def test_a_non_finite_step_is_skipped_without_any_update(run):
     from train.meter import StepWindow
@@ -276,7 +306,9 @@ def test_the_guard_skips_a_few_in_a_row_then_stops_naming_the_step_and_batch():
     assert not guard.skip(1, True, "")
     assert guard.skip(2, False, "loss nan on sources ['a.mp4']") and guard.skip(3, False, "")
     assert not guard.skip(4, True, "") and guard.skip(5, False, "") and guard.skip(6, False, "")  # the streak restarted
-    with pytest.raises(RunError, match=r"step 7: non-finite .*3 consecutive non-finite steps, more than max_nonfinite_steps=2"):
+    with pytest.raises(
+        RunError, match=r"step 7: non-finite .*3 consecutive non-finite steps, more than max_nonfinite_steps=2"
+    ):
         guard.skip(7, False, "")
     assert "step 2: non-finite loss or gradient norm: loss nan on sources ['a.mp4']: step skipped" in seen[0]
     with pytest.raises(RunError, match="step 1: .*nonfinite=stop"):
@@ -305,21 +337,29 @@ def test_under_deepspeed_skip_becomes_stop_and_says_so():
 
 # --- one writer ----------------------------------------------------------------------------------
 
+
 def test_a_second_writer_on_a_run_directory_is_refused_naming_the_holder(tmp_path):
     import socket
 
     with RunLock(tmp_path):
         with pytest.raises(RunError) as err:
             RunLock(tmp_path).acquire()
-        assert f"in use by another trainer (pid {os.getpid()} on host {socket.gethostname()}, started " in str(err.value)
-        other = subprocess.run([sys.executable, "-c", f"from train.faults import RunLock; RunLock({str(tmp_path)!r}).acquire()"],
-                               cwd=ROOT, capture_output=True, text=True)
+        assert f"in use by another trainer (pid {os.getpid()} on host {socket.gethostname()}, started " in str(
+            err.value
+        )
+        other = subprocess.run(
+            [sys.executable, "-c", f"from train.faults import RunLock; RunLock({str(tmp_path)!r}).acquire()"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert other.returncode != 0 and f"pid {os.getpid()}" in other.stderr
     with RunLock(tmp_path):  # released at exit: free again
         pass
 
 
 # --- end to end ----------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_a_diverging_run_stops_with_exit_1_and_never_checkpoints_non_finite_weights(tmp_path):
@@ -328,15 +368,29 @@ def test_a_diverging_run_stops_with_exit_1_and_never_checkpoints_non_finite_weig
     loss and batch in the message, no traceback, and every checkpoint left holds finite weights."""
     from safetensors.torch import load_file
 
-    proc = _train(tmp_path / "run", "--set", f"model={_model_yaml(tmp_path)}", "--set", "lr=1e30", "--set", "max_steps=20",
-                  "--set", "checkpoint_every=1", "--set", "max_nonfinite_steps=2")
+    proc = _train(
+        tmp_path / "run",
+        "--set",
+        f"model={_model_yaml(tmp_path)}",
+        "--set",
+        "lr=1e30",
+        "--set",
+        "max_steps=20",
+        "--set",
+        "checkpoint_every=1",
+        "--set",
+        "max_nonfinite_steps=2",
+    )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1, out
     assert "Traceback" not in out and "trained" not in out
     skipped = [line for line in out.splitlines() if "step skipped, no update" in line]
     assert len(skipped) == 2 and "non-finite loss or gradient norm: loss " in skipped[0] and "noise seeds" in skipped[0]
-    error = out[out.index("ministack train: error: "):]
-    assert "3 consecutive non-finite steps, more than max_nonfinite_steps=2" in error and "on the batch of sources" in error
+    error = out[out.index("ministack train: error: ") :]
+    assert (
+        "3 consecutive non-finite steps, more than max_nonfinite_steps=2" in error
+        and "on the batch of sources" in error
+    )
     stopped_at = int(error.split("error: step ")[1].split(":")[0])
     steps = [r["step"] for r in _jsonl(tmp_path / "run" / "log.jsonl")]
     assert steps == list(range(1, len(steps) + 1)) and stopped_at == len(steps) + 1  # skipped steps are not counted
@@ -381,11 +435,29 @@ def test_ranks_die_with_their_launcher(tmp_path):
     from test_train import SMALL, _env
 
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
-            "--num_processes", "2", "--main_process_port", "0", "-m", "train", "--set", f"run_dir={run}",
-            "--set", f"model={_model_yaml(tmp_path)}", *SMALL, "--set", "max_steps=100000"]
-    launcher = subprocess.Popen(args, cwd=ROOT, env=_env() | {"ACCELERATE_USE_CPU": "1"},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+        "-m",
+        "train",
+        "--set",
+        f"run_dir={run}",
+        "--set",
+        f"model={_model_yaml(tmp_path)}",
+        *SMALL,
+        "--set",
+        "max_steps=100000",
+    ]
+    launcher = subprocess.Popen(
+        args, cwd=ROOT, env=_env() | {"ACCELERATE_USE_CPU": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (run / "log.jsonl").is_file() or not (run / "log.jsonl").read_text():  # both ranks are training
         assert launcher.poll() is None and time.time() < deadline

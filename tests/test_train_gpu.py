@@ -14,8 +14,17 @@ def test_tiny_run_on_cuda_records_every_step(tmp_path):
 
     model = tmp_path / "model.yaml"
     model.write_text("model: {preset: tiny, hidden_size: 64, depth: 2, num_heads: 2}\n")
-    cfg = load_train_config(None, [f"run_dir={tmp_path / 'run'}", f"model={model}", "max_steps=3", "data.size=32",
-                                   "data.batch_size=4", "data.buckets=[[1,16,16],[3,16,16]]"])
+    cfg = load_train_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"model={model}",
+            "max_steps=3",
+            "data.size=32",
+            "data.batch_size=4",
+            "data.buckets=[[1,16,16],[3,16,16]]",
+        ],
+    )
     result = train(cfg)
     assert result["step"] == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
     records = [json.loads(line) for line in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()]

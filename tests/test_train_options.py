@@ -22,8 +22,18 @@ def test_auto_precision_is_bf16_only_where_it_pays(monkeypatch):
 
 
 def _run(root, name: str, *extra: str) -> dict[int, float]:
-    proc = _train(root / name, "--set", f"model={_model_yaml(root)}", "--set", "max_steps=3",
-                  "--set", "eval_prompts=2", "--set", "eval_sampling_steps=2", *extra)
+    proc = _train(
+        root / name,
+        "--set",
+        f"model={_model_yaml(root)}",
+        "--set",
+        "max_steps=3",
+        "--set",
+        "eval_prompts=2",
+        "--set",
+        "eval_sampling_steps=2",
+        *extra,
+    )
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
     return _losses(root / name)

@@ -44,8 +44,13 @@ def test_tiny_is_seeded():
 
 @pytest.mark.parametrize(
     "video, latent",
-    [((1, 64, 48), (1, 16, 12)), ((9, 64, 64), (5, 16, 16)), ((3, 16, 16), (2, 4, 4)),
-     ((7, 32, 16), (4, 8, 4)), ((17, 128, 224), (9, 32, 56))],
+    [
+        ((1, 64, 48), (1, 16, 12)),
+        ((9, 64, 64), (5, 16, 16)),
+        ((3, 16, 16), (2, 4, 4)),
+        ((7, 32, 16), (4, 8, 4)),
+        ((17, 128, 224), (9, 32, 56)),
+    ],
 )
 def test_size_mapping(tiny, video, latent):
     assert tiny.latent_size(*video) == latent
@@ -78,10 +83,18 @@ def test_encoding_is_causal(tiny):
 
 @pytest.mark.parametrize(
     "size, message",
-    [((8, 64, 64), r"frames 8 does not fit codec compression 2,4,4 \(frames 1 \+ 2k.*: 7 frames at 64x64 or 9 frames at 64x64$"),
-     ((0, 64, 64), r"frames 0 does not fit.*nearest sizes that fit: 1 frame at 64x64$"),
-     ((9, 62, 64), r"height 62 does not fit.*height and width multiples of 4.*9 frames at 60x64 or 9 frames at 64x64$"),
-     ((9, 64, 30), r"width 30 does not fit.*9 frames at 64x28 or 9 frames at 64x32$")],
+    [
+        (
+            (8, 64, 64),
+            r"frames 8 does not fit codec compression 2,4,4 \(frames 1 \+ 2k.*: 7 frames at 64x64 or 9 frames at 64x64$",
+        ),
+        ((0, 64, 64), r"frames 0 does not fit.*nearest sizes that fit: 1 frame at 64x64$"),
+        (
+            (9, 62, 64),
+            r"height 62 does not fit.*height and width multiples of 4.*9 frames at 60x64 or 9 frames at 64x64$",
+        ),
+        ((9, 64, 30), r"width 30 does not fit.*9 frames at 64x28 or 9 frames at 64x32$"),
+    ],
 )
 def test_invalid_sizes_raise_naming_valid_ones(tiny, size, message):
     with pytest.raises(ValueError, match=message):
@@ -151,8 +164,12 @@ def test_cogvideox_works_where_its_decoder_is_causal():
 
     torch.manual_seed(0)
     vae = AutoencoderKLCogVideoX(
-        down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
-        block_out_channels=(16, 32, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3,
+        block_out_channels=(16, 32, 32),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
     )
     codec = VideoCodec(vae)
     assert codec.compression == (4, 4, 4) and codec.scale[0].item() == pytest.approx(1 / 1.15258426)

@@ -42,8 +42,12 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             raise ValueError("deepspeed: the accelerate config already sets up DeepSpeed; give one of the two")
         plugin = DeepSpeedPlugin(hf_ds_config=str(Path(cfg.deepspeed).resolve()))
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=kwargs,
-                       deepspeed_plugin=plugin)
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        kwargs_handlers=kwargs,
+        deepspeed_plugin=plugin,
+    )
 
 
 def gathered(model, deepspeed):

@@ -86,8 +86,9 @@ def _step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:07d}"
 
 
-def save(accelerator, root: str | Path, step: int, meta: dict, keep: int = 3, states: dict | None = None,
-         model=None) -> Path:
+def save(
+    accelerator, root: str | Path, step: int, meta: dict, keep: int = 3, states: dict | None = None, model=None
+) -> Path:
     """Save the full training state at `step`; all ranks call this (ZeRO shards save per rank).
 
     `states`: the loop's own stateful objects by name (state_dict / load_state_dict), saved by
@@ -115,9 +116,11 @@ def save(accelerator, root: str | Path, step: int, meta: dict, keep: int = 3, st
             shutil.rmtree(tmp, ignore_errors=True)
         pointer = root / LATEST
         good = root / pointer.read_text().strip() if pointer.is_file() else "none yet"
-        raise CheckpointError(f"writing the checkpoint of step {step} to {tmp} failed: {err}. The last good checkpoint "
-                              f"({good}) is untouched; free space (or fix {root}) and run again to resume "
-                              f"from it") from None
+        raise CheckpointError(
+            f"writing the checkpoint of step {step} to {tmp} failed: {err}. The last good checkpoint "
+            f"({good}) is untouched; free space (or fix {root}) and run again to resume "
+            f"from it"
+        ) from None
     accelerator.wait_for_everyone()
     return final
 
@@ -137,8 +140,10 @@ def _refuse_nonfinite(accelerator, step: int, model, states: dict) -> None:
     if accelerator.num_processes > 1:
         flag = accelerator.reduce(flag, "sum")
     if flag.item():
-        raise CheckpointError(f"refusing to save the checkpoint of step {step}: non-finite weights "
-                              f"({bad or 'on another rank'}); the last good checkpoint stays the newest")
+        raise CheckpointError(
+            f"refusing to save the checkpoint of step {step}: non-finite weights "
+            f"({bad or 'on another rank'}); the last good checkpoint stays the newest"
+        )
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
@@ -175,7 +180,9 @@ def _files(path: Path) -> list[str]:
 
 def _write_manifest(path: Path) -> None:
     """SHA-256 and size of every file under `path`, each fsynced first, then the manifest itself."""
-    files = {rel: {"sha256": _hash(path / rel, sync=True), "bytes": (path / rel).stat().st_size} for rel in _files(path)}
+    files = {
+        rel: {"sha256": _hash(path / rel, sync=True), "bytes": (path / rel).stat().st_size} for rel in _files(path)
+    }
     with open(path / MANIFEST, "w") as f:
         json.dump({"files": files}, f, indent=1)
         f.flush()
@@ -233,8 +240,10 @@ def _newest_intact(root: Path, log) -> Path | None:
             return path
         log(f"checkpoint {path} is not usable: {problem}; trying the one before")
     if candidates:
-        raise CheckpointError(f"no intact checkpoint under {root} ({len(candidates)} rejected, each named above): "
-                              f"move {root} aside to start the run afresh")
+        raise CheckpointError(
+            f"no intact checkpoint under {root} ({len(candidates)} rejected, each named above): "
+            f"move {root} aside to start the run afresh"
+        )
     return None
 
 
@@ -301,7 +310,7 @@ def _flatten(tree, key: str, tensors: dict):
 
 
 def _unflatten(node, tensors: dict):
-    (kind, value), = node.items()
+    ((kind, value),) = node.items()
     if kind == "tensor":
         return tensors[value]
     if kind == "dict":

@@ -25,14 +25,18 @@ STAGES = ("vae", "cache", "dit", "evaluate")
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="ministack train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ministack train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     stage = "dit"
     if argv and argv[0] in STAGES:
         stage, argv = argv[0], argv[1:]
     p.add_argument("config", nargs="?", help="run YAML (default: the built-in tiny run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--slurm", action="store_true", help="submit the run as a SLURM job (the config's slurm: section)")
-    p.add_argument("--dry-run", action="store_true", help="with --slurm: write and print the batch script, submit nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="with --slurm: write and print the batch script, submit nothing"
+    )
     args = p.parse_args(argv)
     if args.dry_run and not args.slurm:
         p.error("--dry-run goes with --slurm")
@@ -118,6 +122,8 @@ def _submit(cfg, args: argparse.Namespace) -> int:
         print(script.read_text())
         print(f"batch script written to {script} (not submitted: --dry-run)", file=sys.stderr)
         return 0
-    print(f"submitted SLURM job {job}: log {run_dir}/slurm/{job}.out, ledger {run_dir}/ledger.jsonl, "
-          f"checkpoints {run_dir}/checkpoints; script {script}")
+    print(
+        f"submitted SLURM job {job}: log {run_dir}/slurm/{job}.out, ledger {run_dir}/ledger.jsonl, "
+        f"checkpoints {run_dir}/checkpoints; script {script}"
+    )
     return 0

@@ -1,6 +1,6 @@
 """A training run's configuration: one YAML file, overridable from the command line.
 
-    ministack train configs/train/tiny.yaml --set max_steps=200 --set data.batch_size=4
+ministack train configs/train/tiny.yaml --set max_steps=200 --set data.batch_size=4
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ class SlurmConfig:
     account: str | None = None
     job_name: str | None = None  # default: the run directory's name
     launcher: str = "accelerate"  # or "torchrun" (DeepSpeed then from the run's `deepspeed:` JSON)
-    accelerate_config: str | None = None  # default configs/accelerate/ddp.yaml; ZeRO configs work unchanged across nodes
+    accelerate_config: str | None = (
+        None  # default configs/accelerate/ddp.yaml; ZeRO configs work unchanged across nodes
+    )
     signal_s: int = 120  # SIGUSR1 this long before the time limit: checkpoint, then requeue
     requeue: bool = True
     setup: list = field(default_factory=list)  # shell lines before the launch (module load, source a venv)
@@ -74,7 +76,9 @@ class TrainConfig:
     sigma_shift: float = 1.0  # SD3's time shift of the training sigmas (> 1: towards noise)
     data: DataConfig = field(default_factory=DataConfig)
     latent_cache: str = ""  # a directory: encode the data once there (train.data.latents), train on the cache
-    cache_dtype: str = "float32"  # of the cached tensors: float32 trains exactly as from pixels; float16 halves the disk
+    cache_dtype: str = (
+        "float32"  # of the cached tensors: float32 trains exactly as from pixels; float16 halves the disk
+    )
     vae: VAEConfig = field(default_factory=VAEConfig)
     cond_drop: float = 0.1  # fraction of captions replaced by "" (what classifier-free guidance needs)
     seed: int = 0
@@ -100,7 +104,9 @@ class TrainConfig:
     eval_guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     nonfinite: str = "skip"  # a step with a non-finite loss or gradient norm: "skip" it (no update) or "stop" the run
     max_nonfinite_steps: int = 3  # with "skip": this many consecutive skipped steps, then the run stops
-    deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO stage etc.) for launchers without an accelerate config (torchrun)
+    deepspeed: str | None = (
+        None  # a DeepSpeed JSON config (ZeRO stage etc.) for launchers without an accelerate config (torchrun)
+    )
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # used by `ministack train --slurm` only
 
     def to_dict(self) -> dict:
@@ -128,9 +134,11 @@ class TrainConfig:
         # a per-bucket batch size left from a YAML whose buckets an override replaced
         stray = [str(b) for b in self.data.bucket_batch_size if parse_bucket(b) not in buckets]
         if stray:
-            raise ValueError(f"data.bucket_batch_size names buckets not in data.buckets: {', '.join(stray)} "
-                             f"(buckets: {', '.join('x'.join(map(str, b)) for b in buckets)}); "
-                             f"drop it with --set data.bucket_batch_size={{}}")
+            raise ValueError(
+                f"data.bucket_batch_size names buckets not in data.buckets: {', '.join(stray)} "
+                f"(buckets: {', '.join('x'.join(map(str, b)) for b in buckets)}); "
+                f"drop it with --set data.bucket_batch_size={{}}"
+            )
 
 
 def _at_least(low):
@@ -162,8 +170,10 @@ RULES = {
     "eval_prompts": _at_least(1),
     "eval_sampling_steps": _at_least(1),
     "eval_guidance": (lambda v: v >= 0, ">= 0 (1: no guidance)"),
-    "eval_guidance_interval": (lambda v: len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and 0 <= v[0] <= v[1] <= 1,
-                               "[lo, hi] with 0 <= lo <= hi <= 1"),
+    "eval_guidance_interval": (
+        lambda v: len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and 0 <= v[0] <= v[1] <= 1,
+        "[lo, hi] with 0 <= lo <= hi <= 1",
+    ),
     "diffusion": _one_of("flow", "ddpm"),
     "sigma_sampling": _one_of("logit_normal", "uniform"),
     "sigma_shift": (lambda v: v > 0, "> 0"),
@@ -229,7 +239,7 @@ def _coerce(default, value):
     """YAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`): numbers follow the field's type.
     It reads an unquoted `no` as False: a string field given a boolean is an error saying so."""
     if isinstance(default, str) and isinstance(value, bool):
-        raise ValueError(f"expected a string, got the YAML boolean {value}: quote it (e.g. \"no\")")
+        raise ValueError(f'expected a string, got the YAML boolean {value}: quote it (e.g. "no")')
     if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
         try:
             number = float(value)

@@ -62,7 +62,7 @@ def validation_losses(model, codec, text_encoder, clips: list, kind: str, seed: 
     deviation / sqrt(n) its standard error."""
     per_clip = []
     for start in range(0, len(clips), batch):
-        chunk = clips[start:start + batch]
+        chunk = clips[start : start + batch]
         latents = codec.encode(torch.stack([c.video for c in chunk]).to(codec.shift.device))
         kwargs = {}
         if text_encoder is not None:
@@ -72,8 +72,12 @@ def validation_losses(model, codec, text_encoder, clips: list, kind: str, seed: 
         _, noise = per_sample_noise(latents.shape, kind, seeds, latents.device)
         losses = []
         for t in VAL_TIMESTEPS:
-            timestep = torch.full((len(chunk),), t * 1.0 if kind == "flow" else min(t, TRAIN_STEPS - 1), device=latents.device)
-            losses.append(training_loss(model, latents, kind, timestep=timestep, noise=noise, per_sample=True, **kwargs))
+            timestep = torch.full(
+                (len(chunk),), t * 1.0 if kind == "flow" else min(t, TRAIN_STEPS - 1), device=latents.device
+            )
+            losses.append(
+                training_loss(model, latents, kind, timestep=timestep, noise=noise, per_sample=True, **kwargs)
+            )
         per_clip.append(torch.stack(losses).mean(0).cpu())
     return torch.cat(per_clip).numpy().astype(np.float64)
 
@@ -90,13 +94,32 @@ def alignment_prompts(n: int, frames: int, seed: int = 0, data_kind: str = "proc
         return judges.prompt_attrs(data_kind, n, frames, seed)
     rng = np.random.default_rng(seed)
     motions = ("left", "right", "up", "down") if frames > 1 else ("static",)
-    colours, shapes = ("red", "green", "blue", "yellow", "white", "magenta", "cyan"), ("square", "circle", "triangle", "bar")
-    return [{"colour": str(rng.choice(colours)), "shape": str(rng.choice(shapes)), "motion": str(rng.choice(motions)),
-             "frames": frames} for _ in range(n)]
+    colours, shapes = (
+        ("red", "green", "blue", "yellow", "white", "magenta", "cyan"),
+        ("square", "circle", "triangle", "bar"),
+    )
+    return [
+        {
+            "colour": str(rng.choice(colours)),
+            "shape": str(rng.choice(shapes)),
+            "motion": str(rng.choice(motions)),
+            "frames": frames,
+        }
+        for _ in range(n)
+    ]
 
 
-def _sample(pipeline, prompts: list[str], frames: int, height: int, width: int, sampler: Sampler, seed: int,
-            grid_path: str | Path | None, batch: int = 16) -> np.ndarray:
+def _sample(
+    pipeline,
+    prompts: list[str],
+    frames: int,
+    height: int,
+    width: int,
+    sampler: Sampler,
+    seed: int,
+    grid_path: str | Path | None,
+    batch: int = 16,
+) -> np.ndarray:
     """The pipeline's videos for `prompts` ([n, T, H, W, 3] uint8, what a user gets; `batch`
     prompts at a time: a sampling step's memory grows with the batch); with `grid_path`, their
     contact sheet there (PNG: each clip's frames side by side) and beside it the clips as one
@@ -105,10 +128,21 @@ def _sample(pipeline, prompts: list[str], frames: int, height: int, width: int, 
 
     generator = torch.Generator().manual_seed(seed)
     pipeline.set_progress_bar_config(disable=True)  # one bar per batch of prompts would bury the run's console
-    videos = np.concatenate([
-        pipeline(prompts[s:s + batch], frames=frames, height=height, width=width, num_inference_steps=sampler.steps,
-                 guidance_scale=sampler.guidance, guidance_interval=sampler.interval, generator=generator).videos
-        for s in range(0, len(prompts), batch)])
+    videos = np.concatenate(
+        [
+            pipeline(
+                prompts[s : s + batch],
+                frames=frames,
+                height=height,
+                width=width,
+                num_inference_steps=sampler.steps,
+                guidance_scale=sampler.guidance,
+                guidance_interval=sampler.interval,
+                generator=generator,
+            ).videos
+            for s in range(0, len(prompts), batch)
+        ]
+    )
     if grid_path is not None:
         write_image(grid_path, contact_sheet(videos))
         write_video(Path(grid_path).with_suffix(".gif"), tile_video(videos), fps=4)
@@ -116,9 +150,18 @@ def _sample(pipeline, prompts: list[str], frames: int, height: int, width: int, 
 
 
 @torch.no_grad()
-def text_alignment(pipeline, n: int = 8, frames: int = 5, height: int = 32, width: int = 32,
-                   sampler: Sampler = Sampler(), seed: int = 0, grid_path: str | Path | None = None,
-                   data_kind: str = "procedural", source: str = "") -> dict:
+def text_alignment(
+    pipeline,
+    n: int = 8,
+    frames: int = 5,
+    height: int = 32,
+    width: int = 32,
+    sampler: Sampler = Sampler(),
+    seed: int = 0,
+    grid_path: str | Path | None = None,
+    data_kind: str = "procedural",
+    source: str = "",
+) -> dict:
     """Sample prompts built from attributes and score what the samples show against them, with
     chance levels: by train.judge for the glyph kinds (`glyph_alignment`), else by the probe."""
     if data_kind in judges.GLYPH_KINDS:
@@ -142,8 +185,14 @@ def cached_judge(kind: str, size: tuple[int, int, int], source: str = "") -> jud
     return _judges[key]
 
 
-def glyph_alignment(pipeline, judge: judges.Judge, n: int, sampler: Sampler = Sampler(), seed: int = 0,
-                    grid_path: str | Path | None = None) -> dict:
+def glyph_alignment(
+    pipeline,
+    judge: judges.Judge,
+    n: int,
+    sampler: Sampler = Sampler(),
+    seed: int = 0,
+    grid_path: str | Path | None = None,
+) -> dict:
     """n prompts balanced over classes and directions, sampled and read by `judge`: accuracy per
     attribute with its 95 % interval and chance, the Frechet distance to real clips with its
     real-vs-real floor, and the judge's own accuracy on real clips (its validation)."""
@@ -159,7 +208,9 @@ def glyph_alignment(pipeline, judge: judges.Judge, n: int, sampler: Sampler = Sa
         "interval": {k: list(a.interval) for k, a in scored.items()},
         "chance": {k: a.chance for k, a in scored.items()},
         "n": {k: a.n for k, a in scored.items()},
-        "fd": fd, "fd_floor": floor, "fd_frames": min(len(reading.features), len(judge.real_features)),
+        "fd": fd,
+        "fd_floor": floor,
+        "fd_frames": min(len(reading.features), len(judge.real_features)),
         "judge": {k: a.value for k, a in judge.validity.items()},
         "prompts": prompts,
     }
@@ -195,8 +246,17 @@ def evaluate_run(pipeline, cfg, step: int, run: Path, again: bool = False) -> di
     if pipeline.text_encoder is not None:
         result |= sampler.record()
         grid = run / "samples" / f"step-{step:07d}{suffix}.png"
-        result |= text_alignment(pipeline, n=cfg.eval_prompts, frames=frames, height=height, width=width,
-                                 sampler=sampler, grid_path=grid, data_kind=cfg.data.kind, source=cfg.data.source)
+        result |= text_alignment(
+            pipeline,
+            n=cfg.eval_prompts,
+            frames=frames,
+            height=height,
+            width=width,
+            sampler=sampler,
+            grid_path=grid,
+            data_kind=cfg.data.kind,
+            source=cfg.data.source,
+        )
         result["samples"] = str(grid)
     with (run / "eval.jsonl").open("a") as f:
         f.write(json.dumps(result) + "\n")
@@ -207,8 +267,10 @@ def saved_pipeline(cfg) -> Path:
     """RUN_DIR/pipeline, the EMA pipeline a finished run saved; a ValueError naming it if absent."""
     path = Path(cfg.run_dir) / "pipeline"
     if not (path / "transformer").is_dir():
-        raise ValueError(f"no saved pipeline in {path}: train the run first (ministack train CONFIG), "
-                         "or --set run_dir= to the run to evaluate")
+        raise ValueError(
+            f"no saved pipeline in {path}: train the run first (ministack train CONFIG), "
+            "or --set run_dir= to the run to evaluate"
+        )
     return path
 
 
@@ -235,23 +297,39 @@ def format_eval(result: dict) -> str:
     colour right and motion at chance would look half good), the Frechet distance beside its
     real-vs-real floor, the judge's own accuracy on real clips, and where the samples are."""
     again = " (the saved pipeline, evaluated again)" if result.get("again") else ""
-    lines = [f"eval at step {result['step']}{again}: val_loss {result['val_loss']:.4f} +- {result['val_loss_se']:.4f} "
-             f"({result['val_clips']} held-out clips)"]
+    lines = [
+        f"eval at step {result['step']}{again}: val_loss {result['val_loss']:.4f} +- {result['val_loss_se']:.4f} "
+        f"({result['val_clips']} held-out clips)"
+    ]
     for name, accuracy in result.get("accuracy", {}).items():
         interval = result.get("interval", {}).get(name)
         span = f" [{interval[0]:.0%}, {interval[1]:.0%}]" if interval else ""
-        lines.append(f"  {name}: {accuracy:.1%}{span} of {result['n'][name]} samples (chance {result['chance'][name]:.1%})")
+        lines.append(
+            f"  {name}: {accuracy:.1%}{span} of {result['n'][name]} samples (chance {result['chance'][name]:.1%})"
+        )
     if "fd" in result:
         # below as many frames as the judge has features the covariances are singular: the distance
         # and its floor then measure the estimator more than the samples
         few = result.get("fd_frames", judges.FEATURES) < judges.FEATURES
-        caveat = f"; {result['fd_frames']} frames, fewer than the judge's {judges.FEATURES} features: not comparable" if few else ""
-        lines.append(f"  Frechet distance to real clips: {result['fd']:.2f} (real vs real: {result['fd_floor']:.2f}{caveat})")
+        caveat = (
+            f"; {result['fd_frames']} frames, fewer than the judge's {judges.FEATURES} features: not comparable"
+            if few
+            else ""
+        )
+        lines.append(
+            f"  Frechet distance to real clips: {result['fd']:.2f} (real vs real: {result['fd_floor']:.2f}{caveat})"
+        )
     if "judge" in result:
         lines.append("  judge on held-out real clips: " + ", ".join(f"{k} {v:.1%}" for k, v in result["judge"].items()))
     if "samples" in result:
-        interval = " over noise levels {:g}-{:g}".format(*result["guidance_interval"]) if "guidance_interval" in result else ""
-        how = f" (guidance {result['guidance']:g}{interval}, {result['sampling_steps']} sampling steps)" if "guidance" in result else ""
+        interval = (
+            " over noise levels {:g}-{:g}".format(*result["guidance_interval"]) if "guidance_interval" in result else ""
+        )
+        how = (
+            f" (guidance {result['guidance']:g}{interval}, {result['sampling_steps']} sampling steps)"
+            if "guidance" in result
+            else ""
+        )
         lines.append(f"  samples: {result['samples']} and {Path(result['samples']).with_suffix('.gif')}{how}")
     return "\n".join(lines)
 

@@ -47,8 +47,10 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip()
             os.close(fd)
-            raise RunError(f"run directory {self.path.parent} is in use by another trainer ({_describe(holder)}; "
-                           f"lock {self.path}): wait for it to finish, or give this run another run_dir") from None
+            raise RunError(
+                f"run directory {self.path.parent} is in use by another trainer ({_describe(holder)}; "
+                f"lock {self.path}): wait for it to finish, or give this run another run_dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode())
         self.fd = fd
@@ -117,9 +119,14 @@ class NonfiniteGuard:
         self.streak += 1
         what = f"step {step}: non-finite loss or gradient norm: {detail}"
         if self.policy == "stop" or self.streak > self.limit:
-            why = ("nonfinite=stop" if self.policy == "stop"
-                   else f"{self.streak} consecutive non-finite steps, more than max_nonfinite_steps={self.limit}")
-            raise RunError(f"{what}; stopping the run ({why}). The last checkpoint holds the last finite weights: "
-                           f"lower lr (or raise warmup_steps / grad_clip) before resuming")
+            why = (
+                "nonfinite=stop"
+                if self.policy == "stop"
+                else f"{self.streak} consecutive non-finite steps, more than max_nonfinite_steps={self.limit}"
+            )
+            raise RunError(
+                f"{what}; stopping the run ({why}). The last checkpoint holds the last finite weights: "
+                f"lower lr (or raise warmup_steps / grad_clip) before resuming"
+            )
         self.log(f"{what}: step skipped, no update ({self.streak} of at most {self.limit} in a row)")
         return True

@@ -95,9 +95,18 @@ class GlyphClassifier(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             nn.AvgPool2d(pool) if pool > 1 else nn.Identity(),
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, FEATURES, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, FEATURES, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(FEATURES, classes)
 
@@ -119,8 +128,9 @@ def grey_frames(videos: torch.Tensor) -> torch.Tensor:
     return videos.float().mean(1).clamp(-1, 1).reshape(b * t, 1, h, w)
 
 
-def _real_frames(kind: str, n: int, seed: int, split: str, height: int, width: int,
-                 source: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def _real_frames(
+    kind: str, n: int, seed: int, split: str, height: int, width: int, source: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
     data = glyph_clips(kind, n, seed, split, (1, height, width), source)
     videos, labels = [], []
     for i in range(n):
@@ -130,8 +140,9 @@ def _real_frames(kind: str, n: int, seed: int, split: str, height: int, width: i
     return grey_frames(torch.stack(videos)), torch.tensor(labels)
 
 
-def train_classifier(kind: str, height: int, width: int, seed: int = 0, frames: int = TRAIN_FRAMES,
-                     source: str = "") -> GlyphClassifier:
+def train_classifier(
+    kind: str, height: int, width: int, seed: int = 0, frames: int = TRAIN_FRAMES, source: str = ""
+) -> GlyphClassifier:
     """The classifier, trained on `frames` real single frames of the training scans (Adam, a
     cosine schedule, EPOCHS passes). Deterministic for a seed on one machine."""
     torch.manual_seed(seed)
@@ -145,7 +156,7 @@ def train_classifier(kind: str, height: int, width: int, seed: int = 0, frames: 
     for _ in range(EPOCHS):
         order = torch.randperm(len(x), generator=g)
         for start in range(0, len(x), batch):
-            idx = order[start:start + batch]
+            idx = order[start : start + batch]
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -156,7 +167,9 @@ def train_classifier(kind: str, height: int, width: int, seed: int = 0, frames: 
 
 def _cache_file(kind: str, height: int, width: int, seed: int, source: str) -> Path:
     root = Path(os.environ.get("MINISTACK_CACHE", Path.home() / ".cache" / "ministack"))
-    key = f"{kind}|{height}x{width}|{seed}|{VERSION}|{TRAIN_FRAMES}|{EPOCHS}|{os.path.abspath(source) if source else ''}"
+    key = (
+        f"{kind}|{height}x{width}|{seed}|{VERSION}|{TRAIN_FRAMES}|{EPOCHS}|{os.path.abspath(source) if source else ''}"
+    )
     key = hashlib.sha1(key.encode()).hexdigest()[:10]
     return root / "judges" / f"{kind}-{height}x{width}-{key}.pt"
 
@@ -171,7 +184,9 @@ def load_classifier(kind: str, height: int, width: int, seed: int = 0, source: s
             return model.eval()
         except (RuntimeError, OSError, ValueError):  # a torn or foreign file: retrain over it
             pass
-    log(f"judge: training the {kind} classifier at {height}x{width} on real training scans (once; cached in {path.parent})")
+    log(
+        f"judge: training the {kind} classifier at {height}x{width} on real training scans (once; cached in {path.parent})"
+    )
     with torch.inference_mode(False):
         model = train_classifier(kind, height, width, seed, source=source)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +210,7 @@ def read(classifier: GlyphClassifier, videos: torch.Tensor) -> Reading:
     """Class (soft majority over frames), motion (centroid track) and features of [B, 3, T, H, W] clips."""
     b, t = videos.shape[0], videos.shape[2]
     frames = grey_frames(videos)
-    feats = torch.cat([classifier.features(frames[s:s + 256]) for s in range(0, len(frames), 256)])
+    feats = torch.cat([classifier.features(frames[s : s + 256]) for s in range(0, len(frames), 256)])
     probs = classifier.head(feats).softmax(-1).reshape(b, t, -1).mean(1)
     motions = [probe(v)["motion"] if t > 1 else "static" for v in videos]
     return Reading(probs.argmax(-1).tolist(), motions, feats.numpy().astype(np.float64))
@@ -254,7 +269,9 @@ class Accuracy:
 def score(reading: Reading, wanted: list[dict], classes: int = 10) -> dict[str, Accuracy]:
     """Class and motion accuracy of `reading` against the attributes each clip was asked for;
     motion on multi-frame clips that name one. Chance: uniform over classes / 8 directions."""
-    result = {"class": Accuracy(sum(c == class_of(a) for c, a in zip(reading.classes, wanted)), len(wanted), 1 / classes)}
+    result = {
+        "class": Accuracy(sum(c == class_of(a) for c, a in zip(reading.classes, wanted)), len(wanted), 1 / classes)
+    }
     moving = [(m, a["motion"]) for m, a in zip(reading.motions, wanted) if a.get("motion", "static") != "static"]
     if moving:
         result["motion"] = Accuracy(sum(m == w for m, w in moving), len(moving), 1 / 8)
@@ -276,19 +293,24 @@ class Judge:
     def frechet(self, features: np.ndarray) -> tuple[float, float]:
         """(FD of `features` against the real reference, real-vs-real floor at the same n)."""
         n = min(len(features), len(self.real_features), len(self.floor_features))
-        return (frechet_distance(features[:n], self.real_features[:n]),
-                frechet_distance(self.floor_features[:n], self.real_features[:n]))
+        return (
+            frechet_distance(features[:n], self.real_features[:n]),
+            frechet_distance(self.floor_features[:n], self.real_features[:n]),
+        )
 
 
-def real_reading(classifier: GlyphClassifier, kind: str, n: int, seed: int, size: tuple[int, int, int],
-                 source: str = "") -> tuple[Reading, list[dict]]:
+def real_reading(
+    classifier: GlyphClassifier, kind: str, n: int, seed: int, size: tuple[int, int, int], source: str = ""
+) -> tuple[Reading, list[dict]]:
     """The judge's reading of n held-out real clips (validation scans), with their attributes."""
     data = glyph_clips(kind, n, seed, "val", size, source)
     clips = [data[i] for i in range(n)]
     return read(classifier, torch.stack([c.video for c in clips])), [c.attrs for c in clips]
 
 
-def make_judge(kind: str, size: tuple[int, int, int], n: int = 200, seed: int = 0, source: str = "", log=print) -> Judge:
+def make_judge(
+    kind: str, size: tuple[int, int, int], n: int = 200, seed: int = 0, source: str = "", log=print
+) -> Judge:
     """The judge for clips of `size`, validated on n held-out real clips (scans no training run
     sees: the validation split), with two more disjoint real sets for the Frechet reference and floor."""
     classifier = load_classifier(kind, size[1], size[2], seed, source, log)

@@ -153,7 +153,9 @@ def _train(cfg: TrainConfig) -> dict:
 def setup(cfg: TrainConfig) -> Run:
     """The run's thread team, frozen encoders, accelerator, DiT with its EMA, optimizer and LR
     schedule, and data, in the order the RNG and ZeRO-3 need them."""
-    threads = ThreadWatch(None if torch.cuda.is_available() else apply_thread_policy())  # CPU: a team sized to the free cores (profiling.threads)
+    threads = ThreadWatch(
+        None if torch.cuda.is_available() else apply_thread_policy()
+    )  # CPU: a team sized to the free cores (profiling.threads)
     # Frozen encoders load before the Accelerator exists: under ZeRO-3 accelerate makes transformers
     # partition every model it loads afterwards, and these must stay whole on every rank.
     model_cfg = load_config(cfg.model)
@@ -176,7 +178,9 @@ def setup(cfg: TrainConfig) -> Run:
         model.enable_gradient_checkpointing()
     params = param_parts(model, model.flop_parts)
     ema = EMA(model, cfg.ema_decay)
-    optimizer = adamw(model.parameters(), cfg.lr, cfg.weight_decay, deepspeed=deepspeed is not None)  # fused (train.speed)
+    optimizer = adamw(
+        model.parameters(), cfg.lr, cfg.weight_decay, deepspeed=deepspeed is not None
+    )  # fused (train.speed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
     loader, sampler, null = load_data(cfg, accelerator, codec, text_encoder)
     if deepspeed is not None:  # no dataloader goes through prepare(): tell DeepSpeed the batch and clipping
@@ -190,8 +194,26 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.compile:
         model = torch.compile(model)
     meter = StepMeter(model_cfg, codec, text_encoder, device)
-    return Run(cfg, run_dir, accelerator, threads, model_cfg, model, ema, optimizer, scheduler, codec, text_encoder,
-               loader, null, meter, params, param_dtype, states, deepspeed)
+    return Run(
+        cfg,
+        run_dir,
+        accelerator,
+        threads,
+        model_cfg,
+        model,
+        ema,
+        optimizer,
+        scheduler,
+        codec,
+        text_encoder,
+        loader,
+        null,
+        meter,
+        params,
+        param_dtype,
+        states,
+        deepspeed,
+    )
 
 
 def load_data(cfg: TrainConfig, accelerator: Accelerator, codec, text_encoder):
@@ -201,9 +223,13 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator, codec, text_encoder):
     if cfg.latent_cache:
         with accelerator.main_process_first():  # the main process builds (or resumes) it, the others read it
             manifest = build_cache(cfg, cfg.latent_cache, codec, text_encoder, log=accelerator.print)
-        accelerator.print(f"data: latent cache {cfg.latent_cache}: {manifest['clips']} clips "
-                          f"({manifest['skipped']} skipped), encoders' {manifest['frozen_flops']:.3e} FLOPs spent once there")
-    loader, sampler, dataset = make_loader(cfg.data, accelerator.process_index, accelerator.num_processes, cfg.latent_cache)
+        accelerator.print(
+            f"data: latent cache {cfg.latent_cache}: {manifest['clips']} clips "
+            f"({manifest['skipped']} skipped), encoders' {manifest['frozen_flops']:.3e} FLOPs spent once there"
+        )
+    loader, sampler, dataset = make_loader(
+        cfg.data, accelerator.process_index, accelerator.num_processes, cfg.latent_cache
+    )
     null = None
     if cfg.latent_cache and manifest["text"]:
         null = tuple(t.to(accelerator.device) for t in dataset.null_context())
@@ -261,8 +287,16 @@ def step(run: Run, state: Progress, batch: dict) -> bool:
     with accelerator.accumulate(run.model):
         micro_batch(run, state, batch)
         if accelerator.sync_gradients:
-            state.lr = apply_update(accelerator, run.model, run.optimizer, run.scheduler, run.cfg.grad_clip, state.guard,
-                                    state.window, state.step + 1)
+            state.lr = apply_update(
+                accelerator,
+                run.model,
+                run.optimizer,
+                run.scheduler,
+                run.cfg.grad_clip,
+                state.guard,
+                state.window,
+                state.step + 1,
+            )
     if not accelerator.sync_gradients:
         return False
     if state.lr is None:  # a non-finite step, skipped: no update, no EMA, not counted
@@ -276,18 +310,26 @@ def micro_batch(run: Run, state: Progress, batch: dict) -> None:
     loss's forward and backward on noise seeded per sample (the same after a resume)."""
     cfg = run.cfg
     seeds = [zlib.crc32(f"{cfg.seed}|{state.step}|{source}".encode()) for source in batch["sources"]]
-    video, latents, context, mask = encode_batch(batch, run.codec, run.text_encoder, run.null,
-                                                 dropped_captions(seeds, cfg.cond_drop), run.device)
+    video, latents, context, mask = encode_batch(
+        batch, run.codec, run.text_encoder, run.null, dropped_captions(seeds, cfg.cond_drop), run.device
+    )
     counting = time.perf_counter()  # counting is bookkeeping, not the step: keep it off the clock
     # (counted in the encoders' dtype, the fp32 twin's: FLOPs do not depend on it)
-    state.window.add(run.meter.count(video, latents, batch["captions"], context, mask),
-                     latents.shape[0] * run.model_cfg.num_tokens(*latents.shape[2:]), tuple(latents.shape))
+    state.window.add(
+        run.meter.count(video, latents, batch["captions"], context, mask),
+        latents.shape[0] * run.model_cfg.num_tokens(*latents.shape[2:]),
+        tuple(latents.shape),
+    )
     state.step_start += time.perf_counter() - counting
     latents = latents.to(run.param_dtype)
     kwargs = {} if context is None else {"context": context.to(run.param_dtype), "context_mask": mask}
-    timestep, noise = per_sample_noise(latents.shape, cfg.diffusion, seeds, run.device, cfg.sigma_sampling, cfg.sigma_shift)
+    timestep, noise = per_sample_noise(
+        latents.shape, cfg.diffusion, seeds, run.device, cfg.sigma_sampling, cfg.sigma_shift
+    )
     with run.accelerator.autocast():
-        loss = training_loss(run.model, latents, cfg.diffusion, timestep=timestep, noise=noise.to(latents.dtype), **kwargs)
+        loss = training_loss(
+            run.model, latents, cfg.diffusion, timestep=timestep, noise=noise.to(latents.dtype), **kwargs
+        )
     state.window.losses.append(loss.detach().float())
     state.window.sources += list(batch["sources"])
     state.window.seeds += seeds
@@ -307,14 +349,27 @@ def close_step(run: Run, state: Progress, channels: Channels) -> bool:
     loss_sum, micro, samples, stops = accelerator.reduce(totals, "sum").tolist()
     state.losses.append(loss_sum / micro)
     wall = time.perf_counter() - state.step_start
-    record = make_record("train", state.window.flops, run.params, state.window.tokens, wall, state.peak,
-                         state.window.shape(run.cfg.grad_accum, round(samples)), run=str(run.dir), step=state.step,
-                         rank=accelerator.process_index, world_size=accelerator.num_processes, attempt=state.attempt)
+    record = make_record(
+        "train",
+        state.window.flops,
+        run.params,
+        state.window.tokens,
+        wall,
+        state.peak,
+        state.window.shape(run.cfg.grad_accum, round(samples)),
+        run=str(run.dir),
+        step=state.step,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        attempt=state.attempt,
+    )
     channels.ledger.append(record)
     if channels.log is not None:
         log_step(run, state, channels, record, round(samples), wall)
     channels.bar.update()
-    state.peak = device_peak(run.device, state.dtype) if run.threads.step() else state.peak  # threads resized to the load: the peak is per count
+    state.peak = (
+        device_peak(run.device, state.dtype) if run.threads.step() else state.peak
+    )  # threads resized to the load: the peak is per count
     state.window, state.step_start = StepWindow(), time.perf_counter()
     return bool(stops)
 
@@ -322,24 +377,44 @@ def close_step(run: Run, state: Progress, channels: Channels) -> bool:
 def log_step(run: Run, state: Progress, channels: Channels, record: Record, samples: int, wall: float) -> None:
     """The step on the main process: a line of log.jsonl, TensorBoard's scalars, the bar's postfix."""
     world = run.accelerator.num_processes
-    entry = {"step": state.step, "loss": state.losses[-1], "lr": state.lr, "samples": samples, "step_s": wall,
-             "tokens_per_s": state.window.tokens * world / wall, "mfu": record.mfu,
-             "dropped": state.dropped, "attempt": state.attempt}
+    entry = {
+        "step": state.step,
+        "loss": state.losses[-1],
+        "lr": state.lr,
+        "samples": samples,
+        "step_s": wall,
+        "tokens_per_s": state.window.tokens * world / wall,
+        "mfu": record.mfu,
+        "dropped": state.dropped,
+        "attempt": state.attempt,
+    }
     channels.log.write(json.dumps(entry) + "\n")
     channels.log.flush()
     for key in ("loss", "lr", "tokens_per_s", "mfu"):
         channels.board.add_scalar(f"train/{key}", entry[key], state.step)
     channels.so_far.add(record)
-    channels.bar.set_postfix({"loss": f"{state.losses[-1]:.4f}", "mfu(run)": f"{channels.so_far.mfu:.1%}",
-                              "tok_s(run)": f"{channels.so_far.tokens * world / channels.so_far.wall_s:.0f}"})
+    channels.bar.set_postfix(
+        {
+            "loss": f"{state.losses[-1]:.4f}",
+            "mfu(run)": f"{channels.so_far.mfu:.1%}",
+            "tok_s(run)": f"{channels.so_far.tokens * world / channels.so_far.wall_s:.0f}",
+        }
+    )
 
 
 def checkpoint_if_due(run: Run, state: Progress, stop: bool) -> None:
     """A checkpoint every checkpoint_every steps, at the last step, and when a stop is requested."""
     cfg = run.cfg
     if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps or stop:
-        checkpoint.save(run.accelerator, run.dir / "checkpoints", state.step, {"loss": state.losses[-1]},
-                        cfg.keep_checkpoints, run.states, run.model)
+        checkpoint.save(
+            run.accelerator,
+            run.dir / "checkpoints",
+            state.step,
+            {"loss": state.losses[-1]},
+            cfg.keep_checkpoints,
+            run.states,
+            run.model,
+        )
         state.step_start = time.perf_counter()
 
 

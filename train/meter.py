@@ -26,10 +26,14 @@ class StepWindow:
     def totals(self, device, stop: bool = False) -> torch.Tensor:
         """[sum of micro-batch losses, micro-batches, samples, stop requested] on this rank, to be
         summed over ranks (a stop request rides along: every rank learns of it at the same step)."""
-        return torch.stack([torch.stack(self.losses).sum(),
-                            torch.tensor(float(len(self.losses)), device=device),
-                            torch.tensor(float(sum(s[0] for s in self.shapes)), device=device),
-                            torch.tensor(float(stop), device=device)])
+        return torch.stack(
+            [
+                torch.stack(self.losses).sum(),
+                torch.tensor(float(len(self.losses)), device=device),
+                torch.tensor(float(sum(s[0] for s in self.shapes)), device=device),
+                torch.tensor(float(stop), device=device),
+            ]
+        )
 
     def shape(self, grad_accum: int, samples_per_step: int) -> str:
         """The ledger's shape label: micro-batch size, samples per optimizer step (all ranks) and
@@ -57,7 +61,11 @@ class StepMeter:
     def count(self, video: torch.Tensor | None, latents: torch.Tensor, captions: list[str], context, mask):
         """The DiT's forward + backward, plus the frozen encoders' forwards when they ran on `video`
         (None: the batch came from the latent cache, whose stage counted them once)."""
-        key = (None if video is None else tuple(video.shape), tuple(latents.shape), None if context is None else tuple(context.shape))
+        key = (
+            None if video is None else tuple(video.shape),
+            tuple(latents.shape),
+            None if context is None else tuple(context.shape),
+        )
         kwargs = {} if context is None else {"context": context, "context_mask": mask}
         t = torch.zeros(latents.shape[0], device=latents.device)
         dit = self.dit.count(key, forward_backward(self.model, latents, t, **kwargs))

@@ -74,7 +74,9 @@ def _object_features(mask: np.ndarray) -> np.ndarray:
         half_gap = np.sqrt(((syy - sxx) / 2) ** 2 + sxy**2)  # covariance eigenvalues: mean +- half_gap
         l_max, l_min = (syy + sxx) / 2 + half_gap, np.maximum((syy + sxx) / 2 - half_gap, 1e-6)
         r_max = np.where(mask, np.hypot(dy, dx), 0).max((1, 2)) + 0.5
-        return np.stack([cy, cx, np.sqrt(l_max / l_min), area / (np.pi * r_max**2), 2 * np.pi * (l_max + l_min) / area], 1)
+        return np.stack(
+            [cy, cx, np.sqrt(l_max / l_min), area / (np.pi * r_max**2), 2 * np.pi * (l_max + l_min) / area], 1
+        )
 
 
 def _classify_shape(elongation: float, compactness: float, spread: float) -> str:
@@ -115,9 +117,17 @@ def probe(video: torch.Tensor | np.ndarray) -> dict:
     elongation, compactness, spread = np.nanmedian(feats[:, 2:], axis=0)
     motion, velocity = _direction(feats[:, :2], t, min(h, w))
     return {
-        "colour": colour, "motion": motion, "shape": _classify_shape(elongation, compactness, spread), "frames": t,
-        "rgb": rgb.tolist(), "velocity": velocity, "track": feats[:, :2].tolist(), "present": float(present.mean()),
-        "elongation": float(elongation), "compactness": float(compactness), "spread": float(spread),
+        "colour": colour,
+        "motion": motion,
+        "shape": _classify_shape(elongation, compactness, spread),
+        "frames": t,
+        "rgb": rgb.tolist(),
+        "velocity": velocity,
+        "track": feats[:, :2].tolist(),
+        "present": float(present.mean()),
+        "elongation": float(elongation),
+        "compactness": float(compactness),
+        "spread": float(spread),
     }
 
 

@@ -44,8 +44,13 @@ def start_attempt(run: Path, resumed_from: int, world_size: int) -> int:
         if n:
             moved[name] = n
     attempt = previous + 1
-    entry = {"attempt": attempt, "resumed_from": resumed_from, "world_size": world_size, "time": time.time(),
-             "superseded": moved}
+    entry = {
+        "attempt": attempt,
+        "resumed_from": resumed_from,
+        "world_size": world_size,
+        "time": time.time(),
+        "superseded": moved,
+    }
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
         f.flush()
@@ -60,5 +65,7 @@ def superseded_summary(run: Path) -> str:
         return ""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     flops = sum(r.get("measured_flops", 0) for r in records)
-    return (f"superseded: {len(records)} ledger record(s) of steps redone after a restart, {flops:.3e} FLOPs "
-            f"spent again, kept in {path} (not counted above)")
+    return (
+        f"superseded: {len(records)} ledger record(s) of steps redone after a restart, {flops:.3e} FLOPs "
+        f"spent again, kept in {path} (not counted above)"
+    )

@@ -45,18 +45,26 @@ def check(cfg: SlurmConfig) -> None:
     if cfg.nodes < 1:
         raise ValueError(f"slurm.nodes must be >= 1, got {cfg.nodes}")
     if cfg.ntasks is not None and cfg.ntasks < cfg.nodes:
-        raise ValueError(f"slurm.ntasks ({cfg.ntasks}) must be at least slurm.nodes ({cfg.nodes}): one accelerate node per task")
+        raise ValueError(
+            f"slurm.ntasks ({cfg.ntasks}) must be at least slurm.nodes ({cfg.nodes}): one accelerate node per task"
+        )
     if cfg.ntasks is not None and cfg.ntasks % cfg.nodes:
-        raise ValueError(f"slurm.ntasks ({cfg.ntasks}) must be a multiple of slurm.nodes ({cfg.nodes}): the same tasks on every node")
+        raise ValueError(
+            f"slurm.ntasks ({cfg.ntasks}) must be a multiple of slurm.nodes ({cfg.nodes}): the same tasks on every node"
+        )
     if cfg.gpus_per_node and cfg.ntasks not in (None, cfg.nodes):
-        raise ValueError(f"with GPUs one task per node runs every GPU of it: leave slurm.ntasks unset (got {cfg.ntasks})")
+        raise ValueError(
+            f"with GPUs one task per node runs every GPU of it: leave slurm.ntasks unset (got {cfg.ntasks})"
+        )
     if cfg.cpus_per_task is not None and cfg.cpus_per_task < 1:
         raise ValueError(f"slurm.cpus_per_task must be >= 1, got {cfg.cpus_per_task}")
     if cfg.launcher not in LAUNCHERS:
         raise ValueError(f"slurm.launcher must be one of {', '.join(LAUNCHERS)}, got {cfg.launcher!r}")
     if cfg.launcher == "torchrun" and cfg.accelerate_config is not None:
-        raise ValueError("slurm.accelerate_config is read by `accelerate launch` only: with slurm.launcher torchrun "
-                         "set the run's `deepspeed:` (a DeepSpeed JSON) for ZeRO, or leave it out for DDP")
+        raise ValueError(
+            "slurm.accelerate_config is read by `accelerate launch` only: with slurm.launcher torchrun "
+            "set the run's `deepspeed:` (a DeepSpeed JSON) for ZeRO, or leave it out for DDP"
+        )
     if cfg.launcher == "accelerate" and not Path(accelerate_config(cfg)).is_file():
         raise ValueError(f"slurm.accelerate_config {cfg.accelerate_config!r} is not a file")
     if cfg.gpus_per_node < 0 or (cfg.processes_per_node is not None and cfg.processes_per_node < 1):
@@ -79,21 +87,31 @@ def launch_line(cfg: SlurmConfig, per_node: int, config_path: Path, overrides: l
     training processes, rendezvous at $MASTER_ADDR:$MASTER_PORT."""
     train = [f"-m train {shlex.quote(str(config_path))}", *(f"--set {shlex.quote(o)}" for o in overrides)]
     if cfg.launcher == "torchrun":  # with no CUDA, accelerate's Accelerator falls back to CPU by itself
-        return " ".join([f"{shlex.quote(python)} -m torch.distributed.run",
-                         "--nnodes $SLURM_NTASKS --node_rank $SLURM_PROCID",
-                         f"--nproc_per_node {per_node} --master_addr $MASTER_ADDR --master_port $MASTER_PORT", *train])
+        return " ".join(
+            [
+                f"{shlex.quote(python)} -m torch.distributed.run",
+                "--nnodes $SLURM_NTASKS --node_rank $SLURM_PROCID",
+                f"--nproc_per_node {per_node} --master_addr $MASTER_ADDR --master_port $MASTER_PORT",
+                *train,
+            ]
+        )
     # CPU nodes: DDP needs accelerate told so, while DeepSpeed runs on CPU by itself and is
     # silently replaced by plain CPU DDP when told
     deepspeed = yaml.safe_load(Path(accelerate_config(cfg)).read_text()).get("distributed_type") == "DEEPSPEED"
     cpu = "" if cfg.gpus_per_node or deepspeed else "ACCELERATE_USE_CPU=1 "
-    return cpu + " ".join([f"{shlex.quote(python)} -m accelerate.commands.launch",
-                           f"--config_file {shlex.quote(str(Path(accelerate_config(cfg)).resolve()))}",
-                           "--num_machines $SLURM_NTASKS --machine_rank $SLURM_PROCID",
-                           "--main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT",
-                           # DeepSpeed configs: every node starts its own processes (the default, pdsh, would
-                           # ssh into the others from the first); ignored for DDP
-                           "--deepspeed_multinode_launcher standard",
-                           f"--num_processes $(( SLURM_NTASKS * {per_node} ))", *train])
+    return cpu + " ".join(
+        [
+            f"{shlex.quote(python)} -m accelerate.commands.launch",
+            f"--config_file {shlex.quote(str(Path(accelerate_config(cfg)).resolve()))}",
+            "--num_machines $SLURM_NTASKS --machine_rank $SLURM_PROCID",
+            "--main_process_ip $MASTER_ADDR --main_process_port $MASTER_PORT",
+            # DeepSpeed configs: every node starts its own processes (the default, pdsh, would
+            # ssh into the others from the first); ignored for DDP
+            "--deepspeed_multinode_launcher standard",
+            f"--num_processes $(( SLURM_NTASKS * {per_node} ))",
+            *train,
+        ]
+    )
 
 
 def batch_script(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: list[str], python: str) -> str:
@@ -103,9 +121,15 @@ def batch_script(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: 
     per_node = cfg.processes_per_node or max(cfg.gpus_per_node, 1)
     logs = run_dir / "slurm"
     stop, marker = shlex.quote(str(logs / "stop")), shlex.quote(str(logs / "preempted"))
-    options = [f"--job-name={cfg.job_name or run_dir.name}", f"--nodes={cfg.nodes}", f"--ntasks={tasks}",
-               f"--ntasks-per-node={tasks // cfg.nodes}",
-               f"--output={logs}/%j.out", "--open-mode=append", f"--time={cfg.time}"]
+    options = [
+        f"--job-name={cfg.job_name or run_dir.name}",
+        f"--nodes={cfg.nodes}",
+        f"--ntasks={tasks}",
+        f"--ntasks-per-node={tasks // cfg.nodes}",
+        f"--output={logs}/%j.out",
+        "--open-mode=append",
+        f"--time={cfg.time}",
+    ]
     options += [f"--gpus-per-node={cfg.gpus_per_node}"] if cfg.gpus_per_node else []
     options += [f"--cpus-per-task={cfg.cpus_per_task}"] if cfg.cpus_per_task else []
     options += [f"--mem={cfg.mem}"] if cfg.mem else []
@@ -114,27 +138,33 @@ def batch_script(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: 
     options += [f"--signal=B:USR1@{cfg.signal_s}"] if cfg.signal_s else []
     options += ["--requeue"] if cfg.requeue else []
     options += _lines(cfg.sbatch)
-    lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in options), "",
-             f"# written by `ministack train --slurm` for {run_dir}; edit and `sbatch` it by hand if you like",
-             "set -u", *_lines(cfg.setup),
-             # srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05): without this every rank
-             # and its data workers would share one core
-             *(["export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK"] if cfg.cpus_per_task else []),
-             f"cd {shlex.quote(str(Path.cwd()))}",
-             'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-             "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
-             f'echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}): $SLURM_NTASKS {cfg.launcher} node(s) x {per_node} on $SLURM_JOB_NODELIST"',
-             f"rm -f {stop} {marker}",
-             f"trap 'touch {stop}' USR1  # training checkpoints at its next step and stops (train/preempt.py)",
-             f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(launch_line(cfg, per_node, config_path, overrides, python))} &",
-             "step=$!",
-             "while true; do wait $step; rc=$?; kill -0 $step 2>/dev/null || break; done  # a trap ends `wait` early",
-             f"if [ -f {marker} ]; then",
-             f'  echo "checkpointed at step $(cat {marker}) before the time limit: requeueing"',
-             "  scontrol requeue $SLURM_JOB_ID",
-             "  exit 0",
-             "fi",
-             "exit $rc", ""]
+    lines = [
+        "#!/bin/bash",
+        *(f"#SBATCH {o}" for o in options),
+        "",
+        f"# written by `ministack train --slurm` for {run_dir}; edit and `sbatch` it by hand if you like",
+        "set -u",
+        *_lines(cfg.setup),
+        # srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05): without this every rank
+        # and its data workers would share one core
+        *(["export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK"] if cfg.cpus_per_task else []),
+        f"cd {shlex.quote(str(Path.cwd()))}",
+        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
+        f'echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}): $SLURM_NTASKS {cfg.launcher} node(s) x {per_node} on $SLURM_JOB_NODELIST"',
+        f"rm -f {stop} {marker}",
+        f"trap 'touch {stop}' USR1  # training checkpoints at its next step and stops (train/preempt.py)",
+        f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(launch_line(cfg, per_node, config_path, overrides, python))} &",
+        "step=$!",
+        "while true; do wait $step; rc=$?; kill -0 $step 2>/dev/null || break; done  # a trap ends `wait` early",
+        f"if [ -f {marker} ]; then",
+        f'  echo "checkpointed at step $(cat {marker}) before the time limit: requeueing"',
+        "  scontrol requeue $SLURM_JOB_ID",
+        "  exit 0",
+        "fi",
+        "exit $rc",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -146,8 +176,9 @@ def explain_sbatch_error(message: str) -> str:
     return message
 
 
-def submit(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: list[str], python: str,
-           dry_run: bool = False) -> tuple[Path, str | None]:
+def submit(
+    cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: list[str], python: str, dry_run: bool = False
+) -> tuple[Path, str | None]:
     """Write RUN_DIR/slurm/train.sbatch and (unless `dry_run`) submit it; (script, job id or None).
     Raises RuntimeError when sbatch is missing or refuses the job, with its message."""
     script = run_dir / "slurm" / "train.sbatch"
@@ -159,5 +190,7 @@ def submit(cfg: SlurmConfig, run_dir: Path, config_path: Path, overrides: list[s
         raise RuntimeError("sbatch not found: run on a SLURM login node, or use --dry-run to get the script")
     done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"sbatch refused {script}: {explain_sbatch_error(done.stderr.strip() or done.stdout.strip())}")
+        raise RuntimeError(
+            f"sbatch refused {script}: {explain_sbatch_error(done.stderr.strip() or done.stdout.strip())}"
+        )
     return script, done.stdout.strip().split(";")[0]

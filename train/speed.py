@@ -37,5 +37,7 @@ def check_compile(device: torch.device | str) -> None:
     """Refuse `compile: true` on a CPU without a C++ compiler, before the run starts (inductor
     would fail at the first step, after the data and the models loaded)."""
     if torch.device(device).type == "cpu" and cpp_compiler() is None:
-        raise ValueError("compile: true on a CPU needs a C++ compiler (inductor generates C++): none found "
-                         "($CXX, c++, g++, clang++); install one (e.g. apt-get install g++) or set compile: false")
+        raise ValueError(
+            "compile: true on a CPU needs a C++ compiler (inductor generates C++): none found "
+            "($CXX, c++, g++, clang++); install one (e.g. apt-get install g++) or set compile: false"
+        )

@@ -57,14 +57,17 @@ def nonfinite_policy(cfg: TrainConfig, accelerator) -> str:
     there, only stopped after (its weights are never checkpointed), so "skip" becomes "stop", said
     once at the start."""
     if cfg.nonfinite == "skip" and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.print("nonfinite=skip: under DeepSpeed the engine updates the weights inside backward, before the "
-                          "gradient norm is known, so a non-finite step stops the run instead (as nonfinite=stop)")
+        accelerator.print(
+            "nonfinite=skip: under DeepSpeed the engine updates the weights inside backward, before the "
+            "gradient norm is known, so a non-finite step stops the run instead (as nonfinite=stop)"
+        )
         return "stop"
     return cfg.nonfinite
 
 
-def apply_update(accelerator, model, optimizer, scheduler, grad_clip: float, guard: NonfiniteGuard,
-                 window: StepWindow, step: int) -> float | None:
+def apply_update(
+    accelerator, model, optimizer, scheduler, grad_clip: float, guard: NonfiniteGuard, window: StepWindow, step: int
+) -> float | None:
     """The optimizer step that ends an accumulation window: clip, check the window's loss and the
     gradient norm are finite on every rank, then step the optimizer and the LR schedule. Returns the
     LR the step used, or None when the guard skipped it (no update at all); RunError when the guard
@@ -74,8 +77,10 @@ def apply_update(accelerator, model, optimizer, scheduler, grad_clip: float, gua
     finite = bool(torch.isfinite(loss)) and (norm is None or bool(torch.isfinite(torch.as_tensor(norm))))
     if accelerator.num_processes > 1:  # every rank takes the same decision
         finite = accelerator.reduce(torch.tensor([float(not finite)], device=accelerator.device), "sum").item() == 0
-    detail = (f"loss {loss.item() / len(window.losses)} / gradient norm {None if norm is None else float(norm)} "
-              f"(rank {accelerator.process_index}) on the batch of sources {window.sources} (noise seeds {window.seeds})")
+    detail = (
+        f"loss {loss.item() / len(window.losses)} / gradient norm {None if norm is None else float(norm)} "
+        f"(rank {accelerator.process_index}) on the batch of sources {window.sources} (noise seeds {window.seeds})"
+    )
     if guard.skip(step, finite, detail):
         optimizer.zero_grad(set_to_none=True)
         return None

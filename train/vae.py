@@ -94,7 +94,9 @@ def _train_vae(cfg: TrainConfig) -> dict:
     step = meta.get("step", 0)
     if resume is not None:
         accelerator.print(f"resumed from {resume} at step {step}")
-    if accelerator.is_main_process:  # the log holds each step once: a killed attempt's steps past the checkpoint go aside
+    if (
+        accelerator.is_main_process
+    ):  # the log holds each step once: a killed attempt's steps past the checkpoint go aside
         run.mkdir(parents=True, exist_ok=True)
         start_attempt(run, step, accelerator.num_processes)
     accelerator.wait_for_everyone()
@@ -129,8 +131,9 @@ def _train_vae(cfg: TrainConfig) -> dict:
     result = {"step": step, "codec": str(out)}
     if accelerator.is_main_process:
         result |= finish(accelerator.unwrap_model(model).codec, cfg, out)
-        accelerator.print(f"vae: {step} steps; held-out PSNR {result['psnr']:.2f} dB; codec saved to {out} "
-                          f"(use it with codec: {out})")
+        accelerator.print(
+            f"vae: {step} steps; held-out PSNR {result['psnr']:.2f} dB; codec saved to {out} (use it with codec: {out})"
+        )
     accelerator.wait_for_everyone()
     return result
 
@@ -143,7 +146,9 @@ def finish(codec, cfg: TrainConfig, out: Path) -> dict:
     codec.vae.requires_grad_(False).eval()
     batches = [b for _, b in zip(range(8), make_loader(cfg.data)[0]) if b["captions"]]
     # latents of different buckets differ in shape: fit on the flattened per-channel values of all of them
-    channels = torch.cat([codec.encode(b["video"].to(codec.shift.device)).transpose(0, 1).flatten(1) for b in batches], 1)
+    channels = torch.cat(
+        [codec.encode(b["video"].to(codec.shift.device)).transpose(0, 1).flatten(1) for b in batches], 1
+    )
     codec.fit_normalization(channels.T[:, :, None, None, None])
     codec.save_pretrained(out)
     held_out = make_dataset(replace(cfg.data, seed=cfg.data.seed + 1, size=16))

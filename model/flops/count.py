@@ -41,8 +41,13 @@ def dit_params(cfg) -> dict:
     with FakeTensorMode():
         model = DiT.from_dit_config(cfg)
     params = param_parts(model, model.flop_parts)
-    return {"model": "dit", "params": sum(params.values()), "params_by_part": params,
-            "law_params": law_params(params), "missing": {"forward_flops": _SIZE_MISSING, "train_flops": _SIZE_MISSING}}
+    return {
+        "model": "dit",
+        "params": sum(params.values()),
+        "params_by_part": params,
+        "law_params": law_params(params),
+        "missing": {"forward_flops": _SIZE_MISSING, "train_flops": _SIZE_MISSING},
+    }
 
 
 def count_dit(cfg, batch: int, latent: tuple[int, int, int], text_len: int) -> dict:
@@ -59,7 +64,10 @@ def count_dit(cfg, batch: int, latent: tuple[int, int, int], text_len: int) -> d
         x = torch.randn(batch, cfg.in_channels, *latent)
         kwargs = {"y": torch.zeros(batch, dtype=torch.long)} if cfg.num_classes else {}
         if cfg.text_dim:
-            kwargs |= {"context": torch.randn(batch, text_len, cfg.text_dim), "context_mask": torch.ones(batch, text_len, dtype=torch.bool)}
+            kwargs |= {
+                "context": torch.randn(batch, text_len, cfg.text_dim),
+                "context_mask": torch.ones(batch, text_len, dtype=torch.bool),
+            }
         return (x, torch.rand(batch)), kwargs
 
     def forward() -> object:
@@ -87,7 +95,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frames", type=int, default=1)
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("--latent-compression", type=parse_compression, default=(1, 8, 8), help="VAE t,h,w factors (default 1,8,8: the SD VAE of the DiT paper); frames 1 + k*t (causal VAE)")
+    g.add_argument(
+        "--latent-compression",
+        type=parse_compression,
+        default=(1, 8, 8),
+        help="VAE t,h,w factors (default 1,8,8: the SD VAE of the DiT paper); frames 1 + k*t (causal VAE)",
+    )
     g.add_argument("--latent", type=parse_latent, help="latent T,H,W directly (overrides the pixel size)")
     g.add_argument("--text-len", type=int, default=32, help="text tokens per sample (text-conditional configs)")
     g = p.add_argument_group("decoder step")
@@ -140,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = decoder_config(args.config)
         if config is None:
-            raise ValueError(f"unknown config {args.config!r}: not a DiT preset ({', '.join(PRESETS)}), YAML, decoder directory or .gguf")
+            raise ValueError(
+                f"unknown config {args.config!r}: not a DiT preset ({', '.join(PRESETS)}), YAML, decoder directory or .gguf"
+            )
         result = count_decoder(config, args.batch, args.prompt_tokens, args.past_tokens, args.logits)
     if args.json:
         print(json.dumps(result, indent=1))

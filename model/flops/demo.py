@@ -70,7 +70,9 @@ def prefills(ledger: Ledger, contexts: list[int], device: str) -> None:
             start = time.perf_counter()
             model(ids, logits_to_keep=1)
             wall = time.perf_counter() - start
-        ledger.append(make_record("infer", count, params, n, wall, peak, f"prompt={n}", run="demo", request_id=f"prefill-{n}"))
+        ledger.append(
+            make_record("infer", count, params, n, wall, peak, f"prompt={n}", run="demo", request_id=f"prefill-{n}")
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

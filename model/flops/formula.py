@@ -71,7 +71,11 @@ def dit_flops(
     fwd = {
         DENSE: patch_embed + cfg.depth * per_block_dense + _linear(rows, d, p * cfg.out_channels),
         ATTENTION: cfg.depth * per_block_attn,
-        PER_SAMPLE: t_first + _linear(batch, d, d) + pooled_second + cfg.depth * _linear(batch, d, 6 * d) + _linear(batch, d, 2 * d),
+        PER_SAMPLE: t_first
+        + _linear(batch, d, d)
+        + pooled_second
+        + cfg.depth * _linear(batch, d, 6 * d)
+        + _linear(batch, d, 2 * d),
         CONTEXT: caption_first + (_linear(text_rows, d, d) if cfg.text_dim else 0) + cfg.depth * per_block_context,
     }
     if not backward:

@@ -60,7 +60,9 @@ def decoder_flops(
     s = shape
     logits = q_len if logits is None else logits
     q_out, kv_out = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    per_layer = 2 * q_len * (s.hidden * q_out + 2 * s.hidden * kv_out + q_out * s.hidden + 3 * s.hidden * s.intermediate)
+    per_layer = (
+        2 * q_len * (s.hidden * q_out + 2 * s.hidden * kv_out + q_out * s.hidden + 3 * s.hidden * s.intermediate)
+    )
     attention = 2 * s.heads * causal_pairs(q_len, past_len) * 2 * s.head_dim
     factor = 3 if backward else 1
     return {

@@ -31,8 +31,12 @@ class Prompt:
 def check_model(ctx: ApiContext, name: str | None) -> None:
     """404 for a model this server does not serve (None: the served one)."""
     if name is not None and name != ctx.backend.model_name:
-        raise ApiError(404, f"The model `{name}` does not exist: this server serves `{ctx.backend.model_name}` (GET /v1/models)",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"The model `{name}` does not exist: this server serves `{ctx.backend.model_name}` (GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def room(ctx: ApiContext, prompt: Prompt, max_tokens: int | None) -> int:
@@ -42,13 +46,21 @@ def room(ctx: ApiContext, prompt: Prompt, max_tokens: int | None) -> int:
     if any(not 0 <= t < vocab for t in prompt.ids):
         raise ApiError(400, f"{prompt.field}: token ids must lie in [0, {vocab})", param=prompt.field)
     if n >= limit:
-        raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, your request has "
-                            f"{n} input tokens. Please reduce the length of the {prompt.field}.", param=prompt.field)
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, your request has "
+            f"{n} input tokens. Please reduce the length of the {prompt.field}.",
+            param=prompt.field,
+        )
     if max_tokens is None:
         return limit - n
     if n + max_tokens > limit:
-        raise ApiError(400, f"max_tokens is too large: {max_tokens}. This model's maximum context length is {limit} tokens "
-                            f"and your request has {n} input tokens.", param="max_tokens")
+        raise ApiError(
+            400,
+            f"max_tokens is too large: {max_tokens}. This model's maximum context length is {limit} tokens "
+            f"and your request has {n} input tokens.",
+            param="max_tokens",
+        )
     return max_tokens
 
 
@@ -68,7 +80,9 @@ async def validated(ctx: ApiContext, params: SamplingParams, structured_field: s
     return params
 
 
-async def submit(ctx: ApiContext, requests: list[tuple[str, list[int], SamplingParams]]) -> list[AsyncIterator[RequestOutput]]:
+async def submit(
+    ctx: ApiContext, requests: list[tuple[str, list[int], SamplingParams]]
+) -> list[AsyncIterator[RequestOutput]]:
     """Hand each (request id, prompt, checked params) to the backend: all of them, or, when
     one is refused (429 queue full, 503 engine stopped), none (those already queued are
     aborted). Each stream is timed into the metrics."""
@@ -80,8 +94,13 @@ async def submit(ctx: ApiContext, requests: list[tuple[str, list[int], SamplingP
         for stream in streams:
             await stream.aclose()
         if isinstance(exc, Overloaded):
-            raise ApiError(429, str(exc), type="rate_limit_error", code="engine_overloaded",
-                           headers={"Retry-After": str(exc.retry_after)}) from None
+            raise ApiError(
+                429,
+                str(exc),
+                type="rate_limit_error",
+                code="engine_overloaded",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
         if isinstance(exc, EngineDead):
             raise ApiError(503, str(exc), type="server_error", code="engine_unavailable") from None
         raise
@@ -90,8 +109,12 @@ async def submit(ctx: ApiContext, requests: list[tuple[str, list[int], SamplingP
 
 
 async def admit(
-    ctx: ApiContext, request_id: str, prompts: list[Prompt], max_tokens: int | None,
-    sampling: Callable[[int], SamplingParams], structured_field: str | None,
+    ctx: ApiContext,
+    request_id: str,
+    prompts: list[Prompt],
+    max_tokens: int | None,
+    sampling: Callable[[int], SamplingParams],
+    structured_field: str | None,
 ) -> list[AsyncIterator[RequestOutput]]:
     """Every prompt checked against the context, then each one's SamplingParams (`sampling` of
     its max_tokens) checked, then all submitted: one stream per prompt, named `request_id`

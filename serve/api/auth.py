@@ -43,8 +43,10 @@ def resolve_api_key(flag: str | None, key_file: str | None) -> str | None:
             raise SystemExit(f"ministack serve: --api-key-file {key_file!r} holds no key")
         return key
     if flag is not None:
-        print("ministack serve: --api-key is visible to every local user (ps); prefer --api-key-file or "
-              f"${ENV_VAR}", flush=True)
+        print(
+            f"ministack serve: --api-key is visible to every local user (ps); prefer --api-key-file or ${ENV_VAR}",
+            flush=True,
+        )
         return flag
     key = os.environ.get(ENV_VAR)
     if key is not None and not key.strip():
@@ -58,7 +60,9 @@ def access_line(api_key: str | None, host: str, public_metrics: bool) -> str:
         return "API key required on every route but /health" + (" and /metrics" if public_metrics else "")
     if host in ("127.0.0.1", "localhost", "::1"):
         return "no API key (local connections only)"
-    return f"WARNING: no API key, and --host {host} takes connections from the network: anyone who reaches it may use it"
+    return (
+        f"WARNING: no API key, and --host {host} takes connections from the network: anyone who reaches it may use it"
+    )
 
 
 def authorizer(api_key: str | None):
@@ -87,11 +91,17 @@ def add_docs(app: FastAPI, guard) -> None:
 
     @app.get("/docs", dependencies=[guard], include_in_schema=False)
     async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} API",
-                                   swagger_js_url="/docs/swagger-ui-bundle.js", swagger_css_url="/docs/swagger-ui.css",
-                                   swagger_favicon_url="data:,", swagger_ui_parameters={"validatorUrl": None})
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} API",
+            swagger_js_url="/docs/swagger-ui-bundle.js",
+            swagger_css_url="/docs/swagger-ui.css",
+            swagger_favicon_url="data:,",
+            swagger_ui_parameters={"validatorUrl": None},
+        )
 
     for name in SWAGGER_FILES:
+
         def asset(path=static / name) -> FileResponse:
             return FileResponse(str(path))
 

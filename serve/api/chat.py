@@ -16,7 +16,13 @@ from serve.api.outputs import chat_logprobs
 from serve.api.prompts import chat_prompt_ids
 from serve.api.protocol import ChatCompletionRequest
 from serve.api.responses import (
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, ChatResponseMessage, ResponseToolCall,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    ResponseToolCall,
     Usage,
 )
 from serve.api.streams import respond
@@ -53,17 +59,44 @@ class ChatChoices:
         if self.streams is None:
             if not (c.new_text or c.finish_reason or lp):
                 return []
-            return [ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.new_text or None), finish_reason=c.finish_reason, logprobs=lp)]
+            return [
+                ChatChunkChoice(
+                    index=c.index,
+                    delta=ChatDelta(content=c.new_text or None),
+                    finish_reason=c.finish_reason,
+                    logprobs=lp,
+                )
+            ]
         text = "" if self.forced else self.streams[c.index].content(c.new_text)
         if not c.finish_reason:
-            return [ChatChunkChoice(index=c.index, delta=ChatDelta(content=text or None), logprobs=lp)] if text or lp else []
+            return (
+                [ChatChunkChoice(index=c.index, delta=ChatDelta(content=text or None), logprobs=lp)]
+                if text or lp
+                else []
+            )
         rest, found = ("", self.forced_calls(c)) if self.forced else self.streams[c.index].finish()
         calls, reason = self.calls_in(found, c)
-        out = [ChatChunkChoice(index=c.index, delta=ChatDelta(content=text + rest or None), logprobs=lp)] if text + rest or lp else []
+        out = (
+            [ChatChunkChoice(index=c.index, delta=ChatDelta(content=text + rest or None), logprobs=lp)]
+            if text + rest or lp
+            else []
+        )
         for i, call in enumerate(calls):  # OpenAI's shape: id, type and name first, then the arguments
-            opening = {"index": i, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
-            out += [ChatChunkChoice(index=c.index, delta=ChatDelta(tool_calls=[opening])),
-                    ChatChunkChoice(index=c.index, delta=ChatDelta(tool_calls=[{"index": i, "function": {"arguments": call["function"]["arguments"]}}]))]
+            opening = {
+                "index": i,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""},
+            }
+            out += [
+                ChatChunkChoice(index=c.index, delta=ChatDelta(tool_calls=[opening])),
+                ChatChunkChoice(
+                    index=c.index,
+                    delta=ChatDelta(
+                        tool_calls=[{"index": i, "function": {"arguments": call["function"]["arguments"]}}]
+                    ),
+                ),
+            ]
         return out + [ChatChunkChoice(index=c.index, delta=ChatDelta(), finish_reason=reason)]
 
     @staticmethod
@@ -77,7 +110,9 @@ class ChatChoices:
         """One chunk of this step's changed choices; with tools, one chunk per delta."""
         deltas = self.with_role([d for c in cs for d in self.deltas(c)])
         if self.streams is None or not cs:  # no cs: the closing chunk that carries the usage
-            return [ChatCompletionChunk(id=self.request_id, model=self.model, choices=deltas)] if deltas or not cs else []
+            return (
+                [ChatCompletionChunk(id=self.request_id, model=self.model, choices=deltas)] if deltas or not cs else []
+            )
         return [ChatCompletionChunk(id=self.request_id, model=self.model, choices=[d]) for d in deltas]
 
     def with_role(self, deltas: list[ChatChunkChoice]) -> list[ChatChunkChoice]:
@@ -94,13 +129,17 @@ class ChatChoices:
         return deltas
 
     def whole(self, cs: list[CompletionOutput], usage: Usage) -> ChatCompletionResponse:
-        return ChatCompletionResponse(id=self.request_id, model=self.model, choices=[self.choice(c) for c in cs], usage=usage)
+        return ChatCompletionResponse(
+            id=self.request_id, model=self.model, choices=[self.choice(c) for c in cs], usage=usage
+        )
 
     def choice(self, c: CompletionOutput) -> ChatChoice:
         """The whole choice; with tools, its calls parsed out of the text."""
         lp = chat_logprobs(c, False, self.token_bytes) if self.want_logprobs else None
         if self.streams is None:
-            return ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason, logprobs=lp)
+            return ChatChoice(
+                index=c.index, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason, logprobs=lp
+            )
         content, found = (None, self.forced_calls(c)) if self.forced else parse_tool_calls(c.text)
         calls, reason = self.calls_in(found, c)
         message = ChatResponseMessage(content=content, tool_calls=[ResponseToolCall(**call) for call in calls] or None)
@@ -131,8 +170,21 @@ async def chat_completions(ctx: ApiContext, body: ChatCompletionRequest, request
         return forced_calls(params, tools, mode, body.parallel_tool_calls) if forced else params
 
     request_id = f"chatcmpl-{request_id}"  # the response's id, as vLLM names it
-    (outputs,) = await admit(ctx, request_id, [prompt], body.requested_max_tokens, sampling,
-                             "tool_choice" if forced else body.structured_field())
-    choices = ChatChoices(request_id, ctx.backend.model_name, ctx.token_bytes, body.logprobs, body.parallel_tool_calls,
-                          {i: ToolStream() for i in range(body.n)} if tools else None, forced)
+    (outputs,) = await admit(
+        ctx,
+        request_id,
+        [prompt],
+        body.requested_max_tokens,
+        sampling,
+        "tool_choice" if forced else body.structured_field(),
+    )
+    choices = ChatChoices(
+        request_id,
+        ctx.backend.model_name,
+        ctx.token_bytes,
+        body.logprobs,
+        body.parallel_tool_calls,
+        {i: ToolStream() for i in range(body.n)} if tools else None,
+        forced,
+    )
     return await respond(receive, body, outputs, body.logprobs, chunk=choices.chunks, whole=choices.whole)

@@ -49,16 +49,27 @@ class CompletionChoices:
             prompt = self.prompt_entries.get(i) if prefix and self.prompt_logprobs is not None else None
             echo_len = len(self.echoed[i]) if self.prompt_logprobs is not None else 0
             lp = completion_logprobs(c, streamed, self.token_bytes, prompt, echo_len)
-        return CompletionChoice(index=c.index, text=prefix + (c.new_text if streamed else c.text), finish_reason=c.finish_reason, logprobs=lp)
+        return CompletionChoice(
+            index=c.index,
+            text=prefix + (c.new_text if streamed else c.text),
+            finish_reason=c.finish_reason,
+            logprobs=lp,
+        )
 
     def chunk(self, cs: list[CompletionOutput]) -> list[CompletionResponse]:
         """This step's share of the changed choices; none for a step whose tokens all wait on a
         character not yet whole (text and logprobs alike). No `cs`: the closing usage chunk."""
-        choices = [ch for ch in (self.choice(c, True) for c in cs) if ch.text or ch.finish_reason or (ch.logprobs and ch.logprobs.tokens)]
+        choices = [
+            ch
+            for ch in (self.choice(c, True) for c in cs)
+            if ch.text or ch.finish_reason or (ch.logprobs and ch.logprobs.tokens)
+        ]
         return [CompletionResponse(id=self.request_id, model=self.model, choices=choices)] if choices or not cs else []
 
     def whole(self, cs: list[CompletionOutput], usage: Usage) -> CompletionResponse:
-        return CompletionResponse(id=self.request_id, model=self.model, choices=[self.choice(c, False) for c in cs], usage=usage)
+        return CompletionResponse(
+            id=self.request_id, model=self.model, choices=[self.choice(c, False) for c in cs], usage=usage
+        )
 
     async def noting_prompt_logprobs(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         """`outputs`, each prompt's logprob entries kept as they first arrive."""
@@ -72,8 +83,15 @@ class CompletionChoices:
         """A stream's first chunk: the echoed prompts, when no logprobs must come with them."""
         if not self.echoed or self.prompt_logprobs is not None:
             return None
-        return CompletionResponse(id=self.request_id, model=self.model, choices=[
-            CompletionChoice(index=i * self.n + j, text=text) for i, text in enumerate(self.echoed) for j in range(self.n)])
+        return CompletionResponse(
+            id=self.request_id,
+            model=self.model,
+            choices=[
+                CompletionChoice(index=i * self.n + j, text=text)
+                for i, text in enumerate(self.echoed)
+                for j in range(self.n)
+            ],
+        )
 
 
 async def prompts_of(ctx: ApiContext, body: CompletionRequest) -> list[Prompt]:
@@ -82,8 +100,12 @@ async def prompts_of(ctx: ApiContext, body: CompletionRequest) -> list[Prompt]:
     batch = body.prompts
     name = "prompt" if len(batch) == 1 else "prompt.{}"
     texts = [p for p in batch if isinstance(p, str)]
-    encoded = iter(await tokenized(ctx, texts, "prompt", lambda: [ctx.tokenizer.encode(p) for p in texts]) if texts else [])
-    return [Prompt(body.truncated(p if isinstance(p, list) else next(encoded)), name.format(i)) for i, p in enumerate(batch)]
+    encoded = iter(
+        await tokenized(ctx, texts, "prompt", lambda: [ctx.tokenizer.encode(p) for p in texts]) if texts else []
+    )
+    return [
+        Prompt(body.truncated(p if isinstance(p, list) else next(encoded)), name.format(i)) for i, p in enumerate(batch)
+    ]
 
 
 async def completions(ctx: ApiContext, body: CompletionRequest, request_id: str, receive: Receive) -> Response:
@@ -92,9 +114,24 @@ async def completions(ctx: ApiContext, body: CompletionRequest, request_id: str,
     check_model(ctx, body.model)
     request_id, want_logprobs = f"cmpl-{request_id}", body.logprobs is not None  # the response's id, as vLLM names it
     prompt_logprobs = body.logprobs if body.echo and want_logprobs else None
-    streams = await admit(ctx, request_id, await prompts_of(ctx, body), body.requested_max_tokens, structured_field=body.structured_field(),
-                          sampling=lambda m: body.sampling_params(m, body.logprobs, prompt_logprobs, ctx.backend.sampling_defaults))
+    streams = await admit(
+        ctx,
+        request_id,
+        await prompts_of(ctx, body),
+        body.requested_max_tokens,
+        structured_field=body.structured_field(),
+        sampling=lambda m: body.sampling_params(m, body.logprobs, prompt_logprobs, ctx.backend.sampling_defaults),
+    )
     echoed = [p if isinstance(p, str) else ctx.tokenizer.decode(p) for p in body.prompts] if body.echo else None
-    choices = CompletionChoices(request_id, ctx.backend.model_name, body.n, ctx.token_bytes, want_logprobs, echoed, prompt_logprobs)
-    return await respond(receive, body, choices.noting_prompt_logprobs(merged_outputs(streams, body.n)), want_logprobs,
-                         chunk=choices.chunk, whole=choices.whole, opening=choices.opening() if body.stream else None)
+    choices = CompletionChoices(
+        request_id, ctx.backend.model_name, body.n, ctx.token_bytes, want_logprobs, echoed, prompt_logprobs
+    )
+    return await respond(
+        receive,
+        body,
+        choices.noting_prompt_logprobs(merged_outputs(streams, body.n)),
+        want_logprobs,
+        chunk=choices.chunk,
+        whole=choices.whole,
+        opening=choices.opening() if body.stream else None,
+    )

@@ -26,13 +26,26 @@ class ApiContext:
     embedder: Embedder | None = None  # serves /v1/embeddings
 
     @classmethod
-    def create(cls, backend: Backend, chat_template: str | None = None, trust_request_chat_template: bool = False,
-               embedder: Embedder | None = None, hidden_metrics_version: tuple[int, int] | None = None) -> ApiContext:
+    def create(
+        cls,
+        backend: Backend,
+        chat_template: str | None = None,
+        trust_request_chat_template: bool = False,
+        embedder: Embedder | None = None,
+        hidden_metrics_version: tuple[int, int] | None = None,
+    ) -> ApiContext:
         """The context of a server for `backend`: fresh metrics (vLLM's retired names among them
         for `hidden_metrics_version`, serve.api.metrics), the vocabulary's token bytes."""
         token_bytes = TokenBytes(backend.tokenizer)
-        return cls(backend, ServingMetrics(backend.model_name, backend.max_model_len, hidden_metrics_version), token_bytes,
-                   longest_token_bytes(token_bytes, len(backend.tokenizer)), chat_template, trust_request_chat_template, embedder)
+        return cls(
+            backend,
+            ServingMetrics(backend.model_name, backend.max_model_len, hidden_metrics_version),
+            token_bytes,
+            longest_token_bytes(token_bytes, len(backend.tokenizer)),
+            chat_template,
+            trust_request_chat_template,
+            embedder,
+        )
 
     @property
     def tokenizer(self) -> Any:

@@ -17,8 +17,13 @@ class ApiError(Exception):
     """An error answered as OpenAI's body {"error": {message, type, param, code}}."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-        code: str | None = None, headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
@@ -52,8 +57,12 @@ def invalid_body(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"invalid JSON in the request body: {err.get('ctx', {}).get('error', err['msg'])}")
     param = field_name(tuple(err["loc"]))
     if err["type"] == "extra_forbidden":  # fail closed: never a 200 that ignored what was asked
-        return ApiError(400, f"{param}: not supported by this server (docs/serving.md lists every "
-                             "accepted field)", param=param, code="unsupported_parameter")
+        return ApiError(
+            400,
+            f"{param}: not supported by this server (docs/serving.md lists every accepted field)",
+            param=param,
+            code="unsupported_parameter",
+        )
     return ApiError(400, f"{param or 'body'}: {err['msg']}", param=param)
 
 
@@ -70,7 +79,9 @@ async def _crash(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    error = ApiError(exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500 else "server_error")
+    error = ApiError(
+        exc.status_code, str(exc.detail), type="invalid_request_error" if exc.status_code < 500 else "server_error"
+    )
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 

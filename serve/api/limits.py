@@ -16,7 +16,9 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20  # ~1M tokens' worth of JSON token ids; ra
 
 
 def error_body(message: str, param: str | None, code: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}).encode()
+    return json.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    ).encode()
 
 
 class BodyLimitMiddleware:
@@ -61,11 +63,22 @@ class BodyLimitMiddleware:
 
     async def _refuse(self, send, length: int | None) -> None:
         size = f"is {length:,} bytes" if length is not None else "passed the limit while it was read"
-        body = error_body(f"the request body {size}; this server takes at most {self.max_bytes:,} bytes "
-                          "(--max-request-bytes)", None, "request_too_large")
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        body = error_body(
+            f"the request body {size}; this server takes at most {self.max_bytes:,} bytes (--max-request-bytes)",
+            None,
+            "request_too_large",
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -79,5 +92,7 @@ def check_prompt_chars(texts: list[str], max_model_len: int, longest: int, field
     their length alone (module docstring)."""
     chars = sum(len(t) for t in texts)
     if chars > max_model_len * longest:
-        raise ValueError(f"{field}: {chars:,} characters cannot fit this model's maximum context length of "
-                         f"{max_model_len:,} tokens (no token spells more than {longest} bytes); shorten it")
+        raise ValueError(
+            f"{field}: {chars:,} characters cannot fit this model's maximum context length of "
+            f"{max_model_len:,} tokens (no token spells more than {longest} bytes); shorten it"
+        )

@@ -35,10 +35,75 @@ from contextlib import aclosing
 from serve.engine.outputs import EngineStats, RequestMetrics, RequestOutput
 
 # Bucket bounds (seconds) as vLLM's, so histograms are comparable side by side.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 # request phases (queue, prefill, decode, inference) share vLLM's request-latency buckets
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 
 # vLLM's retired names: name -> (the vLLM minor version that hid it, the name that replaced it).
@@ -98,7 +163,9 @@ PHASES = {  # vLLM's request phases: name -> help
 class ServingMetrics:
     """Request-level metrics of one served model; thread-safe observers, `render` for /metrics."""
 
-    def __init__(self, model_name: str, max_model_len: int, hidden_metrics_version: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, model_name: str, max_model_len: int, hidden_metrics_version: tuple[int, int] | None = None
+    ) -> None:
         self.labels = f'model_name="{model_name}"'
         self.retired = retired_names(hidden_metrics_version)  # retired names served again (RETIRED)
         self._lock = threading.Lock()
@@ -126,8 +193,15 @@ class ServingMetrics:
                 self.itl.observe(seconds / tokens)
 
     def observe_finished(
-        self, e2e_s: float, prompt_tokens: int, generation_tokens: int, finish_reason: str,
-        measured_flops: int, law_flops: float, phases: dict[str, float] | None = None, tpot_s: float = 0.0,
+        self,
+        e2e_s: float,
+        prompt_tokens: int,
+        generation_tokens: int,
+        finish_reason: str,
+        measured_flops: int,
+        law_flops: float,
+        phases: dict[str, float] | None = None,
+        tpot_s: float = 0.0,
     ) -> None:
         """A finished request; `phases`: seconds by PHASES name, those the backend timed; `tpot_s`:
         its mean time per output token after the first (0 for one token, as vLLM observes it)."""
@@ -156,13 +230,30 @@ class ServingMetrics:
 
         lb, moved = self.labels, self.bytes_by_part
         for name, help_, value in (
-            ("flops", "Estimated number of floating point operations per GPU (ministack: counted exactly).", self.measured_flops),
-            ("read_bytes", "Estimated number of bytes read from memory per GPU.", moved.get(WEIGHTS, 0) + moved.get(KV_READ, 0)),
+            (
+                "flops",
+                "Estimated number of floating point operations per GPU (ministack: counted exactly).",
+                self.measured_flops,
+            ),
+            (
+                "read_bytes",
+                "Estimated number of bytes read from memory per GPU.",
+                moved.get(WEIGHTS, 0) + moved.get(KV_READ, 0),
+            ),
             ("write_bytes", "Estimated number of bytes written to memory per GPU.", moved.get(KV_WRITE, 0)),
         ):
-            out.metric(f"vllm:estimated_{name}_per_gpu_total", "counter", help_, [f"vllm:estimated_{name}_per_gpu_total{{{lb}}} {value}"])
-        out.metric("ministack:bytes_moved_total", "counter", "Bytes the served requests moved to and from memory, modelled, by part.",
-                   [f'ministack:bytes_moved_total{{{lb},part="{p}"}} {moved.get(p, 0)}' for p in (WEIGHTS, KV_READ, KV_WRITE)])
+            out.metric(
+                f"vllm:estimated_{name}_per_gpu_total",
+                "counter",
+                help_,
+                [f"vllm:estimated_{name}_per_gpu_total{{{lb}}} {value}"],
+            )
+        out.metric(
+            "ministack:bytes_moved_total",
+            "counter",
+            "Bytes the served requests moved to and from memory, modelled, by part.",
+            [f'ministack:bytes_moved_total{{{lb},part="{p}"}} {moved.get(p, 0)}' for p in (WEIGHTS, KV_READ, KV_WRITE)],
+        )
 
     def observe_aborted(self) -> None:
         """A request whose client left before its end: aborted and freed (vLLM counts these as
@@ -185,49 +276,147 @@ class ServingMetrics:
         out.single("vllm:num_requests_waiting", "gauge", "Requests waiting to be processed.", stats.num_waiting)
         out.single("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", stats.kv_usage)
         if "vllm:gpu_cache_usage_perc" in self.retired:
-            out.single("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage. DEPRECATED: use vllm:kv_cache_usage_perc.", stats.kv_usage)
+            out.single(
+                "vllm:gpu_cache_usage_perc",
+                "gauge",
+                "KV-cache usage. DEPRECATED: use vllm:kv_cache_usage_perc.",
+                stats.kv_usage,
+            )
         info = f'{self.labels},cache_dtype="{stats.kv_cache_dtype}",block_size="{stats.block_size}",num_blocks="{stats.max_tokens_in_cache // stats.block_size}"'
-        out.metric("vllm:cache_config_info", "gauge", "Information of the KV cache's configuration.", [f"vllm:cache_config_info{{{info}}} 1"])
-        out.single("ministack:kv_cache_capacity_tokens", "gauge", "Tokens the KV cache holds (its capacity, whatever its usage).",
-                   stats.max_tokens_in_cache)
-        out.single("ministack:prefix_cache_disk_hits_total", "counter", "Prefix tokens loaded from the KV cache's disk tier.", stats.disk_hit_tokens)
-        out.single("ministack:prefix_cache_disk_rejected_total", "counter", "Disk-tier block files that failed verification (never served).",
-                   stats.disk_rejected_files)
-        out.single("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.",
-                   stats.prefix_cache_queries)
-        out.single("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_cache_hits)
-        out.single("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions from the engine.", stats.num_preemptions)
-        out.single("vllm:spec_decode_num_drafts_total", "counter", "Number of n-gram speculative proposals verified.", stats.spec_drafts)
-        out.single("vllm:spec_decode_num_draft_tokens_total", "counter", "Number of draft tokens verified.", stats.spec_draft_tokens)
-        out.single("vllm:spec_decode_num_accepted_tokens_total", "counter", "Number of draft tokens the model accepted.", stats.spec_accepted_tokens)
-        out.single("ministack:spec_decode_acceptance_rate", "gauge", "Accepted over verified draft tokens (0 before any).",
-                   stats.spec_accepted_tokens / stats.spec_draft_tokens if stats.spec_draft_tokens else 0.0)
+        out.metric(
+            "vllm:cache_config_info",
+            "gauge",
+            "Information of the KV cache's configuration.",
+            [f"vllm:cache_config_info{{{info}}} 1"],
+        )
+        out.single(
+            "ministack:kv_cache_capacity_tokens",
+            "gauge",
+            "Tokens the KV cache holds (its capacity, whatever its usage).",
+            stats.max_tokens_in_cache,
+        )
+        out.single(
+            "ministack:prefix_cache_disk_hits_total",
+            "counter",
+            "Prefix tokens loaded from the KV cache's disk tier.",
+            stats.disk_hit_tokens,
+        )
+        out.single(
+            "ministack:prefix_cache_disk_rejected_total",
+            "counter",
+            "Disk-tier block files that failed verification (never served).",
+            stats.disk_rejected_files,
+        )
+        out.single(
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            stats.prefix_cache_queries,
+        )
+        out.single(
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            stats.prefix_cache_hits,
+        )
+        out.single(
+            "vllm:num_preemptions_total",
+            "counter",
+            "Cumulative number of preemptions from the engine.",
+            stats.num_preemptions,
+        )
+        out.single(
+            "vllm:spec_decode_num_drafts_total",
+            "counter",
+            "Number of n-gram speculative proposals verified.",
+            stats.spec_drafts,
+        )
+        out.single(
+            "vllm:spec_decode_num_draft_tokens_total",
+            "counter",
+            "Number of draft tokens verified.",
+            stats.spec_draft_tokens,
+        )
+        out.single(
+            "vllm:spec_decode_num_accepted_tokens_total",
+            "counter",
+            "Number of draft tokens the model accepted.",
+            stats.spec_accepted_tokens,
+        )
+        out.single(
+            "ministack:spec_decode_acceptance_rate",
+            "gauge",
+            "Accepted over verified draft tokens (0 before any).",
+            stats.spec_accepted_tokens / stats.spec_draft_tokens if stats.spec_draft_tokens else 0.0,
+        )
 
     def _request_lines(self, out: _Exposition) -> None:
         """What the server observed of finished requests: tokens, outcomes, latencies, FLOPs (the caller holds the lock)."""
         lb = self.labels
         out.single("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", self.prompt_tokens)
-        out.single("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", self.generation_tokens)
-        out.metric("vllm:request_success_total", "counter", "Count of successfully processed requests.",
-                   [f'vllm:request_success_total{{{lb},finished_reason="{r}"}} {n}' for r, n in sorted(self.success.items())])
-        out.metric("vllm:time_to_first_token_seconds", "histogram", "Histogram of time to first token in seconds.",
-                   self.ttft.lines("vllm:time_to_first_token_seconds", lb))
-        out.metric("vllm:inter_token_latency_seconds", "histogram", "Histogram of inter-token latency in seconds.",
-                   self.itl.lines("vllm:inter_token_latency_seconds", lb))
+        out.single(
+            "vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", self.generation_tokens
+        )
+        out.metric(
+            "vllm:request_success_total",
+            "counter",
+            "Count of successfully processed requests.",
+            [f'vllm:request_success_total{{{lb},finished_reason="{r}"}} {n}' for r, n in sorted(self.success.items())],
+        )
+        out.metric(
+            "vllm:time_to_first_token_seconds",
+            "histogram",
+            "Histogram of time to first token in seconds.",
+            self.ttft.lines("vllm:time_to_first_token_seconds", lb),
+        )
+        out.metric(
+            "vllm:inter_token_latency_seconds",
+            "histogram",
+            "Histogram of inter-token latency in seconds.",
+            self.itl.lines("vllm:inter_token_latency_seconds", lb),
+        )
         if "vllm:time_per_output_token_seconds" in self.retired:
-            out.metric("vllm:time_per_output_token_seconds", "histogram", "Histogram of inter-token latency in seconds. "
-                       "DEPRECATED: use vllm:inter_token_latency_seconds.", self.itl.lines("vllm:time_per_output_token_seconds", lb))
-        out.metric("vllm:request_time_per_output_token_seconds", "histogram", "Histogram of time_per_output_token_seconds per request.",
-                   self.tpot.lines("vllm:request_time_per_output_token_seconds", lb))
-        out.metric("vllm:e2e_request_latency_seconds", "histogram", "Histogram of end to end request latency in seconds.",
-                   self.e2e.lines("vllm:e2e_request_latency_seconds", lb))
+            out.metric(
+                "vllm:time_per_output_token_seconds",
+                "histogram",
+                "Histogram of inter-token latency in seconds. DEPRECATED: use vllm:inter_token_latency_seconds.",
+                self.itl.lines("vllm:time_per_output_token_seconds", lb),
+            )
+        out.metric(
+            "vllm:request_time_per_output_token_seconds",
+            "histogram",
+            "Histogram of time_per_output_token_seconds per request.",
+            self.tpot.lines("vllm:request_time_per_output_token_seconds", lb),
+        )
+        out.metric(
+            "vllm:e2e_request_latency_seconds",
+            "histogram",
+            "Histogram of end to end request latency in seconds.",
+            self.e2e.lines("vllm:e2e_request_latency_seconds", lb),
+        )
         for name, help_ in PHASES.items():
-            out.metric(f"vllm:request_{name}_time_seconds", "histogram", help_, self.phases[name].lines(f"vllm:request_{name}_time_seconds", lb))
+            out.metric(
+                f"vllm:request_{name}_time_seconds",
+                "histogram",
+                help_,
+                self.phases[name].lines(f"vllm:request_{name}_time_seconds", lb),
+            )
         for name in ("prompt", "generation"):
-            out.metric(f"vllm:request_{name}_tokens", "histogram", f"Number of {name} tokens processed.",
-                       self.request_tokens[name].lines(f"vllm:request_{name}_tokens", lb))
-        out.single("ministack:measured_flops_total", "counter", "FLOPs the served requests cost, counted exactly.", self.measured_flops)
-        out.single("ministack:law_flops_total", "counter", "FLOPs the 2NT law charges the served requests.", self.law_flops)
+            out.metric(
+                f"vllm:request_{name}_tokens",
+                "histogram",
+                f"Number of {name} tokens processed.",
+                self.request_tokens[name].lines(f"vllm:request_{name}_tokens", lb),
+            )
+        out.single(
+            "ministack:measured_flops_total",
+            "counter",
+            "FLOPs the served requests cost, counted exactly.",
+            self.measured_flops,
+        )
+        out.single(
+            "ministack:law_flops_total", "counter", "FLOPs the 2NT law charges the served requests.", self.law_flops
+        )
 
 
 class _Exposition:
@@ -250,11 +439,17 @@ def request_phases(m: RequestMetrics) -> dict[str, float]:
     first scheduled), prefill (to the first token), decode (to the end), inference (both)."""
     if m.first_scheduled_time is None or m.first_token_time is None or m.finished_time is None:
         return {}
-    return {"queue": m.first_scheduled_time - m.arrival_time, "prefill": m.first_token_time - m.first_scheduled_time,
-            "decode": m.finished_time - m.first_token_time, "inference": m.finished_time - m.first_scheduled_time}
+    return {
+        "queue": m.first_scheduled_time - m.arrival_time,
+        "prefill": m.first_token_time - m.first_scheduled_time,
+        "decode": m.finished_time - m.first_token_time,
+        "inference": m.finished_time - m.first_scheduled_time,
+    }
 
 
-async def observed(metrics: ServingMetrics, outputs: AsyncGenerator[RequestOutput, None], arrival: float) -> AsyncIterator[RequestOutput]:
+async def observed(
+    metrics: ServingMetrics, outputs: AsyncGenerator[RequestOutput, None], arrival: float
+) -> AsyncIterator[RequestOutput]:
     """A backend's stream, timing its tokens into `metrics` (`arrival`: when it was submitted,
     time.perf_counter); closed with it. A stream closed before its end (the client left) is
     counted as aborted."""
@@ -277,12 +472,22 @@ async def observed(metrics: ServingMetrics, outputs: AsyncGenerator[RequestOutpu
                     reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
                     longest = max(len(c.token_ids) for c in output.outputs)  # n sequences decode side by side
                     tpot = (last - first) / (longest - 1) if first is not None and longest > 1 else 0.0
-                    metrics.observe_finished(now - arrival, len(output.prompt_token_ids),
-                                             sum(len(c.token_ids) for c in output.outputs), reason, m.measured_flops, m.law_flops,
-                                             request_phases(m), tpot)
+                    metrics.observe_finished(
+                        now - arrival,
+                        len(output.prompt_token_ids),
+                        sum(len(c.token_ids) for c in output.outputs),
+                        reason,
+                        m.measured_flops,
+                        m.law_flops,
+                        request_phases(m),
+                        tpot,
+                    )
                     metrics.observe_traffic(m.bytes_by_part)
                 yield output
-        except (GeneratorExit, asyncio.CancelledError):  # the client left; closing the backend's stream aborts the request
+        except (
+            GeneratorExit,
+            asyncio.CancelledError,
+        ):  # the client left; closing the backend's stream aborts the request
             if not finished:
                 metrics.observe_aborted()
             raise

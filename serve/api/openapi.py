@@ -100,18 +100,18 @@ class DetokenizeResponse(BaseModel):
 
 ERRORS = {
     400: "Invalid request: malformed JSON, a field of the wrong type or out of range, a field this server does not "
-         "support (`code: unsupported_parameter`), a prompt or max_tokens past the context, an X-Request-Id that is "
-         "not 1-128 printable ASCII characters or is in use.",
+    "support (`code: unsupported_parameter`), a prompt or max_tokens past the context, an X-Request-Id that is "
+    "not 1-128 printable ASCII characters or is in use.",
     401: "No `Authorization: Bearer` header with the server's API key (`code: invalid_api_key`).",
     413: "The request body is larger than --max-request-bytes.",
     404: "`model` is not a model this server serves (`code: model_not_found`; GET /v1/models lists them).",
     429: "The engine is overloaded: --max-queue requests or --max-num-queued-tokens prompt tokens already wait "
-         "(`code: engine_overloaded`). Retry after Retry-After seconds.",
+    "(`code: engine_overloaded`). Retry after Retry-After seconds.",
     500: "Internal error, or the engine failed this request (a stream reports it as an event once its headers "
-         "are out).",
+    "are out).",
     503: "The engine is not serving: it has stopped or is shutting down (`code: engine_unavailable`), or the request "
-         "waited past --max-queue-time unscheduled and was dropped (`code: queue_timeout`, with Retry-After). Once a "
-         "stream's headers were sent, the same error comes as an event instead.",
+    "waited past --max-queue-time unscheduled and was dropped (`code: queue_timeout`, with Retry-After). Once a "
+    "stream's headers were sent, the same error comes as an event instead.",
 }
 
 
@@ -133,22 +133,46 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("get", "/health"): Route("200 while the engine serves, 503 (no body) once it has died"),
     ("get", "/metrics"): Route("Prometheus text exposition, vLLM's metric names", text="text/plain"),
     ("get", "/v1/models"): Route("The served models", ModelList),
-    ("get", "/v1/models/{model}"): Route("One served model; 404 for a name this server does not serve", ModelCard, errors=(404,)),
+    ("get", "/v1/models/{model}"): Route(
+        "One served model; 404 for a name this server does not serve", ModelCard, errors=(404,)
+    ),
     ("post", "/v1/embeddings"): Route("Embeddings of texts or token ids", EmbeddingResponse, errors=(404,)),
-    ("post", "/v1/score"): Route("Cosine similarity of text pairs' embeddings (vLLM's; also at /score)", ScoreResponse,
-                                 errors=(404,)),
-    ("post", "/v1/rerank"): Route("Documents ordered by their embeddings' cosine similarity to a query (also at /rerank, "
-                                  "/v2/rerank)", RerankResponse, errors=(404,)),
+    ("post", "/v1/score"): Route(
+        "Cosine similarity of text pairs' embeddings (vLLM's; also at /score)", ScoreResponse, errors=(404,)
+    ),
+    ("post", "/v1/rerank"): Route(
+        "Documents ordered by their embeddings' cosine similarity to a query (also at /rerank, /v2/rerank)",
+        RerankResponse,
+        errors=(404,),
+    ),
     ("post", "/tokenize"): Route("A prompt or chat messages as the model's token ids", TokenizeResponse, errors=(404,)),
     ("post", "/detokenize"): Route("Token ids as text", DetokenizeResponse, errors=(404,)),
-    ("post", "/v1/completions"): Route("Text completions; `stream: true` answers server-sent events", CompletionResponse,
-                                       stream=CompletionResponse, errors=(404, 429, 503)),
-    ("post", "/v1/chat/completions"): Route("Chat completions; `stream: true` answers server-sent events", ChatCompletionResponse,
-                                            stream=ChatCompletionChunk, errors=(404, 429, 503)),
+    ("post", "/v1/completions"): Route(
+        "Text completions; `stream: true` answers server-sent events",
+        CompletionResponse,
+        stream=CompletionResponse,
+        errors=(404, 429, 503),
+    ),
+    ("post", "/v1/chat/completions"): Route(
+        "Chat completions; `stream: true` answers server-sent events",
+        ChatCompletionResponse,
+        stream=ChatCompletionChunk,
+        errors=(404, 429, 503),
+    ),
 }
-MODELS: tuple[type[BaseModel], ...] = (ErrorResponse, ModelList, ModelCard, EmbeddingResponse, ScoreResponse, RerankResponse,
-                                       TokenizeResponse, DetokenizeResponse, CompletionResponse, ChatCompletionResponse,
-                                       ChatCompletionChunk)
+MODELS: tuple[type[BaseModel], ...] = (
+    ErrorResponse,
+    ModelList,
+    ModelCard,
+    EmbeddingResponse,
+    ScoreResponse,
+    RerankResponse,
+    TokenizeResponse,
+    DetokenizeResponse,
+    CompletionResponse,
+    ChatCompletionResponse,
+    ChatCompletionChunk,
+)
 
 
 def ref(model: type[BaseModel]) -> dict[str, str]:
@@ -159,8 +183,11 @@ def sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
     """One server-sent event of a streamed answer: `data:` holding a chunk, or an error that
     happened after the headers went out, or the closing `[DONE]`. (Before OpenAPI 3.2, a
     text/event-stream schema describes each event, as schemathesis reads it.)"""
-    payload = {"type": "string", "contentMediaType": "application/json",
-               "contentSchema": {"anyOf": [ref(chunk), ref(ErrorResponse)]}}
+    payload = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [ref(chunk), ref(ErrorResponse)]},
+    }
     return {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [{"const": "[DONE]"}, payload]}}}
 
 
@@ -181,13 +208,23 @@ def failure(status: int) -> dict[str, Any]:
     """An error response object: OpenAI's body, Retry-After where the server sends one."""
     headers = {"X-Request-Id": request_id_header()}
     if status in (429, 503):  # always with a 429; with a 503 only for a queue timeout
-        headers["Retry-After"] = {"description": "seconds to wait before retrying", "required": status == 429,
-                                  "schema": {"type": "integer", "minimum": 1}}
-    return {"description": ERRORS[status], "headers": headers, "content": {"application/json": {"schema": ref(ErrorResponse)}}}
+        headers["Retry-After"] = {
+            "description": "seconds to wait before retrying",
+            "required": status == 429,
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    return {
+        "description": ERRORS[status],
+        "headers": headers,
+        "content": {"application/json": {"schema": ref(ErrorResponse)}},
+    }
 
 
 def request_id_header() -> dict[str, Any]:
-    return {"description": "the request's id: the client's X-Request-Id, else a fresh one", "schema": {"type": "string"}}
+    return {
+        "description": "the request's id: the client's X-Request-Id, else a fresh one",
+        "schema": {"type": "string"},
+    }
 
 
 def responses(route: Route, method: str, guarded: bool) -> dict[str, Any]:
@@ -209,8 +246,13 @@ def component_schemas() -> dict[str, Any]:
 
 def openapi_schema(app: FastAPI, api_key: bool) -> dict[str, Any]:
     """The app's OpenAPI document: FastAPI's request side, the responses from `ROUTES`."""
-    doc = get_openapi(title=app.title, version=app.version, openapi_version=app.openapi_version,
-                      description=app.description, routes=app.routes)
+    doc = get_openapi(
+        title=app.title,
+        version=app.version,
+        openapi_version=app.openapi_version,
+        description=app.description,
+        routes=app.routes,
+    )
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, never sent
         schemas.pop(name, None)
@@ -220,9 +262,13 @@ def openapi_schema(app: FastAPI, api_key: bool) -> dict[str, Any]:
         schemas[name] = schema
     if api_key:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-    parameter = {"name": "X-Request-Id", "in": "header", "required": False,
-                 "description": "names the request (the response's id, `chatcmpl-<it>`) and comes back in the response",
-                 "schema": {"type": "string", "pattern": REQUEST_ID.pattern}}
+    parameter = {
+        "name": "X-Request-Id",
+        "in": "header",
+        "required": False,
+        "description": "names the request (the response's id, `chatcmpl-<it>`) and comes back in the response",
+        "schema": {"type": "string", "pattern": REQUEST_ID.pattern},
+    }
     guarded = guarded_routes(app) if api_key else set()
     for path, operations in doc["paths"].items():
         for method, operation in operations.items():
@@ -241,8 +287,12 @@ def openapi_schema(app: FastAPI, api_key: bool) -> dict[str, Any]:
 
 def guarded_routes(app: FastAPI) -> set[tuple[str, str]]:
     """(method, path) of the routes behind serve.api.auth's guard: they answer 401 without the key."""
-    return {(method.lower(), route.path) for route in app.routes for method in getattr(route, "methods", ())
-            if any(dep.dependency.__module__ == "serve.api.auth" for dep in getattr(route, "dependencies", ()))}
+    return {
+        (method.lower(), route.path)
+        for route in app.routes
+        for method in getattr(route, "methods", ())
+        if any(dep.dependency.__module__ == "serve.api.auth" for dep in getattr(route, "dependencies", ()))
+    }
 
 
 def install_openapi(app: FastAPI, api_key: bool) -> None:

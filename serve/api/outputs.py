@@ -17,11 +17,20 @@ def batch_usage(finals: list[RequestOutput]) -> Usage:
     for f in finals:
         for part, flops in f.metrics.flops_by_part.items():
             by_part[part] = by_part.get(part, 0) + flops
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details={"cached_tokens": sum(f.metrics.cached_prompt_tokens for f in finals),
-                                        "disk_cached_tokens": sum(f.metrics.disk_cached_prompt_tokens for f in finals)},
-                 flops=Flops(measured=sum(f.metrics.measured_flops for f in finals), law_2NT=sum(f.metrics.law_flops for f in finals),
-                             by_part=by_part))
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details={
+            "cached_tokens": sum(f.metrics.cached_prompt_tokens for f in finals),
+            "disk_cached_tokens": sum(f.metrics.disk_cached_prompt_tokens for f in finals),
+        },
+        flops=Flops(
+            measured=sum(f.metrics.measured_flops for f in finals),
+            law_2NT=sum(f.metrics.law_flops for f in finals),
+            by_part=by_part,
+        ),
+    )
 
 
 def prompt_logprob_entries(out: RequestOutput) -> list[dict]:
@@ -75,8 +84,9 @@ def released(c: CompletionOutput, streamed: bool, tokens: TokenBytes) -> list[di
     return entries[start:end]
 
 
-def completion_logprobs(c: CompletionOutput, streamed: bool, tokens: TokenBytes, prompt: list[dict] | None = None,
-                        echo_len: int = 0) -> CompletionLogprobs:
+def completion_logprobs(
+    c: CompletionOutput, streamed: bool, tokens: TokenBytes, prompt: list[dict] | None = None, echo_len: int = 0
+) -> CompletionLogprobs:
     """The legacy completions format, for this step's tokens (`streamed`) or all of them,
     after the echoed prompt's tokens when given; text offsets count the echoed text (`echo_len`,
     or the prompt entries' own bytes). Tokens that hold part of a character are named by their
@@ -92,7 +102,9 @@ def completion_logprobs(c: CompletionOutput, streamed: bool, tokens: TokenBytes,
     return CompletionLogprobs(
         tokens=[tokens.text(e["token_id"]) for e in entries],
         token_logprobs=[e["logprob"] for e in entries],
-        top_logprobs=[None if e["top"] is None else {tokens.text(t["token_id"]): t["logprob"] for t in e["top"]} for e in entries],
+        top_logprobs=[
+            None if e["top"] is None else {tokens.text(t["token_id"]): t["logprob"] for t in e["top"]} for e in entries
+        ],
         text_offset=offsets,
     )
 
@@ -104,11 +116,18 @@ def chat_logprobs(c: CompletionOutput, streamed: bool, tokens: TokenBytes) -> Ch
     entries = released(c, streamed, tokens)
 
     def top(t: dict) -> TopLogprob:
-        return TopLogprob(token=tokens.text(t["token_id"]), logprob=t["logprob"], bytes=list(tokens.bytes(t["token_id"])))
+        return TopLogprob(
+            token=tokens.text(t["token_id"]), logprob=t["logprob"], bytes=list(tokens.bytes(t["token_id"]))
+        )
 
-    return ChatLogprobs(content=[
-        TokenLogprob(token=tokens.text(e["token_id"]), logprob=e["logprob"], bytes=list(tokens.bytes(e["token_id"])),
-                     top_logprobs=[top(t) for t in e["top"]])
-        for e in entries
-    ])
-
+    return ChatLogprobs(
+        content=[
+            TokenLogprob(
+                token=tokens.text(e["token_id"]),
+                logprob=e["logprob"],
+                bytes=list(tokens.bytes(e["token_id"])),
+                top_logprobs=[top(t) for t in e["top"]],
+            )
+            for e in entries
+        ]
+    )

@@ -18,7 +18,12 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from serve.api.errors import ApiError
 from serve.api.protocol_parts import (
-    NamedToolChoice, ResponseFormat, Strict, StructuredOutputs, Tool, ToolCall,
+    NamedToolChoice,
+    ResponseFormat,
+    Strict,
+    StructuredOutputs,
+    Tool,
+    ToolCall,
 )
 from serve.engine.sampling_params import SEED_RANGE, SamplingParams
 from serve.engine.structured import StructuredOutput
@@ -79,9 +84,13 @@ class _SamplingRequest(Strict):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
-    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_TOKEN_LISTS)  # token id (a JSON key) -> bias in [-100, 100]
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=MAX_TOKEN_LISTS
+    )  # token id (a JSON key) -> bias in [-100, 100]
     allowed_token_ids: list[int] | None = None  # at most the vocabulary (the engine checks each id)
-    bad_words: list[Annotated[str, Field(max_length=MAX_BAD_WORD_CHARS)]] | None = Field(None, max_length=MAX_TOKEN_LISTS)
+    bad_words: list[Annotated[str, Field(max_length=MAX_BAD_WORD_CHARS)]] | None = Field(
+        None, max_length=MAX_TOKEN_LISTS
+    )
     min_tokens: int = Field(0, ge=0)
     stop: str | list[str] | None = None
     include_stop_str_in_output: bool = False
@@ -132,8 +141,13 @@ class _SamplingRequest(Strict):
             raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stop
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
-                        defaults: dict[str, float] | None = None) -> SamplingParams:
+    def sampling_params(
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        defaults: dict[str, float] | None = None,
+    ) -> SamplingParams:
         """The engine's SamplingParams; `defaults` (the model's generation config) fill the
         fields the request left out, before OpenAI's own defaults."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -173,8 +187,14 @@ class _SamplingRequest(Strict):
         """The request field that carries the structured output, if any."""
         if self.response_format is not None and self.response_format.type != "text":
             return "response_format"
-        return next((f for f in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
-                     if getattr(self, f) is not None), None)
+        return next(
+            (
+                f
+                for f in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                if getattr(self, f) is not None
+            ),
+            None,
+        )
 
     def structured(self) -> StructuredOutput | None:
         """The one constraint the request asks for, if any; ApiError (400, naming the field)
@@ -183,16 +203,25 @@ class _SamplingRequest(Strict):
         if self.response_format is not None and self.response_format.type != "text":
             rf = self.response_format
             if rf.type == "json_schema" and (rf.json_schema is None or rf.json_schema.schema_ is None):
-                raise ApiError(400, "response_format.json_schema.schema is required for type json_schema",
-                               param="response_format.json_schema")
+                raise ApiError(
+                    400,
+                    "response_format.json_schema.schema is required for type json_schema",
+                    param="response_format.json_schema",
+                )
             asked["response_format"] = ("json", rf.json_schema.schema_ if rf.type == "json_schema" else None)
         if self.structured_outputs is not None:
             so = self.structured_outputs
-            given = {k: v for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice), ("grammar", so.grammar))
-                     if v is not None}
+            given = {
+                k: v
+                for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice), ("grammar", so.grammar))
+                if v is not None
+            }
             if len(given) != 1:
-                raise ApiError(400, "structured_outputs takes exactly one of json, regex, choice, grammar",
-                               param="structured_outputs")
+                raise ApiError(
+                    400,
+                    "structured_outputs takes exactly one of json, regex, choice, grammar",
+                    param="structured_outputs",
+                )
             ((kind, value),) = given.items()
             asked["structured_outputs"] = (kind, value)
         for kind in ("json", "regex", "choice", "grammar"):
@@ -296,9 +325,15 @@ class ChatMessage(Strict):
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages as OpenAI dicts for serve.api.tools.render_messages ('developer' is the newer
     name of 'system')."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
-             "tool_calls": [c.model_dump() for c in m.tool_calls] if m.tool_calls else None,
-             "tool_call_id": m.tool_call_id} for m in messages]
+    return [
+        {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.text(),
+            "tool_calls": [c.model_dump() for c in m.tool_calls] if m.tool_calls else None,
+            "tool_call_id": m.tool_call_id,
+        }
+        for m in messages
+    ]
 
 
 class ChatTemplating(Strict):
@@ -352,8 +387,11 @@ class ChatCompletionRequest(ChatTemplating, _SamplingRequest):
                 raise ApiError(400, f"tool_choice: no tool named {choice.function.name!r}", param="tool_choice")
             choice = choice.function.name
         if choice not in ("none", "auto") and self.structured_field() is not None:
-            raise ApiError(400, f"tool_choice {choice!r} is itself a structured output: drop {self.structured_field()}",
-                           param=self.structured_field())
+            raise ApiError(
+                400,
+                f"tool_choice {choice!r} is itself a structured output: drop {self.structured_field()}",
+                param=self.structured_field(),
+            )
         return choice
 
     @property

@@ -22,8 +22,11 @@ class Strict(BaseModel):
     def _unicode_text(cls, data: Any) -> Any:
         if (path := lone_surrogate(data)) is not None:
             name = ".".join(map(str, path)) or None
-            raise ApiError(400, f"{name or 'body'}: text must be valid Unicode; a lone UTF-16 surrogate "
-                                "(such as \\ud800) is not", param=name)
+            raise ApiError(
+                400,
+                f"{name or 'body'}: text must be valid Unicode; a lone UTF-16 surrogate (such as \\ud800) is not",
+                param=name,
+            )
         return data
 
 

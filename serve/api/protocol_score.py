@@ -58,8 +58,12 @@ class ScoreRequest(_Scoring):
         otherwise, because no pairing of the two is the one the client meant."""
         first, second = texts_of(self.text_1), texts_of(self.text_2)
         if len(first) > 1 and len(first) != len(second):
-            raise ApiError(400, f"text_2: {len(second)} texts against {len(first)} in text_1; give one text_1 (scored "
-                                "against each text_2) or as many as text_2 (scored pair by pair)", param="text_2")
+            raise ApiError(
+                400,
+                f"text_2: {len(second)} texts against {len(first)} in text_1; give one text_1 (scored "
+                "against each text_2) or as many as text_2 (scored pair by pair)",
+                param="text_2",
+            )
         return first, second
 
 

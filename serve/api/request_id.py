@@ -25,10 +25,23 @@ class RequestIdMiddleware:
         given = dict(scope["headers"]).get(HEADER)
         request_id = given.decode("latin-1") if given is not None else uuid.uuid4().hex
         if not VALID.match(request_id):
-            body = json.dumps({"error": {"message": "X-Request-Id must be 1-128 printable ASCII characters without spaces",
-                                         "type": "invalid_request_error", "param": "X-Request-Id", "code": None}}).encode()
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            body = json.dumps(
+                {
+                    "error": {
+                        "message": "X-Request-Id must be 1-128 printable ASCII characters without spaces",
+                        "type": "invalid_request_error",
+                        "param": "X-Request-Id",
+                        "code": None,
+                    }
+                }
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 400,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         scope.setdefault("state", {})["request_id"] = request_id

@@ -14,7 +14,13 @@ from serve.api import score as score_api
 from serve.api import status as status_api
 from serve.api import tokenize as tokenize_api
 from serve.api.context import ApiContext
-from serve.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
+from serve.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from serve.api.protocol_score import RerankRequest, ScoreRequest
 
 

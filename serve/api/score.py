@@ -18,8 +18,16 @@ import torch
 from serve.api.context import ApiContext
 from serve.api.errors import ApiError
 from serve.api.protocol_score import (
-    DocumentText, MetaTokens, RerankMeta, RerankRequest, RerankResponse, RerankResult, ScoreData, ScoreRequest,
-    ScoreResponse, ScoreUsage,
+    DocumentText,
+    MetaTokens,
+    RerankMeta,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    ScoreData,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreUsage,
 )
 from serve.embeddings import Embedder
 
@@ -53,8 +61,12 @@ def token_limit(embedder: Embedder, truncate: int | None) -> int | None:
         return embedder.max_tokens
     least = embedder.tokenizer.num_special_tokens_to_add() + 1
     if not least <= truncate <= embedder.max_tokens:
-        raise ApiError(400, f"truncate_prompt_tokens: {embedder.name} takes {least} to {embedder.max_tokens} tokens "
-                            f"(or -1: its limit), got {truncate}", param="truncate_prompt_tokens")
+        raise ApiError(
+            400,
+            f"truncate_prompt_tokens: {embedder.name} takes {least} to {embedder.max_tokens} tokens "
+            f"(or -1: its limit), got {truncate}",
+            param="truncate_prompt_tokens",
+        )
     return truncate
 
 
@@ -69,8 +81,12 @@ async def encode(embedder: Embedder, fields: dict[str, list[str]], limit: int | 
         for i, tokens in enumerate(ids[start : start + len(group)]):
             if len(tokens) > embedder.max_tokens:
                 which = name if len(group) == 1 else f"{name}[{i}]"
-                raise ApiError(400, f"{name}: {which} has {len(tokens)} tokens; {embedder.name} takes at most "
-                                    f"{embedder.max_tokens} (truncate_prompt_tokens cuts longer texts)", param=name)
+                raise ApiError(
+                    400,
+                    f"{name}: {which} has {len(tokens)} tokens; {embedder.name} takes at most "
+                    f"{embedder.max_tokens} (truncate_prompt_tokens cuts longer texts)",
+                    param=name,
+                )
         start += len(group)
     vectors = await asyncio.to_thread(embedder.embed, ids)
     split = vectors.split([len(group) for group in fields.values()])
@@ -86,11 +102,17 @@ async def score(ctx: ApiContext, body: ScoreRequest, request_id: str) -> dict:
     """vLLM's score response: one score per pair, indexed as text_2."""
     embedder = served_embedder(ctx, body.model)
     first, second = body.sides()
-    encoded = await encode(embedder, {"text_1": first, "text_2": second}, token_limit(embedder, body.truncate_prompt_tokens))
+    encoded = await encode(
+        embedder, {"text_1": first, "text_2": second}, token_limit(embedder, body.truncate_prompt_tokens)
+    )
     scores = cosine(encoded.vectors["text_1"], encoded.vectors["text_2"])
-    return ScoreResponse(id=f"score-{request_id}", created=int(time.time()), model=embedder.name,
-                         data=[ScoreData(index=i, score=s) for i, s in enumerate(scores)],
-                         usage=ScoreUsage(prompt_tokens=encoded.tokens, total_tokens=encoded.tokens)).model_dump()
+    return ScoreResponse(
+        id=f"score-{request_id}",
+        created=int(time.time()),
+        model=embedder.name,
+        data=[ScoreData(index=i, score=s) for i, s in enumerate(scores)],
+        usage=ScoreUsage(prompt_tokens=encoded.tokens, total_tokens=encoded.tokens),
+    ).model_dump()
 
 
 async def rerank(ctx: ApiContext, body: RerankRequest, request_id: str) -> dict:
@@ -98,12 +120,23 @@ async def rerank(ctx: ApiContext, body: RerankRequest, request_id: str) -> dict:
     first top_n of them."""
     embedder = served_embedder(ctx, body.model)
     texts = body.texts
-    encoded = await encode(embedder, {"query": [body.query], "documents": texts}, token_limit(embedder, body.truncate_prompt_tokens))
+    encoded = await encode(
+        embedder, {"query": [body.query], "documents": texts}, token_limit(embedder, body.truncate_prompt_tokens)
+    )
     scores = cosine(encoded.vectors["query"], encoded.vectors["documents"])
     order = sorted(range(len(texts)), key=lambda i: -scores[i])[: body.top_n]
-    results = [RerankResult(index=i, relevance_score=scores[i], document=DocumentText(text=texts[i]) if body.return_documents else None)
-               for i in order]
+    results = [
+        RerankResult(
+            index=i, relevance_score=scores[i], document=DocumentText(text=texts[i]) if body.return_documents else None
+        )
+        for i in order
+    ]
     usage = ScoreUsage(prompt_tokens=encoded.tokens, total_tokens=encoded.tokens)
-    response = RerankResponse(id=f"rerank-{request_id}", model=embedder.name, results=results, usage=usage,
-                              meta=RerankMeta(tokens=MetaTokens(input_tokens=encoded.tokens)))
+    response = RerankResponse(
+        id=f"rerank-{request_id}",
+        model=embedder.name,
+        results=results,
+        usage=usage,
+        meta=RerankMeta(tokens=MetaTokens(input_tokens=encoded.tokens)),
+    )
     return response.model_dump(exclude_none=True)

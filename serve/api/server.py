@@ -36,10 +36,16 @@ from serve.async_engine import Backend
 from serve.embeddings import Embedder
 
 
-def build_app(backend: Backend, api_key: str | None = None, chat_template: str | None = None,
-              trust_request_chat_template: bool = False, embedder: Embedder | None = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, public_metrics: bool = False,
-              hidden_metrics_version: tuple[int, int] | None = None) -> FastAPI:
+def build_app(
+    backend: Backend,
+    api_key: str | None = None,
+    chat_template: str | None = None,
+    trust_request_chat_template: bool = False,
+    embedder: Embedder | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    public_metrics: bool = False,
+    hidden_metrics_version: tuple[int, int] | None = None,
+) -> FastAPI:
     """The server for one backend. With `api_key`, every route but /health (and /metrics with
     `public_metrics`) needs `Authorization: Bearer <key>` (serve.api.auth).
     `chat_template` (Jinja text) replaces the tokenizer's; a request's own `chat_template` runs

@@ -32,8 +32,13 @@ async def model(ctx: ApiContext, name: str) -> dict:
     (`model_not_found`), so a client checking a name before use learns it is not served."""
     cards = served(ctx)
     if name not in cards:
-        raise ApiError(404, f"The model `{name}` does not exist: this server serves {', '.join(f'`{n}`' for n in cards)} "
-                            "(GET /v1/models)", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"The model `{name}` does not exist: this server serves {', '.join(f'`{n}`' for n in cards)} "
+            "(GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
     return cards[name]
 
 
@@ -48,4 +53,11 @@ def served(ctx: ApiContext) -> dict[str, dict]:
 
 def card(name: str, max_model_len: int, created: int) -> dict:
     """One model's entry in OpenAI's list (serve.api.openapi's ModelCard)."""
-    return {"id": name, "object": "model", "created": created, "owned_by": "ministack", "root": name, "max_model_len": max_model_len}
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "ministack",
+        "root": name,
+        "max_model_len": max_model_len,
+    }

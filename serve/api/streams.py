@@ -99,7 +99,9 @@ def request_error(exc: ValueError | RuntimeError) -> ApiError:
     if isinstance(exc, ValueError):
         return refused(exc)
     if isinstance(exc, QueueTimeout):
-        return ApiError(503, str(exc), type="server_error", code="queue_timeout", headers={"Retry-After": str(exc.retry_after)})
+        return ApiError(
+            503, str(exc), type="server_error", code="queue_timeout", headers={"Retry-After": str(exc.retry_after)}
+        )
     if isinstance(exc, EngineDead):
         return ApiError(503, str(exc), type="server_error", code="engine_unavailable")
     code = "request_failed" if isinstance(exc, RequestFailed) else None
@@ -127,24 +129,35 @@ Chunk = Callable[[list[CompletionOutput]], BaseModel | list[BaseModel]]
 
 
 async def respond(
-    receive: Receive, body: CompletionRequest | ChatCompletionRequest, outputs: AsyncIterator[RequestOutput],
-    want_logprobs: bool, chunk: Chunk, whole: Callable[[list[CompletionOutput], Usage], BaseModel],
+    receive: Receive,
+    body: CompletionRequest | ChatCompletionRequest,
+    outputs: AsyncIterator[RequestOutput],
+    want_logprobs: bool,
+    chunk: Chunk,
+    whole: Callable[[list[CompletionOutput], Usage], BaseModel],
     opening: BaseModel | None = None,
 ) -> Response:
     """Both generation endpoints' two ways to answer, for one request or a batch merged into
     one stream. Streaming: server-sent `chunk_events`. Otherwise: `whole` of every final
     completion and the usage, once all requests finished (499, no body, if the client left first)."""
     if body.stream:
-        return sse_response(chunk_events(body, outputs, want_logprobs, chunk, opening), include_usage=body.include_usage)
+        return sse_response(
+            chunk_events(body, outputs, want_logprobs, chunk, opening), include_usage=body.include_usage
+        )
     finals = await until_disconnect(receive, final_outputs(outputs))
     if finals is None:  # the client left: nobody to answer (nginx's 499), no traceback, counted as aborted
         return Response(status_code=499)
-    return JSONResponse(whole(sorted((c for f in finals for c in f.outputs), key=lambda c: c.index), batch_usage(finals)).model_dump())
+    return JSONResponse(
+        whole(sorted((c for f in finals for c in f.outputs), key=lambda c: c.index), batch_usage(finals)).model_dump()
+    )
 
 
 async def chunk_events(
-    body: CompletionRequest | ChatCompletionRequest, outputs: AsyncIterator[RequestOutput], want_logprobs: bool,
-    chunk: Chunk, opening: BaseModel | None,
+    body: CompletionRequest | ChatCompletionRequest,
+    outputs: AsyncIterator[RequestOutput],
+    want_logprobs: bool,
+    chunk: Chunk,
+    opening: BaseModel | None,
 ) -> AsyncIterator[BaseModel]:
     """`opening` (if any), then `chunk` (one or a list) of the completions that changed in each
     step, then (include_usage) an empty chunk with the usage; continuous_usage_stats (vLLM's)
@@ -155,8 +168,12 @@ async def chunk_events(
     ended: set[tuple[str, int]] = set()  # choices whose finish was sent: later outputs of the request repeat them
     async for out in outputs:
         finals[out.request_id] = out
-        changed = [c for c in out.outputs if (out.request_id, c.index) not in ended
-                   and (c.new_text or c.finish_reason or (want_logprobs and c.new_token_ids))]
+        changed = [
+            c
+            for c in out.outputs
+            if (out.request_id, c.index) not in ended
+            and (c.new_text or c.finish_reason or (want_logprobs and c.new_token_ids))
+        ]
         ended.update((out.request_id, c.index) for c in changed if c.finish_reason)
         for event in listed(chunk(changed)) if changed else []:
             if body.continuous_usage:

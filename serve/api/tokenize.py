@@ -14,10 +14,18 @@ async def tokenize(ctx: ApiContext, body: TokenizeRequest) -> dict:
     if body.messages is not None:
         ids = await chat_prompt_ids(ctx, body, body.tool_dicts())
     else:
-        (ids,) = await tokenized(ctx, [body.prompt], "prompt",
-                                 lambda: [ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)])
-    return {"count": len(ids), "max_model_len": ctx.backend.max_model_len, "tokens": ids,
-            "token_strs": ctx.tokenizer.convert_ids_to_tokens(ids)}
+        (ids,) = await tokenized(
+            ctx,
+            [body.prompt],
+            "prompt",
+            lambda: [ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)],
+        )
+    return {
+        "count": len(ids),
+        "max_model_len": ctx.backend.max_model_len,
+        "tokens": ids,
+        "token_strs": ctx.tokenizer.convert_ids_to_tokens(ids),
+    }
 
 
 async def detokenize(ctx: ApiContext, body: DetokenizeRequest) -> dict:

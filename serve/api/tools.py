@@ -34,10 +34,12 @@ def call_id() -> str:
 
 def _describe(tools: list[dict]) -> str:
     signatures = "\n".join(json.dumps(t["function"], sort_keys=True) for t in tools)
-    return ("You may call functions to answer. Their signatures, one JSON object a line, inside <tools></tools>:\n"
-            f"<tools>\n{signatures}\n</tools>\n"
-            "To call one, answer with a JSON object of its name and arguments inside <tool_call></tool_call> tags:\n"
-            '<tool_call>\n{"name": "<function name>", "arguments": {<arguments as JSON>}}\n</tool_call>')
+    return (
+        "You may call functions to answer. Their signatures, one JSON object a line, inside <tools></tools>:\n"
+        f"<tools>\n{signatures}\n</tools>\n"
+        "To call one, answer with a JSON object of its name and arguments inside <tool_call></tool_call> tags:\n"
+        '<tool_call>\n{"name": "<function name>", "arguments": {<arguments as JSON>}}\n</tool_call>'
+    )
 
 
 def render_messages(messages: list[dict], tools: list[dict] | None, template: str) -> tuple[list[dict], dict[str, Any]]:
@@ -48,17 +50,26 @@ def render_messages(messages: list[dict], tools: list[dict] | None, template: st
         for m in messages:
             m = dict(m)
             if m.get("tool_calls"):
-                m["tool_calls"] = [{"type": "function", "function": {"name": c["function"]["name"],
-                                                                     "arguments": json.loads(c["function"]["arguments"])}}
-                                   for c in m["tool_calls"]]
+                m["tool_calls"] = [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": c["function"]["name"],
+                            "arguments": json.loads(c["function"]["arguments"]),
+                        },
+                    }
+                    for c in m["tool_calls"]
+                ]
             out.append({k: v for k, v in m.items() if v is not None})
         return out, ({"tools": tools} if tools else {})
     out = []
     for m in messages:
         content = m.get("content") or ""
         if m.get("tool_calls"):
-            calls = [f'{OPEN}\n{{"name": {json.dumps(c["function"]["name"])}, "arguments": {c["function"]["arguments"]}}}\n{CLOSE}'
-                     for c in m["tool_calls"]]
+            calls = [
+                f'{OPEN}\n{{"name": {json.dumps(c["function"]["name"])}, "arguments": {c["function"]["arguments"]}}}\n{CLOSE}'
+                for c in m["tool_calls"]
+            ]
             content = "\n".join(([content] if content else []) + calls)
         if m["role"] == "tool":
             content = f"<tool_response>\n{content}\n</tool_response>"
@@ -78,9 +89,17 @@ def tool_grammar(tools: list[dict], name: str | None, parallel: bool) -> Structu
     chosen = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     payloads = []
     for f in chosen:
-        parameters = enforceable(f.get("parameters") or {"type": "object", "properties": {}}, f"tools.{f['name']}.parameters")
-        payloads.append({"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": parameters},
-                         "required": ["name", "arguments"], "additionalProperties": False})
+        parameters = enforceable(
+            f.get("parameters") or {"type": "object", "properties": {}}, f"tools.{f['name']}.parameters"
+        )
+        payloads.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": f["name"]}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
     schema = payloads[0] if len(payloads) == 1 else {"anyOf": payloads}
     return StructuredOutput("tool_calls", json.dumps({"schema": schema, "parallel": parallel and name is None}))
 
@@ -97,9 +116,14 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
             continue
         if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
             continue
-        calls.append({"id": call_id(), "type": "function",
-                      "function": {"name": payload["name"], "arguments": json.dumps(payload.get("arguments", {}))}})
-        outside.append(text[at:match.start()])
+        calls.append(
+            {
+                "id": call_id(),
+                "type": "function",
+                "function": {"name": payload["name"], "arguments": json.dumps(payload.get("arguments", {}))},
+            }
+        )
+        outside.append(text[at : match.start()])
         at = match.end()
     if not calls:
         return text, []
@@ -126,13 +150,14 @@ class ToolStream:
         if at >= 0:
             self.opened, end = True, at
         else:
-            end = len(self.text) - next((k for k in range(min(len(OPEN) - 1, len(self.text)), 0, -1)
-                                         if self.text.endswith(OPEN[:k])), 0)
+            end = len(self.text) - next(
+                (k for k in range(min(len(OPEN) - 1, len(self.text)), 0, -1) if self.text.endswith(OPEN[:k])), 0
+            )
         end = max(self.sent, len(self.text[:end].rstrip()))
-        out, self.sent = self.text[self.sent:end], end
+        out, self.sent = self.text[self.sent : end], end
         return out
 
     def finish(self) -> tuple[str, list[dict]]:
         """(content still to send, the tool calls) once the choice has ended."""
         content, calls = parse_tool_calls(self.text)
-        return (content or "")[self.sent:], calls
+        return (content or "")[self.sent :], calls

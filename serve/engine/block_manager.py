@@ -43,7 +43,9 @@ def block_hash(parent: int | str | None, token_ids: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int | None = None) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: int | None = None
+    ) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         # every layer's sliding window (the widest): K/V before a sequence's window is released
@@ -83,7 +85,9 @@ class BlockManager:
 
     def free_blocks_taken(self, block_ids: list[int]) -> int:
         """How many of these cached blocks (a prefix hit) reusing them takes out of the free list."""
-        return sum(self.blocks[b].ref_count == 0 for b in block_ids[self._behind_window(len(block_ids) * self.block_size) :])
+        return sum(
+            self.blocks[b].ref_count == 0 for b in block_ids[self._behind_window(len(block_ids) * self.block_size) :]
+        )
 
     def use_prefix(self, seq: Sequence, block_ids: list[int]) -> None:
         """Give a sequence with nothing computed the cached blocks of its prefix (those already

@@ -17,8 +17,14 @@ PROMPT_CONTEXT = 5  # prompt tokens decoded as context in front of the first gen
 
 
 class Detokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str], include_stop: bool = False,
-                 skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        prompt_token_ids: list[int],
+        stop: list[str],
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.include_stop = include_stop  # a matched stop string stays in the text (vLLM's include_stop_str_in_output)

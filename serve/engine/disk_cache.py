@@ -86,7 +86,13 @@ class DiskCache:
         """Grow `keys` (a sequence's chain so far) to its first `blocks` full blocks; `root` (its
         cache_root) salts the chain beside the model's fingerprint."""
         if len(keys) < blocks:
-            keys += chain_keys(token_ids, self.block_size, len(keys), blocks, keys[-1] if keys else self.salt + (f"/{root}" if root else ""))
+            keys += chain_keys(
+                token_ids,
+                self.block_size,
+                len(keys),
+                blocks,
+                keys[-1] if keys else self.salt + (f"/{root}" if root else ""),
+            )
 
     def store(self, key: str, token_ids: list[int], tensors: dict[str, torch.Tensor]) -> None:
         """Queue one block's tensors (copies, CPU) for writing; dropped if the writer is behind."""
@@ -166,9 +172,15 @@ def fingerprint(model_name: str, hf_config, kv_dtype: torch.dtype, block_size: i
     """What makes a block's K/V reusable: the model (name and config), the dtype it computed in,
     the cache's dtype and block size."""
     config = json.dumps(hf_config.to_dict(), sort_keys=True, default=str)
-    return json.dumps({"model": model_name, "config": hashlib.sha256(config.encode()).hexdigest(), "dtype": str(model_dtype),
-                       "kv_dtype": str(kv_dtype), "block_size": block_size})
-
+    return json.dumps(
+        {
+            "model": model_name,
+            "config": hashlib.sha256(config.encode()).hexdigest(),
+            "dtype": str(model_dtype),
+            "kv_dtype": str(kv_dtype),
+            "block_size": block_size,
+        }
+    )
 
 
 class DiskTier:
@@ -184,7 +196,9 @@ class DiskTier:
         self.cache.extend_keys(seq.disk_keys, seq.token_ids, len(seq.block_hashes), seq.cache_root)
         for i in range(first, len(seq.block_hashes)):
             if seq.block_table[i] >= 0 and seq.disk_keys[i] not in self.cache:
-                self.cache.store(seq.disk_keys[i], seq.token_ids[i * bs : (i + 1) * bs], self.runner.read_block(seq.block_table[i]))
+                self.cache.store(
+                    seq.disk_keys[i], seq.token_ids[i * bs : (i + 1) * bs], self.runner.read_block(seq.block_table[i])
+                )
 
     def load_prefix(self, seq) -> int:
         """Copy the blocks of seq's prefix that are on disk but not in memory into free cache

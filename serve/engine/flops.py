@@ -37,7 +37,10 @@ class FlopAttribution:
     def _attention(self, q_len: int, k_lens: list[int], causal: bool) -> int:
         """QK^T + AV FLOPs of one attention call per layer, layer l over k_lens[l] keys."""
         s = self.shape
-        return sum(layers * attention_flops(1, s.heads, q_len, k, s.head_dim, s.head_dim, causal) for k, layers in Counter(k_lens).items())
+        return sum(
+            layers * attention_flops(1, s.heads, q_len, k, s.head_dim, s.head_dim, causal)
+            for k, layers in Counter(k_lens).items()
+        )
 
     def _keys(self, n: int, reach: int) -> list[int]:
         return layer_keys(n, reach, self.windows)

@@ -29,14 +29,61 @@ from typing import Any
 
 # keywords whose constraint xgrammar enforces (each checked by sampling, tests/test_serve_structured.py)
 ENFORCED = {
-    "type", "properties", "required", "additionalProperties", "patternProperties", "propertyNames",
-    "enum", "const", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-    "minLength", "maxLength", "pattern", "format", "items", "prefixItems", "minItems", "maxItems",
-    "anyOf", "allOf", "$ref", "$defs", "definitions",
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "patternProperties",
+    "propertyNames",
+    "enum",
+    "const",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "format",
+    "items",
+    "prefixItems",
+    "minItems",
+    "maxItems",
+    "anyOf",
+    "allOf",
+    "$ref",
+    "$defs",
+    "definitions",
 }
-ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly", "writeOnly"}
-FORMATS = {"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri", "uri-reference",
-           "uri-template", "json-pointer", "relative-json-pointer"}
+ANNOTATIONS = {
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$schema",
+    "$id",
+    "$comment",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+}
+FORMATS = {
+    "email",
+    "date",
+    "time",
+    "date-time",
+    "duration",
+    "ipv4",
+    "ipv6",
+    "hostname",
+    "uuid",
+    "uri",
+    "uri-reference",
+    "uri-template",
+    "json-pointer",
+    "relative-json-pointer",
+}
 SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 SUBSCHEMAS = ("items", "additionalProperties", "propertyNames")
 SUBSCHEMA_LISTS = ("anyOf", "allOf", "prefixItems")
@@ -71,12 +118,16 @@ def check_schema(schema: Any, path: str = "schema") -> None:
     for key, value in schema.items():
         where = f"{path}.{key}"
         if key not in ENFORCED | ANNOTATIONS:
-            raise ValueError(f"{where}: the JSON-schema keyword {key!r} is not enforced by this server's grammar engine")
+            raise ValueError(
+                f"{where}: the JSON-schema keyword {key!r} is not enforced by this server's grammar engine"
+            )
         if key == "format" and value not in FORMATS:
             raise ValueError(f"{where}: format {value!r} is not enforced (supported: {', '.join(sorted(FORMATS))})")
         if key == "allOf" and len(value) != 1:
             raise ValueError(f"{where}: allOf is enforced with one subschema only (merge them)")
-        if (key in SUBSCHEMA_MAPS and not isinstance(value, dict)) or (key in SUBSCHEMA_LISTS and not isinstance(value, list)):
+        if (key in SUBSCHEMA_MAPS and not isinstance(value, dict)) or (
+            key in SUBSCHEMA_LISTS and not isinstance(value, list)
+        ):
             raise ValueError(f"{where} must be a JSON {'object' if key in SUBSCHEMA_MAPS else 'array'}")
     for sub, where in subschemas(schema, path):
         check_schema(sub, where)
@@ -137,14 +188,20 @@ def check_satisfiable(schema: Any, path: str = "schema") -> None:
     if schema.get("enum") == []:
         raise ValueError(f"{path}.enum is empty: no value can satisfy it")
     for low, high, what in (("minLength", "maxLength", "string length"), ("minItems", "maxItems", "array size")):
-        if isinstance(schema.get(low), (int, float)) and isinstance(schema.get(high), (int, float)) and schema[low] > schema[high]:
+        if (
+            isinstance(schema.get(low), (int, float))
+            and isinstance(schema.get(high), (int, float))
+            and schema[low] > schema[high]
+        ):
             raise ValueError(f"{path}: {low} {schema[low]} exceeds {high} {schema[high]}: no {what} can satisfy it")
     check_range(schema, path)
     properties = schema.get("properties") or {}
     for key in schema.get("required") or []:
         if properties.get(key) is False:
-            raise ValueError(f"{path}.required: the key {key!r} is required, but its subschema is false "
-                             "(or additionalProperties forbids it): no object can satisfy it")
+            raise ValueError(
+                f"{path}.required: the key {key!r} is required, but its subschema is false "
+                "(or additionalProperties forbids it): no object can satisfy it"
+            )
     for sub, where in subschemas(schema, path):
         if sub is not False:  # false elsewhere only forbids (a property, further items)
             check_satisfiable(sub, where)
@@ -153,8 +210,11 @@ def check_satisfiable(schema: Any, path: str = "schema") -> None:
 def check_range(schema: dict, path: str) -> None:
     """ValueError when the numeric bounds of `schema` leave no number (for type integer: no
     integer) between them."""
-    bound = {k: schema[k] for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
-             if isinstance(schema.get(k), (int, float)) and not isinstance(schema.get(k), bool)}
+    bound = {
+        k: schema[k]
+        for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+        if isinstance(schema.get(k), (int, float)) and not isinstance(schema.get(k), bool)
+    }
     lows = [(v, k == "exclusiveMinimum") for k, v in bound.items() if k.endswith("inimum")]
     highs = [(v, k == "exclusiveMaximum") for k, v in bound.items() if k.endswith("aximum")]
     if not lows or not highs:
@@ -167,7 +227,9 @@ def check_range(schema: dict, path: str) -> None:
         empty = first > last
     if empty:
         shown = ", ".join(f"{k} {v}" for k, v in bound.items())
-        raise ValueError(f"{path}: {shown}: no {'integer' if schema.get('type') == 'integer' else 'number'} can satisfy it")
+        raise ValueError(
+            f"{path}: {shown}: no {'integer' if schema.get('type') == 'integer' else 'number'} can satisfy it"
+        )
 
 
 def enforceable(schema: Any, path: str = "schema") -> Any:

@@ -73,10 +73,24 @@ class LLMEngine:
         self.half_weights = config.use_half_weights(self.dtype)
         # RoPE scaling the server adds is for the requests past the model's own context only
         native = rope_parameters(hf_config, None)
-        self.native_context = min(context_limit(hf_config, native), self.max_model_len) if config.rope_scaling and rope != native else None
-        self.model = load_model(model_dir, hf_config, rope, self.max_model_len, self.dtype, self.device, self.half_weights,
-                                native_rope=(native, self.native_context) if self.native_context else None)
-        has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+        self.native_context = (
+            min(context_limit(hf_config, native), self.max_model_len)
+            if config.rope_scaling and rope != native
+            else None
+        )
+        self.model = load_model(
+            model_dir,
+            hf_config,
+            rope,
+            self.max_model_len,
+            self.dtype,
+            self.device,
+            self.half_weights,
+            native_rope=(native, self.native_context) if self.native_context else None,
+        )
+        has_tokenizer = any(
+            (model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir) if has_tokenizer else None
         self.eos_token_ids = eos_ids(model_dir, hf_config)
         self.sampling_defaults = generation_defaults(model_dir)
@@ -98,19 +112,37 @@ class LLMEngine:
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.kv_window)
         self.step_cost = StepCostModel()  # under max_itl_ms: fitted from every step, it sizes prefill chunks
-        limits = PrefillLimits(None if config.max_itl_ms is None else config.max_itl_ms / 1e3, self.step_cost,
-                               long_prefill_token_threshold=config.long_prefill_token_threshold,
-                               max_num_partial_prefills=config.max_num_partial_prefills)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy, limits)
-        self.speculator = (NgramSpeculator(NgramProposer(config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min))
-                           if config.num_speculative_tokens else None)
-        self.runner = ModelRunner(self.model, shape, num_blocks, config.block_size, self.dtype, self.device, self.kv_dtype)
+        limits = PrefillLimits(
+            None if config.max_itl_ms is None else config.max_itl_ms / 1e3,
+            self.step_cost,
+            long_prefill_token_threshold=config.long_prefill_token_threshold,
+            max_num_partial_prefills=config.max_num_partial_prefills,
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy, limits
+        )
+        self.speculator = (
+            NgramSpeculator(
+                NgramProposer(config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min)
+            )
+            if config.num_speculative_tokens
+            else None
+        )
+        self.runner = ModelRunner(
+            self.model, shape, num_blocks, config.block_size, self.dtype, self.device, self.kv_dtype
+        )
         self.disk = None  # the prefix cache's disk tier
         if config.kv_cache_disk is not None:
-            cache = DiskCache(config.kv_cache_disk, config.kv_cache_disk_bytes,
-                              fingerprint(self.model_name, hf_config, self.kv_dtype, config.block_size, self.dtype), config.block_size)
+            cache = DiskCache(
+                config.kv_cache_disk,
+                config.kv_cache_disk_bytes,
+                fingerprint(self.model_name, hf_config, self.kv_dtype, config.block_size, self.dtype),
+                config.block_size,
+            )
             self.disk = DiskTier(cache, self.block_manager, self.runner)
-            print(f"KV disk tier: {config.kv_cache_disk} ({cache.bytes / 2**30:.2f} of {config.kv_cache_disk_bytes / 2**30:.2f} GiB used)")
+            print(
+                f"KV disk tier: {config.kv_cache_disk} ({cache.bytes / 2**30:.2f} of {config.kv_cache_disk_bytes / 2**30:.2f} GiB used)"
+            )
         self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
         self.sampler = Sampler(self.token_bytes.text if self.token_bytes is not None else lambda t: "")
         self._grammars = None  # serve.engine.structured.Grammars, built on the first structured request
@@ -139,8 +171,10 @@ class LLMEngine:
                 f"max_model_len {self.max_model_len} does not fit the KV cache ({self.max_tokens_in_cache:,} tokens): "
                 f"lower --max-model-len, raise --kv-cache-gb / --kv-cache-fraction, or store it smaller with --kv-cache-dtype"
             )
-        print(f"max_model_len capped to {self.max_tokens_in_cache:,} tokens, what the KV cache holds (the model's context is "
-              f"{self.max_model_len:,}: raise --kv-cache-gb / --kv-cache-fraction, or use --kv-cache-dtype int8, to serve it)")
+        print(
+            f"max_model_len capped to {self.max_tokens_in_cache:,} tokens, what the KV cache holds (the model's context is "
+            f"{self.max_model_len:,}: raise --kv-cache-gb / --kv-cache-fraction, or use --kv-cache-dtype int8, to serve it)"
+        )
         self.max_model_len = self.max_tokens_in_cache
 
     # ---- requests -------------------------------------------------------------------
@@ -153,12 +187,17 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if params.priority and self.config.scheduling_policy != "priority":
-            raise ParamError("priority", f"priority {params.priority} needs the priority scheduling policy (--scheduling-policy priority); "
-                                         f"this engine schedules {self.config.scheduling_policy}")
+            raise ParamError(
+                "priority",
+                f"priority {params.priority} needs the priority scheduling policy (--scheduling-policy priority); "
+                f"this engine schedules {self.config.scheduling_policy}",
+            )
         if not prompt_token_ids:
             raise ValueError("prompt is empty")
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(prompt_token_ids)}..{max(prompt_token_ids)}")
+            raise ValueError(
+                f"prompt token ids must be in [0, {vocab}), got {min(prompt_token_ids)}..{max(prompt_token_ids)}"
+            )
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ParamError(
@@ -186,8 +225,13 @@ class LLMEngine:
         for index in range(params.n):
             seed = self._seed_rng.getrandbits(63) if params.seed is None else params.seed_of(index)
             generator = torch.Generator(self.device).manual_seed(seed)
-            detok = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.include_stop_str_in_output,
-                                params.skip_special_tokens)
+            detok = Detokenizer(
+                self.tokenizer,
+                prompt_token_ids,
+                params.stop,
+                params.include_stop_str_in_output,
+                params.skip_special_tokens,
+            )
             seq = Sequence(self._next_seq_id + index, request, index, generator, detok, after=first)
             seq.matcher = grammars.matcher(params.structured) if grammars is not None else None
             request.seqs.append(seq)
@@ -204,7 +248,9 @@ class LLMEngine:
         if self.tokenizer is None:
             raise ValueError("structured outputs need a tokenizer; this model has none")
         if self._grammars is None:
-            self._grammars = Grammars(self.tokenizer, self.model.lm_head.out_features, self.token_bytes, self.config.json_max_digits)
+            self._grammars = Grammars(
+                self.tokenizer, self.model.lm_head.out_features, self.token_bytes, self.config.json_max_digits
+            )
         return self._grammars
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
@@ -279,7 +325,9 @@ class LLMEngine:
             row += n
         if prompt_spans:
             self._record_prompt_logprobs(logits[row:], prompt_spans)
-        for seq, draw in zip(sampling, self.sampler(logits[: len(sampling)], sampling, self.eos_token_ids, self._grammars)):
+        for seq, draw in zip(
+            sampling, self.sampler(logits[: len(sampling)], sampling, self.eos_token_ids, self._grammars)
+        ):
             request = seq.request
             touched[request.request_id] = request
             if seq.is_finished:  # a sibling's failure ended it in this very step
@@ -335,10 +383,16 @@ class LLMEngine:
         """The prefill rate, tokens/s over steps that prefilled (a moving average, weight 0.2):
         what Retry-After divides the queued tokens by. A step's decodes are in its time too, as
         they are in the time the queue actually waits."""
-        tokens = sum(n for seq, n in batch if not seq.num_drafts and not (n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens))
+        tokens = sum(
+            n
+            for seq, n in batch
+            if not seq.num_drafts and not (n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens)
+        )
         if tokens and seconds > 0:
             rate = tokens / seconds
-            self.prefill_tokens_per_s = rate if not self.prefill_tokens_per_s else 0.8 * self.prefill_tokens_per_s + 0.2 * rate
+            self.prefill_tokens_per_s = (
+                rate if not self.prefill_tokens_per_s else 0.8 * self.prefill_tokens_per_s + 0.2 * rate
+            )
 
     def _record_prompt_logprobs(self, logits: torch.Tensor, spans: list[tuple[Sequence, range]]) -> None:
         """Entries for the prompt tokens these rows predict (position p's row predicts token p + 1).
@@ -347,7 +401,9 @@ class LLMEngine:
         row = 0
         for seq, span in spans:
             for p in span:
-                seq.prompt_logprobs[p + 1] = self.sampler.logprob_entry(logprobs[row], seq.token_ids[p + 1], seq.params.prompt_logprobs)
+                seq.prompt_logprobs[p + 1] = self.sampler.logprob_entry(
+                    logprobs[row], seq.token_ids[p + 1], seq.params.prompt_logprobs
+                )
                 row += 1
 
     def _check_stop(self, seq: Sequence, token: int) -> None:

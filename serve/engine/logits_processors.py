@@ -64,8 +64,11 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: se
     pairs = [(i, t, v) for i in rows for t, v in seqs[i].params.logit_bias.items()]
     if pairs:
         r, t, v = zip(*pairs)
-        out.index_put_((torch.tensor(r, device=device), torch.tensor(t, device=device)),
-                       torch.tensor(v, dtype=out.dtype, device=device), accumulate=True)
+        out.index_put_(
+            (torch.tensor(r, device=device), torch.tensor(t, device=device)),
+            torch.tensor(v, dtype=out.dtype, device=device),
+            accumulate=True,
+        )
 
     banned = [(i, t) for i in rows for t in banned_tokens(seqs[i], eos_token_ids)]
     if banned:
@@ -89,7 +92,9 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: se
         counts = torch.zeros((len(counted), vocab + 1), dtype=out.dtype, device=device)
         counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=out.dtype))
         counts = counts[:, :vocab]
-        freq = torch.tensor([seqs[i].params.frequency_penalty for i in counted], dtype=out.dtype, device=device)[:, None]
+        freq = torch.tensor([seqs[i].params.frequency_penalty for i in counted], dtype=out.dtype, device=device)[
+            :, None
+        ]
         pres = torch.tensor([seqs[i].params.presence_penalty for i in counted], dtype=out.dtype, device=device)[:, None]
         out[index] -= counts * freq + (counts > 0).to(out.dtype) * pres
     return out

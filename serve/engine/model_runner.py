@@ -50,8 +50,16 @@ def length_groups(lengths: list[int], group_cost: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, shape: DecoderShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 kv_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        shape: DecoderShape,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
         """`dtype`: the model's; `kv_dtype`: the cache's storage (default the model's)."""
         self.model, self.block_size, self.device, self.dtype = model, block_size, device, dtype
         kv_dtype = kv_dtype or dtype
@@ -59,15 +67,23 @@ class ModelRunner:
         self.decode_kernel = device.type == "cpu" and op("paged_decode_attention") is not None  # else: gathered groups
         windows = [attn.window for attn in model.attention_layers()]
         self.flops = FlopAttribution(shape, windows)
-        self.traffic = ByteAttribution(model, model.lm_head, kv_bytes_per_block(shape, block_size, kv_dtype) // block_size, shape.layers, windows)
+        self.traffic = ByteAttribution(
+            model, model.lm_head, kv_bytes_per_block(shape, block_size, kv_dtype) // block_size, shape.layers, windows
+        )
         self._step_rows = self._step_logits = 0  # the step being planned: its rows and lm-head rows (byte shares)
         # where --rope-scaling added a scaled RoPE, requests within the native context index the
         # model's own rotations at position + this offset (serve.layers.rope)
         self.native_rope_offset = model.model.rotary_emb.native_offset
         # zeros, not empty: padded decode rows read slot 0.., and masked garbage could be NaN
-        self.kv = torch.zeros(2, shape.layers, shape.kv_heads, num_blocks * block_size, shape.head_dim, dtype=kv_dtype, device=device)
+        self.kv = torch.zeros(
+            2, shape.layers, shape.kv_heads, num_blocks * block_size, shape.head_dim, dtype=kv_dtype, device=device
+        )
         # an int8 cache's scales, one per token, head and plane (ones: a padded row reads slot 0..)
-        self.kv_scale = torch.ones(2, shape.layers, shape.kv_heads, num_blocks * block_size, device=device) if kv_dtype == torch.int8 else None
+        self.kv_scale = (
+            torch.ones(2, shape.layers, shape.kv_heads, num_blocks * block_size, device=device)
+            if kv_dtype == torch.int8
+            else None
+        )
         for i, attn in enumerate(model.attention_layers()):
             attn.kv_cache = self.kv[:, i]
             attn.kv_scale = self.kv_scale[:, i] if self.kv_scale is not None else None
@@ -78,7 +94,10 @@ class ModelRunner:
         slots = slice(block_id * self.block_size, (block_id + 1) * self.block_size)
         out = {"k": self.kv[0, :, :, slots].cpu().clone(), "v": self.kv[1, :, :, slots].cpu().clone()}
         if self.kv_scale is not None:
-            out |= {"k_scale": self.kv_scale[0, :, :, slots].cpu().clone(), "v_scale": self.kv_scale[1, :, :, slots].cpu().clone()}
+            out |= {
+                "k_scale": self.kv_scale[0, :, :, slots].cpu().clone(),
+                "v_scale": self.kv_scale[1, :, :, slots].cpu().clone(),
+            }
         return out
 
     def write_block(self, block_id: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -90,7 +109,9 @@ class ModelRunner:
         for name, plane in planes:
             source, target = tensors[name], plane[:, :, slots]
             if source.shape != target.shape or source.dtype != target.dtype:
-                raise ValueError(f"block tensor {name}: {tuple(source.shape)} {source.dtype}, the cache holds {tuple(target.shape)} {target.dtype}")
+                raise ValueError(
+                    f"block tensor {name}: {tuple(source.shape)} {source.dtype}, the cache holds {tuple(target.shape)} {target.dtype}"
+                )
             target.copy_(source)
 
     def _context_slots(self, tables: list[list[int]], length: int) -> torch.Tensor | slice:
@@ -99,17 +120,24 @@ class ModelRunner:
         consecutive blocks (usual for a long sequence: the free list hands out runs) is a
         slice, which reads the cache in place instead of gathering a copy of it."""
         width = -(-length // self.block_size)
-        if len(tables) == 1 and tables[0][0] >= 0 and tables[0][:width] == list(range(tables[0][0], tables[0][0] + width)):
+        if (
+            len(tables) == 1
+            and tables[0][0] >= 0
+            and tables[0][:width] == list(range(tables[0][0], tables[0][0] + width))
+        ):
             start = tables[0][0] * self.block_size
             return slice(start, start + length)
         # FREED entries (out of the window: masked or sliced away by the attention layer) read block 0
-        padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long).clamp_(min=0)
+        padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long).clamp_(
+            min=0
+        )
         slots = padded.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)
         return slots.flatten(1)[:, :length].to(self.device)
 
     @torch.no_grad()  # not inference_mode: profiling.measure needs autograd sequence numbers
-    def execute(self, batch: list[tuple[Sequence, int]]
-                ) -> tuple[torch.Tensor, list[Sequence], list[tuple[Sequence, int]], list[tuple[Sequence, range]]]:
+    def execute(
+        self, batch: list[tuple[Sequence, int]]
+    ) -> tuple[torch.Tensor, list[Sequence], list[tuple[Sequence, int]], list[tuple[Sequence, range]]]:
         """Run one step of (sequence, new tokens) pairs. Returns float32 logits: first one row per
         sequence whose computed tokens reach its end (it samples next), then one row per position
         of each sequence verifying speculative drafts (serve.engine.speculative: its n rows), then,
@@ -125,7 +153,9 @@ class ModelRunner:
         decoding, prefills = [], []  # decode queries: one new token after a computed context, or drafts to verify
         for s, n in batch:
             (decoding if s.num_drafts or (n == 1 and s.num_computed_tokens > 0) else prefills).append((s, n))
-        decodes = sorted(((s, s.num_computed_tokens + i) for s, n in decoding for i in range(n)), key=lambda e: e[1])  # (seq, position)
+        decodes = sorted(
+            ((s, s.num_computed_tokens + i) for s, n in decoding for i in range(n)), key=lambda e: e[1]
+        )  # (seq, position)
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -158,7 +188,9 @@ class ModelRunner:
                 span = range(start, min(start + n, seq.num_prompt_tokens - 1))
                 prompt_rows += [first_row + p - start for p in span]
                 prompt_spans.append((seq, span))
-        logits_per_seq = {s.seq_id: 1 for s in sampling} | {s.seq_id: len(span) + (s in sampling) for s, span in prompt_spans}
+        logits_per_seq = {s.seq_id: 1 for s in sampling} | {
+            s.seq_id: len(span) + (s in sampling) for s, span in prompt_spans
+        }
         meta = AttentionMetadata(slot_mapping=self._tensor(slots))
         self._step_rows, self._step_logits = len(ids), len(logits_rows) + len(verify_rows) + len(prompt_rows)
         start = 0
@@ -171,7 +203,9 @@ class ModelRunner:
         for seq, n in prefills:
             meta.prefills.append(self._plan_chunk(seq, start, n, logits_per_seq.get(seq.seq_id, 0)))
             start += n
-        logits = self.model(self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows + verify_rows + prompt_rows))
+        logits = self.model(
+            self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows + verify_rows + prompt_rows)
+        )
         return logits.float(), sampling, verifying, prompt_spans
 
     def _rope_offset(self, seq: Sequence) -> int:
@@ -186,11 +220,18 @@ class ModelRunner:
         lengths, nothing gathered."""
         lengths = [pos + 1 for _, pos in decodes]
         width = -(-max(lengths) // self.block_size)
-        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s, _ in decodes]  # FREED: never read
+        tables = [
+            s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s, _ in decodes
+        ]  # FREED: never read
         for (seq, _), n in zip(decodes, lengths):
             self._charge(seq, self.flops.decode(n, windowed=True))  # exactly its own context (window)
             self._charge_bytes(seq, 1, 1, n, windowed=True)
-        return PagedDecodes(len(decodes), torch.tensor(tables, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32), self.block_size)
+        return PagedDecodes(
+            len(decodes),
+            torch.tensor(tables, dtype=torch.int32),
+            torch.tensor(lengths, dtype=torch.int32),
+            self.block_size,
+        )
 
     def _plan_decodes(self, decodes: list[tuple[Sequence, int]], start: int) -> DecodeGroup:
         """One batched call for a group of decode queries (sequence, position): every context
@@ -221,7 +262,9 @@ class ModelRunner:
         for part, n in flops.items():
             seq.flops[part] += n
 
-    def _charge_bytes(self, seq: Sequence, rows: int, logits: int, kv_read_tokens: int, windowed: bool, reach: int = 0) -> None:
+    def _charge_bytes(
+        self, seq: Sequence, rows: int, logits: int, kv_read_tokens: int, windowed: bool, reach: int = 0
+    ) -> None:
         """Add the sequence's share of the step's bytes (serve.engine.traffic) to seq.bytes."""
         shares = self.traffic.share(rows, self._step_rows, logits, self._step_logits, kv_read_tokens, windowed, reach)
         for part, n in shares.items():

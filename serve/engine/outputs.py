@@ -33,7 +33,9 @@ class RequestMetrics:
     flops_by_part: dict[str, int]
     first_scheduled_time: float | None = None  # first step that computed any of it (queue time ends)
     disk_cached_prompt_tokens: int = 0  # of cached_prompt_tokens, those the disk tier loaded
-    bytes_by_part: dict[str, int] = field(default_factory=dict)  # bytes its steps moved (serve.engine.traffic), modelled
+    bytes_by_part: dict[str, int] = field(
+        default_factory=dict
+    )  # bytes its steps moved (serve.engine.traffic), modelled
 
 
 @dataclass(frozen=True)
@@ -88,15 +90,26 @@ def request_output(request: Request, new_tokens: dict[int, list[int]], law_param
             token_ids=seq.output_token_ids,
             new_token_ids=new_tokens.get(seq.seq_id, []),
             new_text=seq.detokenizer.delta(final=seq.is_finished),
-            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,  # a snapshot: the engine thread appends on
+            logprobs=list(seq.logprobs)
+            if seq.logprobs is not None
+            else None,  # a snapshot: the engine thread appends on
             finish_reason=seq.finish_reason,
         )
         for seq in request.seqs
     ]
     first = request.seqs[0]
-    prompt_logprobs = list(first.prompt_logprobs) if first.prompt_logprobs is not None and first.prompt_computed else None
-    return RequestOutput(request.request_id, request.prompt_token_ids, completions, request.is_finished, request_metrics(request, law_params),
-                         prompt_logprobs, request.error)
+    prompt_logprobs = (
+        list(first.prompt_logprobs) if first.prompt_logprobs is not None and first.prompt_computed else None
+    )
+    return RequestOutput(
+        request.request_id,
+        request.prompt_token_ids,
+        completions,
+        request.is_finished,
+        request_metrics(request, law_params),
+        prompt_logprobs,
+        request.error,
+    )
 
 
 def request_metrics(request: Request, law_params: int) -> RequestMetrics:

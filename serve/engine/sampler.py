@@ -31,12 +31,17 @@ from serve.kernels import op
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
     """Each row's argmax of (rows, vocab) logits, as torch.argmax picks it (the first maximum):
     serve.kernels' argmax_rows for float32 on the CPU (~10x torch's there), else torch's."""
-    fast = op("argmax_rows") if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] else None
+    fast = (
+        op("argmax_rows")
+        if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1]
+        else None
+    )
     return (fast(logits) if fast is not None else torch.argmax(logits, -1)).tolist()
 
 
-def truncated_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                    min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def truncated_probs(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Probabilities after temperature, top-k, top-p and min-p (Nguyen et al. 2024: keep the
     tokens at least min_p x the most likely one's probability), for one row. When truncating,
     they are over the kept tokens sorted by descending logit and the second result maps them
@@ -84,9 +89,12 @@ def drawable(logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, RequestError
         logits[i] = row
         if not torch.isfinite(row.max()):
             nan = "NaN or " if torch.isnan(top[i]) else ""
-            failed[i] = RequestError(f"no token can be sampled: every token's logit is {nan}-inf after the request's "
-                                     "logit processing (allowed_token_ids, logit_bias, bad_words, min_tokens or a "
-                                     "structured output banned them all)", invalid=True)
+            failed[i] = RequestError(
+                f"no token can be sampled: every token's logit is {nan}-inf after the request's "
+                "logit processing (allowed_token_ids, logit_bias, bad_words, min_tokens or a "
+                "structured output banned them all)",
+                invalid=True,
+            )
     return logits, failed
 
 
@@ -94,8 +102,9 @@ class Sampler:
     def __init__(self, token_text) -> None:
         self.token_text = token_text  # token id -> its text (for logprob entries)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int] = frozenset(),
-                 grammars=None) -> list[Draw]:
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int] = frozenset(), grammars=None
+    ) -> list[Draw]:
         """The next token of each sequence (row i of logits is seqs[i]) and its logprob entry,
         or the reason it has none (that sequence's request fails; the others go on);
         `eos_token_ids`: what min_tokens holds back; `grammars` (serve.engine.structured.Grammars)
@@ -133,6 +142,7 @@ class Sampler:
         if k:
             values, ids = torch.topk(row, min(k, row.numel()))
             entry["top"] = [
-                {"token_id": t, "token": self.token_text(t), "logprob": v} for t, v in zip(ids.tolist(), values.tolist())
+                {"token_id": t, "token": self.token_text(t), "logprob": v}
+                for t, v in zip(ids.tolist(), values.tolist())
             ]
         return entry

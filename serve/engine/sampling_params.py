@@ -40,7 +40,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # likewise for each prompt token after the first (vLLM's name)
     # logit processing, in this order (serve.engine.logits_processors)
     allowed_token_ids: list[int] | None = None  # only these may be generated
-    bad_words: list[str] = field(default_factory=list)  # words never generated (tokenized by the engine, with and without a leading space)
+    bad_words: list[str] = field(
+        default_factory=list
+    )  # words never generated (tokenized by the engine, with and without a leading space)
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logit of each token id
     repetition_penalty: float = 1.0  # CTRL / transformers: prompt and output tokens, logit / p if > 0 else x p
     presence_penalty: float = 0.0  # OpenAI: minus this once for every token already in the output
@@ -66,9 +68,13 @@ class SamplingParams:
         if self.n < 1:
             raise ParamError("n", f"n must be >= 1, got {self.n}")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise ParamError("seed", f"seed must be a 64-bit integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
+            raise ParamError(
+                "seed", f"seed must be a 64-bit integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}"
+            )
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ParamError("min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+            raise ParamError(
+                "min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
         if self.logprobs is not None and self.logprobs < 0:
             raise ParamError("logprobs", f"logprobs must be >= 0 or None, got {self.logprobs}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
@@ -81,15 +87,21 @@ class SamplingParams:
             if not -2 <= getattr(self, name) <= 2:
                 raise ParamError(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.structured is not None and self.min_tokens:
-            raise ParamError("min_tokens", "min_tokens cannot be combined with a structured output (the grammar decides where it ends)")
+            raise ParamError(
+                "min_tokens",
+                "min_tokens cannot be combined with a structured output (the grammar decides where it ends)",
+            )
         if any(not -100 <= v <= 100 for v in self.logit_bias.values()):
             raise ParamError("logit_bias", "logit_bias values must be in [-100, 100]")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise ParamError("allowed_token_ids", "allowed_token_ids must not be empty")
         if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
             raise ParamError("bad_words", f"bad_words must be non-empty strings, got {self.bad_words!r}")
-        ids = {"stop_token_ids": self.stop_token_ids, "logit_bias": list(self.logit_bias),
-               "allowed_token_ids": self.allowed_token_ids or []}
+        ids = {
+            "stop_token_ids": self.stop_token_ids,
+            "logit_bias": list(self.logit_bias),
+            "allowed_token_ids": self.allowed_token_ids or [],
+        }
         for name, values in ids.items():
             bad = [t for t in values if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size)]
             if bad:
@@ -108,5 +120,12 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         """Anything to do to the logits before choosing (serve.engine.logits_processors)."""
-        return bool(self.allowed_token_ids is not None or self.bad_words or self.logit_bias or self.min_tokens
-                    or self.repetition_penalty != 1 or self.presence_penalty or self.frequency_penalty)
+        return bool(
+            self.allowed_token_ids is not None
+            or self.bad_words
+            or self.logit_bias
+            or self.min_tokens
+            or self.repetition_penalty != 1
+            or self.presence_penalty
+            or self.frequency_penalty
+        )

@@ -87,8 +87,14 @@ class ChunkLimits:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, policy: str = "fcfs",
-                 limits: PrefillLimits | None = None) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: str = "fcfs",
+        limits: PrefillLimits | None = None,
+    ) -> None:
         self.bm = block_manager
         self.limits = limits or PrefillLimits()
         self.by_priority = policy == "priority"
@@ -181,8 +187,13 @@ class Scheduler:
             fitted = limits.cost.prefill_budget(limits.max_itl_s, decode_tokens, past)
             total = min(total, max(limits.min_prefill_tokens, fitted))
         sharing = min(limits.max_num_partial_prefills, len(prefilling) + len(self.waiting)) or 1
-        return ChunkLimits(total, total // sharing, limits.long_prefill_token_threshold,
-                           limits.max_num_partial_prefills, part_way=len(prefilling))
+        return ChunkLimits(
+            total,
+            total // sharing,
+            limits.long_prefill_token_threshold,
+            limits.max_num_partial_prefills,
+            part_way=len(prefilling),
+        )
 
     def preempt(self, seq: Sequence) -> None:
         """Drop seq's K/V and requeue it at the front; it will be prefilled again."""

@@ -54,10 +54,14 @@ class Sequence:
         # by the request's first sequence only: its siblings share the prompt
         wants = request.params.prompt_logprobs is not None and index == 0
         self.prompt_logprobs: list[dict | None] | None = [None] * self.num_prompt_tokens if wants else None
-        self.matcher = None  # the grammar matcher of a structured output (serve.engine.structured), its own per sequence
+        self.matcher = (
+            None  # the grammar matcher of a structured output (serve.engine.structured), its own per sequence
+        )
         self.flops: dict[str, int] = defaultdict(int)  # FLOPs of the ops run for this sequence, by part
         self.bytes: dict[str, int] = defaultdict(int)  # bytes its steps moved, by part (serve.engine.traffic)
-        self.num_drafts = 0  # speculative tokens at the end of token_ids, awaiting verification (serve.engine.speculative)
+        self.num_drafts = (
+            0  # speculative tokens at the end of token_ids, awaiting verification (serve.engine.speculative)
+        )
         # n > 1: a sibling waits until the first sequence's prompt is cached, then shares its blocks
         self.after = after
         self.prompt_computed = False

@@ -38,7 +38,9 @@ class NgramProposer:
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if not 1 <= self.lookup_min <= self.lookup_max:
-            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.lookup_min} and {self.lookup_max}")
+            raise ValueError(
+                f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.lookup_min} and {self.lookup_max}"
+            )
 
     def propose(self, tokens: list[int], limit: int) -> list[int]:
         """Up to min(k, limit) tokens that followed the most recent earlier occurrence of the
@@ -62,9 +64,20 @@ def eligible(seq: Sequence) -> bool:
     """Whether seq may decode with drafts: a greedy decode with nothing that reads the output
     token by token (penalties, biases, restrictions, min_tokens, logprobs, a grammar)."""
     p = seq.params
-    return (seq.num_tokens - seq.num_computed_tokens == 1 and p.temperature == 0 and p.logprobs is None and seq.matcher is None
-            and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty and not p.logit_bias
-            and p.allowed_token_ids is None and not p.bad_words and not p.min_tokens and not seq.computes_prompt_logprobs)
+    return (
+        seq.num_tokens - seq.num_computed_tokens == 1
+        and p.temperature == 0
+        and p.logprobs is None
+        and seq.matcher is None
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+        and not p.logit_bias
+        and p.allowed_token_ids is None
+        and not p.bad_words
+        and not p.min_tokens
+        and not seq.computes_prompt_logprobs
+    )
 
 
 def accept(drafts: list[int], targets: list[int]) -> list[int]:
@@ -92,7 +105,9 @@ class NgramSpeculator:
         """Append drafts to every eligible running sequence (never past its max_tokens)."""
         self._drafted = []
         for seq in running:
-            if eligible(seq) and (drafts := self.proposer.propose(seq.token_ids, seq.params.max_tokens - len(seq.output_token_ids) - 1)):
+            if eligible(seq) and (
+                drafts := self.proposer.propose(seq.token_ids, seq.params.max_tokens - len(seq.output_token_ids) - 1)
+            ):
                 seq.token_ids += drafts
                 seq.num_drafts = len(drafts)
                 self._drafted.append(seq)

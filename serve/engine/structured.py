@@ -33,7 +33,9 @@ KINDS = ("json", "regex", "choice", "grammar", "tool_calls")
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 MAX_SPEC_CHARS = 32_768  # the constraint's text: a schema's JSON, a regex, a grammar
-MAX_DEPTH = 32  # a schema's JSON nesting (objects and arrays: an object property is two levels, its "properties" and itself)
+MAX_DEPTH = (
+    32  # a schema's JSON nesting (objects and arrays: an object property is two levels, its "properties" and itself)
+)
 MAX_VALUES = 1_024  # enum, const and choice values in one constraint, together
 MAX_REPEAT = 256  # a regex's {m,n} bounds (in a regex, a grammar, a schema's pattern)
 REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
@@ -48,8 +50,10 @@ def check_limits(kind: str, spec: str, schema: Any = None) -> None:
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise ValueError(f"the schema nests JSON objects and arrays more than {MAX_DEPTH} deep "
-                             "(each nested property counts two: its \"properties\" object and its own)")
+            raise ValueError(
+                f"the schema nests JSON objects and arrays more than {MAX_DEPTH} deep "
+                '(each nested property counts two: its "properties" object and its own)'
+            )
         if isinstance(node, dict):
             values += len(node.get("enum", ())) if isinstance(node.get("enum"), list) else 0
             values += "const" in node
@@ -63,12 +67,16 @@ def check_limits(kind: str, spec: str, schema: Any = None) -> None:
     if kind == "choice":
         values = len(json.loads(spec))
     if values > MAX_VALUES:
-        raise ValueError(f"the {kind} constraint has {values:,} enum/const/choice values; at most {MAX_VALUES:,} are compiled")
+        raise ValueError(
+            f"the {kind} constraint has {values:,} enum/const/choice values; at most {MAX_VALUES:,} are compiled"
+        )
     for text in patterns:
         for low, high in REPEAT.findall(text):
             if max(int(low), int(high or 0)) > MAX_REPEAT:
-                raise ValueError(f"the repetition {{{low}{',' + high if high else ''}}} exceeds {MAX_REPEAT} "
-                                 "(bounded repetitions are compiled one copy per count)")
+                raise ValueError(
+                    f"the repetition {{{low}{',' + high if high else ''}}} exceeds {MAX_REPEAT} "
+                    "(bounded repetitions are compiled one copy per count)"
+                )
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,9 @@ class StructuredOutput:
         """Any JSON object (None), or JSON valid under `schema` (held to `check_limits`, then
         made exact by serve.engine.json_schema.enforceable; ValueError naming what is refused)."""
         check_limits("json", json.dumps(schema), schema)
-        return cls("json", json.dumps(enforceable(schema) if schema is not None else {"type": "object"}))  # key order: output order
+        return cls(
+            "json", json.dumps(enforceable(schema) if schema is not None else {"type": "object"})
+        )  # key order: output order
 
     @classmethod
     def choice(cls, choices: list[str]) -> StructuredOutput:
@@ -98,7 +108,9 @@ class StructuredOutput:
 DEFAULT_JSON_MAX_DIGITS = 15  # integers up to 10^15 - 1 stay exact as float64 (JavaScript's numbers)
 EXPONENT_DIGITS = 3  # float64's exponents run to 308
 JSON_EBNF_CACHE = 256  # schemas whose converted grammar is kept
-EBNF_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|[^"\[]+')  # a string literal, a character class, the rest
+EBNF_TOKEN = re.compile(
+    r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|[^"\[]+'
+)  # a string literal, a character class, the rest
 DIGIT_RULE = re.compile(r"^(\w+) ::= \(\(\[0-9\]\)\)$", re.M)  # a rule that is one digit, as xgrammar writes it
 
 
@@ -121,8 +133,10 @@ def capped_digits(ebnf: str, digits: int) -> str:
 
     masked = EBNF_TOKEN.sub(hide, ebnf)
     names = [rf"(?<!\w){re.escape(name)}" for name in DIGIT_RULE.findall(masked)]
-    run = re.compile(rf"(?P<lead>\[1-9\] )?(?P<atom>\[0-9\]|{'|'.join(names) or '(?!)'})"
-                     rf"(?:(?P<star>\*)|(?P<plus>\+)|\{{(?P<low>\d+), -1\}})")
+    run = re.compile(
+        rf"(?P<lead>\[1-9\] )?(?P<atom>\[0-9\]|{'|'.join(names) or '(?!)'})"
+        rf"(?:(?P<star>\*)|(?P<plus>\+)|\{{(?P<low>\d+), -1\}})"
+    )
 
     def bounded(line: str) -> str:
         cap = EXPONENT_DIGITS if "[eE]" in line else digits
@@ -167,7 +181,9 @@ class Grammars:
         try:
             import xgrammar as xgr
         except ImportError:
-            raise ValueError("structured outputs need xgrammar: pip install --no-deps xgrammar apache-tvm-ffi") from None
+            raise ValueError(
+                "structured outputs need xgrammar: pip install --no-deps xgrammar apache-tvm-ffi"
+            ) from None
 
         self.xgr = xgr
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
@@ -205,8 +221,9 @@ class Grammars:
         separated by newlines, the payload JSON under spec["schema"] (serve.api.tools)."""
         payload = self.json_ebnf(json.dumps(spec["schema"]))
         repeat = ' ("\\n" call)*' if spec["parallel"] else ""
-        return (f'root ::= call{repeat}\ncall ::= "<tool_call>\\n" tool_payload "\\n</tool_call>"\n'
-                + _rename_rule(payload, "root", "tool_payload"))
+        return f'root ::= call{repeat}\ncall ::= "<tool_call>\\n" tool_payload "\\n</tool_call>"\n' + _rename_rule(
+            payload, "root", "tool_payload"
+        )
 
     def json_ebnf(self, schema: str) -> str:
         """The grammar of JSON valid under `schema` (its text), compact, numbers' digits capped."""

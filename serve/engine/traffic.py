@@ -28,7 +28,9 @@ WEIGHTS, KV_READ, KV_WRITE = "weights", "kv_read", "kv_write"
 
 
 class ByteAttribution:
-    def __init__(self, model: nn.Module, lm_head: nn.Module, kv_bytes_per_token: int, layers: int, windows: list[int | None]) -> None:
+    def __init__(
+        self, model: nn.Module, lm_head: nn.Module, kv_bytes_per_token: int, layers: int, windows: list[int | None]
+    ) -> None:
         """`kv_bytes_per_token`: one token's K and V over every layer (int8 scales included)."""
         from serve.layers.linear import Linear
 
@@ -39,12 +41,22 @@ class ByteAttribution:
         self.kv_per_layer_token = kv_bytes_per_token // layers
         self.windows = windows
 
-
-    def share(self, rows: int, step_rows: int, logits: int, step_logits: int, kv_read_tokens: int, windowed: bool, reach: int = 0) -> dict[str, int]:
+    def share(
+        self,
+        rows: int,
+        step_rows: int,
+        logits: int,
+        step_logits: int,
+        kv_read_tokens: int,
+        windowed: bool,
+        reach: int = 0,
+    ) -> dict[str, int]:
         """A sequence's bytes of one step: `rows` of the step's `step_rows`, `logits` of its
         `step_logits` lm-head rows, `kv_read_tokens` cached tokens read (clipped to each layer's
         window if `windowed`, a chunk's past reaching `reach` = 1 token less), `rows` written."""
-        weights = self.dense_bytes * rows / step_rows + (self.lm_head_bytes * logits / step_logits if step_logits else 0)
+        weights = self.dense_bytes * rows / step_rows + (
+            self.lm_head_bytes * logits / step_logits if step_logits else 0
+        )
         keys = layer_keys(kv_read_tokens, reach, self.windows) if windowed else [kv_read_tokens] * len(self.windows)
         read = self.kv_per_layer_token * sum(keys)
         return {WEIGHTS: round(weights), KV_READ: read, KV_WRITE: self.kv_per_layer_token * len(self.windows) * rows}

@@ -53,8 +53,17 @@ from profiling.measure import attention_flops, register_kernel
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in (
-    "paged_attention.cpp", "prefill_attention.cpp", "kv_store.cpp", "half_linear.cpp", "bf16_linear.cpp", "elementwise.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in (
+        "paged_attention.cpp",
+        "prefill_attention.cpp",
+        "kv_store.cpp",
+        "half_linear.cpp",
+        "bf16_linear.cpp",
+        "elementwise.cpp",
+    )
+]
 HEADERS = [Path(__file__).with_name(name) for name in ("vec.h", "avx512_bf16.h")]
 # the vector ISA to compile for, from the capability torch itself dispatches on
 ISA_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mf16c"], "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
@@ -110,8 +119,11 @@ def _await_other_build(lock: Path) -> None:
             lock.unlink(missing_ok=True)
             return
         if not said:
-            print(f"waiting for another process building the C++ kernels (lock {lock}; taken as stale after "
-                  f"{STALE_BUILD_S:.0f} s)", flush=True)
+            print(
+                f"waiting for another process building the C++ kernels (lock {lock}; taken as stale after "
+                f"{STALE_BUILD_S:.0f} s)",
+                flush=True,
+            )
             said = True
         time.sleep(1.0)
 
@@ -138,8 +150,17 @@ def op(name: str) -> Callable | None:
     return getattr(torch.ops.ministack, name) if load() else None
 
 
-def _decode_flops(query: torch.Tensor, kv_cache, block_tables, context_lens: torch.Tensor, block_size, scale, window=0, kv_scale=None,
-                  out_val=None) -> int:
+def _decode_flops(
+    query: torch.Tensor,
+    kv_cache,
+    block_tables,
+    context_lens: torch.Tensor,
+    block_size,
+    scale,
+    window=0,
+    kv_scale=None,
+    out_val=None,
+) -> int:
     """What the attention kernel computes: each sequence's one query per head over its own
     context (its last `window` tokens under a sliding window), no padding (QK^T and AV, 2 FLOPs
     per multiply-add, as `profiling.measure` counts SDPA)."""
@@ -152,8 +173,9 @@ def _prefill_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale, out
     """A chunk's causal attention over its own keys plus every pair with its cached past (the
     keys before it), as `profiling.measure` counts the two SDPA calls this replaces."""
     n, past = q.shape[0], k.shape[0] - q.shape[0]
-    return (attention_flops(1, q.shape[1], n, n, q.shape[2], v.shape[2], causal=True)
-            + attention_flops(1, q.shape[1], n, past, q.shape[2], v.shape[2], causal=False))
+    return attention_flops(1, q.shape[1], n, n, q.shape[2], v.shape[2], causal=True) + attention_flops(
+        1, q.shape[1], n, past, q.shape[2], v.shape[2], causal=False
+    )
 
 
 def _linear_flops(input: torch.Tensor, weight: torch.Tensor, bias, out_val=None) -> int:

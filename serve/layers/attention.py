@@ -90,7 +90,9 @@ def prefill_kernel():
     return fused if fused is not None and torch.ops.ministack.prefill_attention_supported() else None
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA (equal heads) that also returns each query's log-sum-exp of scores, (B, H, L) float32,
     which public SDPA hides: the fused kernel behind it, called directly (CPU flash / CUDA
     memory-efficient; both are attention kernels to profiling.measure). `mask`: additive."""
@@ -123,8 +125,16 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         if meta.paged is not None:
             p = meta.paged
-            decoded = op("paged_decode_attention")(q[: p.count], self.kv_cache, p.block_tables, p.context_lens, p.block_size,
-                                                   self.head_dim**-0.5, self.window or 0, self.kv_scale)
+            decoded = op("paged_decode_attention")(
+                q[: p.count],
+                self.kv_cache,
+                p.block_tables,
+                p.context_lens,
+                p.block_size,
+                self.head_dim**-0.5,
+                self.window or 0,
+                self.kv_scale,
+            )
             if p.count == q.shape[0]:  # a step of decodes only: the kernel's output is the step's
                 return decoded.flatten(1)
             out[: p.count] = decoded
@@ -134,7 +144,9 @@ class PagedAttention(nn.Module):
             rows, n = slice(group.start, group.start + group.count), group.count
             queries = q[rows].view(n, self.num_kv_heads, -1, self.head_dim)
             ctx_k, ctx_v = self._context(group.slots, n, q.dtype)
-            o = F.scaled_dot_product_attention(queries, ctx_k, ctx_v, attn_mask=self._decode_mask(group, ctx_k.shape[2], q.dtype))
+            o = F.scaled_dot_product_attention(
+                queries, ctx_k, ctx_v, attn_mask=self._decode_mask(group, ctx_k.shape[2], q.dtype)
+            )
             out[rows] = o.reshape(n, self.num_heads, self.head_dim)  # CUDA kernels may return it strided
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.length)
@@ -155,7 +167,9 @@ class PagedAttention(nn.Module):
                 continue
             x = x.float()
             scale = x.abs().amax(-1).clamp_(min=1e-30) / 127
-            self.kv_cache[plane].index_copy_(1, slots, torch.round(x / scale.unsqueeze(-1)).to(torch.int8).transpose(0, 1))
+            self.kv_cache[plane].index_copy_(
+                1, slots, torch.round(x / scale.unsqueeze(-1)).to(torch.int8).transpose(0, 1)
+            )
             self.kv_scale[plane].index_copy_(1, slots, scale.transpose(0, 1))
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
@@ -165,8 +179,13 @@ class PagedAttention(nn.Module):
         mask per head (slower than the attention itself at 8k) and computes the masked pairs."""
         n, heads = q.shape[0], self.num_heads
         group = heads // self.num_kv_heads
-        if (q.dtype == torch.bfloat16 and q.is_cpu and self.head_dim in (64, 128) and (chunk.past_slots is None or self.window is None)
-                and (fused := prefill_kernel()) is not None):
+        if (
+            q.dtype == torch.bfloat16
+            and q.is_cpu
+            and self.head_dim in (64, 128)
+            and (chunk.past_slots is None or self.window is None)
+            and (fused := prefill_kernel()) is not None
+        ):
             if chunk.past_slots is not None:  # one call over the past (gathered, dequantized) and the chunk's own keys
                 past_k, past_v = (x[0].transpose(0, 1) for x in self._context(chunk.past_slots, 1, q.dtype))
                 k, v = torch.cat([past_k, k]), torch.cat([past_v, v])
@@ -180,7 +199,11 @@ class PagedAttention(nn.Module):
         o_new, lse_new = attention_with_lse(qh, kh, vh, causal=True)
         # over the past, the query heads sharing a K/V head are that head's rows: no repeat, no
         # mask (but a sliding window's band)
-        rows = q.view(n, self.num_kv_heads, group, self.head_dim).permute(1, 2, 0, 3).reshape(1, self.num_kv_heads, group * n, -1)
+        rows = (
+            q.view(n, self.num_kv_heads, group, self.head_dim)
+            .permute(1, 2, 0, 3)
+            .reshape(1, self.num_kv_heads, group * n, -1)
+        )
         keys, slots = chunk.past, chunk.past_slots
         if self.window is not None and keys > self.window - 1:  # the first query's window
             keys = self.window - 1
@@ -200,7 +223,11 @@ class PagedAttention(nn.Module):
             return group.mask
         first = (group.lengths - self.window).clamp(min=0).unsqueeze(1)  # each row's first visible key
         hidden = torch.arange(longest, device=first.device) < first
-        base = group.mask if group.mask is not None else torch.zeros(group.count, 1, 1, longest, dtype=dtype, device=first.device)
+        base = (
+            group.mask
+            if group.mask is not None
+            else torch.zeros(group.count, 1, 1, longest, dtype=dtype, device=first.device)
+        )
         return base.masked_fill(hidden.view(group.count, 1, 1, longest), float("-inf"))
 
     def _band(self, n: int, keys: int, group: int, q: torch.Tensor) -> torch.Tensor | None:
@@ -214,14 +241,21 @@ class PagedAttention(nn.Module):
         band = torch.zeros(n, keys, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
         return band.repeat(group, 1).view(1, 1, group * n, keys)
 
-    def _context(self, slots: torch.Tensor | slice, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _context(
+        self, slots: torch.Tensor | slice, batch: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at `slots` ((batch, length) or a slice), each (batch, kv_heads, length,
         head_dim) in `dtype` (int8 rows scaled back): one gather for both planes. index_select, not
         advanced indexing: ~10x faster for this gather on CPU."""
+
         def gather(cache: torch.Tensor) -> torch.Tensor:
             return cache[:, :, slots] if isinstance(slots, slice) else cache.index_select(2, slots.flatten())
 
         ctx = gather(self.kv_cache)
-        ctx = (ctx.float() * gather(self.kv_scale).unsqueeze(-1)).to(dtype) if self.kv_scale is not None else ctx.to(dtype)
+        ctx = (
+            (ctx.float() * gather(self.kv_scale).unsqueeze(-1)).to(dtype)
+            if self.kv_scale is not None
+            else ctx.to(dtype)
+        )
         ctx = ctx.view(2, self.num_kv_heads, batch, -1, self.head_dim).transpose(1, 2)
         return ctx[0], ctx[1]

@@ -90,7 +90,12 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 def can_pack_pairs(device: torch.device, dtype: torch.dtype) -> bool:
     """bfloat16 on a CPU with AVX-512 BF16 and the C++ kernels: serve.kernels' `linear_bf16`."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and op("linear_bf16") is not None and torch.ops.ministack.bf16_linear_supported()
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and op("linear_bf16") is not None
+        and torch.ops.ministack.bf16_linear_supported()
+    )
 
 
 def pack_pairs(weight: torch.Tensor) -> torch.Tensor:

@@ -50,18 +50,29 @@ class RotaryEmbedding(nn.Module):
     given `native` = (inv_freq, attention_scaling, positions) of the model's own RoPE, those
     after them from row `native_offset` on."""
 
-    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_positions: int,
-                 native: tuple[torch.Tensor, float, int] | None = None) -> None:
+    def __init__(
+        self,
+        inv_freq: torch.Tensor,
+        attention_scaling: float,
+        max_positions: int,
+        native: tuple[torch.Tensor, float, int] | None = None,
+    ) -> None:
         super().__init__()
         tables = [(inv_freq, attention_scaling, max_positions)] + ([native] if native is not None else [])
         freqs = [torch.outer(torch.arange(n, dtype=torch.float, device=f.device), f) for f, _, n in tables]
-        self.register_buffer("cos", torch.cat([x.cos() * scale for x, (_, scale, _) in zip(freqs, tables)]), persistent=False)
-        self.register_buffer("sin", torch.cat([x.sin() * scale for x, (_, scale, _) in zip(freqs, tables)]), persistent=False)
+        self.register_buffer(
+            "cos", torch.cat([x.cos() * scale for x, (_, scale, _) in zip(freqs, tables)]), persistent=False
+        )
+        self.register_buffer(
+            "sin", torch.cat([x.sin() * scale for x, (_, scale, _) in zip(freqs, tables)]), persistent=False
+        )
         self.native_offset = max_positions if native is not None else None
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at each token's position, (tokens, 1, rotary_dim / 2), for `rotate`."""
-        return self.cos.index_select(0, positions).unsqueeze(1).to(dtype), self.sin.index_select(0, positions).unsqueeze(1).to(dtype)
+        return self.cos.index_select(0, positions).unsqueeze(1).to(dtype), self.sin.index_select(
+            0, positions
+        ).unsqueeze(1).to(dtype)
 
 
 # dtypes the C++ elementwise kernels (rotary, rms_norm) take, bit-exact with the torch fallback

@@ -15,14 +15,24 @@ from serve.weights import load_state_dict
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 
 
-def load_model(model_dir: Path, hf_config, rope: dict, max_model_len: int, dtype: torch.dtype, device: torch.device, half_weights: bool = False,
-               native_rope: tuple[dict, int] | None = None) -> LlamaForCausalLM:
+def load_model(
+    model_dir: Path,
+    hf_config,
+    rope: dict,
+    max_model_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    half_weights: bool = False,
+    native_rope: tuple[dict, int] | None = None,
+) -> LlamaForCausalLM:
     """The model of `model_dir` with its weights, in eval mode on `device`; with `half_weights`
     (the CPU, float32) its linear layers' weights stored in float16 (serve.layers.linear). With
     `native_rope` = (the model's own RoPE parameters, its context) beside a scaled `rope`, both
     rotations are tabulated (serve.layers.rope: requests that fit the native context use it)."""
     if hf_config.model_type not in LLAMA_FAMILY:
-        raise ValueError(f"model type {hf_config.model_type!r} is not supported (supported: {', '.join(sorted(LLAMA_FAMILY))})")
+        raise ValueError(
+            f"model type {hf_config.model_type!r} is not supported (supported: {', '.join(sorted(LLAMA_FAMILY))})"
+        )
     state = stack_projections(load_state_dict(model_dir))
     inv_freq, scaling = inverse_frequencies(hf_config, rope, max_model_len)
     native = None
@@ -36,8 +46,12 @@ def load_model(model_dir: Path, hf_config, rope: dict, max_model_len: int, dtype
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.tied)]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {model_dir} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model = model.to(dtype).eval()  # forward runs under no_grad; requires_grad stays on so param_parts sees trained weights
+        raise ValueError(
+            f"checkpoint {model_dir} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model = model.to(
+        dtype
+    ).eval()  # forward runs under no_grad; requires_grad stays on so param_parts sees trained weights
     if half_weights or can_pack(device, dtype):
         layout_linears(model, half=half_weights, keep=frozenset({id(model.model.embed_tokens.weight)}))
     return model

@@ -33,7 +33,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm(x); with `residual`, (RMSNorm(residual + x), residual + x): the residual
         stream's add fused into the norm that reads it next (vLLM's fused_add_rms_norm), the sum
         rounded to x's dtype as `residual + x` rounds it (serve/kernels/elementwise.cpp)."""
@@ -53,15 +55,21 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: dict[str, bool], window: int | None) -> None:
+    def __init__(
+        self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: dict[str, bool], window: int | None
+    ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.qkv_proj = Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=bias["qkv_proj"])
         self.o_proj = Linear(heads * head_dim, hidden, bias=bias["o_proj"])
         self.attn = PagedAttention(heads, kv_heads, head_dim, window)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1
+        )
         q = rotate(q.view(-1, self.heads, self.head_dim), *rope)
         k = rotate(k.view(-1, self.kv_heads, self.head_dim), *rope)
         v = v.view(-1, self.kv_heads, self.head_dim)
@@ -94,8 +102,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' `x = x + attn(norm(x)); x = x + mlp(norm(x))`, on a residual stream
         carried as (the last sublayer's output, the sum before it): each add happens inside the
         norm that reads its result. `residual` None: `hidden` is the embedding (first layer)."""
@@ -116,7 +129,9 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = rotary_emb
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream after the last layer, (tokens, hidden) twice: its last output not
         yet added, and the sum before it (their sum is the hidden state before the final norm)."""
         hidden, residual = self.embed_tokens(input_ids), None
@@ -140,10 +155,14 @@ class LlamaForCausalLM(nn.Module):
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor
+    ) -> torch.Tensor:
         """Logits (len(logits_rows), vocab) at the given rows of the flattened step."""
         hidden, residual = self.model(input_ids, positions, meta)
-        normed, _ = self.model.norm(hidden[logits_rows], residual[logits_rows])  # the last add, at the sampled rows only
+        normed, _ = self.model.norm(
+            hidden[logits_rows], residual[logits_rows]
+        )  # the last add, at the sampled rows only
         return self.lm_head(normed)
 
     def attention_layers(self) -> list[PagedAttention]:

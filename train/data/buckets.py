@@ -73,7 +73,9 @@ def fit_to_bucket(clip: Clip, bucket, max_stride: int | None = None) -> Clip:
         keep = max(1, round(h * width / height))
         video = video[:, :, :, (w - keep) // 2 : (w - keep) // 2 + keep]
     if tuple(video.shape[2:]) != (height, width):
-        video = F.interpolate(video.transpose(0, 1), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        video = F.interpolate(
+            video.transpose(0, 1), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+        )
         video = video.transpose(0, 1).clamp(-1, 1)
     return replace(clip, video=video.contiguous(), fps=fps)
 
@@ -115,8 +117,17 @@ class BucketBatchSampler(Sampler[list[int]]):
     next batch. Note a DataLoader with workers draws batches ahead of the loop: then pass the
     loop's count of consumed batches, `state_dict(consumed=step)` (counted from epoch 0)."""
 
-    def __init__(self, dataset, buckets, batch_size: int = 1, bucket_batch_size: dict | None = None, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, max_aspect_gap: float | None = None) -> None:
+    def __init__(
+        self,
+        dataset,
+        buckets,
+        batch_size: int = 1,
+        bucket_batch_size: dict | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        max_aspect_gap: float | None = None,
+    ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.buckets = sorted({parse_bucket(b) for b in buckets})
@@ -211,8 +222,16 @@ def collate_clips(items: list[Clip | None], bucket=None) -> dict:
         bucket = parse_bucket(bucket)
         clips = [c if tuple(c.video.shape[1:]) == bucket else fit_to_bucket(c, bucket) for c in clips]
     if not clips:
-        return {"video": None, "captions": [], "attrs": [], "fps": None, "sources": [], "bucket": bucket,
-                "dropped": dropped, "empty": True}
+        return {
+            "video": None,
+            "captions": [],
+            "attrs": [],
+            "fps": None,
+            "sources": [],
+            "bucket": bucket,
+            "dropped": dropped,
+            "empty": True,
+        }
     shapes = {tuple(c.video.shape) for c in clips}
     if len(shapes) > 1:
         raise ValueError(f"clips of different shapes in one batch: {sorted(shapes)} (pass the bucket to fit them)")

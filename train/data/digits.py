@@ -98,8 +98,17 @@ class MovingDigits(MovingGlyphs):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: one of {SPLITS}")
         images, labels = scans()
-        super().__init__(size, seed, split, sizes, fps, two_digit_fraction, images=images, labels=labels,
-                         pool=split_scans(labels)[SPLITS.index(split)])
+        super().__init__(
+            size,
+            seed,
+            split,
+            sizes,
+            fps,
+            two_digit_fraction,
+            images=images,
+            labels=labels,
+            pool=split_scans(labels)[SPLITS.index(split)],
+        )
 
     @property
     def two_digit_fraction(self) -> float:

@@ -67,7 +67,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
         raise ValueError(f"{path}: not an IDX file of unsigned bytes (header {data[:4].hex()})")
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
     body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
         raise ValueError(f"{path}: {body.size} bytes after the header, shape {shape} needs {int(np.prod(shape))}")
@@ -80,7 +80,10 @@ def data_dir(root: str | Path | None = None) -> Path:
 
 
 def _find(directory: Path, prefix: str, what: str) -> Path:
-    names = [f"{prefix}-{what}", f"{prefix}-{what.replace('-', '.', 1)}"]  # train-images-idx3-ubyte, train-images.idx3-ubyte
+    names = [
+        f"{prefix}-{what}",
+        f"{prefix}-{what.replace('-', '.', 1)}",
+    ]  # train-images-idx3-ubyte, train-images.idx3-ubyte
     for name in names:
         for candidate in (directory / f"{name}.gz", directory / name):
             if candidate.is_file():
@@ -89,7 +92,8 @@ def _find(directory: Path, prefix: str, what: str) -> Path:
         f"Fashion-MNIST not found: no {names[0]}(.gz) in {directory}. Install Debian's package {PACKAGE} "
         f"(apt-get install {PACKAGE}, into {DEBIAN_DIR}), or point ${ENV} (or data.source) at a directory "
         f"holding the four IDX files: train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-        f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (gzipped or not)")
+        f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (gzipped or not)"
+    )
 
 
 @lru_cache(maxsize=4)

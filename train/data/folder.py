@@ -87,7 +87,11 @@ def probe(path: Path) -> tuple[int, int, int, float]:
                 fps = float(stream.average_rate or stream.guessed_rate or 8.0)
                 frames = stream.frames
                 if not frames:  # some containers (webm) don't store it: estimate from the duration, rounding down
-                    seconds = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
+                    seconds = (
+                        float(stream.duration * stream.time_base)
+                        if stream.duration
+                        else (container.duration or 0) / 1e6
+                    )
                     frames = int(seconds * fps)
                 width, height = stream.codec_context.width, stream.codec_context.height
     except Exception as err:  # noqa: BLE001 (any unreadable file is skipped, never fatal)
@@ -102,7 +106,9 @@ def probe(path: Path) -> tuple[int, int, int, float]:
 class VideoFolder(Dataset):
     """Captioned videos and images from a CSV, a JSONL or a folder with sidecar captions."""
 
-    def __init__(self, source: str | Path, max_frames: int | None = None, frame_stride: int = 1, scan: bool = True) -> None:
+    def __init__(
+        self, source: str | Path, max_frames: int | None = None, frame_stride: int = 1, scan: bool = True
+    ) -> None:
         if frame_stride < 1 or (max_frames is not None and max_frames < 1):
             raise ValueError(f"frame_stride ({frame_stride}) and max_frames ({max_frames}) must be >= 1")
         self.source = Path(source)
@@ -142,7 +148,9 @@ class VideoFolder(Dataset):
         """(path, caption, attrs) of every candidate, recording those without a path or caption."""
         if self.source.is_dir():
             for path in sorted(p for p in self.source.rglob("*") if p.suffix.lower() in MEDIA_SUFFIXES and p.is_file()):
-                sidecar = next((s for s in (path.with_suffix(".txt"), path.with_name(path.name + ".txt")) if s.is_file()), None)
+                sidecar = next(
+                    (s for s in (path.with_suffix(".txt"), path.with_name(path.name + ".txt")) if s.is_file()), None
+                )
                 caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar else ""
                 if caption:
                     yield path, caption, {}
@@ -174,7 +182,9 @@ class VideoFolder(Dataset):
             sidecars = [s for p in media for s in (p.with_suffix(".txt"), p.with_name(p.name + ".txt")) if s.is_file()]
             paths = set(media + sidecars)
         else:
-            listed = VideoFolder(self.source, scan=False)._listing()  # a fresh instance: this one's `skipped` stays as scanned
+            listed = VideoFolder(
+                self.source, scan=False
+            )._listing()  # a fresh instance: this one's `skipped` stays as scanned
             paths = {self.source} | {path for path, _, _ in listed if path.is_file()}
         return {self._display(path): path for path in sorted(paths)}
 

@@ -50,8 +50,14 @@ DEFAULT_FPS = (8.0, 12.0, 16.0, 24.0)
 Subject = Callable[[int, "np.random.Generator | None"], str]
 
 
-def caption(attrs: dict, rng: np.random.Generator | None, subject: Subject, key: str = "items",
-            video_prefixes: tuple[str, ...] = ("",), image_prefixes: tuple[str, ...] = ("",)) -> str:
+def caption(
+    attrs: dict,
+    rng: np.random.Generator | None,
+    subject: Subject,
+    key: str = "items",
+    video_prefixes: tuple[str, ...] = ("",),
+    image_prefixes: tuple[str, ...] = ("",),
+) -> str:
     """Describe `attrs` in words; with no RNG the canonical prompt (first wording of each choice).
     Per item of `attrs[key]`: its subject, then (in a video, if it moves) a verb, its direction and
     ", bouncing off the edges" where it bounces; items joined by " and ", after a prefix. Reads
@@ -109,7 +115,9 @@ def render(attrs: dict, images: np.ndarray, key: str = "items") -> torch.Tensor:
         v = np.broadcast_to(((x - left[:, None]) * k - 0.5)[:, None, :], (t, y.shape[1], x.shape[1]))
         sample = map_coordinates(image, [u, v], order=1, mode="grid-constant", cval=0.0)
         patch = sample.reshape(t, rows.shape[1], s, cols.shape[1], s).mean((2, 4)).astype(np.float32)
-        ink[frame, rows[:, :, None], cols[:, None, :]] = np.maximum(ink[frame, rows[:, :, None], cols[:, None, :]], patch)
+        ink[frame, rows[:, :, None], cols[:, None, :]] = np.maximum(
+            ink[frame, rows[:, :, None], cols[:, None, :]], patch
+        )
     grey = np.clip(ink, 0, 1) * 2 - 1
     return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(grey[None], (3, t, h, w))))
 
@@ -141,7 +149,9 @@ class MovingGlyphs(GeneratedClips):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: one of {SPLITS}")
         if images.ndim != 3 or images.shape[1] != images.shape[2] or len(images) != len(labels):
-            raise ValueError(f"images must be [N, S, S] with one label each, got {images.shape} and {len(labels)} labels")
+            raise ValueError(
+                f"images must be [N, S, S] with one label each, got {images.shape} and {len(labels)} labels"
+            )
         self.n, self.seed, self.split, self.sizes, self.fps = size, seed, split, tuple(map(tuple, sizes)), fps
         self.two_fraction = two_fraction
         self.images, self.labels = images, labels
@@ -178,8 +188,16 @@ class MovingGlyphs(GeneratedClips):
                 gap = rng.uniform(travel / 2, hi - lo)
                 start.append(float(hi - gap if s > 0 else lo + gap))
         bouncing = any(s and (hi - p if s > 0 else p - lo) < travel for (lo, hi), s, p in zip(bounds, d, start))
-        return dict(scan=scan, label=int(self.labels[scan]), side=side, bounds=bounds, motion=motion, bouncing=bool(bouncing),
-                    velocity=[s * travel / max(t - 1, 1) for s in d], start=start)
+        return dict(
+            scan=scan,
+            label=int(self.labels[scan]),
+            side=side,
+            bounds=bounds,
+            motion=motion,
+            bouncing=bool(bouncing),
+            velocity=[s * travel / max(t - 1, 1) for s in d],
+            start=start,
+        )
 
     def describe(self, i: int) -> tuple[dict, str]:
         """Attributes and caption of clip i, without rendering it (any i >= 0, also past len)."""

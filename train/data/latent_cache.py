@@ -30,7 +30,6 @@ class CachedClip:
     source: str
 
 
-
 class LatentCache(Dataset):
     """The cached clips as a dataset the bucketing sampler can batch: `size_of(i)` is the clip's
     bucket (video size), items are CachedClip. Shards are opened lazily and memory-mapped."""
@@ -39,7 +38,9 @@ class LatentCache(Dataset):
         self.directory = Path(directory)
         path = self.directory / MANIFEST
         if not path.is_file():
-            raise ValueError(f"{self.directory} is not a latent cache (no {MANIFEST}): build it with `ministack train cache`")
+            raise ValueError(
+                f"{self.directory} is not a latent cache (no {MANIFEST}): build it with `ministack train cache`"
+            )
         self.manifest = json.loads(path.read_text())
         self.items: list[tuple[int, int]] = []  # (shard, row)
         self.meta: list[dict] = []
@@ -67,8 +68,13 @@ class LatentCache(Dataset):
             return f.get_slice(key)[row : row + 1][0]
 
         text = self.manifest["text"]
-        return CachedClip(get("latents").float(), get("context").float() if text else None,
-                          get("context_mask").bool() if text else None, self.meta[s]["captions"][row], self.meta[s]["sources"][row])
+        return CachedClip(
+            get("latents").float(),
+            get("context").float() if text else None,
+            get("context_mask").bool() if text else None,
+            self.meta[s]["captions"][row],
+            self.meta[s]["sources"][row],
+        )
 
     def null_context(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty caption's (context [L, D], mask [L])."""

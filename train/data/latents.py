@@ -65,8 +65,14 @@ def _bucket_name(bucket: Bucket) -> str:
 
 def cache_key(cfg) -> dict:
     """What the cached tensors depend on: a cache built for another codec, text encoder or data is refused."""
-    return {"codec": cfg.codec, "text_encoder": cfg.text_encoder, "dtype": cfg.cache_dtype, "data": {
-        k: v for k, v in asdict(cfg.data).items() if k not in ("batch_size", "bucket_batch_size", "num_workers")}}
+    return {
+        "codec": cfg.codec,
+        "text_encoder": cfg.text_encoder,
+        "dtype": cfg.cache_dtype,
+        "data": {
+            k: v for k, v in asdict(cfg.data).items() if k not in ("batch_size", "bucket_batch_size", "num_workers")
+        },
+    }
 
 
 def source_fingerprint(cfg) -> tuple[dict, dict[str, list[int]] | None]:
@@ -89,9 +95,17 @@ def source_fingerprint(cfg) -> tuple[dict, dict[str, list[int]] | None]:
         with contextlib.suppress(OSError):  # gone since it was listed: not part of the source
             st = path.stat()
             files[name] = [st.st_size, st.st_mtime_ns]
-    digest = hashlib.sha256("".join(f"{name}\0{size}\0{mtime}\n" for name, (size, mtime) in sorted(files.items())).encode())
-    return {"kind": "folder", "of": "files", "digest": digest.hexdigest(), "files": len(files),
-            "bytes": sum(size for size, _ in files.values()), "exists": Path(data.source).exists()}, files
+    digest = hashlib.sha256(
+        "".join(f"{name}\0{size}\0{mtime}\n" for name, (size, mtime) in sorted(files.items())).encode()
+    )
+    return {
+        "kind": "folder",
+        "of": "files",
+        "digest": digest.hexdigest(),
+        "files": len(files),
+        "bytes": sum(size for size, _ in files.values()),
+        "exists": Path(data.source).exists(),
+    }, files
 
 
 def source_changes(recorded: dict | None, files: dict) -> str:
@@ -125,7 +139,9 @@ def _plan(dataset, buckets: list[Bucket], shard_size: int) -> tuple[dict[Bucket,
             unfit.append(i)
         else:
             members[bucket].append(i)
-    return {b: [idx[s : s + shard_size] for s in range(0, len(idx), shard_size)] for b, idx in members.items() if idx}, unfit
+    return {
+        b: [idx[s : s + shard_size] for s in range(0, len(idx), shard_size)] for b, idx in members.items() if idx
+    }, unfit
 
 
 def _skipped_files(dataset, failed: list[tuple[str, str]], unfit: list[int]) -> tuple[list[dict], str | None]:
@@ -133,8 +149,11 @@ def _skipped_files(dataset, failed: list[tuple[str, str]], unfit: list[int]) -> 
     its report() line (the wording `data:` uses on pixels) with the cache's own drops added."""
     name = getattr(dataset, "name_of", lambda i: f"index {i}")
     dropped = [(name(i), "x".join(map(str, dataset.size_of(i)))) for i in unfit]
-    entries = [{"path": path, "reason": reason, "detail": detail}
-               for reason, items in sorted(getattr(dataset, "skipped", {}).items()) for path, detail in items]
+    entries = [
+        {"path": path, "reason": reason, "detail": detail}
+        for reason, items in sorted(getattr(dataset, "skipped", {}).items())
+        for path, detail in items
+    ]
     entries += [{"path": path, "reason": "failed to decode", "detail": detail} for path, detail in failed]
     entries += [{"path": path, "reason": "without a bucket", "detail": detail} for path, detail in dropped]
     if not hasattr(dataset, "report"):
@@ -173,7 +192,9 @@ class FrozenEncoders:
         def run() -> None:
             out["latents"] = self.codec.encode(video)
             if self.text_encoder is not None:
-                out["context"], out["context_mask"] = self.text_encoder([c.caption for c in clips], pad_to_max_length=True)
+                out["context"], out["context_mask"] = self.text_encoder(
+                    [c.caption for c in clips], pad_to_max_length=True
+                )
 
         self.flops += count_flops(run).total  # counting runs the encoders: their real FLOPs, once per clip
         return out
@@ -191,32 +212,46 @@ def _reusable(cfg, directory: Path, key: dict, fingerprint: dict, files: dict | 
     if (directory / MANIFEST).is_file():
         manifest = json.loads((directory / MANIFEST).read_text())
         if manifest["key"] != key:
-            raise ValueError(f"{directory} caches {manifest['key']}, not this run's {key}: use another latent_cache directory")
+            raise ValueError(
+                f"{directory} caches {manifest['key']}, not this run's {key}: use another latent_cache directory"
+            )
         built_from = manifest.get("source")
         if fingerprint["of"] == "config" and built_from is None:
-            built_from = fingerprint  # a cache from before fingerprints: the key above already matched the configuration
+            built_from = (
+                fingerprint  # a cache from before fingerprints: the key above already matched the configuration
+            )
         if built_from is not None and built_from["digest"] == fingerprint["digest"]:
             if manifest.get("data_report"):
                 log(f"data: {manifest['data_report']} (as when the cache was built)")
             return manifest
         if files is not None and not fingerprint["exists"]:  # the data moved away: the cache is all that is left of it
-            log(f"cache: {directory}: its source {cfg.data.source} no longer exists: using the cache as built "
-                f"({manifest['clips']} clips)")
+            log(
+                f"cache: {directory}: its source {cfg.data.source} no longer exists: using the cache as built "
+                f"({manifest['clips']} clips)"
+            )
             return manifest
         if built_from is None:
-            log(f"cache: {directory}: it records no fingerprint of its source (built before fingerprints were "
-                "recorded), so it may be stale: rebuilding")
+            log(
+                f"cache: {directory}: it records no fingerprint of its source (built before fingerprints were "
+                "recorded), so it may be stale: rebuilding"
+            )
         else:
-            log(f"cache: {directory}: {source_changes((recorded() or {}).get('files'), files or {})} since the cache "
-                "was built: rebuilding")
+            log(
+                f"cache: {directory}: {source_changes((recorded() or {}).get('files'), files or {})} since the cache "
+                "was built: rebuilding"
+            )
         _clear(directory)
     elif (partial := recorded()) is not None:  # a partial build: resumable only if of this configuration and source
         if partial["key"] != key:
-            raise ValueError(f"{directory} holds a partial cache of {partial['key']}, not this run's {key}: "
-                             "use another latent_cache directory")
+            raise ValueError(
+                f"{directory} holds a partial cache of {partial['key']}, not this run's {key}: "
+                "use another latent_cache directory"
+            )
         if partial["source"]["digest"] != fingerprint["digest"]:
-            log(f"cache: {directory}: {source_changes(partial.get('files'), files or {})} since the partial build "
-                "started: starting over")
+            log(
+                f"cache: {directory}: {source_changes(partial.get('files'), files or {})} since the partial build "
+                "started: starting over"
+            )
             _clear(directory)
     elif files is not None and directory.is_dir() and any(SHARD.fullmatch(p.name) for p in directory.iterdir()):
         log(f"cache: {directory}: a partial build records no fingerprint of its source: starting over")
@@ -234,7 +269,9 @@ def _written_shard(directory: Path, name: str, name_of) -> Shard | None:
     return Shard(len(meta["captions"]), failed, meta["frozen_flops"])
 
 
-def _write_shard(directory: Path, name: str, dataset, bucket: Bucket, indices: list[int], encoders: FrozenEncoders) -> Shard:
+def _write_shard(
+    directory: Path, name: str, dataset, bucket: Bucket, indices: list[int], encoders: FrozenEncoders
+) -> Shard:
     """Encode the clips of `indices`, fitted to `bucket`, into the shard `name`: its tensors, then
     its captions and sources. A clip that fails to decode is left out, with why."""
     name_of = getattr(dataset, "name_of", lambda i: f"index {i}")
@@ -253,15 +290,21 @@ def _write_shard(directory: Path, name: str, dataset, bucket: Bucket, indices: l
     tensors = encoders.encode(clips)
     tensors["index"] = torch.tensor(kept, dtype=torch.int64)
     _atomic_write(directory / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
-    meta = {"captions": [c.caption for c in clips], "sources": [c.source for c in clips],
-            "skipped": missing, "failed": why, "frozen_flops": encoders.flops - before}
+    meta = {
+        "captions": [c.caption for c in clips],
+        "sources": [c.source for c in clips],
+        "skipped": missing,
+        "failed": why,
+        "frozen_flops": encoders.flops - before,
+    }
     _atomic_write(directory / f"{name}.json", lambda p: p.write_text(json.dumps(meta)))
     return Shard(len(clips), why, meta["frozen_flops"])
 
 
 @torch.no_grad()
-def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int = 32, shard_size: int = 256,
-                log=print) -> dict:
+def build_cache(
+    cfg, directory: str | Path, codec, text_encoder, batch_size: int = 32, shard_size: int = 256, log=print
+) -> dict:
     """Encode cfg's data with cfg's codec and text encoder (loaded by the caller, as the run's
     own) into `directory` in cfg.cache_dtype; returns the manifest. Resumes a partial build;
     refuses a directory cached for a different configuration."""
@@ -273,7 +316,9 @@ def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".*.tmp*"):  # a build killed mid-write
         stale.unlink()
-    _atomic_write(directory / SOURCE, lambda p: p.write_text(json.dumps({"key": key, "source": fingerprint, "files": files})))
+    _atomic_write(
+        directory / SOURCE, lambda p: p.write_text(json.dumps({"key": key, "source": fingerprint, "files": files}))
+    )
     dataset = make_dataset(cfg.data)
     buckets = sorted({parse_bucket(b) for b in cfg.data.buckets})
     store = DTYPES[cfg.cache_dtype]
@@ -292,17 +337,28 @@ def build_cache(cfg, directory: str | Path, codec, text_encoder, batch_size: int
                 log(f"cache: {name}: {shard.clips} clips ({sum(s['count'] for s in shards)} so far)")
     if text_encoder is not None:
         context, mask = text_encoder([""], pad_to_max_length=True)
-        _atomic_write(directory / NULL, lambda p: save_file({"context": context[0].to(store),
-                                                            "context_mask": mask[0].to(torch.uint8)}, str(p)))
+        _atomic_write(
+            directory / NULL,
+            lambda p: save_file({"context": context[0].to(store), "context_mask": mask[0].to(torch.uint8)}, str(p)),
+        )
     entries, report = _skipped_files(dataset, failed, unfit)
     reasons: dict[str, int] = {}
     for entry in entries:
         reasons[entry["reason"]] = reasons.get(entry["reason"], 0) + 1
-    manifest = {"key": key, "dtype": cfg.cache_dtype, "latent_channels": codec.latent_channels, "buckets": [list(b) for b in buckets],
-                "shards": shards, "clips": sum(s["count"] for s in shards), "skipped": len(entries),
-                "skipped_files": {"total": len(entries), "by_reason": reasons, "listed": entries[:SKIPPED_LISTED]},
-                "data_report": report, "source": fingerprint, "frozen_flops": frozen_flops,
-                "text": text_encoder is not None}
+    manifest = {
+        "key": key,
+        "dtype": cfg.cache_dtype,
+        "latent_channels": codec.latent_channels,
+        "buckets": [list(b) for b in buckets],
+        "shards": shards,
+        "clips": sum(s["count"] for s in shards),
+        "skipped": len(entries),
+        "skipped_files": {"total": len(entries), "by_reason": reasons, "listed": entries[:SKIPPED_LISTED]},
+        "data_report": report,
+        "source": fingerprint,
+        "frozen_flops": frozen_flops,
+        "text": text_encoder is not None,
+    }
     _atomic_write(directory / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     if report:
         log(f"data: {report}")

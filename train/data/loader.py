@@ -23,18 +23,27 @@ def make_dataset(cfg: DataConfig):
 
         buckets = [parse_bucket(b) for b in cfg.buckets]
         return ProceduralVideos(
-            cfg.size, seed=cfg.seed, resolutions=tuple(sorted({(h, w) for _, h, w in buckets})),
+            cfg.size,
+            seed=cfg.seed,
+            resolutions=tuple(sorted({(h, w) for _, h, w in buckets})),
             frames=tuple(sorted({t for t, _, _ in buckets})),
         )
     if cfg.kind == "digits":
         from train.data.digits import MovingDigits
 
-        return MovingDigits(cfg.size, seed=cfg.seed, split="train", sizes=tuple(sorted({parse_bucket(b) for b in cfg.buckets})))
+        return MovingDigits(
+            cfg.size, seed=cfg.seed, split="train", sizes=tuple(sorted({parse_bucket(b) for b in cfg.buckets}))
+        )
     if cfg.kind == "fashion":
         from train.data.fashion import MovingFashion
 
-        return MovingFashion(cfg.size, seed=cfg.seed, split="train", sizes=tuple(sorted({parse_bucket(b) for b in cfg.buckets})),
-                             root=cfg.source or None)
+        return MovingFashion(
+            cfg.size,
+            seed=cfg.seed,
+            split="train",
+            sizes=tuple(sorted({parse_bucket(b) for b in cfg.buckets})),
+            root=cfg.source or None,
+        )
     if cfg.kind == "folder":
         from train.data.folder import VideoFolder
 
@@ -44,21 +53,34 @@ def make_dataset(cfg: DataConfig):
     raise ValueError(f"unknown data.kind {cfg.kind!r}: 'fashion', 'procedural', 'digits' or 'folder'")
 
 
-def make_loader(cfg: DataConfig, rank: int = 0, world: int = 1, cache: str | None = None
-                ) -> tuple[DataLoader, BucketBatchSampler, object]:
+def make_loader(
+    cfg: DataConfig, rank: int = 0, world: int = 1, cache: str | None = None
+) -> tuple[DataLoader, BucketBatchSampler, object]:
     """Batches for this rank: of clips, or of cached latents when `cache` names a latent cache
     (train.data.latent_cache). Every rank gets the same bucket at every step (shapes match across
     ranks), and the sampler's state_dict resumes at the next batch."""
     dataset = LatentCache(cache) if cache else make_dataset(cfg)
     sampler = BucketBatchSampler(
-        dataset, cfg.buckets, batch_size=cfg.batch_size, bucket_batch_size=cfg.bucket_batch_size,
-        seed=cfg.seed, num_replicas=world, rank=rank,
+        dataset,
+        cfg.buckets,
+        batch_size=cfg.batch_size,
+        bucket_batch_size=cfg.bucket_batch_size,
+        seed=cfg.seed,
+        num_replicas=world,
+        rank=rank,
     )
     if len(sampler) == 0:
-        raise ValueError(f"no full batch fits the buckets {cfg.buckets} with batch size {cfg.batch_size} x {world} ranks")
+        raise ValueError(
+            f"no full batch fits the buckets {cfg.buckets} with batch size {cfg.batch_size} x {world} ranks"
+        )
     # A private generator: a DataLoader otherwise draws its worker seed from the global RNG each
     # time it is iterated, which would shift the noise of every step after a resume.
     items, collate = (dataset, collate_cached) if cache else (BucketedDataset(dataset, sampler), collate_clips)
-    loader = DataLoader(items, batch_sampler=sampler, collate_fn=collate,
-                        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(
+        items,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     return loader, sampler, dataset

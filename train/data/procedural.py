@@ -27,37 +27,59 @@ import torch
 from train.data.clip import GeneratedClips
 
 COLOURS = {  # the RGB cube's corners but black
-    "red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0),
-    "magenta": (1, 0, 1), "cyan": (0, 1, 1), "white": (1, 1, 1),
+    "red": (1, 0, 0),
+    "green": (0, 1, 0),
+    "blue": (0, 0, 1),
+    "yellow": (1, 1, 0),
+    "magenta": (1, 0, 1),
+    "cyan": (0, 1, 1),
+    "white": (1, 1, 1),
 }
 BACKGROUNDS = {
-    "black": (0.02, 0.02, 0.02), "dark grey": (0.15, 0.15, 0.15), "navy": (0.04, 0.06, 0.25),
-    "maroon": (0.25, 0.04, 0.06), "dark green": (0.03, 0.18, 0.06), "dark purple": (0.16, 0.05, 0.22),
+    "black": (0.02, 0.02, 0.02),
+    "dark grey": (0.15, 0.15, 0.15),
+    "navy": (0.04, 0.06, 0.25),
+    "maroon": (0.25, 0.04, 0.06),
+    "dark green": (0.03, 0.18, 0.06),
+    "dark purple": (0.16, 0.05, 0.22),
 }
 SHAPES = ("square", "circle", "triangle", "bar")
 ORIENTED = ("square", "triangle", "bar")  # a circle's spin is invisible
 DIRECTIONS = {  # (dy, dx), y down; diagonals move equally far along both axes (45 degrees)
-    "left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0),
-    "up-left": (-1, -1), "up-right": (-1, 1), "down-left": (1, -1), "down-right": (1, 1),
+    "left": (0, -1),
+    "right": (0, 1),
+    "up": (-1, 0),
+    "down": (1, 0),
+    "up-left": (-1, -1),
+    "up-right": (-1, 1),
+    "down-left": (1, -1),
+    "down-right": (1, 1),
 }
 MOTIONS = (*DIRECTIONS, "static")
 SIZES = {"small": 0.3, "medium": 0.38, "large": 0.46}  # object diameter / shorter frame side
 GROWTH = 1.6  # growing (shrinking) clips scale by this (its inverse), centred on the nominal size
 
 COLOUR_WORDS = {
-    "red": ("red", "crimson", "scarlet"), "green": ("green", "lime", "emerald"),
-    "blue": ("blue", "cobalt", "royal blue"), "yellow": ("yellow", "golden", "lemon"),
-    "magenta": ("magenta", "fuchsia", "hot pink"), "cyan": ("cyan", "aqua", "turquoise"),
+    "red": ("red", "crimson", "scarlet"),
+    "green": ("green", "lime", "emerald"),
+    "blue": ("blue", "cobalt", "royal blue"),
+    "yellow": ("yellow", "golden", "lemon"),
+    "magenta": ("magenta", "fuchsia", "hot pink"),
+    "cyan": ("cyan", "aqua", "turquoise"),
     "white": ("white", "snow-white", "bright white"),
 }
 SHAPE_WORDS = {
-    "square": ("square", "box", "block"), "circle": ("circle", "disc", "ball", "dot"),
-    "triangle": ("triangle", "triangular tile"), "bar": ("bar", "rod", "stick", "stripe"),
+    "square": ("square", "box", "block"),
+    "circle": ("circle", "disc", "ball", "dot"),
+    "triangle": ("triangle", "triangular tile"),
+    "bar": ("bar", "rod", "stick", "stripe"),
 }
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "medium": ("medium-sized", "mid-sized"), "large": ("large", "big")}
 DIRECTION_WORDS = {
-    "left": ("left", "to the left", "leftwards"), "right": ("right", "to the right", "rightwards"),
-    "up": ("up", "upwards", "towards the top"), "down": ("down", "downwards", "towards the bottom"),
+    "left": ("left", "to the left", "leftwards"),
+    "right": ("right", "to the right", "rightwards"),
+    "up": ("up", "upwards", "towards the top"),
+    "down": ("down", "downwards", "towards the bottom"),
     "up-left": ("up and to the left", "diagonally up-left", "towards the top left"),
     "up-right": ("up and to the right", "diagonally up-right", "towards the top right"),
     "down-left": ("down and to the left", "diagonally down-left", "towards the bottom left"),
@@ -68,7 +90,10 @@ SPIN_WORDS, STILL_WORDS = ("rotating", "spinning", "turning"), ("standing still"
 SCALE_WORDS = {"growing": ("growing", "getting bigger", "expanding"), "shrinking": ("shrinking", "getting smaller")}
 BACKDROP_WORDS = ("background", "backdrop")
 TEMPLATES = (  # {subject} = "a small red square"; {bare} = "red square"
-    "{subject} {action} {bg}", "{subject} {action}", "{bare}, {action}", "a video of {subject} {action} {bg}",
+    "{subject} {action} {bg}",
+    "{subject} {action}",
+    "{bare}, {action}",
+    "a video of {subject} {action} {bg}",
     "{bg_cap}, {subject} is {action}",
 )
 IMAGE_TEMPLATES = ("{subject} {bg}", "{subject}", "{bare}", "an image of {subject} {bg}", "a picture of {subject}")
@@ -193,8 +218,15 @@ class ProceduralVideos(GeneratedClips):
         rng = np.random.default_rng([self.seed, i])
         (t, h, w), (p_static, p_bounce, p_spin, p_scale) = self._dims(rng), self.fractions
         video = t > 1
-        a = dict(frames=t, height=h, width=w, fps=float(_pick(rng, self.fps)), shape=_pick(rng, SHAPES),
-                 colour=_pick(rng, tuple(COLOURS)), size=_pick(rng, tuple(SIZES)))
+        a = dict(
+            frames=t,
+            height=h,
+            width=w,
+            fps=float(_pick(rng, self.fps)),
+            shape=_pick(rng, SHAPES),
+            colour=_pick(rng, tuple(COLOURS)),
+            size=_pick(rng, tuple(SIZES)),
+        )
         a["motion"] = "static" if not video or rng.random() < p_static else _pick(rng, tuple(DIRECTIONS))
         a["bouncing"] = bool(a["motion"] != "static" and rng.random() < p_bounce)
         a["rotating"] = bool(video and a["shape"] in ORIENTED and rng.random() < p_spin)
