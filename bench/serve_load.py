@@ -239,7 +239,7 @@ def sweep(engine: str, url: str, tokenizer, args) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--url", default=None, help="a running server; default: start ministack serve (and vLLM with --vllm-python)"
@@ -275,73 +275,57 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--burstiness must be > 0")
     if args.workload == "mixed" and not 1 <= args.long_min <= args.long_max:
         p.error("--workload mixed needs 1 <= --long-min <= --long-max")
+    return args
 
+
+def _peers(args: argparse.Namespace, model_dir: Path, tokenizer) -> list[dict]:
+    """Start ministack serve (and vLLM with --vllm-python) on the model and sweep each in turn."""
+    rows: list[dict] = []
+    port = free_port()
+    cmd = [sys.executable, "-m", "serve", "--model", str(model_dir), "--port", str(port)]
+    cmd += f"--embedding-model none --max-num-batched-tokens {args.max_num_batched_tokens} --log-level warning".split()
+    if args.max_itl_ms is not None:
+        cmd += ["--max-itl-ms", str(args.max_itl_ms)]
+    with server(cmd, port) as url:
+        rows += sweep("ministack", url, tokenizer, args)
+    if args.vllm_python:
+        port = free_port()
+        cmd = [
+            args.vllm_python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+        ]
+        cmd += f"--served-model-name vllm --max-num-batched-tokens {args.max_num_batched_tokens}".split()
+        env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+        with server(cmd, port, env=env, timeout=600) as url:
+            rows += sweep("vllm", url, tokenizer, args)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
+    args = _args(argv)
     model_dir = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rng = random.Random(args.seed)
-    args.shared_document = tokenizer.encode(" ".join(haystack(rng, args.prefix_len)), add_special_tokens=False)[
-        : args.prefix_len
-    ]
+    document = tokenizer.encode(" ".join(haystack(rng, args.prefix_len)), add_special_tokens=False)
+    args.shared_document = document[: args.prefix_len]
     print(
         f"{args.workload} workload, {args.num_prompts} requests per rate, burstiness {args.burstiness}, seed {args.seed}, "
         f"max-itl-ms {args.max_itl_ms}; "
         f"SLOs TTFT {args.slo_ttft_ms:.0f} ms, TPOT {args.slo_tpot_ms:.0f} ms",
         flush=True,
     )
-    rows: list[dict] = []
-    if args.url:
-        rows += sweep("server", args.url, tokenizer, args)
-    else:
-        port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--embedding-model",
-            "none",
-            "--max-num-batched-tokens",
-            str(args.max_num_batched_tokens),
-            "--log-level",
-            "warning",
-        ]
-        if args.max_itl_ms is not None:
-            cmd += ["--max-itl-ms", str(args.max_itl_ms)]
-        with server(cmd, port) as url:
-            rows += sweep("ministack", url, tokenizer, args)
-        if args.vllm_python:
-            port = free_port()
-            cmd = [
-                args.vllm_python,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                str(model_dir),
-                "--port",
-                str(port),
-                "--served-model-name",
-                "vllm",
-                "--max-num-batched-tokens",
-                str(args.max_num_batched_tokens),
-            ]
-            with server(
-                cmd, port, env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}, timeout=600
-            ) as url:
-                rows += sweep("vllm", url, tokenizer, args)
+    rows = sweep("server", args.url, tokenizer, args) if args.url else _peers(args, model_dir, tokenizer)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(
-            json.dumps(
-                {"args": {k: v for k, v in vars(args).items() if k != "shared_document"}, "rows": rows},
-                indent=1,
-                default=str,
-            )
-        )
+        kept = {k: v for k, v in vars(args).items() if k != "shared_document"}
+        Path(args.out).write_text(json.dumps({"args": kept, "rows": rows}, indent=1, default=str))
         print(f"results: {args.out}")
     return 0
 

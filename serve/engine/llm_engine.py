@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,12 +42,15 @@ from serve.models import load_model
 from serve.models.llama import layer_windows
 from serve.weights import eos_ids, generation_defaults, model_name, resolve_model
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 YARN_EXAMPLE = '{"rope_type": "yarn", "factor": 2.0}'
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         config.validate()
         self.config = config
@@ -53,6 +58,30 @@ class LLMEngine:
         self.dtype = config.torch_dtype()
         model_dir = resolve_model(config.model)
         hf_config = AutoConfig.from_pretrained(model_dir)
+        self._load(config, model_dir, hf_config)
+        shape = DecoderShape.from_hf(hf_config)
+        num_blocks = self._size_kv_cache(config, shape)
+        self._build_scheduling(config, shape, num_blocks)
+        self._open_disk_tier(config, hf_config)
+        self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
+        self.sampler = Sampler(self.token_bytes.text if self.token_bytes is not None else lambda t: "")
+        self._grammars = None  # serve.engine.structured.Grammars, built on the first structured request
+        self.params_by_part = param_parts(self.model, DECODER_PARTS)
+        self.law_params = law_params(self.params_by_part)
+        self.ledger = Ledger(config.ledger) if config.ledger else None
+        # the ledger's MFU: the dense peak of a GPU from the table, the CPU's measured matmul peak
+        self.peak = device_peak(self.device, self.dtype) if self.ledger else None
+        self.requests: dict[str, Request] = {}
+        self.prefill_tokens_per_s = 0.0  # measured (_measure_prefill)
+        self._next_seq_id = 0
+        self._seed_rng = random.Random()
+
+    def _load(self, config: EngineConfig, model_dir: Path, hf_config: PretrainedConfig) -> None:
+        """The model, its tokenizer and generation defaults, and the context it may serve: the
+        configured length checked against the model's (RoPE scaling included) and its sliding
+        windows."""
+        from transformers import AutoTokenizer
+
         rope = rope_parameters(hf_config, config.rope_scaling)
         limit = context_limit(hf_config, rope)
         self.max_model_len = config.max_model_len or limit
@@ -95,7 +124,9 @@ class LLMEngine:
         self.eos_token_ids = eos_ids(model_dir, hf_config)
         self.sampling_defaults = generation_defaults(model_dir)
 
-        shape = DecoderShape.from_hf(hf_config)
+    def _size_kv_cache(self, config: EngineConfig, shape: DecoderShape) -> int:
+        """Blocks the KV cache budget holds, once the weights are loaded (a fraction is of what they
+        left); the served context is fitted to them."""
         self.kv_dtype = config.kv_dtype(self.dtype)
         per_block = kv_bytes_per_block(shape, config.block_size, self.kv_dtype)
         budget = config.kv_cache_budget()  # after the weights are loaded: a fraction is of what they left
@@ -110,6 +141,11 @@ class LLMEngine:
             f"{' + a scale per token and head' if self.kv_dtype == torch.int8 else ''}); "
             f"weights {'float16 storage, float32 math' if self.half_weights else str(self.dtype).removeprefix('torch.')}"
         )
+        return num_blocks
+
+    def _build_scheduling(self, config: EngineConfig, shape: DecoderShape, num_blocks: int) -> None:
+        """The block manager, the scheduler with its prefill limits, the n-gram speculator and the
+        model runner over `num_blocks` KV blocks."""
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, self.kv_window)
         self.step_cost = StepCostModel()  # under max_itl_ms: fitted from every step, it sizes prefill chunks
         limits = PrefillLimits(
@@ -131,6 +167,9 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, shape, num_blocks, config.block_size, self.dtype, self.device, self.kv_dtype
         )
+
+    def _open_disk_tier(self, config: EngineConfig, hf_config: PretrainedConfig) -> None:
+        """The prefix cache's disk tier where --kv-cache-disk names one (None otherwise)."""
         self.disk = None  # the prefix cache's disk tier
         if config.kv_cache_disk is not None:
             cache = DiskCache(
@@ -143,18 +182,6 @@ class LLMEngine:
             print(
                 f"KV disk tier: {config.kv_cache_disk} ({cache.bytes / 2**30:.2f} of {config.kv_cache_disk_bytes / 2**30:.2f} GiB used)"
             )
-        self.token_bytes = TokenBytes(self.tokenizer) if self.tokenizer is not None else None
-        self.sampler = Sampler(self.token_bytes.text if self.token_bytes is not None else lambda t: "")
-        self._grammars = None  # serve.engine.structured.Grammars, built on the first structured request
-        self.params_by_part = param_parts(self.model, DECODER_PARTS)
-        self.law_params = law_params(self.params_by_part)
-        self.ledger = Ledger(config.ledger) if config.ledger else None
-        # the ledger's MFU: the dense peak of a GPU from the table, the CPU's measured matmul peak
-        self.peak = device_peak(self.device, self.dtype) if self.ledger else None
-        self.requests: dict[str, Request] = {}
-        self.prefill_tokens_per_s = 0.0  # measured (_measure_prefill)
-        self._next_seq_id = 0
-        self._seed_rng = random.Random()
 
     def _fit_context_to_cache(self, config: EngineConfig) -> None:
         """A sequence of max_model_len tokens must fit the KV cache (whole, or its window under
