@@ -13,11 +13,10 @@ from typing import Any
 
 import torch
 
-from serve.engine.structured import DEFAULT_JSON_MAX_DIGITS
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_DTYPES = {**DTYPES, "int8": torch.int8}  # int8: a float32 scale per token and head beside the codes
 SCHEDULING_POLICIES = ("fcfs", "priority")
+DEFAULT_JSON_MAX_DIGITS = 15  # integers up to 10^15 - 1 stay exact as float64 (JavaScript's numbers)
 DEFAULT_CPU_KV_BYTES = 1 << 30  # CPU memory is shared with everything else: a fixed, modest default
 DEFAULT_GPU_KV_FRACTION = 0.8  # of the GPU memory free after loading the weights
 

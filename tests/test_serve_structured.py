@@ -13,7 +13,8 @@ from test_serve_api import client, http, model_name, server, smollm2, tiny_model
 from test_serve_api_fields import CHAT, chat
 
 from serve.engine.json_schema import check_schema, explicit
-from serve.engine.structured import DEFAULT_JSON_MAX_DIGITS, Grammars, StructuredOutput
+from serve.config import DEFAULT_JSON_MAX_DIGITS
+from serve.engine.structured import Grammars, StructuredOutput
 
 PERSON = {
     "type": "object",

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from serve.config import DEFAULT_JSON_MAX_DIGITS
 from serve.engine.json_schema import enforceable
 
 KINDS = ("json", "regex", "choice", "grammar", "tool_calls")
@@ -105,7 +106,6 @@ class StructuredOutput:
         return cls("choice", spec)
 
 
-DEFAULT_JSON_MAX_DIGITS = 15  # integers up to 10^15 - 1 stay exact as float64 (JavaScript's numbers)
 EXPONENT_DIGITS = 3  # float64's exponents run to 308
 JSON_EBNF_CACHE = 256  # schemas whose converted grammar is kept
 EBNF_TOKEN = re.compile(
