@@ -72,11 +72,17 @@ def against_the_flow(imports: list[Import]) -> list[str]:
 
 
 def cycles(imports: list[Import], modules: set[str]) -> list[list[str]]:
-    """The strongly connected components of more than one module (Tarjan), plus self-imports."""
+    """The strongly connected components of more than one module (Tarjan), plus self-imports.
+    Importing a.b.c first runs the packages a and a.b (their __init__), so those are arrows too,
+    except to the importer's own packages, which are already running by the time it is."""
     edges: dict[str, set[str]] = {m: set() for m in modules}
     for imp in imports:
-        if imp.target in modules:
-            edges[imp.importer].add(imp.target)
+        parts = imp.target.split(".")
+        packages = [".".join(parts[:k]) for k in range(1, len(parts))]
+        running = {p for p in packages if imp.importer == p or imp.importer.startswith(p + ".")}
+        for target in [p for p in packages if p not in running] + [imp.target]:
+            if target in modules:
+                edges[imp.importer].add(target)
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -128,6 +134,16 @@ def test_the_checks_see_imports_inside_functions_and_relative_ones():
     assert cycles(loop + [Import("model.d", "model.a", 1)], {"model.a", "model.b", "model.c", "model.d"}) == [
         ["model.a", "model.b", "model.c"]
     ]
+    # through a package's __init__: serve.config -> serve.engine.structured runs serve.engine first,
+    # whose __init__ imports the engine, which imports serve.config
+    through_init = [
+        Import("serve.config", "serve.engine.structured", 1),
+        Import("serve.engine", "serve.engine.llm_engine", 1),
+        Import("serve.engine.llm_engine", "serve.config", 1),
+        Import("serve.engine.llm_engine", "serve.engine.structured", 2),  # its own package: no arrow to it
+    ]
+    modules = {"serve.config", "serve.engine", "serve.engine.llm_engine", "serve.engine.structured"}
+    assert cycles(through_init, modules) == [["serve.config", "serve.engine", "serve.engine.llm_engine"]]
 
 
 def test_every_exception_is_still_taken():
