@@ -207,20 +207,28 @@ class Watch:
     health_worst_s: float = 0.0
     health_polls: int = 0
     health_failures: int = 0
+    health_first_failure: str = ""  # what the first failed poll got: its status or the client's error
     rss_peak: int = 0
 
 
-async def watch_health(client: httpx.AsyncClient, watch: Watch, interval: float, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        started = time.monotonic()
-        try:
-            ok = (await client.get("/health", timeout=10)).status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        watch.health_worst_s = max(watch.health_worst_s, time.monotonic() - started)
-        watch.health_polls += 1
-        watch.health_failures += not ok
-        await sleep_unless(stop, interval)
+async def watch_health(url: str, watch: Watch, interval: float, stop: asyncio.Event) -> None:
+    """Poll /health on a connection of its own, as a load balancer's probe does: the load's
+    pooled connections idle past the server's keep-alive between phases, and a poll must not
+    count the client's stale socket as the server's failure."""
+    async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1)) as client:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                status = (await client.get("/health", timeout=10)).status_code
+                got = f"HTTP {status}"
+            except httpx.HTTPError as exc:
+                status, got = None, f"{type(exc).__name__}: {exc}"
+            watch.health_worst_s = max(watch.health_worst_s, time.monotonic() - started)
+            watch.health_polls += 1
+            if status != 200:
+                watch.health_failures += 1
+                watch.health_first_failure = watch.health_first_failure or got
+            await sleep_unless(stop, interval)
 
 
 async def watch_memory(pid: int, watch: Watch, interval: float, stop: asyncio.Event) -> None:
@@ -334,7 +342,7 @@ async def soak(options: Options) -> SoakResult:
         warm_gauges = await wait_idle(client, options.idle_timeout)
         await asyncio.sleep(options.settle_seconds)  # idle long enough for the server to return freed heap
         watch, stop = Watch(), asyncio.Event()
-        watchers = [asyncio.ensure_future(watch_health(client, watch, options.health_interval, stop))]
+        watchers = [asyncio.ensure_future(watch_health(options.url, watch, options.health_interval, stop))]
         if memory is not None:
             memory.warm = rss_bytes(options.pid)
             watchers.append(asyncio.ensure_future(watch_memory(options.pid, watch, 0.5, stop)))
@@ -387,7 +395,8 @@ def goals(result: SoakResult) -> list[Goal]:
             "health",
             watch.health_worst_s < options.health_limit and not watch.health_failures,
             f"worst {watch.health_worst_s * 1000:.0f} ms over {watch.health_polls} polls (limit {options.health_limit * 1000:.0f} ms), "
-            f"{watch.health_failures} not 200",
+            f"{watch.health_failures} not 200"
+            + (f" (first: {watch.health_first_failure})" if watch.health_failures else ""),
         ),
     ]
     if memory is None:
